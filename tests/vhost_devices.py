@@ -1,0 +1,107 @@
+"""Small devices for driving the vhost library in tests (no disk involved)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+
+from scsi_buffers import GuestMemory
+from vhost.device import Device, QueueHandler
+from vhost.virtqueue import DescriptorChain
+
+
+def _read_readable(memory: GuestMemory, chain: DescriptorChain) -> bytes:
+    return b"".join(memory.read(a, n) for a, n in chain.readable)
+
+
+def _write_writable(memory: GuestMemory, chain: DescriptorChain, data: bytes) -> int:
+    pos = 0
+    for a, n in chain.writable:
+        piece = data[pos : pos + n]
+        if not piece:
+            break
+        memory.write(a, piece)
+        pos += len(piece)
+    return pos
+
+
+class EchoHandler(QueueHandler):
+    """Copies the readable bytes, upper-cased, into the writable pieces; synchronous."""
+
+    def __init__(self, device: EchoDevice, index: int, memory: GuestMemory) -> None:
+        self.device = device
+        self.index = index
+        self.memory = memory
+
+    def submit(self, chain: DescriptorChain) -> int:
+        self.device.seen.append((self.index, chain))
+        data = _read_readable(self.memory, chain).upper()
+        return _write_writable(self.memory, chain, data)
+
+
+class AsyncEchoHandler(EchoHandler):
+    """Like EchoHandler but completes on another thread, in reverse order of a batch."""
+
+    def __init__(self, device: EchoDevice, index: int, memory: GuestMemory) -> None:
+        super().__init__(device, index, memory)
+        self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._done: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+
+    def submit(self, chain: DescriptorChain) -> None:
+        self.device.seen.append((self.index, chain))
+        threading.Timer(self.device.delay, self._complete, (chain,)).start()
+        return None
+
+    def _complete(self, chain: DescriptorChain) -> None:
+        data = _read_readable(self.memory, chain).upper()
+        self._done.put((chain.head, _write_writable(self.memory, chain, data)))
+        os.eventfd_write(self.completion_fd, 1)
+
+    def reap(self) -> list[tuple[int, int]]:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.completion_fd)
+        out = []
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        os.close(self.completion_fd)
+
+
+class EchoDevice(Device):
+    """A made-up device with ``num_queues`` queues and a 16-byte config space."""
+
+    def __init__(self, num_queues: int = 1, asynchronous: bool = False, delay: float = 0.01):
+        self.num_queues = num_queues
+        self.asynchronous = asynchronous
+        self.delay = delay
+        self.seen: list[tuple[int, DescriptorChain]] = []
+        self.cfg = bytearray(b"ECHO-DEVICE-CFG!")
+        self.acked = 0
+        self.resets = 0
+
+    def features(self) -> int:
+        return 1 << 5
+
+    def config(self) -> bytes:
+        return bytes(self.cfg)
+
+    def write_config(self, offset: int, data: bytes, flags: int) -> None:
+        if offset + len(data) > 8:
+            raise ValueError("only the first 8 config bytes are writable")
+        self.cfg[offset : offset + len(data)] = data
+
+    def set_features(self, features: int) -> None:
+        self.acked = features
+
+    def create_handler(self, queue_index: int, memory: GuestMemory) -> QueueHandler:
+        cls = AsyncEchoHandler if self.asynchronous else EchoHandler
+        return cls(self, queue_index, memory)
+
+    def reset(self) -> None:
+        self.resets += 1

@@ -1,0 +1,212 @@
+"""Listen on a Unix socket, serve one frontend at a time, and listen again when it goes.
+
+The control thread (the caller of :meth:`VhostUserDaemon.serve_forever`) only ever waits in
+``select`` for a message, a new connection or a stop request; IO happens on the queue workers.
+A frontend that disconnects -- cleanly, by crashing, or because it broke the protocol -- has its
+queues drained and stopped, its fds closed and its memory unmapped, and the next frontend (a
+restarted QEMU) is accepted on the same socket.  A second frontend arriving while one is served is
+told no by closing its connection, with a log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+from pathlib import Path
+
+from .connection import ConnectionClosed, recv_message, send_message
+from .device import Device
+from .handler import BackendHandler, WorkerFactory
+from .worker import QueueWorker
+
+log = logging.getLogger(__name__)
+
+#: How long one message may take to arrive once its first byte has.
+MESSAGE_TIMEOUT = 30.0
+
+
+class DaemonError(Exception):
+    """The daemon cannot start (socket in use, bad fd...); the message says why."""
+
+
+def _check_listening_unix(sock: socket.socket) -> None:
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise DaemonError(f"fd {sock.fileno()} is not a Unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise DaemonError(f"fd {sock.fileno()} is not listening")
+
+
+def bind_unix_socket(path: str | os.PathLike[str], mode: int = 0o600) -> socket.socket:
+    """A listening Unix socket at ``path`` with file mode ``mode``.
+
+    A stale socket file (nobody listening) is replaced; a live one, or a path that is not a
+    socket, is a :class:`DaemonError` -- two servers on one path would steal each other's
+    frontends.
+    """
+    path = Path(path)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise DaemonError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise DaemonError(f"{path}: {exc.strerror}") from exc
+            path.unlink(missing_ok=True)
+        else:
+            raise DaemonError(f"{path} is in use by another server")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise DaemonError(f"cannot bind {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(4)
+    return sock
+
+
+class VhostUserDaemon:
+    """Serves ``device`` to vhost-user frontends on one listening socket."""
+
+    def __init__(
+        self,
+        device: Device,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        listen_fd: int | None = None,
+        socket_mode: int = 0o600,
+        worker_factory: WorkerFactory = QueueWorker,
+    ) -> None:
+        if (socket_path is None) == (listen_fd is None):
+            raise DaemonError("give exactly one of a socket path and a listening fd")
+        self.device = device
+        self.socket_path = Path(socket_path) if socket_path is not None else None
+        self.worker_factory = worker_factory
+        if listen_fd is not None:
+            try:
+                sock = socket.socket(fileno=listen_fd)
+            except OSError as exc:
+                raise DaemonError(f"fd {listen_fd}: {exc.strerror}") from exc
+            _check_listening_unix(sock)
+            self._listener = sock
+            self._owns_path = False
+        else:
+            self._listener = bind_unix_socket(self.socket_path, socket_mode)
+            self._owns_path = True
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._conn: socket.socket | None = None
+        self.handler: BackendHandler | None = None
+        self.connections = 0
+        self.rejected = 0
+
+    @property
+    def address(self) -> str:
+        return str(self._listener.getsockname())
+
+    # ------------------------------------------------------------------ control
+    def shutdown(self) -> None:
+        """Make serve_forever return; safe from a signal handler or another thread."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._stop_w, b"x")
+
+    def serve_forever(self) -> None:
+        """Accept frontends and serve their messages until :meth:`shutdown`."""
+        try:
+            while True:
+                watch = [self._listener, self._stop_r]
+                if self._conn is not None:
+                    watch.append(self._conn)
+                try:
+                    ready, _, _ = select.select(watch, [], [])
+                except InterruptedError:
+                    continue
+                if self._stop_r in ready:
+                    break
+                if self._conn is not None and self._conn in ready:
+                    self._serve_one()
+                if self._listener in ready:
+                    self._accept()
+        finally:
+            self._drop_connection("server stopping")
+
+    def close(self) -> None:
+        """Close the listening socket (removing the socket file we made) and the stop pipe."""
+        self._drop_connection("server closing")
+        self._listener.close()
+        if self._owns_path and self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # ------------------------------------------------------------------ connections
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        if self._conn is not None:
+            self.rejected += 1
+            log.warning("refused a second frontend: one is already connected")
+            conn.close()
+            return
+        conn.settimeout(MESSAGE_TIMEOUT)
+        self._conn = conn
+        self.handler = BackendHandler(self.device, self.worker_factory)
+        self.connections += 1
+        log.info("frontend connected (connection %d)", self.connections)
+
+    def _serve_one(self) -> None:
+        assert self._conn is not None and self.handler is not None
+        fds: list[int] = []
+        try:
+            message, fds = recv_message(self._conn)
+            log.debug("<- %s flags %#x size %d fds %d", message.name, message.flags,
+                      len(message.payload), len(fds))
+            result = self.handler.handle(message, fds)
+            if result.reply is not None:
+                send_message(self._conn, result.reply, result.reply_fds)
+            if result.disconnect:
+                self._drop_connection("protocol error")
+        except ConnectionClosed as exc:
+            self._drop_connection(str(exc))
+        except OSError as exc:
+            self._drop_connection(f"socket error: {exc}")
+        except Exception:
+            log.exception("internal error while handling a message; dropping the frontend")
+            self._drop_connection("internal error")
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _drop_connection(self, why: str) -> None:
+        if self._conn is None:
+            return
+        log.info("frontend disconnected: %s", why)
+        try:
+            if self.handler is not None:
+                self.handler.close()
+        except Exception:
+            log.exception("error while cleaning up the connection")
+        finally:
+            self.handler = None
+            self._conn.close()
+            self._conn = None

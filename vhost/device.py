@@ -1,0 +1,99 @@
+"""What a device plugs into the backend library: the :class:`Device` and its :class:`QueueHandler`.
+
+The library speaks vhost-user and runs the rings; a device only says what it is (feature bits,
+config space, number of queues) and serves descriptor chains.  ``virtio_blk`` is one such device;
+the tests plug in an echo device.  This mirrors rust-vmm's ``VhostUserBackend`` trait.
+
+A :class:`QueueHandler` lives on one queue's worker thread.  ``submit`` either finishes a request at
+once (returning the number of bytes written to guest memory) or keeps it in flight (returning
+None) and reports it later through ``reap``, after making ``completion_fd`` readable; so a device
+can have many requests in flight per queue without the worker ever blocking on IO.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from scsi_buffers import GuestMemory
+
+from .messages import ProtocolFeature, VirtioFeature
+from .virtqueue import DescriptorChain
+
+#: Ring features the library implements for every device.
+RING_FEATURES = (
+    VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
+)
+
+
+class QueueHandler(abc.ABC):
+    """Serves the requests of one virtqueue; every method runs on that queue's worker thread."""
+
+    #: An fd that becomes readable when :meth:`reap` has completions (None: all synchronous).
+    completion_fd: int | None = None
+
+    @abc.abstractmethod
+    def submit(self, chain: DescriptorChain) -> int | None:
+        """Start serving ``chain``; return the used length if done now, None if still in flight.
+
+        Must not raise for a bad request (that is an error status in the request's own reply);
+        an exception here is a device bug and stops the queue.
+        """
+
+    def submit_batch(self, chains: Sequence[DescriptorChain]) -> list[tuple[int, int]]:
+        """Submit several chains; return ``(head, used_len)`` of those finished at once.
+
+        The default calls :meth:`submit` for each; an engine that batches submissions (one
+        io_uring_enter for a whole ring drain) overrides it.
+        """
+        done = []
+        for chain in chains:
+            used = self.submit(chain)
+            if used is not None:
+                done.append((chain.head, used))
+        return done
+
+    def reap(self) -> list[tuple[int, int]]:
+        """``(head, used_len)`` of requests that finished since the last call."""
+        return []
+
+    def close(self) -> None:
+        """Release resources; called after every submitted request was reaped (or abandoned)."""
+
+
+class Device(abc.ABC):
+    """A virtio device served over vhost-user."""
+
+    #: Number of virtqueues the device has (GET_QUEUE_NUM).
+    num_queues: int = 1
+    #: Largest queue size the device accepts (SET_VRING_NUM above it is refused).
+    max_queue_size: int = 1024
+
+    @abc.abstractmethod
+    def features(self) -> int:
+        """Device feature bits to offer, besides :data:`RING_FEATURES` (which the library adds)."""
+
+    def protocol_features(self) -> ProtocolFeature:
+        """Protocol features the device needs offered on top of the library's own."""
+        return ProtocolFeature.CONFIG
+
+    @abc.abstractmethod
+    def config(self) -> bytes:
+        """The device's virtio config space as the driver reads it."""
+
+    def write_config(self, offset: int, data: bytes, flags: int) -> None:
+        """A driver write to config space; raise ValueError to refuse it."""
+        raise ValueError("config space is read-only")
+
+    def set_features(self, features: int) -> None:
+        """The features the frontend acknowledged (a subset of what was offered)."""
+
+    @abc.abstractmethod
+    def create_handler(self, queue_index: int, memory: GuestMemory) -> QueueHandler:
+        """A handler for queue ``queue_index``, called when that queue starts."""
+
+    def reset(self) -> None:
+        """Back to the state after construction (RESET_DEVICE, disconnect)."""
+
+    def flush(self) -> None:
+        """Make completed writes durable (called on shutdown)."""

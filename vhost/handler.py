@@ -1,0 +1,409 @@
+"""The backend's side of the vhost-user protocol, without sockets: (message, fds) -> reply.
+
+:class:`BackendHandler` holds one connection's state (features, memory table, per-queue vring
+state) and turns each decoded message into a reply.  It never reads or writes a socket, so every
+transition is a unit test; :mod:`vhost.connection` frames bytes and fds around it.  The only side
+effects it has are the ones the protocol is about: mapping memory and starting/stopping queue
+workers (through an injectable factory, so tests can watch them).
+
+Error policy (the frontend is trusted no more than the guest):
+* a message that breaks a rule is *refused*: logged, and answered with a failure ack when the
+  frontend asked for one (REPLY_ACK); GET_CONFIG answers with an empty payload as the spec says;
+* a request whose own reply cannot be produced (GET_VRING_BASE of a bad index, say) ends the
+  connection: sending a wrong reply would desynchronise the frontend;
+* fds are owned by the caller: a handler that keeps one removes it from the list, the caller
+  closes the rest -- so a refused or unexpected fd is never leaked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .device import RING_FEATURES, Device, QueueHandler
+from .memory import MemoryTable, MemoryTableError
+from .messages import (
+    MAX_CONFIG_SIZE,
+    MAX_MEM_SLOTS,
+    VRING_IDX_MASK,
+    VRING_NOFD_MASK,
+    Message,
+    MessageSpec,
+    ProtocolError,
+    ProtocolFeature,
+    Request,
+    VirtioFeature,
+    decode,
+    encode_reply,
+    spec_of,
+    u64,
+    vring_state,
+)
+from .virtqueue import QueueError, RingAddresses, VirtQueue, validate_size
+from .worker import Notifier, QueueWorker
+
+log = logging.getLogger(__name__)
+
+#: Protocol features the library implements (a device may add more).
+LIBRARY_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.STATUS
+)
+
+WorkerFactory = Callable[..., QueueWorker]
+
+
+class Refused(Exception):
+    """The message is refused (logged; a failure ack if one was asked for)."""
+
+
+@dataclass
+class HandlerResult:
+    """What the connection must do after a message."""
+
+    reply: bytes | None = None
+    reply_fds: list[int] = field(default_factory=list)
+    disconnect: bool = False
+
+
+@dataclass
+class Vring:
+    """Everything the frontend told us about one queue, and its worker when it runs."""
+
+    index: int
+    size: int = 0
+    ring_uaddrs: tuple[int, int, int] | None = None  # desc, avail, used (frontend addresses)
+    base: int = 0  # next avail index to use when the queue starts
+    kick_fd: int | None = None
+    call: Notifier = field(default_factory=Notifier)
+    err: Notifier = field(default_factory=Notifier)
+    enabled: bool = False
+    broken: bool = False
+    worker: QueueWorker | None = None
+    queue_handler: QueueHandler | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def close_fds(self) -> None:
+        if self.kick_fd is not None:
+            os.close(self.kick_fd)
+            self.kick_fd = None
+        self.call.close()
+        self.err.close()
+
+
+class BackendHandler:
+    """Protocol state of one frontend connection."""
+
+    def __init__(self, device: Device, worker_factory: WorkerFactory = QueueWorker) -> None:
+        self.device = device
+        self.worker_factory = worker_factory
+        self.memory = MemoryTable(MAX_MEM_SLOTS)
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.offered_features = int(device.features()) | int(RING_FEATURES) | int(
+            VirtioFeature.PROTOCOL_FEATURES
+        )
+        self.offered_protocol = LIBRARY_PROTOCOL_FEATURES | device.protocol_features()
+        self.acked_features = 0
+        self.acked_protocol = ProtocolFeature(0)
+        self.owner = False
+        self.status = 0
+        self.backend_req_fd: int | None = None
+        self.refused = 0
+
+    # ------------------------------------------------------------------ entry point
+    def handle(self, message: Message, fds: list[int]) -> HandlerResult:
+        """Process one message; ``fds`` it keeps are removed from the list, the rest are the
+        caller's to close."""
+        try:
+            spec = decode(message, len(fds))
+        except ProtocolError as exc:
+            return self._refuse(message, spec_of(message.request), str(exc))
+        method = getattr(self, "_on_" + Request(message.request).name.lower())
+        try:
+            payload = method(message, fds)
+        except (Refused, MemoryTableError, QueueError) as exc:
+            return self._refuse(message, spec, str(exc))
+        if spec.reply:
+            return HandlerResult(reply=encode_reply(message.request, payload or b""))
+        return self._ack(message, 0)
+
+    def _ack(self, message: Message, status: int) -> HandlerResult:
+        if message.need_reply and self.acked_protocol & ProtocolFeature.REPLY_ACK:
+            return HandlerResult(reply=encode_reply(message.request, u64(status)))
+        return HandlerResult()
+
+    def _refuse(self, message: Message, spec: MessageSpec | None, why: str) -> HandlerResult:
+        self.refused += 1
+        log.warning("refused %s: %s", message.name, why)
+        if message.request == Request.GET_CONFIG:
+            return HandlerResult(reply=encode_reply(message.request, b""))
+        if spec is not None and spec.reply:
+            return HandlerResult(disconnect=True)
+        return self._ack(message, 1)
+
+    # ------------------------------------------------------------------ helpers
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise Refused(f"queue index {index} >= {len(self.vrings)} queues")
+        return self.vrings[index]
+
+    def _vring_fd(self, message: Message, fds: list[int]) -> tuple[Vring, int | None]:
+        value = message.fields.value
+        if value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
+            raise Refused(f"unknown bits in {value:#x}")
+        vring = self._vring(value & VRING_IDX_MASK)
+        nofd = bool(value & VRING_NOFD_MASK)
+        if nofd == bool(fds):
+            raise Refused(f"{'no-fd flag set with' if nofd else 'no fd and no no-fd flag, got'} "
+                          f"{len(fds)} fds")
+        return vring, (None if nofd else fds.pop())
+
+    def _protocol_features_on(self) -> bool:
+        return bool(self.acked_features & VirtioFeature.PROTOCOL_FEATURES)
+
+    def _start_if_ready(self, vring: Vring) -> None:
+        if vring.running or vring.broken:
+            return
+        if vring.kick_fd is None or not vring.enabled:
+            return
+        if not vring.size or vring.ring_uaddrs is None or not len(self.memory):
+            log.warning("queue %d kicked before size, addresses and memory were set", vring.index)
+            return
+        try:
+            desc, avail, used = vring.ring_uaddrs
+            mem = self.memory
+            addrs = RingAddresses(
+                mem.uva_to_gpa(desc, 16 * vring.size),
+                mem.uva_to_gpa(avail, 6 + 2 * vring.size),
+                mem.uva_to_gpa(used, 6 + 8 * vring.size),
+            )
+            vq = VirtQueue(mem.guest, vring.size, addrs, self.acked_features, vring.base,
+                           index=vring.index)
+        except (QueueError, MemoryTableError) as exc:
+            vring.broken = True
+            vring.err.signal()
+            raise Refused(f"queue {vring.index} cannot start: {exc}") from exc
+        handler = self.device.create_handler(vring.index, mem.guest)
+        worker = self.worker_factory(vq, handler, vring.kick_fd, vring.call, vring.err)
+        vring.queue_handler = handler
+        vring.worker = worker
+        worker.start()
+        log.info("queue %d started: size %d, avail from %d%s", vring.index, vring.size,
+                 vring.base, ", event idx" if vq.event_idx else "")
+
+    def _stop(self, vring: Vring) -> None:
+        worker = vring.worker
+        if worker is None:
+            return
+        if not worker.stop():
+            log.error("queue %d: in-flight requests did not finish", vring.index)
+        vq = worker.vq
+        vring.base = vq.next_avail
+        if vq.broken:
+            vring.broken = True
+        vq.release()
+        if vring.queue_handler is not None:
+            vring.queue_handler.close()
+        vring.queue_handler = None
+        vring.worker = None
+        log.info("queue %d stopped at avail %d", vring.index, vring.base)
+
+    def stop_all(self) -> None:
+        for vring in self.vrings:
+            self._stop(vring)
+
+    def close(self) -> None:
+        """End of the connection: stop the queues, close every fd, unmap guest memory."""
+        self.stop_all()
+        for vring in self.vrings:
+            vring.close_fds()
+        if self.backend_req_fd is not None:
+            os.close(self.backend_req_fd)
+            self.backend_req_fd = None
+        self.memory.close()
+        self.device.reset()
+
+    def _reset_vrings(self) -> None:
+        self.stop_all()
+        for vring in self.vrings:
+            vring.close_fds()
+        self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+
+    # ------------------------------------------------------------------ features
+    def _on_get_features(self, message: Message, fds: list[int]) -> bytes:
+        return u64(self.offered_features)
+
+    def _on_set_features(self, message: Message, fds: list[int]) -> None:
+        features = message.fields.value
+        unknown = features & ~self.offered_features
+        if unknown:
+            raise Refused(f"features {unknown:#x} were never offered")
+        self.acked_features = features
+        self.device.set_features(features & ~int(VirtioFeature.PROTOCOL_FEATURES))
+        if not self._protocol_features_on():
+            # Without protocol features a ring is enabled as soon as it starts.
+            for vring in self.vrings:
+                vring.enabled = True
+
+    def _on_get_protocol_features(self, message: Message, fds: list[int]) -> bytes:
+        return u64(int(self.offered_protocol))
+
+    def _on_set_protocol_features(self, message: Message, fds: list[int]) -> None:
+        features = message.fields.value
+        unknown = features & ~int(self.offered_protocol)
+        if unknown:
+            raise Refused(f"protocol features {unknown:#x} were never offered")
+        self.acked_protocol = ProtocolFeature(features)
+
+    def _on_set_owner(self, message: Message, fds: list[int]) -> None:
+        self.owner = True
+
+    def _on_reset_owner(self, message: Message, fds: list[int]) -> None:
+        # Deprecated; the spec recommends treating it as "disable all rings".
+        self.stop_all()
+        for vring in self.vrings:
+            vring.enabled = False
+
+    def _on_get_queue_num(self, message: Message, fds: list[int]) -> bytes:
+        return u64(len(self.vrings))
+
+    def _on_set_status(self, message: Message, fds: list[int]) -> None:
+        # QEMU 7.2 writes 0 before it stops the rings with GET_VRING_BASE, so status is only
+        # recorded: the rings follow their own messages.
+        self.status = message.fields.value & 0xFF
+
+    def _on_get_status(self, message: Message, fds: list[int]) -> bytes:
+        return u64(self.status)
+
+    def _on_reset_device(self, message: Message, fds: list[int]) -> None:
+        self._reset_vrings()
+        self.acked_features = 0
+        self.status = 0
+        self.device.reset()
+
+    def _on_set_backend_req_fd(self, message: Message, fds: list[int]) -> None:
+        # Accepted and kept (closed with the connection); we send no backend requests.
+        if self.backend_req_fd is not None:
+            os.close(self.backend_req_fd)
+        self.backend_req_fd = fds.pop()
+
+    # ------------------------------------------------------------------ memory
+    def _on_set_mem_table(self, message: Message, fds: list[int]) -> None:
+        self.memory.set_table(message.fields.regions, fds)
+
+    def _on_get_max_mem_slots(self, message: Message, fds: list[int]) -> bytes:
+        return u64(self.memory.max_slots)
+
+    def _on_add_mem_reg(self, message: Message, fds: list[int]) -> None:
+        self.memory.add(message.fields.region, fds[0])
+
+    def _on_rem_mem_reg(self, message: Message, fds: list[int]) -> None:
+        self.memory.remove(message.fields.region)
+
+    # ------------------------------------------------------------------ vrings
+    def _on_set_vring_num(self, message: Message, fds: list[int]) -> None:
+        vring = self._vring(message.fields.index)
+        size = message.fields.num
+        validate_size(size)
+        if size > self.device.max_queue_size:
+            raise Refused(f"queue size {size} > the device's maximum {self.device.max_queue_size}")
+        if vring.running:
+            raise Refused(f"queue {vring.index} is running")
+        vring.size = size
+
+    def _on_set_vring_addr(self, message: Message, fds: list[int]) -> None:
+        f = message.fields
+        vring = self._vring(f.index)
+        uaddrs = (f.desc_user_addr, f.avail_user_addr, f.used_user_addr)
+        if vring.running:
+            if uaddrs == vring.ring_uaddrs:
+                return
+            raise Refused(f"queue {vring.index} is running")
+        if f.desc_user_addr % 16 or f.avail_user_addr % 2 or f.used_user_addr % 4:
+            raise Refused(f"misaligned ring addresses desc {f.desc_user_addr:#x} avail "
+                          f"{f.avail_user_addr:#x} used {f.used_user_addr:#x}")
+        if vring.size:
+            for addr, length in zip(uaddrs, (16 * vring.size, 6 + 2 * vring.size,
+                                             6 + 8 * vring.size), strict=True):
+                self.memory.uva_to_gpa(addr, length)
+        vring.ring_uaddrs = uaddrs
+        vring.broken = False
+
+    def _on_set_vring_base(self, message: Message, fds: list[int]) -> None:
+        vring = self._vring(message.fields.index)
+        if vring.running:
+            raise Refused(f"queue {vring.index} is running")
+        if message.fields.num > 0xFFFF:
+            raise Refused(f"split ring base {message.fields.num} > 65535")
+        vring.base = message.fields.num
+
+    def _on_get_vring_base(self, message: Message, fds: list[int]) -> bytes:
+        vring = self._vring(message.fields.index)
+        self._stop(vring)
+        # The ring is stopped; a later start comes with a fresh kick fd.
+        if vring.kick_fd is not None:
+            os.close(vring.kick_fd)
+            vring.kick_fd = None
+        return vring_state(vring.index, vring.base)
+
+    def _on_set_vring_kick(self, message: Message, fds: list[int]) -> None:
+        vring, fd = self._vring_fd(message, fds)
+        if fd is None:
+            raise Refused(f"queue {vring.index}: polling without a kick fd is not supported")
+        if vring.running:
+            self._stop(vring)
+        if vring.kick_fd is not None:
+            os.close(vring.kick_fd)
+        vring.kick_fd = fd
+        if not self._protocol_features_on():
+            vring.enabled = True
+        self._start_if_ready(vring)
+
+    def _on_set_vring_call(self, message: Message, fds: list[int]) -> None:
+        vring, fd = self._vring_fd(message, fds)
+        vring.call.replace(fd)
+
+    def _on_set_vring_err(self, message: Message, fds: list[int]) -> None:
+        vring, fd = self._vring_fd(message, fds)
+        vring.err.replace(fd)
+
+    def _on_set_vring_enable(self, message: Message, fds: list[int]) -> None:
+        vring = self._vring(message.fields.index)
+        if message.fields.num not in (0, 1):
+            raise Refused(f"enable value {message.fields.num}")
+        if not self._protocol_features_on():
+            raise Refused("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        vring.enabled = bool(message.fields.num)
+        if vring.enabled:
+            self._start_if_ready(vring)
+        else:
+            self._stop(vring)
+
+    # ------------------------------------------------------------------ config
+    def _on_get_config(self, message: Message, fds: list[int]) -> bytes:
+        cfg = message.fields
+        space = self.device.config().ljust(MAX_CONFIG_SIZE, b"\0")
+        return message.payload[:12] + space[cfg.offset : cfg.offset + cfg.size]
+
+    def _on_set_config(self, message: Message, fds: list[int]) -> None:
+        cfg = message.fields
+        try:
+            self.device.write_config(cfg.offset, cfg.payload, cfg.flags)
+        except ValueError as exc:
+            raise Refused(str(exc)) from exc
+
+    # ------------------------------------------------------------------ inflight (not offered yet)
+    def _on_get_inflight_fd(self, message: Message, fds: list[int]) -> bytes:
+        raise Refused("INFLIGHT_SHMFD was not negotiated")
+
+    def _on_set_inflight_fd(self, message: Message, fds: list[int]) -> None:
+        raise Refused("INFLIGHT_SHMFD was not negotiated")

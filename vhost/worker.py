@@ -1,0 +1,203 @@
+"""One thread per started virtqueue: wait for kicks and completions, feed the device, signal.
+
+Why a thread per queue and not one event loop for all: the device's IO (preadv/pwritev, io_uring
+waits) releases the GIL, so queues overlap their IO; a queue whose device blocks (a slow disk,
+a full bounce budget) never delays another queue or the control socket, which has a thread of its
+own.  Within a queue everything is single-threaded, so ring state needs no lock.
+
+The loop, per wake-up: reap finished requests, drain the avail ring with kicks suppressed, publish
+the used ring once, and write the call eventfd at most once -- and only when the driver asked for
+it (EVENT_IDX).  Stopping (GET_VRING_BASE, disable, disconnect) stops popping, waits for in-flight
+requests, publishes and signals them, and leaves ``next_avail`` for the reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+
+from .device import QueueHandler
+from .virtqueue import QueueError, VirtQueue
+
+log = logging.getLogger(__name__)
+
+_EVENT = (1).to_bytes(8, "little")
+
+
+class Notifier:
+    """An eventfd the backend writes (call or err), replaceable while the worker uses it.
+
+    The lock makes ``replace`` wait for a ``signal`` in progress: closing an fd under a writer
+    could let the number be reused by an unrelated file the write would then hit.
+    """
+
+    def __init__(self, fd: int | None = None) -> None:
+        self._lock = threading.Lock()
+        self._fd = fd
+        self.count = 0
+
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
+    def replace(self, fd: int | None) -> None:
+        """Use ``fd`` from now on (None: nobody listens) and close the previous one."""
+        with self._lock:
+            old, self._fd = self._fd, fd
+        if old is not None and old != fd:
+            os.close(old)
+
+    def signal(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                os.write(self._fd, _EVENT)
+                self.count += 1
+            except OSError as exc:  # the frontend's side went away; nothing to wake
+                log.debug("eventfd write failed: %s", exc)
+
+    def close(self) -> None:
+        self.replace(None)
+
+
+def _drain_eventfd(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        os.read(fd, 8)
+
+
+class QueueWorker:
+    """Runs one virtqueue on its own thread until :meth:`stop`."""
+
+    #: How long stop() waits for in-flight requests before giving up on them.
+    drain_timeout = 30.0
+
+    def __init__(
+        self,
+        vq: VirtQueue,
+        handler: QueueHandler,
+        kick_fd: int,
+        call: Notifier,
+        err: Notifier | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.vq = vq
+        self.handler = handler
+        self.kick_fd = kick_fd
+        self.call = call
+        self.err = err
+        self._stop = threading.Event()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._thread = threading.Thread(
+            target=self._run, name=name or f"vq{vq.index}", daemon=True
+        )
+        self.kicks = 0
+        self.batches = 0
+        self.completed = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop popping, finish in-flight requests, return True if all finished in time."""
+        self._stop.set()
+        os.eventfd_write(self._wake_fd, 1)
+        self._thread.join(self.drain_timeout + 5 if timeout is None else timeout)
+        drained = not self._thread.is_alive() and self.vq.in_flight_count == 0
+        if not self._thread.is_alive():
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+        return drained
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        vq = self.vq
+        ep = select.epoll()
+        try:
+            ep.register(self.kick_fd, select.EPOLLIN)
+            ep.register(self._wake_fd, select.EPOLLIN)
+            cfd = self.handler.completion_fd
+            if cfd is not None:
+                ep.register(cfd, select.EPOLLIN)
+            # Kicks sent before we started listening are lost: look at the ring once now.
+            self._service(kick=True)
+            while not self._stop.is_set():
+                kick = False
+                for fd, _ in ep.poll():
+                    if fd == self.kick_fd:
+                        _drain_eventfd(fd)
+                        kick = True
+                    elif fd == self._wake_fd:
+                        _drain_eventfd(fd)
+                if self._stop.is_set():
+                    break
+                self._service(kick)
+            self._finish(ep)
+        except Exception:
+            log.exception("queue %d: worker failed; the queue is stopped", vq.index)
+            vq.broken = True
+            with contextlib.suppress(Exception):
+                self._finish(ep)
+        finally:
+            ep.close()
+
+    def _service(self, kick: bool) -> None:
+        """Reap, drain the ring if kicked, publish and signal once."""
+        vq = self.vq
+        handler = self.handler
+        done = handler.reap()
+        for head, used in done:
+            vq.add_used(head, used)
+        self.completed += len(done)
+        if kick and not vq.broken:
+            self.kicks += 1
+            while True:
+                vq.disable_notifications()
+                chains = vq.pop_batch()
+                if chains:
+                    self.batches += 1
+                    finished = handler.submit_batch(chains)
+                    for head, used in finished:
+                        vq.add_used(head, used)
+                    self.completed += len(finished)
+                if vq.broken:
+                    self._report_broken()
+                    break
+                if not vq.enable_notifications():
+                    break
+        if vq.flush():
+            self.call.signal()
+
+    def _report_broken(self) -> None:
+        err = self.vq.error or QueueError("queue stopped")
+        log.error("queue %d stopped: %s", self.vq.index, err)
+        if self.err is not None:
+            self.err.signal()
+
+    def _finish(self, ep: select.epoll) -> None:
+        """Wait for in-flight requests, publish them, signal the driver."""
+        vq = self.vq
+        for fd in (self.kick_fd, self._wake_fd):  # only completions matter now
+            with contextlib.suppress(OSError):
+                ep.unregister(fd)
+        deadline = time.monotonic() + self.drain_timeout
+        while vq.in_flight_count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.error("queue %d: %d requests still in flight after %.0f s; abandoning them",
+                          vq.index, vq.in_flight_count, self.drain_timeout)
+                break
+            for head, used in self.handler.reap():
+                vq.add_used(head, used)
+            if vq.in_flight_count:
+                ep.poll(min(remaining, 0.1))
+        if vq.flush():
+            self.call.signal()
