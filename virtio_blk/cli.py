@@ -1,0 +1,155 @@
+"""``vhost-user-blk`` / ``python -m virtio_blk``: serve a disk image to QEMU over vhost-user.
+
+Option names follow qemu-storage-daemon's vhost-user-blk export where they overlap
+(``num-queues``, ``logical-block-size``, ``addr.path`` -> ``--socket``, ``addr.type=fd`` ->
+``--fd``).  Every user error is one line on stderr and exit status 2; SIGTERM and SIGINT finish
+the requests in flight, flush the image and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from vhost.daemon import DaemonError, VhostUserDaemon
+
+from .device import BlkDevice
+from .disk import Disk, DiskError, create_image, parse_size
+from .engine import ENGINES
+
+log = logging.getLogger("vhost-user-blk")
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + line
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="vhost-user-blk",
+        description="Serve a raw disk image to QEMU's vhost-user-blk-pci over a Unix socket.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (mode 0600)")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="an already-listening Unix socket fd (socket activation)")
+    p.add_argument("--image", required=True, metavar="IMG", help="raw image file or block device")
+    p.add_argument("--create", type=_size, metavar="SIZE",
+                   help="create IMG as a sparse raw image of SIZE (e.g. 1G) if it does not exist")
+    p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
+                   help="number of request queues (default 1)")
+    p.add_argument("--read-only", action="store_true", help="export read-only")
+    p.add_argument("--direct", action="store_true",
+                   help="open with O_DIRECT (like cache.direct=on), bypassing the host page cache")
+    p.add_argument("--logical-block-size", type=int, choices=(512, 4096), default=512,
+                   help="logical block size the guest sees (default 512)")
+    p.add_argument("--serial", default="", help="device ID string (GET_ID), up to 20 characters")
+    p.add_argument("--queue-size", type=_positive, default=1024, metavar="N",
+                   help="largest virtqueue size accepted (default 1024)")
+    p.add_argument("--aio", choices=ENGINES, default="threads",
+                   help="IO engine: threads (default) or inline on the queue thread")
+    p.add_argument("--io-threads", type=_positive, default=16, metavar="N",
+                   help="IO threads per queue for --aio threads (default 16)")
+    p.add_argument("--bounce-pages", type=_positive, default=2048, metavar="N",
+                   help="bounce buffer budget per queue, in 4 KiB pages (default 2048 = 8 MiB)")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error", "critical"),
+                   help="log level (default info)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    prog = "vhost-user-blk"
+
+    def fail(message: str) -> int:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.queue_size & (args.queue_size - 1) or args.queue_size > 32768:
+        return fail(f"--queue-size {args.queue_size} must be a power of two up to 32768")
+    if len(args.serial.encode("ascii", "replace")) > 20:
+        return fail("--serial is longer than 20 characters")
+    try:
+        if args.create is not None and create_image(args.image, args.create):
+            log.info("created %s (%d bytes, sparse)", args.image, args.create)
+        disk = Disk(args.image, read_only=args.read_only, direct=args.direct,
+                    logical_block_size=args.logical_block_size)
+    except DiskError as exc:
+        return fail(str(exc))
+    device = BlkDevice(
+        disk,
+        num_queues=args.num_queues,
+        max_queue_size=args.queue_size,
+        serial=args.serial,
+        engine=args.aio,
+        io_threads=args.io_threads,
+        bounce_pages=args.bounce_pages,
+    )
+    try:
+        daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)
+    except DaemonError as exc:
+        disk.close()
+        return fail(str(exc))
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: finishing requests in flight and exiting", signal.Signals(signum).name)
+        daemon.shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    info = disk.info
+    log.info(
+        "serving %s (%d bytes, %d-byte blocks, %s%s) on %s: %d queue(s), aio=%s, features %s",
+        args.image, info.size, info.logical_block_size,
+        "read-only" if info.read_only else "read-write", ", O_DIRECT" if info.direct else "",
+        args.socket or f"fd {args.fd}", args.num_queues, args.aio,
+        "|".join(device.feature_names()),
+    )
+    try:
+        daemon.serve_forever()
+    finally:
+        daemon.close()
+        try:
+            device.flush()
+        except OSError as exc:
+            log.error("final flush failed: %s", exc)
+            return 1
+        finally:
+            disk.close()
+        s = device.stats
+        log.info("stopped: %d requests (%d reads, %d writes, %d flushes), %d errors, "
+                 "%d bounced", s.requests, s.reads, s.writes, s.flushes, s.errors,
+                 s.bounced_requests)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

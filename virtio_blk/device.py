@@ -1,0 +1,442 @@
+"""The virtio-blk device: turns descriptor chains into disk operations and statuses.
+
+Request path (one queue, on its worker thread): the chain's readable pieces start with the 16-byte
+header, the status byte is the last byte of the last writable piece, the data lies between.  The
+header is checked (:mod:`.request`), the data pieces become RequestBuffers (:mod:`.layout`), and
+the IO goes to the engine either zero-copy -- ``lock()`` gives memoryviews straight into guest
+memory -- or through a bounce buffer from the queue's budget when a piece boundary falls
+mid-sector or O_DIRECT needs an alignment the guest's buffers lack.  When the op finishes, bounce
+data is scattered back (reads), buffers are released, the status byte is written and the used
+length (bytes written to guest memory, status included) goes back to the worker.
+
+A request that needs bounce pages while the budget is spent waits in ``pending`` and is retried
+as completions return pages -- the worker never blocks on the budget (it is the thread that must
+reap those completions).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+from scsi_buffers import AccessError, BounceBufferTracker, GuestMemory, TrackedBounceBuffer
+from scsi_buffers.buffers import LockedIoBuffers
+from vhost.device import Device, QueueHandler
+from vhost.virtqueue import DescriptorChain
+
+from .disk import Disk
+from .engine import IoOp, OpKind, make_engine
+from .layout import DataLayout, plan, skip_start, trim_end
+from .request import (
+    HEADER,
+    HEADER_SIZE,
+    ID_BYTES,
+    SECTOR_SHIFT,
+    T_BARRIER,
+    BlkFeature,
+    Limits,
+    ReqType,
+    RequestError,
+    Status,
+    check_range,
+    config_space,
+    device_id,
+    parse_segments,
+)
+
+log = logging.getLogger(__name__)
+
+WRITEBACK_OFFSET = 32  # of the writeback byte in the config space
+
+
+@dataclass
+class BlkStats:
+    """Counters a user (and the tests) can read."""
+
+    requests: int = 0
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    discards: int = 0
+    write_zeroes: int = 0
+    get_ids: int = 0
+    errors: int = 0
+    unsupported: int = 0
+    bounced_requests: int = 0
+    bounced_bytes: int = 0
+    deferred: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    per_queue: collections.Counter = field(default_factory=collections.Counter)
+
+
+class BlkRequest:
+    """A request in flight: where its status goes and what to release when it is done."""
+
+    __slots__ = ("bounce", "head", "layout", "length", "locks", "op", "sector", "status_gpa")
+
+    def __init__(self, head: int, status_gpa: int, sector: int, length: int) -> None:
+        self.head = head
+        self.status_gpa = status_gpa
+        self.sector = sector
+        self.length = length
+        self.locks: list[LockedIoBuffers] = []
+        self.bounce: TrackedBounceBuffer | None = None
+        self.layout: DataLayout | None = None
+        self.op: IoOp | None = None
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.close()
+        self.locks = []
+        if self.bounce is not None:
+            self.bounce.release()
+            self.bounce = None
+
+
+class _Deferred(Exception):
+    """No bounce pages right now: retry the chain when some come back."""
+
+
+class BlkDevice(Device):
+    """A virtio-blk device backed by a :class:`Disk`."""
+
+    def __init__(
+        self,
+        disk: Disk,
+        *,
+        num_queues: int = 1,
+        max_queue_size: int = 1024,
+        serial: str = "",
+        engine: str = "threads",
+        io_threads: int = 16,
+        bounce_pages: int = 2048,
+        writeback: bool = True,
+    ) -> None:
+        self.disk = disk
+        info = disk.info
+        self.num_queues = num_queues
+        self.max_queue_size = max_queue_size
+        self.serial = serial
+        self.engine_kind = engine
+        self.io_threads = io_threads
+        self.limits = Limits(
+            capacity=info.size >> SECTOR_SHIFT,
+            logical_block_size=info.logical_block_size,
+            read_only=info.read_only,
+            max_transfer=min(4 << 20, bounce_pages * 4096),
+        )
+        self.tracker = BounceBufferTracker(bounce_pages, threads=num_queues)
+        self.default_writeback = writeback
+        self.writeback = writeback
+        self.acked = 0
+        self.stats = BlkStats()
+
+    # ------------------------------------------------------------------ Device interface
+    def features(self) -> int:
+        f = (
+            BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH
+            | BlkFeature.TOPOLOGY | BlkFeature.CONFIG_WCE | BlkFeature.MQ
+        )
+        if self.limits.read_only:
+            f |= BlkFeature.RO
+        else:
+            f |= BlkFeature.DISCARD | BlkFeature.WRITE_ZEROES
+        return int(f)
+
+    def feature_names(self) -> list[str]:
+        return [flag.name or "" for flag in BlkFeature if self.features() & flag]
+
+    def config(self) -> bytes:
+        return config_space(self.limits, self.num_queues, self.writeback)
+
+    def write_config(self, offset: int, data: bytes, flags: int) -> None:
+        if offset == WRITEBACK_OFFSET and len(data) == 1:
+            if data[0] not in (0, 1):
+                raise ValueError(f"writeback value {data[0]}")
+            self.writeback = bool(data[0])
+            log.info("guest set the cache mode to %s",
+                     "write-back" if self.writeback else "write-through")
+            return
+        raise ValueError(f"config bytes {offset}..{offset + len(data)} are read-only")
+
+    def set_features(self, features: int) -> None:
+        self.acked = features
+        if not features & (BlkFeature.FLUSH | BlkFeature.CONFIG_WCE):
+            # A driver that cannot flush gets every write made stable before completion.
+            self.writeback = False
+
+    def create_handler(self, queue_index: int, memory: GuestMemory) -> QueueHandler:
+        return BlkQueueHandler(self, queue_index, memory)
+
+    def reset(self) -> None:
+        self.writeback = self.default_writeback
+        self.acked = 0
+
+    def flush(self) -> None:
+        if not self.limits.read_only:
+            self.disk.flush()
+
+
+class BlkQueueHandler(QueueHandler):
+    """Serves one queue of a :class:`BlkDevice`."""
+
+    def __init__(self, device: BlkDevice, index: int, memory: GuestMemory) -> None:
+        self.device = device
+        self.index = index
+        self.memory = memory
+        self.limits = device.limits
+        self.stats = device.stats
+        self.direct = device.disk.info.direct
+        self.mem_align = device.disk.info.mem_align
+        self.engine = make_engine(device.engine_kind, device.disk, index, device.io_threads)
+        self.completion_fd = self.engine.completion_fd
+        self.pending: collections.deque[DescriptorChain] = collections.deque()
+
+    # ------------------------------------------------------------------ QueueHandler
+    def submit(self, chain: DescriptorChain) -> int | None:
+        if self.pending:  # keep arrival order behind requests waiting for bounce pages
+            self.pending.append(chain)
+            return None
+        return self._start(chain)
+
+    def reap(self) -> list[tuple[int, int]]:
+        done = [(op.ctx.head, self._finish(op)) for op in self.engine.reap()]
+        while self.pending:
+            chain = self.pending.popleft()
+            used = self._start(chain, retry=True)
+            if used is None and self.pending and self.pending[0] is chain:
+                break  # still no pages: wait for the next completion
+            if used is not None:
+                done.append((chain.head, used))
+        return done
+
+    def close(self) -> None:
+        for chain in self.pending:  # only when the queue is torn down with requests waiting
+            log.warning("queue %d: dropping request %d waiting for bounce pages", self.index,
+                        chain.head)
+        self.pending.clear()
+        self.engine.close()
+
+    # ------------------------------------------------------------------ request start
+    def _start(self, chain: DescriptorChain, retry: bool = False) -> int | None:
+        if not retry:
+            self.stats.requests += 1
+        writable = chain.writable
+        if not writable:
+            self.stats.errors += 1
+            log.warning("queue %d: request %d has no writable status byte; completed without "
+                        "a status", self.index, chain.head)
+            return 0
+        gpa, n = writable[-1]
+        status_gpa = gpa + n - 1
+        try:
+            req_type, sector = self._header(chain)
+            if req_type == ReqType.IN:
+                return self._read(chain, status_gpa, sector)
+            if req_type == ReqType.OUT:
+                return self._write(chain, status_gpa, sector)
+            if req_type == ReqType.FLUSH:
+                return self._flush(chain, status_gpa, sector)
+            if req_type == ReqType.GET_ID:
+                return self._get_id(chain, status_gpa)
+            if req_type in (ReqType.DISCARD, ReqType.WRITE_ZEROES):
+                return self._discard_or_zeroes(chain, status_gpa, ReqType(req_type))
+            raise RequestError(Status.UNSUPP, f"request type {req_type}")
+        except _Deferred:
+            if retry:
+                self.pending.appendleft(chain)
+            else:
+                self.stats.deferred += 1
+                self.pending.append(chain)
+            return None
+        except RequestError as exc:
+            return self._reject(chain, status_gpa, exc.status, str(exc))
+        except AccessError as exc:
+            return self._reject(chain, status_gpa, Status.IOERR, f"guest memory: {exc}")
+
+    def _reject(self, chain: DescriptorChain, status_gpa: int, status: Status, why: str) -> int:
+        if status == Status.UNSUPP:
+            self.stats.unsupported += 1
+        else:
+            self.stats.errors += 1
+        log.debug("queue %d: request %d -> %s: %s", self.index, chain.head, status.name, why)
+        return self._put_status(status_gpa, status, 1)
+
+    def _put_status(self, status_gpa: int, status: int, used: int) -> int:
+        try:
+            self.memory.write(status_gpa, bytes((status,)))
+        except AccessError as exc:  # memory went away under the request: nothing to report to
+            log.warning("queue %d: cannot write status at %#x: %s", self.index, status_gpa, exc)
+            return 0
+        return used
+
+    def _header(self, chain: DescriptorChain) -> tuple[int, int]:
+        if chain.readable_len < HEADER_SIZE:
+            raise RequestError(Status.IOERR, f"header of {chain.readable_len} bytes")
+        gpa, n = chain.readable[0]
+        if n >= HEADER_SIZE:
+            raw = self.memory.read(gpa, HEADER_SIZE)
+        else:  # a header split over descriptors: gather it
+            raw = b"".join(self.memory.read(a, n) for a, n in chain.readable)[:HEADER_SIZE]
+        req_type, _, sector = HEADER.unpack(raw)
+        return req_type & ~T_BARRIER, sector
+
+    # ------------------------------------------------------------------ IN / OUT
+    def _read(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:
+        if chain.readable_len != HEADER_SIZE:
+            raise RequestError(Status.IOERR, "IN with data in readable descriptors")
+        length = chain.writable_len - 1
+        check_range(sector, length, self.limits)
+        if length == 0:
+            return self._put_status(status_gpa, Status.OK, 1)
+        layout = plan(self.memory, trim_end(chain.writable, 1), is_write=True)
+        req = BlkRequest(chain.head, status_gpa, sector, length)
+        op = IoOp(OpKind.READ, sector << SECTOR_SHIFT, None, length, req)
+        self._attach_buffers(req, op, layout, for_write=True)
+        return self._submit(op)
+
+    def _write(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:
+        if self.limits.read_only:
+            raise RequestError(Status.IOERR, "write to a read-only disk")
+        if chain.writable_len != 1:
+            raise RequestError(Status.IOERR, "OUT with data in writable descriptors")
+        length = chain.readable_len - HEADER_SIZE
+        check_range(sector, length, self.limits)
+        if length == 0:
+            return self._put_status(status_gpa, Status.OK, 1)
+        layout = plan(self.memory, skip_start(chain.readable, HEADER_SIZE), is_write=False)
+        req = BlkRequest(chain.head, status_gpa, sector, length)
+        op = IoOp(OpKind.WRITE, sector << SECTOR_SHIFT, None, length, req)
+        op.sync = not self.device.writeback
+        self._attach_buffers(req, op, layout, for_write=False)
+        return self._submit(op)
+
+    def _attach_buffers(self, req: BlkRequest, op: IoOp, layout: DataLayout,
+                        for_write: bool) -> None:
+        """Zero-copy when the pieces allow it, else a bounce buffer (gathered now for writes)."""
+        req.layout = layout
+        if not layout.bounce:
+            locks = [b.lock(for_write=for_write) for b in layout.buffers]
+            req.locks = locks
+            if len(locks) == 1:
+                views = locks[0].io_vecs()
+            else:
+                views = [v for lock in locks for v in lock.io_vecs()]
+            if not self.direct or self._dio_aligned(locks):
+                op.buffers = views
+                req.op = op
+                return
+            req.release()
+        try:
+            bounce = self.device.tracker.try_acquire(req.length, self.index)
+        except ValueError as exc:
+            raise RequestError(Status.IOERR, f"cannot bounce: {exc}") from exc
+        if bounce is None:
+            raise _Deferred
+        req.bounce = bounce
+        self.stats.bounced_requests += 1
+        self.stats.bounced_bytes += req.length
+        data = bounce.buffer.as_mut_bytes()
+        if not for_write:
+            try:
+                bounce.buffer.gather_from(layout.buffers)
+            except BaseException:
+                req.release()
+                raise
+        op.buffers = [data]
+        req.op = op
+
+    def _dio_aligned(self, locks: list[LockedIoBuffers]) -> bool:
+        mask = self.mem_align - 1
+        for lock in locks:
+            for buf in lock.io_buffers:
+                if (buf.address | len(buf)) & mask:
+                    return False
+        return True
+
+    # ------------------------------------------------------------------ the other types
+    def _flush(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:
+        if sector != 0 or chain.readable_len != HEADER_SIZE or chain.writable_len != 1:
+            # The spec makes these driver errors; IOERR is its status for driver errors.
+            raise RequestError(Status.IOERR, "FLUSH with a sector or with data")
+        req = BlkRequest(chain.head, status_gpa, 0, 0)
+        return self._submit(IoOp(OpKind.FLUSH, 0, None, 0, req))
+
+    def _get_id(self, chain: DescriptorChain, status_gpa: int) -> int:
+        if chain.readable_len != HEADER_SIZE:
+            raise RequestError(Status.IOERR, "GET_ID with data in readable descriptors")
+        self.stats.get_ids += 1
+        ident = device_id(self.device.serial)
+        room = min(ID_BYTES, chain.writable_len - 1)
+        pos = 0
+        for gpa, n in trim_end(chain.writable, 1):
+            take = min(n, room - pos)
+            if take <= 0:
+                break
+            self.memory.write(gpa, ident[pos : pos + take])
+            pos += take
+        return self._put_status(status_gpa, Status.OK, pos + 1)
+
+    def _discard_or_zeroes(self, chain: DescriptorChain, status_gpa: int,
+                           req_type: ReqType) -> int | None:
+        if self.limits.read_only:
+            raise RequestError(Status.IOERR, f"{req_type.name} on a read-only disk")
+        if chain.writable_len != 1:
+            raise RequestError(Status.IOERR, f"{req_type.name} with writable data")
+        pieces = skip_start(chain.readable, HEADER_SIZE)
+        data = b"".join(self.memory.read(a, n) for a, n in pieces)
+        segments = parse_segments(req_type, data, self.limits)
+        kind = OpKind.DISCARD if req_type == ReqType.DISCARD else OpKind.WRITE_ZEROES
+        req = BlkRequest(chain.head, status_gpa, segments[0].offset >> SECTOR_SHIFT, 0)
+        op = IoOp(kind, 0, None, 0, req)
+        op.segments = segments
+        op.sync = not self.device.writeback
+        return self._submit(op)
+
+    # ------------------------------------------------------------------ completion
+    def _submit(self, op: IoOp) -> int | None:
+        if self.engine.submit(op):
+            return self._finish(op)
+        return None
+
+    def _finish(self, op: IoOp) -> int:
+        req: BlkRequest = op.ctx
+        result = op.result
+        kind = op.kind
+        stats = self.stats
+        ok = not isinstance(result, BaseException) and (
+            kind not in (OpKind.READ, OpKind.WRITE) or result == op.length
+        )
+        used = 1
+        try:
+            if ok and kind == OpKind.READ:
+                if req.bounce is not None:
+                    req.bounce.buffer.scatter_to(req.layout.buffers)
+                used = req.length + 1
+        except AccessError as exc:
+            log.warning("queue %d: read of sector %d could not be returned: %s", self.index,
+                        req.sector, exc)
+            ok = False
+            used = 1
+        finally:
+            req.release()
+        if ok:
+            if kind == OpKind.READ:
+                stats.reads += 1
+                stats.bytes_read += req.length
+            elif kind == OpKind.WRITE:
+                stats.writes += 1
+                stats.bytes_written += req.length
+            elif kind == OpKind.FLUSH:
+                stats.flushes += 1
+            elif kind == OpKind.DISCARD:
+                stats.discards += 1
+            else:
+                stats.write_zeroes += 1
+            return self._put_status(req.status_gpa, Status.OK, used)
+        stats.errors += 1
+        why = result if isinstance(result, BaseException) else f"{result} of {op.length} bytes"
+        log.error("queue %d: %s at sector %d failed: %s", self.index, kind.name, req.sector, why)
+        return self._put_status(req.status_gpa, Status.IOERR, 1)

@@ -1,0 +1,292 @@
+"""The disk behind the device: a raw image file or a block device, and the operations on it.
+
+Reads and writes take lists of buffers (memoryviews straight into guest memory, or a bounce
+buffer) and loop until the whole length is done: ``preadv``/``pwritev`` may return short, and a
+write is only complete -- and only then reported OK to the guest -- when every byte was taken.
+Flush is ``fdatasync``.  Discard punches a hole (``BLKDISCARD`` on a block device); write-zeroes
+uses ``FALLOC_FL_ZERO_RANGE`` (``BLKZEROOUT``), or punches a hole when the driver allows unmap,
+and falls back to writing zeroes where the file system has neither.
+
+With ``direct=True`` the image is opened ``O_DIRECT`` (QEMU's ``cache.direct=on``); the memory and
+offset alignment it needs come from ``statx(STATX_DIOALIGN)``, or the logical block size where the
+kernel does not say, and callers bounce any buffer that does not meet them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import stat
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+SECTOR_SIZE = 512
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+
+STATX_DIOALIGN = 0x2000
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+_libc.fallocate.restype = ctypes.c_int
+try:
+    _statx = _libc.statx
+    _statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+    _statx.restype = ctypes.c_int
+except AttributeError:  # pragma: no cover - glibc < 2.28
+    _statx = None
+
+
+class DiskError(Exception):
+    """The image cannot be opened or used as asked; the message is for the user."""
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2); OSError on failure (EOPNOTSUPP where the file system lacks the mode)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def dio_alignment(fd: int) -> tuple[int, int] | None:
+    """(memory alignment, offset alignment) for O_DIRECT from statx, or None if not reported."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(256)
+    if _statx(fd, b"", AT_EMPTY_PATH, STATX_DIOALIGN, buf) != 0:
+        return None
+    mask = struct.unpack_from("<I", buf, 0)[0]
+    if not mask & STATX_DIOALIGN:
+        return None
+    mem_align, offset_align = struct.unpack_from("<II", buf, 152)
+    if not mem_align or not offset_align:
+        return None  # O_DIRECT not supported on this file
+    return mem_align, offset_align
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """What the device needs to know about the disk."""
+
+    size: int  # bytes usable (a multiple of the logical block size)
+    logical_block_size: int
+    read_only: bool
+    direct: bool
+    mem_align: int  # buffer address/length alignment IO needs (1 when buffered)
+    offset_align: int  # file offset alignment IO needs
+    block_device: bool
+
+
+class Disk:
+    """An open raw image or block device."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        direct: bool = False,
+        logical_block_size: int = SECTOR_SIZE,
+    ) -> None:
+        if logical_block_size not in (512, 4096):
+            raise DiskError(f"logical block size {logical_block_size}: want 512 or 4096")
+        self.path = os.fspath(path)
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if direct:
+            flags |= os.O_DIRECT
+        try:
+            self.fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            raise DiskError(f"{self.path}: no such file (use --create SIZE to make one)") from None
+        except IsADirectoryError:
+            raise DiskError(f"{self.path} is a directory") from None
+        except PermissionError:
+            hint = "" if read_only else " (use --read-only for a read-only export)"
+            raise DiskError(f"{self.path}: permission denied{hint}") from None
+        except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:
+                raise DiskError(f"{self.path}: the file system does not support O_DIRECT") from None
+            raise DiskError(f"{self.path}: {exc.strerror}") from None
+        try:
+            self.info = self._probe(read_only, direct, logical_block_size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.read_only = read_only
+        self._discard_ok = True
+        self._zero_range_ok = True
+
+    def _probe(self, read_only: bool, direct: bool, lbs: int) -> DiskInfo:
+        st = os.fstat(self.fd)
+        block_device = stat.S_ISBLK(st.st_mode)
+        if block_device:
+            buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
+            size = struct.unpack("<Q", buf)[0]
+            dev_lbs = struct.unpack("<i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
+            if lbs < dev_lbs:
+                raise DiskError(f"{self.path} has {dev_lbs}-byte sectors; use "
+                                f"--logical-block-size {dev_lbs}")
+        elif stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        else:
+            raise DiskError(f"{self.path} is neither a regular file nor a block device")
+        usable = size - size % lbs
+        if usable == 0:
+            raise DiskError(f"{self.path} is smaller than one {lbs}-byte block")
+        if usable != size:
+            log.warning("%s: %d trailing bytes beyond the last whole block are not exported",
+                        self.path, size - usable)
+        mem_align = offset_align = 1
+        if direct:
+            probed = dio_alignment(self.fd)
+            mem_align, offset_align = probed if probed else (lbs, lbs)
+            if offset_align > lbs:
+                raise DiskError(f"{self.path}: O_DIRECT needs {offset_align}-byte aligned "
+                                f"offsets, above the logical block size {lbs}")
+        return DiskInfo(usable, lbs, read_only, direct, mem_align, offset_align, block_device)
+
+    # ------------------------------------------------------------------ data
+    def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
+        """Fill ``buffers`` from ``offset``; the bytes read (short only at the end of the file)."""
+        total = sum(b.nbytes for b in buffers)
+        done = os.preadv(self.fd, buffers, offset)
+        if done == total or done == 0:
+            return done
+        return done + self._finish(os.preadv, buffers, offset, done, total)
+
+    def writev(self, buffers: Sequence[memoryview], offset: int) -> int:
+        """Write all of ``buffers`` at ``offset``; the bytes written."""
+        total = sum(b.nbytes for b in buffers)
+        done = os.pwritev(self.fd, buffers, offset)
+        if done == total:
+            return done
+        return done + self._finish(os.pwritev, buffers, offset, done, total)
+
+    def _finish(self, call, buffers: Sequence[memoryview], offset: int, done: int,
+                total: int) -> int:
+        """Continue a vectored IO that returned short, until it completes or stops moving."""
+        extra = 0
+        while done + extra < total:
+            skip = done + extra
+            rest: list[memoryview] = []
+            for b in buffers:
+                if skip >= b.nbytes:
+                    skip -= b.nbytes
+                    continue
+                rest.append(b[skip:] if skip else b)
+                skip = 0
+            n = call(self.fd, rest, offset + done + extra)
+            if n <= 0:
+                break
+            extra += n
+        return extra
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    # ------------------------------------------------------------------ discard / zeroes
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range (reads after it may return anything; we return zeroes)."""
+        if self.info.block_device:
+            fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("<QQ", offset, length))
+            return
+        if not self._discard_ok:
+            return  # discard is advisory: doing nothing is correct
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.info("%s: file system cannot punch holes; discard is a no-op", self.path)
+            self._discard_ok = False
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """Make a range read back as zeroes, deallocating it if ``unmap`` and possible."""
+        if self.info.block_device:
+            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("<QQ", offset, length))
+            return
+        if unmap and self._discard_ok:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._discard_ok = False
+        if self._zero_range_ok:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                log.info("%s: no FALLOC_FL_ZERO_RANGE; writing zeroes instead", self.path)
+                self._zero_range_ok = False
+        self._write_zero_bytes(offset, length)
+
+    def _write_zero_bytes(self, offset: int, length: int) -> None:
+        chunk = 1 << 20
+        zeros = mmap.mmap(-1, min(chunk, length))  # page-aligned, so O_DIRECT takes it too
+        try:
+            view = memoryview(zeros)
+            while length:
+                n = min(length, view.nbytes)
+                written = self.writev([view[:n]], offset)
+                if written != n:
+                    raise OSError(errno.EIO, "short write while zeroing")
+                offset += n
+                length -= n
+            view.release()
+        finally:
+            zeros.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def create_image(path: str | os.PathLike[str], size: int) -> bool:
+    """Create a sparse raw image of ``size`` bytes if ``path`` does not exist; True if created."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise DiskError(f"cannot create {os.fspath(path)}: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    return True
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '4096', '10GiB' -> bytes (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(num) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"bad size {text!r} (examples: 1G, 512M, 1048576)") from None
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return value
