@@ -378,6 +378,9 @@ class GuestMemory:
             return []
         pieces = self._locate(gpa, length, for_write)
         try:
+            if len(pieces) == 1:
+                region, off, n = pieces[0]
+                return [region.view[off : off + n]]
             return [region.view[off : off + n] for region, off, n in pieces]
         except ValueError as exc:  # the region was removed and its view released meanwhile
             raise AccessError.memory(gpa, length, "was unmapped during the access") from exc
@@ -396,6 +399,9 @@ class GuestMemory:
             return []
         pieces = self._locate(gpa, length, for_write)
         try:
+            if len(pieces) == 1:
+                region, off, n = pieces[0]
+                return [(region.view[off : off + n], region.host_addr + off)]
             return [
                 (region.view[off : off + n], region.host_addr + off) for region, off, n in pieces
             ]

@@ -1,0 +1,609 @@
+"""RequestBuffers: the guest memory of one storage request, and the ways a disk backend reaches it.
+
+A backend gets a :class:`RequestBuffers` (guest memory + :class:`PagedRange` + direction) and has
+two ways in:
+
+* **copying** -- :meth:`RequestBuffers.reader` / :meth:`RequestBuffers.writer` stream bytes from
+  the front, for headers, small requests and bounce buffering (:func:`gather` / :func:`scatter` do
+  it over a list of buffers);
+* **zero-copy** -- :meth:`RequestBuffers.lock` translates the whole range once and hands back
+  :class:`LockedIoBuffers`: memoryviews of guest memory for ``os.preadv``/``os.pwritev`` and an
+  ``iovec`` array for io_uring or a raw ``preadv``.
+
+Direction: ``is_write`` means *guest memory may be written*, i.e. the buffer is the target of a
+disk read.  A read-only buffer's writer has length 0 and refuses any non-empty write with
+``READ_ONLY``; locking it for write fails the same way before any address is translated.
+
+Every access translates all of its guest addresses before copying a byte, so one that fails
+(``MEMORY``, ``READ_ONLY``, ``OUT_OF_RANGE``) leaves guest memory and the caller's buffer untouched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .guestmem import PAGE_SIZE, AccessError, GuestMemory, buffer_address
+from .paged_range import InvalidGpnError, PagedRange
+
+__all__ = [
+    "AtomicIoVec",
+    "IoBuffer",
+    "LockedIoBuffers",
+    "OwnedRequestBuffers",
+    "RequestBuffers",
+    "RequestReader",
+    "RequestWriter",
+    "gather",
+    "iovec_array",
+    "scatter",
+    "total_length",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# iovec
+class AtomicIoVec(ctypes.Structure):
+    """``struct iovec`` (``void *iov_base; size_t iov_len``), for io_uring or a raw ``preadv``.
+
+    The name follows the reference crate (whose pointer is to atomic bytes because the guest may
+    change the memory under us); in Python it is simply the C layout.
+    """
+
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+    @property
+    def address(self) -> int:
+        return self.iov_base or 0
+
+    def __len__(self) -> int:
+        return self.iov_len
+
+    def __repr__(self) -> str:
+        return f"AtomicIoVec(address={self.address:#x}, len={self.iov_len})"
+
+
+def iovec_array(pieces: Sequence[IoBuffer]) -> ctypes.Array[AtomicIoVec]:
+    """A C array of :class:`AtomicIoVec`, one per buffer, in order."""
+    arr = (AtomicIoVec * len(pieces))()
+    for i, piece in enumerate(pieces):
+        arr[i].iov_base = piece.address or None
+        arr[i].iov_len = piece.view.nbytes
+    return arr
+
+
+class IoBuffer:
+    """One host-contiguous piece of an IO: a memoryview and the host address of its first byte.
+
+    The view is what Python IO calls take; the address is what goes into an iovec array.  The
+    address is only meaningful while the view is alive (and not released).
+    """
+
+    __slots__ = ("address", "view")
+
+    def __init__(self, view: memoryview, address: int | None = None) -> None:
+        self.view = view
+        self.address = buffer_address(view) if address is None else address
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+    @property
+    def length(self) -> int:
+        return self.view.nbytes
+
+    def as_iovec(self) -> AtomicIoVec:
+        return AtomicIoVec(self.address or None, self.view.nbytes)
+
+    def __repr__(self) -> str:
+        return f"IoBuffer(address={self.address:#x}, len={len(self)})"
+
+
+def _release_all(views: Iterable[memoryview]) -> bool:
+    """Release every view; False if some are still exported (they then go with the last user)."""
+    ok = True
+    for v in views:
+        try:
+            v.release()
+        except BufferError:
+            ok = False
+    return ok
+
+
+class LockedIoBuffers:
+    """The host pieces of one :class:`RequestBuffers`, held for the duration of an IO.
+
+    Use it as a context manager (or call :meth:`close`): closing releases the views, which is what
+    lets a guest memory region that was removed meanwhile actually be unmapped.  After closing,
+    every accessor raises ``ValueError``, as a closed file does.
+    """
+
+    __slots__ = ("_buffers", "_closed", "_length")
+
+    def __init__(self, buffers: list[IoBuffer]) -> None:
+        self._buffers = buffers
+        total = 0
+        for b in buffers:
+            total += b.view.nbytes
+        self._length = total
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ValueError("I/O buffers are closed")
+
+    @property
+    def io_buffers(self) -> list[IoBuffer]:
+        """The :class:`IoBuffer` pieces, in order (the list itself; do not modify it)."""
+        self._check()
+        return self._buffers
+
+    def io_vecs(self) -> list[memoryview]:
+        """The pieces as memoryviews, ready for ``os.preadv(fd, locked.io_vecs(), offset)``."""
+        self._check()
+        return [b.view for b in self._buffers]
+
+    def iovec_array(self) -> ctypes.Array[AtomicIoVec]:
+        """The pieces as a C ``struct iovec`` array (valid until :meth:`close`)."""
+        self._check()
+        return iovec_array(self._buffers)
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def length(self) -> int:
+        """Total bytes over all pieces."""
+        return self._length
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release every view.  Idempotent.
+
+        A view some other object still exports (say a numpy array made from it and kept) cannot be
+        released; it is logged and left to that object's lifetime rather than raised, since close
+        often runs on the way out of an exception.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for b in self._buffers:
+            try:
+                b.view.release()
+            except BufferError:
+                log.warning("locked IO buffers closed while a view of them is still exported")
+
+    def __enter__(self) -> LockedIoBuffers:
+        self._check()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._buffers)} pieces"
+        return f"LockedIoBuffers({self._length} bytes, {state})"
+
+
+# ---------------------------------------------------------------------------------------------
+# translation helpers
+def _runs(rng: PagedRange) -> list[tuple[int, int]]:
+    try:
+        return rng.ranges()
+    except InvalidGpnError as exc:
+        raise AccessError.memory(
+            exc.gpn if isinstance(exc.gpn, int) else 0, len(rng), "has an invalid page number"
+        ) from exc
+
+
+def _translate(mem: GuestMemory, rng: PagedRange, for_write: bool) -> list[memoryview]:
+    """Views covering ``rng`` in order; raises before any copy if some byte is not accessible."""
+    out: list[memoryview] = []
+    try:
+        for gpa, n in _runs(rng):
+            out.extend(mem.views(gpa, n, for_write=for_write))
+    except BaseException:
+        _release_all(out)
+        raise
+    return out
+
+
+def _as_bytes_view(data: Any) -> memoryview:
+    view = memoryview(data)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view
+
+
+def _fill_view(view: memoryview, value: int) -> None:
+    np.frombuffer(view, dtype=np.uint8).fill(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# reader / writer
+class RequestReader:
+    """Reads a request's guest bytes from the front.
+
+    Each call consumes what it read.  Asking for more than remains is ``OUT_OF_RANGE`` and consumes
+    nothing.
+    """
+
+    __slots__ = ("_mem", "_range")
+
+    def __init__(self, guest_memory: GuestMemory, paged_range: PagedRange) -> None:
+        self._mem = guest_memory
+        self._range = paged_range
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    @property
+    def remaining(self) -> int:
+        return len(self._range)
+
+    def _take(self, n: int) -> list[memoryview]:
+        if n < 0:
+            raise ValueError(f"negative length {n}")
+        have = len(self._range)
+        if n > have:
+            raise AccessError.out_of_range(have, n)
+        head, rest = self._range.split(n)
+        views = _translate(self._mem, head, False)
+        self._range = rest
+        return views
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes, copied out."""
+        views = self._take(n)
+        try:
+            if len(views) == 1:
+                return views[0].tobytes()
+            return b"".join(views)
+        finally:
+            _release_all(views)
+
+    def read_into(self, buf: Any) -> int:
+        """Fill the writable ``buf`` (its length says how many bytes); return the count."""
+        dst = _as_bytes_view(buf)
+        if dst.readonly:
+            raise TypeError("read_into needs a writable buffer")
+        views = self._take(dst.nbytes)
+        pos = 0
+        try:
+            for v in views:
+                end = pos + v.nbytes
+                dst[pos:end] = v
+                pos = end
+        finally:
+            _release_all(views)
+        return pos
+
+    def read_all(self) -> bytes:
+        """Everything that remains."""
+        return self.read(len(self._range))
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` bytes without reading them."""
+        if n < 0:
+            raise ValueError(f"negative length {n}")
+        if n > len(self._range):
+            raise AccessError.out_of_range(len(self._range), n)
+        self._range = self._range.skip(n)
+
+
+class RequestWriter:
+    """Writes a request's guest bytes from the front.
+
+    A writer over a read-only buffer has length 0; any non-empty write or fill on it is
+    ``READ_ONLY`` (not ``OUT_OF_RANGE``: the caller broke the direction rule, not the length), and a
+    zero-length one succeeds.
+    """
+
+    __slots__ = ("_is_write", "_mem", "_range")
+
+    def __init__(self, guest_memory: GuestMemory, paged_range: PagedRange, is_write: bool) -> None:
+        self._mem = guest_memory
+        self._range = paged_range if is_write else PagedRange.empty()
+        self._is_write = is_write
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    @property
+    def remaining(self) -> int:
+        return len(self._range)
+
+    def _take(self, n: int) -> list[memoryview]:
+        if n < 0:
+            raise ValueError(f"negative length {n}")
+        if n and not self._is_write:
+            raise AccessError.read_only()
+        have = len(self._range)
+        if n > have:
+            raise AccessError.out_of_range(have, n)
+        head, rest = self._range.split(n)
+        views = _translate(self._mem, head, True)
+        self._range = rest
+        return views
+
+    def write(self, data: Any) -> None:
+        """Copy the bytes-like ``data`` in and consume that many bytes."""
+        src = _as_bytes_view(data)
+        views = self._take(src.nbytes)
+        pos = 0
+        try:
+            for v in views:
+                end = pos + v.nbytes
+                v[:] = src[pos:end]
+                pos = end
+        finally:
+            _release_all(views)
+
+    def fill(self, value: int, n: int) -> None:
+        """Set the next ``n`` bytes to ``value`` (0..255)."""
+        if not 0 <= value <= 255:
+            raise ValueError(f"fill value {value} is not a byte")
+        views = self._take(n)
+        try:
+            for v in views:
+                _fill_view(v, value)
+        finally:
+            _release_all(views)
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` bytes without writing them."""
+        if n < 0:
+            raise ValueError(f"negative length {n}")
+        if n > len(self._range):
+            raise AccessError.out_of_range(len(self._range), n)
+        self._range = self._range.skip(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# RequestBuffers
+class RequestBuffers:
+    """The guest memory of one storage request: guest memory, one :class:`PagedRange`, direction.
+
+    ``is_write`` is True when guest memory may be written (the buffer receives a disk read).
+    Cheap to build and to sub-range; nothing is translated until a reader, writer or lock is used.
+    """
+
+    __slots__ = ("_is_write", "_mem", "_range")
+
+    def __init__(self, guest_memory: GuestMemory, paged_range: PagedRange, is_write: bool) -> None:
+        self._mem = guest_memory
+        self._range = paged_range
+        self._is_write = bool(is_write)
+
+    @property
+    def guest_memory(self) -> GuestMemory:
+        return self._mem
+
+    @property
+    def range(self) -> PagedRange:
+        return self._range
+
+    @property
+    def is_write(self) -> bool:
+        """Whether guest memory may be written (the buffer is the target of a disk read)."""
+        return self._is_write
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    @property
+    def length(self) -> int:
+        return len(self._range)
+
+    @property
+    def is_empty(self) -> bool:
+        return self._range.is_empty
+
+    def is_aligned(self, alignment: int) -> bool:
+        """Whether every piece's start and length are multiples of ``alignment``.
+
+        Checking the first-page offset, the length and the page size is enough: interior pages
+        are whole, so every run boundary after the first is a page boundary.  Hence nothing is
+        aligned to more than 4096.  ``ValueError`` unless ``alignment`` is a power of two.
+        """
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"alignment {alignment} is not a power of two")
+        return ((self._range.offset | len(self._range) | PAGE_SIZE) & (alignment - 1)) == 0
+
+    def reader(self) -> RequestReader:
+        """A reader over all the bytes (always allowed, whatever the direction)."""
+        return RequestReader(self._mem, self._range)
+
+    def writer(self) -> RequestWriter:
+        """A writer over all the bytes; length 0 (and refusing writes) when not ``is_write``."""
+        return RequestWriter(self._mem, self._range, self._is_write)
+
+    def subrange(self, offset: int, length: int) -> RequestBuffers:
+        """Bytes ``[offset, offset+length)``, same memory and direction (ValueError if outside)."""
+        return RequestBuffers(self._mem, self._range.subrange(offset, length), self._is_write)
+
+    def lock(self, for_write: bool = False) -> LockedIoBuffers:
+        """Translate the whole range to host pieces for one IO.
+
+        ``for_write=True`` (the IO writes guest memory: a disk read) on a buffer that is not
+        ``is_write`` raises ``READ_ONLY`` before any address is looked at.  Each run of consecutive
+        pages gives one :class:`IoBuffer`, or one per region when a run crosses into an adjacent
+        region; an unmapped page raises ``MEMORY`` and nothing stays locked.  Pieces locked for
+        reading are read-only views, so a bug cannot scribble on guest memory through them.
+        """
+        if for_write and not self._is_write:
+            raise AccessError.read_only()
+        pieces: list[IoBuffer] = []
+        mem = self._mem
+        try:
+            for gpa, n in _runs(self._range):
+                for view, addr in mem.io_pieces(gpa, n, for_write=for_write):
+                    if not for_write and not view.readonly:
+                        ro = view.toreadonly()
+                        view.release()
+                        view = ro
+                    pieces.append(IoBuffer(view, addr))
+        except BaseException:
+            _release_all(p.view for p in pieces)
+            raise
+        return LockedIoBuffers(pieces)
+
+    def __repr__(self) -> str:
+        kind = "writable" if self._is_write else "read-only"
+        return f"RequestBuffers({self._range!r}, {kind})"
+
+
+# ---------------------------------------------------------------------------------------------
+# several buffers at once (bounce buffering)
+def total_length(buffers: Iterable[RequestBuffers]) -> int:
+    """Sum of the buffers' lengths."""
+    return sum(len(b) for b in buffers)
+
+
+def gather(buffers: Iterable[RequestBuffers], out: Any) -> int:
+    """Copy every buffer's bytes, in order, to the front of the writable buffer ``out``.
+
+    For a write request whose pieces cannot go to the disk as they are: gather them into a bounce
+    buffer, then write that.  Returns the bytes copied.  All guest addresses are translated first,
+    so a ``MEMORY`` error copies nothing; ``OUT_OF_RANGE`` if ``out`` is too small.
+    """
+    dst = _as_bytes_view(out)
+    if dst.readonly:
+        raise TypeError("gather needs a writable destination")
+    bufs = list(buffers)
+    total = total_length(bufs)
+    if total > dst.nbytes:
+        raise AccessError.out_of_range(dst.nbytes, total)
+    views: list[memoryview] = []
+    try:
+        for b in bufs:
+            views.extend(_translate(b.guest_memory, b.range, False))
+        pos = 0
+        for v in views:
+            end = pos + v.nbytes
+            dst[pos:end] = v
+            pos = end
+    finally:
+        _release_all(views)
+    return total
+
+
+def scatter(data: Any, buffers: Iterable[RequestBuffers]) -> int:
+    """Copy consecutive slices of ``data`` into each buffer in turn (the reverse of :func:`gather`).
+
+    For a read request that went through a bounce buffer.  Returns the bytes copied (the buffers'
+    total).  Checks everything first -- every non-empty buffer writable (``READ_ONLY``), ``data``
+    long enough (``OUT_OF_RANGE``), every address mapped (``MEMORY``) -- so a failure writes
+    nothing.
+    """
+    src = _as_bytes_view(data)
+    bufs = list(buffers)
+    for b in bufs:
+        if not b.is_write and not b.is_empty:
+            raise AccessError.read_only()
+    total = total_length(bufs)
+    if total > src.nbytes:
+        raise AccessError.out_of_range(src.nbytes, total)
+    views: list[memoryview] = []
+    try:
+        for b in bufs:
+            views.extend(_translate(b.guest_memory, b.range, True))
+        pos = 0
+        for v in views:
+            end = pos + v.nbytes
+            v[:] = src[pos:end]
+            pos = end
+    finally:
+        _release_all(views)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# OwnedRequestBuffers
+class OwnedRequestBuffers:
+    """A request's page list, offset, length and direction, independent of any guest memory.
+
+    The triple is checked when the object is made (``ValueError`` naming what does not fit), so
+    :meth:`buffer` cannot fail later.
+    """
+
+    __slots__ = ("_gpns", "_offset", "_range", "is_write")
+
+    def __init__(
+        self, gpns: Iterable[int], offset: int, length: int, is_write: bool = True
+    ) -> None:
+        gpns = tuple(gpns)
+        rng = PagedRange.new(offset, length, gpns)
+        if rng is None:
+            raise ValueError(
+                f"{length} bytes at offset {offset} do not fit {len(gpns)} pages "
+                f"({len(gpns) * PAGE_SIZE} bytes)"
+            )
+        self._gpns = gpns
+        self._offset = offset
+        self._range = rng
+        self.is_write = bool(is_write)
+
+    @classmethod
+    def new(cls, gpns: Iterable[int], is_write: bool = True) -> OwnedRequestBuffers:
+        """Every byte of every page in ``gpns``."""
+        gpns = tuple(gpns)
+        return cls(gpns, 0, len(gpns) * PAGE_SIZE, is_write)
+
+    @classmethod
+    def new_unaligned(
+        cls, gpns: Iterable[int], offset: int, length: int, is_write: bool = True
+    ) -> OwnedRequestBuffers:
+        """``length`` bytes from ``offset`` into the pages ``gpns``."""
+        return cls(gpns, offset, length, is_write)
+
+    @classmethod
+    def linear(cls, gpa: int, length: int, is_write: bool) -> OwnedRequestBuffers:
+        """The guest physical bytes ``[gpa, gpa+length)``.
+
+        Pages are counted from ``gpa % 4096 + length`` (the reference counts from ``length``
+        alone and comes up one page short when the range straddles one more boundary):
+        ``linear(0x800, 4096)`` covers pages 0 and 1.
+        """
+        rng = PagedRange.linear(gpa, length)
+        return cls(rng.gpns, rng.offset, length, is_write)
+
+    @property
+    def gpns(self) -> tuple[int, ...]:
+        """The page list as given."""
+        return self._gpns
+
+    @property
+    def offset(self) -> int:
+        """The byte offset into the page list, as given (may exceed a page)."""
+        return self._offset
+
+    @property
+    def range(self) -> PagedRange:
+        return self._range
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    @property
+    def length(self) -> int:
+        return len(self._range)
+
+    def buffer(self, guest_memory: GuestMemory) -> RequestBuffers:
+        """A :class:`RequestBuffers` over this range of ``guest_memory``."""
+        return RequestBuffers(guest_memory, self._range, self.is_write)
+
+    def __repr__(self) -> str:
+        return (
+            f"OwnedRequestBuffers(gpns={list(self.gpns)!r}, offset={self.offset}, "
+            f"length={len(self)}, is_write={self.is_write})"
+        )
