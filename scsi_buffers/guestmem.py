@@ -307,6 +307,24 @@ class GuestMemory:
             return regions[i]
         return None
 
+    def locate(self, gpa: int, length: int) -> tuple[memoryview, int] | None:
+        """(the region's whole view, offset of ``gpa`` in it) when the range lies in one region.
+
+        For small fixed-size fields read or written on every request (a virtio-blk header, a
+        status byte): ``struct.unpack_from(view, offset)`` or ``view[offset] = byte`` then costs
+        one bisect and no new memoryview.  None when the range is unmapped or spans regions
+        (callers fall back to :meth:`views`).  The view is released if the region is removed,
+        so a racing use raises ValueError, never touches unmapped memory.
+        """
+        starts, regions = self._table
+        i = bisect.bisect_right(starts, gpa) - 1
+        if i >= 0:
+            region = regions[i]
+            off = gpa - region.gpa
+            if off + length <= region.size:
+                return region.view, off
+        return None
+
     def is_mapped(self, gpa: int, length: int) -> bool:
         """Whether every byte of ``[gpa, gpa+length)`` lies in some region.
 

@@ -18,7 +18,7 @@ from vhost.daemon import DaemonError, VhostUserDaemon
 
 from .device import BlkDevice
 from .disk import Disk, DiskError, create_image, parse_size
-from .engine import ENGINES
+from .engine import ENGINES, default_engine
 
 log = logging.getLogger("vhost-user-blk")
 
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serial", default="", help="device ID string (GET_ID), up to 20 characters")
     p.add_argument("--queue-size", type=_positive, default=1024, metavar="N",
                    help="largest virtqueue size accepted (default 1024)")
-    p.add_argument("--aio", choices=ENGINES, default="threads",
-                   help="IO engine: threads (default) or inline on the queue thread")
+    p.add_argument("--aio", choices=ENGINES, default=default_engine(),
+                   help="IO engine (default: io_uring where the kernel allows it, else threads)")
     p.add_argument("--io-threads", type=_positive, default=16, metavar="N",
                    help="IO threads per queue for --aio threads (default 16)")
     p.add_argument("--bounce-pages", type=_positive, default=2048, metavar="N",

@@ -18,9 +18,16 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from scsi_buffers import AccessError, BounceBufferTracker, GuestMemory, TrackedBounceBuffer
+from scsi_buffers import (
+    AccessError,
+    BounceBufferTracker,
+    GuestMemory,
+    IoBuffer,
+    TrackedBounceBuffer,
+)
 from scsi_buffers.buffers import LockedIoBuffers
 from vhost.device import Device, QueueHandler
 from vhost.virtqueue import DescriptorChain
@@ -201,6 +208,18 @@ class BlkQueueHandler(QueueHandler):
             return None
         return self._start(chain)
 
+    def submit_batch(self, chains: Sequence[DescriptorChain]) -> list[tuple[int, int]]:
+        """Start every chain, then hand the whole batch to the engine at once."""
+        done = []
+        for chain in chains:
+            used = self.submit(chain)
+            if used is not None:
+                done.append((chain.head, used))
+        if self.engine.batched:
+            self.engine.flush()
+            done.extend((op.ctx.head, self._finish(op)) for op in self.engine.reap())
+        return done
+
     def reap(self) -> list[tuple[int, int]]:
         done = [(op.ctx.head, self._finish(op)) for op in self.engine.reap()]
         while self.pending:
@@ -210,6 +229,8 @@ class BlkQueueHandler(QueueHandler):
                 break  # still no pages: wait for the next completion
             if used is not None:
                 done.append((chain.head, used))
+        if self.engine.batched:
+            self.engine.flush()
         return done
 
     def close(self) -> None:
@@ -321,11 +342,11 @@ class BlkQueueHandler(QueueHandler):
             locks = [b.lock(for_write=for_write) for b in layout.buffers]
             req.locks = locks
             if len(locks) == 1:
-                views = locks[0].io_vecs()
+                pieces = locks[0].io_buffers
             else:
-                views = [v for lock in locks for v in lock.io_vecs()]
-            if not self.direct or self._dio_aligned(locks):
-                op.buffers = views
+                pieces = [p for lock in locks for p in lock.io_buffers]
+            if not self.direct or self._dio_aligned(pieces):
+                op.buffers = pieces
                 req.op = op
                 return
             req.release()
@@ -338,23 +359,18 @@ class BlkQueueHandler(QueueHandler):
         req.bounce = bounce
         self.stats.bounced_requests += 1
         self.stats.bounced_bytes += req.length
-        data = bounce.buffer.as_mut_bytes()
         if not for_write:
             try:
                 bounce.buffer.gather_from(layout.buffers)
             except BaseException:
                 req.release()
                 raise
-        op.buffers = [data]
+        op.buffers = bounce.buffer.io_buffers()
         req.op = op
 
-    def _dio_aligned(self, locks: list[LockedIoBuffers]) -> bool:
+    def _dio_aligned(self, pieces: list[IoBuffer]) -> bool:
         mask = self.mem_align - 1
-        for lock in locks:
-            for buf in lock.io_buffers:
-                if (buf.address | len(buf)) & mask:
-                    return False
-        return True
+        return not any((p.address | len(p)) & mask for p in pieces)
 
     # ------------------------------------------------------------------ the other types
     def _flush(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:

@@ -65,6 +65,9 @@ def skip_start(pieces: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int
 def plan(memory: GuestMemory, pieces: Sequence[tuple[int, int]], is_write: bool) -> DataLayout:
     """Build the RequestBuffers for a request's data pieces (``is_write``: guest memory is
     written, i.e. a disk read)."""
+    if len(pieces) == 1:  # the common case: one descriptor of data
+        gpa, n = pieces[0]
+        return DataLayout([RequestBuffers(memory, PagedRange.linear(gpa, n), is_write)], n, False)
     buffers: list[RequestBuffers] = []
     bounce = False
     stream = 0  # bytes of data before the current piece
