@@ -126,12 +126,13 @@ class LockedIoBuffers:
 
     __slots__ = ("_buffers", "_closed", "_length")
 
-    def __init__(self, buffers: list[IoBuffer]) -> None:
+    def __init__(self, buffers: list[IoBuffer], length: int | None = None) -> None:
         self._buffers = buffers
-        total = 0
-        for b in buffers:
-            total += b.view.nbytes
-        self._length = total
+        if length is None:
+            length = 0
+            for b in buffers:
+                length += b.view.nbytes
+        self._length = length
         self._closed = False
 
     def _check(self) -> None:
@@ -442,15 +443,17 @@ class RequestBuffers:
         """
         if for_write and not self._is_write:
             raise AccessError.read_only()
-        pieces: list[IoBuffer] = []
         mem = self._mem
+        runs = _runs(self._range)
+        if len(runs) == 1:  # the common case; io_pieces checks everything before any view
+            gpa, n = runs[0]
+            return LockedIoBuffers(
+                [IoBuffer(v, a) for v, a in mem.io_pieces(gpa, n, for_write=for_write)], n
+            )
+        pieces: list[IoBuffer] = []
         try:
-            for gpa, n in _runs(self._range):
+            for gpa, n in runs:
                 for view, addr in mem.io_pieces(gpa, n, for_write=for_write):
-                    if not for_write and not view.readonly:
-                        ro = view.toreadonly()
-                        view.release()
-                        view = ro
                     pieces.append(IoBuffer(view, addr))
         except BaseException:
             _release_all(p.view for p in pieces)

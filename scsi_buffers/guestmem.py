@@ -124,6 +124,12 @@ class GuestRegion:
     mmap_offset: int = 0
     readonly: bool = False
     _closed: bool = field(default=False, repr=False)
+    #: A read-only twin of ``view``: pieces locked for a disk write are sliced from it, so
+    #: they cannot write guest memory and need no per-request ``toreadonly()``.
+    ro_view: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ro_view = self.view.toreadonly()
 
     @property
     def end(self) -> int:
@@ -139,6 +145,7 @@ class GuestRegion:
         if self._closed:
             return
         self._closed = True
+        self.ro_view.release()
         self.view.release()
         close = getattr(self.owner, "close", None)
         if close is None:
@@ -419,9 +426,12 @@ class GuestMemory:
         try:
             if len(pieces) == 1:
                 region, off, n = pieces[0]
-                return [(region.view[off : off + n], region.host_addr + off)]
+                view = region.view if for_write else region.ro_view
+                return [(view[off : off + n], region.host_addr + off)]
             return [
-                (region.view[off : off + n], region.host_addr + off) for region, off, n in pieces
+                ((region.view if for_write else region.ro_view)[off : off + n],
+                 region.host_addr + off)
+                for region, off, n in pieces
             ]
         except ValueError as exc:  # the region was removed and its view released meanwhile
             raise AccessError.memory(gpa, length, "was unmapped during the access") from exc

@@ -226,7 +226,8 @@ class VirtQueue:
         table = self._desc
         table_len = self.size
         unpack = DESC.unpack_from
-        is_mapped = self.memory.is_mapped
+        memory = self.memory
+        lo = hi = 0  # bounds of the region the last descriptor was found in
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         rlen = wlen = 0
@@ -245,11 +246,15 @@ class VirtQueue:
             if count > table_len:
                 raise QueueError(f"chain at head {head} loops (more than {table_len} descriptors)")
             if length:
-                if not is_mapped(addr, length):
-                    raise QueueError(
-                        f"descriptor {idx} of head {head}: buffer {addr:#x}+{length:#x} is not "
-                        "in guest memory"
-                    )
+                if not (lo <= addr and addr + length <= hi):  # most pieces share one region
+                    region = memory.region_at(addr)
+                    if region is not None and addr + length <= region.gpa + region.size:
+                        lo, hi = region.gpa, region.gpa + region.size
+                    elif not memory.is_mapped(addr, length):  # spans adjacent regions?
+                        raise QueueError(
+                            f"descriptor {idx} of head {head}: buffer {addr:#x}+{length:#x} is "
+                            "not in guest memory"
+                        )
                 if flags & VIRTQ_DESC_F_WRITE:
                     writable.append((addr, length))
                     wlen += length

@@ -1,0 +1,159 @@
+"""Guest benchmark: a Linux guest runs fio on this server and on qemu-storage-daemon, alternately.
+
+Each round boots the test guest (tests/e2e/guest.py; QEMU under TCG) once per server on the same
+image, queue count and cache mode, and runs fio 4k randread and randwrite at QD32 and 1M
+sequential read and write.  For every workload it reports the guest's IOPS and bandwidth and
+the backend process's CPU seconds (utime + stime of all its threads, /proc) per IO, for both
+servers, and the ratios -- the figures the performance targets are written in.
+
+    python -m benchmarks.guest                          # 1 queue, buffered, 1 round
+    python -m benchmarks.guest --queues 1 2 --direct --rounds 3 --runtime 5
+    python -m benchmarks.guest --json results.json --plot results.png
+
+The server's CPU is sampled when the guest announces a workload and when its result comes back,
+so boot, fio start-up and the console traffic in between cost nothing to either server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+from tests.e2e.guest import Guest, ensure_guest
+
+from .common import Measurement, cpu_seconds, make_image, print_table, rss_bytes, running_server
+from .common import write_json as write_rows
+
+log = logging.getLogger("benchmarks.guest")
+
+#: name -> (fio rw, block size, iodepth)
+WORKLOADS = {
+    "randread-4k": ("randread", "4k", 32),
+    "randwrite-4k": ("randwrite", "4k", 32),
+    "seqread-1m": ("read", "1m", 8),
+    "seqwrite-1m": ("write", "1m", 8),
+}
+
+
+def workload_script(names: list[str], runtime: float, jobs: int) -> str:
+    lines = []
+    for name in names:
+        rw, bs, depth = WORKLOADS[name]
+        fio = (f"fio --name={name} --filename=/dev/vda --rw={rw} --bs={bs} --iodepth={depth} "
+               f"--ioengine=libaio --direct=1 --runtime={runtime} --time_based "
+               f"--numjobs={jobs} --group_reporting --output-format=json")
+        if jobs > 1:
+            fio += " --cpus_allowed_policy=split --cpus_allowed=0-" + str(jobs - 1)
+        lines.append(f"marker BENCH-START {name}")
+        lines.append(f"result {name} {fio}")
+    return "\n".join(lines) + "\n"
+
+
+def run_one(server: str, image: Path, tmp: Path, queues: int, direct: bool, names: list[str],
+            runtime: float, extra: list[str]) -> list[Measurement]:
+    sock = tmp / f"{server}.sock"
+    rows = []
+    with running_server(server, image, sock, queues, direct, extra) as proc:
+        script = workload_script(names, runtime, queues)
+        timeout = 240 + len(names) * (runtime + 60)
+        with Guest(sock, script, num_queues=queues, smp=queues, timeout=timeout) as g:
+            windows = {}
+            for name in names:
+                g.wait_for(rf"^@@BENCH-START {name}$")
+                cpu0 = cpu_seconds(proc.pid)
+                g.wait_for(rf"^@@RESULT-END {name} rc=")
+                windows[name] = cpu_seconds(proc.pid) - cpu0
+            rss = rss_bytes(proc.pid)
+            result = g.wait()
+        for name in names:
+            fio = result.fio(name)
+            if fio.errors:
+                raise RuntimeError(f"{server} {name}: fio errors {fio.errors}")
+            ios = sum(j.raw[d]["total_ios"] for j in fio.jobs for d in ("read", "write"))
+            runtime_s = max(j.raw[d]["runtime"] for j in fio.jobs for d in ("read", "write"))
+            runtime_s = runtime_s / 1000 or runtime
+            cpu = windows[name]
+            rows.append(Measurement(server, name, queues, direct, fio.iops, fio.bw, cpu,
+                                    cpu / max(ios, 1) * 1e6, rss,
+                                    {"ios": ios, "runtime_s": runtime_s}))
+    return rows
+
+
+def plot(rows: list[Measurement], path: Path) -> None:
+    """Bar charts of IOPS and CPU per IO per workload, both servers side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r.workload, r.queues, r.direct) for r in rows}, key=str)
+    labels = [f"{w}\nq{q} {'dio' if d else 'buf'}" for w, q, d in keys]
+
+    def mean(server: str, attr: str, key: tuple) -> float:
+        vals = [getattr(r, attr) for r in rows if (r.workload, r.queues, r.direct) == key
+                and r.server == server]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2 * len(keys)), 4.5))
+    for ax, attr, title in ((axes[0], "ops", "IOPS (higher is better)"),
+                            (axes[1], "cpu_us_per_op", "backend CPU us per IO (lower is better)")):
+        xs = range(len(keys))
+        ax.bar([x - 0.2 for x in xs], [mean("python", attr, k) for k in keys], 0.4,
+               label="python")
+        ax.bar([x + 0.2 for x in xs], [mean("qsd", attr, k) for k in keys], 0.4,
+               label="qemu-storage-daemon")
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.guest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queues", type=int, nargs="+", default=[1])
+    p.add_argument("--direct", action="store_true", help="O_DIRECT (qsd: cache.direct=on, "
+                   "aio=native) instead of the page cache (qsd: aio=threads)")
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--runtime", type=float, default=4.0, help="seconds per fio workload")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times")
+    p.add_argument("--size", default="2G", help="image size (filled with data)")
+    p.add_argument("--dir", default=None, help="where to put the image (default: a temp dir)")
+    p.add_argument("--server-args", default="", help="extra arguments for our server")
+    p.add_argument("--json", type=Path, help="also write the measurements here")
+    p.add_argument("--plot", type=Path, help="also draw a PNG (needs matplotlib)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from virtio_blk.disk import parse_size
+
+    ensure_guest()
+    rows: list[Measurement] = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as td:
+        tmp = Path(td)
+        image = tmp / "bench.img"
+        log.info("filling a %s image in %s", args.size, tmp)
+        make_image(image, parse_size(args.size), fill=True)
+        for rnd in range(args.rounds):
+            for queues in args.queues:
+                for server in ("python", "qsd"):
+                    got = run_one(server, image, tmp, queues, args.direct, args.workloads,
+                                  args.runtime, args.server_args.split())
+                    for m in got:
+                        log.info("round %d %-6s %-13s q=%d: %8.0f IOPS %7.1f MB/s %6.1f us "
+                                 "CPU/IO", rnd + 1, server, m.workload, queues, m.ops,
+                                 m.bandwidth / 1e6, m.cpu_us_per_op)
+                    rows.extend(got)
+    print_table(rows, f"guest fio, {'O_DIRECT' if args.direct else 'buffered'} "
+                      "(ratio = python / qsd)")
+    if args.json:
+        write_rows(rows, args.json)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Attach a QEMU guest to the project's vhost-user-blk server (single queue).
+#
+#   vhost-user-blk --socket /tmp/vhost-user-blk.sock --image disk.img   # 1. the server
+#   qemu-configs/qemu-vhost-user-blk.sh                                 # 2. the guest
+#
+# Boots the e2e test guest (qemu-configs/build-guest.sh) with an interactive busybox shell
+# on this terminal (exit the shell, or Ctrl-A X, to quit); the disk is /dev/vda. To boot
+# your own OS instead, replace -kernel/-initrd/-append with its boot disk.
+# Extra arguments are appended to the QEMU command line.
+set -euo pipefail
+SOCK=${SOCK:-/tmp/vhost-user-blk.sock}
+MEM=${MEM:-1G}                          # guest RAM; vhost-user needs it shared (see README)
+ACCEL=${ACCEL:-tcg,thread=multi}        # ACCEL=kvm where KVM works
+GUEST=${GUEST:-${VUB_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-blk/guest}}
+
+exec qemu-system-x86_64 \
+    -machine q35 -accel "$ACCEL" -cpu max -smp 1 \
+    -m "$MEM" \
+    -object memory-backend-memfd,id=mem,size="$MEM",share=on \
+    -numa node,memdev=mem \
+    -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz" \
+    -append "console=ttyS0 quiet loglevel=1 panic=-1 vub.shell" \
+    -display none -nodefaults -no-reboot -serial mon:stdio \
+    -chardev socket,id=vub0,path="$SOCK" \
+    -device vhost-user-blk-pci,chardev=vub0,num-queues=1 \
+    "$@"
