@@ -235,6 +235,7 @@ class GuestMemory:
         try:
             self._insert(region)
         except ValueError:
+            region.ro_view.release()
             view.release()
             raise
         return region

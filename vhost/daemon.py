@@ -26,8 +26,9 @@ from .worker import QueueWorker
 
 log = logging.getLogger(__name__)
 
-#: How long one message may take to arrive once its first byte has.
-MESSAGE_TIMEOUT = 30.0
+#: How long one message may take to arrive once its first byte has (QEMU sends each message
+#: with one sendmsg; a peer that stalls mid-message is dropped after this).
+MESSAGE_TIMEOUT = 10.0
 
 
 class DaemonError(Exception):

@@ -41,7 +41,7 @@ from .messages import (
     u64,
     vring_state,
 )
-from .virtqueue import QueueError, RingAddresses, VirtQueue, validate_size
+from .virtqueue import QueueError, RingAddresses, VirtQueue, ring_sizes, validate_size
 from .worker import Notifier, QueueWorker
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,14 @@ class BackendHandler:
             vring.broken = True
             vring.err.signal()
             raise Refused(f"queue {vring.index} cannot start: {exc}") from exc
-        handler = self.device.create_handler(vring.index, mem.guest)
+        try:
+            handler = self.device.create_handler(vring.index, mem.guest)
+        except Exception as exc:  # e.g. no io_uring or threads left: this queue cannot run
+            log.exception("queue %d: the device could not set up its handler", vring.index)
+            vq.release()
+            vring.broken = True
+            vring.err.signal()
+            raise Refused(f"queue {vring.index} cannot start: {exc}") from exc
         worker = self.worker_factory(vq, handler, vring.kick_fd, vring.call, vring.err)
         vring.queue_handler = handler
         vring.worker = worker
@@ -328,13 +335,17 @@ class BackendHandler:
             if uaddrs == vring.ring_uaddrs:
                 return
             raise Refused(f"queue {vring.index} is running")
-        if f.desc_user_addr % 16 or f.avail_user_addr % 2 or f.used_user_addr % 4:
-            raise Refused(f"misaligned ring addresses desc {f.desc_user_addr:#x} avail "
-                          f"{f.avail_user_addr:#x} used {f.used_user_addr:#x}")
         if vring.size:
-            for addr, length in zip(uaddrs, (16 * vring.size, 6 + 2 * vring.size,
-                                             6 + 8 * vring.size), strict=True):
+            # Alignment is a rule on guest physical addresses (virtio 2.7): a region whose mmap
+            # offset is not 16-byte aligned puts an aligned ring at an unaligned frontend
+            # address, so translate first and check the result.
+            gpas = [
                 self.memory.uva_to_gpa(addr, length)
+                for addr, length in zip(uaddrs, ring_sizes(vring.size), strict=True)
+            ]
+            if gpas[0] % 16 or gpas[1] % 2 or gpas[2] % 4:
+                raise Refused(f"misaligned ring addresses desc {gpas[0]:#x} avail "
+                              f"{gpas[1]:#x} used {gpas[2]:#x}")
         vring.ring_uaddrs = uaddrs
         vring.broken = False
 

@@ -84,8 +84,15 @@ class MemoryTable:
                 gpa, mm, size=size, offset=delta, userspace_addr=uaddr, mmap_offset=offset
             )
         except ValueError as exc:
+            why = str(exc)
+        # Unmapped only here, once the exception is gone: its traceback keeps the half-built
+        # region, and any view it made of ``mm``, alive -- closing inside ``except`` can fail
+        # with BufferError.  If a view still lingers, the mapping goes with its last view.
+        try:
             mm.close()
-            raise MemoryTableError(str(exc)) from exc
+        except BufferError:
+            log.debug("region gpa %#x: mapping still viewed; unmapped when the last view goes", gpa)
+        raise MemoryTableError(why)
 
     def set_table(self, regions: Sequence[Any], fds: Sequence[int]) -> None:
         """Replace the whole table (SET_MEM_TABLE).  All or nothing: on error the old one stays.

@@ -144,8 +144,12 @@ class QueueWorker:
         except Exception:
             log.exception("queue %d: worker failed; the queue is stopped", vq.index)
             vq.broken = True
+            if self.err is not None:
+                self.err.signal()
+            # Chains popped but never accepted by the failed device will not complete: waiting
+            # drain_timeout for them would only stall GET_VRING_BASE and disconnects.
             with contextlib.suppress(Exception):
-                self._finish(ep)
+                self._finish(ep, timeout=0.0)
         finally:
             ep.close()
 
@@ -182,18 +186,20 @@ class QueueWorker:
         if self.err is not None:
             self.err.signal()
 
-    def _finish(self, ep: select.epoll) -> None:
-        """Wait for in-flight requests, publish them, signal the driver."""
+    def _finish(self, ep: select.epoll, timeout: float | None = None) -> None:
+        """Wait for in-flight requests (``timeout``, default drain_timeout), publish them,
+        signal the driver."""
         vq = self.vq
         for fd in (self.kick_fd, self._wake_fd):  # only completions matter now
             with contextlib.suppress(OSError):
                 ep.unregister(fd)
-        deadline = time.monotonic() + self.drain_timeout
+        timeout = self.drain_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while vq.in_flight_count:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 log.error("queue %d: %d requests still in flight after %.0f s; abandoning them",
-                          vq.index, vq.in_flight_count, self.drain_timeout)
+                          vq.index, vq.in_flight_count, timeout)
                 break
             for head, used in self.handler.reap():
                 vq.add_used(head, used)

@@ -1,0 +1,102 @@
+"""Fixtures for the end-to-end tests: this project's server as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.guest import ensure_guest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Server:
+    """``python -m virtio_blk`` on a fresh image, started and stopped like a user would."""
+
+    def __init__(self, workdir: Path, *args: str, size: str = "1G",
+                 image: Path | None = None) -> None:
+        self.workdir = workdir
+        self.sock = workdir / "vub.sock"
+        self.image = image or workdir / "disk.img"
+        self.log_path = workdir / "server.log"
+        self.args = list(args)
+        self.size = size
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Server:
+        cmd = [sys.executable, "-m", "virtio_blk", "--socket", str(self.sock),
+               "--image", str(self.image), "--create", self.size, *self.args]
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
+            if self.sock.exists():
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(str(self.sock))
+                    probe.close()
+                    return self
+                except OSError:
+                    probe.close()
+            time.sleep(0.05)
+        raise AssertionError(f"server did not listen within 30 s:\n{self.log}")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int:
+        """SIGTERM, as a service manager would; the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"server ignored SIGTERM for 30 s:\n{self.log}") from None
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    """Build (or reuse) the test guest once per session."""
+    return ensure_guest()
+
+
+@pytest.fixture
+def server(tmp_path: Path, guest_image: Path) -> Iterator:
+    """server(*args, size=...) starts our server; each is stopped (and must exit 0) after."""
+    started: list[Server] = []
+
+    def start(*args: str, size: str = "1G") -> Server:
+        srv = Server(tmp_path, *args, size=size).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        if srv.alive:
+            rc = srv.stop()
+            assert rc == 0, f"server exited with {rc}:\n{srv.log}"
+
+
+def image_bytes(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as f:
+        return os.pread(f.fileno(), length, offset)
