@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 from scsi_buffers import (
     AccessError,
@@ -55,6 +55,9 @@ from .request import (
 log = logging.getLogger(__name__)
 
 WRITEBACK_OFFSET = 32  # of the writeback byte in the config space
+#: Largest DISCARD/WRITE_ZEROES payload read (4096 segments; we accept 1): a bigger one is IOERR
+#: without copying it, whatever flags its segments carry.
+MAX_SEGMENT_PAYLOAD = 64 * 1024
 
 
 @dataclass
@@ -75,23 +78,48 @@ class BlkStats:
     deferred: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
-    per_queue: collections.Counter = field(default_factory=collections.Counter)
 
 
-class BlkRequest:
-    """A request in flight: where its status goes and what to release when it is done."""
 
-    __slots__ = ("bounce", "head", "layout", "length", "locks", "op", "sector", "status_gpa")
+class StatsTotals:
+    """Live totals of per-queue :class:`BlkStats` (read any counter by name)."""
 
-    def __init__(self, head: int, status_gpa: int, sector: int, length: int) -> None:
+    def __init__(self, parts: list[BlkStats]) -> None:
+        self._parts = parts
+
+    def __getattr__(self, name: str) -> int:
+        if name.startswith("_") or name not in _STAT_NAMES:
+            raise AttributeError(name)
+        return sum(getattr(p, name) for p in self._parts)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in _STAT_NAMES}
+
+    def __repr__(self) -> str:
+        return f"StatsTotals({self.as_dict()})"
+
+
+_STAT_NAMES = frozenset(f.name for f in fields(BlkStats))
+
+
+class BlkRequest(IoOp):
+    """A request in flight: its disk operation, where its status goes, what to release after.
+
+    One object per request (the engine's op *is* the request) keeps the hot path to a single
+    allocation.
+    """
+
+    __slots__ = ("bounce", "head", "layout", "locks", "sector", "status_gpa")
+
+    def __init__(self, kind: OpKind, head: int, status_gpa: int, sector: int,
+                 length: int) -> None:
+        super().__init__(kind, sector << SECTOR_SHIFT, None, length)
         self.head = head
         self.status_gpa = status_gpa
         self.sector = sector
-        self.length = length
         self.locks: list[LockedIoBuffers] = []
         self.bounce: TrackedBounceBuffer | None = None
         self.layout: DataLayout | None = None
-        self.op: IoOp | None = None
 
     def release(self) -> None:
         for lock in self.locks:
@@ -128,17 +156,25 @@ class BlkDevice(Device):
         self.serial = serial
         self.engine_kind = engine
         self.io_threads = io_threads
+        seg_max, size_max = 126, 1 << 20
         self.limits = Limits(
             capacity=info.size >> SECTOR_SHIFT,
             logical_block_size=info.logical_block_size,
             read_only=info.read_only,
-            max_transfer=min(4 << 20, bounce_pages * 4096),
+            seg_max=seg_max,
+            size_max=size_max,
+            # What the advertised seg_max x size_max lets a driver send (Linux does when its
+            # max_sectors_kb is raised).  Not tied to the bounce budget: only a request that
+            # must be bounced needs to fit it (IOERR in _attach_buffers otherwise).
+            max_transfer=seg_max * size_max,
         )
         self.tracker = BounceBufferTracker(bounce_pages, threads=num_queues)
         self.default_writeback = writeback
         self.writeback = writeback
         self.acked = 0
-        self.stats = BlkStats()
+        # One counter set per queue: each is only written by its queue's worker thread.
+        self.queue_stats = [BlkStats() for _ in range(num_queues)]
+        self.stats = StatsTotals(self.queue_stats)
 
     # ------------------------------------------------------------------ Device interface
     def features(self) -> int:
@@ -170,8 +206,9 @@ class BlkDevice(Device):
 
     def set_features(self, features: int) -> None:
         self.acked = features
-        if not features & (BlkFeature.FLUSH | BlkFeature.CONFIG_WCE):
-            # A driver that cannot flush gets every write made stable before completion.
+        if not features & BlkFeature.FLUSH:
+            # A driver that cannot flush gets every write made stable before completion (and
+            # with CONFIG_WCE but not FLUSH, writeback MUST start at 0: virtio 1.2 5.2.5.1).
             self.writeback = False
 
     def create_handler(self, queue_index: int, memory: GuestMemory) -> QueueHandler:
@@ -194,7 +231,7 @@ class BlkQueueHandler(QueueHandler):
         self.index = index
         self.memory = memory
         self.limits = device.limits
-        self.stats = device.stats
+        self.stats = device.queue_stats[index]
         self.direct = device.disk.info.direct
         self.mem_align = device.disk.info.mem_align
         self.engine = make_engine(device.engine_kind, device.disk, index, device.io_threads)
@@ -204,6 +241,8 @@ class BlkQueueHandler(QueueHandler):
     # ------------------------------------------------------------------ QueueHandler
     def submit(self, chain: DescriptorChain) -> int | None:
         if self.pending:  # keep arrival order behind requests waiting for bounce pages
+            self.stats.requests += 1  # _start(retry=True) will not count it
+            self.stats.deferred += 1
             self.pending.append(chain)
             return None
         return self._start(chain)
@@ -217,11 +256,11 @@ class BlkQueueHandler(QueueHandler):
                 done.append((chain.head, used))
         if self.engine.batched:
             self.engine.flush()
-            done.extend((op.ctx.head, self._finish(op)) for op in self.engine.reap())
+            done.extend((req.head, self._finish(req)) for req in self.engine.reap())
         return done
 
     def reap(self) -> list[tuple[int, int]]:
-        done = [(op.ctx.head, self._finish(op)) for op in self.engine.reap()]
+        done = [(req.head, self._finish(req)) for req in self.engine.reap()]
         while self.pending:
             chain = self.pending.popleft()
             used = self._start(chain, retry=True)
@@ -286,6 +325,13 @@ class BlkQueueHandler(QueueHandler):
         return self._put_status(status_gpa, status, 1)
 
     def _put_status(self, status_gpa: int, status: int, used: int) -> int:
+        where = self.memory.locate(status_gpa, 1)
+        if where is not None:
+            try:
+                where[0][where[1]] = status
+                return used
+            except (ValueError, TypeError):  # region removed meanwhile, or read-only
+                pass
         try:
             self.memory.write(status_gpa, bytes((status,)))
         except AccessError as exc:  # memory went away under the request: nothing to report to
@@ -297,10 +343,17 @@ class BlkQueueHandler(QueueHandler):
         if chain.readable_len < HEADER_SIZE:
             raise RequestError(Status.IOERR, f"header of {chain.readable_len} bytes")
         gpa, n = chain.readable[0]
-        if n >= HEADER_SIZE:
-            raw = self.memory.read(gpa, HEADER_SIZE)
-        else:  # a header split over descriptors: gather it
-            raw = b"".join(self.memory.read(a, n) for a, n in chain.readable)[:HEADER_SIZE]
+        where = self.memory.locate(gpa, HEADER_SIZE) if n >= HEADER_SIZE else None
+        try:
+            if where is not None:
+                req_type, _, sector = HEADER.unpack_from(where[0], where[1])
+                return req_type & ~T_BARRIER, sector
+        except ValueError:  # region removed meanwhile: take the checked path below
+            pass
+        # A header split over descriptors (or a racing memory change): gather it.
+        # Only the header's bytes: the pieces after it may hold gigabytes of data.
+        head = trim_end(chain.readable, chain.readable_len - HEADER_SIZE)
+        raw = b"".join(self.memory.read(a, n) for a, n in head)
         req_type, _, sector = HEADER.unpack(raw)
         return req_type & ~T_BARRIER, sector
 
@@ -313,10 +366,9 @@ class BlkQueueHandler(QueueHandler):
         if length == 0:
             return self._put_status(status_gpa, Status.OK, 1)
         layout = plan(self.memory, trim_end(chain.writable, 1), is_write=True)
-        req = BlkRequest(chain.head, status_gpa, sector, length)
-        op = IoOp(OpKind.READ, sector << SECTOR_SHIFT, None, length, req)
-        self._attach_buffers(req, op, layout, for_write=True)
-        return self._submit(op)
+        req = BlkRequest(OpKind.READ, chain.head, status_gpa, sector, length)
+        self._attach_buffers(req, layout, for_write=True)
+        return self._submit(req)
 
     def _write(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:
         if self.limits.read_only:
@@ -328,14 +380,12 @@ class BlkQueueHandler(QueueHandler):
         if length == 0:
             return self._put_status(status_gpa, Status.OK, 1)
         layout = plan(self.memory, skip_start(chain.readable, HEADER_SIZE), is_write=False)
-        req = BlkRequest(chain.head, status_gpa, sector, length)
-        op = IoOp(OpKind.WRITE, sector << SECTOR_SHIFT, None, length, req)
-        op.sync = not self.device.writeback
-        self._attach_buffers(req, op, layout, for_write=False)
-        return self._submit(op)
+        req = BlkRequest(OpKind.WRITE, chain.head, status_gpa, sector, length)
+        req.sync = not self.device.writeback
+        self._attach_buffers(req, layout, for_write=False)
+        return self._submit(req)
 
-    def _attach_buffers(self, req: BlkRequest, op: IoOp, layout: DataLayout,
-                        for_write: bool) -> None:
+    def _attach_buffers(self, req: BlkRequest, layout: DataLayout, for_write: bool) -> None:
         """Zero-copy when the pieces allow it, else a bounce buffer (gathered now for writes)."""
         req.layout = layout
         if not layout.bounce:
@@ -346,8 +396,7 @@ class BlkQueueHandler(QueueHandler):
             else:
                 pieces = [p for lock in locks for p in lock.io_buffers]
             if not self.direct or self._dio_aligned(pieces):
-                op.buffers = pieces
-                req.op = op
+                req.buffers = pieces
                 return
             req.release()
         try:
@@ -365,8 +414,7 @@ class BlkQueueHandler(QueueHandler):
             except BaseException:
                 req.release()
                 raise
-        op.buffers = bounce.buffer.io_buffers()
-        req.op = op
+        req.buffers = bounce.buffer.io_buffers()
 
     def _dio_aligned(self, pieces: list[IoBuffer]) -> bool:
         mask = self.mem_align - 1
@@ -377,8 +425,7 @@ class BlkQueueHandler(QueueHandler):
         if sector != 0 or chain.readable_len != HEADER_SIZE or chain.writable_len != 1:
             # The spec makes these driver errors; IOERR is its status for driver errors.
             raise RequestError(Status.IOERR, "FLUSH with a sector or with data")
-        req = BlkRequest(chain.head, status_gpa, 0, 0)
-        return self._submit(IoOp(OpKind.FLUSH, 0, None, 0, req))
+        return self._submit(BlkRequest(OpKind.FLUSH, chain.head, status_gpa, 0, 0))
 
     def _get_id(self, chain: DescriptorChain, status_gpa: int) -> int:
         if chain.readable_len != HEADER_SIZE:
@@ -401,29 +448,31 @@ class BlkQueueHandler(QueueHandler):
             raise RequestError(Status.IOERR, f"{req_type.name} on a read-only disk")
         if chain.writable_len != 1:
             raise RequestError(Status.IOERR, f"{req_type.name} with writable data")
+        if chain.readable_len - HEADER_SIZE > MAX_SEGMENT_PAYLOAD:  # never copy gigabytes
+            raise RequestError(Status.IOERR, f"{req_type.name} payload of "
+                               f"{chain.readable_len - HEADER_SIZE} bytes")
         pieces = skip_start(chain.readable, HEADER_SIZE)
         data = b"".join(self.memory.read(a, n) for a, n in pieces)
         segments = parse_segments(req_type, data, self.limits)
         kind = OpKind.DISCARD if req_type == ReqType.DISCARD else OpKind.WRITE_ZEROES
-        req = BlkRequest(chain.head, status_gpa, segments[0].offset >> SECTOR_SHIFT, 0)
-        op = IoOp(kind, 0, None, 0, req)
-        op.segments = segments
-        op.sync = not self.device.writeback
-        return self._submit(op)
+        req = BlkRequest(kind, chain.head, status_gpa, segments[0].offset >> SECTOR_SHIFT, 0)
+        req.offset = 0
+        req.segments = segments
+        req.sync = not self.device.writeback
+        return self._submit(req)
 
     # ------------------------------------------------------------------ completion
-    def _submit(self, op: IoOp) -> int | None:
-        if self.engine.submit(op):
-            return self._finish(op)
+    def _submit(self, req: BlkRequest) -> int | None:
+        if self.engine.submit(req):
+            return self._finish(req)
         return None
 
-    def _finish(self, op: IoOp) -> int:
-        req: BlkRequest = op.ctx
-        result = op.result
-        kind = op.kind
+    def _finish(self, req: BlkRequest) -> int:
+        result = req.result
+        kind = req.kind
         stats = self.stats
         ok = not isinstance(result, BaseException) and (
-            kind not in (OpKind.READ, OpKind.WRITE) or result == op.length
+            kind not in (OpKind.READ, OpKind.WRITE) or result == req.length
         )
         used = 1
         try:
@@ -453,6 +502,6 @@ class BlkQueueHandler(QueueHandler):
                 stats.write_zeroes += 1
             return self._put_status(req.status_gpa, Status.OK, used)
         stats.errors += 1
-        why = result if isinstance(result, BaseException) else f"{result} of {op.length} bytes"
+        why = result if isinstance(result, BaseException) else f"{result} of {req.length} bytes"
         log.error("queue %d: %s at sector %d failed: %s", self.index, kind.name, req.sector, why)
         return self._put_status(req.status_gpa, Status.IOERR, 1)

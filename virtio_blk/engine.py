@@ -12,8 +12,9 @@ guest: the buffers they get are host memoryviews (guest memory or a bounce buffe
   flight per queue (what O_DIRECT needs for queue depth).  ``preadv``/``pwritev`` release the GIL,
   so the threads overlap their IO.
 * ``io_uring``: a ring per queue (:mod:`.uring`); a whole drained batch of requests goes to the
-  kernel with one ``io_uring_enter``, page-cached IO completes inside that call, and only truly
-  asynchronous completions wake the worker.  Many requests in flight, no thread hand-offs.
+  kernel with one ``io_uring_enter``, page-cached IO completes inside that call and is reaped at
+  once, the rest wakes the worker through the ring's eventfd.  Many requests in flight, no
+  thread hand-offs.
 
 Engines with ``batched = True`` only queue in ``submit``; the caller ends a batch with
 ``flush()`` and then collects with ``reap()`` whatever already finished.
@@ -198,7 +199,7 @@ class UringEngine(Engine):
         self.ring = Uring(entries)
         try:
             self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.ring.register_eventfd_async(self.completion_fd)
+            self.ring.register_eventfd(self.completion_fd)
         except BaseException:
             self.ring.close()
             raise

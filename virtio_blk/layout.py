@@ -38,6 +38,8 @@ class DataLayout:
 
 def trim_end(pieces: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     """``pieces`` without their last ``n`` bytes (the status byte after an IN's data)."""
+    if pieces and pieces[-1][1] == n:  # the usual layout: the status has its own descriptor
+        return list(pieces[:-1])
     out = list(pieces)
     while n and out:
         gpa, length = out[-1]
@@ -52,6 +54,8 @@ def trim_end(pieces: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]
 
 def skip_start(pieces: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     """``pieces`` without their first ``n`` bytes (the header before an OUT's data)."""
+    if pieces and pieces[0][1] == n:  # the usual layout: the header has its own descriptor
+        return list(pieces[1:])
     out = []
     for gpa, length in pieces:
         if n >= length:

@@ -3,9 +3,8 @@
 Why in-tree: the PyPI bindings are either unmaintained or do not build here, and the part we need
 is small -- set up a ring, put READ/WRITE/READV/WRITEV/FSYNC entries in the submission queue,
 submit a whole batch with one ``io_uring_enter``, read completions straight from the shared
-completion ring.  Page-cached IO completes during ``io_uring_enter`` itself; an eventfd registered
-with ``IORING_REGISTER_EVENTFD_ASYNC`` wakes the queue worker only for completions that really
-went asynchronous, so the fast case costs one syscall per batch and no wake-ups.
+completion ring.  Page-cached IO completes during ``io_uring_enter`` itself and is reaped right
+after it; an eventfd registered with the ring wakes the queue worker for the rest (O_DIRECT).
 
 Ring indices are 32-bit values shared with the kernel; each is read and written with one aligned
 32-bit access through a ``cast('I')`` memoryview (x86 keeps these ordered; the kernel side uses
@@ -33,7 +32,7 @@ IORING_OFF_CQ_RING = 0x8000000
 IORING_OFF_SQES = 0x10000000
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
-IORING_REGISTER_EVENTFD_ASYNC = 7
+IORING_REGISTER_EVENTFD = 4
 IORING_FSYNC_DATASYNC = 1
 
 OP_READV = 1
@@ -156,10 +155,16 @@ class Uring:
         cq32[self._cq_head] = head
         return out
 
-    def register_eventfd_async(self, efd: int) -> None:
+    def register_eventfd(self, efd: int) -> None:
+        """Signal ``efd`` whenever a completion is posted.
+
+        Not ``IORING_REGISTER_EVENTFD_ASYNC``: that only signals completions posted by io-wq
+        workers, and O_DIRECT completions arrive through task work instead -- they would never
+        wake the queue.
+        """
         arg = ctypes.c_int(efd)
-        _check(_syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_EVENTFD_ASYNC,
-                        ctypes.byref(arg), 1), "io_uring_register(EVENTFD_ASYNC)")
+        _check(_syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_EVENTFD,
+                        ctypes.byref(arg), 1), "io_uring_register(EVENTFD)")
 
     def close(self) -> None:
         if self.fd < 0:

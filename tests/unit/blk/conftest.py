@@ -1,0 +1,160 @@
+"""Fixtures for the virtio-blk tests: a BlkDevice on a temp image, served and connected."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.blk_driver import BlkDriver
+from tests.conftest import RunningDaemon
+from vhost.frontend import DriverQueue, Frontend, FrontendMemory
+from vhost.messages import Request
+from virtio_blk.device import BlkDevice
+from virtio_blk.disk import Disk
+
+MiB = 1 << 20
+ENGINES = ("inline", "threads", "io_uring")
+
+
+@dataclass
+class BlkEnv:
+    """One device on one image, served by a daemon and driven by a connected frontend."""
+
+    image: Path
+    disk: Disk
+    device: BlkDevice
+    daemon: RunningDaemon
+    frontend: Frontend
+    mem: FrontendMemory
+    queue: DriverQueue
+    drv: BlkDriver
+
+    def file(self, offset: int, length: int) -> bytes:
+        """The image's bytes as another opener of the file sees them."""
+        fd = os.open(self.image, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def put(self, offset: int, data: bytes) -> None:
+        """Write the image behind the device's back."""
+        fd = os.open(self.image, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+
+MakeBlk = Callable[..., BlkEnv]
+
+
+def make_image(path: Path, size: int, seed: int | None = 1) -> bytes:
+    """A sparse ``size``-byte image; filled with seeded random bytes unless ``seed`` is None.
+    Returns what the image holds."""
+    with open(path, "wb") as f:
+        if seed is None:
+            os.truncate(f.fileno(), size)
+            return bytes(size)
+        data = random.Random(seed).randbytes(size)
+        f.write(data)
+        return data
+
+
+@pytest.fixture
+def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
+    """``make_blk(**options)`` -> a connected :class:`BlkEnv`; everything is torn down after
+    the test (frontend, daemon, guest memory, disk, in that order)."""
+    cleanups: list[Callable[[], None]] = []
+    counter = iter(range(1000))
+
+    def make(*, size: int = MiB, seed: int | None = 1, engine: str = "threads",
+             read_only: bool = False, direct: bool = False, lbs: int = 512,
+             bounce_pages: int = 2048, serial: str = "", io_threads: int = 4,
+             writeback: bool = True, num_queues: int = 1,
+             mem_layout: Sequence[tuple[int, int, int]] = ((0, 32 * MiB, 0),),
+             drop_features: int = 0, queue_size: int = 128,
+             image: Path | None = None) -> BlkEnv:
+        n = next(counter)
+        if image is None:
+            image = tmp_path / f"disk{n}.img"
+            make_image(image, size, seed)
+        disk = Disk(image, read_only=read_only, direct=direct, logical_block_size=lbs)
+        cleanups.append(disk.close)
+        device = BlkDevice(disk, num_queues=num_queues, serial=serial, engine=engine,
+                           io_threads=io_threads, bounce_pages=bounce_pages,
+                           writeback=writeback)
+        daemon = RunningDaemon(device, tmp_path / f"blk{n}.sock")
+        cleanups.append(daemon.stop)
+        mem = FrontendMemory(mem_layout)
+        cleanups.append(mem.close)
+        fe = Frontend(daemon.path, timeout=10.0)
+        cleanups.append(fe.close)
+        fe.negotiate(fe.get_u64(Request.GET_FEATURES) & ~int(drop_features) if drop_features
+                     else None)
+        fe.set_mem_table(mem)
+        q = fe.setup_queue(0, size=queue_size)
+        drv = BlkDriver(fe, q, mem)
+        return BlkEnv(image, disk, device, daemon, fe, mem, q, drv)
+
+    yield make
+    errors = []
+    for cleanup in reversed(cleanups):
+        try:
+            cleanup()
+        except Exception as exc:  # keep tearing down; report at the end
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def blk(make_blk: MakeBlk) -> BlkEnv:
+    """The default device: 1 MiB random image, threads engine, 512-byte blocks."""
+    return make_blk()
+
+
+def uring_engine(env: BlkEnv, queue: int = 0):
+    """The io_uring engine serving ``queue`` of a running device."""
+    handler = env.daemon.daemon.handler
+    assert handler is not None
+    engine = handler.vrings[queue].queue_handler.engine
+    assert engine.name == "io_uring"
+    return engine
+
+
+def inject_uring_results(monkeypatch: pytest.MonkeyPatch, engine, kind, result) -> None:
+    """Make the kernel's answer for every op of ``kind`` be ``result(op, res)``.
+
+    io_uring does its IO in the kernel, so errors are injected where its completions are read.
+    """
+    real = engine.ring.reap
+
+    def reap() -> list[tuple[int, int]]:
+        out = []
+        for ud, res in real():
+            op = engine._ops.get(ud)
+            out.append((ud, result(op, res) if op is not None and op.kind == kind else res))
+        return out
+
+    monkeypatch.setattr(engine.ring, "reap", reap)
+
+
+@pytest.fixture
+def fdatasync_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every fd os.fdatasync is called on (the call still happens)."""
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    return calls
+
