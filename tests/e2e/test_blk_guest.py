@@ -224,3 +224,16 @@ def test_survives_qemu_killed_mid_io(server) -> None:
     check_fio(res, "after")
     assert srv.alive
     assert srv.log.count("frontend connected") >= 2
+
+
+def test_direct_io_verify(server) -> None:
+    """O_DIRECT image (--direct, the io_uring engine): verify with sub-page guest buffers."""
+    srv = server("--direct")
+    script = (f"result dverify {FIO} --name=dverify --rw=randwrite --bsrange=512-64k "
+              "--iomem_align=512 --verify=crc32c --verify_fatal=1 --do_verify=1 --size=32M "
+              "--iodepth=16\n"
+              + fio_job("drandread", "randread", "4k", 32))
+    res = run_guest(srv.sock, script, timeout=400)
+    check_fio(res, "dverify")
+    check_fio(res, "drandread")
+    assert "O_DIRECT" in srv.log and "aio=io_uring" in srv.log, srv.log
