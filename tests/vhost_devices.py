@@ -105,3 +105,14 @@ class EchoDevice(Device):
 
     def reset(self) -> None:
         self.resets += 1
+
+
+def serve_echo(path: str, delay: float, num_queues: int = 1) -> None:
+    """Serve an asynchronous EchoDevice on ``path`` until killed (crash-recovery tests)."""
+    import logging
+
+    from vhost.daemon import VhostUserDaemon
+
+    logging.basicConfig(level=logging.INFO)
+    daemon = VhostUserDaemon(EchoDevice(num_queues, asynchronous=True, delay=delay), path)
+    daemon.serve_forever()

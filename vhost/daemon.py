@@ -182,8 +182,12 @@ class VhostUserDaemon:
             log.debug("<- %s flags %#x size %d fds %d", message.name, message.flags,
                       len(message.payload), len(fds))
             result = self.handler.handle(message, fds)
-            if result.reply is not None:
-                send_message(self._conn, result.reply, result.reply_fds)
+            try:
+                if result.reply is not None:
+                    send_message(self._conn, result.reply, result.reply_fds)
+            finally:
+                for fd in result.reply_fds:  # the peer has its own copies now
+                    os.close(fd)
             if result.disconnect:
                 self._drop_connection("protocol error")
         except ConnectionClosed as exc:

@@ -399,6 +399,44 @@ class Frontend:
             self.checked(Request.SET_VRING_ENABLE, m.vring_state(index, 1))
         return q
 
+    def restart_queue(self, q: DriverQueue, base: int, enable: bool = True) -> None:
+        """Hand an existing ring to the backend again (after a reconnect), from avail ``base``.
+
+        What QEMU does when a backend comes back: the rings stay where they are in guest memory
+        and keep their contents; only the backend's state is set up again.
+        """
+        assert self.memory is not None, "set_mem_table first"
+        self.queues[q.index] = q
+        self.checked(Request.SET_VRING_NUM, m.vring_state(q.index, q.size))
+        self.checked(Request.SET_VRING_BASE, m.vring_state(q.index, base))
+        self.set_vring_addr(q.index, self.memory.uaddr(q.desc), self.memory.uaddr(q.avail),
+                            self.memory.uaddr(q.used))
+        self.checked(Request.SET_VRING_CALL, m.u64(q.index), [q.call_fd])
+        self.checked(Request.SET_VRING_ERR, m.u64(q.index), [q.err_fd])
+        self.checked(Request.SET_VRING_KICK, m.u64(q.index), [q.kick_fd])
+        if enable and self.features & VirtioFeature.PROTOCOL_FEATURES:
+            self.checked(Request.SET_VRING_ENABLE, m.vring_state(q.index, 1))
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        """GET_INFLIGHT_FD: (memfd, mmap_size) of the area the backend made."""
+        self.send(Request.GET_INFLIGHT_FD, m.inflight(0, 0, num_queues, queue_size))
+        data, ancdata, _, _ = self.sock.recvmsg(m.HEADER_SIZE + m.INFLIGHT_SIZE,
+                                                socket.CMSG_SPACE(4))
+        fds = [int.from_bytes(d[:4], "little") for lvl, typ, d in ancdata
+               if lvl == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS]
+        request, _, size = m.HEADER.unpack_from(data)
+        if request != Request.GET_INFLIGHT_FD or size != m.INFLIGHT_SIZE or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise FrontendError(f"bad GET_INFLIGHT_FD reply: {request} size {size} "
+                                f"{len(fds)} fds")
+        fields = m.Inflight.parse(data[m.HEADER_SIZE:])
+        return fds[0], fields.mmap_size
+
+    def set_inflight_fd(self, fd: int, mmap_size: int, num_queues: int, queue_size: int) -> None:
+        self.checked(Request.SET_INFLIGHT_FD, m.inflight(mmap_size, 0, num_queues, queue_size),
+                     [fd])
+
     def set_vring_addr(self, index: int, desc: int, avail: int, used: int,
                        flags: int = 0) -> int | None:
         payload = m.VringAddr.build({"index": index, "flags": flags, "desc_user_addr": desc,
@@ -426,9 +464,12 @@ class Frontend:
             q.kick()
         return head
 
-    def close(self) -> None:
+    def close(self, queues: bool = True) -> None:
+        """Hang up; ``queues=False`` keeps the rings (a frontend waiting for a backend to
+        come back, as QEMU with ``reconnect=1`` does)."""
         with contextlib.suppress(OSError):
             self.sock.close()
-        for q in self.queues.values():
-            q.close()
+        if queues:
+            for q in self.queues.values():
+                q.close()
         self.queues.clear()

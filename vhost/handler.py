@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .device import RING_FEATURES, Device, QueueHandler
+from .inflight import InflightArea, InflightError, create_area
 from .memory import MemoryTable, MemoryTableError
 from .messages import (
     MAX_CONFIG_SIZE,
@@ -41,6 +42,9 @@ from .messages import (
     u64,
     vring_state,
 )
+from .messages import (
+    inflight as inflight_payload,
+)
 from .virtqueue import QueueError, RingAddresses, VirtQueue, ring_sizes, validate_size
 from .worker import Notifier, QueueWorker
 
@@ -54,6 +58,7 @@ LIBRARY_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
+    | ProtocolFeature.INFLIGHT_SHMFD
 )
 
 WorkerFactory = Callable[..., QueueWorker]
@@ -68,6 +73,7 @@ class HandlerResult:
     """What the connection must do after a message."""
 
     reply: bytes | None = None
+    #: fds to send with the reply; the connection closes them once sent.
     reply_fds: list[int] = field(default_factory=list)
     disconnect: bool = False
 
@@ -117,6 +123,7 @@ class BackendHandler:
         self.owner = False
         self.status = 0
         self.backend_req_fd: int | None = None
+        self.inflight: InflightArea | None = None
         self.refused = 0
 
     # ------------------------------------------------------------------ entry point
@@ -132,6 +139,8 @@ class BackendHandler:
             payload = method(message, fds)
         except (Refused, MemoryTableError, QueueError) as exc:
             return self._refuse(message, spec, str(exc))
+        if isinstance(payload, HandlerResult):  # a reply that carries fds
+            return payload
         if spec.reply:
             return HandlerResult(reply=encode_reply(message.request, payload or b""))
         return self._ack(message, 0)
@@ -186,9 +195,11 @@ class BackendHandler:
                 mem.uva_to_gpa(avail, 6 + 2 * vring.size),
                 mem.uva_to_gpa(used, 6 + 8 * vring.size),
             )
+            tracker = (self.inflight.queue(vring.index, vring.size)
+                       if self.inflight is not None else None)
             vq = VirtQueue(mem.guest, vring.size, addrs, self.acked_features, vring.base,
-                           index=vring.index)
-        except (QueueError, MemoryTableError) as exc:
+                           index=vring.index, inflight=tracker)
+        except (QueueError, MemoryTableError, InflightError) as exc:
             vring.broken = True
             vring.err.signal()
             raise Refused(f"queue {vring.index} cannot start: {exc}") from exc
@@ -236,6 +247,9 @@ class BackendHandler:
         if self.backend_req_fd is not None:
             os.close(self.backend_req_fd)
             self.backend_req_fd = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         self.memory.close()
         self.device.reset()
 
@@ -412,9 +426,37 @@ class BackendHandler:
         except ValueError as exc:
             raise Refused(str(exc)) from exc
 
-    # ------------------------------------------------------------------ inflight (not offered yet)
-    def _on_get_inflight_fd(self, message: Message, fds: list[int]) -> bytes:
-        raise Refused("INFLIGHT_SHMFD was not negotiated")
+    # ------------------------------------------------------------------ inflight tracking
+    def _check_inflight(self, message: Message) -> None:
+        if not self.acked_protocol & ProtocolFeature.INFLIGHT_SHMFD:
+            raise Refused("INFLIGHT_SHMFD was not negotiated")
+        f = message.fields
+        if not 1 <= f.num_queues <= len(self.vrings):
+            raise Refused(f"inflight area for {f.num_queues} queues; the device has "
+                          f"{len(self.vrings)}")
+        try:
+            validate_size(f.queue_size)
+        except QueueError as exc:
+            raise Refused(str(exc)) from exc
+
+    def _on_get_inflight_fd(self, message: Message, fds: list[int]) -> HandlerResult:
+        # QEMU insists on a reply of this request's own shape with one fd (the spec says
+        # "N/A"); a zero mmap_size would switch tracking off.
+        self._check_inflight(message)
+        f = message.fields
+        fd, size = create_area(f.num_queues, f.queue_size)
+        payload = inflight_payload(size, 0, f.num_queues, f.queue_size)
+        return HandlerResult(reply=encode_reply(message.request, payload), reply_fds=[fd])
 
     def _on_set_inflight_fd(self, message: Message, fds: list[int]) -> None:
-        raise Refused("INFLIGHT_SHMFD was not negotiated")
+        # Never cleared here: it holds what a previous backend process left in flight.
+        self._check_inflight(message)
+        f = message.fields
+        try:
+            area = InflightArea.map(fds[0], f.mmap_size, f.mmap_offset, f.num_queues,
+                                    f.queue_size)
+        except InflightError as exc:
+            raise Refused(str(exc)) from exc
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = area

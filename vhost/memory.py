@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +52,8 @@ def map_region(
     delta = mmap_offset - map_offset
     try:
         st = os.fstat(fd)
-        if st.st_size and mmap_offset + size > st.st_size:
+        # Mapping past the end of a file would SIGBUS on first touch (an empty memfd too).
+        if stat.S_ISREG(st.st_mode) and mmap_offset + size > st.st_size:
             raise MemoryTableError(
                 f"region gpa {gpa:#x}: offset {mmap_offset:#x} + size {size:#x} is past the "
                 f"end of its {st.st_size:#x}-byte file"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from scsi_buffers import AccessError, GuestMemory
 
+from .inflight import InflightError, InflightQueue
 from .messages import VirtioFeature
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class VirtQueue:
         next_avail: int = 0,
         next_used: int | None = None,
         index: int = 0,
+        inflight: InflightQueue | None = None,
     ) -> None:
         validate_size(size)
         self.index = index
@@ -167,6 +169,19 @@ class VirtQueue:
         self.in_flight_count = 0
         self.broken = False
         self.error: QueueError | None = None
+        # Crash recovery (INFLIGHT_SHMFD): heads a previous backend popped and never completed
+        # come back first, oldest first; the avail ring continues after all of them.
+        self._inflight = inflight
+        self._replay: list[int] = []
+        if inflight is not None:
+            try:
+                self._replay = inflight.recover(self._used[1])
+            except InflightError as exc:
+                raise QueueError(f"inflight area: {exc}") from exc
+            if self._replay:
+                self.next_avail = (self._used[1] + len(self._replay)) & 0xFFFF
+                log.info("queue %d: resubmitting %d requests from before the restart; avail "
+                         "continues at %d", index, len(self._replay), self.next_avail)
 
     # ------------------------------------------------------------------ avail side
     def avail_idx(self) -> int:
@@ -190,11 +205,16 @@ class VirtQueue:
         """
         if self.broken:
             return []
+        out: list[DescriptorChain] = []
+        if self._replay:
+            self._pop_replay(out)
+            if self.broken:
+                return out
         avail_idx = self._avail[1]
         pending = (avail_idx - self.next_avail) & 0xFFFF
         if pending == 0:
-            return []
-        out: list[DescriptorChain] = []
+            return out
+        inflight = self._inflight
         try:
             if pending > self.size:
                 raise QueueError(
@@ -215,12 +235,32 @@ class VirtQueue:
                 chain = self._read_chain(head)
                 in_flight[head] = 1
                 self.in_flight_count += 1
+                if inflight is not None:
+                    inflight.popped(head)
                 self.next_avail = (self.next_avail + 1) & 0xFFFF
                 out.append(chain)
         except QueueError as exc:
             self.broken = True
             self.error = exc
         return out
+
+    def _pop_replay(self, out: list[DescriptorChain]) -> None:
+        """Chains of the heads to resubmit, validated like new ones (their memory may differ)."""
+        inflight = self._inflight
+        assert inflight is not None
+        try:
+            while self._replay:
+                head = self._replay.pop(0)
+                if head >= self.size or self._in_flight[head]:
+                    raise QueueError(f"inflight head {head} is invalid or repeated")
+                chain = self._read_chain(head)
+                self._in_flight[head] = 1
+                self.in_flight_count += 1
+                inflight.popped(head)
+                out.append(chain)
+        except QueueError as exc:
+            self.broken = True
+            self.error = exc
 
     def _read_chain(self, head: int) -> DescriptorChain:
         table = self._desc
@@ -304,6 +344,8 @@ class VirtQueue:
         self.in_flight_count -= 1
         USED_ELEM.pack_into(self._used_bytes, 4 + 8 * (self.next_used & self._mask), head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
+        if self._inflight is not None:
+            self._inflight.used(head)
 
     def flush(self) -> bool:
         """Publish used entries added since the last flush; True if the driver wants a call.
@@ -317,6 +359,8 @@ class VirtQueue:
             return False
         self._used[1] = new  # one 16-bit store; element writes before it are ordered on x86
         self._published_used = new
+        if self._inflight is not None:
+            self._inflight.published(new)
         full_fence()
         if self.event_idx:
             used_event = self._avail[self._used_event_slot]
@@ -344,6 +388,9 @@ class VirtQueue:
 
     def release(self) -> None:
         """Drop the ring views so guest memory can be unmapped."""
+        if self._inflight is not None:
+            self._inflight.release()
+            self._inflight = None
         for name in ("_desc", "_avail", "_used", "_used_bytes"):
             view = getattr(self, name, None)
             if isinstance(view, memoryview):

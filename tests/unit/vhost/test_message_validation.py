@@ -250,7 +250,7 @@ def test_set_features_with_bits_never_offered(ctx, caplog, bit) -> None:
 
 
 def test_set_protocol_features_with_bits_never_offered(ctx, caplog) -> None:
-    proto = int(ctx.fe.protocol | ProtocolFeature.INFLIGHT_SHMFD)
+    proto = int(ctx.fe.protocol | ProtocolFeature.PAGEFAULT)
     assert_refused(ctx.fe, caplog, Request.SET_PROTOCOL_FEATURES, m.u64(proto))
     ctx.still_serving()
 

@@ -1,0 +1,211 @@
+"""In-flight request tracking in shared memory (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), split ring.
+
+The frontend keeps a memfd we filled for it (GET_INFLIGHT_FD) and hands it back on every start
+(SET_INFLIGHT_FD), including to a restarted backend.  Per queue it records which heads were popped
+and not completed, in pop order, so a backend that crashed can resubmit exactly those requests:
+none lost (they were never completed) and none done twice (a completion that reached the used
+ring is recognised by ``used_idx``).  Layout, per queue (``QueueRegionSplit`` in vhost-user.rst):
+
+    u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx;
+    desc[desc_num] of 16 bytes: u8 inflight; u8 pad[5]; u16 next; u64 counter
+
+and queue regions follow each other at a stride of ALIGN_UP(16 * desc_num + 16, 64) bytes.
+
+Ordering, split ring, one batch at a time (what :class:`InflightQueue` does):
+* pop head i: ``desc[i].counter = counter++``, then ``desc[i].inflight = 1``;
+* complete a batch: for each head, ``desc[i].next = last_batch_head; last_batch_head = i``; publish
+  used.idx; clear each ``inflight``; then ``used_idx = used.idx``.  A crash between publishing
+  used.idx and updating ``used_idx`` leaves ``used.idx - used_idx`` heads on the batch list whose
+  ``inflight`` bits are stale; recovery clears them first.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
+HEADER_SIZE = 16
+DESC_STATE = struct.Struct("<B5xHQ")  # inflight, pad, next, counter
+DESC_STATE_SIZE = 16
+VERSION = 1
+NO_HEAD = 0xFFFF
+
+# u16 slots of the header, for single 16-bit stores through a cast('H') view
+_VERSION_SLOT = 4
+_DESC_NUM_SLOT = 5
+_LAST_BATCH_SLOT = 6
+_USED_IDX_SLOT = 7
+
+
+class InflightError(Exception):
+    """The shared area is unusable (wrong size, a version we do not know)."""
+
+
+def queue_stride(queue_size: int) -> int:
+    """Bytes per queue region: header plus states, rounded up to 64."""
+    return (DESC_STATE_SIZE * queue_size + HEADER_SIZE + 63) & ~63
+
+
+def area_size(num_queues: int, queue_size: int) -> int:
+    return num_queues * queue_stride(queue_size)
+
+
+def create_area(num_queues: int, queue_size: int) -> tuple[int, int]:
+    """A zero-filled memfd for GET_INFLIGHT_FD: (fd, size).  The caller owns the fd."""
+    size = area_size(num_queues, queue_size)
+    fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
+
+
+@dataclass
+class InflightArea:
+    """The whole shared area as mapped from SET_INFLIGHT_FD."""
+
+    mapping: mmap.mmap
+    num_queues: int
+    queue_size: int
+
+    @classmethod
+    def map(cls, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
+            queue_size: int) -> InflightArea:
+        if not num_queues or not queue_size or queue_size & (queue_size - 1):
+            raise InflightError(f"{num_queues} queues of size {queue_size}")
+        need = area_size(num_queues, queue_size)
+        if mmap_size < need:
+            raise InflightError(f"area of {mmap_size} bytes, {need} needed for {num_queues} "
+                                f"queues of {queue_size}")
+        gran = mmap.ALLOCATIONGRANULARITY
+        if mmap_offset % gran:
+            raise InflightError(f"mmap offset {mmap_offset:#x} is not page aligned")
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and mmap_offset + mmap_size > st.st_size:
+            # Mapping past the end of the file would SIGBUS on first touch.
+            raise InflightError(f"area {mmap_offset:#x}+{mmap_size:#x} is past the end of its "
+                                f"{st.st_size:#x}-byte file")
+        try:
+            mapping = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
+        except (OSError, ValueError) as exc:
+            raise InflightError(f"cannot map the inflight area: {exc}") from exc
+        return cls(mapping, num_queues, queue_size)
+
+    def queue(self, index: int, ring_size: int) -> InflightQueue:
+        """The tracker of queue ``index``, whose ring has ``ring_size`` entries."""
+        if index >= self.num_queues:
+            raise InflightError(f"queue {index} is beyond the {self.num_queues} in the area")
+        if ring_size != self.queue_size:
+            raise InflightError(f"ring of {ring_size} entries, area made for {self.queue_size}")
+        stride = queue_stride(self.queue_size)
+        view = memoryview(self.mapping)[index * stride : (index + 1) * stride]
+        return InflightQueue(view, ring_size)
+
+    def close(self) -> None:
+        try:
+            self.mapping.close()
+        except BufferError:  # a queue still views it; unmapped with the last view
+            log.debug("inflight area still in use; unmapped when released")
+
+
+class InflightQueue:
+    """One queue's region: mark pops and completions, and say what to resubmit after a crash."""
+
+    def __init__(self, view: memoryview, size: int) -> None:
+        self._view = view
+        self._h = view[:HEADER_SIZE].cast("H")
+        self.size = size
+        self.counter = 0
+        self._batch: list[int] = []
+
+    # ------------------------------------------------------------------ start / recovery
+    def recover(self, used_idx: int) -> list[int]:
+        """Heads to resubmit (oldest first), given the used ring's idx now.
+
+        A fresh region (version 0) is initialised and nothing is resubmitted.  Otherwise the last
+        batch's stale bits are cleared and every head still marked in flight comes back.
+        """
+        h = self._h
+        version = h[_VERSION_SLOT]
+        if version == 0:
+            self._view[:] = bytes(self._view.nbytes)
+            h[_DESC_NUM_SLOT] = self.size
+            h[_LAST_BATCH_SLOT] = NO_HEAD
+            h[_USED_IDX_SLOT] = used_idx
+            h[_VERSION_SLOT] = VERSION
+            return []
+        if version != VERSION:
+            raise InflightError(f"inflight region version {version}, we know {VERSION}")
+        if h[_DESC_NUM_SLOT] != self.size:
+            raise InflightError(f"inflight region of {h[_DESC_NUM_SLOT]} entries for a ring of "
+                                f"{self.size}")
+        stale = (used_idx - h[_USED_IDX_SLOT]) & 0xFFFF
+        if stale:
+            # The last batch reached the used ring but its bits were not cleared: clear them.
+            if stale > self.size:
+                raise InflightError(f"used.idx {used_idx} is {stale} past the tracked "
+                                    f"{h[_USED_IDX_SLOT]}")
+            head = h[_LAST_BATCH_SLOT]
+            for _ in range(stale):
+                if head >= self.size:
+                    break
+                self._set_inflight(head, 0)
+                head = self._state(head)[1]
+            h[_USED_IDX_SLOT] = used_idx
+        pending = []
+        for i in range(self.size):
+            flag, _, counter = self._state(i)
+            if flag:
+                pending.append((counter, i))
+        pending.sort()
+        self.counter = max((c for c, _ in pending), default=-1) + 1
+        if pending:
+            log.info("inflight: %d requests to resubmit", len(pending))
+        return [i for _, i in pending]
+
+    # ------------------------------------------------------------------ hot path
+    def popped(self, head: int) -> None:
+        off = head * DESC_STATE_SIZE + HEADER_SIZE
+        struct.pack_into("<Q", self._view, off + 8, self.counter)
+        self.counter += 1
+        self._view[off] = 1
+
+    def used(self, head: int) -> None:
+        """``head`` is in the used ring (not yet published): link it into the batch."""
+        h = self._h
+        struct.pack_into("<H", self._view, head * DESC_STATE_SIZE + HEADER_SIZE + 6,
+                         h[_LAST_BATCH_SLOT])
+        h[_LAST_BATCH_SLOT] = head
+        self._batch.append(head)
+
+    def published(self, used_idx: int) -> None:
+        """The batch is visible in used.idx: clear its bits, then record the new idx."""
+        view = self._view
+        for head in self._batch:
+            view[head * DESC_STATE_SIZE + HEADER_SIZE] = 0
+        self._batch.clear()
+        self._h[_USED_IDX_SLOT] = used_idx
+
+    # ------------------------------------------------------------------ helpers
+    def _state(self, head: int) -> tuple[int, int, int]:
+        return DESC_STATE.unpack_from(self._view, head * DESC_STATE_SIZE + HEADER_SIZE)
+
+    def _set_inflight(self, head: int, value: int) -> None:
+        self._view[head * DESC_STATE_SIZE + HEADER_SIZE] = value
+
+    def in_flight(self) -> list[int]:
+        return [i for i in range(self.size) if self._state(i)[0]]
+
+    def release(self) -> None:
+        self._h.release()
+        self._view.release()
