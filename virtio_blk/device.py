@@ -171,6 +171,7 @@ class BlkDevice(Device):
         self.tracker = BounceBufferTracker(bounce_pages, threads=num_queues)
         self.default_writeback = writeback
         self.writeback = writeback
+        self.writeback_chosen = False  # the driver wrote the writeback config byte
         self.acked = 0
         # One counter set per queue: each is only written by its queue's worker thread.
         self.queue_stats = [BlkStats() for _ in range(num_queues)]
@@ -199,23 +200,33 @@ class BlkDevice(Device):
             if data[0] not in (0, 1):
                 raise ValueError(f"writeback value {data[0]}")
             self.writeback = bool(data[0])
+            self.writeback_chosen = True
             log.info("guest set the cache mode to %s",
                      "write-back" if self.writeback else "write-through")
             return
         raise ValueError(f"config bytes {offset}..{offset + len(data)} are read-only")
 
     def set_features(self, features: int) -> None:
+        """The cache mode follows the driver that negotiated last.
+
+        Firmware (SeaBIOS, OVMF) drives the disk first without FLUSH, then the OS driver
+        renegotiates with it; each SET_FEATURES therefore decides afresh -- except that a
+        mode the driver chose itself through the writeback config byte is kept.
+        """
         self.acked = features
         if not features & BlkFeature.FLUSH:
             # A driver that cannot flush gets every write made stable before completion (and
             # with CONFIG_WCE but not FLUSH, writeback MUST start at 0: virtio 1.2 5.2.5.1).
             self.writeback = False
+        elif not self.writeback_chosen:
+            self.writeback = self.default_writeback
 
     def create_handler(self, queue_index: int, memory: GuestMemory) -> QueueHandler:
         return BlkQueueHandler(self, queue_index, memory)
 
     def reset(self) -> None:
         self.writeback = self.default_writeback
+        self.writeback_chosen = False
         self.acked = 0
 
     def flush(self) -> None:

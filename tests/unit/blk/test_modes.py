@@ -11,7 +11,7 @@ import pytest
 
 from tests.blk_driver import T_IN, BlkDriver, Piece
 from vhost.frontend import Frontend
-from vhost.messages import ProtocolFeature, Request, VirtioFeature, config_space
+from vhost.messages import ProtocolFeature, Request, VirtioFeature, config_space, u64
 from virtio_blk.device import WRITEBACK_OFFSET
 from virtio_blk.layout import plan
 from virtio_blk.request import CONFIG, BlkFeature, Status
@@ -274,3 +274,27 @@ def test_direct_with_4k_blocks(make_blk: MakeBlk) -> None:
     assert env.drv.write_zeroes((64, 8)).status == Status.OK
     assert env.file(64 * 512, 4096) == bytes(4096)
     assert env.drv.flush().status == Status.OK
+
+
+def test_firmware_then_os_driver_is_write_back(blk: BlkEnv, fdatasync_calls: list[int]) -> None:
+    """SeaBIOS negotiates without FLUSH, then Linux with it: the disk is write-back again.
+
+    (Regression: write-through stuck from the firmware's negotiation made every guest write
+    an fdatasync.)
+    """
+    features = blk.frontend.features
+    blk.frontend.checked(Request.SET_FEATURES, u64(features & ~int(BlkFeature.FLUSH)))
+    assert blk.frontend.get_config(WRITEBACK_OFFSET, 1) == b"\x00"
+    blk.frontend.checked(Request.SET_FEATURES, u64(features))
+    assert blk.frontend.get_config(WRITEBACK_OFFSET, 1) == b"\x01"
+    assert blk.drv.write(0, b"w" * 512).status == Status.OK
+    assert blk.disk.fd not in fdatasync_calls
+
+
+def test_cache_mode_chosen_by_the_driver_survives_renegotiation(
+        blk: BlkEnv, fdatasync_calls: list[int]) -> None:
+    assert set_writeback(blk, 0) == 0
+    blk.frontend.checked(Request.SET_FEATURES, u64(blk.frontend.features))  # a vhost restart
+    assert blk.frontend.get_config(WRITEBACK_OFFSET, 1) == b"\x00"
+    assert blk.drv.write(0, b"w" * 512).status == Status.OK
+    assert fdatasync_calls.count(blk.disk.fd) == 1
