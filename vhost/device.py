@@ -30,6 +30,8 @@ class QueueHandler(abc.ABC):
     """Serves the requests of one virtqueue; every method runs on that queue's worker thread."""
 
     #: An fd that becomes readable when :meth:`reap` has completions (None: all synchronous).
+    #: The worker watches it edge-triggered and never reads it, so :meth:`reap` must return
+    #: everything finished so far (an eventfd written per completion, or an io_uring fd).
     completion_fd: int | None = None
 
     @abc.abstractmethod

@@ -233,7 +233,9 @@ class BackendHandler:
             vring.queue_handler.close()
         vring.queue_handler = None
         vring.worker = None
-        log.info("queue %d stopped at avail %d", vring.index, vring.base)
+        log.info("queue %d stopped at avail %d (%d kicks, %d batches, %d completions, %d calls)",
+                 vring.index, vring.base, worker.kicks, worker.batches, worker.completed,
+                 vring.call.count)
 
     def stop_all(self) -> None:
         for vring in self.vrings:

@@ -13,8 +13,8 @@ guest: the buffers they get are host memoryviews (guest memory or a bounce buffe
   so the threads overlap their IO.
 * ``io_uring``: a ring per queue (:mod:`.uring`); a whole drained batch of requests goes to the
   kernel with one ``io_uring_enter``, page-cached IO completes inside that call and is reaped at
-  once, the rest wakes the worker through the ring's eventfd.  Many requests in flight, no
-  thread hand-offs.
+  once, the rest wakes the worker through the ring's fd (pollable while completions wait).
+  Many requests in flight, no thread hand-offs.
 
 Engines with ``batched = True`` only queue in ``submit``; the caller ends a batch with
 ``flush()`` and then collects with ``reap()`` whatever already finished.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import abc
 import collections
-import contextlib
 import ctypes
 import enum
 import logging
@@ -171,8 +170,6 @@ class ThreadPoolEngine(Engine):
         return False
 
     def reap(self) -> list[IoOp]:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.completion_fd)
         done = self._done
         out = []
         while done:
@@ -197,12 +194,9 @@ class UringEngine(Engine):
     def __init__(self, disk: Disk, entries: int = 256) -> None:
         self.disk = disk
         self.ring = Uring(entries)
-        try:
-            self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.ring.register_eventfd(self.completion_fd)
-        except BaseException:
-            self.ring.close()
-            raise
+        # The ring's own fd polls readable while completions wait in it: the worker sleeps on
+        # it directly, and nothing has to be read back to re-arm it.
+        self.completion_fd = self.ring.fd
         self._ops: dict[int, IoOp] = {}
         self._next = 0
         self._done: list[IoOp] = []
@@ -234,8 +228,6 @@ class UringEngine(Engine):
         self.ring.submit()
 
     def reap(self) -> list[IoOp]:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.completion_fd)
         out = []
         ops = self._ops
         for ud, res in self.ring.reap():
@@ -273,7 +265,6 @@ class UringEngine(Engine):
                 for ud, _ in self.ring.reap():
                     self._ops.pop(ud, None)
         self.ring.close()
-        os.close(self.completion_fd)
         self.completion_fd = None
 
 

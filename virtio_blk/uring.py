@@ -4,7 +4,7 @@ Why in-tree: the PyPI bindings are either unmaintained or do not build here, and
 is small -- set up a ring, put READ/WRITE/READV/WRITEV/FSYNC entries in the submission queue,
 submit a whole batch with one ``io_uring_enter``, read completions straight from the shared
 completion ring.  Page-cached IO completes during ``io_uring_enter`` itself and is reaped right
-after it; an eventfd registered with the ring wakes the queue worker for the rest (O_DIRECT).
+after it; for the rest (O_DIRECT) the ring fd polls readable while completions are waiting.
 
 Ring indices are 32-bit values shared with the kernel; each is read and written with one aligned
 32-bit access through a ``cast('I')`` memoryview (x86 keeps these ordered; the kernel side uses
@@ -25,14 +25,12 @@ _syscall.restype = ctypes.c_long
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
-SYS_IO_URING_REGISTER = 427
 
 IORING_OFF_SQ_RING = 0
 IORING_OFF_CQ_RING = 0x8000000
 IORING_OFF_SQES = 0x10000000
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
-IORING_REGISTER_EVENTFD = 4
 IORING_FSYNC_DATASYNC = 1
 
 OP_READV = 1
@@ -154,17 +152,6 @@ class Uring:
             head = (head + 1) & 0xFFFFFFFF
         cq32[self._cq_head] = head
         return out
-
-    def register_eventfd(self, efd: int) -> None:
-        """Signal ``efd`` whenever a completion is posted.
-
-        Not ``IORING_REGISTER_EVENTFD_ASYNC``: that only signals completions posted by io-wq
-        workers, and O_DIRECT completions arrive through task work instead -- they would never
-        wake the queue.
-        """
-        arg = ctypes.c_int(efd)
-        _check(_syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_EVENTFD,
-                        ctypes.byref(arg), 1), "io_uring_register(EVENTFD)")
 
     def close(self) -> None:
         if self.fd < 0:

@@ -31,6 +31,7 @@ class FakeWorker:
         self.kick_fd = kick_fd
         self.call = call
         self.err = err
+        self.kicks = self.batches = self.completed = 0  # QueueWorker's counters
 
     def start(self) -> None:
         self.events.append(("start", self.vq.index))
