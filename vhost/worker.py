@@ -156,14 +156,17 @@ class QueueWorker:
         """
         vq = self.vq
         handler = self.handler
-        done = handler.reap()
-        for head, used in done:
-            vq.add_used(head, used)
-        self.completed += len(done)
+        if vq.in_flight_count:  # (requests a device holds back are in flight too)
+            done = handler.reap()
+            for head, used in done:
+                vq.add_used(head, used)
+            self.completed += len(done)
         if kick and not vq.broken:
             self.kicks += 1
+            suppress = not vq.event_idx  # with EVENT_IDX, avail_event does this for free
             while True:
-                vq.disable_notifications()
+                if suppress:
+                    vq.disable_notifications()
                 chains = vq.pop_batch()
                 if chains:
                     self.batches += 1

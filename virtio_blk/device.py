@@ -272,6 +272,8 @@ class BlkQueueHandler(QueueHandler):
 
     def reap(self) -> list[tuple[int, int]]:
         done = [(req.head, self._finish(req)) for req in self.engine.reap()]
+        if not self.pending:
+            return done
         while self.pending:
             chain = self.pending.popleft()
             used = self._start(chain, retry=True)
