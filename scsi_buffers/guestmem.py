@@ -357,10 +357,15 @@ class GuestMemory:
     def _locate(
         self, gpa: int, length: int, for_write: bool
     ) -> list[tuple[GuestRegion, int, int]]:
-        """(region, offset in region, byte count) for each region the non-empty range touches.
+        """(region, offset in region, byte count) for each region the range touches.
 
         Every check happens here, before any view is made, so a failing access touches nothing.
+        A zero-length range gives ``[]`` without a lookup: it touches nothing, wherever it points.
         """
+        if length <= 0:
+            if length < 0:
+                raise AccessError.memory(gpa, length, "has a negative length")
+            return []
         if gpa < 0 or gpa + length - 1 > U64_MAX:
             raise AccessError.memory(gpa, length, "overflows the address space")
         starts, regions = self._table
@@ -398,10 +403,6 @@ class GuestMemory:
         ``for_write`` and a region is read-only.  A zero-length range gives ``[]`` without a
         lookup (a zero-length access touches nothing, wherever it points).
         """
-        if length <= 0:
-            if length < 0:
-                raise AccessError.memory(gpa, length, "has a negative length")
-            return []
         pieces = self._locate(gpa, length, for_write)
         try:
             if len(pieces) == 1:
@@ -419,10 +420,6 @@ class GuestMemory:
         The address comes from the region's base address, so this costs no more than
         :meth:`views` (asking numpy for a view's address costs about a microsecond).
         """
-        if length <= 0:
-            if length < 0:
-                raise AccessError.memory(gpa, length, "has a negative length")
-            return []
         pieces = self._locate(gpa, length, for_write)
         try:
             if len(pieces) == 1:
@@ -449,13 +446,6 @@ class GuestMemory:
         if not views:
             return memoryview(b"")
         raise AccessError.memory(gpa, length, "spans more than one region")
-
-    def host_ranges(self, gpa: int, length: int) -> list[tuple[int, int]]:
-        """(host address, length) of each piece of the guest range, for iovec arrays."""
-        out = []
-        for v in self.views(gpa, length):
-            out.append((buffer_address(v), v.nbytes))
-        return out
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy ``length`` guest bytes out."""
