@@ -35,7 +35,15 @@ from typing import Any
 from scsi_buffers import AtomicIoVec, IoBuffer
 
 from .disk import Disk
-from .uring import IORING_FSYNC_DATASYNC, OP_FSYNC, OP_READ, OP_READV, OP_WRITE, OP_WRITEV, Uring
+from .uring import (
+    IORING_FSYNC_DATASYNC,
+    OP_FSYNC,
+    OP_READ,
+    OP_READV,
+    OP_WRITE,
+    OP_WRITEV,
+    Uring,
+)
 from .uring import available as uring_available
 
 log = logging.getLogger(__name__)
@@ -282,5 +290,10 @@ def make_engine(kind: str, disk: Disk, queue_index: int, threads: int = 16) -> E
     if kind == "threads":
         return ThreadPoolEngine(disk, threads, name=f"io{queue_index}")
     if kind == "io_uring":
-        return UringEngine(disk)
+        try:
+            return UringEngine(disk)
+        except OSError as exc:  # e.g. RLIMIT_MEMLOCK on older kernels, or a seccomp policy
+            log.warning("queue %d: io_uring unavailable (%s); using the thread pool",
+                        queue_index, exc)
+            return ThreadPoolEngine(disk, threads, name=f"io{queue_index}")
     raise ValueError(f"unknown IO engine {kind!r}; choose from {', '.join(ENGINES)}")

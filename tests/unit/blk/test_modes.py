@@ -298,3 +298,22 @@ def test_cache_mode_chosen_by_the_driver_survives_renegotiation(
     assert blk.frontend.get_config(WRITEBACK_OFFSET, 1) == b"\x00"
     assert blk.drv.write(0, b"w" * 512).status == Status.OK
     assert fdatasync_calls.count(blk.disk.fd) == 1
+
+
+def test_io_uring_failure_falls_back_to_threads(make_blk: MakeBlk,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from virtio_blk import engine
+    from virtio_blk.uring import UringError
+
+    def no_ring(*_args: object) -> None:
+        raise UringError(errno.EPERM, "io_uring_setup: Operation not permitted")
+
+    monkeypatch.setattr(engine, "Uring", no_ring)
+    env = make_blk(engine="io_uring")
+    handler = env.daemon.daemon.handler.vrings[0].queue_handler
+    assert handler.engine.name == "threads"
+    data = os.urandom(4096)
+    assert env.drv.write(8, data).status == Status.OK
+    assert env.drv.read(8, 4096).data == data
