@@ -42,7 +42,7 @@ class EchoHandler(QueueHandler):
 
 
 class AsyncEchoHandler(EchoHandler):
-    """Like EchoHandler but completes on another thread, in reverse order of a batch."""
+    """Like EchoHandler but completes on timer threads after ``device.delay`` (in any order)."""
 
     def __init__(self, device: EchoDevice, index: int, memory: GuestMemory) -> None:
         super().__init__(device, index, memory)
