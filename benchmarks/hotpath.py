@@ -1,0 +1,128 @@
+"""Hot-path benchmark: the Python cost of one request, without sockets, eventfds or a guest.
+
+A split ring in an anonymous mapping, a :class:`virtio_blk.device.BlkDevice` on a page-cached
+image, and the real worker code (:meth:`vhost.worker.QueueWorker._service`) called directly:
+``--batch`` 4k reads are made available, serviced and completed per round.  What is left is the
+per-request path -- pop and validate the chain, check the header, build the RequestBuffers,
+lock, issue the IO, reap, write the status, publish -- which is what profiling needs to see.
+
+    python -m benchmarks.hotpath                     # io_uring, batches of 32 and of 1
+    python -m benchmarks.hotpath --engine inline     # preadv on the worker thread
+    python -m benchmarks.hotpath --profile           # and a cProfile listing
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import os
+import pstats
+import struct
+import tempfile
+import time
+
+from scsi_buffers import GuestMemory
+from vhost.messages import VirtioFeature
+from vhost.virtqueue import DESC, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
+from vhost.worker import Notifier, QueueWorker
+from virtio_blk.device import BlkDevice
+from virtio_blk.disk import Disk
+from virtio_blk.engine import ENGINES
+
+SIZE = 256
+DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x10000, 0x20000
+
+
+class Rig:
+    """One queue of a BlkDevice with ``slots`` fixed 3-descriptor read requests."""
+
+    def __init__(self, engine: str, image: str, slots: int = 32) -> None:
+        self.mem = GuestMemory.anonymous(64 << 20)
+        features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1)
+        self.vq = VirtQueue(self.mem, SIZE, RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA),
+                            features)
+        self.disk = Disk(image)
+        self.device = BlkDevice(self.disk, engine=engine)
+        self.handler = self.device.create_handler(0, self.mem)
+        self.call = Notifier(os.eventfd(0, os.EFD_NONBLOCK))
+        self.kick = os.eventfd(0, os.EFD_NONBLOCK)
+        self.worker = QueueWorker(self.vq, self.handler, self.kick, self.call)
+        view = self.mem.view(0, 1 << 20)
+        for slot in range(slots):
+            hdr, data, status = 0x100000 + 16 * slot, 0x200000 + 4096 * slot, 0x300000 + slot
+            d = 3 * slot
+            DESC.pack_into(view, DESC_GPA + 16 * d, hdr, 16, VIRTQ_DESC_F_NEXT, d + 1)
+            DESC.pack_into(view, DESC_GPA + 16 * (d + 1), data, 4096,
+                           VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, d + 2)
+            DESC.pack_into(view, DESC_GPA + 16 * (d + 2), status, 1, VIRTQ_DESC_F_WRITE, 0)
+            self.mem.write(hdr, struct.pack("<IIQ", 0, 0, 8 * slot))
+        view.release()
+        self.avail = self.mem.view(AVAIL_GPA, 6 + 2 * SIZE).cast("H")
+        self.slots = slots
+        self.idx = 0
+
+    def round(self, batch: int) -> None:
+        """Make ``batch`` requests available and service them to completion."""
+        avail = self.avail
+        for i in range(batch):
+            avail[2 + (self.idx + i) % SIZE] = 3 * ((self.idx + i) % self.slots)
+        self.idx = (self.idx + batch) & 0xFFFF
+        avail[1] = self.idx
+        self.worker._service(kick=True)
+        while self.vq.in_flight_count:
+            self.worker._service(kick=False)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.call.fd)
+
+    def close(self) -> None:
+        self.avail.release()
+        self.vq.release()
+        self.handler.close()
+        self.call.close()
+        os.close(self.kick)
+        self.disk.close()
+        self.mem.close()
+
+
+def measure(rig: Rig, batch: int, requests: int) -> float:
+    """CPU microseconds per request."""
+    rounds = max(1, requests // batch)
+    for _ in range(max(1, 200 // batch)):
+        rig.round(batch)
+    t0 = time.process_time()
+    for _ in range(rounds):
+        rig.round(batch)
+    return (time.process_time() - t0) / (rounds * batch) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.hotpath", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Engines that finish page-cached IO in the worker's own thread: the thread pool would have
+    # this harness spin while its threads work, which measures nothing useful.
+    p.add_argument("--engine", choices=[e for e in ENGINES if e != "threads"],
+                   default="io_uring")
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 1])
+    p.add_argument("--requests", type=int, default=50000)
+    p.add_argument("--profile", action="store_true", help="also print a cProfile listing")
+    args = p.parse_args(argv)
+    with tempfile.NamedTemporaryFile() as img:
+        img.truncate(256 << 20)
+        img.flush()
+        rig = Rig(args.engine, img.name)
+        try:
+            for batch in args.batches:
+                us = measure(rig, batch, args.requests)
+                print(f"{args.engine:9s} batch {batch:3d}: {us:6.1f} us CPU per 4k read")
+            if args.profile:
+                prof = cProfile.Profile()
+                prof.runcall(measure, rig, args.batches[0], 5000)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        finally:
+            rig.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
