@@ -387,23 +387,15 @@ class Frontend:
         q.last_used = base
         q._avail_h[1] = base
         q._used_h[1] = base
-        self.queues[index] = q
-        self.checked(Request.SET_VRING_NUM, m.vring_state(index, size))
-        self.checked(Request.SET_VRING_BASE, m.vring_state(index, base))
-        self.set_vring_addr(index, self.memory.uaddr(q.desc), self.memory.uaddr(q.avail),
-                            self.memory.uaddr(q.used))
-        self.checked(Request.SET_VRING_CALL, m.u64(index), [q.call_fd])
-        self.checked(Request.SET_VRING_ERR, m.u64(index), [q.err_fd])
-        self.checked(Request.SET_VRING_KICK, m.u64(index), [q.kick_fd])
-        if enable and self.features & VirtioFeature.PROTOCOL_FEATURES:
-            self.checked(Request.SET_VRING_ENABLE, m.vring_state(index, 1))
+        self.restart_queue(q, base, enable)
         return q
 
     def restart_queue(self, q: DriverQueue, base: int, enable: bool = True) -> None:
-        """Hand an existing ring to the backend again (after a reconnect), from avail ``base``.
+        """SET_VRING_NUM/BASE/ADDR/CALL/ERR/KICK (and ENABLE) for ring ``q``, from avail ``base``.
 
-        What QEMU does when a backend comes back: the rings stay where they are in guest memory
-        and keep their contents; only the backend's state is set up again.
+        Used for a fresh ring, and for handing an existing one to a backend that came back
+        (what QEMU does: the rings stay in guest memory with their contents; only the
+        backend's state is set up again).
         """
         assert self.memory is not None, "set_mem_table first"
         self.queues[q.index] = q

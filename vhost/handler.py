@@ -187,36 +187,37 @@ class BackendHandler:
         if not vring.size or vring.ring_uaddrs is None or not len(self.memory):
             log.warning("queue %d kicked before size, addresses and memory were set", vring.index)
             return
+        mem = self.memory
         try:
-            desc, avail, used = vring.ring_uaddrs
-            mem = self.memory
-            addrs = RingAddresses(
-                mem.uva_to_gpa(desc, 16 * vring.size),
-                mem.uva_to_gpa(avail, 6 + 2 * vring.size),
-                mem.uva_to_gpa(used, 6 + 8 * vring.size),
-            )
+            addrs = RingAddresses(*(
+                mem.uva_to_gpa(addr, length)
+                for addr, length in zip(vring.ring_uaddrs, ring_sizes(vring.size), strict=True)
+            ))
             tracker = (self.inflight.queue(vring.index, vring.size)
                        if self.inflight is not None else None)
             vq = VirtQueue(mem.guest, vring.size, addrs, self.acked_features, vring.base,
                            index=vring.index, inflight=tracker)
         except (QueueError, MemoryTableError, InflightError) as exc:
-            vring.broken = True
-            vring.err.signal()
-            raise Refused(f"queue {vring.index} cannot start: {exc}") from exc
+            raise self._cannot_start(vring, exc) from exc
         try:
             handler = self.device.create_handler(vring.index, mem.guest)
         except Exception as exc:  # e.g. no io_uring or threads left: this queue cannot run
             log.exception("queue %d: the device could not set up its handler", vring.index)
             vq.release()
-            vring.broken = True
-            vring.err.signal()
-            raise Refused(f"queue {vring.index} cannot start: {exc}") from exc
+            raise self._cannot_start(vring, exc) from exc
         worker = self.worker_factory(vq, handler, vring.kick_fd, vring.call, vring.err)
         vring.queue_handler = handler
         vring.worker = worker
         worker.start()
         log.info("queue %d started: size %d, avail from %d%s", vring.index, vring.size,
                  vring.base, ", event idx" if vq.event_idx else "")
+
+    @staticmethod
+    def _cannot_start(vring: Vring, exc: Exception) -> Refused:
+        """Mark ``vring`` broken, tell the driver through its err eventfd; the refusal to raise."""
+        vring.broken = True
+        vring.err.signal()
+        return Refused(f"queue {vring.index} cannot start: {exc}")
 
     def _stop(self, vring: Vring) -> None:
         worker = vring.worker
@@ -241,11 +242,14 @@ class BackendHandler:
         for vring in self.vrings:
             self._stop(vring)
 
-    def close(self) -> None:
-        """End of the connection: stop the queues, close every fd, unmap guest memory."""
+    def _close_vrings(self) -> None:
         self.stop_all()
         for vring in self.vrings:
             vring.close_fds()
+
+    def close(self) -> None:
+        """End of the connection: stop the queues, close every fd, unmap guest memory."""
+        self._close_vrings()
         if self.backend_req_fd is not None:
             os.close(self.backend_req_fd)
             self.backend_req_fd = None
@@ -256,9 +260,7 @@ class BackendHandler:
         self.device.reset()
 
     def _reset_vrings(self) -> None:
-        self.stop_all()
-        for vring in self.vrings:
-            vring.close_fds()
+        self._close_vrings()
         self.vrings = [Vring(i) for i in range(self.device.num_queues)]
 
     # ------------------------------------------------------------------ features
