@@ -1,6 +1,6 @@
 """Guest benchmark: a Linux guest runs fio on this server and on qemu-storage-daemon, alternately.
 
-Each round boots the test guest (tests/e2e/guest.py; QEMU under TCG) once per server on the same
+Each round boots the test guest (qemu_guest; QEMU under TCG) once per server on the same
 image, queue count and cache mode, and runs fio 4k randread and randwrite at QD32 and 1M
 sequential read and write.  For every workload it reports the guest's IOPS and bandwidth and
 the backend process's CPU seconds (utime + stime of all its threads, /proc) per IO, for both
@@ -21,7 +21,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from tests.e2e.guest import Guest, ensure_guest
+from qemu_guest import Guest, ensure_guest
 
 from .common import Measurement, cpu_seconds, make_image, print_table, rss_bytes, running_server
 from .common import write_json as write_rows

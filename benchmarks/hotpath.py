@@ -18,17 +18,18 @@ import contextlib
 import cProfile
 import os
 import pstats
-import struct
 import tempfile
 import time
 
-from scsi_buffers import GuestMemory
+from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
-from vhost.virtqueue import DESC, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
+from vhost.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
 from vhost.worker import Notifier, QueueWorker
+from vhost_frontend import DriverRing
 from virtio_blk.device import BlkDevice
 from virtio_blk.disk import Disk
 from virtio_blk.engine import ENGINES
+from virtio_blk.request import HEADER, HEADER_SIZE, ReqType
 
 SIZE = 256
 DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x10000, 0x20000
@@ -40,35 +41,31 @@ class Rig:
     def __init__(self, engine: str, image: str, slots: int = 32) -> None:
         self.mem = GuestMemory.anonymous(64 << 20)
         features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1)
-        self.vq = VirtQueue(self.mem, SIZE, RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA),
-                            features)
+        addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
+        self.vq = VirtQueue(self.mem, SIZE, addresses, features)
         self.disk = Disk(image)
         self.device = BlkDevice(self.disk, engine=engine)
         self.handler = self.device.create_handler(0, self.mem)
         self.call = Notifier(os.eventfd(0, os.EFD_NONBLOCK))
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
         self.worker = QueueWorker(self.vq, self.handler, self.kick, self.call)
-        view = self.mem.view(0, 1 << 20)
+        self.driver = DriverRing(self.mem, SIZE, addresses, event_idx=True)
         for slot in range(slots):
             hdr, data, status = 0x100000 + 16 * slot, 0x200000 + 4096 * slot, 0x300000 + slot
             d = 3 * slot
-            DESC.pack_into(view, DESC_GPA + 16 * d, hdr, 16, VIRTQ_DESC_F_NEXT, d + 1)
-            DESC.pack_into(view, DESC_GPA + 16 * (d + 1), data, 4096,
-                           VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, d + 2)
-            DESC.pack_into(view, DESC_GPA + 16 * (d + 2), status, 1, VIRTQ_DESC_F_WRITE, 0)
-            self.mem.write(hdr, struct.pack("<IIQ", 0, 0, 8 * slot))
-        view.release()
-        self.avail = self.mem.view(AVAIL_GPA, 6 + 2 * SIZE).cast("H")
+            self.driver.write_desc(d, hdr, HEADER_SIZE, VIRTQ_DESC_F_NEXT, d + 1)
+            self.driver.write_desc(d + 1, data, 4096, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+                                   d + 2)
+            self.driver.write_desc(d + 2, status, 1, VIRTQ_DESC_F_WRITE, 0)
+            self.mem.write(hdr, HEADER.pack(ReqType.IN, 0, 8 * slot))
         self.slots = slots
-        self.idx = 0
+        self.next_slot = 0
 
     def round(self, batch: int) -> None:
         """Make ``batch`` requests available and service them to completion."""
-        avail = self.avail
-        for i in range(batch):
-            avail[2 + (self.idx + i) % SIZE] = 3 * ((self.idx + i) % self.slots)
-        self.idx = (self.idx + batch) & 0xFFFF
-        avail[1] = self.idx
+        first = self.next_slot
+        self.driver.publish(*(3 * ((first + i) % self.slots) for i in range(batch)))
+        self.next_slot = (first + batch) % self.slots
         self.worker._service(kick=True)
         while self.vq.in_flight_count:
             self.worker._service(kick=False)
@@ -76,7 +73,7 @@ class Rig:
             os.eventfd_read(self.call.fd)
 
     def close(self) -> None:
-        self.avail.release()
+        self.driver.release()
         self.vq.release()
         self.handler.close()
         self.call.close()

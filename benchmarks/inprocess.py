@@ -1,6 +1,6 @@
 """In-process benchmark: the project's vhost-user frontend driver pushes 4k requests at a server.
 
-No guest: a Python driver (vhost.frontend) plays QEMU and the guest, keeps ``--depth`` requests
+No guest: a Python driver (vhost_frontend) plays QEMU and the guest, keeps ``--depth`` requests
 in flight on each of ``--queues`` queues, and counts completions.  The server under test runs as
 its own process -- this project's ``vhost-user-blk`` or qemu-storage-daemon, alternately, on the
 same image -- and its CPU time (all threads, from /proc) is divided by the requests it served.
@@ -26,9 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-from vhost.frontend import DriverQueue, Frontend, FrontendMemory
 from vhost.messages import ProtocolFeature, Request, VirtioFeature, u64
 from vhost.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, full_fence
+from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 
 from .common import (
     Measurement,
@@ -91,25 +91,17 @@ class QueueLoad:
             self._post(slot)
         if q.kick_needed(old):
             q.kick()
-        used_ring = q._used_b
-        uh = q._used_h
-        size = q.size
         while not stop.is_set():
             select.select([q.call_fd], [], [], 0.1)
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(q.call_fd)
             old = q.avail_idx
             while True:
-                idx = uh[1]
-                while q.last_used != idx:
-                    head = int.from_bytes(used_ring[4 + 8 * (q.last_used % size):][:4], "little")
-                    q.last_used = (q.last_used + 1) & 0xFFFF
+                for head, _ in q.take_used(free_descriptors=False):  # fixed chains per slot
                     self.completed += 1
                     self._post(head // 3)
-                if q.event_idx:
-                    q._avail_h[2 + size] = q.last_used
-                full_fence()
-                if uh[1] == q.last_used:
+                full_fence()  # used_event store before the used.idx load
+                if q.used_idx() == q.last_used:
                     break
             if q.avail_idx != old and q.kick_needed(old):
                 q.kick()

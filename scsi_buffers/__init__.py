@@ -2,17 +2,28 @@
 
 See ``../shared/design/scsi_buffers-model.md`` for the semantics each type implements.
 
-* :mod:`.guestmem` -- guest physical memory as host buffers, and :class:`AccessError`;
 * :mod:`.paged_range` -- :class:`PagedRange`, one byte stream over a list of guest pages;
 * :mod:`.buffers` -- :class:`RequestBuffers` (reader / writer / lock for zero-copy IO) and friends;
 * :mod:`.bounce` -- page-aligned bounce buffers and the per-thread page budget.
+
+Guest memory itself (:class:`GuestMemory`, :class:`AccessError`) and the host views of one IO
+(:class:`IoBuffer`, :class:`LockedIoBuffers`, :class:`AtomicIoVec`) live in the ``guestmem``
+package underneath; they are re-exported here because the model's API names them.
 """
+
+from guestmem import (
+    PAGE_SIZE,
+    AccessError,
+    AccessErrorKind,
+    AtomicIoVec,
+    GuestMemory,
+    GuestRegion,
+    IoBuffer,
+    LockedIoBuffers,
+)
 
 from .bounce import DEFAULT_MAX_PAGES, BounceBuffer, BounceBufferTracker, TrackedBounceBuffer
 from .buffers import (
-    AtomicIoVec,
-    IoBuffer,
-    LockedIoBuffers,
     OwnedRequestBuffers,
     RequestBuffers,
     RequestReader,
@@ -21,7 +32,6 @@ from .buffers import (
     scatter,
     total_length,
 )
-from .guestmem import PAGE_SIZE, AccessError, AccessErrorKind, GuestMemory, GuestRegion
 from .paged_range import MAX_GPN, InvalidGpnError, PagedRange, PagedRanges
 
 __all__ = [

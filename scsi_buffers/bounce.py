@@ -32,8 +32,9 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .buffers import IoBuffer, RequestBuffers, gather, iovec_array, scatter
-from .guestmem import PAGE_SHIFT, PAGE_SIZE, buffer_address
+from guestmem import PAGE_SHIFT, PAGE_SIZE, IoBuffer, buffer_address, iovec_array
+
+from .buffers import RequestBuffers, gather, scatter
 
 __all__ = ["DEFAULT_MAX_PAGES", "BounceBuffer", "BounceBufferTracker", "TrackedBounceBuffer"]
 

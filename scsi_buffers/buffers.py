@@ -20,14 +20,23 @@ Every access translates all of its guest addresses before copying a byte, so one
 
 from __future__ import annotations
 
-import ctypes
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from .guestmem import PAGE_SIZE, AccessError, GuestMemory, buffer_address
+from guestmem import (
+    PAGE_SIZE,
+    AccessError,
+    AtomicIoVec,
+    GuestMemory,
+    IoBuffer,
+    LockedIoBuffers,
+    iovec_array,
+    release_views,
+)
+
 from .paged_range import InvalidGpnError, PagedRange
 
 __all__ = [
@@ -48,154 +57,6 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# iovec
-class AtomicIoVec(ctypes.Structure):
-    """``struct iovec`` (``void *iov_base; size_t iov_len``), for io_uring or a raw ``preadv``.
-
-    The name follows the reference crate (whose pointer is to atomic bytes because the guest may
-    change the memory under us); in Python it is simply the C layout.
-    """
-
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
-
-    @property
-    def address(self) -> int:
-        return self.iov_base or 0
-
-    def __len__(self) -> int:
-        return self.iov_len
-
-    def __repr__(self) -> str:
-        return f"AtomicIoVec(address={self.address:#x}, len={self.iov_len})"
-
-
-def iovec_array(pieces: Sequence[IoBuffer]) -> ctypes.Array[AtomicIoVec]:
-    """A C array of :class:`AtomicIoVec`, one per buffer, in order."""
-    arr = (AtomicIoVec * len(pieces))()
-    for i, piece in enumerate(pieces):
-        arr[i].iov_base = piece.address or None
-        arr[i].iov_len = piece.view.nbytes
-    return arr
-
-
-class IoBuffer:
-    """One host-contiguous piece of an IO: a memoryview and the host address of its first byte.
-
-    The view is what Python IO calls take; the address is what goes into an iovec array.  The
-    address is only meaningful while the view is alive (and not released).
-    """
-
-    __slots__ = ("address", "view")
-
-    def __init__(self, view: memoryview, address: int | None = None) -> None:
-        self.view = view
-        self.address = buffer_address(view) if address is None else address
-
-    def __len__(self) -> int:
-        return self.view.nbytes
-
-    @property
-    def length(self) -> int:
-        return self.view.nbytes
-
-    def as_iovec(self) -> AtomicIoVec:
-        return AtomicIoVec(self.address or None, self.view.nbytes)
-
-    def __repr__(self) -> str:
-        return f"IoBuffer(address={self.address:#x}, len={len(self)})"
-
-
-def _release_all(views: Iterable[memoryview]) -> bool:
-    """Release every view; False if some are still exported (they then go with the last user)."""
-    ok = True
-    for v in views:
-        try:
-            v.release()
-        except BufferError:
-            ok = False
-    return ok
-
-
-class LockedIoBuffers:
-    """The host pieces of one :class:`RequestBuffers`, held for the duration of an IO.
-
-    Use it as a context manager (or call :meth:`close`): closing releases the views, which is what
-    lets a guest memory region that was removed meanwhile actually be unmapped.  After closing,
-    every accessor raises ``ValueError``, as a closed file does.
-    """
-
-    __slots__ = ("_buffers", "_closed", "_length")
-
-    def __init__(self, buffers: list[IoBuffer], length: int | None = None) -> None:
-        self._buffers = buffers
-        if length is None:
-            length = 0
-            for b in buffers:
-                length += b.view.nbytes
-        self._length = length
-        self._closed = False
-
-    def _check(self) -> None:
-        if self._closed:
-            raise ValueError("I/O buffers are closed")
-
-    @property
-    def io_buffers(self) -> list[IoBuffer]:
-        """The :class:`IoBuffer` pieces, in order (the list itself; do not modify it)."""
-        self._check()
-        return self._buffers
-
-    def io_vecs(self) -> list[memoryview]:
-        """The pieces as memoryviews, ready for ``os.preadv(fd, locked.io_vecs(), offset)``."""
-        self._check()
-        return [b.view for b in self._buffers]
-
-    def iovec_array(self) -> ctypes.Array[AtomicIoVec]:
-        """The pieces as a C ``struct iovec`` array (valid until :meth:`close`)."""
-        self._check()
-        return iovec_array(self._buffers)
-
-    def __len__(self) -> int:
-        return self._length
-
-    @property
-    def length(self) -> int:
-        """Total bytes over all pieces."""
-        return self._length
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        """Release every view.  Idempotent.
-
-        A view some other object still exports (say a numpy array made from it and kept) cannot be
-        released; it is logged and left to that object's lifetime rather than raised, since close
-        often runs on the way out of an exception.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        for b in self._buffers:
-            try:
-                b.view.release()
-            except BufferError:
-                log.warning("locked IO buffers closed while a view of them is still exported")
-
-    def __enter__(self) -> LockedIoBuffers:
-        self._check()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._buffers)} pieces"
-        return f"LockedIoBuffers({self._length} bytes, {state})"
-
-
-# ---------------------------------------------------------------------------------------------
 # translation helpers
 def _runs(rng: PagedRange) -> list[tuple[int, int]]:
     try:
@@ -213,7 +74,7 @@ def _translate(mem: GuestMemory, rng: PagedRange, for_write: bool) -> list[memor
         for gpa, n in _runs(rng):
             out.extend(mem.views(gpa, n, for_write=for_write))
     except BaseException:
-        _release_all(out)
+        release_views(out)
         raise
     return out
 
@@ -270,7 +131,7 @@ class RequestReader:
                 return views[0].tobytes()
             return b"".join(views)
         finally:
-            _release_all(views)
+            release_views(views)
 
     def read_into(self, buf: Any) -> int:
         """Fill the writable ``buf`` (its length says how many bytes); return the count."""
@@ -285,7 +146,7 @@ class RequestReader:
                 dst[pos:end] = v
                 pos = end
         finally:
-            _release_all(views)
+            release_views(views)
         return pos
 
     def read_all(self) -> bytes:
@@ -347,7 +208,7 @@ class RequestWriter:
                 v[:] = src[pos:end]
                 pos = end
         finally:
-            _release_all(views)
+            release_views(views)
 
     def fill(self, value: int, n: int) -> None:
         """Set the next ``n`` bytes to ``value`` (0..255)."""
@@ -358,7 +219,7 @@ class RequestWriter:
             for v in views:
                 _fill_view(v, value)
         finally:
-            _release_all(views)
+            release_views(views)
 
     def skip(self, n: int) -> None:
         """Consume ``n`` bytes without writing them."""
@@ -456,7 +317,7 @@ class RequestBuffers:
                 for view, addr in mem.io_pieces(gpa, n, for_write=for_write):
                     pieces.append(IoBuffer(view, addr))
         except BaseException:
-            _release_all(p.view for p in pieces)
+            release_views(p.view for p in pieces)
             raise
         return LockedIoBuffers(pieces)
 
@@ -496,7 +357,7 @@ def gather(buffers: Iterable[RequestBuffers], out: Any) -> int:
             dst[pos:end] = v
             pos = end
     finally:
-        _release_all(views)
+        release_views(views)
     return total
 
 
@@ -526,7 +387,7 @@ def scatter(data: Any, buffers: Iterable[RequestBuffers]) -> int:
             v[:] = src[pos:end]
             pos = end
     finally:
-        _release_all(views)
+        release_views(views)
     return total
 
 

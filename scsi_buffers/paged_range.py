@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .guestmem import PAGE_SHIFT, PAGE_SIZE
+from guestmem import PAGE_SHIFT, PAGE_SIZE
 
 __all__ = ["MAX_GPN", "InvalidGpnError", "PagedRange", "PagedRanges"]
 

@@ -7,7 +7,7 @@ import os
 import queue
 import threading
 
-from scsi_buffers import GuestMemory
+from guestmem import GuestMemory
 from vhost.device import Device, QueueHandler
 from vhost.virtqueue import DescriptorChain
 

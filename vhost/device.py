@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from scsi_buffers import GuestMemory
+from guestmem import GuestMemory
 
 from .messages import ProtocolFeature, VirtioFeature
 from .virtqueue import DescriptorChain

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Sequence
 from typing import Any
 
-from scsi_buffers import GuestMemory, GuestRegion
+from guestmem import GuestMemory, GuestRegion
 
 from .messages import MAX_MEM_SLOTS
 

@@ -28,7 +28,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from scsi_buffers import AccessError, GuestMemory
+from guestmem import AccessError, GuestMemory
 
 from .inflight import InflightError, InflightQueue
 from .messages import VirtioFeature

@@ -21,14 +21,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from scsi_buffers import (
-    AccessError,
-    BounceBufferTracker,
-    GuestMemory,
-    IoBuffer,
-    TrackedBounceBuffer,
-)
-from scsi_buffers.buffers import LockedIoBuffers
+from guestmem import AccessError, GuestMemory, IoBuffer, LockedIoBuffers
+from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
 from vhost.device import Device, QueueHandler
 from vhost.virtqueue import DescriptorChain
 

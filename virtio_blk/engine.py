@@ -32,7 +32,7 @@ import queue
 import threading
 from typing import Any
 
-from scsi_buffers import AtomicIoVec, IoBuffer
+from guestmem import AtomicIoVec, IoBuffer
 
 from .disk import Disk
 from .uring import (

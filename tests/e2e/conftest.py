@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.guest import ensure_guest
+from qemu_guest import ensure_guest
 
 REPO = Path(__file__).resolve().parents[2]
 

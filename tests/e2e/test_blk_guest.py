@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.guest import Guest, GuestResult, run_guest
+from qemu_guest import Guest, GuestResult, run_guest
 
 from .conftest import image_bytes
 

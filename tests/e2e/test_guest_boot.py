@@ -1,4 +1,4 @@
-"""Tests of the e2e guest launcher (tests/e2e/guest.py).
+"""Tests of the e2e guest launcher (qemu_guest/guest.py).
 
 The e2e test boots the real guest against the reference backend, qemu-storage-daemon's
 vhost-user-blk export, so that a failure there points at the guest tooling rather than at
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.guest import (
+from qemu_guest import (
     Guest,
     GuestResult,
     ensure_guest,

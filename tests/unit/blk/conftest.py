@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.blk_driver import BlkDriver
 from tests.conftest import RunningDaemon
-from vhost.frontend import DriverQueue, Frontend, FrontendMemory
 from vhost.messages import Request
+from vhost_frontend import DriverQueue, Frontend, FrontendMemory
+from vhost_frontend.blk import BlkDriver
 from virtio_blk.device import BlkDevice
 from virtio_blk.disk import Disk
 

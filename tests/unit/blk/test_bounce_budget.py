@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.blk_driver import T_IN, T_OUT, BlkDriver, Piece
+from vhost_frontend.blk import T_IN, T_OUT, BlkDriver, Piece
 from virtio_blk.request import Status
 
 from .conftest import MakeBlk

@@ -16,7 +16,7 @@ import os
 import pytest
 
 from scsi_buffers import GuestMemory
-from tests.blk_driver import (
+from vhost_frontend.blk import (
     POISON,
     T_DISCARD,
     T_FLUSH,

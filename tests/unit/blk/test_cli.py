@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.blk_driver import BlkDriver
-from vhost.frontend import Frontend, FrontendMemory
+from vhost_frontend import Frontend, FrontendMemory
+from vhost_frontend.blk import BlkDriver
 from virtio_blk.disk import Disk, DiskError
 from virtio_blk.request import Status
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.blk_driver import POISON
+from vhost_frontend.blk import POISON
 from virtio_blk.engine import OpKind
 from virtio_blk.request import Status
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from tests.blk_driver import T_IN, BlkDriver, Piece
-from vhost.frontend import Frontend
 from vhost.messages import ProtocolFeature, Request, VirtioFeature, config_space, u64
+from vhost_frontend import Frontend
+from vhost_frontend.blk import T_IN, BlkDriver, Piece
 from virtio_blk.device import WRITEBACK_OFFSET
 from virtio_blk.layout import plan
 from virtio_blk.request import CONFIG, BlkFeature, Status

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.blk_driver import (
+from vhost_frontend.blk import (
     POISON,
     T_DISCARD,
     T_FLUSH,

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.blk_driver import T_IN, T_OUT, BlkDriver, Piece
+from vhost_frontend.blk import T_IN, T_OUT, BlkDriver, Piece
 from virtio_blk.layout import plan
 from virtio_blk.request import Status
 

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Sequence
 
-from scsi_buffers import GuestMemory
+from guestmem import GuestMemory
 from tests.vhost_devices import EchoDevice, EchoHandler
 from vhost.device import QueueHandler
 from vhost.virtqueue import DescriptorChain

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from vhost import messages as m
-from vhost.frontend import DriverQueue, Frontend, FrontendMemory
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
+from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 
 #: Socket timeout of every test frontend: a reply that does not come fails the test.
 SOCKET_TIMEOUT = 5.0

@@ -11,10 +11,10 @@ import pytest
 
 from tests.vhost_devices import EchoDevice
 from vhost import messages as m
-from vhost.frontend import FrontendMemory
 from vhost.handler import LIBRARY_PROTOCOL_FEATURES, BackendHandler, HandlerResult
 from vhost.messages import Message, ProtocolFeature, Request, VirtioFeature
 from vhost.virtqueue import ring_sizes
+from vhost_frontend import FrontendMemory
 
 FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
                | VirtioFeature.RING_INDIRECT_DESC)

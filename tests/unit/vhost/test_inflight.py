@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from scsi_buffers import GuestMemory
+from guestmem import GuestMemory
 from vhost import inflight as inf
-from vhost.frontend import Frontend, FrontendMemory
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
 from vhost.virtqueue import RingAddresses, VirtQueue
+from vhost_frontend import Frontend, FrontendMemory
 
 from .helpers import wait_for
 

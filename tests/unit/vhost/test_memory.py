@@ -8,10 +8,10 @@ import pytest
 
 from tests.vhost_devices import EchoDevice
 from vhost import messages as m
-from vhost.frontend import FrontendMemory
 from vhost.memory import MemoryTable, MemoryTableError
 from vhost.messages import Request
 from vhost.virtqueue import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from vhost_frontend import FrontendMemory
 
 from .helpers import (
     ODD_LAYOUT,

@@ -17,8 +17,8 @@ import pytest
 
 from tests.vhost_devices import EchoDevice
 from vhost import messages as m
-from vhost.frontend import Frontend
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
+from vhost_frontend import Frontend
 
 from .helpers import (
     SOCKET_TIMEOUT,

@@ -7,8 +7,8 @@ import struct
 
 from tests.vhost_devices import EchoDevice
 from vhost import messages as m
-from vhost.frontend import FrontendMemory
 from vhost.messages import MESSAGE_TABLE, ProtocolFeature, Request, VirtioFeature
+from vhost_frontend import FrontendMemory
 
 from .helpers import (
     MiB,

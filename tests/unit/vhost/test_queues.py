@@ -11,9 +11,9 @@ import pytest
 
 from tests.vhost_devices import EchoDevice
 from vhost import messages as m
-from vhost.frontend import DriverQueue
 from vhost.messages import Request, VirtioFeature
 from vhost.virtqueue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY
+from vhost_frontend import DriverQueue
 
 from .devices import GateDevice, ReverseDevice
 from .helpers import (
@@ -262,7 +262,7 @@ def test_ring_indices_wrap_around(serve, open_session, event_idx) -> None:
     s.start(features=all_features_but(*([] if event_idx else [EVENT_IDX])))
     q = s.queue(0, 4, base=0xFFFD)
     if event_idx:
-        q._avail_h[2 + q.size] = 0xFFFD  # used_event: first completion
+        q.set_used_event(0xFFFD)  # first completion
     for _ in range(6):
         s.echo(q)
     assert q.used_idx() == 3 and q.avail_idx == 3
@@ -354,11 +354,11 @@ def test_event_idx_calls_only_when_used_event_says_so(serve, open_session) -> No
     for _ in range(5):
         _complete_quietly(s, q)
     # used_event = 5: the 6th completion (5 -> 6) gets a call.
-    q._avail_h[2 + q.size] = 5
+    q.set_used_event(5)
     _complete_quietly(s, q)
     wait_for(lambda: call.count == 2, "the call asked for by used_event")
     # used_event = 7 with used.idx 6: the 7th completion is quiet, the 8th calls.
-    q._avail_h[2 + q.size] = 7
+    q.set_used_event(7)
     _complete_quietly(s, q)
     _complete_quietly(s, q)
     wait_for(lambda: call.count == 3, "the call for the 8th completion")

@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 from tests.vhost_devices import EchoDevice
-from vhost.frontend import Frontend
+from vhost_frontend import Frontend
 
 from .helpers import (
     SOCKET_TIMEOUT,
@@ -80,7 +80,7 @@ def test_frontend_dies_mid_request(serve) -> None:
 
 _KILLED_FRONTEND = textwrap.dedent("""
     import sys
-    from vhost.frontend import Frontend, FrontendMemory
+    from vhost_frontend import Frontend, FrontendMemory
     fe = Frontend(sys.argv[1], timeout=5)
     fe.negotiate()
     mem = FrontendMemory(((0, 1 << 20, 0), (1 << 20, 1 << 20, 777)))

@@ -16,7 +16,7 @@ import struct
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from scsi_buffers import GuestMemory
+from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
 from vhost.virtqueue import DESC, DESC_SIZE, MAX_CHAIN_BYTES, QueueError, RingAddresses, VirtQueue
 

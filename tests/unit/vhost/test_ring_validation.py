@@ -14,7 +14,6 @@ from collections.abc import Callable
 import pytest
 
 from tests.vhost_devices import EchoDevice
-from vhost.frontend import DriverQueue
 from vhost.messages import VirtioFeature
 from vhost.virtqueue import (
     DESC,
@@ -23,6 +22,7 @@ from vhost.virtqueue import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
+from vhost_frontend import DriverQueue
 
 from .helpers import (
     ODD_LAYOUT,

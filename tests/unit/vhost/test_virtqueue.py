@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from scsi_buffers import GuestMemory
+from guestmem import GuestMemory
 from vhost.virtqueue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -94,7 +94,7 @@ def test_pop_batch_in_ring_order_with_readable_and_writable_pieces() -> None:
     ring = Ring()
     ring.simple_chain(0, 4, 8)
     ring.simple_chain(2, 16, 32)
-    ring.set_desc(4, ring.data + 1000, 3, W)  # writable only
+    ring.write_desc(4, ring.data + 1000, 3, W)  # writable only
     ring.publish(2, 0, 4)
     assert ring.vq.has_avail() and ring.vq.avail_idx() == 3
     chains = ring.vq.pop_batch()
@@ -112,7 +112,7 @@ def test_pop_batch_in_ring_order_with_readable_and_writable_pieces() -> None:
 def test_pop_batch_limit_and_pop() -> None:
     ring = Ring()
     for head in range(4):
-        ring.set_desc(head, ring.data, 1)
+        ring.write_desc(head, ring.data, 1)
     ring.publish(0, 1, 2, 3)
     assert [c.head for c in ring.vq.pop_batch(3)] == [0, 1, 2]
     assert ring.vq.pop().head == 3
@@ -121,9 +121,9 @@ def test_pop_batch_limit_and_pop() -> None:
 
 def test_zero_length_descriptors_are_dropped() -> None:
     ring = Ring()
-    ring.set_desc(0, 0, 0, N, 1)  # zero length: the address is never looked at
-    ring.set_desc(1, ring.data, 4, W | N, 2)
-    ring.set_desc(2, 0xDEAD_0000_0000, 0, W)
+    ring.write_desc(0, 0, 0, N, 1)  # zero length: the address is never looked at
+    ring.write_desc(1, ring.data, 4, W | N, 2)
+    ring.write_desc(2, 0xDEAD_0000_0000, 0, W)
     ring.publish(0)
     (chain,) = ring.vq.pop_batch()
     assert chain.readable == [] and chain.writable == [(ring.data, 4)]
@@ -131,9 +131,9 @@ def test_zero_length_descriptors_are_dropped() -> None:
 
 def test_indirect_chain() -> None:
     ring = Ring()
-    table = ring.table(ring.data + 4096, [(ring.data, 4, N, 1), (ring.data + 4, 6, N | W, 2),
+    table = ring.write_table(ring.data + 4096, [(ring.data, 4, N, 1), (ring.data + 4, 6, N | W, 2),
                                           (ring.data + 10, 2, W, 0)])
-    ring.set_desc(5, table, 48, IND)
+    ring.write_desc(5, table, 48, IND)
     ring.publish(5)
     (chain,) = ring.vq.pop_batch()
     assert chain.head == 5
@@ -143,9 +143,9 @@ def test_indirect_chain() -> None:
 
 def test_direct_descriptors_then_an_indirect_table() -> None:
     ring = Ring()
-    table = ring.table(ring.data + 4096, [(ring.data + 8, 4, W, 0)])
-    ring.set_desc(0, ring.data, 4, N, 1)
-    ring.set_desc(1, table, 16, IND)
+    table = ring.write_table(ring.data + 4096, [(ring.data + 8, 4, W, 0)])
+    ring.write_desc(0, ring.data, 4, N, 1)
+    ring.write_desc(1, table, 16, IND)
     ring.publish(0)
     (chain,) = ring.vq.pop_batch()
     assert chain.readable == [(ring.data, 4)] and chain.writable == [(ring.data + 8, 4)]
@@ -153,8 +153,8 @@ def test_direct_descriptors_then_an_indirect_table() -> None:
 
 def test_error_keeps_chains_popped_before_it_and_breaks_the_queue() -> None:
     ring = Ring()
-    ring.set_desc(0, ring.data, 4)
-    ring.set_desc(1, ring.data, 4)
+    ring.write_desc(0, ring.data, 4)
+    ring.write_desc(1, ring.data, 4)
     ring.publish(0, 9, 1)  # 9 >= size
     chains = ring.vq.pop_batch()
     assert [c.head for c in chains] == [0]
@@ -173,25 +173,25 @@ def test_error_keeps_chains_popped_before_it_and_breaks_the_queue() -> None:
     ("setup", "why"),
     [
         (lambda r: (r.set_avail_idx(9),), "9 ahead of last_avail 0"),
-        (lambda r: (r.set_desc(0, r.data, 4, N, 8), r.publish(0)), "next 8 >= table size 8"),
-        (lambda r: (r.set_desc(0, r.data, 4, N, 0), r.publish(0)), "loops"),
-        (lambda r: (r.set_desc(0, r.data, 4, W | N, 1), r.set_desc(1, r.data, 4), r.publish(0)),
+        (lambda r: (r.write_desc(0, r.data, 4, N, 8), r.publish(0)), "next 8 >= table size 8"),
+        (lambda r: (r.write_desc(0, r.data, 4, N, 0), r.publish(0)), "loops"),
+        (lambda r: (r.write_desc(0, r.data, 4, W | N, 1), r.write_desc(1, r.data, 4), r.publish(0)),
          "readable descriptor after writable"),
-        (lambda r: (r.set_desc(0, BASE + (1 << 16) - 2, 4), r.publish(0)), "not in guest memory"),
-        (lambda r: (r.set_desc(0, r.data, 0xFFFF_FFFF, W | N, 1),
-                    r.set_desc(1, r.data, 1, W), r.publish(0)), "not in guest memory"),
-        (lambda r: (r.set_desc(0, r.data, 0, IND), r.publish(0)), "indirect table of 0 bytes"),
-        (lambda r: (r.set_desc(0, r.data, 20, IND), r.publish(0)), "indirect table of 20 bytes"),
-        (lambda r: (r.set_desc(0, r.data, 16, IND | N, 1), r.publish(0)), "with NEXT"),
-        (lambda r: (r.table(r.data, [(r.data, 16, IND, 0)]), r.set_desc(0, r.data, 16, IND),
+        (lambda r: (r.write_desc(0, BASE + (1 << 16) - 2, 4), r.publish(0)), "not in guest memory"),
+        (lambda r: (r.write_desc(0, r.data, 0xFFFF_FFFF, W | N, 1),
+                    r.write_desc(1, r.data, 1, W), r.publish(0)), "not in guest memory"),
+        (lambda r: (r.write_desc(0, r.data, 0, IND), r.publish(0)), "indirect table of 0 bytes"),
+        (lambda r: (r.write_desc(0, r.data, 20, IND), r.publish(0)), "indirect table of 20 bytes"),
+        (lambda r: (r.write_desc(0, r.data, 16, IND | N, 1), r.publish(0)), "with NEXT"),
+        (lambda r: (r.write_table(r.data, [(r.data, 16, IND, 0)]), r.write_desc(0, r.data, 16, IND),
                     r.publish(0)), "nested indirect"),
-        (lambda r: (r.table(r.data, [(r.data, 4, N, 1), (r.data, 4, N, 0)]),
-                    r.set_desc(0, r.data, 32, IND), r.publish(0)), "loops (more than 2"),
-        (lambda r: (r.table(r.data, [(r.data, 4, N, 2), (r.data, 4, 0, 0)]),
-                    r.set_desc(0, r.data, 32, IND), r.publish(0)), "next 2 >= table size 2"),
-        (lambda r: (r.set_desc(0, 0, 16, IND), r.publish(0)), "indirect table 0x0+0x10"),
-        (lambda r: (r.set_desc(0, r.data, 16 * 32769, IND), r.publish(0)), "32769 descriptors"),
-        (lambda r: (r.set_desc(0, r.data, 4), r.publish(0, 0)), "made available again"),
+        (lambda r: (r.write_table(r.data, [(r.data, 4, N, 1), (r.data, 4, N, 0)]),
+                    r.write_desc(0, r.data, 32, IND), r.publish(0)), "loops (more than 2"),
+        (lambda r: (r.write_table(r.data, [(r.data, 4, N, 2), (r.data, 4, 0, 0)]),
+                    r.write_desc(0, r.data, 32, IND), r.publish(0)), "next 2 >= table size 2"),
+        (lambda r: (r.write_desc(0, 0, 16, IND), r.publish(0)), "indirect table 0x0+0x10"),
+        (lambda r: (r.write_desc(0, r.data, 16 * 32769, IND), r.publish(0)), "32769 descriptors"),
+        (lambda r: (r.write_desc(0, r.data, 4), r.publish(0, 0)), "made available again"),
     ],
     ids=["avail-ahead", "next", "loop", "r-after-w", "outside", "outside-huge", "ind-empty",
          "ind-20", "ind-next", "nested", "ind-loop", "ind-next-range", "ind-unmapped",
@@ -207,7 +207,7 @@ def test_violations_are_recorded(setup, why) -> None:
 
 def test_indirect_needs_the_feature() -> None:
     ring = Ring(features=EVENT_IDX)
-    ring.set_desc(0, ring.table(ring.data, [(ring.data, 4, 0, 0)]), 16, IND)
+    ring.write_desc(0, ring.write_table(ring.data, [(ring.data, 4, 0, 0)]), 16, IND)
     ring.publish(0)
     assert ring.vq.pop_batch() == [] and "INDIRECT_DESC" in str(ring.vq.error)
 
@@ -256,7 +256,7 @@ def test_add_used_is_published_by_flush() -> None:
 @pytest.mark.parametrize("head", [0, 3, 8, -1])
 def test_add_used_of_a_head_not_in_flight(head) -> None:
     ring = Ring()
-    ring.set_desc(1, ring.data, 4)
+    ring.write_desc(1, ring.data, 4)
     ring.publish(1)
     ring.vq.pop_batch()
     with pytest.raises(ValueError, match="not in flight"):
@@ -269,7 +269,7 @@ def test_add_used_of_a_head_not_in_flight(head) -> None:
 def test_flush_without_event_idx_follows_no_interrupt() -> None:
     ring = Ring(features=0)
     for i in range(4):
-        ring.set_desc(i, ring.data, 4)
+        ring.write_desc(i, ring.data, 4)
     ring.publish(0, 1, 2, 3)
     ring.vq.pop_batch()
     ring.vq.add_used(0, 0)
@@ -287,7 +287,7 @@ def _completed(ring: Ring, count: int) -> bool:
     """Make ``count`` one-descriptor chains available, pop, complete and flush them."""
     for _ in range(count):
         head = ring.avail_idx % ring.size
-        ring.set_desc(head, ring.data, 4, W)
+        ring.write_desc(head, ring.data, 4, W)
         ring.publish(head)
     chains = ring.vq.pop_batch()
     assert len(chains) == count and not ring.vq.broken
@@ -345,7 +345,7 @@ def test_notifications_without_event_idx_use_used_flags() -> None:
     assert not ring.vq.enable_notifications()
     assert ring.used_flags() == 0
     ring.vq.disable_notifications()
-    ring.set_desc(0, ring.data, 4)
+    ring.write_desc(0, ring.data, 4)
     ring.publish(0)  # a buffer arrives while kicks are off
     assert ring.vq.enable_notifications(), "must tell the caller to drain again"
     assert ring.used_flags() == 0
@@ -358,7 +358,7 @@ def test_notifications_with_event_idx_use_avail_event() -> None:
     assert not ring.vq.enable_notifications()
     assert ring.avail_event() == 0xFFFE
     for head in range(3):
-        ring.set_desc(head, ring.data, 4)
+        ring.write_desc(head, ring.data, 4)
     ring.publish(0, 1, 2)  # avail.idx wraps to 1
     assert ring.vq.enable_notifications()
     assert [c.head for c in ring.vq.pop_batch()] == [0, 1, 2]
@@ -370,7 +370,7 @@ def test_notifications_with_event_idx_use_avail_event() -> None:
 def test_wrap_around_of_next_avail() -> None:
     ring = Ring(size=4, next_avail=0xFFFE, used_idx=0xFFFE)
     for head in range(4):
-        ring.set_desc(head, ring.data, 4, W)
+        ring.write_desc(head, ring.data, 4, W)
     ring.publish(0, 1, 2, 3)
     assert ring.avail_idx == 2
     assert [c.head for c in ring.vq.pop_batch()] == [0, 1, 2, 3]

@@ -14,7 +14,7 @@ serial console with the ``result`` shell helper::
 
 Example::
 
-    from tests.e2e.guest import Guest
+    from qemu_guest import Guest
 
     with Guest(sock, "result size blockdev --getsize64 /dev/vda", timeout=120) as g:
         res = g.wait()
@@ -44,7 +44,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 """Root of the project checkout."""
 
 BUILD_SCRIPT = REPO_ROOT / "qemu-configs" / "build-guest.sh"

@@ -1,7 +1,7 @@
 """A virtio-blk *driver* on top of the vhost-user frontend: builds requests with any layout.
 
 :class:`BlkDriver` plays the guest's virtio-blk driver against a backend reached through
-:class:`vhost.frontend.Frontend`.  A request is two byte streams -- the device-readable one
+:class:`vhost_frontend.Frontend`.  A request is two byte streams -- the device-readable one
 (16-byte header, then the OUT data or the DISCARD/WRITE_ZEROES segments) and the device-writable
 one (the IN/GET_ID data, then the status byte) -- each cut into descriptors at any points and
 placed anywhere in guest memory, in a direct or an indirect chain.  Device-writable memory is
@@ -20,23 +20,25 @@ Example::
 from __future__ import annotations
 
 import itertools
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vhost.frontend import DriverQueue, Frontend, FrontendError, FrontendMemory
+from guestmem import PAGE_SIZE as PAGE
+from virtio_blk.request import HEADER, SEGMENT, ReqType
 
-PAGE = 4096
-HEADER = struct.Struct("<IIQ")
-SEGMENT = struct.Struct("<QII")
+from .client import Frontend
+from .errors import FrontendError
+from .memory import FrontendMemory
+from .ring import DriverQueue
 
-T_IN = 0
-T_OUT = 1
-T_FLUSH = 4
-T_GET_ID = 8
-T_DISCARD = 11
-T_WRITE_ZEROES = 13
+# The wire format is the device's own (virtio_blk.request): one place declares it.
+T_IN = int(ReqType.IN)
+T_OUT = int(ReqType.OUT)
+T_FLUSH = int(ReqType.FLUSH)
+T_GET_ID = int(ReqType.GET_ID)
+T_DISCARD = int(ReqType.DISCARD)
+T_WRITE_ZEROES = int(ReqType.WRITE_ZEROES)
 
 #: What device-writable memory holds before the device writes it.
 POISON = 0xA5

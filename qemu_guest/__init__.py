@@ -1,0 +1,39 @@
+"""The throw-away test guest: build it, boot it in QEMU against a vhost-user-blk socket, run a
+workload script in it and collect the results from its serial console.
+
+Used by the end-to-end tests and by ``benchmarks.guest``; see :mod:`.guest` for how it works.
+"""
+
+from .guest import (
+    FioJob,
+    FioResult,
+    Guest,
+    GuestError,
+    GuestResult,
+    GuestTimeout,
+    ensure_guest,
+    guest_dir,
+    make_initrd,
+    newc_archive,
+    parse_fio_json,
+    parse_results,
+    run_guest,
+    shell_quote,
+)
+
+__all__ = [
+    "FioJob",
+    "FioResult",
+    "Guest",
+    "GuestError",
+    "GuestResult",
+    "GuestTimeout",
+    "ensure_guest",
+    "guest_dir",
+    "make_initrd",
+    "newc_archive",
+    "parse_fio_json",
+    "parse_results",
+    "run_guest",
+    "shell_quote",
+]
