@@ -100,6 +100,8 @@ class VhostUserDaemon:
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.worker_factory = worker_factory
         if listen_fd is not None:
+            if listen_fd < 0:
+                raise DaemonError(f"fd {listen_fd} is not a file descriptor")
             try:
                 sock = socket.socket(fileno=listen_fd)
             except OSError as exc:

@@ -20,6 +20,9 @@ from guestmem import GuestMemory
 from .messages import ProtocolFeature, VirtioFeature
 from .virtqueue import DescriptorChain
 
+#: Most virtqueues a device may have: QEMU's VIRTIO_QUEUE_MAX, so a frontend can use them all.
+MAX_QUEUES = 1024
+
 #: Ring features the library implements for every device.
 RING_FEATURES = (
     VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX

@@ -15,10 +15,13 @@ import sys
 from collections.abc import Sequence
 
 from vhost.daemon import DaemonError, VhostUserDaemon
+from vhost.device import MAX_QUEUES
+from vhost.virtqueue import QueueError, validate_size
 
 from .device import BlkDevice
 from .disk import Disk, DiskError, create_image, parse_size
 from .engine import ENGINES, default_engine
+from .request import ID_BYTES, check_serial
 
 log = logging.getLogger("vhost-user-blk")
 
@@ -60,13 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create", type=_size, metavar="SIZE",
                    help="create IMG as a sparse raw image of SIZE (e.g. 1G) if it does not exist")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
-                   help="number of request queues (default 1)")
+                   help=f"number of request queues, up to {MAX_QUEUES} (default 1)")
     p.add_argument("--read-only", action="store_true", help="export read-only")
     p.add_argument("--direct", action="store_true",
                    help="open with O_DIRECT (like cache.direct=on), bypassing the host page cache")
     p.add_argument("--logical-block-size", type=int, choices=(512, 4096), default=512,
                    help="logical block size the guest sees (default 512)")
-    p.add_argument("--serial", default="", help="device ID string (GET_ID), up to 20 characters")
+    p.add_argument("--serial", default="",
+                   help=f"device ID string (GET_ID), up to {ID_BYTES} ASCII characters")
     p.add_argument("--queue-size", type=_positive, default=1024, metavar="N",
                    help="largest virtqueue size accepted (default 1024)")
     p.add_argument("--aio", choices=ENGINES, default=default_engine(),
@@ -81,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with options argparse cannot judge alone, by the rules of the layers that
+    enforce them (so the command line and the running server never disagree)."""
+    if args.num_queues > MAX_QUEUES:
+        return f"--num-queues {args.num_queues}: at most {MAX_QUEUES} queues"
+    try:
+        validate_size(args.queue_size)
+    except QueueError as exc:
+        return f"--queue-size: {exc}"
+    try:
+        check_serial(args.serial)
+    except ValueError as exc:
+        return f"--serial: {exc}"
+    if args.fd is not None and args.fd < 0:
+        return f"--fd {args.fd} is not a file descriptor"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -93,10 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
-    if args.queue_size & (args.queue_size - 1) or args.queue_size > 32768:
-        return fail(f"--queue-size {args.queue_size} must be a power of two up to 32768")
-    if len(args.serial.encode("ascii", "replace")) > 20:
-        return fail("--serial is longer than 20 characters")
+    problem = check_args(args)
+    if problem:
+        return fail(problem)
     try:
         if args.create is not None and create_image(args.image, args.create):
             log.info("created %s (%d bytes, sparse)", args.image, args.create)

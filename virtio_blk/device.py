@@ -35,6 +35,7 @@ from .request import (
     ID_BYTES,
     SECTOR_SHIFT,
     T_BARRIER,
+    WRITEBACK_OFFSET,
     BlkFeature,
     Limits,
     ReqType,
@@ -48,7 +49,6 @@ from .request import (
 
 log = logging.getLogger(__name__)
 
-WRITEBACK_OFFSET = 32  # of the writeback byte in the config space
 #: Largest DISCARD/WRITE_ZEROES payload read (4096 segments; we accept 1): a bigger one is IOERR
 #: without copying it, whatever flags its segments carry.
 MAX_SEGMENT_PAYLOAD = 64 * 1024

@@ -14,8 +14,6 @@ kernel does not say, and callers bounce any buffer that does not meet them.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -26,59 +24,29 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .libc import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    dio_alignment,
+    fallocate,
+)
+from .request import SECTOR_SIZE
+
 log = logging.getLogger(__name__)
-
-SECTOR_SIZE = 512
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 
-STATX_DIOALIGN = 0x2000
-AT_FDCWD = -100
-AT_EMPTY_PATH = 0x1000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
-_libc.fallocate.restype = ctypes.c_int
-try:
-    _statx = _libc.statx
-    _statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
-    _statx.restype = ctypes.c_int
-except AttributeError:  # pragma: no cover - glibc < 2.28
-    _statx = None
+#: Largest size a file can have: off_t is signed 64-bit.
+MAX_IMAGE_SIZE = (1 << 63) - 1
 
 
 class DiskError(Exception):
     """The image cannot be opened or used as asked; the message is for the user."""
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2); OSError on failure (EOPNOTSUPP where the file system lacks the mode)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def dio_alignment(fd: int) -> tuple[int, int] | None:
-    """(memory alignment, offset alignment) for O_DIRECT from statx, or None if not reported."""
-    if _statx is None:
-        return None
-    buf = ctypes.create_string_buffer(256)
-    if _statx(fd, b"", AT_EMPTY_PATH, STATX_DIOALIGN, buf) != 0:
-        return None
-    mask = struct.unpack_from("<I", buf, 0)[0]
-    if not mask & STATX_DIOALIGN:
-        return None
-    mem_align, offset_align = struct.unpack_from("<II", buf, 152)
-    if not mem_align or not offset_align:
-        return None  # O_DIRECT not supported on this file
-    return mem_align, offset_align
 
 
 @dataclass(frozen=True)
@@ -108,7 +76,10 @@ class Disk:
         if logical_block_size not in (512, 4096):
             raise DiskError(f"logical block size {logical_block_size}: want 512 or 4096")
         self.path = os.fspath(path)
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK: opening a FIFO (or a character device) for reading would block until a
+        # writer came; with it the open returns and _probe refuses anything that is neither a
+        # regular file nor a block device.  Cleared again before any IO.
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
         if direct:
             flags |= os.O_DIRECT
         try:
@@ -126,6 +97,7 @@ class Disk:
             raise DiskError(f"{self.path}: {exc.strerror}") from None
         try:
             self.info = self._probe(read_only, direct, logical_block_size)
+            os.set_blocking(self.fd, True)
         except BaseException:
             os.close(self.fd)
             raise
@@ -169,7 +141,7 @@ class Disk:
         done = os.preadv(self.fd, buffers, offset)
         if done == total or done == 0:
             return done
-        return done + self._finish(os.preadv, buffers, offset, done, total)
+        return self.resume(False, buffers, offset, done)
 
     def writev(self, buffers: Sequence[memoryview], offset: int) -> int:
         """Write all of ``buffers`` at ``offset``; the bytes written."""
@@ -177,14 +149,19 @@ class Disk:
         done = os.pwritev(self.fd, buffers, offset)
         if done == total:
             return done
-        return done + self._finish(os.pwritev, buffers, offset, done, total)
+        return self.resume(True, buffers, offset, done)
 
-    def _finish(self, call, buffers: Sequence[memoryview], offset: int, done: int,
-                total: int) -> int:
-        """Continue a vectored IO that returned short, until it completes or stops moving."""
-        extra = 0
-        while done + extra < total:
-            skip = done + extra
+    def resume(self, write: bool, buffers: Sequence[memoryview], offset: int, done: int) -> int:
+        """Continue a vectored IO at ``offset`` that stopped after ``done`` bytes, until it
+        completes or stops moving; the total bytes done.
+
+        Every engine's short reads and writes end here (a write is complete only when every
+        byte was taken; a read comes up short only at the end of the file).
+        """
+        call = os.pwritev if write else os.preadv
+        total = sum(b.nbytes for b in buffers)
+        while done < total:
+            skip = done
             rest: list[memoryview] = []
             for b in buffers:
                 if skip >= b.nbytes:
@@ -192,11 +169,11 @@ class Disk:
                     continue
                 rest.append(b[skip:] if skip else b)
                 skip = 0
-            n = call(self.fd, rest, offset + done + extra)
+            n = call(self.fd, rest, offset + done)
             if n <= 0:
                 break
-            extra += n
-        return extra
+            done += n
+        return done
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -264,7 +241,11 @@ class Disk:
 
 
 def create_image(path: str | os.PathLike[str], size: int) -> bool:
-    """Create a sparse raw image of ``size`` bytes if ``path`` does not exist; True if created."""
+    """Create a sparse raw image of ``size`` bytes if ``path`` does not exist; True if created.
+
+    A file that cannot be given that size (over the file system's limit) is removed again, so a
+    failed ``--create`` leaves nothing behind to confuse the next run.
+    """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except FileExistsError:
@@ -273,8 +254,12 @@ def create_image(path: str | os.PathLike[str], size: int) -> bool:
         raise DiskError(f"cannot create {os.fspath(path)}: {exc.strerror}") from None
     try:
         os.ftruncate(fd, size)
-    finally:
+    except (OSError, OverflowError) as exc:
         os.close(fd)
+        os.unlink(path)
+        why = exc.strerror if isinstance(exc, OSError) else "too large"
+        raise DiskError(f"cannot create {os.fspath(path)} of {size} bytes: {why}") from None
+    os.close(fd)
     return True
 
 
@@ -289,4 +274,6 @@ def parse_size(text: str) -> int:
         raise ValueError(f"bad size {text!r} (examples: 1G, 512M, 1048576)") from None
     if value <= 0:
         raise ValueError(f"size {text!r} must be positive")
+    if value > MAX_IMAGE_SIZE:
+        raise ValueError(f"size {text!r} is larger than a file can be ({MAX_IMAGE_SIZE} bytes)")
     return value

@@ -32,7 +32,7 @@ import queue
 import threading
 from typing import Any
 
-from guestmem import AtomicIoVec, IoBuffer
+from guestmem import IoBuffer, iovec_array
 
 from .disk import Disk
 from .uring import (
@@ -80,6 +80,23 @@ class IoOp:
         self.iov: Any = None  # keeps an iovec array alive while the kernel uses it
 
 
+def sync_if_write_through(disk: Disk, op: IoOp) -> None:
+    """The one place write-through is kept: a write (or write-zeroes) made in write-through mode
+    (``op.sync``) is complete only once flushed, so a successful one is flushed before it is
+    reported; a flush failure becomes the op's result."""
+    if not op.sync or isinstance(op.result, BaseException):
+        return
+    if op.kind == OpKind.WRITE:
+        if op.result != op.length:
+            return  # short: reported as a failure anyway
+    elif op.kind != OpKind.WRITE_ZEROES:
+        return  # reads, flushes and discards change nothing a flush would make durable
+    try:
+        disk.flush()
+    except OSError as exc:
+        op.result = exc
+
+
 def execute(disk: Disk, op: IoOp) -> None:
     """Run ``op`` against ``disk`` in the calling thread, storing its result."""
     try:
@@ -88,8 +105,6 @@ def execute(disk: Disk, op: IoOp) -> None:
             op.result = disk.readv([b.view for b in op.buffers], op.offset)
         elif kind == OpKind.WRITE:
             op.result = disk.writev([b.view for b in op.buffers], op.offset)
-            if op.sync and op.result == op.length:
-                disk.flush()
         elif kind == OpKind.FLUSH:
             disk.flush()
             op.result = 0
@@ -100,11 +115,10 @@ def execute(disk: Disk, op: IoOp) -> None:
         else:
             for seg in op.segments:
                 disk.write_zeroes(seg.offset, seg.length, seg.unmap)
-            if op.sync:
-                disk.flush()
             op.result = 0
     except OSError as exc:
         op.result = exc
+    sync_if_write_through(disk, op)
 
 
 class Engine(abc.ABC):
@@ -219,7 +233,7 @@ class UringEngine(Engine):
                 addr, length = bufs[0].address, op.length
             else:
                 code = OP_READV if kind == OpKind.READ else OP_WRITEV
-                op.iov = (AtomicIoVec * len(bufs))(*(b.as_iovec() for b in bufs))
+                op.iov = iovec_array(bufs)
                 addr, length = ctypes.addressof(op.iov), len(bufs)
             flags = 0
         elif kind == OpKind.FLUSH:
@@ -242,24 +256,16 @@ class UringEngine(Engine):
             op = ops.pop(ud)
             if res < 0:
                 op.result = OSError(-res, os.strerror(-res))
-            elif op.kind == OpKind.READ or op.kind == OpKind.WRITE:
-                if 0 < res < op.length:  # short: finish it the plain way
-                    views = [b.view for b in op.buffers]
-                    call = os.preadv if op.kind == OpKind.READ else os.pwritev
-                    try:
-                        res += self.disk._finish(call, views, op.offset, res, op.length)
-                    except OSError as exc:
-                        op.result = exc
-                        out.append(op)
-                        continue
-                op.result = res
-                if op.sync and res == op.length:
-                    try:
-                        self.disk.flush()
-                    except OSError as exc:
-                        op.result = exc
+            elif 0 < res < op.length and op.kind in (OpKind.READ, OpKind.WRITE):
+                # Short: finish it the plain way.
+                try:
+                    op.result = self.disk.resume(op.kind == OpKind.WRITE,
+                                                 [b.view for b in op.buffers], op.offset, res)
+                except OSError as exc:
+                    op.result = exc
             else:
                 op.result = res
+            sync_if_write_through(self.disk, op)
             op.iov = None
             out.append(op)
         return out

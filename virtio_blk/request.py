@@ -147,6 +147,14 @@ def parse_segments(req_type: ReqType, data: bytes, limits: Limits) -> list[Segme
     return out
 
 
+def check_serial(serial: str) -> None:
+    """ValueError unless ``serial`` fits the GET_ID answer (:data:`ID_BYTES` ASCII bytes)."""
+    if not serial.isascii():
+        raise ValueError(f"serial {serial!r} is not ASCII")
+    if len(serial) > ID_BYTES:
+        raise ValueError(f"serial {serial!r} is longer than {ID_BYTES} characters")
+
+
 def device_id(serial: str) -> bytes:
     """The 20-byte GET_ID answer: ASCII, NUL-padded, no terminator when 20 long."""
     raw = serial.encode("ascii", "replace")[:ID_BYTES]
@@ -166,6 +174,8 @@ CONFIG = struct.Struct(
     "II"  # max_write_zeroes_sectors, max_write_zeroes_seg
     "B3x"  # write_zeroes_may_unmap, unused1
 )
+#: Offset of ``writeback``, the one config byte a driver may write (CONFIG_WCE).
+WRITEBACK_OFFSET = struct.calcsize("<QIIHBBIBBHI")
 
 
 def config_space(limits: Limits, num_queues: int, writeback: bool) -> bytes:

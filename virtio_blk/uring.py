@@ -14,14 +14,11 @@ acquire/release).  Layouts: include/uapi/linux/io_uring.h.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import struct
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+from .libc import syscall as _syscall
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426

@@ -249,6 +249,10 @@ def test_image_not_writable_without_read_only() -> None:
         (["--queue-size", "1000"], "power of two"),
         (["--queue-size", "65536"], "power of two"),
         (["--serial", "s" * 21], "longer than 20"),
+        (["--serial", "sérial"], "not ASCII"),
+        (["--num-queues", "1025"], "at most 1024 queues"),
+        (["--num-queues", "10000"], "at most 1024 queues"),
+        (["--create", "100000000T"], "larger than a file can be"),
     ],
 )
 def test_bad_option(tmp_path: Path, image: Path, args: list[str], fragment: str) -> None:
@@ -437,3 +441,34 @@ def test_create_in_a_missing_directory(tmp_path: Path) -> None:
     img = tmp_path / "no" / "such" / "dir" / "disk.img"
     proc = run("--socket", tmp_path / "s.sock", "--image", img, "--create", "1M")
     assert_one_line_error(proc, "cannot create", str(img))
+
+
+@pytest.mark.parametrize(("size", "fragment"), [
+    ("100000000T", "larger than a file can be"),  # past what a file offset can hold
+    ("100T", "File too large"),  # past what the file system allows (ext4: 16 TiB)
+])
+def test_create_too_large_leaves_nothing_behind(tmp_path: Path, size: str, fragment: str) -> None:
+    img = tmp_path / "big.img"
+    proc = run("--socket", tmp_path / "s.sock", "--image", img, "--create", size)
+    assert_one_line_error(proc, fragment)
+    assert not img.exists()
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_negative_fd(image: Path) -> None:
+    assert_one_line_error(run("--fd", "-1", "--image", image), "--fd -1")
+
+
+@pytest.mark.parametrize("read_only", [True, False], ids=["read-only", "read-write"])
+def test_fifo_image_is_refused_without_blocking(tmp_path: Path, read_only: bool) -> None:
+    fifo = tmp_path / "disk.fifo"
+    os.mkfifo(fifo)
+    # Opening a FIFO for reading blocks until a writer comes: run() times out if it hangs.
+    proc = run("--socket", tmp_path / "s.sock", "--image", fifo,
+               *(["--read-only"] if read_only else []))
+    assert_one_line_error(proc, "neither a regular file nor a block device")
+
+
+def test_character_device_image_is_refused(tmp_path: Path) -> None:
+    proc = run("--socket", tmp_path / "s.sock", "--image", "/dev/zero", "--read-only")
+    assert_one_line_error(proc, "neither a regular file nor a block device")

@@ -1,0 +1,62 @@
+"""The C library calls Python's ``os`` module lacks, declared once: fallocate, statx, syscall.
+
+Both the disk (``fallocate`` for discard and write-zeroes, ``statx`` for O_DIRECT alignment) and
+the io_uring ring (``syscall`` for io_uring_setup/enter) need them; one handle and one set of
+prototypes keeps the argument types from drifting apart.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+
+LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+LIBC.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+LIBC.fallocate.restype = ctypes.c_int
+syscall = LIBC.syscall
+syscall.restype = ctypes.c_long
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+STATX_DIOALIGN = 0x2000
+AT_EMPTY_PATH = 0x1000
+
+try:
+    _statx = LIBC.statx
+    _statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+    _statx.restype = ctypes.c_int
+except AttributeError:  # pragma: no cover - glibc < 2.28
+    _statx = None
+
+
+def errno_error(what: str = "") -> OSError:
+    """The OSError for the errno the last libc call left."""
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}" if what else os.strerror(err))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2); OSError on failure (EOPNOTSUPP where the file system lacks the mode)."""
+    if LIBC.fallocate(fd, mode, offset, length) != 0:
+        raise errno_error()
+
+
+def dio_alignment(fd: int) -> tuple[int, int] | None:
+    """(memory alignment, offset alignment) for O_DIRECT from statx, or None if not reported."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(256)
+    if _statx(fd, b"", AT_EMPTY_PATH, STATX_DIOALIGN, buf) != 0:
+        return None
+    mask = struct.unpack_from("<I", buf, 0)[0]
+    if not mask & STATX_DIOALIGN:
+        return None
+    mem_align, offset_align = struct.unpack_from("<II", buf, 152)
+    if not mem_align or not offset_align:
+        return None  # O_DIRECT not supported on this file
+    return mem_align, offset_align
