@@ -11,7 +11,14 @@ Like OpenVMM's ``guestmem`` crate under ``scsi_buffers``, or rust-vmm's ``vm-mem
 uses neither.
 """
 
-from .iovec import AtomicIoVec, IoBuffer, LockedIoBuffers, iovec_array, release_views
+from .iovec import (
+    AtomicIoVec,
+    IoBuffer,
+    LockedIoBuffers,
+    alignment_mask,
+    iovec_array,
+    release_views,
+)
 from .memory import (
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -32,6 +39,7 @@ __all__ = [
     "GuestRegion",
     "IoBuffer",
     "LockedIoBuffers",
+    "alignment_mask",
     "buffer_address",
     "iovec_array",
     "release_views",

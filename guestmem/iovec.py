@@ -19,7 +19,14 @@ from collections.abc import Iterable, Sequence
 
 from .memory import buffer_address
 
-__all__ = ["AtomicIoVec", "IoBuffer", "LockedIoBuffers", "iovec_array", "release_views"]
+__all__ = [
+    "AtomicIoVec",
+    "IoBuffer",
+    "LockedIoBuffers",
+    "alignment_mask",
+    "iovec_array",
+    "release_views",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,18 @@ class AtomicIoVec(ctypes.Structure):
 
     def __repr__(self) -> str:
         return f"AtomicIoVec(address={self.address:#x}, len={self.iov_len})"
+
+
+def alignment_mask(alignment: int) -> int:
+    """``alignment - 1``; ``ValueError`` unless ``alignment`` is a power of two.
+
+    The one definition of "aligned" the project uses: a start and a length are aligned when
+    neither has a bit of this mask set (guest ranges in ``RequestBuffers.is_aligned``, host
+    pieces in :meth:`LockedIoBuffers.is_aligned`).
+    """
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"alignment {alignment} is not a power of two")
+    return alignment - 1
 
 
 def iovec_array(pieces: Sequence[IoBuffer]) -> ctypes.Array[AtomicIoVec]:
@@ -132,6 +151,18 @@ class LockedIoBuffers:
 
     def __len__(self) -> int:
         return self._length
+
+    def is_aligned(self, alignment: int) -> bool:
+        """Whether every piece's host address and length are multiples of ``alignment``.
+
+        What O_DIRECT asks of the buffers.  Where guest memory keeps page offsets (host address
+        and guest address equal modulo 4096, as QEMU's regions do), this agrees with
+        ``RequestBuffers.is_aligned`` on the guest range (a property test checks it); a region
+        mapped at an odd offset is where only this host-side answer is right.
+        """
+        self._check()
+        mask = alignment_mask(alignment)
+        return not any((b.address | b.view.nbytes) & mask for b in self._buffers)
 
     @property
     def length(self) -> int:

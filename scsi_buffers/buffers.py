@@ -33,6 +33,7 @@ from guestmem import (
     GuestMemory,
     IoBuffer,
     LockedIoBuffers,
+    alignment_mask,
     iovec_array,
     release_views,
 )
@@ -276,10 +277,9 @@ class RequestBuffers:
         Checking the first-page offset, the length and the page size is enough: interior pages
         are whole, so every run boundary after the first is a page boundary.  Hence nothing is
         aligned to more than 4096.  ``ValueError`` unless ``alignment`` is a power of two.
+        (The host-address counterpart, for locked pieces, is ``LockedIoBuffers.is_aligned``.)
         """
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise ValueError(f"alignment {alignment} is not a power of two")
-        return ((self._range.offset | len(self._range) | PAGE_SIZE) & (alignment - 1)) == 0
+        return not (self._range.offset | len(self._range) | PAGE_SIZE) & alignment_mask(alignment)
 
     def reader(self) -> RequestReader:
         """A reader over all the bytes (always allowed, whatever the direction)."""

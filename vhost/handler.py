@@ -45,7 +45,14 @@ from .messages import (
 from .messages import (
     inflight as inflight_payload,
 )
-from .virtqueue import QueueError, RingAddresses, VirtQueue, ring_sizes, validate_size
+from .virtqueue import (
+    QueueError,
+    RingAddresses,
+    VirtQueue,
+    check_ring_alignment,
+    ring_sizes,
+    validate_size,
+)
 from .worker import Notifier, QueueWorker
 
 log = logging.getLogger(__name__)
@@ -357,13 +364,10 @@ class BackendHandler:
             # Alignment is a rule on guest physical addresses (virtio 2.7): a region whose mmap
             # offset is not 16-byte aligned puts an aligned ring at an unaligned frontend
             # address, so translate first and check the result.
-            gpas = [
+            check_ring_alignment(RingAddresses(*(
                 self.memory.uva_to_gpa(addr, length)
                 for addr, length in zip(uaddrs, ring_sizes(vring.size), strict=True)
-            ]
-            if gpas[0] % 16 or gpas[1] % 2 or gpas[2] % 4:
-                raise Refused(f"misaligned ring addresses desc {gpas[0]:#x} avail "
-                              f"{gpas[1]:#x} used {gpas[2]:#x}")
+            )))
         vring.ring_uaddrs = uaddrs
         vring.broken = False
 

@@ -116,6 +116,21 @@ def ring_sizes(size: int) -> tuple[int, int, int]:
     return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
 
 
+#: Alignment virtio 2.7 requires of (descriptor table, avail ring, used ring), in guest
+#: physical addresses.
+RING_ALIGNMENT = (16, 2, 4)
+RING_PARTS = ("descriptor table", "avail ring", "used ring")
+
+
+def check_ring_alignment(addresses: RingAddresses) -> None:
+    """QueueError unless each ring part's guest physical address is aligned as virtio requires."""
+    for name, gpa, align in zip(
+        RING_PARTS, (addresses.desc, addresses.avail, addresses.used), RING_ALIGNMENT, strict=True
+    ):
+        if gpa % align:
+            raise QueueError(f"{name} at {gpa:#x} is not {align}-byte aligned")
+
+
 class VirtQueue:
     """State of one split virtqueue and the operations a device side performs on it."""
 
@@ -137,25 +152,20 @@ class VirtQueue:
         self.addresses = addresses
         self.event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
         self.indirect = bool(features & VirtioFeature.RING_INDIRECT_DESC)
-        desc_len, avail_len, used_len = ring_sizes(size)
-        for name, gpa, length, align in (
-            ("descriptor table", addresses.desc, desc_len, 16),
-            ("avail ring", addresses.avail, avail_len, 2),
-            ("used ring", addresses.used, used_len, 4),
+        check_ring_alignment(addresses)
+        views = []
+        for name, gpa, length in zip(
+            RING_PARTS, (addresses.desc, addresses.avail, addresses.used), ring_sizes(size),
+            strict=True,
         ):
-            if gpa % align:
-                raise QueueError(f"{name} at {gpa:#x} is not {align}-byte aligned")
             try:
-                view = memory.view(gpa, length, for_write=name == "used ring")
+                views.append(memory.view(gpa, length, for_write=name == "used ring"))
             except AccessError as exc:
                 raise QueueError(f"{name} at {gpa:#x}+{length:#x}: {exc}") from exc
-            if name == "descriptor table":
-                self._desc = view
-            elif name == "avail ring":
-                self._avail = view.cast("H")
-            else:
-                self._used_bytes = view
-                self._used = view.cast("H")
+        self._desc = views[0]
+        self._avail = views[1].cast("H")
+        self._used_bytes = views[2]
+        self._used = views[2].cast("H")
         self._mask = size - 1
         self._used_event_slot = 2 + size  # in avail, as u16 index
         self._avail_event_slot = 2 + 4 * size  # in used, as u16 index
@@ -214,7 +224,6 @@ class VirtQueue:
         pending = (avail_idx - self.next_avail) & 0xFFFF
         if pending == 0:
             return out
-        inflight = self._inflight
         try:
             if pending > self.size:
                 raise QueueError(
@@ -225,20 +234,9 @@ class VirtQueue:
                 pending = limit
             avail = self._avail
             mask = self._mask
-            in_flight = self._in_flight
             for _ in range(pending):
-                head = avail[2 + (self.next_avail & mask)]
-                if head >= self.size:
-                    raise QueueError(f"avail ring head {head} >= queue size {self.size}")
-                if in_flight[head]:
-                    raise QueueError(f"head {head} made available again while still in flight")
-                chain = self._read_chain(head)
-                in_flight[head] = 1
-                self.in_flight_count += 1
-                if inflight is not None:
-                    inflight.popped(head)
+                out.append(self._take(avail[2 + (self.next_avail & mask)], "avail ring"))
                 self.next_avail = (self.next_avail + 1) & 0xFFFF
-                out.append(chain)
         except QueueError as exc:
             self.broken = True
             self.error = exc
@@ -246,21 +244,25 @@ class VirtQueue:
 
     def _pop_replay(self, out: list[DescriptorChain]) -> None:
         """Chains of the heads to resubmit, validated like new ones (their memory may differ)."""
-        inflight = self._inflight
-        assert inflight is not None
         try:
             while self._replay:
-                head = self._replay.pop(0)
-                if head >= self.size or self._in_flight[head]:
-                    raise QueueError(f"inflight head {head} is invalid or repeated")
-                chain = self._read_chain(head)
-                self._in_flight[head] = 1
-                self.in_flight_count += 1
-                inflight.popped(head)
-                out.append(chain)
+                out.append(self._take(self._replay.pop(0), "inflight area"))
         except QueueError as exc:
             self.broken = True
             self.error = exc
+
+    def _take(self, head: int, source: str) -> DescriptorChain:
+        """Validate ``head`` (from ``source``) and its chain, and mark it in flight."""
+        if head >= self.size:
+            raise QueueError(f"{source} head {head} >= queue size {self.size}")
+        if self._in_flight[head]:
+            raise QueueError(f"{source} head {head} made available again while still in flight")
+        chain = self._read_chain(head)
+        self._in_flight[head] = 1
+        self.in_flight_count += 1
+        if self._inflight is not None:
+            self._inflight.popped(head)
+        return chain
 
     def _read_chain(self, head: int) -> DescriptorChain:
         table = self._desc

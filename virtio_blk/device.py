@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from guestmem import AccessError, GuestMemory, IoBuffer, LockedIoBuffers
+from guestmem import AccessError, GuestMemory, LockedIoBuffers
 from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
 from vhost.device import Device, QueueHandler
 from vhost.virtqueue import DescriptorChain
@@ -372,9 +372,9 @@ class BlkQueueHandler(QueueHandler):
         check_range(sector, length, self.limits)
         if length == 0:
             return self._put_status(status_gpa, Status.OK, 1)
-        layout = plan(self.memory, trim_end(chain.writable, 1), is_write=True)
+        layout = plan(self.memory, trim_end(chain.writable, 1), guest_writable=True)
         req = BlkRequest(OpKind.READ, chain.head, status_gpa, sector, length)
-        self._attach_buffers(req, layout, for_write=True)
+        self._attach_buffers(req, layout, into_guest=True)
         return self._submit(req)
 
     def _write(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:
@@ -386,23 +386,26 @@ class BlkQueueHandler(QueueHandler):
         check_range(sector, length, self.limits)
         if length == 0:
             return self._put_status(status_gpa, Status.OK, 1)
-        layout = plan(self.memory, skip_start(chain.readable, HEADER_SIZE), is_write=False)
+        layout = plan(self.memory, skip_start(chain.readable, HEADER_SIZE), guest_writable=False)
         req = BlkRequest(OpKind.WRITE, chain.head, status_gpa, sector, length)
         req.sync = not self.device.writeback
-        self._attach_buffers(req, layout, for_write=False)
+        self._attach_buffers(req, layout, into_guest=False)
         return self._submit(req)
 
-    def _attach_buffers(self, req: BlkRequest, layout: DataLayout, for_write: bool) -> None:
-        """Zero-copy when the pieces allow it, else a bounce buffer (gathered now for writes)."""
+    def _attach_buffers(self, req: BlkRequest, layout: DataLayout, into_guest: bool) -> None:
+        """Zero-copy when the pieces allow it, else a bounce buffer (gathered now for writes).
+
+        ``into_guest``: the data flows into guest memory (an IN request, a disk read).
+        """
         req.layout = layout
         if not layout.bounce:
-            locks = [b.lock(for_write=for_write) for b in layout.buffers]
+            locks = [b.lock(for_write=into_guest) for b in layout.buffers]
             req.locks = locks
             if len(locks) == 1:
                 pieces = locks[0].io_buffers
             else:
                 pieces = [p for lock in locks for p in lock.io_buffers]
-            if not self.direct or self._dio_aligned(pieces):
+            if not self.direct or all(lock.is_aligned(self.mem_align) for lock in locks):
                 req.buffers = pieces
                 return
             req.release()
@@ -415,17 +418,13 @@ class BlkQueueHandler(QueueHandler):
         req.bounce = bounce
         self.stats.bounced_requests += 1
         self.stats.bounced_bytes += req.length
-        if not for_write:
+        if not into_guest:
             try:
                 bounce.buffer.gather_from(layout.buffers)
             except BaseException:
                 req.release()
                 raise
         req.buffers = bounce.buffer.io_buffers()
-
-    def _dio_aligned(self, pieces: list[IoBuffer]) -> bool:
-        mask = self.mem_align - 1
-        return not any((p.address | len(p)) & mask for p in pieces)
 
     # ------------------------------------------------------------------ the other types
     def _flush(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:

@@ -66,9 +66,15 @@ def skip_start(pieces: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int
     return out
 
 
-def plan(memory: GuestMemory, pieces: Sequence[tuple[int, int]], is_write: bool) -> DataLayout:
-    """Build the RequestBuffers for a request's data pieces (``is_write``: guest memory is
-    written, i.e. a disk read)."""
+def plan(memory: GuestMemory, pieces: Sequence[tuple[int, int]],
+         guest_writable: bool) -> DataLayout:
+    """Build the RequestBuffers for a request's data pieces.
+
+    ``guest_writable``: the device writes these pieces -- an IN request, whose data a disk
+    read fills.  (It becomes the model's ``RequestBuffers.is_write``, a name easy to misread
+    next to virtio's IN/OUT, which is why it is not used here.)
+    """
+    is_write = guest_writable
     if len(pieces) == 1:  # the common case: one descriptor of data
         gpa, n = pieces[0]
         return DataLayout([RequestBuffers(memory, PagedRange.linear(gpa, n), is_write)], n, False)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,3 +183,27 @@ def test_paged_ranges_skip_truncate_agree_with_the_model(
     cut = multi.skip(skip).truncate(keep)
     assert np.array_equal(expand(cut.ranges()), addrs[skip : skip + keep])
     assert len(cut) == keep
+
+
+@PROPS
+@given(paged_ranges())
+def test_guest_and_host_alignment_agree_where_page_offsets_are_kept(
+    t: tuple[int, int, list[int]],
+) -> None:
+    """``RequestBuffers.is_aligned`` (guest addresses) and ``LockedIoBuffers.is_aligned`` (the
+    host pieces O_DIRECT sees) are one rule in two views: they must agree on guest memory whose
+    regions keep page offsets, here two adjacent page-aligned mappings."""
+    offset, length, gpns = t
+    top = max(gpns, default=0) + 1
+    low = max(1, top // 2)  # the region boundary falls inside some ranges
+    mem = GuestMemory.anonymous(low * PAGE_SIZE)
+    if top > low:
+        mem.add_buffer(low * PAGE_SIZE, mmap.mmap(-1, (top - low) * PAGE_SIZE))
+    b = RequestBuffers(mem, PagedRange(offset, length, gpns), True)
+    with b.lock(for_write=True) as locked:
+        for shift in range(14):
+            a = 1 << shift
+            # An empty range has no host pieces: only its guest offset can be misaligned.
+            expect = b.is_aligned(a) if length else True
+            assert locked.is_aligned(a) == expect, (a, offset, length)
+    mem.close()

@@ -80,7 +80,7 @@ def test_skip_start(pieces: list[tuple[int, int]], n: int, expected: list[tuple[
 
 # ---------------------------------------------------------------- plan(): worked examples
 def test_single_piece_is_one_linear_range(memory: GuestMemory) -> None:
-    layout = plan(memory, [(0x3200, 8192)], is_write=True)
+    layout = plan(memory, [(0x3200, 8192)], guest_writable=True)
     assert not layout.bounce
     assert layout.length == 8192
     assert ranges(layout) == [PagedRange(0x200, 8192, [3, 4, 5])]
@@ -91,7 +91,7 @@ def test_contiguous_mid_sector_pieces_are_coalesced(memory: GuestMemory) -> None
     # 448+64 and 3952+2704 split points, contiguous in guest memory: one range, no bounce,
     # and the page the pieces share is listed once.
     pieces = [(0x1064, 448), (0x1064 + 448, 64), (0x1064 + 512, 3952), (0x1064 + 4464, 2704)]
-    layout = plan(memory, pieces, is_write=False)
+    layout = plan(memory, pieces, guest_writable=False)
     assert not layout.bounce
     assert layout.length == 448 + 64 + 3952 + 2704
     assert ranges(layout) == [PagedRange.linear(0x1064, 7168)]
@@ -100,7 +100,7 @@ def test_contiguous_mid_sector_pieces_are_coalesced(memory: GuestMemory) -> None
 
 
 def test_contiguous_piece_starting_on_a_new_page(memory: GuestMemory) -> None:
-    layout = plan(memory, [(0x1E00, 0x200), (0x2000, 0x400)], is_write=True)
+    layout = plan(memory, [(0x1E00, 0x200), (0x2000, 0x400)], guest_writable=True)
     assert not layout.bounce
     assert ranges(layout) == [PagedRange(0xE00, 0x600, [1, 2])]
 
@@ -108,14 +108,14 @@ def test_contiguous_piece_starting_on_a_new_page(memory: GuestMemory) -> None:
 def test_page_aligned_pieces_are_joined(memory: GuestMemory) -> None:
     # Three non-contiguous pieces meeting at page boundaries: one range over pages 1, 5, 9, 10.
     pieces = [(0x1000, 4096), (0x5000, 4096), (0x9000, 8192)]
-    layout = plan(memory, pieces, is_write=True)
+    layout = plan(memory, pieces, guest_writable=True)
     assert not layout.bounce
     assert ranges(layout) == [PagedRange(0, 16384, [1, 5, 9, 10])]
 
 
 def test_join_keeps_a_partial_first_and_last_page(memory: GuestMemory) -> None:
     # 448 bytes ending a page + 64 starting another (a Windows split that is page-joinable).
-    layout = plan(memory, [(0x1E40, 448), (0x7000, 64)], is_write=False)
+    layout = plan(memory, [(0x1E40, 448), (0x7000, 64)], guest_writable=False)
     assert not layout.bounce
     assert ranges(layout) == [PagedRange(0xE40, 512, [1, 7])]
     assert range_addresses(layout.buffers[0].range) == byte_addresses([(0x1E40, 448),
@@ -124,7 +124,7 @@ def test_join_keeps_a_partial_first_and_last_page(memory: GuestMemory) -> None:
 
 def test_sector_aligned_gaps_make_separate_ranges_without_bounce(memory: GuestMemory) -> None:
     pieces = [(0x1000, 512), (0x3200, 1024), (0x5007, 2560)]
-    layout = plan(memory, pieces, is_write=True)
+    layout = plan(memory, pieces, guest_writable=True)
     assert not layout.bounce
     assert ranges(layout) == [PagedRange.linear(a, n) for a, n in pieces]
 
@@ -139,7 +139,7 @@ def test_sector_aligned_gaps_make_separate_ranges_without_bounce(memory: GuestMe
     ],
 )
 def test_mid_sector_gap_bounces(memory: GuestMemory, pieces: list[tuple[int, int]]) -> None:
-    layout = plan(memory, pieces, is_write=True)
+    layout = plan(memory, pieces, guest_writable=True)
     assert layout.bounce
     assert layout.length == sum(n for _, n in pieces)
     # The buffers still describe every byte, in order (the bounce copy scatters through them).
@@ -150,20 +150,20 @@ def test_mid_sector_piece_in_a_coalesced_run_does_not_bounce(memory: GuestMemory
     # Only a *new range* at a mid-sector offset bounces; a new range at 512 after a coalesced
     # 100+412 is fine.
     pieces = [(0x1000, 100), (0x1064, 412), (0x3000, 512)]
-    layout = plan(memory, pieces, is_write=False)
+    layout = plan(memory, pieces, guest_writable=False)
     assert not layout.bounce
     assert ranges(layout) == [PagedRange.linear(0x1000, 512), PagedRange.linear(0x3000, 512)]
 
 
 def test_zero_length_pieces_are_ignored(memory: GuestMemory) -> None:
-    layout = plan(memory, [(0x1000, 448), (0x9000, 0), (0x1000 + 448, 64)], is_write=True)
+    layout = plan(memory, [(0x1000, 448), (0x9000, 0), (0x1000 + 448, 64)], guest_writable=True)
     assert not layout.bounce
     assert ranges(layout) == [PagedRange.linear(0x1000, 512)]
 
 
 def test_backwards_pieces_are_not_coalesced(memory: GuestMemory) -> None:
     # The second piece ends where the first starts: not contiguous in stream order.
-    layout = plan(memory, [(0x1200, 512), (0x1000, 512)], is_write=True)
+    layout = plan(memory, [(0x1200, 512), (0x1000, 512)], guest_writable=True)
     assert not layout.bounce
     assert ranges(layout) == [PagedRange.linear(0x1200, 512), PagedRange.linear(0x1000, 512)]
 
@@ -216,7 +216,7 @@ def piece_lists(draw: st.DrawFn) -> list[tuple[int, int]]:
 def test_plan_matches_the_rule(pieces: list[tuple[int, int]]) -> None:
     mem = GuestMemory.anonymous(64 * PAGE)
     try:
-        layout = plan(mem, pieces, is_write=True)
+        layout = plan(mem, pieces, guest_writable=True)
         count, bounce = model(pieces)
         assert layout.bounce == bounce
         assert len(layout.buffers) == count
