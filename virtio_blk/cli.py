@@ -165,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         finally:
             disk.close()
+            device.errlog.close()
         s = device.stats
         log.info("stopped: %d requests (%d reads, %d writes, %d flushes), %d errors, "
                  "%d bounced", s.requests, s.reads, s.writes, s.flushes, s.errors,

@@ -29,6 +29,7 @@ from vhost.virtqueue import DescriptorChain
 from .disk import Disk
 from .engine import IoOp, OpKind, make_engine
 from .layout import DataLayout, plan, skip_start, trim_end
+from .ratelimit import RateLimitedLog
 from .request import (
     HEADER,
     HEADER_SIZE,
@@ -170,6 +171,9 @@ class BlkDevice(Device):
         # One counter set per queue: each is only written by its queue's worker thread.
         self.queue_stats = [BlkStats() for _ in range(num_queues)]
         self.stats = StatsTotals(self.queue_stats)
+        #: Per-request failures (a failing disk fails every request): the first lines of each
+        #: minute, then a count.
+        self.errlog = RateLimitedLog(log)
 
     # ------------------------------------------------------------------ Device interface
     def features(self) -> int:
@@ -237,6 +241,7 @@ class BlkQueueHandler(QueueHandler):
         self.memory = memory
         self.limits = device.limits
         self.stats = device.queue_stats[index]
+        self.errlog = device.errlog
         self.direct = device.disk.info.direct
         self.mem_align = device.disk.info.mem_align
         self.engine = make_engine(device.engine_kind, device.disk, index, device.io_threads)
@@ -293,8 +298,8 @@ class BlkQueueHandler(QueueHandler):
         writable = chain.writable
         if not writable:
             self.stats.errors += 1
-            log.warning("queue %d: request %d has no writable status byte; completed without "
-                        "a status", self.index, chain.head)
+            self.errlog.log(logging.WARNING, "queue %d: request %d has no writable status byte; "
+                            "completed without a status", self.index, chain.head)
             return 0
         gpa, n = writable[-1]
         status_gpa = gpa + n - 1
@@ -342,7 +347,8 @@ class BlkQueueHandler(QueueHandler):
         try:
             self.memory.write(status_gpa, bytes((status,)))
         except AccessError as exc:  # memory went away under the request: nothing to report to
-            log.warning("queue %d: cannot write status at %#x: %s", self.index, status_gpa, exc)
+            self.errlog.log(logging.WARNING, "queue %d: cannot write status at %#x: %s",
+                            self.index, status_gpa, exc)
             return 0
         return used
 
@@ -487,8 +493,8 @@ class BlkQueueHandler(QueueHandler):
                     req.bounce.buffer.scatter_to(req.layout.buffers)
                 used = req.length + 1
         except AccessError as exc:
-            log.warning("queue %d: read of sector %d could not be returned: %s", self.index,
-                        req.sector, exc)
+            self.errlog.log(logging.WARNING, "queue %d: read of sector %d could not be returned: "
+                            "%s", self.index, req.sector, exc)
             ok = False
             used = 1
         finally:
@@ -509,5 +515,6 @@ class BlkQueueHandler(QueueHandler):
             return self._put_status(req.status_gpa, Status.OK, used)
         stats.errors += 1
         why = result if isinstance(result, BaseException) else f"{result} of {req.length} bytes"
-        log.error("queue %d: %s at sector %d failed: %s", self.index, kind.name, req.sector, why)
+        self.errlog.log(logging.ERROR, "queue %d: %s at sector %d failed: %s", self.index,
+                        kind.name, req.sector, why)
         return self._put_status(req.status_gpa, Status.IOERR, 1)

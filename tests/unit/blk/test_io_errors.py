@@ -154,3 +154,26 @@ def test_many_errors_do_not_stop_the_queue(make_blk: MakeBlk,
     assert env.device.stats.errors == 32
     monkeypatch.undo()
     still_serving(env)
+
+
+def test_a_failing_disk_logs_a_few_lines_then_a_count(
+        make_blk: MakeBlk, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A disk that fails every request must not write a line per request forever: the first
+    ones are kept, the rest counted and reported once the interval has passed."""
+    env = make_blk(engine="threads")
+    now = [0.0]
+    limiter = env.device.errlog
+    monkeypatch.setattr(limiter, "_clock", lambda: now[0])
+    limiter._window_start = 0.0
+    fail_disk(env, monkeypatch, "threads", "readv")
+    for i in range(3 * limiter.burst):
+        assert env.drv.read(8 * i, 4096).status == Status.IOERR
+    failed = [m for m in error_lines(caplog) if "failed" in m]
+    assert len(failed) == limiter.burst
+    assert env.device.stats.errors == 3 * limiter.burst
+    now[0] = limiter.interval + 1
+    assert env.drv.read(0, 4096).status == Status.IOERR
+    lines = error_lines(caplog)
+    assert f"{2 * limiter.burst} similar lines suppressed" in lines[-2]
+    assert "READ at sector 0 failed" in lines[-1]
