@@ -46,7 +46,8 @@ class Rig:
         self.disk = Disk(image)
         self.device = BlkDevice(self.disk, engine=engine)
         self.handler = self.device.create_handler(0, self.mem)
-        self.call = Notifier(os.eventfd(0, os.EFD_NONBLOCK))
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.call = Notifier(self.call_fd)
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
         self.worker = QueueWorker(self.vq, self.handler, self.kick, self.call)
         self.driver = DriverRing(self.mem, SIZE, addresses, event_idx=True)
@@ -70,7 +71,7 @@ class Rig:
         while self.vq.in_flight_count:
             self.worker._service(kick=False)
         with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.call.fd)
+            os.eventfd_read(self.call_fd)
 
     def close(self) -> None:
         self.driver.release()

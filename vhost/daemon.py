@@ -110,7 +110,8 @@ class VhostUserDaemon:
             self._listener = sock
             self._owns_path = False
         else:
-            self._listener = bind_unix_socket(self.socket_path, socket_mode)
+            assert socket_path is not None  # exactly one of the two, checked above
+            self._listener = bind_unix_socket(socket_path, socket_mode)
             self._owns_path = True
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._conn: socket.socket | None = None
@@ -132,18 +133,18 @@ class VhostUserDaemon:
         """Accept frontends and serve their messages until :meth:`shutdown`."""
         try:
             while True:
-                watch = [self._listener, self._stop_r]
+                watch = [self._listener.fileno(), self._stop_r]
                 if self._conn is not None:
-                    watch.append(self._conn)
+                    watch.append(self._conn.fileno())
                 try:
                     ready, _, _ = select.select(watch, [], [])
                 except InterruptedError:
                     continue
                 if self._stop_r in ready:
                     break
-                if self._conn is not None and self._conn in ready:
+                if self._conn is not None and self._conn.fileno() in ready:
                     self._serve_one()
-                if self._listener in ready:
+                if self._listener.fileno() in ready:
                     self._accept()
         finally:
             self._drop_connection("server stopping")

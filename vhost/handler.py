@@ -68,7 +68,8 @@ LIBRARY_PROTOCOL_FEATURES = (
     | ProtocolFeature.INFLIGHT_SHMFD
 )
 
-WorkerFactory = Callable[..., QueueWorker]
+#: Makes the worker of a starting queue (tests substitute one that records or delays).
+WorkerFactory = Callable[[VirtQueue, QueueHandler, int, Notifier, Notifier], QueueWorker]
 
 
 class Refused(Exception):

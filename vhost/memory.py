@@ -17,11 +17,10 @@ import mmap
 import os
 import stat
 from collections.abc import Sequence
-from typing import Any
 
 from guestmem import GuestMemory, GuestRegion
 
-from .messages import MAX_MEM_SLOTS
+from .messages import MAX_MEM_SLOTS, RegionFields
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ class MemoryTable:
     def __len__(self) -> int:
         return len(self.guest)
 
-    def _map_into(self, memory: GuestMemory, region: Any, fd: int) -> GuestRegion:
+    def _map_into(self, memory: GuestMemory, region: RegionFields, fd: int) -> GuestRegion:
         gpa, size = region.guest_phys_addr, region.memory_size
         uaddr, offset = region.userspace_addr, region.mmap_offset
         mm, delta = map_region(fd, gpa, size, uaddr, offset)
@@ -96,7 +95,7 @@ class MemoryTable:
             log.debug("region gpa %#x: mapping still viewed; unmapped when the last view goes", gpa)
         raise MemoryTableError(why)
 
-    def set_table(self, regions: Sequence[Any], fds: Sequence[int]) -> None:
+    def set_table(self, regions: Sequence[RegionFields], fds: Sequence[int]) -> None:
         """Replace the whole table (SET_MEM_TABLE).  All or nothing: on error the old one stays.
 
         The fds are the caller's to close.
@@ -105,8 +104,8 @@ class MemoryTable:
             raise MemoryTableError(f"{len(regions)} regions but {len(fds)} fds")
         fresh = GuestMemory()
         try:
-            for region, fd in zip(regions, fds, strict=True):
-                self._map_into(fresh, region, fd)
+            for desc, fd in zip(regions, fds, strict=True):
+                self._map_into(fresh, desc, fd)
         except MemoryTableError:
             fresh.close()
             raise
@@ -116,7 +115,7 @@ class MemoryTable:
         log.info("memory table: %d regions, %d MiB", len(self.guest),
                  sum(r.size for r in self.guest.regions) >> 20)
 
-    def add(self, region: Any, fd: int) -> GuestRegion:
+    def add(self, region: RegionFields, fd: int) -> GuestRegion:
         """Map one more region (ADD_MEM_REG)."""
         if len(self.guest) >= self.max_slots:
             raise MemoryTableError(f"all {self.max_slots} memory slots are in use")
@@ -124,7 +123,7 @@ class MemoryTable:
         log.debug("added region gpa %#x size %#x", added.gpa, added.size)
         return added
 
-    def remove(self, region: Any) -> None:
+    def remove(self, region: RegionFields) -> None:
         """Unmap the region matching gpa, size and user address (REM_MEM_REG)."""
         gpa, size, uaddr = region.guest_phys_addr, region.memory_size, region.userspace_addr
         found = self.guest.region_at(gpa)

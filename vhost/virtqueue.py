@@ -265,7 +265,7 @@ class VirtQueue:
         return chain
 
     def _read_chain(self, head: int) -> DescriptorChain:
-        table = self._desc
+        table: memoryview | bytes = self._desc
         table_len = self.size
         unpack = DESC.unpack_from
         memory = self.memory

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
@@ -29,7 +30,7 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + line
+    def error(self, message: str) -> NoReturn:  # one line, not usage + line
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 

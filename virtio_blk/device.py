@@ -20,6 +20,7 @@ import collections
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import cast
 
 from guestmem import AccessError, GuestMemory, LockedIoBuffers
 from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
@@ -266,11 +267,11 @@ class BlkQueueHandler(QueueHandler):
                 done.append((chain.head, used))
         if self.engine.batched:
             self.engine.flush()
-            done.extend((req.head, self._finish(req)) for req in self.engine.reap())
+            done.extend((req.head, self._finish(req)) for req in self._reap())
         return done
 
     def reap(self) -> list[tuple[int, int]]:
-        done = [(req.head, self._finish(req)) for req in self.engine.reap()]
+        done = [(req.head, self._finish(req)) for req in self._reap()]
         if not self.pending:
             return done
         while self.pending:
@@ -283,6 +284,10 @@ class BlkQueueHandler(QueueHandler):
         if self.engine.batched:
             self.engine.flush()
         return done
+
+    def _reap(self) -> list[BlkRequest]:
+        """The engine's finished ops: every op this queue submits is a :class:`BlkRequest`."""
+        return cast("list[BlkRequest]", self.engine.reap())
 
     def close(self) -> None:
         for chain in self.pending:  # only when the queue is torn down with requests waiting
@@ -489,7 +494,7 @@ class BlkQueueHandler(QueueHandler):
         used = 1
         try:
             if ok and kind == OpKind.READ:
-                if req.bounce is not None:
+                if req.bounce is not None and req.layout is not None:
                     req.bounce.buffer.scatter_to(req.layout.buffers)
                 used = req.length + 1
         except AccessError as exc:

@@ -71,7 +71,7 @@ class IoOp:
                  length: int = 0, ctx: Any = None) -> None:
         self.kind = kind
         self.offset = offset
-        self.buffers = buffers
+        self.buffers: list[IoBuffer] = [] if buffers is None else buffers
         self.length = length
         self.ctx = ctx
         self.segments: list[Any] = []
@@ -164,7 +164,8 @@ class ThreadPoolEngine(Engine):
 
     def __init__(self, disk: Disk, threads: int = 16, name: str = "io") -> None:
         self.disk = disk
-        self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.completion_fd = self._event_fd
         self._todo: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done: collections.deque[IoOp] = collections.deque()
         self._threads = [
@@ -178,7 +179,7 @@ class ThreadPoolEngine(Engine):
         todo = self._todo
         done = self._done
         disk = self.disk
-        fd = self.completion_fd
+        fd = self._event_fd
         while True:
             op = todo.get()
             if op is _STOP:
@@ -203,7 +204,7 @@ class ThreadPoolEngine(Engine):
             self._todo.put(_STOP)
         for t in self._threads:
             t.join(10)
-        os.close(self.completion_fd)
+        os.close(self._event_fd)
         self.completion_fd = None
 
 

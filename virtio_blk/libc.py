@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import os
 import struct
+from collections.abc import Callable
 
 LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -26,6 +27,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 STATX_DIOALIGN = 0x2000
 AT_EMPTY_PATH = 0x1000
 
+_statx: Callable[..., int] | None
 try:
     _statx = LIBC.statx
     _statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)

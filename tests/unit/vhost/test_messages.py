@@ -55,9 +55,9 @@ def test_round_trip(request_) -> None:
     spec = m.decode(message, nfds)
     assert spec is MESSAGE_TABLE[request_]
     if spec.layout is None:
-        assert message.fields is None
+        assert message.parsed is None
     else:
-        assert spec.layout.build(message.fields) == payload
+        assert spec.layout.build(message.parsed) == payload
 
 
 def test_decoded_fields() -> None:
