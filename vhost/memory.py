@@ -1,4 +1,4 @@
-"""The frontend's memory table, mapped: vhost-user regions -> :class:`scsi_buffers.GuestMemory`.
+"""The frontend's memory table, mapped: vhost-user regions -> :class:`guestmem.GuestMemory`.
 
 Each region arrives as (guest physical address, size, frontend virtual address, mmap offset) plus
 an fd.  We mmap ``size`` bytes at ``mmap_offset`` of the fd; mmap wants its offset aligned to the

@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scsi_buffers import PAGE_SIZE, GuestMemory, PagedRange, RequestBuffers
+from guestmem import PAGE_SIZE, GuestMemory
+from scsi_buffers import PagedRange, RequestBuffers
 
 from .request import SECTOR_SIZE
 
