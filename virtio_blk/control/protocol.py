@@ -4,7 +4,8 @@
   counting brace and bracket depth outside strings, so a message may span reads and lines and
   several may share one.  A text that does not parse becomes a :class:`ParseError` item in the
   output and the stream carries on after it -- a typo costs the client one error reply, not
-  its connection.
+  its connection.  Input nested too deep or too long is refused and skipped up to the next
+  newline, where parsing starts afresh (whatever brackets the rest of that line leaves open).
 * :class:`QmpSession` is one client's state: the greeting, capability negotiation
   (``qmp_capabilities`` first), the checks QEMU makes on every input object, and the ``id``
   echoed into the reply.  Commands themselves are a callable the session is given
@@ -57,11 +58,18 @@ class JsonStream:
         self._depth = 0
         self._in_string = False
         self._escape = False
+        self._skip_line = False  # after an oversized or too deep text
 
     def feed(self, data: bytes) -> list[Any]:
         """Append ``data``; return every value completed by it (ParseError for bad ones)."""
-        self._buf += data
         out: list[Any] = []
+        if self._skip_line:
+            end = data.find(b"\n")
+            if end < 0:
+                return out
+            data = data[end + 1:]
+            self._skip_line = False
+        self._buf += data
         buf = self._buf
         i = self._pos
         n = len(buf)
@@ -82,9 +90,9 @@ class JsonStream:
                 self._depth += 1
                 if self._depth > MAX_DEPTH:
                     out.append(ParseError("JSON nesting too deep"))
-                    self._reset(buf, n)
-                    i = n = 0
-                    break
+                    self._skip_to_newline(buf, i)
+                    i, n = 0, len(buf)
+                    continue
             elif c in (0x7D, 0x5D):  # } ]
                 self._depth -= 1
                 if self._depth <= 0:
@@ -103,12 +111,18 @@ class JsonStream:
         self._pos = i
         if len(buf) > self.max_message:
             out.append(ParseError(f"JSON message larger than {self.max_message} bytes"))
-            self._reset(buf, len(buf))
+            self._skip_to_newline(buf, len(buf))
+            out.extend(self.feed(b""))
         return out
 
-    def _reset(self, buf: bytearray, upto: int) -> None:
-        del buf[:upto]
-        buf.clear()
+    def _skip_to_newline(self, buf: bytearray, start: int) -> None:
+        """Drop the text being read and the rest of its line (which may not have come yet)."""
+        end = buf.find(b"\n", start)
+        if end < 0:
+            buf.clear()
+            self._skip_line = True
+        else:
+            del buf[: end + 1]
         self._pos = 0
         self._depth = 0
         self._in_string = self._escape = False

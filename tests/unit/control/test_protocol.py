@@ -55,10 +55,12 @@ def test_oversized_and_too_deep_input_is_refused_then_recovers() -> None:
     s = JsonStream(max_message=100)
     out = s.feed(b'{"x": "' + b"a" * 200)
     assert len(out) == 1 and "larger than 100" in out[0].reason
-    s2 = JsonStream()
-    out = s2.feed(b"[" * 2000)
-    assert len(out) == 1 and "too deep" in out[0].reason
-    assert s2.feed(b'\n{"execute": "x"}') == [{"execute": "x"}]
+    assert s.feed(b'aaa"}\n{"execute": "y"}') == [{"execute": "y"}]  # skipped to the newline
+    # However the nested garbage is cut into reads, parsing resumes after the next newline.
+    for chunks in ([b"[" * 5000], [b"[" * 1000, b"[" * 4000], [b"[" * 1024, b"[", b"[" * 3975]):
+        s2 = JsonStream()
+        out = feed_all(s2, *chunks, b'\n{"execute": "x"}')
+        assert len(out) == 2 and "too deep" in out[0].reason and out[1] == {"execute": "x"}
 
 
 def test_encoding_and_events() -> None:
