@@ -217,7 +217,7 @@ def test_client_gone_while_its_block_resize_waits_for_the_frontend(
     c.execute("qmp_capabilities")
     c.send(json.dumps({"execute": "block_resize",
                        "arguments": {"node-name": "disk0", "size": 3 * MiB}}).encode())
-    request, flags, _ = m.HEADER.unpack(ours.recv(m.HEADER_SIZE, socket.MSG_WAITALL))
+    request, _, _ = m.HEADER.unpack(ours.recv(m.HEADER_SIZE, socket.MSG_WAITALL))
     assert request == BackendRequest.CONFIG_CHANGE_MSG
     c.close()  # mid-command
     cfg = op.env.frontend.get_config(0, 8)
