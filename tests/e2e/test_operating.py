@@ -123,14 +123,14 @@ def test_metrics_during_a_guest_workload(tmp_path: Path, server) -> None:
     script = (
         "marker FIO-START\n"
         f"result fio {FIO} --name=mix --rw=randrw --bs=4k --iodepth=8 --numjobs=2 "
-        "--cpus_allowed=0-1 --cpus_allowed_policy=split --size=32M --io_size=6M "
+        "--cpus_allowed=0-1 --cpus_allowed_policy=split --size=32M --runtime=5 --time_based "
         "--group_reporting\n"
     )
     scrapes = []
     with Guest(srv.sock, script, num_queues=2, smp=2, timeout=600) as guest:
         guest.wait_for(r"^@@FIO-START", timeout=400)
         deadline = time.monotonic() + 300
-        while guest.running and time.monotonic() < deadline:
+        while guest.running() and time.monotonic() < deadline:
             scrapes.append(scrape(port))
             time.sleep(0.5)
         res = guest.wait()
@@ -141,8 +141,13 @@ def test_metrics_during_a_guest_workload(tmp_path: Path, server) -> None:
     # Counters only go up, scrape after scrape.
     writes = [total(s, "vhost_user_blk_requests_total", op="write") for s in scrapes]
     assert writes == sorted(writes) and writes[-1] > 0
+    assert any(0 < w < writes[-1] for w in writes), f"no scrape landed mid-fio: {writes}"
 
     final = scrape(port)
+    deadline = time.monotonic() + 10  # QEMU exited: the server notices the hang-up
+    while final[("vhost_user_blk_frontend_connected", ())] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        final = scrape(port)
     [entry] = qmp(qmp_path, ("query-blockstats", None))[0]
     st = entry["stats"]
     job = res.fio("fio").jobs[0]
