@@ -21,6 +21,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ class QmpServer:
             self._events.append(event(name, data))
         self._wake()
 
-    def stop(self, final_events: list[tuple[str, dict[str, Any]]] = ()) -> None:
+    def stop(self, final_events: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
         """Send ``final_events``, flush, close every client and the socket (idempotent)."""
         with self._lock:
             if self._stopping:
