@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,7 @@ from virtio_blk.disk import DiskError
 from virtio_blk.request import Status
 
 from .conftest import BlkEnv, MakeBlk, MiB
+from .test_block_device import loop_device  # noqa: F401 (fixture)
 
 
 def capacity(env: BlkEnv) -> int:
@@ -196,3 +199,23 @@ def test_disconnect_wakes_a_sender_waiting_for_its_ack(blk: BlkEnv,
     blk.frontend.close()  # QEMU goes away without acking
     assert told.result(5) is False
     chan.close()
+
+
+def test_block_device_grows_only_as_far_as_the_device(make_blk: MakeBlk,
+                                                      loop_device: tuple[Path, Path]  # noqa: F811
+                                                      ) -> None:
+    """A block device cannot be grown from here: block_resize succeeds once its owner grew it
+    (here: the loop device's backing file, then ``losetup -c``)."""
+    dev, backing = loop_device
+    env = make_blk(image=dev)
+    with pytest.raises(DiskError, match="grow the device itself first"):
+        env.device.resize(16 * MiB)
+    assert env.device.limits.capacity == 8 * MiB >> 9
+    os.truncate(backing, 16 * MiB)
+    subprocess.run(["losetup", "-c", str(dev)], check=True, timeout=30)
+    env.device.resize(16 * MiB)
+    assert capacity(env) == 16 * MiB >> 9
+    assert env.drv.write((16 * MiB >> 9) - 8, b"\x77" * 4096).status == Status.OK
+    assert env.drv.flush().status == Status.OK  # through the loop device's page cache
+    with open(backing, "rb") as f:
+        assert os.pread(f.fileno(), 4096, 16 * MiB - 4096) == b"\x77" * 4096

@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from vhost_frontend.blk import BlkDriver
 from virtio_blk.accounting import LATENCY_BOUNDS_NS
 from virtio_blk.control.metrics import parse_address
 from virtio_blk.request import Status
@@ -99,6 +100,24 @@ def test_scrape_agrees_with_the_driver_and_query_blockstats(make_operated: MakeO
     # The disk grows: the capacity gauge follows.
     op.env.device.resize(2 * MiB)
     assert scrape(op)[("vhost_user_blk_capacity_bytes", ())] == 2 * MiB
+
+
+def test_two_queues_counted_apart_and_summed(make_operated: MakeOperated) -> None:
+    """Each queue's worker thread counts its own requests; labels keep them apart and
+    query-blockstats sums them."""
+    op = make_operated(num_queues=2)
+    env = op.env
+    drv1 = BlkDriver(env.frontend, env.frontend.setup_queue(1, size=64), env.mem)
+    for i in range(30):  # each queue's requests are served (and counted) on its own worker
+        assert env.drv.write(8 * i, b"q" * 4096).status == Status.OK
+        if i < 20:
+            assert drv1.write(8 * i, b"q" * 4096).status == Status.OK
+    m = scrape(op)
+    assert m[("vhost_user_blk_requests_total", (("op", "write"), ("queue", "0")))] == 30
+    assert m[("vhost_user_blk_requests_total", (("op", "write"), ("queue", "1")))] == 20
+    assert m[("vhost_user_blk_request_seconds_count", (("op", "write"),))] == 50
+    st = blockstats(op)
+    assert (st["wr_operations"], st["wr_bytes"]) == (50, 50 * 4096)
 
 
 def test_io_errors_are_failed_operations(make_operated: MakeOperated) -> None:
