@@ -219,3 +219,15 @@ def test_block_device_grows_only_as_far_as_the_device(make_blk: MakeBlk,
     assert env.drv.flush().status == Status.OK  # through the loop device's page cache
     with open(backing, "rb") as f:
         assert os.pread(f.fileno(), 4096, 16 * MiB - 4096) == b"\x77" * 4096
+
+
+def test_backend_req_fd_that_is_not_a_socket_is_refused(blk: BlkEnv) -> None:
+    r, w = os.pipe()
+    try:
+        assert blk.frontend.command(Request.SET_BACKEND_REQ_FD, b"", [r]) == 1
+        handler = blk.daemon.daemon.handler
+        assert handler is not None and handler.backend_channel is None
+    finally:
+        os.close(r)
+        os.close(w)
+    assert blk.drv.flush().status == Status.OK  # the connection carries on
