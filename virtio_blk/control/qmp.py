@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import selectors
 import socket
 import threading
@@ -185,11 +186,16 @@ class QmpServer:
                     self._queue(client, ev)
 
     def _flush_all(self) -> None:
+        """Write pending output (replies, final events) for up to FLUSH_TIMEOUT seconds."""
         deadline = time.monotonic() + FLUSH_TIMEOUT
-        while any(c.out for c in self._clients.values()) and time.monotonic() < deadline:
-            for key, mask in self._selector.select(deadline - time.monotonic()):
-                if mask & selectors.EVENT_WRITE and isinstance(key.data, _Client):
-                    self._write(key.data)
+        while True:
+            waiting = {c.sock: c for c in self._clients.values() if c.out}
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0:
+                return
+            _, writable, _ = select.select([], list(waiting), [], left)
+            for sock in writable:
+                self._write(waiting[sock])
 
     def _drop(self, client: _Client, why: str) -> None:
         if self._clients.pop(client.number, None) is None:
