@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -56,6 +57,15 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _qmp_name(text: str) -> str:
+    """QEMU's rule for ids and node names: a letter, then letters, digits, '-', '.', '_'."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,30}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must start with a letter and contain only letters, digits, '-', '.' "
+            "and '_' (at most 31 characters)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vhost-user-blk",
@@ -89,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "block_resize, quit...")
     p.add_argument("--metrics", type=_address, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    p.add_argument("--node-name", default="disk0", metavar="NAME",
+    p.add_argument("--node-name", type=_qmp_name, default="disk0", metavar="NAME",
                    help="the disk's node name in QMP (block_resize, query-blockstats; "
                    "default disk0)")
-    p.add_argument("--export-id", default="export0", metavar="ID",
+    p.add_argument("--export-id", type=_qmp_name, default="export0", metavar="ID",
                    help="the export's id in QMP (query-block-exports; default export0)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),

@@ -165,3 +165,12 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "--fd 3" in (UNITS / "vhost-user-blk@.service").read_text()
+
+
+@pytest.mark.parametrize("name", ["1disk", "disk 0", "", "a" * 32, "disk/0"])
+def test_node_name_and_export_id_follow_qemus_rule(tmp_path: Path, image: Path,
+                                                   name: str) -> None:
+    for option in ("--node-name", "--export-id"):
+        proc = run("--socket", tmp_path / "s.sock", "--image", image, option, name)
+        assert proc.returncode == 2 and option in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
