@@ -9,6 +9,8 @@ lock, issue the IO, reap, write the status, publish -- which is what profiling n
     python -m benchmarks.hotpath                     # io_uring, batches of 32 and of 1
     python -m benchmarks.hotpath --engine inline     # preadv on the worker thread
     python -m benchmarks.hotpath --profile           # and a cProfile listing
+    python -m benchmarks.hotpath --accounting off    # without latency accounting (what a
+                                                     # server without --qmp/--metrics does)
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x10000, 0x20000
 class Rig:
     """One queue of a BlkDevice with ``slots`` fixed 3-descriptor read requests."""
 
-    def __init__(self, engine: str, image: str, slots: int = 32) -> None:
+    def __init__(self, engine: str, image: str, slots: int = 32,
+                 accounting: bool = True) -> None:
         self.mem = GuestMemory.anonymous(64 << 20)
         features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1)
         addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
         self.vq = VirtQueue(self.mem, SIZE, addresses, features)
         self.disk = Disk(image)
-        self.device = BlkDevice(self.disk, engine=engine)
+        self.device = BlkDevice(self.disk, engine=engine, latency_accounting=accounting)
         self.handler = self.device.create_handler(0, self.mem)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.call = Notifier(self.call_fd)
@@ -104,15 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[32, 1])
     p.add_argument("--requests", type=int, default=50000)
     p.add_argument("--profile", action="store_true", help="also print a cProfile listing")
+    p.add_argument("--accounting", choices=("on", "off"), default="on",
+                   help="latency accounting (two clock reads and a histogram bucket per "
+                   "request; on with --qmp or --metrics); default on")
     args = p.parse_args(argv)
     with tempfile.NamedTemporaryFile() as img:
         img.truncate(256 << 20)
         img.flush()
-        rig = Rig(args.engine, img.name)
+        rig = Rig(args.engine, img.name, accounting=args.accounting == "on")
         try:
             for batch in args.batches:
                 us = measure(rig, batch, args.requests)
-                print(f"{args.engine:9s} batch {batch:3d}: {us:6.1f} us CPU per 4k read")
+                print(f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}: "
+                      f"{us:6.1f} us CPU per 4k read")
             if args.profile:
                 prof = cProfile.Profile()
                 prof.runcall(measure, rig, args.batches[0], 5000)

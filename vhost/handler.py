@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .backend_channel import BackendChannel, BackendChannelError
 from .device import RING_FEATURES, Device, QueueHandler
 from .inflight import InflightArea, InflightError, create_area
 from .memory import MemoryTable, MemoryTableError
@@ -66,6 +67,7 @@ LIBRARY_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
     | ProtocolFeature.INFLIGHT_SHMFD
+    | ProtocolFeature.BACKEND_REQ
 )
 
 #: Makes the worker of a starting queue (tests substitute one that records or delays).
@@ -130,7 +132,8 @@ class BackendHandler:
         self.acked_protocol = ProtocolFeature(0)
         self.owner = False
         self.status = 0
-        self.backend_req_fd: int | None = None
+        #: Written by the control thread only; other threads may send on it (it locks).
+        self.backend_channel: BackendChannel | None = None
         self.inflight: InflightArea | None = None
         self.refused = 0
 
@@ -258,9 +261,9 @@ class BackendHandler:
     def close(self) -> None:
         """End of the connection: stop the queues, close every fd, unmap guest memory."""
         self._close_vrings()
-        if self.backend_req_fd is not None:
-            os.close(self.backend_req_fd)
-            self.backend_req_fd = None
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
@@ -324,10 +327,38 @@ class BackendHandler:
         self.device.reset()
 
     def _on_set_backend_req_fd(self, message: Message, fds: list[int]) -> None:
-        # Accepted and kept (closed with the connection); we send no backend requests.
-        if self.backend_req_fd is not None:
-            os.close(self.backend_req_fd)
-        self.backend_req_fd = fds.pop()
+        # Kept (closed with the connection) for config-change messages; a new one replaces it.
+        try:
+            channel = BackendChannel(
+                fds[0], reply_ack=bool(self.acked_protocol & ProtocolFeature.REPLY_ACK))
+        except OSError as exc:
+            raise Refused(f"backend request fd: {exc}") from exc
+        fds.pop()
+        old, self.backend_channel = self.backend_channel, channel
+        if old is not None:
+            old.close()
+
+    @property
+    def backend_req_fd(self) -> int | None:
+        channel = self.backend_channel
+        return None if channel is None else channel.fileno()
+
+    def notify_config_change(self) -> bool:
+        """Tell the frontend the config space changed; False if it cannot be told.
+
+        Safe from any thread (the channel has its own socket and lock); never blocks longer
+        than the channel's ack timeout.
+        """
+        channel = self.backend_channel
+        if channel is None:
+            log.warning("config changed, but the frontend gave no backend request channel")
+            return False
+        try:
+            channel.config_changed()
+        except BackendChannelError as exc:
+            log.warning("config change not delivered: %s", exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ memory
     def _on_set_mem_table(self, message: Message, fds: list[int]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
 from vhost.virtqueue import QueueError, validate_size
 
+from .control.metrics import parse_address
+from .control.plane import ControlError, ControlPlane
 from .device import BlkDevice
 from .disk import Disk, DiskError, create_image, parse_size
 from .engine import ENGINES, default_engine
@@ -51,6 +54,22 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _qmp_name(text: str) -> str:
+    """QEMU's rule for ids and node names: a letter, then letters, digits, '-', '.', '_'."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,30}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must start with a letter and contain only letters, digits, '-', '.' "
+            "and '_' (at most 31 characters)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vhost-user-blk",
@@ -80,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IO threads per queue for --aio threads (default 16)")
     p.add_argument("--bounce-pages", type=_positive, default=2048, metavar="N",
                    help="bounce buffer budget per queue, in 4 KiB pages (default 2048 = 8 MiB)")
+    p.add_argument("--qmp", metavar="PATH",
+                   help="QMP control socket to listen on (mode 0600): query-blockstats, "
+                   "block_resize, quit...")
+    p.add_argument("--metrics", type=_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--node-name", type=_qmp_name, default="disk0", metavar="NAME",
+                   help="the disk's node name in QMP (block_resize, query-blockstats; "
+                   "default disk0)")
+    p.add_argument("--export-id", type=_qmp_name, default="export0", metavar="ID",
+                   help="the export's id in QMP (query-block-exports; default export0)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info)")
@@ -134,10 +163,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=args.aio,
         io_threads=args.io_threads,
         bounce_pages=args.bounce_pages,
+        # Two clock reads per request, only when someone can read the result.
+        latency_accounting=bool(args.qmp or args.metrics),
     )
     try:
         daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)
     except DaemonError as exc:
+        disk.close()
+        return fail(str(exc))
+    try:
+        control = ControlPlane(device, daemon, export_id=args.export_id,
+                               node_name=args.node_name, qmp_path=args.qmp,
+                               metrics_address=args.metrics)
+    except ControlError as exc:
+        daemon.close()
         disk.close()
         return fail(str(exc))
 
@@ -156,8 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "|".join(device.feature_names()),
     )
     try:
+        control.start()
         daemon.serve_forever()
     finally:
+        control.stop()
         daemon.close()
         try:
             device.flush()

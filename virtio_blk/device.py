@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import collections
 import logging
+from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+from time import monotonic_ns
 from typing import cast
 
 from guestmem import AccessError, GuestMemory, LockedIoBuffers
@@ -27,6 +29,7 @@ from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
 from vhost.device import Device, QueueHandler
 from vhost.virtqueue import DescriptorChain
 
+from .accounting import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
 from .disk import Disk
 from .engine import IoOp, OpKind, make_engine
 from .layout import DataLayout, plan, skip_start, trim_end
@@ -74,7 +77,12 @@ class BlkStats:
     deferred: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
-
+    bytes_unmapped: int = 0  # discarded or zeroed
+    # Per disk operation kind (OpKind order; see virtio_blk.accounting): IO errors, and -- with
+    # latency accounting on -- total nanoseconds and a latency histogram.
+    failed: list[int] = field(default_factory=zeros)
+    total_ns: list[int] = field(default_factory=zeros)
+    latency: list[list[int]] = field(default_factory=new_histograms)
 
 
 class StatsTotals:
@@ -95,7 +103,7 @@ class StatsTotals:
         return f"StatsTotals({self.as_dict()})"
 
 
-_STAT_NAMES = frozenset(f.name for f in fields(BlkStats))
+_STAT_NAMES = frozenset(f.name for f in fields(BlkStats) if f.type == "int")
 
 
 class BlkRequest(IoOp):
@@ -105,7 +113,7 @@ class BlkRequest(IoOp):
     allocation.
     """
 
-    __slots__ = ("bounce", "head", "layout", "locks", "sector", "status_gpa")
+    __slots__ = ("bounce", "head", "layout", "locks", "sector", "start_ns", "status_gpa")
 
     def __init__(self, kind: OpKind, head: int, status_gpa: int, sector: int,
                  length: int) -> None:
@@ -116,6 +124,7 @@ class BlkRequest(IoOp):
         self.locks: list[LockedIoBuffers] = []
         self.bounce: TrackedBounceBuffer | None = None
         self.layout: DataLayout | None = None
+        self.start_ns = 0
 
     def release(self) -> None:
         for lock in self.locks:
@@ -144,6 +153,7 @@ class BlkDevice(Device):
         io_threads: int = 16,
         bounce_pages: int = 2048,
         writeback: bool = True,
+        latency_accounting: bool = True,
     ) -> None:
         self.disk = disk
         info = disk.info
@@ -175,6 +185,34 @@ class BlkDevice(Device):
         #: Per-request failures (a failing disk fails every request): the first lines of each
         #: minute, then a count.
         self.errlog = RateLimitedLog(log)
+        #: Time every disk operation (two clock reads per request) for latencies and totals.
+        self.latency_accounting = latency_accounting
+        self._handlers: set[BlkQueueHandler] = set()  # running queues (see set_capacity)
+
+    # ------------------------------------------------------------------ operating
+    def resize(self, size: int) -> None:
+        """Grow the disk to ``size`` bytes and the capacity requests are checked against.
+
+        DiskError where the storage cannot grow (read-only, a block device that is smaller,
+        shrinking, a size that is not whole blocks).  Telling the driver is the caller's part
+        (a config-change message to the frontend): this only changes what the device is.
+        """
+        self.disk.grow(size)
+        self.set_capacity(self.disk.info.size >> SECTOR_SHIFT)
+
+    def set_capacity(self, sectors: int) -> None:
+        """The one place capacity changes: the config space and every queue's checks.
+
+        Limits is immutable, so each queue sees the old or the new one whole; a request
+        checked just before the change is inside the old (smaller) disk, which still exists.
+        """
+        self.limits = replace(self.limits, capacity=sectors)
+        for handler in list(self._handlers):
+            handler.limits = self.limits
+
+    def totals(self) -> Totals:
+        """All queues' counters summed, with failures, times and latency histograms."""
+        return totals(self.queue_stats, sorted(_STAT_NAMES))
 
     # ------------------------------------------------------------------ Device interface
     def features(self) -> int:
@@ -221,7 +259,10 @@ class BlkDevice(Device):
             self.writeback = self.default_writeback
 
     def create_handler(self, queue_index: int, memory: GuestMemory) -> QueueHandler:
-        return BlkQueueHandler(self, queue_index, memory)
+        handler = BlkQueueHandler(self, queue_index, memory)
+        self._handlers.add(handler)
+        handler.limits = self.limits  # a resize between its creation and now
+        return handler
 
     def reset(self) -> None:
         self.writeback = self.default_writeback
@@ -247,6 +288,7 @@ class BlkQueueHandler(QueueHandler):
         self.mem_align = device.disk.info.mem_align
         self.engine = make_engine(device.engine_kind, device.disk, index, device.io_threads)
         self.completion_fd = self.engine.completion_fd
+        self.timing = device.latency_accounting
         self.pending: collections.deque[DescriptorChain] = collections.deque()
 
     # ------------------------------------------------------------------ QueueHandler
@@ -295,6 +337,7 @@ class BlkQueueHandler(QueueHandler):
                         chain.head)
         self.pending.clear()
         self.engine.close()
+        self.device._handlers.discard(self)
 
     # ------------------------------------------------------------------ request start
     def _start(self, chain: DescriptorChain, retry: bool = False) -> int | None:
@@ -480,6 +523,8 @@ class BlkQueueHandler(QueueHandler):
 
     # ------------------------------------------------------------------ completion
     def _submit(self, req: BlkRequest) -> int | None:
+        if self.timing:
+            req.start_ns = monotonic_ns()
         if self.engine.submit(req):
             return self._finish(req)
         return None
@@ -504,6 +549,10 @@ class BlkQueueHandler(QueueHandler):
             used = 1
         finally:
             req.release()
+        if self.timing:
+            ns = monotonic_ns() - req.start_ns
+            stats.total_ns[kind] += ns
+            stats.latency[kind][bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
         if ok:
             if kind == OpKind.READ:
                 stats.reads += 1
@@ -515,10 +564,13 @@ class BlkQueueHandler(QueueHandler):
                 stats.flushes += 1
             elif kind == OpKind.DISCARD:
                 stats.discards += 1
+                stats.bytes_unmapped += sum(seg.length for seg in req.segments)
             else:
                 stats.write_zeroes += 1
+                stats.bytes_unmapped += sum(seg.length for seg in req.segments)
             return self._put_status(req.status_gpa, Status.OK, used)
         stats.errors += 1
+        stats.failed[kind] += 1
         why = result if isinstance(result, BaseException) else f"{result} of {req.length} bytes"
         self.errlog.log(logging.ERROR, "queue %d: %s at sector %d failed: %s", self.index,
                         kind.name, req.sector, why)

@@ -29,6 +29,7 @@ LIBRARY_PROTOCOL = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
     | ProtocolFeature.INFLIGHT_SHMFD
+    | ProtocolFeature.BACKEND_REQ
 )
 
 
@@ -62,7 +63,7 @@ def test_protocol_features_offered_and_accepted(serve) -> None:
         s.fe.get_u64(Request.GET_FEATURES)
         offered = ProtocolFeature(s.fe.get_u64(Request.GET_PROTOCOL_FEATURES))
         assert offered & LIBRARY_PROTOCOL == LIBRARY_PROTOCOL
-        # Nothing offered that the library does not implement (backend requests, logging...).
+        # Nothing offered that the library does not implement (logging, host notifiers...).
         assert offered == LIBRARY_PROTOCOL
         s.fe.command(Request.SET_PROTOCOL_FEATURES, m.u64(int(offered)), ack=False)
         assert ack_of(s.fe, Request.SET_OWNER) == 0  # REPLY_ACK is in effect at once
