@@ -22,12 +22,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from guestmem.dirty_log import DirtyLog, DirtyLogError, DirtyMarker
+
 from .device import RING_FEATURES, Device, QueueHandler
 from .inflight import InflightArea, InflightError, create_area
 from .memory import MemoryTable, MemoryTableError
 from .messages import (
     MAX_CONFIG_SIZE,
     MAX_MEM_SLOTS,
+    VHOST_F_LOG_ALL,
+    VRING_ADDR_F_LOG,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     Message,
@@ -85,6 +89,7 @@ class Vring:
     index: int
     size: int = 0
     ring_uaddrs: tuple[int, int, int] | None = None  # desc, avail, used (frontend addresses)
+    log_addr: int | None = None  # guest address the used ring is logged at (VHOST_VRING_F_LOG)
     base: int = 0  # next avail index to use when the queue starts
     kick_fd: int | None = None
     call: Notifier = field(default_factory=Notifier)
@@ -118,6 +123,9 @@ class BackendHandler:
             VirtioFeature.PROTOCOL_FEATURES
         )
         self.offered_protocol = LIBRARY_PROTOCOL_FEATURES | device.protocol_features()
+        if device.logs_guest_writes:  # live migration (see "dirty log" below)
+            self.offered_features |= VHOST_F_LOG_ALL
+            self.offered_protocol |= ProtocolFeature.LOG_SHMFD
         self.acked_features = 0
         self.acked_protocol = ProtocolFeature(0)
         self.owner = False
@@ -125,6 +133,12 @@ class BackendHandler:
         self.backend_req_fd: int | None = None
         self.inflight: InflightArea | None = None
         self.refused = 0
+        self.dirty_log: DirtyLog | None = None
+        self._retired_logs: list[DirtyLog] = []
+        self.log_call = Notifier()  # SET_LOG_FD: written after marks are committed
+        #: Pages marked in the dirty log by queues that have stopped since (live: see
+        #: :attr:`pages_marked`).
+        self._pages_marked_done = 0
 
     # ------------------------------------------------------------------ entry point
     def handle(self, message: Message, fds: list[int]) -> HandlerResult:
@@ -208,6 +222,10 @@ class BackendHandler:
         worker = self.worker_factory(vq, handler, vring.kick_fd, vring.call, vring.err)
         vring.queue_handler = handler
         vring.worker = worker
+        if vring.log_addr is not None:
+            vq.used_log_addr = vring.log_addr
+        if self._logging_wanted():
+            self._attach_marker(vring)
         worker.start()
         log.info("queue %d started: size %d, avail from %d%s", vring.index, vring.size,
                  vring.base, ", event idx" if vq.event_idx else "")
@@ -229,6 +247,9 @@ class BackendHandler:
         vring.base = vq.next_avail
         if vq.broken:
             vring.broken = True
+        if vq.dirty is not None:  # the worker's last flush committed its marks
+            self._pages_marked_done += vq.dirty.pages
+            vq.dirty = None
         vq.release()
         if vring.queue_handler is not None:
             vring.queue_handler.close()
@@ -256,6 +277,8 @@ class BackendHandler:
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
+        self._drop_logs()
+        self.log_call.close()
         self.memory.close()
         self.device.reset()
 
@@ -278,6 +301,9 @@ class BackendHandler:
             # Without protocol features a ring is enabled as soon as it starts.
             for vring in self.vrings:
                 vring.enabled = True
+        # QEMU toggles VHOST_F_LOG_ALL with the queues running (migration start, end, cancel)
+        # and waits for this message to be processed before it copies memory.
+        self._update_logging()
 
     def _on_get_protocol_features(self, message: Message, fds: list[int]) -> bytes:
         return u64(int(self.offered_protocol))
@@ -313,6 +339,7 @@ class BackendHandler:
         self._reset_vrings()
         self.acked_features = 0
         self.status = 0
+        self._drop_logs()
         self.device.reset()
 
     def _on_set_backend_req_fd(self, message: Message, fds: list[int]) -> None:
@@ -349,8 +376,13 @@ class BackendHandler:
         f = message.fields
         vring = self._vring(f.index)
         uaddrs = (f.desc_user_addr, f.avail_user_addr, f.used_user_addr)
+        if f.flags & ~VRING_ADDR_F_LOG:
+            raise Refused(f"unknown vring address flags {f.flags:#x}")
+        log_addr = f.log_guest_addr if f.flags & VRING_ADDR_F_LOG else None
         if vring.running:
             if uaddrs == vring.ring_uaddrs:
+                # QEMU resends the addresses of a running ring to switch used-ring logging.
+                self._set_log_addr(vring, log_addr)
                 return
             raise Refused(f"queue {vring.index} is running")
         if vring.size:
@@ -365,6 +397,7 @@ class BackendHandler:
                 raise Refused(f"misaligned ring addresses desc {gpas[0]:#x} avail "
                               f"{gpas[1]:#x} used {gpas[2]:#x}")
         vring.ring_uaddrs = uaddrs
+        vring.log_addr = log_addr
         vring.broken = False
 
     def _on_set_vring_base(self, message: Message, fds: list[int]) -> None:
@@ -464,3 +497,126 @@ class BackendHandler:
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = area
+
+    # ------------------------------------------------------------------ dirty log (migration)
+    # Logging is on while VHOST_F_LOG_ALL is acked and a log is mapped.  Each running queue then
+    # has a DirtyMarker, stored in its VirtQueue and its QueueHandler (the only thing their hot
+    # paths check).  Every change is published by plain stores, then each worker is made to
+    # pass a quiescent point (QueueWorker.quiesce) before the message is answered:
+    # * on: the writes a worker made in a pass that still saw no marker are finished (and
+    #   visible) before QEMU, told we are done, starts copying memory;
+    # * a new log: no worker marks the old one once QEMU reads it for the last time, so it
+    #   can be unmapped;
+    # * off: nothing more to guarantee (QEMU no longer reads the log).
+    def _logging_wanted(self) -> bool:
+        return bool(self.acked_features & VHOST_F_LOG_ALL) and self.dirty_log is not None
+
+    @property
+    def logging(self) -> bool:
+        """Whether the queues mark the dirty log now."""
+        return any(v.worker is not None and v.worker.vq.dirty is not None for v in self.vrings)
+
+    @property
+    def pages_marked(self) -> int:
+        """Pages the queues marked in dirty logs over this connection."""
+        live = sum(v.worker.vq.dirty.pages for v in self.vrings
+                   if v.worker is not None and v.worker.vq.dirty is not None)
+        return self._pages_marked_done + live
+
+    def _attach_marker(self, vring: Vring) -> None:
+        assert vring.worker is not None and self.dirty_log is not None
+        marker = DirtyMarker(self.dirty_log, self.log_call.signal)
+        vq = vring.worker.vq
+        # The ring first: whatever the device records is then committed by the ring's flush.
+        vq.dirty = marker
+        if vring.queue_handler is not None:
+            vring.queue_handler.dirty = marker
+
+    def _detach_marker(self, vring: Vring) -> None:
+        assert vring.worker is not None
+        vq = vring.worker.vq
+        marker = vq.dirty
+        if vring.queue_handler is not None:
+            vring.queue_handler.dirty = None
+        vq.dirty = None
+        if marker is not None:
+            self._pages_marked_done += marker.pages
+
+    def _set_log_addr(self, vring: Vring, log_addr: int | None) -> None:
+        vring.log_addr = log_addr
+        if vring.worker is not None:
+            vq = vring.worker.vq
+            vq.used_log_addr = vq.addresses.used if log_addr is None else log_addr
+
+    def _update_logging(self, force_quiesce: bool = False) -> None:
+        """Bring every running queue's marker in line with the features and the log."""
+        want = self._logging_wanted()
+        changed = force_quiesce
+        for vring in self.vrings:
+            if vring.worker is None:
+                continue
+            marker = vring.worker.vq.dirty
+            if want and marker is None:
+                self._attach_marker(vring)
+                changed = True
+            elif want and marker is not None and marker.log is not self.dirty_log:
+                marker.log = self.dirty_log
+                changed = True
+            elif not want and marker is not None:
+                self._detach_marker(vring)
+                changed = True
+        if not changed:
+            return
+        quiet = self._quiesce()
+        if quiet:
+            for old in self._retired_logs:
+                old.close()
+            self._retired_logs.clear()
+        log.info("dirty logging %s (%d pages marked so far)", "on" if want else "off",
+                 self.pages_marked)
+
+    def _quiesce(self) -> bool:
+        quiet = True
+        for vring in self.vrings:
+            worker = vring.worker
+            if worker is not None and not worker.quiesce():
+                log.error("queue %d did not pass a quiescent point; an old dirty log stays "
+                          "mapped until the connection ends", vring.index)
+                quiet = False
+        return quiet
+
+    def _drop_logs(self) -> None:
+        """Unmap every log (the queues are stopped)."""
+        total = self.pages_marked
+        if self.dirty_log is not None or self._retired_logs:
+            log.info("dirty log closed: %d pages marked over the connection", total)
+        for old in self._retired_logs:
+            old.close()
+        self._retired_logs.clear()
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
+
+    def _on_set_log_base(self, message: Message, fds: list[int]) -> bytes:
+        if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
+            raise Refused("LOG_SHMFD was not negotiated")
+        f = message.fields
+        try:
+            new = DirtyLog(fds[0], f.mmap_size, f.mmap_offset)  # the mapping outlives the fd
+        except DirtyLogError as exc:
+            raise Refused(str(exc)) from exc
+        old, self.dirty_log = self.dirty_log, new
+        if old is not None:
+            self._retired_logs.append(old)
+        log.info("dirty log: %d bytes (%d pages of 4 KiB)", new.size, new.pages)
+        self._update_logging(force_quiesce=old is not None)
+        if not any(v.running for v in self.vrings):
+            for retired in self._retired_logs:
+                retired.close()
+            self._retired_logs.clear()
+        return u64(0)
+
+    def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
+        if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
+            raise Refused("LOG_SHMFD was not negotiated")
+        self.log_call.replace(fds.pop())

@@ -131,6 +131,8 @@ class _Deferred(Exception):
 class BlkDevice(Device):
     """A virtio-blk device backed by a :class:`Disk`."""
 
+    logs_guest_writes = True  # data of reads, status bytes, GET_ID strings
+
     def __init__(
         self,
         disk: Disk,
@@ -336,6 +338,8 @@ class BlkQueueHandler(QueueHandler):
         if where is not None:
             try:
                 where[0][where[1]] = status
+                if self.dirty is not None:
+                    self.dirty.record(status_gpa, 1)
                 return used
             except (ValueError, TypeError):  # region removed meanwhile, or read-only
                 pass
@@ -344,7 +348,16 @@ class BlkQueueHandler(QueueHandler):
         except AccessError as exc:  # memory went away under the request: nothing to report to
             log.warning("queue %d: cannot write status at %#x: %s", self.index, status_gpa, exc)
             return 0
+        if self.dirty is not None:
+            self.dirty.record(status_gpa, 1)
         return used
+
+    def _record_read(self, req: BlkRequest) -> None:
+        """Record the guest pages a READ's data went to (zero-copy or scattered)."""
+        dirty = self.dirty
+        if dirty is not None and req.layout is not None:
+            for buffers in req.layout.buffers:
+                dirty.record_ranges(buffers.range.ranges())
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int]:
         if chain.readable_len < HEADER_SIZE:
@@ -446,6 +459,8 @@ class BlkQueueHandler(QueueHandler):
             if take <= 0:
                 break
             self.memory.write(gpa, ident[pos : pos + take])
+            if self.dirty is not None:
+                self.dirty.record(gpa, take)
             pos += take
         return self._put_status(status_gpa, Status.OK, pos + 1)
 
@@ -494,6 +509,8 @@ class BlkQueueHandler(QueueHandler):
             used = 1
         finally:
             req.release()
+        if self.dirty is not None and kind == OpKind.READ:
+            self._record_read(req)  # even a failed read may have written part of the buffers
         if ok:
             if kind == OpKind.READ:
                 stats.reads += 1
