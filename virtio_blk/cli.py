@@ -19,6 +19,7 @@ from vhost.daemon import DaemonError, VhostUserDaemon
 from .device import BlkDevice
 from .disk import Disk, DiskError, create_image, parse_size
 from .engine import ENGINES, default_engine
+from .image_lock import ImageLockError, lock_image
 
 log = logging.getLogger("vhost-user-blk")
 
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IO threads per queue for --aio threads (default 16)")
     p.add_argument("--bounce-pages", type=_positive, default=2048, metavar="N",
                    help="bounce buffer budget per queue, in 4 KiB pages (default 2048 = 8 MiB)")
+    p.add_argument("--locking", choices=("auto", "on", "off"), default="auto",
+                   help="lock the image as QEMU does (file.locking): a second server, QEMU or "
+                        "qemu-storage-daemon on it is refused; 'off' lets a migration source "
+                        "and destination share it; 'auto' (default) is 'on' where the file "
+                        "system has OFD locks")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info)")
@@ -104,6 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     logical_block_size=args.logical_block_size)
     except DiskError as exc:
         return fail(str(exc))
+    if args.locking != "off":
+        try:
+            lock_image(disk.fd, args.image, writable=not args.read_only)
+        except ImageLockError as exc:
+            if not (exc.unsupported and args.locking == "auto"):
+                disk.close()
+                return fail(str(exc))
+            log.warning("%s; serving it unlocked", exc)
     device = BlkDevice(
         disk,
         num_queues=args.num_queues,
