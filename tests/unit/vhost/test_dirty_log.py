@@ -13,11 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyLog
 from tests.vhost_devices import EchoDevice
 from vhost import messages as m
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
-from vhost_frontend import DriverQueue
+from vhost.virtqueue import VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
+from vhost_frontend import DriverQueue, DriverRing
 
 from .helpers import (
     WAIT,
@@ -168,6 +170,25 @@ def test_writes_are_marked_while_logging(serve, qemu_log: Qemu, event_idx: bool)
         assert qemu_log.take() == set()
 
 
+def test_used_entry_and_index_pages_are_marked(serve, qemu_log: Qemu) -> None:
+    """A 1024-entry used ring spans three pages: the entry written (slot 600, in the middle
+    page), used.idx (first page) and avail_event (last page) are each marked."""
+    running = serve(EchoDevice())
+    with session(running.path) as s:
+        s.start()
+        q = s.queue(0, 1024, base=600)
+        start_logging(s, qemu_log)
+        qemu_log.take()
+        _, dst = echo_once(s, q)
+        marked = qemu_log.take()
+        elem_page = (q.used + 4 + 8 * 600) // PAGE
+        idx_page = (q.used + 2) // PAGE
+        event_page = (q.used + 4 + 8 * 1024) // PAGE
+        assert len({elem_page, idx_page, event_page}) == 3
+        assert {elem_page, idx_page, event_page} <= marked
+        assert marked == {elem_page, idx_page, event_page} | pages(dst, 100)
+
+
 def test_used_ring_is_logged_at_its_log_address(serve, qemu_log: Qemu) -> None:
     """VHOST_VRING_F_LOG: the used ring's writes are logged at log_guest_addr, as QEMU says."""
     running = serve(EchoDevice())
@@ -275,3 +296,65 @@ def test_two_queues_mark_while_qemu_clears(serve, qemu_log: Qemu) -> None:
         taken.update(qemu_log.take())
         assert expected - taken == set()
         assert running.daemon.handler.pages_marked >= len(expected)
+
+
+# ---------------------------------------------------------------- the ring, sans IO
+class _Recorder:
+    """Stands in for a DirtyMarker: what the ring records, commits and marks, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, int]] = []
+
+    def record(self, gpa: int, length: int) -> None:
+        self.events.append(("record", gpa, length))
+
+    def commit(self) -> None:
+        self.events.append(("commit", 0, 0))
+
+    def mark(self, gpa: int, length: int) -> None:
+        self.events.append(("mark", gpa, length))
+
+
+def test_used_entries_across_the_ring_end_are_recorded_before_used_idx() -> None:
+    """Four completions from slot 6 of an 8-entry ring wrap: two ranges recorded, committed,
+    then used.idx stored and marked (in that order: the entries are marked before the index
+    that publishes them)."""
+    mem = GuestMemory.anonymous(1 << 20)
+    addrs = RingAddresses(0x1000, 0x2000, 0x3000)
+    drv = DriverRing(mem, 8, addrs, event_idx=True)
+    drv.start_at(6)
+    vq = VirtQueue(mem, 8, addrs, int(VirtioFeature.RING_EVENT_IDX), next_avail=6)
+    try:
+        for i in range(4):
+            drv.write_desc(i, 0x10000 + i * PAGE, 1, VIRTQ_DESC_F_WRITE)
+        drv.publish(0, 1, 2, 3)
+        chains = vq.pop_batch()
+        for chain in chains:
+            vq.add_used(chain.head, 1)
+        recorder = _Recorder()
+        vq.dirty = recorder  # type: ignore[assignment]
+        used_idx_at_commit: list[int] = []
+        real_commit = recorder.commit
+
+        def commit() -> None:
+            used_idx_at_commit.append(drv.used_idx())
+            real_commit()
+
+        recorder.commit = commit  # type: ignore[method-assign]
+        vq.flush()
+        assert recorder.events == [
+            ("record", 0x3000 + 4 + 8 * 6, 16),  # slots 6, 7
+            ("record", 0x3000 + 4, 16),  # slots 0, 1
+            ("commit", 0, 0),
+            ("mark", 0x3000 + 2, 2),  # used.idx, after its store
+        ]
+        assert used_idx_at_commit == [6]  # not yet published when the entries were marked
+        assert drv.used_idx() == 10
+        vq.used_log_addr = 0x8000  # VHOST_VRING_F_LOG's address
+        recorder.events.clear()
+        vq.enable_notifications()
+        assert recorder.events == [("record", 0x8000 + 4 + 8 * 8, 2)]  # avail_event
+    finally:
+        drv.release()
+        vq.release()
+        mem.close()
