@@ -103,6 +103,8 @@ def _load_atomics() -> tuple[Callable[[int, int], int], Callable[[int, int], int
 
 
 _fetch_or, _exchange, ATOMIC = _load_atomics()
+#: Acquiring an uncontended lock is a locked instruction on x86: a full (store->load) fence.
+_fence = threading.Lock()
 if not ATOMIC:  # pragma: no cover - libatomic1 is installed by .ci/run
     log.warning("libatomic not found: dirty-log marks are atomic between this process's "
                 "threads only")
@@ -170,6 +172,7 @@ class DirtyLog:
         del anchor  # from_buffer exports the mmap; the address stays valid while it is mapped
         self.size = size
         self.words = size // WORD_BYTES
+        self._words = memoryview(self._mmap)[delta : delta + size].cast("Q")  # plain reads
         #: Pages the bitmap can describe: a mark beyond it is counted as outside and dropped.
         self.pages = size * 8
         self._delta = delta
@@ -177,14 +180,25 @@ class DirtyLog:
 
     # ------------------------------------------------------------------ marking
     def set_words(self, pending: dict[int, int]) -> tuple[int, int]:
-        """OR every ``word -> mask`` into the bitmap; (pages marked, pages outside the log)."""
+        """OR every ``word -> mask`` into the bitmap; (pages marked, pages outside the log).
+
+        A word whose bits are all set already is left alone: after a full fence (so every
+        write made before this call is visible to QEMU), a set bit can only be cleared by a
+        later QEMU sync, which then sends the page -- with those writes.  Between two syncs
+        the same pages (the used ring's, the status bytes') are marked over and over, so this
+        saves most atomic calls (about a microsecond each through ctypes).
+        """
         base = self.base
         words = self.words
+        view = self._words
         marked = outside = 0
         fetch_or = _fetch_or
+        _fence.acquire()  # a locked instruction: the full fence the check below relies on
+        _fence.release()
         for word, mask in pending.items():
-            if word < words:
-                fetch_or(base + word * WORD_BYTES, mask)
+            if 0 <= word < words:
+                if view[word] & mask != mask:
+                    fetch_or(base + word * WORD_BYTES, mask)
                 marked += mask.bit_count()
             else:
                 outside += mask.bit_count()
@@ -202,38 +216,33 @@ class DirtyLog:
 
         What QEMU's ``vhost_dev_sync_region`` does on every pass (used by tests and tools).
         """
-        view = memoryview(self._mmap)[self._delta : self._delta + self.size].cast("Q")
-        try:
-            pages = []
-            for word in range(self.words):
-                if view[word]:
-                    bits = _exchange(self.base + word * WORD_BYTES, 0)
-                    while bits:
-                        low = bits & -bits
-                        pages.append(word * 64 + low.bit_length() - 1)
-                        bits ^= low
-            return pages
-        finally:
-            view.release()
+        view = self._words
+        pages = []
+        for word in range(self.words):
+            if view[word]:
+                bits = _exchange(self.base + word * WORD_BYTES, 0)
+                while bits:
+                    low = bits & -bits
+                    pages.append(word * 64 + low.bit_length() - 1)
+                    bits ^= low
+        return pages
 
     def dirty_pages(self) -> list[int]:
         """Pages whose bit is set (a snapshot; does not clear)."""
-        view = memoryview(self._mmap)[self._delta : self._delta + self.size].cast("Q")
-        try:
-            out = []
-            for word in range(self.words):
-                bits = view[word]
-                while bits:
-                    low = bits & -bits
-                    out.append(word * 64 + low.bit_length() - 1)
-                    bits ^= low
-            return out
-        finally:
-            view.release()
+        view = self._words
+        out = []
+        for word in range(self.words):
+            bits = view[word]
+            while bits:
+                low = bits & -bits
+                out.append(word * 64 + low.bit_length() - 1)
+                bits ^= low
+        return out
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._words.release()
             self._mmap.close()
 
     def __repr__(self) -> str:
@@ -261,7 +270,15 @@ class DirtyMarker:
 
     def record(self, gpa: int, length: int) -> None:
         """Note that ``[gpa, gpa+length)`` was written; marked at the next :meth:`commit`."""
-        add_range(self._pending, gpa, length)
+        if length <= 0:
+            return
+        page = gpa >> LOG_PAGE_SHIFT
+        if page == (gpa + length - 1) >> LOG_PAGE_SHIFT:  # one page: the usual case, inline
+            word = page >> 6
+            pending = self._pending
+            pending[word] = pending.get(word, 0) | (1 << (page & 63))
+        else:
+            add_range(self._pending, gpa, length)
 
     def record_ranges(self, ranges: Iterable[tuple[int, int]]) -> None:
         pending = self._pending
@@ -269,17 +286,35 @@ class DirtyMarker:
             add_range(pending, gpa, length)
 
     def commit(self) -> None:
-        """Set every recorded page's bit (after the writes, before they are published)."""
+        """Set every recorded page's bit (after the writes, before they are published).
+
+        See :meth:`DirtyLog.set_words` for why a word already all set is left alone; this is
+        the same loop, inlined: it runs once per used-ring publication.
+        """
         pending = self._pending
         if not pending:
             return
-        marked, outside = self.log.set_words(pending)
+        log_ = self.log
+        view = log_._words
+        words = log_.words
+        base = log_.base
+        fetch_or = _fetch_or
+        marked = outside = 0
+        _fence.acquire()  # full fence: our writes are visible before the bits are checked
+        _fence.release()
+        for word, mask in pending.items():
+            if 0 <= word < words:
+                if view[word] & mask != mask:
+                    fetch_or(base + word * WORD_BYTES, mask)
+                marked += mask.bit_count()
+            else:
+                outside += mask.bit_count()
         pending.clear()
         self.pages += marked
         if outside:
             if not self.outside:
                 log.warning("dirty log of %d pages is too small: %d marks beyond it dropped "
-                            "(further ones are counted silently)", self.log.pages, outside)
+                            "(further ones are counted silently)", log_.pages, outside)
             self.outside += outside
         if self.notify is not None and marked:
             self.notify()
