@@ -410,7 +410,10 @@ class BackendHandler:
 
     def _on_get_vring_base(self, message: Message, fds: list[int]) -> bytes:
         vring = self._vring(message.fields.index)
+        migrating = vring.worker is not None and vring.worker.vq.dirty is not None
         self._stop(vring)
+        if migrating and not any(v.running for v in self.vrings):
+            self._flush_for_migration()
         # The ring is stopped; a later start comes with a fresh kick fd.
         if vring.kick_fd is not None:
             os.close(vring.kick_fd)
@@ -596,6 +599,17 @@ class BackendHandler:
         if self.dirty_log is not None:
             self.dirty_log.close()
             self.dirty_log = None
+
+    def _flush_for_migration(self) -> None:
+        """The source VM stops at the end of a migration (its last logged queue stopped): make
+        what the device completed durable before the destination, on other storage caches
+        perhaps, can run the guest -- QEMU's own block layer flushes at this point too."""
+        try:
+            self.device.flush()
+        except OSError as exc:
+            log.error("flush at the end of the migration failed: %s", exc)
+        else:
+            log.info("queues stopped while logging (end of a migration): device flushed")
 
     def _on_set_log_base(self, message: Message, fds: list[int]) -> bytes:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:

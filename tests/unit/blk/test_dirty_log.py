@@ -126,3 +126,24 @@ def test_nothing_marked_once_logging_is_off(make_blk: MakeBlk, qlog: QemuLog) ->
     assert qlog.take() == set()
     handler = env.daemon.daemon.handler
     assert handler is not None and handler.vrings[0].queue_handler.dirty is None
+
+
+def test_stopping_while_logging_flushes_the_disk(make_blk: MakeBlk, qlog: QemuLog,
+                                                 fdatasync_calls: list[int]) -> None:
+    """The source VM stops at the end of a migration: what the server completed is made
+    durable before the destination can run the guest (on another host's cache, maybe)."""
+    env = logging_env(make_blk, qlog)
+    assert run(env, env.drv.start(T_OUT, 0, out=b"m" * 4096)) == 0
+    before = len(fdatasync_calls)
+    env.frontend.get_vring_base(0)
+    assert len(fdatasync_calls) == before + 1
+    assert fdatasync_calls[-1] == env.disk.fd
+
+
+def test_stopping_without_logging_does_not_flush(make_blk: MakeBlk,
+                                                 fdatasync_calls: list[int]) -> None:
+    env = make_blk()
+    assert run(env, env.drv.start(T_OUT, 0, out=b"m" * 4096)) == 0
+    before = len(fdatasync_calls)
+    env.frontend.get_vring_base(0)
+    assert len(fdatasync_calls) == before
