@@ -554,20 +554,22 @@ class BackendHandler:
     def _update_logging(self, force_quiesce: bool = False) -> None:
         """Bring every running queue's marker in line with the features and the log."""
         want = self._logging_wanted()
+        current = self.dirty_log
         changed = force_quiesce
+        switched = False
         for vring in self.vrings:
             if vring.worker is None:
                 continue
             marker = vring.worker.vq.dirty
             if want and marker is None:
                 self._attach_marker(vring)
-                changed = True
-            elif want and marker is not None and marker.log is not self.dirty_log:
-                marker.log = self.dirty_log
+                changed = switched = True
+            elif want and marker is not None and current is not None and marker.log is not current:
+                marker.log = current  # a new log (resize): pending marks go to it
                 changed = True
             elif not want and marker is not None:
                 self._detach_marker(vring)
-                changed = True
+                changed = switched = True
         if not changed:
             return
         quiet = self._quiesce()
@@ -575,8 +577,9 @@ class BackendHandler:
             for old in self._retired_logs:
                 old.close()
             self._retired_logs.clear()
-        log.info("dirty logging %s (%d pages marked so far)", "on" if want else "off",
-                 self.pages_marked)
+        if switched:
+            log.info("dirty logging %s (%d pages marked so far)", "on" if want else "off",
+                     self.pages_marked)
 
     def _quiesce(self) -> bool:
         quiet = True

@@ -31,7 +31,11 @@ FIO = ("fio --filename=/dev/vda --ioengine=libaio --direct=1 --output-format=jso
 
 
 def workload(size_mb: int, jobs: int) -> str:
-    job = f"{FIO} --size={size_mb}M --numjobs={jobs} --offset_increment={size_mb}M"
+    """Write, verify, verify again; each phase rate-limited so that it lasts at least 20 s
+    however fast the machine is (a migration must fit inside the write and the last verify)."""
+    rate = 16 // jobs
+    job = (f"{FIO} --size={size_mb}M --numjobs={jobs} --offset_increment={size_mb}M "
+           f"--rate={rate}m")
     return "\n".join([
         "echo @@PHASE write",
         f"result write {job} --do_verify=0",
@@ -116,7 +120,7 @@ def test_migrate_under_fio_and_back(tmp_path: Path, guest_image: Path, queues: i
         servers.append(Server(workdir, "--locking", "off", "--num-queues", str(queues),
                               size="1G", image=image).start())
     a, b = servers
-    size_mb = 384 // queues
+    size_mb = 320 // queues
     script = workload(size_mb, queues)
     opts = {"num_queues": queues, "smp": queues, "timeout": 900}
     guests: list[Guest] = []
@@ -133,7 +137,7 @@ def test_migrate_under_fio_and_back(tmp_path: Path, guest_image: Path, queues: i
 
         # 1. Mid-write: a few seconds into fio's write pass.
         g1.wait_for(r"^@@PHASE write", timeout=600)
-        time.sleep(3)
+        time.sleep(1)
         t0 = time.monotonic()
         info1 = migrate(qmp1, f"unix:{tmp_path / 'q2.mig'}")
         took1 = time.monotonic() - t0
