@@ -22,9 +22,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from guestmem.dirty_log import DirtyLog, DirtyLogError, DirtyMarker
+from guestmem.dirty_log import DirtyLog, DirtyLogError
 
 from .device import RING_FEATURES, Device, QueueHandler
+from .dirty_logging import DirtyLogging
 from .inflight import InflightArea, InflightError, create_area
 from .memory import MemoryTable, MemoryTableError
 from .messages import (
@@ -123,7 +124,7 @@ class BackendHandler:
             VirtioFeature.PROTOCOL_FEATURES
         )
         self.offered_protocol = LIBRARY_PROTOCOL_FEATURES | device.protocol_features()
-        if device.logs_guest_writes:  # live migration (see "dirty log" below)
+        if device.logs_guest_writes:  # live migration (see vhost.dirty_logging)
             self.offered_features |= VHOST_F_LOG_ALL
             self.offered_protocol |= ProtocolFeature.LOG_SHMFD
         self.acked_features = 0
@@ -133,12 +134,7 @@ class BackendHandler:
         self.backend_req_fd: int | None = None
         self.inflight: InflightArea | None = None
         self.refused = 0
-        self.dirty_log: DirtyLog | None = None
-        self._retired_logs: list[DirtyLog] = []
-        self.log_call = Notifier()  # SET_LOG_FD: written after marks are committed
-        #: Pages marked in the dirty log by queues that have stopped since (live: see
-        #: :attr:`pages_marked`).
-        self._pages_marked_done = 0
+        self.dirty_logging = DirtyLogging()
 
     # ------------------------------------------------------------------ entry point
     def handle(self, message: Message, fds: list[int]) -> HandlerResult:
@@ -222,10 +218,7 @@ class BackendHandler:
         worker = self.worker_factory(vq, handler, vring.kick_fd, vring.call, vring.err)
         vring.queue_handler = handler
         vring.worker = worker
-        if vring.log_addr is not None:
-            vq.used_log_addr = vring.log_addr
-        if self._logging_wanted():
-            self._attach_marker(vring)
+        self.dirty_logging.queue_starting(vring, self.acked_features)
         worker.start()
         log.info("queue %d started: size %d, avail from %d%s", vring.index, vring.size,
                  vring.base, ", event idx" if vq.event_idx else "")
@@ -237,19 +230,18 @@ class BackendHandler:
         vring.err.signal()
         return Refused(f"queue {vring.index} cannot start: {exc}")
 
-    def _stop(self, vring: Vring) -> None:
+    def _stop(self, vring: Vring) -> bool:
+        """Stop ``vring``'s worker; True if it was marking the dirty log."""
         worker = vring.worker
         if worker is None:
-            return
+            return False
         if not worker.stop():
             log.error("queue %d: in-flight requests did not finish", vring.index)
         vq = worker.vq
         vring.base = vq.next_avail
         if vq.broken:
             vring.broken = True
-        if vq.dirty is not None:  # the worker's last flush committed its marks
-            self._pages_marked_done += vq.dirty.pages
-            vq.dirty = None
+        logging_ = self.dirty_logging.queue_stopped(vring)
         vq.release()
         if vring.queue_handler is not None:
             vring.queue_handler.close()
@@ -258,6 +250,7 @@ class BackendHandler:
         log.info("queue %d stopped at avail %d (%d kicks, %d batches, %d completions, %d calls)",
                  vring.index, vring.base, worker.kicks, worker.batches, worker.completed,
                  vring.call.count)
+        return logging_
 
     def stop_all(self) -> None:
         for vring in self.vrings:
@@ -277,8 +270,7 @@ class BackendHandler:
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
-        self._drop_logs()
-        self.log_call.close()
+        self.dirty_logging.close(self.vrings)
         self.memory.close()
         self.device.reset()
 
@@ -303,7 +295,7 @@ class BackendHandler:
                 vring.enabled = True
         # QEMU toggles VHOST_F_LOG_ALL with the queues running (migration start, end, cancel)
         # and waits for this message to be processed before it copies memory.
-        self._update_logging()
+        self.dirty_logging.update(self.vrings, self.acked_features)
 
     def _on_get_protocol_features(self, message: Message, fds: list[int]) -> bytes:
         return u64(int(self.offered_protocol))
@@ -339,7 +331,7 @@ class BackendHandler:
         self._reset_vrings()
         self.acked_features = 0
         self.status = 0
-        self._drop_logs()
+        self.dirty_logging.drop(self.vrings)
         self.device.reset()
 
     def _on_set_backend_req_fd(self, message: Message, fds: list[int]) -> None:
@@ -382,7 +374,7 @@ class BackendHandler:
         if vring.running:
             if uaddrs == vring.ring_uaddrs:
                 # QEMU resends the addresses of a running ring to switch used-ring logging.
-                self._set_log_addr(vring, log_addr)
+                self.dirty_logging.set_log_addr(vring, log_addr)
                 return
             raise Refused(f"queue {vring.index} is running")
         if vring.size:
@@ -410,10 +402,9 @@ class BackendHandler:
 
     def _on_get_vring_base(self, message: Message, fds: list[int]) -> bytes:
         vring = self._vring(message.fields.index)
-        migrating = vring.worker is not None and vring.worker.vq.dirty is not None
-        self._stop(vring)
-        if migrating and not any(v.running for v in self.vrings):
-            self._flush_for_migration()
+        if self._stop(vring) and not any(v.running for v in self.vrings):
+            # The source VM stopped: the end of a migration.
+            self.dirty_logging.flush_at_stop(self.device)
         # The ring is stopped; a later start comes with a fresh kick fd.
         if vring.kick_fd is not None:
             os.close(vring.kick_fd)
@@ -502,117 +493,15 @@ class BackendHandler:
         self.inflight = area
 
     # ------------------------------------------------------------------ dirty log (migration)
-    # Logging is on while VHOST_F_LOG_ALL is acked and a log is mapped.  Each running queue then
-    # has a DirtyMarker, stored in its VirtQueue and its QueueHandler (the only thing their hot
-    # paths check).  Every change is published by plain stores, then each worker is made to
-    # pass a quiescent point (QueueWorker.quiesce) before the message is answered:
-    # * on: the writes a worker made in a pass that still saw no marker are finished (and
-    #   visible) before QEMU, told we are done, starts copying memory;
-    # * a new log: no worker marks the old one once QEMU reads it for the last time, so it
-    #   can be unmapped;
-    # * off: nothing more to guarantee (QEMU no longer reads the log).
-    def _logging_wanted(self) -> bool:
-        return bool(self.acked_features & VHOST_F_LOG_ALL) and self.dirty_log is not None
-
     @property
     def logging(self) -> bool:
         """Whether the queues mark the dirty log now."""
-        return any(v.worker is not None and v.worker.vq.dirty is not None for v in self.vrings)
+        return self.dirty_logging.logging(self.vrings)
 
     @property
     def pages_marked(self) -> int:
         """Pages the queues marked in dirty logs over this connection."""
-        live = sum(v.worker.vq.dirty.pages for v in self.vrings
-                   if v.worker is not None and v.worker.vq.dirty is not None)
-        return self._pages_marked_done + live
-
-    def _attach_marker(self, vring: Vring) -> None:
-        assert vring.worker is not None and self.dirty_log is not None
-        marker = DirtyMarker(self.dirty_log, self.log_call.signal)
-        vq = vring.worker.vq
-        # The ring first: whatever the device records is then committed by the ring's flush.
-        vq.dirty = marker
-        if vring.queue_handler is not None:
-            vring.queue_handler.dirty = marker
-
-    def _detach_marker(self, vring: Vring) -> None:
-        assert vring.worker is not None
-        vq = vring.worker.vq
-        marker = vq.dirty
-        if vring.queue_handler is not None:
-            vring.queue_handler.dirty = None
-        vq.dirty = None
-        if marker is not None:
-            self._pages_marked_done += marker.pages
-
-    def _set_log_addr(self, vring: Vring, log_addr: int | None) -> None:
-        vring.log_addr = log_addr
-        if vring.worker is not None:
-            vq = vring.worker.vq
-            vq.used_log_addr = vq.addresses.used if log_addr is None else log_addr
-
-    def _update_logging(self, force_quiesce: bool = False) -> None:
-        """Bring every running queue's marker in line with the features and the log."""
-        want = self._logging_wanted()
-        current = self.dirty_log
-        changed = force_quiesce
-        switched = False
-        for vring in self.vrings:
-            if vring.worker is None:
-                continue
-            marker = vring.worker.vq.dirty
-            if want and marker is None:
-                self._attach_marker(vring)
-                changed = switched = True
-            elif want and marker is not None and current is not None and marker.log is not current:
-                marker.log = current  # a new log (resize): pending marks go to it
-                changed = True
-            elif not want and marker is not None:
-                self._detach_marker(vring)
-                changed = switched = True
-        if not changed:
-            return
-        quiet = self._quiesce()
-        if quiet:
-            for old in self._retired_logs:
-                old.close()
-            self._retired_logs.clear()
-        if switched:
-            log.info("dirty logging %s (%d pages marked so far)", "on" if want else "off",
-                     self.pages_marked)
-
-    def _quiesce(self) -> bool:
-        quiet = True
-        for vring in self.vrings:
-            worker = vring.worker
-            if worker is not None and not worker.quiesce():
-                log.error("queue %d did not pass a quiescent point; an old dirty log stays "
-                          "mapped until the connection ends", vring.index)
-                quiet = False
-        return quiet
-
-    def _drop_logs(self) -> None:
-        """Unmap every log (the queues are stopped)."""
-        total = self.pages_marked
-        if self.dirty_log is not None or self._retired_logs:
-            log.info("dirty log closed: %d pages marked over the connection", total)
-        for old in self._retired_logs:
-            old.close()
-        self._retired_logs.clear()
-        if self.dirty_log is not None:
-            self.dirty_log.close()
-            self.dirty_log = None
-
-    def _flush_for_migration(self) -> None:
-        """The source VM stops at the end of a migration (its last logged queue stopped): make
-        what the device completed durable before the destination, on other storage caches
-        perhaps, can run the guest -- QEMU's own block layer flushes at this point too."""
-        try:
-            self.device.flush()
-        except OSError as exc:
-            log.error("flush at the end of the migration failed: %s", exc)
-        else:
-            log.info("queues stopped while logging (end of a migration): device flushed")
+        return self.dirty_logging.pages_marked(self.vrings)
 
     def _on_set_log_base(self, message: Message, fds: list[int]) -> bytes:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
@@ -622,18 +511,10 @@ class BackendHandler:
             new = DirtyLog(fds[0], f.mmap_size, f.mmap_offset)  # the mapping outlives the fd
         except DirtyLogError as exc:
             raise Refused(str(exc)) from exc
-        old, self.dirty_log = self.dirty_log, new
-        if old is not None:
-            self._retired_logs.append(old)
-        log.info("dirty log: %d bytes (%d pages of 4 KiB)", new.size, new.pages)
-        self._update_logging(force_quiesce=old is not None)
-        if not any(v.running for v in self.vrings):
-            for retired in self._retired_logs:
-                retired.close()
-            self._retired_logs.clear()
+        self.dirty_logging.set_base(new, self.vrings, self.acked_features)
         return u64(0)
 
     def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
             raise Refused("LOG_SHMFD was not negotiated")
-        self.log_call.replace(fds.pop())
+        self.dirty_logging.call.replace(fds.pop())

@@ -107,7 +107,8 @@ def test_set_log_base_is_answered(serve, qemu_log: Qemu) -> None:
         assert code == Request.SET_LOG_BASE and flags == m.VERSION | m.FLAG_REPLY
         assert payload == m.u64(0)
         handler = running.daemon.handler
-        assert handler.dirty_log is not None and handler.dirty_log.pages == qemu_log.size * 8
+        mapped = handler.dirty_logging.log
+        assert mapped is not None and mapped.pages == qemu_log.size * 8
         assert not handler.logging  # no LOG_ALL yet
 
 
@@ -230,13 +231,13 @@ def test_new_log_while_running(serve, qemu_log: Qemu) -> None:
         q = s.queue(0, 16)
         start_logging(s, qemu_log)
         handler = running.daemon.handler
-        first = handler.dirty_log
+        first = handler.dirty_logging.log
         echo_once(s, q)
         second = Qemu(2 * qemu_log.size)
         try:
             assert s.fe.set_log_base(second.fd, second.size) == m.u64(0)
-            assert handler.dirty_log is not first and first.closed
-            assert handler._retired_logs == []
+            assert handler.dirty_logging.log is not first and first.closed
+            assert handler.dirty_logging.retired == []
             qemu_log.take()
             _, dst = echo_once(s, q)
             assert pages(dst, 100) <= second.take()
