@@ -19,15 +19,23 @@ Who writes the bitmap at the same time:
 
 A mark may be spurious (an extra page sent costs little) but never lost (a lost one is a page
 the destination never receives: silent guest corruption).  A read-modify-write of a word in
-Python could lose another writer's bit, so every mark is one atomic OR (``lock or`` on x86)
-through libatomic's ``__atomic_fetch_or_8``.  QEMU's exchange and our OR are then both atomic
+Python could lose another writer's bit, so every bit is set with an atomic OR (``lock or`` on
+x86) through libatomic's ``__atomic_fetch_or_8``.  QEMU's exchange and our OR are then both atomic
 on the same word: each bit is either taken by a sync (and the page sent after our write, since
 the OR comes after it) or still set for the next one.  A ``lock``-prefixed instruction is also
-a full fence, so the data written before a mark is visible before the mark is.
+a full fence, so the data written before a mark is visible before the mark is.  (Reads of
+a word may tear into halves; the argument holds per bit, so that is harmless.)
 
 :class:`DirtyMarker` batches the marks of one queue between two used-ring publications: the
-device records ranges as it writes them, the queue commits them all -- one atomic OR per
-64-page word touched -- just before it stores the used index that exposes the writes.
+device records ranges as it writes them, the queue commits them all -- at most one atomic OR
+per 64-page word touched -- just before it stores the used index that exposes the writes.  A
+word whose bits are all set already is skipped after one full fence: a set bit observed after
+our writes are visible can only be cleared by a later sync, which then sends the page with
+them.  Between two QEMU syncs most marks hit such words (the used ring's page, the status
+bytes' pages), so a commit usually costs a fence and a few plain reads.
+
+When marks are published, and when a log may be unmapped, is the owner's business
+(:mod:`vhost.dirty_logging`): the bitmap itself only promises atomic marks.
 """
 
 from __future__ import annotations
