@@ -329,5 +329,23 @@ class DirtyMarker:
 
     def mark(self, gpa: int, length: int) -> None:
         """Record and commit at once (the used index: marked right after its store)."""
-        add_range(self._pending, gpa, length)
-        self.commit()
+        page = gpa >> LOG_PAGE_SHIFT
+        if self._pending or length <= 0 or page != (gpa + length - 1) >> LOG_PAGE_SHIFT:
+            self.record(gpa, length)
+            self.commit()
+            return
+        # One page and nothing else pending (the used index, every publication): no dict.
+        log_ = self.log
+        word = page >> 6
+        bit = 1 << (page & 63)
+        if not 0 <= word < log_.words:
+            self.record(gpa, length)
+            self.commit()  # counts and reports it as outside
+            return
+        _fence.acquire()
+        _fence.release()
+        if not log_._words[word] & bit:
+            _fetch_or(log_.base + word * WORD_BYTES, bit)
+        self.pages += 1
+        if self.notify is not None:
+            self.notify()

@@ -137,6 +137,8 @@ def test_marks_beyond_the_log_are_dropped_and_counted(dlog: DirtyLog, caplog) ->
     assert dlog.dirty_pages() == [32767]
     assert marker.pages == 1 and marker.outside == 2
     assert any("too small" in r.getMessage() for r in caplog.records)
+    marker.mark(1 << 40, 2)  # the one-page fast path checks the bounds too
+    assert marker.outside == 3 and dlog.dirty_pages() == [32767]
 
 
 def test_marker_follows_a_swapped_log(dlog: DirtyLog) -> None:
