@@ -21,6 +21,7 @@ from vhost.messages import ProtocolFeature, Request, VirtioFeature
 from vhost.virtqueue import VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
 from vhost_frontend import DriverQueue, DriverRing
 
+from .devices import GateDevice
 from .helpers import (
     WAIT,
     MiB,
@@ -359,3 +360,28 @@ def test_used_entries_across_the_ring_end_are_recorded_before_used_idx() -> None
         drv.release()
         vq.release()
         mem.close()
+
+
+# ---------------------------------------------------------------- quiescence
+def test_quiesce_waits_for_the_pass_in_progress(serve) -> None:
+    """QueueWorker.quiesce: an idle worker is woken and passes at once; one inside a pass (a
+    device blocked in submit) is waited for -- False at the deadline, True once it finishes."""
+    device = GateDevice()
+    running = serve(device)
+    with session(running.path) as s:
+        s.start()
+        q = s.queue(0, 16)
+        worker = running.daemon.handler.vrings[0].worker
+        assert worker.quiesce(timeout=WAIT)  # idle: woken, one pass
+        src, dst = s.mem.alloc(16), s.mem.alloc(16)
+        s.mem.write(src, b"z" * 16)
+        s.fe.submit(q, [(src, 16, False), (dst, 16, True)])
+        assert device.entered.wait(WAIT)  # the worker is inside a pass now
+        assert not worker.quiesce(timeout=0.2)
+        done = []
+        waiter = threading.Thread(target=lambda: done.append(worker.quiesce(timeout=WAIT)))
+        waiter.start()
+        device.gate.set()
+        waiter.join(WAIT + 1)
+        assert done == [True]
+        assert len(q.wait_used(1, WAIT)) == 1
