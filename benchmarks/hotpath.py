@@ -11,6 +11,7 @@ lock, issue the IO, reap, write the status, publish -- which is what profiling n
     python -m benchmarks.hotpath --profile           # and a cProfile listing
     python -m benchmarks.hotpath --accounting off    # without latency accounting (what a
                                                      # server without --qmp/--metrics does)
+    python -m benchmarks.hotpath --dirty-log         # also with migration dirty logging on
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 import time
 
 from guestmem import GuestMemory
+from guestmem.dirty_log import DirtyLog, DirtyMarker
 from vhost.messages import VirtioFeature
 from vhost.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
 from vhost.worker import Notifier, QueueWorker
@@ -76,7 +78,25 @@ class Rig:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.call_fd)
 
+    def log_dirty_pages(self, on: bool) -> None:
+        """Switch dirty logging on (a memfd log over the rig's memory, as QEMU hands over)
+        or off, the way the handler does: one marker shared by the ring and the device."""
+        if on and self.vq.dirty is None:
+            self.log_fd = os.memfd_create("hotpath-log", os.MFD_CLOEXEC)
+            size = (64 << 20) // 4096 // 8
+            os.ftruncate(self.log_fd, size)
+            self.dirty_log = DirtyLog(self.log_fd, size)
+            marker = DirtyMarker(self.dirty_log)
+            self.vq.dirty = marker
+            self.handler.dirty = marker
+        elif not on and self.vq.dirty is not None:
+            self.handler.dirty = None
+            self.vq.dirty = None
+            self.dirty_log.close()
+            os.close(self.log_fd)
+
     def close(self) -> None:
+        self.log_dirty_pages(False)
         self.driver.release()
         self.vq.release()
         self.handler.close()
@@ -110,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accounting", choices=("on", "off"), default="on",
                    help="latency accounting (two clock reads and a histogram bucket per "
                    "request; on with --qmp or --metrics); default on")
+    p.add_argument("--dirty-log", action="store_true",
+                   help="also measure with dirty-page logging on (as during a live migration)")
     args = p.parse_args(argv)
     with tempfile.NamedTemporaryFile() as img:
         img.truncate(256 << 20)
@@ -117,9 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         rig = Rig(args.engine, img.name, accounting=args.accounting == "on")
         try:
             for batch in args.batches:
-                us = measure(rig, batch, args.requests)
-                print(f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}: "
-                      f"{us:6.1f} us CPU per 4k read")
+                modes = (False, True) if args.dirty_log else (False,)
+                for logging_on in modes:
+                    rig.log_dirty_pages(logging_on)
+                    us = measure(rig, batch, args.requests)
+                    label = ", dirty log on" if logging_on else ""
+                    print(f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}: "
+                          f"{us:6.1f} us CPU per 4k read{label}")
+                rig.log_dirty_pages(False)
             if args.profile:
                 prof = cProfile.Profile()
                 prof.runcall(measure, rig, args.batches[0], 5000)

@@ -16,6 +16,7 @@ import abc
 from collections.abc import Sequence
 
 from guestmem import GuestMemory
+from guestmem.dirty_log import DirtyMarker
 
 from .messages import ProtocolFeature, VirtioFeature
 from .virtqueue import DescriptorChain
@@ -36,6 +37,11 @@ class QueueHandler(abc.ABC):
     #: The worker watches it edge-triggered and never reads it, so :meth:`reap` must return
     #: everything finished so far (an eventfd written per completion, or an io_uring fd).
     completion_fd: int | None = None
+    #: While the frontend logs dirty pages (live migration): where the handler records every
+    #: range it writes into guest memory -- after the write, on this queue's thread; the queue
+    #: commits the marks before it publishes the used index.  None (the class default) when
+    #: logging is off; set and cleared by the library, for devices with ``logs_guest_writes``.
+    dirty: DirtyMarker | None = None
 
     @abc.abstractmethod
     def submit(self, chain: DescriptorChain) -> int | None:
@@ -73,6 +79,9 @@ class Device(abc.ABC):
     num_queues: int = 1
     #: Largest queue size the device accepts (SET_VRING_NUM above it is refused).
     max_queue_size: int = 1024
+    #: The handlers record their guest-memory writes in ``QueueHandler.dirty``: the library
+    #: then offers VHOST_F_LOG_ALL and LOG_SHMFD (QEMU refuses to migrate a device without).
+    logs_guest_writes: bool = False
 
     @abc.abstractmethod
     def features(self) -> int:

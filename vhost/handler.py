@@ -22,13 +22,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from guestmem.dirty_log import DirtyLog, DirtyLogError
+
 from .backend_channel import BackendChannel, BackendChannelError
 from .device import RING_FEATURES, Device, QueueHandler
+from .dirty_logging import DirtyLogging
 from .inflight import InflightArea, InflightError, create_area
 from .memory import MemoryTable, MemoryTableError
 from .messages import (
     MAX_CONFIG_SIZE,
     MAX_MEM_SLOTS,
+    VHOST_F_LOG_ALL,
+    VRING_ADDR_F_LOG,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     Message,
@@ -95,6 +100,7 @@ class Vring:
     index: int
     size: int = 0
     ring_uaddrs: tuple[int, int, int] | None = None  # desc, avail, used (frontend addresses)
+    log_addr: int | None = None  # guest address the used ring is logged at (VHOST_VRING_F_LOG)
     base: int = 0  # next avail index to use when the queue starts
     kick_fd: int | None = None
     call: Notifier = field(default_factory=Notifier)
@@ -128,6 +134,9 @@ class BackendHandler:
             VirtioFeature.PROTOCOL_FEATURES
         )
         self.offered_protocol = LIBRARY_PROTOCOL_FEATURES | device.protocol_features()
+        if device.logs_guest_writes:  # live migration (see vhost.dirty_logging)
+            self.offered_features |= VHOST_F_LOG_ALL
+            self.offered_protocol |= ProtocolFeature.LOG_SHMFD
         self.acked_features = 0
         self.acked_protocol = ProtocolFeature(0)
         self.owner = False
@@ -136,6 +145,7 @@ class BackendHandler:
         self.backend_channel: BackendChannel | None = None
         self.inflight: InflightArea | None = None
         self.refused = 0
+        self.dirty_logging = DirtyLogging()
 
     # ------------------------------------------------------------------ entry point
     def handle(self, message: Message, fds: list[int]) -> HandlerResult:
@@ -219,6 +229,7 @@ class BackendHandler:
         worker = self.worker_factory(vq, handler, vring.kick_fd, vring.call, vring.err)
         vring.queue_handler = handler
         vring.worker = worker
+        self.dirty_logging.queue_starting(vring, self.acked_features)
         worker.start()
         log.info("queue %d started: size %d, avail from %d%s", vring.index, vring.size,
                  vring.base, ", event idx" if vq.event_idx else "")
@@ -230,16 +241,18 @@ class BackendHandler:
         vring.err.signal()
         return Refused(f"queue {vring.index} cannot start: {exc}")
 
-    def _stop(self, vring: Vring) -> None:
+    def _stop(self, vring: Vring) -> bool:
+        """Stop ``vring``'s worker; True if it was marking the dirty log."""
         worker = vring.worker
         if worker is None:
-            return
+            return False
         if not worker.stop():
             log.error("queue %d: in-flight requests did not finish", vring.index)
         vq = worker.vq
         vring.base = vq.next_avail
         if vq.broken:
             vring.broken = True
+        logging_ = self.dirty_logging.queue_stopped(vring)
         vq.release()
         if vring.queue_handler is not None:
             vring.queue_handler.close()
@@ -248,6 +261,7 @@ class BackendHandler:
         log.info("queue %d stopped at avail %d (%d kicks, %d batches, %d completions, %d calls)",
                  vring.index, vring.base, worker.kicks, worker.batches, worker.completed,
                  vring.call.count)
+        return logging_
 
     def stop_all(self) -> None:
         for vring in self.vrings:
@@ -267,6 +281,7 @@ class BackendHandler:
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
+        self.dirty_logging.close(self.vrings)
         self.memory.close()
         self.device.reset()
 
@@ -289,6 +304,9 @@ class BackendHandler:
             # Without protocol features a ring is enabled as soon as it starts.
             for vring in self.vrings:
                 vring.enabled = True
+        # QEMU toggles VHOST_F_LOG_ALL with the queues running (migration start, end, cancel)
+        # and waits for this message to be processed before it copies memory.
+        self.dirty_logging.update(self.vrings, self.acked_features)
 
     def _on_get_protocol_features(self, message: Message, fds: list[int]) -> bytes:
         return u64(int(self.offered_protocol))
@@ -324,6 +342,7 @@ class BackendHandler:
         self._reset_vrings()
         self.acked_features = 0
         self.status = 0
+        self.dirty_logging.drop(self.vrings)
         self.device.reset()
 
     def _on_set_backend_req_fd(self, message: Message, fds: list[int]) -> None:
@@ -388,8 +407,13 @@ class BackendHandler:
         f = message.fields
         vring = self._vring(f.index)
         uaddrs = (f.desc_user_addr, f.avail_user_addr, f.used_user_addr)
+        if f.flags & ~VRING_ADDR_F_LOG:
+            raise Refused(f"unknown vring address flags {f.flags:#x}")
+        log_addr = f.log_guest_addr if f.flags & VRING_ADDR_F_LOG else None
         if vring.running:
             if uaddrs == vring.ring_uaddrs:
+                # QEMU resends the addresses of a running ring to switch used-ring logging.
+                self.dirty_logging.set_log_addr(vring, log_addr)
                 return
             raise Refused(f"queue {vring.index} is running")
         if vring.size:
@@ -401,6 +425,7 @@ class BackendHandler:
                 for addr, length in zip(uaddrs, ring_sizes(vring.size), strict=True)
             )))
         vring.ring_uaddrs = uaddrs
+        vring.log_addr = log_addr
         vring.broken = False
 
     def _on_set_vring_base(self, message: Message, fds: list[int]) -> None:
@@ -413,7 +438,9 @@ class BackendHandler:
 
     def _on_get_vring_base(self, message: Message, fds: list[int]) -> bytes:
         vring = self._vring(message.fields.index)
-        self._stop(vring)
+        if self._stop(vring) and not any(v.running for v in self.vrings):
+            # The source VM stopped: the end of a migration.
+            self.dirty_logging.flush_at_stop(self.device)
         # The ring is stopped; a later start comes with a fresh kick fd.
         if vring.kick_fd is not None:
             os.close(vring.kick_fd)
@@ -500,3 +527,30 @@ class BackendHandler:
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = area
+
+    # ------------------------------------------------------------------ dirty log (migration)
+    @property
+    def logging(self) -> bool:
+        """Whether the queues mark the dirty log now."""
+        return self.dirty_logging.logging(self.vrings)
+
+    @property
+    def pages_marked(self) -> int:
+        """Pages the queues marked in dirty logs over this connection."""
+        return self.dirty_logging.pages_marked(self.vrings)
+
+    def _on_set_log_base(self, message: Message, fds: list[int]) -> bytes:
+        if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
+            raise Refused("LOG_SHMFD was not negotiated")
+        f = message.fields
+        try:
+            new = DirtyLog(fds[0], f.mmap_size, f.mmap_offset)  # the mapping outlives the fd
+        except DirtyLogError as exc:
+            raise Refused(str(exc)) from exc
+        self.dirty_logging.set_base(new, self.vrings, self.acked_features)
+        return u64(0)
+
+    def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
+        if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
+            raise Refused("LOG_SHMFD was not negotiated")
+        self.dirty_logging.call.replace(fds.pop())

@@ -25,6 +25,7 @@ from .control.plane import ControlError, ControlPlane
 from .device import BlkDevice
 from .disk import Disk, DiskError, create_image, parse_size
 from .engine import ENGINES, default_engine
+from .image_lock import ImageLockError, lock_image
 from .request import ID_BYTES, check_serial
 
 log = logging.getLogger("vhost-user-blk")
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "default disk0)")
     p.add_argument("--export-id", type=_qmp_name, default="export0", metavar="ID",
                    help="the export's id in QMP (query-block-exports; default export0)")
+    p.add_argument("--locking", choices=("auto", "on", "off"), default="auto",
+                   help="lock the image as QEMU does (file.locking): a second server, QEMU or "
+                        "qemu-storage-daemon on it is refused; 'off' lets a migration source "
+                        "and destination share it; 'auto' (default) is 'on' where the file "
+                        "system has OFD locks")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info)")
@@ -155,6 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     logical_block_size=args.logical_block_size)
     except DiskError as exc:
         return fail(str(exc))
+    if args.locking != "off":
+        try:
+            lock_image(disk.fd, args.image, writable=not args.read_only)
+        except ImageLockError as exc:
+            if not (exc.unsupported and args.locking == "auto"):
+                disk.close()
+                return fail(str(exc))
+            log.warning("%s; serving it unlocked", exc)
     device = BlkDevice(
         disk,
         num_queues=args.num_queues,

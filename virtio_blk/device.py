@@ -142,6 +142,8 @@ class _Deferred(Exception):
 class BlkDevice(Device):
     """A virtio-blk device backed by a :class:`Disk`."""
 
+    logs_guest_writes = True  # data of reads, status bytes, GET_ID strings
+
     def __init__(
         self,
         disk: Disk,
@@ -389,6 +391,8 @@ class BlkQueueHandler(QueueHandler):
         if where is not None:
             try:
                 where[0][where[1]] = status
+                if self.dirty is not None:
+                    self.dirty.record(status_gpa, 1)
                 return used
             except (ValueError, TypeError):  # region removed meanwhile, or read-only
                 pass
@@ -398,7 +402,16 @@ class BlkQueueHandler(QueueHandler):
             self.errlog.log(logging.WARNING, "queue %d: cannot write status at %#x: %s",
                             self.index, status_gpa, exc)
             return 0
+        if self.dirty is not None:
+            self.dirty.record(status_gpa, 1)
         return used
+
+    def _record_read(self, req: BlkRequest) -> None:
+        """Record the guest pages a READ's data went to (zero-copy or scattered)."""
+        dirty = self.dirty
+        if dirty is not None and req.layout is not None:
+            for buffers in req.layout.buffers:
+                dirty.record_ranges(buffers.range.ranges())
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int]:
         if chain.readable_len < HEADER_SIZE:
@@ -499,6 +512,8 @@ class BlkQueueHandler(QueueHandler):
             if take <= 0:
                 break
             self.memory.write(gpa, ident[pos : pos + take])
+            if self.dirty is not None:
+                self.dirty.record(gpa, take)
             pos += take
         return self._put_status(status_gpa, Status.OK, pos + 1)
 
@@ -553,6 +568,8 @@ class BlkQueueHandler(QueueHandler):
             ns = monotonic_ns() - req.start_ns
             stats.total_ns[kind] += ns
             stats.latency[kind][bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
+        if self.dirty is not None and kind == OpKind.READ:
+            self._record_read(req)  # even a failed read may have written part of the buffers
         if ok:
             if kind == OpKind.READ:
                 stats.reads += 1
