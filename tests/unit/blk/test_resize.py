@@ -172,6 +172,7 @@ def test_frontend_that_never_acks_costs_a_timeout_not_a_hang(blk: BlkEnv) -> Non
     assert blk.daemon.daemon.notify_config_change() is False
     # A late ack of that request is not taken for the ack of the next one.
     ack(chan, BackendRequest.CONFIG_CHANGE_MSG)
+    handler.backend_channel.timeout = 10.0
     done = threading.Event()
     result: list[bool] = []
 
