@@ -1,0 +1,197 @@
+"""Refcounts of host clusters, and the cluster allocator built on them.
+
+The refcount table (read at open, validated) points at refcount blocks; a block holds one
+``2**refcount_order``-bit counter per host cluster.  Blocks are cached (bounded LRU) and the
+cache is *write-through*: every change is ``pwrite``-n to the file before :meth:`set` returns,
+so a kill -9 can never leave a cluster in use whose refcount is only in our memory.
+
+Crash-safety ordering kept here: an allocated cluster's refcount is written (:meth:`allocate`)
+before the caller writes anything that uses the cluster; a new refcount block is written in
+full before the refcount table entry that points at it.  Dropping a refcount (:meth:`free`) is
+the caller's last step, after it has cleared every pointer to the cluster.
+
+Not thread-safe by itself: the image calls it under its metadata lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from collections import OrderedDict
+
+from .format import REFTABLE_RESERVED, Header, Qcow2OpenError
+
+log = logging.getLogger(__name__)
+
+
+class CorruptImage(OSError):
+    """Metadata found bad at run time: fails the request with IOERR (never the server)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.EIO, why)
+
+
+class Refcounts:
+    """Counts references to host clusters; allocates free ones."""
+
+    def __init__(self, fd: int, header: Header, file_size: int, path: str,
+                 cache_blocks: int = 64) -> None:
+        self.fd = fd
+        self.path = path
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = cs = header.cluster_size
+        self.order = header.refcount_order
+        self.bits = 1 << self.order
+        self.max_value = (1 << self.bits) - 1
+        self.per_block = cs * 8 // self.bits
+        self.table_offset = header.refcount_table_offset
+        raw = os.pread(fd, header.refcount_table_clusters * cs, self.table_offset)
+        n = len(raw) // 8
+        self.table = list(struct.unpack(f">{n}Q", raw))
+        for i, entry in enumerate(self.table):
+            if entry & (cs - 1) or entry & REFTABLE_RESERVED or (entry and entry + cs > file_size):
+                raise Qcow2OpenError(f"{path}: refcount table entry {i} ({entry:#x}) is "
+                                     "misaligned or beyond the end of the file")
+        self.block_offsets = {e for e in self.table if e}
+        self._cache: OrderedDict[int, bytearray] = OrderedDict()
+        self._cache_blocks = cache_blocks
+        self.file_end = file_size  # highest byte we know to be in the file (grows on use)
+        self.free_hint = 0  # no free cluster below this index
+
+    # ------------------------------------------------------------------ blocks
+    def _block(self, index: int) -> tuple[int, bytearray] | None:
+        """(offset, contents) of refcount block ``index``, or None if it does not exist."""
+        if index >= len(self.table):
+            return None
+        off = self.table[index]
+        if off == 0:
+            return None
+        blk = self._cache.get(off)
+        if blk is None:
+            blk = bytearray(os.pread(self.fd, self.cluster_size, off))
+            if len(blk) != self.cluster_size:
+                raise CorruptImage(f"refcount block at {off:#x} is truncated")
+            self._cache[off] = blk
+            if len(self._cache) > self._cache_blocks:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(off)
+        return off, blk
+
+    def _get_in(self, blk: bytearray, i: int) -> int:
+        bits = self.bits
+        if bits >= 8:
+            n = bits >> 3
+            return int.from_bytes(blk[i * n:(i + 1) * n], "big")
+        per_byte = 8 // bits
+        return (blk[i // per_byte] >> ((i % per_byte) * bits)) & self.max_value
+
+    def _set_in(self, blk: bytearray, i: int, value: int) -> tuple[int, int]:
+        """Store ``value`` for entry ``i``; the (start, end) bytes of ``blk`` that changed."""
+        bits = self.bits
+        if bits >= 8:
+            n = bits >> 3
+            blk[i * n:(i + 1) * n] = value.to_bytes(n, "big")
+            return i * n, (i + 1) * n
+        per_byte = 8 // bits
+        shift = (i % per_byte) * bits
+        b = i // per_byte
+        blk[b] = (blk[b] & ~(self.max_value << shift) & 0xFF) | (value << shift)
+        return b, b + 1
+
+    # ------------------------------------------------------------------ counts
+    def get(self, cluster: int) -> int:
+        found = self._block(cluster // self.per_block)
+        if found is None:
+            return 0
+        return self._get_in(found[1], cluster % self.per_block)
+
+    def set(self, cluster: int, value: int) -> None:
+        """Set and write through the refcount of host cluster ``cluster``."""
+        if not 0 <= value <= self.max_value:
+            raise CorruptImage(f"refcount of cluster {cluster} would become {value}")
+        found = self._block(cluster // self.per_block)
+        if found is None:
+            if value == 0:
+                return
+            raise CorruptImage(f"no refcount block for host cluster {cluster}")
+        off, blk = found
+        start, end = self._set_in(blk, cluster % self.per_block, value)
+        _pwrite_all(self.fd, blk[start:end], off + start)
+
+    def add(self, cluster: int, delta: int) -> int:
+        value = self.get(cluster) + delta
+        if value < 0:
+            raise CorruptImage(f"refcount of host cluster {cluster} would drop below zero")
+        self.set(cluster, value)
+        return value
+
+    def _new_block(self, index: int, place: int) -> None:
+        """Make refcount block ``index`` in host cluster ``place`` (a free cluster of the range
+        it covers), counting itself.  Written in full before the table entry that points at
+        it (ordering)."""
+        if index >= len(self.table):
+            raise OSError(errno.ENOSPC, f"{self.path}: refcount table full (growing it is "
+                                        "not implemented)")
+        cs = self.cluster_size
+        blk = bytearray(cs)
+        self._set_in(blk, place % self.per_block, 1)
+        off = place * cs
+        _pwrite_all(self.fd, blk, off)
+        self.file_end = max(self.file_end, off + cs)
+        self.table[index] = off
+        self.block_offsets.add(off)
+        _pwrite_all(self.fd, struct.pack(">Q", off), self.table_offset + index * 8)
+        self._cache[off] = blk
+        log.debug("%s: new refcount block %d at %#x", self.path, index, off)
+
+    # ------------------------------------------------------------------ allocation
+    def allocate(self, reserved: set[int] | frozenset[int] = frozenset()) -> int:
+        """Find a free host cluster, set its refcount to 1 (written to the file) and return its
+        byte offset.  ``reserved`` are cluster indices that must not be handed out."""
+        c = max(self.free_hint, 1)
+        per = self.per_block
+        while True:
+            found = self._block(c // per)
+            if found is None:
+                if c in reserved:
+                    c += 1
+                    continue
+                self._new_block(c // per, c)  # the block takes c; look again from c + 1
+                c += 1
+                continue
+            blk = found[1]
+            i = c % per
+            base = c - i
+            while i < per and (self._get_in(blk, i) or base + i in reserved):
+                i += 1
+            if i < per:
+                c = base + i
+                break
+            c = base + per
+        # Ordering: the refcount is in the file before the caller uses the cluster.
+        self.set(c, 1)
+        self.free_hint = c + 1
+        return c * self.cluster_size
+
+    def free(self, offset: int, length: int) -> None:
+        """Drop one reference from every host cluster in [offset, offset+length)."""
+        cb = self.cluster_bits
+        for c in range(offset >> cb, ((offset + length - 1) >> cb) + 1):
+            if self.add(c, -1) == 0 and c < self.free_hint:
+                self.free_hint = c
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short metadata write")
+        view = view[n:]
+        offset += n
+
+
+pwrite_all = _pwrite_all
