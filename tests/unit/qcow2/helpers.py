@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -74,7 +75,7 @@ def read(disk: Qcow2Disk, offset: int, length: int, pieces: int = 1) -> bytes:
     """Read through the disk into ``pieces`` separate buffers (like a scattered guest SG list)."""
     cuts = sorted({0, length, *(random.Random(offset ^ length).randrange(length + 1)
                                 for _ in range(pieces - 1))})
-    bufs = [bytearray(b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
+    bufs = [bytearray(b - a) for a, b in itertools.pairwise(cuts)]
     assert disk.readv([memoryview(b) for b in bufs], offset) == length
     return b"".join(bufs)
 
@@ -82,5 +83,5 @@ def read(disk: Qcow2Disk, offset: int, length: int, pieces: int = 1) -> bytes:
 def write(disk: Qcow2Disk, offset: int, data: bytes, pieces: int = 1) -> None:
     cuts = sorted({0, len(data), *(random.Random(offset).randrange(len(data) + 1)
                                    for _ in range(pieces - 1))})
-    views = [memoryview(data)[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    views = [memoryview(data)[a:b] for a, b in itertools.pairwise(cuts)]
     assert disk.writev(views, offset) == len(data)
