@@ -121,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           direct=args.direct, logical_block_size=args.logical_block_size)
     except DiskError as exc:
         return fail(str(exc))
+    if args.aio == "io_uring" and not getattr(disk, "raw_fd_io", True):
+        log.info("--format %s translates offsets per request: using --aio threads", args.format)
+        args.aio = "threads"
     device = BlkDevice(
         disk,
         num_queues=args.num_queues,
@@ -144,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     info = disk.info
     log.info(
-        "serving %s (%s, %d bytes, %d-byte blocks, %s%s) on %s: %d queue(s), aio=%s, features %s",
-        args.image, args.format, info.size, info.logical_block_size,
+        "serving %s (%d bytes, %s, %d-byte blocks, %s%s) on %s: %d queue(s), aio=%s, features %s",
+        args.image, info.size, args.format, info.logical_block_size,
         "read-only" if info.read_only else "read-write", ", O_DIRECT" if info.direct else "",
         args.socket or f"fd {args.fd}", args.num_queues, args.aio,
         "|".join(device.feature_names()),

@@ -84,7 +84,7 @@ def test_raw_with_a_qcow2_header_is_still_raw(tmp_path: Path, servers: list[Serv
     header = img.read_bytes()[:512]
     server = Server(*_serve_args(tmp_path, img, "--aio", "threads"))
     servers.append(server)
-    assert "(raw," in server.started()
+    assert " bytes, raw," in server.started()
     fe, mem, drv = connect(tmp_path / "s.sock")
     try:
         assert drv.read(0, 512).data == header
@@ -103,7 +103,7 @@ def test_create_overlay_and_serve_with_two_queues(tmp_path: Path, servers: list[
                                  "--num-queues", "2"))
     servers.append(server)
     line = server.started()
-    assert "(qcow2," in line and "aio=" in line
+    assert " bytes, qcow2," in line and "aio=" in line
     assert info(img)["backing-filename-format"] == "raw"
     model = bytearray(base + bytes(2 * MiB))
     fe, mem, drv = connect(tmp_path / "s.sock")
