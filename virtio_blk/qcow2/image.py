@@ -55,7 +55,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from ..disk import DiskError, DiskInfo
+from ..disk import FALLOC_FL_ZERO_RANGE, DiskError, DiskInfo, fallocate
 from .format import (
     COMPAT_LAZY_REFCOUNTS,
     L1_RESERVED,
@@ -241,6 +241,7 @@ class Qcow2Image:
         self._inflight = 0
         self._draining = False
         self._pending_free: list[tuple[int, int]] = []
+        self._zero_range_ok = True
         self._open_backing(depth, seen)
         if not self.read_only and h.autoclear and self.v3:
             # Autoclear bits name extensions (e.g. bitmaps) that our writes do not maintain:
@@ -502,17 +503,23 @@ class Qcow2Image:
             if self._protected(new):
                 raise CorruptImage(f"{self.path}: allocator returned metadata cluster {new:#x}")
         try:
-            iov: list[memoryview] = []
-            if start:
-                head = memoryview(bytearray(start))
-                self._fill(kind, e, old_host, [head], pos - start)
-                iov.append(head)
-            iov += part
-            if start + n < cs:
-                tail = memoryview(bytearray(cs - start - n))
-                self._fill(kind, e, old_host, [tail], pos + n)
-                iov.append(tail)
-            _pwritev_full(self.fd, iov, new)  # ordering 4: data before the L2 entry
+            zero_fill = kind == ZERO or (kind == UNALLOCATED and self.backing is None)
+            if zero_fill and n < cs and self._zero_range(new):
+                # The rest of the cluster must read as zeroes: the file system zeroes it (as
+                # QEMU has it do) instead of us writing cluster_size - n bytes of zeroes.
+                _pwritev_full(self.fd, part, new + start)  # ordering 4
+            else:
+                iov: list[memoryview] = []
+                if start:
+                    head = memoryview(bytearray(start))
+                    self._fill(kind, e, old_host, [head], g * cs)
+                    iov.append(head)
+                iov += part
+                if start + n < cs:
+                    tail = memoryview(bytearray(cs - start - n))
+                    self._fill(kind, e, old_host, [tail], pos + n)
+                    iov.append(tail)
+                _pwritev_full(self.fd, iov, new)  # ordering 4: data before the L2 entry
         except BaseException:
             with self._lock:
                 self._pending_free.append((new, cs))  # never mapped: give it back
@@ -521,6 +528,21 @@ class Qcow2Image:
             self.file_end = max(self.file_end, new + cs)
             self._commit(g, new | OFLAG_COPIED)  # ordering 5
             self._release(e, kind, old_host)  # ordering 6 (applied when no IO is in flight)
+
+    def _zero_range(self, host: int) -> bool:
+        """Zero (and allocate) one host cluster with FALLOC_FL_ZERO_RANGE; False where the
+        file system cannot."""
+        if not self._zero_range_ok:
+            return False
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE, host, self.cluster_size)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log.info("%s: no FALLOC_FL_ZERO_RANGE; writing zeroes into new clusters", self.path)
+            self._zero_range_ok = False
+            return False
 
     def _fill(self, kind: int, e: int, host: int, views: list[memoryview], pos: int) -> None:
         """Read the old guest bytes at ``pos`` of a cluster about to be replaced."""

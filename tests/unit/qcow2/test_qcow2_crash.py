@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from virtio_blk.qcow2 import Qcow2Disk
+from virtio_blk.qcow2 import Qcow2Disk, image
 
 from .helpers import KiB, MiB, check_rc, compare, needs_qemu_img, qemu_img, qemu_io, write_raw
 
@@ -38,8 +38,16 @@ class _Recorder:
                 self.log.append((offset, b"".join(bytes(v) for v in views)[:n]))
             return n
 
+        def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+            real_fallocate(fd, mode, offset, length)
+            if fd in self.fds:  # FALLOC_FL_ZERO_RANGE: replayed as a write of zeroes
+                assert mode == image.FALLOC_FL_ZERO_RANGE
+                self.log.append((offset, bytes(length)))
+
+        real_fallocate = image.fallocate
         monkeypatch.setattr(os, "pwrite", pwrite)
         monkeypatch.setattr(os, "pwritev", pwritev)
+        monkeypatch.setattr(image, "fallocate", fallocate)
 
 
 def _replay(initial: bytes, writes: list[tuple[int, bytes]], out: Path) -> Path:
@@ -52,17 +60,18 @@ def _replay(initial: bytes, writes: list[tuple[int, bytes]], out: Path) -> Path:
     return out
 
 
-def test_every_prefix_of_pwrites_is_consistent(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backed", (True, False), ids=("backed", "plain"))
+def test_every_prefix_of_pwrites_is_consistent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               backed: bool) -> None:
     # 4 KiB clusters: an L2 table maps 2 MiB and a refcount block counts 8 MiB, so the run
     # below allocates L2 tables, a second refcount block, and copies clusters and an L2
     # table shared with an internal snapshot.
     size = 16 * MiB
-    base = random.Random(1).randbytes(2 * MiB)
+    base = random.Random(1).randbytes(2 * MiB) if backed else b""
     write_raw(tmp_path / "base.raw", base)
     img = tmp_path / "c.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.raw",
-             "-F", "raw", img, str(size))
+    backing = ["-b", "base.raw", "-F", "raw"] if backed else []
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", *backing, img, str(size))
     qemu_io(img, "write -P 0x41 0 256k")
     qemu_img("snapshot", "-c", "s1", img)
     initial = img.read_bytes()
