@@ -228,9 +228,6 @@ class Qcow2Image:
         self._l2_cache_tables = max(16, l2_cache_bytes // cs)
         self._l1_clusters = set(range(h.l1_table_offset >> cb,
                                       (h.l1_table_offset + h.l1_size * 8 + cs - 1) >> cb))
-        self._reftable_clusters = set(range(h.refcount_table_offset >> cb,
-                                            (h.refcount_table_offset >> cb)
-                                            + h.refcount_table_clusters))
         self._compressed_cache: OrderedDict[int, bytes] = OrderedDict()
         self.ref: Refcounts | None = None
         if not self.read_only:
@@ -347,8 +344,8 @@ class Qcow2Image:
     def _protected(self, host: int) -> bool:
         """True if ``host`` is a metadata cluster we know of (never a data write target)."""
         c = host >> self.cluster_bits
-        return (c == 0 or c in self._l1_clusters or c in self._reftable_clusters
-                or (self.ref is not None and host in self.ref.block_offsets)
+        return (c == 0 or c in self._l1_clusters
+                or (self.ref is not None and self.ref.is_metadata(host))
                 or host in self._l2_cache)
 
     # ------------------------------------------------------------------ in-flight accounting

@@ -21,7 +21,7 @@ import os
 import struct
 from collections import OrderedDict
 
-from .format import REFTABLE_RESERVED, Header, Qcow2OpenError
+from .format import MAX_REFTABLE_BYTES, REFTABLE_RESERVED, Header, Qcow2OpenError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Refcounts:
         self.max_value = (1 << self.bits) - 1
         self.per_block = cs * 8 // self.bits
         self.table_offset = header.refcount_table_offset
+        self.table_clusters = header.refcount_table_clusters
         raw = os.pread(fd, header.refcount_table_clusters * cs, self.table_offset)
         n = len(raw) // 8
         self.table = list(struct.unpack(f">{n}Q", raw))
@@ -130,11 +131,11 @@ class Refcounts:
 
     def _new_block(self, index: int, place: int) -> None:
         """Make refcount block ``index`` in host cluster ``place`` (a free cluster of the range
-        it covers), counting itself.  Written in full before the table entry that points at
-        it (ordering)."""
+        it covers), counting itself.  Written in full before the refcount table entry that
+        points at it (ordering)."""
         if index >= len(self.table):
-            raise OSError(errno.ENOSPC, f"{self.path}: refcount table full (growing it is "
-                                        "not implemented)")
+            self._grow_table(index, place)
+            return
         cs = self.cluster_size
         blk = bytearray(cs)
         self._set_in(blk, place % self.per_block, 1)
@@ -146,6 +147,46 @@ class Refcounts:
         _pwrite_all(self.fd, struct.pack(">Q", off), self.table_offset + index * 8)
         self._cache[off] = blk
         log.debug("%s: new refcount block %d at %#x", self.path, index, off)
+
+    def _grow_table(self, index: int, place: int) -> None:
+        """A larger refcount table, for block ``index`` placed in cluster ``place``.
+
+        The new block goes in ``place`` and the new table right after it, in the same
+        (so far uncovered, hence unused) range; the block counts both.  Order: block, table,
+        then the header's two refcount-table fields in one pwrite, then the old table's
+        clusters are freed.  A crash before the header write leaves unreferenced clusters
+        beyond every refcount, after it a leak of the old table at most.
+        """
+        cs = self.cluster_size
+        per = self.per_block
+        entries = max(index + 1, 2 * len(self.table))
+        k = -(-entries * 8 // cs)
+        if k * cs > MAX_REFTABLE_BYTES or place % per + 1 + k > per:
+            raise OSError(errno.ENOSPC, f"{self.path}: refcount table cannot grow further")
+        entries = k * cs // 8
+        blk = bytearray(cs)
+        for c in range(place, place + 1 + k):
+            self._set_in(blk, c % per, 1)
+        block_off = place * cs
+        table_off = block_off + cs
+        table = [*self.table, *([0] * (entries - len(self.table)))]
+        table[index] = block_off
+        _pwrite_all(self.fd, blk, block_off)
+        _pwrite_all(self.fd, struct.pack(f">{entries}Q", *table), table_off)
+        _pwrite_all(self.fd, struct.pack(">QI", table_off, k), 48)  # the header's fields
+        old_off, old_clusters = self.table_offset, self.table_clusters
+        self.table, self.table_offset, self.table_clusters = table, table_off, k
+        self.block_offsets.add(block_off)
+        self._cache[block_off] = blk
+        self.file_end = max(self.file_end, table_off + k * cs)
+        self.free(old_off, old_clusters * cs)
+        log.info("%s: refcount table grown to %d clusters at %#x", self.path, k, table_off)
+
+    def is_metadata(self, host: int) -> bool:
+        """True if ``host`` is the start of a cluster of the refcount table or a block."""
+        return (host in self.block_offsets
+                or self.table_offset <= host < self.table_offset + self.table_clusters
+                * self.cluster_size)
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, reserved: set[int] | frozenset[int] = frozenset()) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from pathlib import Path
@@ -11,7 +12,19 @@ import pytest
 from virtio_blk.disk import DiskError
 from virtio_blk.qcow2 import Qcow2Disk, create
 
-from .helpers import KiB, MiB, check, compare, info, needs_qemu_img, qemu_io, read, write, write_raw
+from .helpers import (
+    KiB,
+    MiB,
+    check,
+    compare,
+    info,
+    needs_qemu_img,
+    qemu_img,
+    qemu_io,
+    read,
+    write,
+    write_raw,
+)
 
 pytestmark = needs_qemu_img
 
@@ -91,3 +104,25 @@ def test_threads_writing_the_same_clusters(tmp_path: Path) -> None:
     report = check(img)
     assert report["allocated-clusters"] <= 64 + 8 + 8
     compare(write_raw(tmp_path / "m.raw", model), img)
+
+
+def test_refcount_table_grows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """512-byte clusters: qemu-img's one-cluster refcount table counts 8 MiB of file; writing
+    20 MiB grows the table (twice).  The same code grows a 4 KiB-cluster image's table at
+    4 GiB of file."""
+    size = 24 * MiB
+    img = tmp_path / "g.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, str(size))
+    written = 20 * MiB
+    data = random.Random(5).randbytes(written)
+    disk = Qcow2Disk(img)
+    try:
+        with caplog.at_level(logging.INFO):
+            for pos in range(0, written, MiB):
+                write(disk, pos, data[pos:pos + MiB])
+        assert read(disk, 0, written) == data
+    finally:
+        disk.close()
+    assert sum("refcount table grown" in r.getMessage() for r in caplog.records) >= 2
+    check(img)
+    compare(write_raw(tmp_path / "m.raw", data + bytes(size - written)), img)
