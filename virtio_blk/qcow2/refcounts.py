@@ -189,24 +189,21 @@ class Refcounts:
                 * self.cluster_size)
 
     # ------------------------------------------------------------------ allocation
-    def allocate(self, reserved: set[int] | frozenset[int] = frozenset()) -> int:
+    def allocate(self) -> int:
         """Find a free host cluster, set its refcount to 1 (written to the file) and return its
-        byte offset.  ``reserved`` are cluster indices that must not be handed out."""
+        byte offset."""
         c = max(self.free_hint, 1)
         per = self.per_block
         while True:
             found = self._block(c // per)
             if found is None:
-                if c in reserved:
-                    c += 1
-                    continue
                 self._new_block(c // per, c)  # the block takes c; look again from c + 1
                 c += 1
                 continue
             blk = found[1]
             i = c % per
             base = c - i
-            while i < per and (self._get_in(blk, i) or base + i in reserved):
+            while i < per and self._get_in(blk, i):
                 i += 1
             if i < per:
                 c = base + i
