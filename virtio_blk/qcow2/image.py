@@ -1,6 +1,6 @@
 """A qcow2 image: guest offsets mapped to host clusters, read-write, with a backing chain.
 
-:class:`Qcow2Disk` presents the interface of :class:`virtio_blk.disk.Disk` (``readv``,
+:class:`Qcow2Disk` (:mod:`.disk`) presents the interface of :class:`virtio_blk.disk.Disk` (``readv``,
 ``writev``, ``flush``, ``discard``, ``write_zeroes``, ``info``, ``close``), so the device and
 the ``inline``/``threads`` engines use it unchanged.  Data of allocated clusters moves with
 ``preadv``/``pwritev`` at the translated host offset, on slices of the caller's buffers (guest
@@ -48,14 +48,13 @@ import logging
 import os
 import stat
 import struct
-import sys
 import threading
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from ..disk import FALLOC_FL_ZERO_RANGE, DiskError, DiskInfo, fallocate
+from ..disk import FALLOC_FL_ZERO_RANGE, DiskError, fallocate
 from .format import (
     COMPAT_LAZY_REFCOUNTS,
     L1_RESERVED,
@@ -68,113 +67,22 @@ from .format import (
     Qcow2OpenError,
     read_header,
 )
+from .hostio import (
+    ZEROS,
+    RawBacking,
+    Views,
+    be_table,
+    preadv_full,
+    pwritev_full,
+    to_be,
+    zero_fill,
+)
 from .refcounts import CorruptImage, Refcounts, pwrite_all
 
 log = logging.getLogger(__name__)
 
 MAX_CHAIN_DEPTH = 32
 UNALLOCATED, ZERO, NORMAL, COMPRESSED = range(4)
-_ZEROS = bytes(2 << 20)
-_SWAP = sys.byteorder == "little"  # tables are big-endian on disk
-
-
-def _be_table(raw: bytes) -> array:
-    """A table of big-endian 64-bit entries as an array of native integers."""
-    t = array("Q")
-    t.frombytes(raw)
-    if _SWAP:
-        t.byteswap()
-    return t
-
-
-def _to_be(t: array) -> bytes:
-    c = array("Q", t)
-    if _SWAP:
-        c.byteswap()
-    return c.tobytes()
-
-
-class _Views:
-    """The caller's buffers as one byte sequence, handed out in order as slices."""
-
-    __slots__ = ("i", "skip", "views")
-
-    def __init__(self, views: Sequence[memoryview]) -> None:
-        self.views = views
-        self.i = 0
-        self.skip = 0
-
-    def take(self, n: int) -> list[memoryview]:
-        out = []
-        views = self.views
-        while n:
-            v = views[self.i]
-            avail = v.nbytes - self.skip
-            k = min(n, avail)
-            out.append(v[self.skip:self.skip + k] if k != v.nbytes else v)
-            n -= k
-            if k == avail:
-                self.i += 1
-                self.skip = 0
-            else:
-                self.skip += k
-        return out
-
-
-def _zero_fill(views: Sequence[memoryview]) -> None:
-    for v in views:
-        n = v.nbytes
-        while n:
-            k = min(n, len(_ZEROS))
-            v[v.nbytes - n:v.nbytes - n + k] = _ZEROS[:k]
-            n -= k
-
-
-def _preadv_full(fd: int, views: list[memoryview], offset: int) -> None:
-    """Fill ``views`` from ``offset``; bytes beyond the end of the file read as zeroes."""
-    total = sum(v.nbytes for v in views)
-    done = os.preadv(fd, views, offset)
-    while done < total:
-        rest = _Views(views)
-        rest.take(done)
-        tail = rest.take(total - done)
-        n = os.preadv(fd, tail, offset + done)
-        if n <= 0:
-            _zero_fill(tail)
-            return
-        done += n
-
-
-def _pwritev_full(fd: int, views: list[memoryview], offset: int) -> None:
-    total = sum(v.nbytes for v in views)
-    done = os.pwritev(fd, views, offset)
-    while done < total:
-        rest = _Views(views)
-        rest.take(done)
-        n = os.pwritev(fd, rest.take(total - done), offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write")
-        done += n
-
-
-class RawBacking:
-    """A raw backing file, opened read-only; reads beyond its end are zeroes."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise Qcow2OpenError(f"backing file {path}: {exc.strerror}") from None
-        self.size = os.fstat(self.fd).st_size
-
-    def read_into(self, views: list[memoryview], offset: int) -> None:
-        _preadv_full(self.fd, views, offset)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class Qcow2Image:
@@ -218,7 +126,7 @@ class Qcow2Image:
         raw = os.pread(self.fd, h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         if len(raw) != h.l1_size * 8:
             raise Qcow2OpenError(f"{self.path}: L1 table is truncated")
-        self.l1 = _be_table(raw)
+        self.l1 = be_table(raw)
         for i, e in enumerate(self.l1):
             off = e & OFFSET_MASK
             if e & L1_RESERVED or off % cs or (off and off + cs > st.st_size):
@@ -283,7 +191,7 @@ class Qcow2Image:
         raw = os.pread(self.fd, self.cluster_size, offset)
         if len(raw) != self.cluster_size:
             raise CorruptImage(f"{self.path}: L2 table at {offset:#x} is truncated")
-        t = _be_table(raw)
+        t = be_table(raw)
         self._l2_cache[offset] = t
         if len(self._l2_cache) > self._l2_cache_tables:
             self._l2_cache.popitem(last=False)
@@ -415,14 +323,14 @@ class Qcow2Image:
         if host >= 0:
             try:
                 if os.preadv(self.fd, views, host) != total:
-                    _preadv_full(self.fd, views, host)
+                    preadv_full(self.fd, views, host)
             finally:
                 self._leave()
             return
         if offset + total > self.size:
-            cut = _Views(views)
+            cut = Views(views)
             inside = cut.take(max(0, self.size - offset))
-            _zero_fill(cut.take(total - max(0, self.size - offset)))
+            zero_fill(cut.take(total - max(0, self.size - offset)))
             views, total = inside, max(0, self.size - offset)
             if not total:
                 return
@@ -431,7 +339,7 @@ class Qcow2Image:
         with self._lock:
             self._enter()
         try:
-            cur = _Views(views)
+            cur = Views(views)
             pos, end = offset, offset + total
             run_host = run_len = 0
             run_views: list[memoryview] = []
@@ -448,13 +356,13 @@ class Qcow2Image:
                         run_len += n
                     else:
                         if run_len:
-                            _preadv_full(self.fd, run_views, run_host)
+                            preadv_full(self.fd, run_views, run_host)
                         run_host, run_len, run_views = h, n, part
                 else:
                     self._read_other(kind, e, part, pos)
                 pos += n
             if run_len:
-                _preadv_full(self.fd, run_views, run_host)
+                preadv_full(self.fd, run_views, run_host)
         finally:
             self._leave()
 
@@ -468,7 +376,7 @@ class Qcow2Image:
         elif kind == UNALLOCATED and self.backing is not None:
             self.backing.read_into(part, pos)
         else:
-            _zero_fill(part)
+            zero_fill(part)
 
     # ------------------------------------------------------------------ writes
     def write_from(self, views: Sequence[memoryview], offset: int) -> None:
@@ -479,13 +387,13 @@ class Qcow2Image:
         host = self._fast_target(offset, total, True)
         if host >= 0:
             try:
-                _pwritev_full(self.fd, list(views), host)
+                pwritev_full(self.fd, list(views), host)
             finally:
                 self._leave()
             return
         cs = self.cluster_size
         cb = self.cluster_bits
-        cur = _Views(views)
+        cur = Views(views)
         in_place: list[tuple[int, list[memoryview]]] = []
         allocs: list[tuple[int, int, list[memoryview]]] = []  # (guest pos, length, data)
         busy: list[int] = []
@@ -518,7 +426,7 @@ class Qcow2Image:
                         allocs.append((pos, n, part))
                     pos += n
             for h, part in in_place:
-                _pwritev_full(self.fd, part, h)
+                pwritev_full(self.fd, part, h)
             for pos, n, part in allocs:
                 self._allocating_write(pos, n, part)
         finally:
@@ -548,7 +456,7 @@ class Qcow2Image:
             if zero_fill and n < cs and self._zero_range(new):
                 # The rest of the cluster must read as zeroes: the file system zeroes it (as
                 # QEMU has it do) instead of us writing cluster_size - n bytes of zeroes.
-                _pwritev_full(self.fd, part, new + start)  # ordering 4
+                pwritev_full(self.fd, part, new + start)  # ordering 4
             else:
                 iov: list[memoryview] = []
                 if start:
@@ -560,7 +468,7 @@ class Qcow2Image:
                     tail = memoryview(bytearray(cs - start - n))
                     self._fill(kind, e, old_host, [tail], pos + n)
                     iov.append(tail)
-                _pwritev_full(self.fd, iov, new)  # ordering 4: data before the L2 entry
+                pwritev_full(self.fd, iov, new)  # ordering 4: data before the L2 entry
         except BaseException:
             with self._lock:
                 self._pending_free.append((new, cs))  # never mapped: give it back
@@ -588,7 +496,7 @@ class Qcow2Image:
     def _fill(self, kind: int, e: int, host: int, views: list[memoryview], pos: int) -> None:
         """Read the old guest bytes at ``pos`` of a cluster about to be replaced."""
         if kind == NORMAL:
-            _preadv_full(self.fd, views, host + (pos & (self.cluster_size - 1)))
+            preadv_full(self.fd, views, host + (pos & (self.cluster_size - 1)))
         else:
             self._read_other(kind, e, views, pos)
 
@@ -605,7 +513,7 @@ class Qcow2Image:
         new = self._refs().allocate()
         if self._protected(new):
             raise CorruptImage(f"{self.path}: allocator returned metadata cluster {new:#x}")
-        pwrite_all(self.fd, _to_be(table), new)  # ordering 2
+        pwrite_all(self.fd, to_be(table), new)  # ordering 2
         self.file_end = max(self.file_end, new + self.cluster_size)
         entry = new | OFLAG_COPIED
         pwrite_all(self.fd, struct.pack(">Q", entry), self.header.l1_table_offset + i * 8)  # 3
@@ -682,8 +590,8 @@ class Qcow2Image:
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         while length:
-            n = min(length, len(_ZEROS))
-            self.write_from([memoryview(_ZEROS)[:n]], offset)
+            n = min(length, len(ZEROS))
+            self.write_from([memoryview(ZEROS)[:n]], offset)
             offset += n
             length -= n
 
@@ -702,72 +610,3 @@ class Qcow2Image:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-class Qcow2Disk:
-    """A qcow2 image with the interface of :class:`virtio_blk.disk.Disk`.
-
-    Every failure -- including metadata found bad while serving -- leaves as an ``OSError``,
-    which the engines turn into an IOERR status for that request.
-    """
-
-    raw_fd_io = False  # the engines may not address ``fd`` directly (io_uring): use threads
-
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 logical_block_size: int = 512) -> None:
-        self.image = Qcow2Image(path, read_only=read_only)
-        self.path = self.image.path
-        self.read_only = read_only
-        self.fd = self.image.fd
-        size = self.image.size - self.image.size % logical_block_size
-        if size == 0:
-            self.image.close()
-            raise DiskError(f"{self.path}: virtual size is smaller than one block")
-        self.info = DiskInfo(size, logical_block_size, read_only, False, 1, 1, False)
-
-    def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
-        views = [v for v in buffers if v.nbytes]
-        try:
-            self.image.read_into(views, offset)
-        except OSError as exc:
-            log.error("%s: read at %d failed: %s", self.path, offset, exc)
-            raise
-        except Exception as exc:  # a bug or bad metadata we did not foresee: this request only
-            log.exception("%s: read at %d failed", self.path, offset)
-            raise OSError(errno.EIO, str(exc)) from exc
-        return sum(v.nbytes for v in views)
-
-    def writev(self, buffers: Sequence[memoryview], offset: int) -> int:
-        views = [v for v in buffers if v.nbytes]
-        try:
-            self.image.write_from(views, offset)
-        except OSError as exc:
-            log.error("%s: write at %d failed: %s", self.path, offset, exc)
-            raise
-        except Exception as exc:
-            log.exception("%s: write at %d failed", self.path, offset)
-            raise OSError(errno.EIO, str(exc)) from exc
-        return sum(v.nbytes for v in views)
-
-    def flush(self) -> None:
-        self.image.flush()
-
-    def discard(self, offset: int, length: int) -> None:
-        self._guard(self.image.discard, offset, length)
-
-    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        self._guard(self.image.discard, offset, length, True, unmap)
-
-    def _guard(self, fn: Callable[..., None], *args: object) -> None:
-        try:
-            fn(*args)
-        except OSError as exc:
-            log.error("%s: %s%r failed: %s", self.path, fn.__name__, args, exc)
-            raise
-        except Exception as exc:
-            log.exception("%s: %s%r failed", self.path, fn.__name__, args)
-            raise OSError(errno.EIO, str(exc)) from exc
-
-    def close(self) -> None:
-        self.image.close()
-        self.fd = -1
