@@ -121,9 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                           direct=args.direct, logical_block_size=args.logical_block_size)
     except DiskError as exc:
         return fail(str(exc))
-    if args.aio == "io_uring" and not getattr(disk, "raw_fd_io", True):
-        log.info("--format %s translates offsets per request: using --aio threads", args.format)
-        args.aio = "threads"
     device = BlkDevice(
         disk,
         num_queues=args.num_queues,

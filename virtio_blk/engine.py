@@ -289,13 +289,10 @@ def make_engine(kind: str, disk: Disk, queue_index: int, threads: int = 16) -> E
         return InlineEngine(disk)
     if kind == "threads":
         return ThreadPoolEngine(disk, threads, name=f"io{queue_index}")
-    if kind == "io_uring" and not getattr(disk, "raw_fd_io", True):
-        # Formats such as qcow2 translate offsets in readv/writev: the ring cannot address
-        # their fd directly.
-        return ThreadPoolEngine(disk, threads, name=f"io{queue_index}")
     if kind == "io_uring":
         try:
-            return UringEngine(disk)
+            # A format (qcow2) brings its own ring engine, which translates guest offsets.
+            return getattr(disk, "uring_engine", UringEngine)(disk)
         except OSError as exc:  # e.g. RLIMIT_MEMLOCK on older kernels, or a seccomp policy
             log.warning("queue %d: io_uring unavailable (%s); using the thread pool",
                         queue_index, exc)

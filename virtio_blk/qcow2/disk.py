@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
-from ..disk import DiskError, DiskInfo
+from ..disk import Disk, DiskError, DiskInfo
 from .image import Qcow2Image
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,27 @@ class Qcow2Disk:
     which the engines turn into an IOERR status for that request.
     """
 
-    raw_fd_io = False  # the engines may not address ``fd`` directly (io_uring): use threads
+    @property
+    def uring_engine(self) -> type:
+        """The io_uring engine for this disk (guest offsets are translated per request)."""
+        from .uring_engine import MappedUringEngine
+        return MappedUringEngine
+
+    def map_io(self, offset: int, length: int, writing: bool) -> int:
+        """The host offset of an IO inside one allocated cluster (counted in flight until
+        :meth:`unmap_io`), or -1: then the IO must go through readv/writev."""
+        try:
+            return self.image.fast_target(offset, length, writing, whole_cluster=True)
+        except OSError:
+            return -1  # the general path reports it
+
+    def unmap_io(self) -> None:
+        self.image.leave()
+
+    def _finish(self, call: Callable[..., int], buffers: Sequence[memoryview], offset: int,
+                done: int, total: int) -> int:
+        """Continue a short transfer at a host offset (the io_uring engine's fallback)."""
+        return Disk._finish(self, call, buffers, offset, done, total)  # type: ignore[arg-type]
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
                  logical_block_size: int = 512) -> None:

@@ -1,10 +1,11 @@
 """A qcow2 image: guest offsets mapped to host clusters, read-write, with a backing chain.
 
-:class:`Qcow2Disk` (:mod:`.disk`) presents the interface of :class:`virtio_blk.disk.Disk` (``readv``,
-``writev``, ``flush``, ``discard``, ``write_zeroes``, ``info``, ``close``), so the device and
-the ``inline``/``threads`` engines use it unchanged.  Data of allocated clusters moves with
-``preadv``/``pwritev`` at the translated host offset, on slices of the caller's buffers (guest
-memory): zero copy.
+:class:`Qcow2Disk` (:mod:`.disk`) presents the interface of :class:`virtio_blk.disk.Disk`
+(``readv``, ``writev``, ``flush``, ``discard``, ``write_zeroes``, ``info``, ``close``), so the
+device and the ``inline``/``threads`` engines use it unchanged; the io_uring engine
+(:mod:`.uring_engine`) asks :meth:`Qcow2Image.fast_target` for the host offset of IO inside one
+allocated cluster.  Data of allocated clusters moves with ``preadv``/``pwritev`` (or the ring) at
+the translated host offset, on the caller's buffers (guest memory): zero copy.
 
 Metadata changes happen in one place (the multi-queue design)
 ------------------------------------------------------------
@@ -268,7 +269,7 @@ class Qcow2Image:
             self._cond.wait()
         self._inflight += 1
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         with self._lock:
             self._inflight -= 1
             if self._inflight == 0:
@@ -294,7 +295,8 @@ class Qcow2Image:
             self._pending_free.append((host, self.cluster_size))
 
     # ------------------------------------------------------------------ reads
-    def _fast_target(self, offset: int, total: int, writing: bool) -> int:
+    def fast_target(self, offset: int, total: int, writing: bool,
+                    whole_cluster: bool = False) -> int:
         """The host offset for an IO inside one allocated cluster (writes: one we may write in
         place), counted in flight; -1 (nothing counted) when the general path must run.
         Guest IO is mostly this case: one lock round trip, one table lookup."""
@@ -313,19 +315,21 @@ class Qcow2Image:
             host = e & OFFSET_MASK
             if host & (cs - 1) or host >= self.file_end or (writing and self._protected(host)):
                 return -1  # the general path says why, with an error
+            if whole_cluster and host + cs > self.file_end:
+                return -1  # a cluster cut short by the end of the file: zero-filled there
             self._inflight += 1
         return host + (offset & (cs - 1))
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` with guest bytes from ``offset``; zeroes beyond the virtual size."""
         total = sum(v.nbytes for v in views)
-        host = self._fast_target(offset, total, False)
+        host = self.fast_target(offset, total, False)
         if host >= 0:
             try:
                 if os.preadv(self.fd, views, host) != total:
                     preadv_full(self.fd, views, host)
             finally:
-                self._leave()
+                self.leave()
             return
         if offset + total > self.size:
             cut = Views(views)
@@ -364,7 +368,7 @@ class Qcow2Image:
             if run_len:
                 preadv_full(self.fd, run_views, run_host)
         finally:
-            self._leave()
+            self.leave()
 
     def _read_other(self, kind: int, e: int, part: list[memoryview], pos: int) -> None:
         if kind == COMPRESSED:
@@ -384,12 +388,12 @@ class Qcow2Image:
         total = sum(v.nbytes for v in views)
         if offset < 0 or offset + total > self.size:
             raise OSError(errno.EINVAL, "write beyond the virtual size")
-        host = self._fast_target(offset, total, True)
+        host = self.fast_target(offset, total, True)
         if host >= 0:
             try:
                 pwritev_full(self.fd, list(views), host)
             finally:
-                self._leave()
+                self.leave()
             return
         cs = self.cluster_size
         cb = self.cluster_bits
@@ -435,7 +439,7 @@ class Qcow2Image:
                     self._busy.discard(g)
                 if busy:
                     self._cond.notify_all()
-            self._leave()
+            self.leave()
 
     def _allocating_write(self, pos: int, n: int, part: list[memoryview]) -> None:
         """Write ``part`` into a new host cluster for guest cluster ``pos >> cluster_bits``,
