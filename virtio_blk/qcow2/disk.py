@@ -30,7 +30,7 @@ class Qcow2Disk:
         """The host offset of an IO inside one allocated cluster (counted in flight until
         :meth:`unmap_io`), or -1: then the IO must go through readv/writev."""
         try:
-            return self.image.fast_target(offset, length, writing, whole_cluster=True)
+            return self.image.fast_target(offset, length, writing)
         except OSError:
             return -1  # the general path reports it
 

@@ -83,6 +83,9 @@ from .refcounts import CorruptImage, Refcounts, pwrite_all
 log = logging.getLogger(__name__)
 
 MAX_CHAIN_DEPTH = 32
+# Entry bits (with COPIED inverted) that send an IO to the general path.
+_FAST_REJECT_READ = OFLAG_COMPRESSED | OFLAG_ZERO | L2_RESERVED
+_FAST_REJECT_WRITE = _FAST_REJECT_READ | OFLAG_COPIED  # not COPIED: copy-on-write
 UNALLOCATED, ZERO, NORMAL, COMPRESSED = range(4)
 
 
@@ -117,6 +120,7 @@ class Qcow2Image:
         self.cluster_bits = cb = h.cluster_bits
         self.cluster_size = cs = h.cluster_size
         self.l2_bits = cb - 3
+        self._l2_mask = (1 << self.l2_bits) - 1
         self.size = h.size
         self.file_end = st.st_size
         self.v3 = h.version >= 3
@@ -295,30 +299,33 @@ class Qcow2Image:
             self._pending_free.append((host, self.cluster_size))
 
     # ------------------------------------------------------------------ reads
-    def fast_target(self, offset: int, total: int, writing: bool,
-                    whole_cluster: bool = False) -> int:
+    def fast_target(self, offset: int, total: int, writing: bool) -> int:
         """The host offset for an IO inside one allocated cluster (writes: one we may write in
         place), counted in flight; -1 (nothing counted) when the general path must run.
         Guest IO is mostly this case: one lock round trip, one table lookup."""
         cs = self.cluster_size
-        if (offset & (cs - 1)) + total > cs or offset + total > self.size:
+        within = offset & (cs - 1)
+        if within + total > cs or offset + total > self.size:
             return -1
         g = offset >> self.cluster_bits
+        reject = _FAST_REJECT_WRITE if writing else _FAST_REJECT_READ
         with self._lock:
             if self._draining or (writing and g in self._busy):
                 return -1
-            e = self._entry(g)
-            if e & (OFLAG_COMPRESSED | OFLAG_ZERO | L2_RESERVED) or not e & OFFSET_MASK:
+            l2_off = self.l1[g >> self.l2_bits] & OFFSET_MASK
+            if not l2_off:
                 return -1
-            if writing and not e & OFLAG_COPIED:
-                return -1
+            table = self._l2_cache.get(l2_off)  # a hit skips the LRU update: cheap, near-LRU
+            if table is None:
+                table = self._l2_table(l2_off)
+            e = table[g & self._l2_mask] ^ OFLAG_COPIED
             host = e & OFFSET_MASK
-            if host & (cs - 1) or host >= self.file_end or (writing and self._protected(host)):
-                return -1  # the general path says why, with an error
-            if whole_cluster and host + cs > self.file_end:
-                return -1  # a cluster cut short by the end of the file: zero-filled there
+            if e & reject or not host or host & (cs - 1) or host + cs > self.file_end:
+                return -1  # the general path handles it (or says why it is bad)
+            if writing and self._protected(host):
+                return -1
             self._inflight += 1
-        return host + (offset & (cs - 1))
+        return host + within
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` with guest bytes from ``offset``; zeroes beyond the virtual size."""
