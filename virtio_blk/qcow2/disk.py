@@ -34,8 +34,9 @@ class Qcow2Disk:
         except OSError:
             return -1  # the general path reports it
 
-    def unmap_io(self) -> None:
-        self.image.leave()
+    def unmap_io(self, count: int = 1) -> None:
+        """``count`` IOs that :meth:`map_io` translated have completed."""
+        self.image.leave(count)
 
     def _finish(self, call: Callable[..., int], buffers: Sequence[memoryview], offset: int,
                 done: int, total: int) -> int:

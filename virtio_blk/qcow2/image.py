@@ -273,9 +273,10 @@ class Qcow2Image:
             self._cond.wait()
         self._inflight += 1
 
-    def leave(self) -> None:
+    def leave(self, count: int = 1) -> None:
+        """``count`` data IOs are no longer in flight."""
         with self._lock:
-            self._inflight -= 1
+            self._inflight -= count
             if self._inflight == 0:
                 if self._pending_free:
                     self._apply_pending_frees()

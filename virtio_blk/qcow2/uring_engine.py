@@ -57,11 +57,15 @@ class MappedUringEngine(UringEngine):
 
     def _reap_ring(self) -> list[IoOp]:
         done = super().reap()
+        mapped = 0
+        guests = self._guest
         for op in done:
-            guest = self._guest.pop(id(op), None)
+            guest = guests.pop(id(op), None)
             if guest is not None:
                 op.offset = guest
-                self.qcow2.unmap_io()
+                mapped += 1
+        if mapped:
+            self.qcow2.unmap_io(mapped)  # one lock round trip per batch
         return done
 
     def reap(self) -> list[IoOp]:
