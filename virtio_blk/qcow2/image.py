@@ -137,6 +137,8 @@ class Qcow2Image:
             if e & L1_RESERVED or off % cs or (off and off + cs > st.st_size):
                 raise Qcow2OpenError(f"{self.path}: L1 entry {i} ({e:#x}) is misaligned or "
                                      "points beyond the end of the file")
+        # Every L2 table the active L1 points at: never a data write target.
+        self._l2_offsets = {e & OFFSET_MASK for e in self.l1 if e & OFFSET_MASK}
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
         self._l2_cache_tables = max(16, l2_cache_bytes // cs)
         self._l1_clusters = set(range(h.l1_table_offset >> cb,
@@ -264,7 +266,7 @@ class Qcow2Image:
         c = host >> self.cluster_bits
         return (c == 0 or c in self._l1_clusters
                 or (self.ref is not None and self.ref.is_metadata(host))
-                or host in self._l2_cache)
+                or host in self._l2_offsets)
 
     # ------------------------------------------------------------------ in-flight accounting
     def _enter(self) -> None:
@@ -531,8 +533,10 @@ class Qcow2Image:
         pwrite_all(self.fd, struct.pack(">Q", entry), self.header.l1_table_offset + i * 8)  # 3
         self.l1[i] = entry
         self._l2_cache[new] = table
+        self._l2_offsets.add(new)
         if old:
             self._l2_cache.pop(old, None)
+            self._l2_offsets.discard(old)
             self._refs().free(old, self.cluster_size)
         return table
 
