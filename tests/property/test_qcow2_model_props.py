@@ -37,7 +37,7 @@ def _op() -> st.SearchStrategy:
 
 @pytest.mark.parametrize("backing", (False, True), ids=("plain", "backed"))
 @pytest.mark.parametrize("cluster_bits", (12, 16), ids=("4k", "64k"))
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(_op(), min_size=1, max_size=30))
 def test_qcow2_behaves_like_raw(cluster_bits: int, backing: bool, ops: list) -> None:
     cs = 1 << cluster_bits
