@@ -18,8 +18,9 @@ Three rules make that safe with many requests in flight:
   ascending order, so two requests cannot wait on each other);
 * every data IO counts itself *in flight* while it touches host clusters;
 * a host cluster whose refcount drops to zero is not released while any data IO is in flight
-  (frees are queued and applied when the count reaches zero, or at once by discard, which
-  drains in-flight IO first): a cluster is never reused under an IO still aimed at it.
+  (frees are queued and applied by a FLUSH that finds no IO in flight, by discard, which
+  drains in-flight IO first, or at close): a cluster is never reused under an IO still aimed
+  at it.
 
 Crash safety (kill -9 leaves the file as a prefix of our pwrite calls)
 ----------------------------------------------------------------------
@@ -35,11 +36,15 @@ changed it completes, so a completed guest write is mapped in the file (durabili
 6. old cluster's refcount dropped              (:meth:`_release` after 5)
 
 so a crash between any two leaves at worst a leaked cluster (refcount 1, no reference), never
-a reference to unwritten data or a cluster referenced with a too-small refcount.  A host crash
-(power loss) between two FLUSHes may reorder pwrites the kernel had not written back: the
-guest's unflushed data may then be lost, as on any disk, and -- unlike QEMU, which flushes
-refcount blocks before L2 tables -- a mapped cluster might have lost its refcount; run
-``qemu-img check -r all`` after a host crash.
+a reference to unwritten data or a cluster referenced with a too-small refcount.
+
+A host crash (power loss) may persist the pwrites since the last sync in any order, so the
+metadata dependencies are also separated by ``fdatasync`` (as QEMU does): refcounts are set in
+synced batches before their clusters are handed out (1), a new L2 table is synced before its
+L1 entry (2-3), new refcount blocks and a grown refcount table before what points at them, and
+a refcount drops (6) only after a sync made the cleared entry durable.  Only 4-5 are not
+separated: after a host crash a guest write it had not flushed may read back as whatever the
+new cluster held before (QEMU's writeback mode behaves alike); the image stays consistent.
 """
 
 from __future__ import annotations
@@ -279,14 +284,14 @@ class Qcow2Image:
         """``count`` data IOs are no longer in flight."""
         with self._lock:
             self._inflight -= count
-            if self._inflight == 0:
-                if self._pending_free:
-                    self._apply_pending_frees()
-                if self._draining:  # only a discard waits for the count to reach zero
-                    self._cond.notify_all()
+            if self._inflight == 0 and self._draining:  # only a discard waits for zero
+                self._cond.notify_all()
 
-    def _apply_pending_frees(self) -> None:
-        pending, self._pending_free = self._pending_free, []
+    def _apply_pending_frees(self, count: int | None = None) -> None:
+        """Drop the refcounts queued by :meth:`_release` (the first ``count`` of them), once
+        the entries that referenced them are synced and no IO is in flight (lock held)."""
+        n = len(self._pending_free) if count is None else count
+        pending, self._pending_free = self._pending_free[:n], self._pending_free[n:]
         for off, length in pending:
             try:
                 self._refs().free(off, length)
@@ -294,8 +299,9 @@ class Qcow2Image:
                 log.error("%s: freeing %#x+%#x failed (leaked): %s", self.path, off, length, exc)
 
     def _release(self, e: int, kind: int, host: int) -> None:
-        """Queue the drop of the reference an old L2 entry held (lock held; after the L2
-        entry that replaced it is in the file -- ordering 6)."""
+        """Queue the drop of the reference an old L2 entry held (lock held; the L2 entry that
+        replaced it is in the file).  Ordering 6: the drop is written only after a sync has
+        made that entry durable, and when no IO is in flight (flush, discard, close)."""
         if kind == COMPRESSED:
             self._pending_free.append((host, self._compressed_size(e, host)))
         elif host:
@@ -528,6 +534,7 @@ class Qcow2Image:
         if self._protected(new):
             raise CorruptImage(f"{self.path}: allocator returned metadata cluster {new:#x}")
         pwrite_all(self.fd, to_be(table), new)  # ordering 2
+        os.fdatasync(self.fd)  # ... durable before the L1 entry (once per new L2 table)
         self.file_end = max(self.file_end, new + self.cluster_size)
         entry = new | OFLAG_COPIED
         pwrite_all(self.fd, struct.pack(">Q", entry), self.header.l1_table_offset + i * 8)  # 3
@@ -537,7 +544,7 @@ class Qcow2Image:
         if old:
             self._l2_cache.pop(old, None)
             self._l2_offsets.discard(old)
-            self._refs().free(old, self.cluster_size)
+            self._pending_free.append((old, self.cluster_size))  # after a sync (ordering 6)
         return table
 
     def _commit(self, g: int, entry: int) -> None:
@@ -574,7 +581,9 @@ class Qcow2Image:
                 for g in range(first, last):
                     if not self._discard_cluster(g, zero, unmap):
                         write_back.append(g)
-                self._apply_pending_frees()  # nothing is in flight: free now
+                if self._pending_free:  # nothing is in flight; the cleared entries go first
+                    os.fdatasync(self.fd)
+                    self._apply_pending_frees()
             finally:
                 self._draining = False
                 self._cond.notify_all()
@@ -613,13 +622,27 @@ class Qcow2Image:
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
-        """Every metadata change is already in the file (write-through): sync it."""
+        """Every metadata change is already in the file (write-through): sync it.  Then drop
+        the refcounts of clusters whose last reference was cleared before the sync -- if no IO
+        is in flight that may still aim at them (else a later flush or discard does)."""
+        with self._lock:
+            ready = len(self._pending_free)
         os.fdatasync(self.fd)
+        if ready:
+            with self._lock:
+                if not self._inflight:
+                    self._apply_pending_frees(ready)
 
     def close(self) -> None:
-        if getattr(self, "_pending_free", None) and self.fd >= 0:
+        if getattr(self, "_pending_free", None) is not None and self.fd >= 0 \
+                and self.ref is not None:
             with self._lock:
-                self._apply_pending_frees()
+                try:
+                    os.fdatasync(self.fd)
+                    self._apply_pending_frees()
+                    self.ref.release_reserve()
+                except OSError as exc:
+                    log.error("%s: closing: %s (clusters leaked)", self.path, exc)
         if self.backing is not None:
             self.backing.close()
             self.backing = None

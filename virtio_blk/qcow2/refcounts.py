@@ -5,10 +5,11 @@ The refcount table (read at open, validated) points at refcount blocks; a block 
 cache is *write-through*: every change is ``pwrite``-n to the file before :meth:`set` returns,
 so a kill -9 can never leave a cluster in use whose refcount is only in our memory.
 
-Crash-safety ordering kept here: an allocated cluster's refcount is written (:meth:`allocate`)
-before the caller writes anything that uses the cluster; a new refcount block is written in
-full before the refcount table entry that points at it.  Dropping a refcount (:meth:`free`) is
-the caller's last step, after it has cleared every pointer to the cluster.
+Crash-safety ordering kept here: an allocated cluster's refcount is written (:meth:`allocate`,
+in synced batches) before the caller writes anything that uses the cluster; a new refcount
+block is written in full, and synced, before the refcount table entry that points at it.
+Dropping a refcount (:meth:`free`) is the caller's last step, after it has cleared -- and
+synced -- every pointer to the cluster.
 
 Not thread-safe by itself: the image calls it under its metadata lock.
 """
@@ -19,11 +20,14 @@ import errno
 import logging
 import os
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from .format import MAX_REFTABLE_BYTES, REFTABLE_RESERVED, Header, Qcow2OpenError
 
 log = logging.getLogger(__name__)
+
+
+RESERVE_BYTES = 4 << 20  # clusters are taken (refcount set, synced) in batches of this much
 
 
 class CorruptImage(OSError):
@@ -59,6 +63,9 @@ class Refcounts:
         self._cache: OrderedDict[int, bytearray] = OrderedDict()
         self._cache_blocks = cache_blocks
         self.file_end = file_size  # highest byte we know to be in the file (grows on use)
+        self._reserve: deque[int] = deque()  # refcount 1, synced, not used yet
+        self.reserve_clusters = max(8, RESERVE_BYTES >> self.cluster_bits)
+        self._reserve_stale = False
         self.free_hint = 0  # no free cluster below this index
 
     # ------------------------------------------------------------------ blocks
@@ -141,6 +148,7 @@ class Refcounts:
         self._set_in(blk, place % self.per_block, 1)
         off = place * cs
         _pwrite_all(self.fd, blk, off)
+        os.fdatasync(self.fd)  # the block is durable before the entry that points at it
         self.file_end = max(self.file_end, off + cs)
         self.table[index] = off
         self.block_offsets.add(off)
@@ -154,8 +162,9 @@ class Refcounts:
         The new block goes in ``place`` and the new table right after it, in the same
         (so far uncovered, hence unused) range; the block counts both.  Order: block, table,
         then the header's two refcount-table fields in one pwrite, then the old table's
-        clusters are freed.  A crash before the header write leaves unreferenced clusters
-        beyond every refcount, after it a leak of the old table at most.
+        clusters are freed, with an ``fdatasync`` between the steps (host crashes).  A crash
+        before the header write leaves unreferenced clusters beyond every refcount, after it a
+        leak of the old table at most.
         """
         cs = self.cluster_size
         per = self.per_block
@@ -173,7 +182,9 @@ class Refcounts:
         table[index] = block_off
         _pwrite_all(self.fd, blk, block_off)
         _pwrite_all(self.fd, struct.pack(f">{entries}Q", *table), table_off)
+        os.fdatasync(self.fd)  # block and table durable before the header points at them
         _pwrite_all(self.fd, struct.pack(">QI", table_off, k), 48)  # the header's fields
+        os.fdatasync(self.fd)  # the header durable before the old table's refcount drops
         old_off, old_clusters = self.table_offset, self.table_clusters
         self.table, self.table_offset, self.table_clusters = table, table_off, k
         self.block_offsets.add(block_off)
@@ -190,8 +201,36 @@ class Refcounts:
 
     # ------------------------------------------------------------------ allocation
     def allocate(self) -> int:
-        """Find a free host cluster, set its refcount to 1 (written to the file) and return its
-        byte offset."""
+        """A free host cluster whose refcount of 1 is in the file -- and synced -- before the
+        caller uses it; its byte offset."""
+        if self._reserve_stale:  # space was freed below the batch: prefer it (compact files)
+            self.release_reserve()
+        if not self._reserve:
+            self._refill()
+        return self._reserve.popleft() * self.cluster_size
+
+    def _refill(self) -> None:
+        """Take the next free clusters as one batch: their refcounts are set to 1, then one
+        ``fdatasync``.  That keeps refcount-before-use across a host crash too (a cluster is
+        never mapped by an L2 entry the kernel may persist before its refcount) at one sync per
+        batch; a crash leaks at most the batch's unused clusters."""
+        got = []
+        for _ in range(self.reserve_clusters):
+            c = self._find_free()
+            self.set(c, 1)
+            self.free_hint = c + 1
+            got.append(c)
+        # The file covers the batch before any of it can be referenced: an L2 entry persisted
+        # ahead of its data (host crash) then points inside the file, never beyond its end.
+        # Only ever grows: every cluster handed out earlier lies below the current size.
+        end = (max(got) + 1) * self.cluster_size
+        if end > os.fstat(self.fd).st_size:
+            os.ftruncate(self.fd, end)
+        self.file_end = max(self.file_end, end)
+        os.fdatasync(self.fd)
+        self._reserve.extend(got)
+
+    def _find_free(self) -> int:
         c = max(self.free_hint, 1)
         per = self.per_block
         while True:
@@ -206,20 +245,25 @@ class Refcounts:
             while i < per and self._get_in(blk, i):
                 i += 1
             if i < per:
-                c = base + i
-                break
+                return base + i
             c = base + per
-        # Ordering: the refcount is in the file before the caller uses the cluster.
-        self.set(c, 1)
-        self.free_hint = c + 1
-        return c * self.cluster_size
+
+    def release_reserve(self) -> None:
+        """Give back the clusters taken ahead and not used (at close: no leak when clean)."""
+        self._reserve_stale = False
+        while self._reserve:
+            c = self._reserve.pop()
+            self.set(c, 0)
+            self.free_hint = min(self.free_hint, c)
 
     def free(self, offset: int, length: int) -> None:
         """Drop one reference from every host cluster in [offset, offset+length)."""
         cb = self.cluster_bits
         for c in range(offset >> cb, ((offset + length - 1) >> cb) + 1):
-            if self.add(c, -1) == 0 and c < self.free_hint:
-                self.free_hint = c
+            if self.add(c, -1) == 0:
+                self.free_hint = min(self.free_hint, c)
+                if self._reserve and c < self._reserve[0]:
+                    self._reserve_stale = True
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

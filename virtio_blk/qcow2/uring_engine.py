@@ -4,7 +4,8 @@
 (:meth:`Qcow2Disk.map_io`, which also counts the IO in flight so its cluster is not freed under
 it) and hands the ring the host offset: the zero-copy, one-syscall-per-batch path of raw images.
 Everything else -- allocating writes, copy-on-write, compressed or backing reads, discard,
-write-zeroes -- runs through the general path inline on the queue's worker.
+write-zeroes, and FLUSH (which also releases freed clusters after its sync) -- runs through the
+general path inline on the queue's worker.
 
 Before running anything inline the engine waits for its own ring to empty (``_quiesce``): the
 general path may wait for in-flight IO to drain (discard) or for a discard to finish, and the
@@ -34,8 +35,6 @@ class MappedUringEngine(UringEngine):
 
     def submit(self, op: IoOp) -> bool:
         kind = op.kind
-        if kind == OpKind.FLUSH:
-            return super().submit(op)
         if kind == OpKind.READ or kind == OpKind.WRITE:
             host = self.qcow2.map_io(op.offset, op.length, kind == OpKind.WRITE)
             if host >= 0:
