@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 
 
 # Clusters are taken (refcount set, file grown, synced) in batches of 4 MiB, doubling up to
-# 64 MiB while refills come less than a second apart (and never more than 1024 clusters): a
+# 16 MiB while refills come less than a second apart (and never more than 256 clusters): a
 # kill -9 leaks at most one batch.
 RESERVE_BYTES = 4 << 20
-RESERVE_MAX_BYTES = 64 << 20
-RESERVE_MAX_CLUSTERS = 1024
+RESERVE_MAX_BYTES = 16 << 20
+RESERVE_MAX_CLUSTERS = 256
 
 
 class CorruptImage(OSError):
