@@ -468,14 +468,15 @@ class Qcow2Image:
             e = self._entry(g)
             kind, old_host = self._classify(e)
             self._writable_l2(g)  # orderings 1-3 for the L2 table
-            new = self._refs().allocate()  # ordering 1 for the data cluster
+            new, fresh = self._refs().allocate_fresh()  # ordering 1 for the data cluster
             if self._protected(new):
                 raise CorruptImage(f"{self.path}: allocator returned metadata cluster {new:#x}")
         try:
             zero_fill = kind == ZERO or (kind == UNALLOCATED and self.backing is None)
-            if zero_fill and n < cs and self._zero_range(new):
-                # The rest of the cluster must read as zeroes: the file system zeroes it (as
-                # QEMU has it do) instead of us writing cluster_size - n bytes of zeroes.
+            if zero_fill and n < cs and (fresh or self._zero_range(new)):
+                # The rest of the cluster must read as zeroes: it is a hole the file grew by, or
+                # the file system zeroes it (as QEMU has it do) -- not cluster_size - n bytes of
+                # zeroes written by us.
                 pwritev_full(self.fd, part, new + start)  # ordering 4
             else:
                 iov: list[memoryview] = []

@@ -76,6 +76,7 @@ class Refcounts:
         self._batch = self.reserve_clusters
         self._last_refill = -1e9
         self._reserve_stale = False
+        self._fresh: set[int] = set()  # reserved clusters that are holes past the old end
         self.free_hint = 0  # no free cluster below this index
 
     # ------------------------------------------------------------------ blocks
@@ -213,11 +214,20 @@ class Refcounts:
     def allocate(self) -> int:
         """A free host cluster whose refcount of 1 is in the file -- and synced -- before the
         caller uses it; its byte offset."""
+        return self.allocate_fresh()[0]
+
+    def allocate_fresh(self) -> tuple[int, bool]:
+        """Like :meth:`allocate`; also whether the cluster is a hole the file grew by (it
+        reads as zeroes without being zeroed)."""
         if self._reserve_stale:  # space was freed below the batch: prefer it (compact files)
             self.release_reserve()
         if not self._reserve:
             self._refill()
-        return self._reserve.popleft() * self.cluster_size
+        c = self._reserve.popleft()
+        fresh = c in self._fresh
+        if fresh:
+            self._fresh.discard(c)
+        return c * self.cluster_size, fresh
 
     def _refill(self) -> None:
         """Take the next free clusters as one batch: their refcounts are set to 1, then one
@@ -230,6 +240,7 @@ class Refcounts:
         else:
             self._batch = self.reserve_clusters
         self._last_refill = now
+        old_size = os.fstat(self.fd).st_size
         got = []
         for _ in range(self._batch):
             c = self._find_free()
@@ -242,6 +253,8 @@ class Refcounts:
         end = (max(got) + 1) * self.cluster_size
         if end > os.fstat(self.fd).st_size:
             os.ftruncate(self.fd, end)
+        cs = self.cluster_size
+        self._fresh = {c for c in got if c * cs >= old_size and c * cs not in self.block_offsets}
         self.file_end = max(self.file_end, end)
         os.fdatasync(self.fd)
         self._reserve.extend(got)
@@ -267,6 +280,7 @@ class Refcounts:
     def release_reserve(self) -> None:
         """Give back the clusters taken ahead and not used (at close: no leak when clean)."""
         self._reserve_stale = False
+        self._fresh.clear()
         while self._reserve:
             c = self._reserve.pop()
             self.set(c, 0)
