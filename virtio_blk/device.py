@@ -30,7 +30,7 @@ from vhost.device import Device, QueueHandler
 from vhost.virtqueue import DescriptorChain
 
 from .accounting import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
-from .disk import Disk
+from .disk import BlockDisk
 from .engine import IoOp, OpKind, make_engine
 from .layout import DataLayout, plan, skip_start, trim_end
 from .ratelimit import RateLimitedLog
@@ -146,7 +146,7 @@ class BlkDevice(Device):
 
     def __init__(
         self,
-        disk: Disk,
+        disk: BlockDisk,
         *,
         num_queues: int = 1,
         max_queue_size: int = 1024,
