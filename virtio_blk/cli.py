@@ -18,10 +18,13 @@ from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
 from vhost.virtqueue import QueueError, validate_size
 
+from .backends import open_storage
 from .device import BlkDevice
-from .disk import Disk, DiskError, create_image, parse_size
+from .disk import DiskError, create_image, parse_size
 from .engine import ENGINES, default_engine
 from .request import ID_BYTES, check_serial
+from .spec import FileSpec, SpecError, parse_image
+from .storage import StorageError
 
 log = logging.getLogger("vhost-user-blk")
 
@@ -59,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (mode 0600)")
     where.add_argument("--fd", type=int, metavar="N",
                        help="an already-listening Unix socket fd (socket activation)")
-    p.add_argument("--image", required=True, metavar="IMG", help="raw image file or block device")
+    p.add_argument("--image", required=True, metavar="IMG",
+                   help="raw image file or block device, rbd:POOL/IMAGE[@SNAP][:conf=PATH]"
+                   "[:id=USER], nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")
     p.add_argument("--create", type=_size, metavar="SIZE",
                    help="create IMG as a sparse raw image of SIZE (e.g. 1G) if it does not exist")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
@@ -79,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IO threads per queue for --aio threads (default 16)")
     p.add_argument("--bounce-pages", type=_positive, default=2048, metavar="N",
                    help="bounce buffer budget per queue, in 4 KiB pages (default 2048 = 8 MiB)")
+    p.add_argument("--reconnect-delay", type=float, default=30.0, metavar="SECONDS",
+                   help="RBD/NBD: how long requests wait for a lost connection to come back "
+                   "before failing (default 30)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info)")
@@ -100,6 +108,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--serial: {exc}"
     if args.fd is not None and args.fd < 0:
         return f"--fd {args.fd} is not a file descriptor"
+    if not 0 <= args.reconnect_delay <= 24 * 3600:
+        return f"--reconnect-delay {args.reconnect_delay}: want 0 to 86400 seconds"
     return None
 
 
@@ -119,11 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         return fail(problem)
     try:
-        if args.create is not None and create_image(args.image, args.create):
-            log.info("created %s (%d bytes, sparse)", args.image, args.create)
-        disk = Disk(args.image, read_only=args.read_only, direct=args.direct,
-                    logical_block_size=args.logical_block_size)
-    except DiskError as exc:
+        if args.create is not None:
+            if not isinstance(parse_image(args.image), FileSpec):
+                return fail(f"--create makes image files; {args.image} is not one")
+            if create_image(args.image, args.create):
+                log.info("created %s (%d bytes, sparse)", args.image, args.create)
+        disk = open_storage(args.image, read_only=args.read_only, direct=args.direct,
+                            logical_block_size=args.logical_block_size, engine=args.aio,
+                            io_threads=args.io_threads, reconnect_delay=args.reconnect_delay)
+    except (DiskError, SpecError, StorageError) as exc:
         return fail(str(exc))
     device = BlkDevice(
         disk,

@@ -21,6 +21,7 @@ new requests fail at once until the server is back -- QEMU's ``reconnect-delay``
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -277,10 +278,8 @@ class NbdEngine(Engine):
                         timeout = 0
                 for fd, rev in poller.poll(timeout):
                     if fd == self._wake:
-                        try:
+                        with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self._wake)
-                        except BlockingIOError:
-                            pass
                     elif h is not None and fd == registered:
                         h.notify(rev)
                 # ---- retire
