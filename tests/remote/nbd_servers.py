@@ -25,7 +25,9 @@ class NbdServer:
 
     def __init__(self, kind: str, transport: str, workdir: Path, size: int = 64 << 20,
                  image: Path | None = None, read_only: bool = False,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), params: tuple[str, ...] = ()) -> None:
+        """``extra``: options before the image/plugin (nbdkit filters); ``params``: nbdkit
+        KEY=VALUE parameters (after the plugin)."""
         if kind not in ("qemu-nbd", "nbdkit") or transport not in ("unix", "tcp"):
             raise ValueError(f"{kind}/{transport}")
         self.kind = kind
@@ -33,6 +35,7 @@ class NbdServer:
         self.size = size
         self.read_only = read_only
         self.extra = extra
+        self.params = params
         self.sock = workdir / f"{kind}.sock"
         self.port = free_port() if transport == "tcp" else 0
         self.image = image if image is not None else workdir / "nbd.img"
@@ -59,7 +62,7 @@ class NbdServer:
                  else ["-i", "127.0.0.1", "-p", str(self.port)])
         ro = ["-r"] if self.read_only else []
         return ["nbdkit", "-f", "--exit-with-parent", *where, *ro, *self.extra, "memory",
-                str(self.size)]
+                str(self.size), *self.params]
 
     def start(self, timeout: float = 30) -> None:
         if self.transport == "unix":
@@ -95,7 +98,11 @@ class NbdServer:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(30)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:  # nbdkit waits for its clients on SIGTERM
+                self.proc.kill()
+                self.proc.wait(30)
         self.proc = None
 
     def stop(self) -> None:
