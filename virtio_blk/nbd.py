@@ -230,7 +230,10 @@ class NbdEngine(Engine):
         next_try = 0.0
         backoff = BACKOFF_MIN
 
+        finished = [0]  # completions since the worker was last woken
+
         def complete(p: _Pending) -> None:
+            finished[0] += 1
             op = p.op
             active.pop(id(op), None)
             if p.error is not None:
@@ -243,7 +246,6 @@ class NbdEngine(Engine):
 
         try:
             while True:
-                finished_before = len(self._done)
                 incoming = self._incoming
                 while incoming:
                     op = incoming.popleft()
@@ -333,7 +335,8 @@ class NbdEngine(Engine):
                                      "requests", self.index, st.uri,
                                      time.monotonic() - outage_since, len(waiting))
                             outage_since = None
-                if len(self._done) != finished_before:
+                if finished[0]:
+                    finished[0] = 0
                     os.eventfd_write(self.completion_fd, 1)
         except Exception:
             log.exception("queue %d: NBD thread failed", self.index)
