@@ -431,3 +431,11 @@ def test_two_queues_in_parallel(make_remote: Callable[..., Remote], backend: str
             got = drv.wait(reads[qi], timeout=60)
             assert [g.data for g in got] == blobs[qi], (rnd, qi)
     assert env.device.stats.errors == 0
+
+
+def test_no_python_binding_is_imported(make_remote: Callable[..., Remote]) -> None:
+    """The C libraries are called directly (ctypes): the project runs in any Python 3.11, where
+    Debian's python3-rbd/python3-rados/python3-libnbd extension modules do not load."""
+    make_remote("nbdkit-unix")
+    make_remote("rbd")
+    assert not {"rbd", "rados", "nbd", "libnbdmod"} & set(sys.modules)
