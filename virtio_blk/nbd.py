@@ -262,6 +262,9 @@ class NbdEngine(Engine):
                     while waiting:
                         p = waiting.popleft()
                         self._issue(h, p, cmds, complete)
+                if finished[0]:  # wake the worker before this thread may sleep
+                    finished[0] = 0
+                    os.eventfd_write(self.completion_fd, 1)
                 if self._stop and not active:
                     break
                 # ---- wait
@@ -275,7 +278,10 @@ class NbdEngine(Engine):
                     if fd >= 0:
                         poller.register(fd, h.poll_events())
                 else:
-                    timeout = max(0, int((next_try - time.monotonic()) * 1000))
+                    wake_at = next_try
+                    if not gave_up and outage_since is not None:
+                        wake_at = min(wake_at, outage_since + st.reconnect_delay)
+                    timeout = max(0, int((wake_at - time.monotonic()) * 1000) + 1)
                     if self._stop:
                         timeout = 0
                 for fd, rev in poller.poll(timeout):
@@ -335,9 +341,6 @@ class NbdEngine(Engine):
                                      "requests", self.index, st.uri,
                                      time.monotonic() - outage_since, len(waiting))
                             outage_since = None
-                if finished[0]:
-                    finished[0] = 0
-                    os.eventfd_write(self.completion_fd, 1)
         except Exception:
             log.exception("queue %d: NBD thread failed", self.index)
             for p in list(active.values()):
