@@ -32,8 +32,9 @@ def _free_port() -> int:
 class CephCluster:
     """Start with :meth:`start`, stop with :meth:`stop` (kills the daemons by their pid files)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, memstore_bytes: int = 1 << 30) -> None:
         self.root = root
+        self.memstore_bytes = memstore_bytes
         self.conf = root / "ceph.conf"
         self.admin_keyring = root / "client.admin.keyring"
         self.port = _free_port()
@@ -77,7 +78,7 @@ pid file = {r}/run/$name.pid
 mon data = {r}/mon/$cluster-$id
 osd data = {r}/osd/$cluster-$id
 osd objectstore = memstore
-memstore device bytes = 1073741824
+memstore device bytes = {self.memstore_bytes}
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg num = 8
