@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Any
 
 from .storage import StorageError
 
@@ -40,7 +41,7 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     p = ctypes.c_void_p
     pp = ctypes.POINTER(ctypes.c_void_p)
     i, s, u64, sz = ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_size_t
-    protos = {
+    protos: dict[ctypes.CDLL, dict[str, tuple[Any, tuple[Any, ...]]]] = {
         rados: {
             "rados_create": (i, (pp, s)),
             "rados_conf_read_file": (i, (p, s)),

@@ -171,7 +171,8 @@ class NbdEngine(Engine):
     def __init__(self, storage: NbdStorage, queue_index: int, handle: Handle | None) -> None:
         self.storage = storage
         self.index = queue_index
-        self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._completion = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.completion_fd = self._completion
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._incoming: collections.deque[IoOp] = collections.deque()
         self._done: collections.deque[IoOp] = collections.deque()
@@ -213,7 +214,7 @@ class NbdEngine(Engine):
             log.error("queue %d: NBD thread did not stop", self.index)
             return
         os.close(self._wake)
-        os.close(self.completion_fd)
+        os.close(self._completion)
         self.completion_fd = None
 
     # ------------------------------------------------------------------ the connection thread
@@ -264,7 +265,7 @@ class NbdEngine(Engine):
                         self._issue(h, p, cmds, complete)
                 if finished[0]:  # wake the worker before this thread may sleep
                     finished[0] = 0
-                    os.eventfd_write(self.completion_fd, 1)
+                    os.eventfd_write(self._completion, 1)
                 if self._stop and not active:
                     break
                 # ---- wait
@@ -346,7 +347,7 @@ class NbdEngine(Engine):
             for p in list(active.values()):
                 p.error = OSError(errno.EIO, "NBD client failed")
                 complete(p)
-            os.eventfd_write(self.completion_fd, 1)
+            os.eventfd_write(self._completion, 1)
         finally:
             h = self.handle
             self.handle = None
@@ -372,7 +373,7 @@ class NbdEngine(Engine):
                 flags = CMD_FLAG_FUA if kind == OpKind.WRITE and op.sync and st.can_fua else 0
                 offset = op.offset
                 chunk = st.max_payload
-                for buf in op.buffers:
+                for buf in op.buffers or ():
                     n = buf.view.nbytes
                     addr = buf.address
                     while n:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 #: How long connecting to the monitors may take (librados ignores connect timeouts otherwise).
 MOUNT_TIMEOUT = 10
 #: How long connecting and opening the image may take in all.
-OPEN_TIMEOUT = 25.0
+OPEN_TIMEOUT = 20.0
 RBD_WRITE_ZEROES_FLAG_THICK_PROVISION = 1
 _POLL_BATCH = 64
 #: Stands for the completion in :meth:`RbdStorage.aio` arguments.
@@ -258,9 +258,10 @@ class RbdEngine(Engine):
         p = _Pending(self, op, op.sync and kind in (OpKind.WRITE, OpKind.WRITE_ZEROES))
         self._in_flight += 1
         if kind == OpKind.READ or kind == OpKind.WRITE:
-            op.iov = iov = iovec_array(op.buffers)
+            bufs = op.buffers or []
+            op.iov = iov = iovec_array(bufs)
             call = rbd.rbd_aio_readv if kind == OpKind.READ else rbd.rbd_aio_writev
-            st.aio(p, call, ctypes.addressof(iov), len(op.buffers), op.offset)
+            st.aio(p, call, ctypes.addressof(iov), len(bufs), op.offset)
         elif kind == OpKind.FLUSH:
             p.flush_after = False
             st.aio(p, rbd.rbd_aio_flush)

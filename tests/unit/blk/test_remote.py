@@ -439,3 +439,27 @@ def test_no_python_binding_is_imported(make_remote: Callable[..., Remote]) -> No
     make_remote("nbdkit-unix")
     make_remote("rbd")
     assert not {"rbd", "rados", "nbd", "libnbdmod"} & set(sys.modules)
+
+
+def test_rbd_osd_down_fails_requests_after_the_delay_and_opening_within_30s(
+        make_blk: MakeBlk, tmp_path: Path) -> None:
+    """A private cluster (its memstore OSD cannot come back with its data): requests to an OSD
+    that went away fail with IOERR after --reconnect-delay instead of hanging, and a server
+    started meanwhile gives up opening the image within 30 s, in one line."""
+    cluster = CephCluster(tmp_path / "ceph")
+    try:
+        cluster.start()
+        cluster.rbd("create", "--size", "16M", "rbd/gone")
+        env = make_blk(storage=open_storage(cluster.spec("gone"), reconnect_delay=3))
+        assert env.drv.write(0, b"x" * 4096).status == Status.OK
+        cluster.kill(f"osd.{cluster.osd_id}")
+        t0 = time.monotonic()
+        # (a write: a read of a never-written object is answered from the object map)
+        assert env.drv.write(8 * 2048, b"y" * 4096, timeout=60).status == Status.IOERR
+        waited = time.monotonic() - t0
+        assert 2 <= waited < 20, waited
+        code, err, took = _serve(cluster.spec("gone"), tmp_path)
+        assert code == 2 and took < 30, took
+        assert "did not answer" in _one_line(err)
+    finally:
+        cluster.stop()
