@@ -68,6 +68,7 @@ def lib() -> ctypes.CDLL:
         "nbd_aio_notify_write": (ctypes.c_int, (h,)),
         "nbd_aio_is_connecting": (ctypes.c_int, (h,)),
         "nbd_aio_is_ready": (ctypes.c_int, (h,)),
+        "nbd_aio_is_processing": (ctypes.c_int, (h,)),
         "nbd_aio_is_dead": (ctypes.c_int, (h,)),
         "nbd_aio_is_closed": (ctypes.c_int, (h,)),
         "nbd_aio_in_flight": (ctypes.c_int, (h,)),
@@ -109,28 +110,45 @@ def last_error(what: str = "") -> OSError:
 class Handle:
     """One libnbd handle (one connection), owned by one thread at a time."""
 
-    def __init__(self, uri: str, timeout: float) -> None:
-        """Connect to ``uri`` and finish the handshake within ``timeout`` seconds (libnbd's own
-        blocking connect has no time limit: a TCP peer that drops packets would hang it)."""
+    def __init__(self, uri: str) -> None:
+        """Start connecting to ``uri`` (without waiting: drive it with :meth:`notify`)."""
         so = self.lib = lib()
         self.h = so.nbd_create()
         if not self.h:
             raise last_error("nbd_create")
         so.nbd_set_debug(self.h, False)  # LIBNBD_DEBUG would otherwise write to stderr
+        if so.nbd_aio_connect_uri(self.h, uri.encode()) == -1:
+            err = last_error("connect")
+            self.close()
+            raise err
+
+    @classmethod
+    def connect(cls, uri: str, timeout: float) -> Handle:
+        """Connect and finish the handshake within ``timeout`` seconds (libnbd's own blocking
+        connect has no time limit: a TCP peer that drops packets would hang it)."""
+        handle = cls(uri)
         try:
-            if so.nbd_aio_connect_uri(self.h, uri.encode()) == -1:
-                raise last_error("connect")
             deadline = time.monotonic() + timeout
-            while so.nbd_aio_is_connecting(self.h):
+            while handle.connecting:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise OSError(110, f"no NBD handshake within {timeout:.0f} s")
-                self.wait(left)
-            if not so.nbd_aio_is_ready(self.h):
+                handle.wait(left)
+            if not handle.ready:
                 raise last_error("handshake")
         except BaseException:
-            self.close()
+            handle.close()
             raise
+        return handle
+
+    @property
+    def connecting(self) -> bool:
+        return bool(self.lib.nbd_aio_is_connecting(self.h))
+
+    @property
+    def ready(self) -> bool:
+        """Connected and able to take commands."""
+        return bool(self.lib.nbd_aio_is_ready(self.h) or self.lib.nbd_aio_is_processing(self.h))
 
     @property
     def fd(self) -> int:

@@ -1,11 +1,11 @@
-"""NBD exports as storage: one libnbd connection and one IO thread per queue.
+"""NBD exports as storage: one libnbd connection per queue, driven by the queue's worker.
 
-Why a thread per connection: libnbd's state machine needs the socket polled for reading *and*
-for writing (a full socket buffer), and after a dropped connection someone must reconnect with
-backoff while requests wait.  The queue worker only sleeps on readable fds, so the connection
-gets a thread of its own that owns the handle: the worker queues ops and wakes it once per batch
-(``flush``), the thread issues them as NBD commands straight from guest memory, retires them and
-wakes the worker through the engine's completion eventfd.
+No extra thread: the engine's completion fd is an epoll fd holding the connection's socket
+(readable; writable only while libnbd has bytes it could not send yet) and a timerfd (reconnect
+backoff, the reconnect deadline, the handshake timeout).  The worker sleeps on it like on any
+completion fd; ``reap`` asks it which of the two fired and moves libnbd's state machine on.  The
+worker issues NBD commands straight from guest memory in ``submit`` (libnbd sends at once when
+the socket takes it) -- no hand-off, no second thread contending for the GIL.
 
 Requests map onto the commands the server offers: READ/WRITE → NBD_CMD_READ/WRITE (split at the
 server's maximum block size; a write in write-through mode carries FUA, or is followed by a
@@ -28,10 +28,10 @@ import os
 import select
 import threading
 import time
-from typing import Any
 
 from . import libnbd
 from .engine import Engine, IoOp, OpKind
+from .libc import timerfd_arm, timerfd_create
 from .libnbd import CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, NO_CALLBACK, Handle
 from .storage import Capabilities, Storage, StorageError, remote_info
 
@@ -46,6 +46,8 @@ CONNECT_TIMEOUT = 20.0
 #: Reconnect backoff: first retry after BACKOFF_MIN, doubling up to BACKOFF_MAX.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
+#: Most socket notifications handled per reap (the rest wake the worker again).
+_MAX_NOTIFY_ROUNDS = 64
 
 
 class NbdStorage(Storage):
@@ -61,7 +63,7 @@ class NbdStorage(Storage):
         self.uri = self.name = uri
         self.reconnect_delay = reconnect_delay
         try:
-            handle = Handle(uri, CONNECT_TIMEOUT)
+            handle = Handle.connect(uri, CONNECT_TIMEOUT)
         except OSError as exc:
             raise StorageError(f"{uri}: {exc.strerror or exc}") from None
         try:
@@ -97,15 +99,6 @@ class NbdStorage(Storage):
         with self._lock:
             handle, self._spare = self._spare, None
         return NbdEngine(self, queue_index, handle)
-
-    def connect(self) -> Handle:
-        """A new connection to the export (for a queue, or a reconnect)."""
-        handle = Handle(self.uri, CONNECT_TIMEOUT)
-        size = handle.lib.nbd_get_size(handle.h)
-        if size - size % self.info.logical_block_size != self.info.size:
-            handle.close()
-            raise OSError(errno.EIO, f"the export's size changed to {size} bytes")
-        return handle
 
     def flush(self) -> None:
         """Queues flush their connection when they close; a connection no queue took yet is
@@ -162,8 +155,13 @@ class _Pending:
         self.flush_after = flush_after
 
 
+def _poll_bits(epoll_events: int) -> int:
+    """epoll event bits -> the poll bits :meth:`Handle.notify` takes (same values on Linux)."""
+    return epoll_events & (select.POLLIN | select.POLLOUT | select.POLLHUP | select.POLLERR)
+
+
 class NbdEngine(Engine):
-    """One queue's NBD connection, driven by its own thread."""
+    """One queue's NBD connection, driven from the queue's worker thread."""
 
     name = "nbd"
     batched = True
@@ -171,201 +169,266 @@ class NbdEngine(Engine):
     def __init__(self, storage: NbdStorage, queue_index: int, handle: Handle | None) -> None:
         self.storage = storage
         self.index = queue_index
-        self._completion = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.completion_fd = self._completion
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._incoming: collections.deque[IoOp] = collections.deque()
-        self._done: collections.deque[IoOp] = collections.deque()
-        self._stop = False
-        self._queued = False
-        self.handle = handle
-        if handle is None:
-            try:
-                self.handle = storage.connect()
-            except OSError as exc:  # the queue starts and waits for the server like a reconnect
-                log.warning("queue %d: %s: %s; retrying", queue_index, storage.uri, exc)
+        self._ep = select.epoll()
+        self._timer = timerfd_create()
+        self._ep.register(self._timer, select.EPOLLIN)
+        self.completion_fd = self._ep.fileno()
+        self.handle: Handle | None = None
+        self._sock = -1
+        self._mask = 0
+        self._cmds: dict[int, _Pending] = {}  # cookie -> op
+        self._active: dict[int, _Pending] = {}  # id(op) -> every op not yet completed
+        self._waiting: collections.deque[_Pending] = collections.deque()  # to (re)issue
+        self._done: list[IoOp] = []
+        self._outage_since: float | None = None
+        self._gave_up = False
+        self._next_try = 0.0
+        self._backoff = BACKOFF_MIN
+        self._attempt_deadline = 0.0
         self.reconnects = 0
-        self._thread = threading.Thread(target=self._run, name=f"nbd{queue_index}", daemon=True)
-        self._thread.start()
+        if handle is not None:
+            self._attach(handle)
+        else:  # the queue starts and waits for the server like after a lost connection
+            self._lost("not connected")
+            self._arm_timer()
 
-    # ------------------------------------------------------------------ worker side
+    # ------------------------------------------------------------------ Engine
     def submit(self, op: IoOp) -> bool:
-        self._incoming.append(op)
-        self._queued = True
+        st = self.storage
+        p = _Pending(op, op.sync and op.kind in (OpKind.WRITE, OpKind.WRITE_ZEROES)
+                     and not st.can_fua and st.caps.flush)
+        h = self.handle
+        if h is not None and not h.connecting:
+            self._active[id(op)] = p
+            if self._issue(h, p):
+                self._complete(p, report=False)
+                return True
+            if h.dead:
+                self._lost("connection lost")
+            return False
+        if self._gave_up and time.monotonic() < self._next_try and h is None:
+            p.error = OSError(errno.EIO, "NBD server unreachable")
+            self._complete(p, report=False)
+            return True
+        self._active[id(op)] = p
+        self._waiting.append(p)
+        if h is None:
+            self._tick()
         return False
 
     def flush(self) -> None:
-        if self._queued:
-            self._queued = False
-            os.eventfd_write(self._wake, 1)
+        self._update_mask()
 
     def reap(self) -> list[IoOp]:
-        done = self._done
-        out = []
-        while done:
-            out.append(done.popleft())
-        return out
+        timer = False
+        # libnbd may stop after one reply with more in the socket: ask again until the socket
+        # has nothing for it (the socket is level-triggered inside our epoll, and the worker
+        # only gets a new edge for new data).
+        for _ in range(_MAX_NOTIFY_ROUNDS):
+            moved = False
+            for fd, ev in self._ep.poll(0):
+                if fd == self._timer:
+                    timer = True
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._timer, 8)
+                elif fd == self._sock and self.handle is not None:
+                    self.handle.notify(_poll_bits(ev))
+                    moved = True
+            if not moved:
+                break
+            self._update_mask()
+        h = self.handle
+        if h is not None:
+            if h.connecting:
+                if timer and time.monotonic() >= self._attempt_deadline:
+                    self._attempt_failed("no handshake in time")
+            elif self._outage_since is not None:  # a reconnect attempt finished
+                if h.ready:
+                    self._connected(h)
+                else:
+                    self._attempt_failed(libnbd.last_error("connect").strerror or "failed")
+            else:
+                self._retire(h)
+                if h.dead:
+                    self._lost("connection lost")
+        if self.handle is None or self._outage_since is not None:
+            self._tick()
+        self._update_mask()
+        self._arm_timer()
+        done, self._done = self._done, []
+        return done
 
     def close(self) -> None:
-        self._stop = True
-        os.eventfd_write(self._wake, 1)
-        self._thread.join(60)
-        if self._thread.is_alive():
-            log.error("queue %d: NBD thread did not stop", self.index)
-            return
-        os.close(self._wake)
-        os.close(self._completion)
-        self.completion_fd = None
-
-    # ------------------------------------------------------------------ the connection thread
-    def _run(self) -> None:
         st = self.storage
-        cmds: dict[int, _Pending] = {}  # cookie -> op
-        active: dict[int, _Pending] = {}  # id(op) -> op state, everything not yet completed
-        waiting: collections.deque[_Pending] = collections.deque()  # to (re)issue
-        poller = select.poll()
-        poller.register(self._wake, select.POLLIN)
-        registered = -1
-        outage_since: float | None = None if self.handle is not None else time.monotonic()
-        gave_up = False
-        next_try = 0.0
-        backoff = BACKOFF_MIN
-
-        finished = [0]  # completions since the worker was last woken
-
-        def complete(p: _Pending) -> None:
-            finished[0] += 1
-            op = p.op
-            active.pop(id(op), None)
-            if p.error is not None:
-                op.result = p.error
-            elif op.kind in (OpKind.READ, OpKind.WRITE):
-                op.result = op.length
-            else:
-                op.result = 0
-            self._done.append(op)
-
-        try:
-            while True:
-                incoming = self._incoming
-                while incoming:
-                    op = incoming.popleft()
-                    p = _Pending(op, op.sync and op.kind in (OpKind.WRITE, OpKind.WRITE_ZEROES)
-                                 and not st.can_fua and st.caps.flush)
-                    if self.handle is None and gave_up:
-                        p.error = OSError(errno.EIO, "NBD server unreachable")
-                        complete(p)
-                        continue
-                    active[id(op)] = p
-                    waiting.append(p)
-                h = self.handle
-                if h is not None:
-                    while waiting:
-                        p = waiting.popleft()
-                        self._issue(h, p, cmds, complete)
-                if finished[0]:  # wake the worker before this thread may sleep
-                    finished[0] = 0
-                    os.eventfd_write(self._completion, 1)
-                if self._stop and not active:
-                    break
-                # ---- wait
-                timeout = -1
-                if h is not None:
-                    fd = h.fd
-                    if fd != registered:
-                        if registered >= 0:
-                            poller.unregister(registered)
-                        registered = fd
-                    if fd >= 0:
-                        poller.register(fd, h.poll_events())
-                else:
-                    wake_at = next_try
-                    if not gave_up and outage_since is not None:
-                        wake_at = min(wake_at, outage_since + st.reconnect_delay)
-                    timeout = max(0, int((wake_at - time.monotonic()) * 1000) + 1)
-                    if self._stop:
-                        timeout = 0
-                for fd, rev in poller.poll(timeout):
-                    if fd == self._wake:
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(self._wake)
-                    elif h is not None and fd == registered:
-                        h.notify(rev)
-                # ---- retire
-                if h is not None:
-                    self._retire(h, cmds, complete)
-                    if h.dead:
-                        log.warning("queue %d: NBD connection to %s lost; %d requests wait, "
-                                    "reconnecting for up to %.0f s", self.index, st.uri,
-                                    len(active), st.reconnect_delay)
-                        if registered >= 0:
-                            poller.unregister(registered)
-                            registered = -1
-                        h.close()
-                        self.handle = None
-                        cmds.clear()
-                        waiting.clear()
-                        for p in active.values():
-                            p.left = 0
-                            p.error = None
-                            waiting.append(p)
-                        outage_since = time.monotonic()
-                        next_try = 0.0
-                        backoff = BACKOFF_MIN
-                else:
-                    now = time.monotonic()
-                    assert outage_since is not None
-                    if not gave_up and now - outage_since >= st.reconnect_delay:
-                        gave_up = True
-                        log.error("queue %d: %s unreachable for %.0f s: failing %d requests",
-                                  self.index, st.uri, now - outage_since, len(waiting))
-                        while waiting:
-                            p = waiting.popleft()
-                            p.error = OSError(errno.EIO, "NBD server unreachable")
-                            complete(p)
-                    if self._stop:
-                        while waiting:
-                            p = waiting.popleft()
-                            p.error = OSError(errno.EIO, "NBD connection closed")
-                            complete(p)
-                    elif now >= next_try:
-                        try:
-                            self.handle = st.connect()
-                        except OSError as exc:
-                            log.debug("queue %d: reconnect failed: %s", self.index, exc)
-                            next_try = time.monotonic() + backoff
-                            backoff = min(backoff * 2, BACKOFF_MAX)
-                        else:
-                            self.reconnects += 1
-                            gave_up = False
-                            log.info("queue %d: reconnected to %s after %.1f s; reissuing %d "
-                                     "requests", self.index, st.uri,
-                                     time.monotonic() - outage_since, len(waiting))
-                            outage_since = None
-        except Exception:
-            log.exception("queue %d: NBD thread failed", self.index)
-            for p in list(active.values()):
-                p.error = OSError(errno.EIO, "NBD client failed")
-                complete(p)
-            os.eventfd_write(self._completion, 1)
-        finally:
-            h = self.handle
-            self.handle = None
-            if h is not None:
+        for p in list(self._active.values()):  # only if the queue is torn down mid-outage
+            p.error = OSError(errno.EIO, "NBD connection closed")
+            self._complete(p)
+        h, self.handle = self.handle, None
+        if h is not None:
+            if h.ready and st.caps.flush and not st.info.read_only:
                 try:
-                    if st.caps.flush and not st.info.read_only and not h.dead:
-                        _sync_flush(h)
+                    _sync_flush(h)
                 except OSError as exc:
                     log.error("queue %d: flush at close failed: %s", self.index, exc)
-                _shutdown(h)
+            _shutdown(h)
+        self._ep.close()
+        os.close(self._timer)
+        self.completion_fd = None
 
-    def _issue(self, h: Handle, p: _Pending, cmds: dict[int, _Pending], complete: Any) -> None:
-        """Send ``p``'s commands; an op with nothing to send completes at once."""
+    # ------------------------------------------------------------------ connection
+    def _attach(self, h: Handle) -> None:
+        self.handle = h
+        self._update_mask()
+
+    def _update_mask(self) -> None:
+        """Watch the socket for reading, and for writing only while libnbd has to send."""
+        h = self.handle
+        fd = h.fd if h is not None else -1
+        if fd != self._sock:
+            if self._sock >= 0:
+                with contextlib.suppress(OSError):
+                    self._ep.unregister(self._sock)
+            self._sock, self._mask = fd, 0
+            if h is None or fd < 0:
+                return
+            mask = select.EPOLLIN | (select.EPOLLOUT if h.poll_events() & select.POLLOUT else 0)
+            self._ep.register(fd, mask)
+            self._mask = mask
+            return
+        if h is None or fd < 0:
+            return
+        mask = select.EPOLLIN | (select.EPOLLOUT if h.poll_events() & select.POLLOUT else 0)
+        if mask != self._mask:
+            self._ep.modify(fd, mask)
+            self._mask = mask
+
+    def _drop_handle(self) -> None:
+        h, self.handle = self.handle, None
+        if self._sock >= 0:
+            with contextlib.suppress(OSError):
+                self._ep.unregister(self._sock)
+            self._sock, self._mask = -1, 0
+        if h is not None:
+            h.close()
+
+    def _lost(self, why: str) -> None:
+        """The connection is gone: everything in flight waits for the next one."""
+        st = self.storage
+        if self.handle is not None:
+            log.warning("queue %d: NBD %s (%s); %d requests wait, reconnecting for up to "
+                        "%.0f s", self.index, why, st.uri, len(self._active), st.reconnect_delay)
+        self._drop_handle()
+        self._cmds.clear()
+        self._waiting.clear()
+        for p in self._active.values():
+            p.left = 0
+            p.error = None
+            self._waiting.append(p)
+        now = time.monotonic()
+        self._outage_since = now
+        self._gave_up = False
+        self._next_try = now
+        self._backoff = BACKOFF_MIN
+        self._tick()
+
+    def _tick(self) -> None:
+        """During an outage: give up on waiting requests at the deadline; start the next
+        connection attempt when its backoff has passed."""
+        st = self.storage
+        now = time.monotonic()
+        since = self._outage_since
+        if since is not None and not self._gave_up and now - since >= st.reconnect_delay:
+            self._gave_up = True
+            log.error("queue %d: %s unreachable for %.0f s: failing %d requests", self.index,
+                      st.uri, now - since, len(self._waiting))
+            self._fail_waiting("NBD server unreachable")
+        if self.handle is not None or now < self._next_try:
+            return
+        if self._gave_up and not self._waiting:
+            return  # retried when a request comes
+        try:
+            h = Handle(st.uri)
+        except OSError as exc:
+            self._attempt_failed(exc.strerror or str(exc))
+            return
+        self._attempt_deadline = now + CONNECT_TIMEOUT
+        self._attach(h)
+        # A Unix socket connect may have finished (or failed) inside the call already.
+        if not h.connecting:
+            if h.ready:
+                self._connected(h)
+            else:
+                self._attempt_failed(libnbd.last_error("connect").strerror or "failed")
+
+    def _attempt_failed(self, why: str) -> None:
+        log.debug("queue %d: reconnect failed: %s", self.index, why)
+        self._drop_handle()
+        self._next_try = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        if self._gave_up:
+            self._fail_waiting("NBD server unreachable")
+
+    def _connected(self, h: Handle) -> None:
+        st = self.storage
+        size = h.lib.nbd_get_size(h.h)
+        if size - size % st.info.logical_block_size != st.info.size:
+            self._attempt_failed(f"the export's size changed to {size} bytes")
+            return
+        since = self._outage_since
+        self._outage_since = None
+        self._gave_up = False
+        self._backoff = BACKOFF_MIN
+        self.reconnects += 1
+        log.info("queue %d: reconnected to %s after %.1f s; reissuing %d requests", self.index,
+                 st.uri, time.monotonic() - (since or 0.0), len(self._waiting))
+        while self._waiting and self.handle is h:
+            p = self._waiting.popleft()
+            if self._issue(h, p):
+                self._complete(p)
+            elif h.dead:
+                self._lost("connection lost")
+
+    def _fail_waiting(self, why: str) -> None:
+        while self._waiting:
+            p = self._waiting.popleft()
+            p.error = OSError(errno.EIO, why)
+            self._complete(p)
+
+    def _arm_timer(self) -> None:
+        """The timer fires at the next moment the outage logic has something to do."""
+        when: float | None = None
+        if self.handle is not None and self.handle.connecting:
+            when = self._attempt_deadline
+        elif self._outage_since is not None or self.handle is None:
+            if self._waiting or not self._gave_up:
+                when = self._next_try
+            if self._outage_since is not None and not self._gave_up:
+                deadline = self._outage_since + self.storage.reconnect_delay
+                when = deadline if when is None else min(when, deadline)
+        timerfd_arm(self._timer, None if when is None else when - time.monotonic())
+
+    # ------------------------------------------------------------------ commands
+    def _complete(self, p: _Pending, report: bool = True) -> None:
+        op = p.op
+        self._active.pop(id(op), None)
+        if p.error is not None:
+            op.result = p.error
+        elif op.kind in (OpKind.READ, OpKind.WRITE):
+            op.result = op.length
+        else:
+            op.result = 0
+        if report:
+            self._done.append(op)
+
+    def _issue(self, h: Handle, p: _Pending) -> bool:
+        """Send ``p``'s commands; True if it is already complete (nothing to send, or refused
+        at once while the connection is alive)."""
         st = self.storage
         lib = h.lib
         op = p.op
         kind = op.kind
         hh = h.h
+        cmds = self._cmds
         cookies: list[int] = []
         try:
             if kind == OpKind.READ or kind == OpKind.WRITE:
@@ -388,13 +451,13 @@ class NbdEngine(Engine):
             else:
                 zero = kind == OpKind.WRITE_ZEROES
                 if zero or st.caps.discard:
+                    call = lib.nbd_aio_zero if zero else lib.nbd_aio_trim
                     for seg in op.segments:
                         flags = 0
                         if zero:
                             flags = 0 if seg.unmap else CMD_FLAG_NO_HOLE
                             if op.sync and st.can_fua:
                                 flags |= CMD_FLAG_FUA
-                        call = lib.nbd_aio_zero if zero else lib.nbd_aio_trim
                         off, n = seg.offset, seg.length
                         while n:
                             take = min(n, MAX_RANGE_COMMAND)
@@ -409,14 +472,14 @@ class NbdEngine(Engine):
                 else:
                     cmds[c] = p
                     p.left += 1
-        if not p.left:
-            if p.error is not None and h.dead:
-                return  # the connection went: the op is requeued with the others
-            complete(p)
+        if p.left:
+            return False
+        return not (p.error is not None and h.dead)  # dead: requeued with the others
 
-    def _retire(self, h: Handle, cmds: dict[int, _Pending], complete: Any) -> None:
+    def _retire(self, h: Handle) -> None:
         lib = h.lib
         hh = h.h
+        cmds = self._cmds
         while True:
             cookie = lib.nbd_aio_peek_command_completed(hh)
             if cookie <= 0:
@@ -428,7 +491,7 @@ class NbdEngine(Engine):
             if r == -1:
                 err = libnbd.last_error()
                 if h.dead:
-                    continue  # requeued when the thread sees the dead connection
+                    continue  # requeued when the dead connection is noticed
                 if p.error is None:
                     p.error = err
             p.left -= 1
@@ -442,4 +505,4 @@ class NbdEngine(Engine):
                     p.left = 1
                     continue
                 p.error = libnbd.last_error("flush")
-            complete(p)
+            self._complete(p)

@@ -186,7 +186,8 @@ class RbdStorage(Storage):
     # ------------------------------------------------------------------ completions
     def aio(self, pending: _Pending, call: Any, *args: Any) -> None:
         """Start one librbd aio call for ``pending`` (its completion goes last, or where
-        :data:`COMP` stands); a call refused at once becomes the op's error."""
+        :data:`COMP` stands); a call refused at once becomes the op's error.  Called with
+        ``_poll_lock`` held."""
         token = next(self._next)
         comp = ctypes.c_void_p()
         self.rbd.rbd_aio_create_completion(ctypes.c_void_p(token), None, ctypes.byref(comp))
@@ -253,10 +254,17 @@ class RbdEngine(Engine):
 
     def submit(self, op: IoOp) -> bool:
         st = self.storage
+        # Under the poll lock: another queue's worker may be draining the image's completions,
+        # and must not see this op's first completion before all of its calls are issued (it
+        # would finish the op while submit reports it finished too).
+        with st._poll_lock:
+            return self._submit_locked(op)
+
+    def _submit_locked(self, op: IoOp) -> bool:
+        st = self.storage
         rbd = st.rbd
         kind = op.kind
         p = _Pending(self, op, op.sync and kind in (OpKind.WRITE, OpKind.WRITE_ZEROES))
-        self._in_flight += 1
         if kind == OpKind.READ or kind == OpKind.WRITE:
             bufs = op.buffers or []
             op.iov = iov = iovec_array(bufs)
@@ -274,9 +282,9 @@ class RbdEngine(Engine):
                 st.aio(p, rbd.rbd_aio_write_zeroes, seg.offset, seg.length, COMP,
                        flags, 0)
         if p.left == 0:  # every call refused at once
-            self._in_flight -= 1
             self._set_result(p)
             return True
+        self._in_flight += 1
         return False
 
     def _set_result(self, p: _Pending) -> None:
