@@ -46,7 +46,8 @@ CONNECT_TIMEOUT = 20.0
 #: Reconnect backoff: first retry after BACKOFF_MIN, doubling up to BACKOFF_MAX.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
-#: Most socket notifications handled per reap (the rest wake the worker again).
+#: Most socket notifications handled per reap (the timer wakes the worker again for the rest:
+#: the socket may hold more replies and will not make a new edge for them).
 _MAX_NOTIFY_ROUNDS = 64
 
 
@@ -185,6 +186,7 @@ class NbdEngine(Engine):
         self._next_try = 0.0
         self._backoff = BACKOFF_MIN
         self._attempt_deadline = 0.0
+        self._more = False
         self.reconnects = 0
         if handle is not None:
             self._attach(handle)
@@ -225,7 +227,7 @@ class NbdEngine(Engine):
         # has nothing for it (the socket is level-triggered inside our epoll, and the worker
         # only gets a new edge for new data).
         for _ in range(_MAX_NOTIFY_ROUNDS):
-            moved = False
+            moved = self._more = False
             for fd, ev in self._ep.poll(0):
                 if fd == self._timer:
                     timer = True
@@ -237,6 +239,8 @@ class NbdEngine(Engine):
             if not moved:
                 break
             self._update_mask()
+        else:
+            self._more = True  # the timer fires at once: a fresh edge for the rest
         h = self.handle
         if h is not None:
             if h.connecting:
@@ -397,7 +401,9 @@ class NbdEngine(Engine):
     def _arm_timer(self) -> None:
         """The timer fires at the next moment the outage logic has something to do."""
         when: float | None = None
-        if self.handle is not None and self.handle.connecting:
+        if self._more:
+            when = time.monotonic()
+        elif self.handle is not None and self.handle.connecting:
             when = self._attempt_deadline
         elif self._outage_since is not None or self.handle is None:
             if self._waiting or not self._gave_up:
