@@ -187,6 +187,7 @@ class NbdEngine(Engine):
         self._backoff = BACKOFF_MIN
         self._attempt_deadline = 0.0
         self._more = False
+        self._was_connected = handle is not None
         self.reconnects = 0
         if handle is not None:
             self._attach(handle)
@@ -382,9 +383,13 @@ class NbdEngine(Engine):
         self._outage_since = None
         self._gave_up = False
         self._backoff = BACKOFF_MIN
-        self.reconnects += 1
-        log.info("queue %d: reconnected to %s after %.1f s; reissuing %d requests", self.index,
-                 st.uri, time.monotonic() - (since or 0.0), len(self._waiting))
+        if self._was_connected:
+            self.reconnects += 1
+            log.info("queue %d: reconnected to %s after %.1f s; reissuing %d requests",
+                     self.index, st.uri, time.monotonic() - (since or 0.0), len(self._waiting))
+        else:
+            log.debug("queue %d: connected to %s", self.index, st.uri)
+        self._was_connected = True
         while self._waiting and self.handle is h:
             p = self._waiting.popleft()
             if self._issue(h, p):
