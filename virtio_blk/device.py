@@ -31,7 +31,7 @@ from vhost.virtqueue import DescriptorChain
 
 from .accounting import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
 from .disk import BlockDisk
-from .engine import IoOp, OpKind, make_engine
+from .engine import IoOp, OpKind
 from .layout import DataLayout, plan, skip_start, trim_end
 from .ratelimit import RateLimitedLog
 from .request import (
@@ -51,6 +51,7 @@ from .request import (
     device_id,
     parse_segments,
 )
+from .storage import FileStorage, Storage
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +141,14 @@ class _Deferred(Exception):
 
 
 class BlkDevice(Device):
-    """A virtio-blk device backed by a :class:`Disk`."""
+    """A virtio-blk device backed by a :class:`~.storage.Storage` (a bare :class:`Disk` is served
+    through :class:`~.storage.FileStorage` with ``engine``)."""
 
     logs_guest_writes = True  # data of reads, status bytes, GET_ID strings
 
     def __init__(
         self,
-        disk: BlockDisk,
+        disk: BlockDisk | Storage,
         *,
         num_queues: int = 1,
         max_queue_size: int = 1024,
@@ -157,8 +159,8 @@ class BlkDevice(Device):
         writeback: bool = True,
         latency_accounting: bool = True,
     ) -> None:
-        self.disk = disk
-        info = disk.info
+        self.storage = disk if isinstance(disk, Storage) else FileStorage(disk, engine, io_threads)
+        info = self.storage.info
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
         self.serial = serial
@@ -199,8 +201,8 @@ class BlkDevice(Device):
         shrinking, a size that is not whole blocks).  Telling the driver is the caller's part
         (a config-change message to the frontend): this only changes what the device is.
         """
-        self.disk.grow(size)
-        self.set_capacity(self.disk.info.size >> SECTOR_SHIFT)
+        self.storage.grow(size)
+        self.set_capacity(self.storage.info.size >> SECTOR_SHIFT)
 
     def set_capacity(self, sectors: int) -> None:
         """The one place capacity changes: the config space and every queue's checks.
@@ -218,14 +220,20 @@ class BlkDevice(Device):
 
     # ------------------------------------------------------------------ Device interface
     def features(self) -> int:
+        caps = self.storage.caps
         f = (
-            BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH
-            | BlkFeature.TOPOLOGY | BlkFeature.CONFIG_WCE | BlkFeature.MQ
+            BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE
+            | BlkFeature.TOPOLOGY | BlkFeature.MQ
         )
+        if caps.flush:
+            f |= BlkFeature.FLUSH | BlkFeature.CONFIG_WCE
         if self.limits.read_only:
             f |= BlkFeature.RO
         else:
-            f |= BlkFeature.DISCARD | BlkFeature.WRITE_ZEROES
+            if caps.discard:
+                f |= BlkFeature.DISCARD
+            if caps.write_zeroes:
+                f |= BlkFeature.WRITE_ZEROES
         return int(f)
 
     def feature_names(self) -> list[str]:
@@ -273,7 +281,7 @@ class BlkDevice(Device):
 
     def flush(self) -> None:
         if not self.limits.read_only:
-            self.disk.flush()
+            self.storage.flush()
 
 
 class BlkQueueHandler(QueueHandler):
@@ -286,9 +294,10 @@ class BlkQueueHandler(QueueHandler):
         self.limits = device.limits
         self.stats = device.queue_stats[index]
         self.errlog = device.errlog
-        self.direct = device.disk.info.direct
-        self.mem_align = device.disk.info.mem_align
-        self.engine = make_engine(device.engine_kind, device.disk, index, device.io_threads)
+        self.caps = device.storage.caps
+        self.direct = device.storage.info.direct
+        self.mem_align = device.storage.info.mem_align
+        self.engine = device.storage.open_engine(index)
         self.completion_fd = self.engine.completion_fd
         self.timing = device.latency_accounting
         self.pending: collections.deque[DescriptorChain] = collections.deque()
@@ -498,6 +507,8 @@ class BlkQueueHandler(QueueHandler):
         if sector != 0 or chain.readable_len != HEADER_SIZE or chain.writable_len != 1:
             # The spec makes these driver errors; IOERR is its status for driver errors.
             raise RequestError(Status.IOERR, "FLUSH with a sector or with data")
+        if not self.caps.flush:
+            raise RequestError(Status.UNSUPP, "FLUSH: the storage has no cache to flush")
         return self._submit(BlkRequest(OpKind.FLUSH, chain.head, status_gpa, 0, 0))
 
     def _get_id(self, chain: DescriptorChain, status_gpa: int) -> int:
@@ -523,6 +534,8 @@ class BlkQueueHandler(QueueHandler):
             raise RequestError(Status.IOERR, f"{req_type.name} on a read-only disk")
         if chain.writable_len != 1:
             raise RequestError(Status.IOERR, f"{req_type.name} with writable data")
+        if not (self.caps.discard if req_type == ReqType.DISCARD else self.caps.write_zeroes):
+            raise RequestError(Status.UNSUPP, f"{req_type.name}: not offered by the storage")
         if chain.readable_len - HEADER_SIZE > MAX_SEGMENT_PAYLOAD:  # never copy gigabytes
             raise RequestError(Status.IOERR, f"{req_type.name} payload of "
                                f"{chain.readable_len - HEADER_SIZE} bytes")
