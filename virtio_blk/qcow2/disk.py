@@ -20,6 +20,18 @@ class Qcow2Disk:
     which the engines turn into an IOERR status for that request.
     """
 
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
+                 logical_block_size: int = 512) -> None:
+        self.image = Qcow2Image(path, read_only=read_only)
+        self.path = self.image.path
+        self.read_only = read_only
+        self.fd = self.image.fd
+        size = self.image.size - self.image.size % logical_block_size
+        if size == 0:
+            self.image.close()
+            raise DiskError(f"{self.path}: virtual size is smaller than one block")
+        self.info = DiskInfo(size, logical_block_size, read_only, False, 1, 1, False)
+
     @property
     def uring_engine(self) -> type:
         """The io_uring engine for this disk (guest offsets are translated per request)."""
@@ -42,18 +54,6 @@ class Qcow2Disk:
         """Continue a short transfer at a *host* offset (the io_uring engine's fallback for IO
         that :meth:`map_io` translated)."""
         return resume_io(self.fd, write, buffers, offset, done)
-
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 logical_block_size: int = 512) -> None:
-        self.image = Qcow2Image(path, read_only=read_only)
-        self.path = self.image.path
-        self.read_only = read_only
-        self.fd = self.image.fd
-        size = self.image.size - self.image.size % logical_block_size
-        if size == 0:
-            self.image.close()
-            raise DiskError(f"{self.path}: virtual size is smaller than one block")
-        self.info = DiskInfo(size, logical_block_size, read_only, False, 1, 1, False)
 
     def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
         views = [v for v in buffers if v.nbytes]
