@@ -38,13 +38,13 @@ DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x10000, 0x20000
 class Rig:
     """One queue of a BlkDevice with ``slots`` fixed 3-descriptor read requests."""
 
-    def __init__(self, engine: str, image: str, slots: int = 32) -> None:
+    def __init__(self, engine: str, image: str, slots: int = 32, fast_path: bool = True) -> None:
         self.mem = GuestMemory.anonymous(64 << 20)
         features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1)
         addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
         self.vq = VirtQueue(self.mem, SIZE, addresses, features)
         self.disk = Disk(image)
-        self.device = BlkDevice(self.disk, engine=engine)
+        self.device = BlkDevice(self.disk, engine=engine, fast_path=fast_path)
         self.handler = self.device.create_handler(0, self.mem)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.call = Notifier(self.call_fd)

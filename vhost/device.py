@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from guestmem import GuestMemory
 
 from .messages import ProtocolFeature, VirtioFeature
-from .virtqueue import DescriptorChain
+from .virtqueue import DescriptorChain, VirtQueue
 
 #: Most virtqueues a device may have: QEMU's VIRTIO_QUEUE_MAX, so a frontend can use them all.
 MAX_QUEUES = 1024
@@ -57,6 +57,15 @@ class QueueHandler(abc.ABC):
             if used is not None:
                 done.append((chain.head, used))
         return done
+
+    def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
+        """Pop and start requests straight from ``vq`` (a device's fast path); ``(head,
+        used_len)`` of those finished at once.
+
+        Called before every :meth:`VirtQueue.pop_batch`; it takes heads in ring order and stops
+        at the first it does not handle, which the generic pop then gets.  Default: none.
+        """
+        return []
 
     def reap(self) -> list[tuple[int, int]]:
         """``(head, used_len)`` of requests that finished since the last call."""

@@ -167,6 +167,10 @@ class QueueWorker:
             while True:
                 if suppress:
                     vq.disable_notifications()
+                finished = handler.submit_from_ring(vq)  # the device's fast path, if any
+                for head, used in finished:
+                    vq.add_used(head, used)
+                self.completed += len(finished)
                 chains = vq.pop_batch()
                 if chains:
                     self.batches += 1

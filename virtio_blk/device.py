@@ -25,10 +25,11 @@ from typing import cast
 from guestmem import AccessError, GuestMemory, LockedIoBuffers
 from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
 from vhost.device import Device, QueueHandler
-from vhost.virtqueue import DescriptorChain
+from vhost.virtqueue import DescriptorChain, VirtQueue
 
 from .disk import Disk
 from .engine import IoOp, OpKind, make_engine
+from .fastpath import FastPath
 from .layout import DataLayout, plan, skip_start, trim_end
 from .ratelimit import RateLimitedLog
 from .request import (
@@ -144,8 +145,12 @@ class BlkDevice(Device):
         io_threads: int = 16,
         bounce_pages: int = 2048,
         writeback: bool = True,
+        fast_path: bool = True,
     ) -> None:
         self.disk = disk
+        #: Start reads and writes in Linux's shapes through :mod:`.fastpath` (off: every request
+        #: takes the generic path, the reference the fast path is tested against).
+        self.fast_path = fast_path
         info = disk.info
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
@@ -248,6 +253,16 @@ class BlkQueueHandler(QueueHandler):
         self.engine = make_engine(device.engine_kind, device.disk, index, device.io_threads)
         self.completion_fd = self.engine.completion_fd
         self.pending: collections.deque[DescriptorChain] = collections.deque()
+        self._fast: FastPath | None = None
+
+    def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
+        """The fast path (:mod:`.fastpath`) when the device has it on."""
+        fast = self._fast
+        if fast is None or fast.vq is not vq:
+            if not self.device.fast_path:
+                return []
+            fast = self._fast = FastPath(self, vq)
+        return fast.drain()
 
     # ------------------------------------------------------------------ QueueHandler
     def submit(self, chain: DescriptorChain) -> int | None:

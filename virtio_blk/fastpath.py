@@ -1,0 +1,279 @@
+"""The fast path: reads and writes in the shapes Linux sends, popped, checked and started in one
+step.
+
+The generic path pops a chain (:meth:`VirtQueue.pop_batch`, validating it into a
+:class:`DescriptorChain`), then the device parses the header, checks the range, plans the
+RequestBuffers, locks them and starts the IO -- about seventy Python calls per request, most of
+them general machinery the common request does not need.  Linux's virtio-blk driver sends almost
+every request as
+
+    [16-byte header (readable)] [data: one or more runs, all readable or all writable] [1-byte
+    status (writable)]
+
+as one indirect descriptor whose table is written in order (``next = i + 1``), or as the same
+pieces chained directly in the descriptor table.  For such a head the fast path does every check
+either path would do -- head in range and not in flight, descriptor flags and ``next`` links, each
+piece inside one guest memory region (writable where the device writes), header type IN or OUT,
+the disk range (:func:`~virtio_blk.request.check_range`), write permission, no bounce needed, the
+O_DIRECT alignment -- *before* it changes any state.  Only then does it claim the head
+(:meth:`VirtQueue.claim`) and start the IO.
+
+Anything else -- a FLUSH, a malformed chain, a request the device must fail, one that needs a
+bounce buffer, pieces spanning regions, a ring with requests waiting for bounce pages or heads to
+resubmit after a restart -- ends the fast path for this pass at that head, untouched: the generic
+path pops it and everything after it, and reports every fault exactly as it always did.  So the
+generic path stays the reference, and a differential property test
+(``tests/property/test_fastpath_differential.py``) checks that enabling the fast path changes
+nothing a guest or the disk can observe.
+
+What stays shared: the data of every request is still a :class:`RequestBuffers` (built cheaply for
+one run, through :func:`~virtio_blk.layout.plan` for several) locked with
+:meth:`RequestBuffers.lock`, so the request carries the same ``layout`` and ``locks`` the generic
+path gives it; completion is the device's own ``_finish`` (statistics, status byte, dirty-page
+marks, release), reached through the same ``reap`` -- the fast path only fuses pop, parse,
+validate and submit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from guestmem import AccessError
+from scsi_buffers import PagedRange, RequestBuffers
+from vhost.virtqueue import (
+    DESC,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VirtQueue,
+)
+
+from .engine import OpKind
+from .layout import DataLayout, plan
+from .request import HEADER, HEADER_SIZE, T_BARRIER, ReqType, RequestError, check_range
+
+if TYPE_CHECKING:
+    from guestmem import GuestMemory, GuestRegion, LockedIoBuffers
+
+    from .device import BlkQueueHandler, BlkRequest
+
+#: Most descriptors of a request the fast path takes (header + data runs + status); a longer
+#: chain goes to the generic path.  Linux sends up to seg_max (126) data runs; 1M sequential IO
+#: on a fragmented guest reaches dozens.
+MAX_PIECES = 130
+
+_NEXT = VIRTQ_DESC_F_NEXT
+_WRITE = VIRTQ_DESC_F_WRITE
+_INDIRECT = VIRTQ_DESC_F_INDIRECT
+_HEADER_FLAGS = _NEXT  # readable, chained on
+_STATUS_FLAGS = _WRITE  # writable, last
+_TYPE_MASK = ~T_BARRIER & 0xFFFFFFFF
+_IN = int(ReqType.IN)
+_OUT = int(ReqType.OUT)
+
+_unpack_desc = DESC.unpack_from
+_unpack_header = HEADER.unpack_from
+_iter_desc = DESC.iter_unpack
+
+
+class FastPath:
+    """The fused pop-and-start of one queue's common requests (see the module docstring)."""
+
+    def __init__(self, handler: BlkQueueHandler, vq: VirtQueue) -> None:
+        from .device import BlkRequest  # device imports this module
+
+        self._request = BlkRequest
+        self.handler = handler
+        self.vq = vq
+        self.memory: GuestMemory = handler.memory
+        self.desc, self.avail = vq.ring_tables()
+        # The region the last piece was found in (most pieces share one): its bounds.  Only a
+        # hint for the lookup: every piece is still checked against the current table.
+        self._region: GuestRegion | None = None
+        #: Requests started here (the rest went the generic way): for tests and benchmarks.
+        self.taken = 0
+
+    def drain(self) -> list[tuple[int, int]]:
+        """Start every available request the fast path recognises, up to the first it does not.
+
+        Returns ``(head, used length)`` of those already finished (a batched engine is flushed
+        and reaped here, as :meth:`BlkQueueHandler.submit_batch` does).
+        """
+        vq = self.vq
+        handler = self.handler
+        if vq.broken or vq.replay_pending or handler.pending:
+            return []
+        avail = self.avail
+        pending = (avail[1] - vq.next_avail) & 0xFFFF
+        if not pending or pending > vq.size:
+            return []
+        submit = handler._submit
+        stats = handler.stats
+        take = self._take
+        mask = vq.size - 1
+        done: list[tuple[int, int]] = []
+        started = 0
+        for _ in range(pending):
+            head = avail[2 + (vq.next_avail & mask)]
+            req = take(head)
+            if req is None:
+                break
+            vq.claim(head)
+            stats.requests += 1
+            started += 1
+            used = submit(req)
+            if used is not None:
+                done.append((head, used))
+        if started:
+            self.taken += started
+            engine = handler.engine
+            if engine.batched:
+                engine.flush()
+                finish = handler._finish
+                done.extend((req.head, finish(req)) for req in handler._reap())
+        return done
+
+    # ------------------------------------------------------------------ recognition
+    def _region_of(self, addr: int, n: int) -> GuestRegion | None:
+        """The region holding all of ``[addr, addr+n)``, or None."""
+        region = self.memory.region_at(addr)
+        if region is None or addr + n > region.gpa + region.size:
+            return None
+        self._region = region
+        return region
+
+    def _take(self, head: int) -> BlkRequest | None:
+        """A request ready to submit for ``head``, or None (nothing changed) to hand over."""
+        vq = self.vq
+        if head >= vq.size or vq.in_flight(head):
+            return None
+        addr, length, flags, nxt = _unpack_desc(self.desc, head << 4)
+        if flags & _INDIRECT:
+            pieces = self._indirect(addr, length, flags)
+        else:
+            pieces = self._direct(addr, length, flags, nxt)
+        if pieces is None:
+            return None
+        hdr_addr, hdr_len, hdr_flags = pieces[0]
+        st_addr, st_len, st_flags = pieces[-1]
+        if hdr_len != HEADER_SIZE or hdr_flags or st_len != 1 or st_flags != _WRITE:
+            return None
+        region = self._region
+        if region is None or not region.gpa <= hdr_addr <= region.gpa + region.size - 16:
+            region = self._region_of(hdr_addr, 16)
+            if region is None:
+                return None
+        try:
+            req_type, _, sector = _unpack_header(region.view, hdr_addr - region.gpa)
+        except ValueError:  # the region went away meanwhile
+            return None
+        req_type &= _TYPE_MASK
+        handler = self.handler
+        limits = handler.limits
+        if req_type == _IN:
+            into_guest = True
+            data_flags = _WRITE
+        elif req_type == _OUT:
+            if limits.read_only:
+                return None
+            into_guest = False
+            data_flags = 0
+        else:
+            return None
+        if not region.gpa <= st_addr < region.gpa + region.size:
+            region = self._region_of(st_addr, 1)
+            if region is None:
+                return None
+        if region.readonly:
+            return None
+        length = 0
+        for addr, n, flags in pieces[1:-1]:
+            if flags != data_flags or not n:
+                return None
+            if not region.gpa <= addr <= region.gpa + region.size - n:
+                region = self._region_of(addr, n)
+                if region is None:
+                    return None
+            if into_guest and region.readonly:
+                return None
+            length += n
+        try:
+            check_range(sector, length, limits)
+        except RequestError:
+            return None
+        memory = self.memory
+        if len(pieces) == 3:
+            layout = DataLayout([RequestBuffers(memory, PagedRange.linear(pieces[1][0], length),
+                                                into_guest)], length, False)
+        else:
+            layout = plan(memory, [(a, n) for a, n, _ in pieces[1:-1]],
+                          guest_writable=into_guest)
+            if layout.bounce:
+                return None
+        return self._request_for(head, st_addr, sector, length, layout, into_guest)
+
+    def _direct(self, addr: int, length: int, flags: int,
+                nxt: int) -> list[tuple[int, int, int]] | None:
+        """The pieces of a chain in the descriptor table, if it is short enough and plain."""
+        out = [(addr, length, flags & ~_NEXT)]
+        size = self.vq.size
+        table = self.desc
+        while flags & _NEXT:
+            if nxt >= size or len(out) == MAX_PIECES:
+                return None
+            addr, length, flags, nxt = _unpack_desc(table, nxt << 4)
+            if flags & _INDIRECT:
+                return None
+            out.append((addr, length, flags & ~_NEXT))
+        return out if len(out) >= 3 else None
+
+    def _indirect(self, addr: int, length: int, flags: int) -> list[tuple[int, int, int]] | None:
+        """The pieces of an indirect table written in order (entry i chains to i + 1)."""
+        if flags & _NEXT or not self.vq.indirect or length & 15:
+            return None
+        count = length >> 4
+        if not 3 <= count <= MAX_PIECES:
+            return None
+        region = self._region
+        if region is None or not region.gpa <= addr <= region.gpa + region.size - length:
+            region = self._region_of(addr, length)
+            if region is None:
+                return None
+        off = addr - region.gpa
+        out = []
+        i = 1
+        try:
+            for a, n, f, x in _iter_desc(region.view[off : off + length]):
+                if f & _INDIRECT or (f & _NEXT and x != i) or (i == count) == bool(f & _NEXT):
+                    return None
+                out.append((a, n, f & ~_NEXT))
+                i += 1
+        except ValueError:  # the region went away meanwhile
+            return None
+        return out
+
+    def _request_for(self, head: int, status_gpa: int, sector: int, length: int,
+                     layout: DataLayout, into_guest: bool) -> BlkRequest | None:
+        """Lock the data's RequestBuffers into a request; None if O_DIRECT would need a bounce."""
+        locks: list[LockedIoBuffers] = []
+        try:
+            for buffers in layout.buffers:
+                locks.append(buffers.lock(for_write=into_guest))
+        except AccessError:  # a region removed meanwhile: let the generic path report it
+            for lock in locks:
+                lock.close()
+            return None
+        handler = self.handler
+        if handler.direct and not all(lock.is_aligned(handler.mem_align) for lock in locks):
+            for lock in locks:
+                lock.close()
+            return None
+        req = self._request(OpKind.READ if into_guest else OpKind.WRITE, head, status_gpa,
+                            sector, length)
+        req.layout = layout
+        req.locks = locks
+        req.buffers = (locks[0].io_buffers if len(locks) == 1
+                       else [p for lock in locks for p in lock.io_buffers])
+        if not into_guest:
+            req.sync = not handler.device.writeback
+        return req
