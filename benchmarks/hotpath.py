@@ -9,6 +9,11 @@ lock, issue the IO, reap, write the status, publish -- which is what profiling n
     python -m benchmarks.hotpath                     # io_uring, batches of 32 and of 1
     python -m benchmarks.hotpath --engine inline     # preadv on the worker thread
     python -m benchmarks.hotpath --profile           # and a cProfile listing
+    python -m benchmarks.hotpath --fast-path off     # the generic path only
+
+With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
+median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
+other load on the machine; the spread of the runs says how much it was disturbed).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import cProfile
 import os
 import pstats
+import statistics
 import tempfile
 import time
 
@@ -103,22 +109,40 @@ def main(argv: list[str] | None = None) -> int:
                    default="io_uring")
     p.add_argument("--batches", type=int, nargs="+", default=[32, 1])
     p.add_argument("--requests", type=int, default=50000)
+    p.add_argument("--fast-path", choices=("on", "off", "both"), default="both")
+    p.add_argument("--repeat", type=int, default=3, help="runs per figure (median printed)")
     p.add_argument("--profile", action="store_true", help="also print a cProfile listing")
     args = p.parse_args(argv)
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.fast_path]
     with tempfile.NamedTemporaryFile() as img:
         img.truncate(256 << 20)
         img.flush()
-        rig = Rig(args.engine, img.name)
+        rigs = {fast: Rig(args.engine, img.name, fast_path=fast) for fast in modes}
         try:
+            runs: dict[tuple[bool, int], list[float]] = {}
+            for _ in range(args.repeat):
+                for batch in args.batches:
+                    for fast, rig in rigs.items():
+                        runs.setdefault((fast, batch), []).append(
+                            measure(rig, batch, args.requests // max(1, 32 // batch)))
             for batch in args.batches:
-                us = measure(rig, batch, args.requests)
-                print(f"{args.engine:9s} batch {batch:3d}: {us:6.1f} us CPU per 4k read")
+                line = f"{args.engine:9s} batch {batch:3d}:"
+                for fast in modes:
+                    vals = runs[fast, batch]
+                    line += (f"  fast path {'on ' if fast else 'off'} "
+                             f"{statistics.median(vals):6.1f} us CPU per 4k read "
+                             f"(runs {min(vals):.1f}..{max(vals):.1f})")
+                if len(modes) == 2:
+                    off, on = (statistics.median(runs[f, batch]) for f in (False, True))
+                    line += f"  on/off {on / off:.2f}"
+                print(line)
             if args.profile:
                 prof = cProfile.Profile()
-                prof.runcall(measure, rig, args.batches[0], 5000)
+                prof.runcall(measure, rigs[modes[-1]], args.batches[0], 5000)
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         finally:
-            rig.close()
+            for rig in rigs.values():
+                rig.close()
     return 0
 
 

@@ -13,7 +13,7 @@ can have many requests in flight per queue without the worker ever blocking on I
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from guestmem import GuestMemory
 
@@ -111,3 +111,31 @@ class Device(abc.ABC):
 
     def flush(self) -> None:
         """Make completed writes durable (called on shutdown)."""
+
+    # ------------------------------------------------------------------ queue processes
+    # A device that can serve each queue in a process of its own (vhost.procpool) says how to
+    # rebuild itself there, and which of its state and counters cross the process boundary.
+    #: Serve queues in processes (None: when there is more than one queue).
+    queue_processes: bool | None = False
+    #: Set by the control side while queue processes run: brings every process's counters
+    #: (:meth:`set_queue_counters`) up to date before they are read.
+    refresh_counters: Callable[[], None] | None = None
+
+    def process_recipe(self) -> tuple[str, dict[str, object], list[int]]:
+        """``("module:callable", kwargs, fds)``: ``callable(kwargs, fds)`` in a queue process
+        rebuilds this device there (the fds travel by SCM_RIGHTS; the callable owns them)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run queues in processes")
+
+    def process_state(self) -> dict[str, object]:
+        """State a queue process must follow while it runs (sent again when it changes)."""
+        return {}
+
+    def apply_process_state(self, state: dict[str, object]) -> None:
+        """In a queue process: take :meth:`process_state` from the control process."""
+
+    def queue_counters(self, index: int) -> dict[str, int]:
+        """In a queue process: queue ``index``'s statistics, to be summed by the control one."""
+        return {}
+
+    def set_queue_counters(self, index: int, counters: dict[str, int]) -> None:
+        """In the control process: queue ``index``'s statistics as its process reported them."""

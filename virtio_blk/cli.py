@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IO threads per queue for --aio threads (default 16)")
     p.add_argument("--bounce-pages", type=_positive, default=2048, metavar="N",
                    help="bounce buffer budget per queue, in 4 KiB pages (default 2048 = 8 MiB)")
+    p.add_argument("--fast-path", choices=("on", "off"), default="on",
+                   help="start reads and writes in the shapes Linux sends without the generic "
+                        "request machinery (default on; off: every request takes the generic "
+                        "path)")
+    p.add_argument("--queue-processes", choices=("auto", "on", "off"), default="auto",
+                   help="serve each queue in a process of its own (default auto: when there "
+                        "is more than one queue); off: one thread per queue")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info)")
@@ -134,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=args.aio,
         io_threads=args.io_threads,
         bounce_pages=args.bounce_pages,
+        fast_path=args.fast_path == "on",
+        queue_processes={"auto": None, "on": True, "off": False}[args.queue_processes],
     )
     try:
         daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import cast
+from dataclasses import asdict, dataclass, fields
+from typing import Any, cast
 
 from guestmem import AccessError, GuestMemory, LockedIoBuffers
 from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
@@ -81,16 +82,25 @@ class BlkStats:
 class StatsTotals:
     """Live totals of per-queue :class:`BlkStats` (read any counter by name)."""
 
-    def __init__(self, parts: list[BlkStats]) -> None:
+    def __init__(self, parts: list[BlkStats], device: Device | None = None) -> None:
         self._parts = parts
+        self._device = device
+
+    def _refresh(self) -> None:
+        """Queues served in processes report their counters first (vhost.procpool)."""
+        refresh = self._device.refresh_counters if self._device is not None else None
+        if refresh is not None:
+            refresh()
 
     def __getattr__(self, name: str) -> int:
         if name.startswith("_") or name not in _STAT_NAMES:
             raise AttributeError(name)
+        self._refresh()
         return sum(getattr(p, name) for p in self._parts)
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in _STAT_NAMES}
+        self._refresh()
+        return {name: sum(getattr(p, name) for p in self._parts) for name in _STAT_NAMES}
 
     def __repr__(self) -> str:
         return f"StatsTotals({self.as_dict()})"
@@ -146,8 +156,16 @@ class BlkDevice(Device):
         bounce_pages: int = 2048,
         writeback: bool = True,
         fast_path: bool = True,
+        queue_processes: bool | None = None,
     ) -> None:
         self.disk = disk
+        #: One process per queue (None: when there is more than one queue); see vhost.procpool.
+        self.queue_processes = queue_processes
+        self._options = {
+            "num_queues": num_queues, "max_queue_size": max_queue_size, "serial": serial,
+            "engine": engine, "io_threads": io_threads, "bounce_pages": bounce_pages,
+            "writeback": writeback, "fast_path": fast_path,
+        }
         #: Start reads and writes in Linux's shapes through :mod:`.fastpath` (off: every request
         #: takes the generic path, the reference the fast path is tested against).
         self.fast_path = fast_path
@@ -176,7 +194,7 @@ class BlkDevice(Device):
         self.acked = 0
         # One counter set per queue: each is only written by its queue's worker thread.
         self.queue_stats = [BlkStats() for _ in range(num_queues)]
-        self.stats = StatsTotals(self.queue_stats)
+        self.stats = StatsTotals(self.queue_stats, self)
         #: Per-request failures (a failing disk fails every request): the first lines of each
         #: minute, then a count.
         self.errlog = RateLimitedLog(log)
@@ -236,6 +254,47 @@ class BlkDevice(Device):
     def flush(self) -> None:
         if not self.limits.read_only:
             self.disk.flush()
+
+    # ------------------------------------------------------------------ queue processes
+    def process_recipe(self) -> tuple[str, dict[str, object], list[int]]:
+        info = self.disk.info
+        disk = {"path": self.disk.path, "read_only": info.read_only, "direct": info.direct,
+                "logical_block_size": info.logical_block_size}
+        return ("virtio_blk.device:BlkDevice.in_queue_process",
+                {"disk": disk, "options": self._options}, [self.disk.fd])
+
+    @classmethod
+    def in_queue_process(cls, recipe: dict[str, Any], fds: list[int]) -> BlkDevice:
+        """The device rebuilt in a queue process, on the image fd the server passed.
+
+        The image is reopened through ``/proc/self/fd`` (the same file, whatever its path now
+        names), so the flags -- O_DIRECT, read-only -- are this process's own.
+        """
+        (fd,) = fds
+        spec = recipe["disk"]
+        try:
+            disk = Disk(f"/proc/self/fd/{fd}", read_only=spec["read_only"],
+                        direct=spec["direct"], logical_block_size=spec["logical_block_size"])
+        finally:
+            os.close(fd)
+        disk.path = spec["path"]
+        return cls(disk, queue_processes=False, **recipe["options"])
+
+    def process_state(self) -> dict[str, object]:
+        return {"writeback": self.writeback, "acked": self.acked}
+
+    def apply_process_state(self, state: dict[str, Any]) -> None:
+        self.writeback = bool(state.get("writeback", self.writeback))
+        self.acked = int(state.get("acked", self.acked))
+
+    def queue_counters(self, index: int) -> dict[str, int]:
+        return asdict(self.queue_stats[index])
+
+    def set_queue_counters(self, index: int, counters: dict[str, int]) -> None:
+        stats = self.queue_stats[index]
+        for name, value in counters.items():
+            if name in _STAT_NAMES:
+                setattr(stats, name, value)
 
 
 class BlkQueueHandler(QueueHandler):
