@@ -173,7 +173,7 @@ class QueueProcessWorker:
     def stop(self, timeout: float | None = None) -> bool:
         """Drain and stop the process; True if every request finished."""
         self.stopping = True
-        reply = {"kind": "eof"}
+        reply: dict[str, Any] = {"kind": "eof"}
         if not self.died:
             try:
                 reply = self.request({"kind": "stop"},
