@@ -74,8 +74,9 @@ class QueueProcessWorker:
 
     drain_timeout = 30.0
 
-    def __init__(self, index: int, err: Notifier, device: Device) -> None:
+    def __init__(self, index: int, call: Notifier, err: Notifier, device: Device) -> None:
         self.index = index
+        self.call = call
         self.err = err
         self.device = device
         self.proc: subprocess.Popen[bytes] | None = None
@@ -184,6 +185,7 @@ class QueueProcessWorker:
             self.vq = StoppedQueue(reply["next_avail"], reply["broken"])
             self.kicks, self.batches = reply["kicks"], reply["batches"]
             self.completed = reply["completed"]
+            self.call.count += reply["calls"]  # the process signalled through its own copy
             drained = bool(reply["drained"])
         else:
             # Dead or silent: its in-flight requests are lost to it.  The avail index it last
@@ -247,7 +249,7 @@ class QueueProcesses:
         if self._inflight is not None:
             fds.append(self._inflight[0])
         fds.extend(device_fds)
-        worker = QueueProcessWorker(index, err, self.device)
+        worker = QueueProcessWorker(index, call, err, self.device)
         try:
             worker.spawn(start, fds)
         finally:

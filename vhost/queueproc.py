@@ -218,7 +218,8 @@ class QueueProcess:
             reply["drained"] = worker.stop()
             vq = worker.vq
             reply.update(next_avail=vq.next_avail, broken=vq.broken, kicks=worker.kicks,
-                         batches=worker.batches, completed=worker.completed)
+                         batches=worker.batches, completed=worker.completed,
+                         calls=worker.call.count)
             vq.release()
             worker.handler.close()
             worker.call.close()
