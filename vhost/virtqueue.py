@@ -271,18 +271,15 @@ class VirtQueue:
     # A device may pop the next avail entries itself (virtio_blk.fastpath), after validating the
     # chain at least as strictly as _read_chain does: it reads the tables through ring_tables(),
     # and claims each head it takes, in ring order, with claim().
-    def ring_tables(self) -> tuple[memoryview, memoryview]:
-        """(the descriptor table as bytes, the avail ring as u16: flags, idx, ring...)."""
-        return self._desc, self._avail
+    def ring_tables(self) -> tuple[memoryview, memoryview, bytearray]:
+        """(the descriptor table as bytes, the avail ring as u16: flags, idx, ring..., the
+        in-flight flag of each head) -- to read; heads are taken with :meth:`claim`."""
+        return self._desc, self._avail, self._in_flight
 
     @property
     def replay_pending(self) -> bool:
         """Heads from before a restart are still to be resubmitted (they come first)."""
         return bool(self._replay)
-
-    def in_flight(self, head: int) -> bool:
-        """Whether ``head`` (< size) is popped and not yet returned."""
-        return bool(self._in_flight[head])
 
     def claim(self, head: int) -> None:
         """Take ``head``, the next avail entry, already validated: in flight, avail advanced."""

@@ -65,15 +65,12 @@ MAX_PIECES = 130
 _NEXT = VIRTQ_DESC_F_NEXT
 _WRITE = VIRTQ_DESC_F_WRITE
 _INDIRECT = VIRTQ_DESC_F_INDIRECT
-_HEADER_FLAGS = _NEXT  # readable, chained on
-_STATUS_FLAGS = _WRITE  # writable, last
 _TYPE_MASK = ~T_BARRIER & 0xFFFFFFFF
 _IN = int(ReqType.IN)
 _OUT = int(ReqType.OUT)
 
 _unpack_desc = DESC.unpack_from
 _unpack_header = HEADER.unpack_from
-_iter_desc = DESC.iter_unpack
 
 
 class FastPath:
@@ -86,7 +83,9 @@ class FastPath:
         self.handler = handler
         self.vq = vq
         self.memory: GuestMemory = handler.memory
-        self.desc, self.avail = vq.ring_tables()
+        self.desc, self.avail, self.in_flight = vq.ring_tables()
+        self.size = vq.size
+        self.indirect = vq.indirect
         # The region the last piece was found in (most pieces share one): its bounds.  Only a
         # hint for the lookup: every piece is still checked against the current table.
         self._region: GuestRegion | None = None
@@ -134,8 +133,11 @@ class FastPath:
         return done
 
     # ------------------------------------------------------------------ recognition
-    def _region_of(self, addr: int, n: int) -> GuestRegion | None:
-        """The region holding all of ``[addr, addr+n)``, or None."""
+    def _find(self, addr: int, n: int) -> GuestRegion | None:
+        """The region holding all of ``[addr, addr+n)``, or None; remembered for the next."""
+        region = self._region
+        if region is not None and region.gpa <= addr and addr + n <= region.gpa + region.size:
+            return region
         region = self.memory.region_at(addr)
         if region is None or addr + n > region.gpa + region.size:
             return None
@@ -144,57 +146,84 @@ class FastPath:
 
     def _take(self, head: int) -> BlkRequest | None:
         """A request ready to submit for ``head``, or None (nothing changed) to hand over."""
-        vq = self.vq
-        if head >= vq.size or vq.in_flight(head):
+        if head >= self.size or self.in_flight[head]:
             return None
-        addr, length, flags, nxt = _unpack_desc(self.desc, head << 4)
-        if flags & _INDIRECT:
-            pieces = self._indirect(addr, length, flags)
-        else:
-            pieces = self._direct(addr, length, flags, nxt)
-        if pieces is None:
-            return None
-        hdr_addr, hdr_len, hdr_flags = pieces[0]
-        st_addr, st_len, st_flags = pieces[-1]
-        if hdr_len != HEADER_SIZE or hdr_flags or st_len != 1 or st_flags != _WRITE:
-            return None
-        region = self._region
-        if region is None or not region.gpa <= hdr_addr <= region.gpa + region.size - 16:
-            region = self._region_of(hdr_addr, 16)
+        table = self.desc
+        hdr_addr, hdr_len, hdr_flags, nxt = _unpack_desc(table, head << 4)
+        count = 0  # entries in an indirect table (0: a direct chain)
+        base = 0
+        if hdr_flags & _INDIRECT:
+            # One table written in order: entry i chains to i + 1, the last one ends.
+            length = hdr_len
+            if hdr_flags & _NEXT or not self.indirect or length & 15:
+                return None
+            count = length >> 4
+            if not 3 <= count <= MAX_PIECES:
+                return None
+            region = self._find(hdr_addr, length)
             if region is None:
                 return None
+            table = region.view
+            base = hdr_addr - region.gpa
+            try:
+                hdr_addr, hdr_len, hdr_flags, nxt = _unpack_desc(table, base)
+            except ValueError:  # the region went away meanwhile
+                return None
+        if hdr_len != HEADER_SIZE or hdr_flags != _NEXT:
+            return None
+        # Data descriptors up to the one that ends the chain, which must be the status byte.
+        data: list[tuple[int, int]] = []
+        data_flags = -1
+        i = 1
+        size = self.size
+        while True:
+            if count:
+                if nxt != i or i == count:
+                    return None
+                try:
+                    addr, n, flags, nxt = _unpack_desc(table, base + (i << 4))
+                except ValueError:
+                    return None
+            else:
+                if nxt >= size or i == MAX_PIECES:
+                    return None
+                addr, n, flags, nxt = _unpack_desc(table, nxt << 4)
+            if not flags & _NEXT:
+                break
+            if flags != data_flags:
+                if data_flags >= 0 or flags & ~(_NEXT | _WRITE):
+                    return None
+                data_flags = flags
+            if not n:
+                return None
+            data.append((addr, n))
+            i += 1
+        if n != 1 or flags != _WRITE or (count and i != count - 1) or not data:
+            return None
+        status_gpa = addr
+        # Everything the descriptors point at lies in guest memory, writable where written.
+        region = self._find(hdr_addr, HEADER_SIZE)
+        if region is None:
+            return None
         try:
             req_type, _, sector = _unpack_header(region.view, hdr_addr - region.gpa)
         except ValueError:  # the region went away meanwhile
             return None
         req_type &= _TYPE_MASK
+        into_guest = data_flags == _NEXT | _WRITE
+        if req_type != (_IN if into_guest else _OUT):
+            return None
         handler = self.handler
         limits = handler.limits
-        if req_type == _IN:
-            into_guest = True
-            data_flags = _WRITE
-        elif req_type == _OUT:
-            if limits.read_only:
-                return None
-            into_guest = False
-            data_flags = 0
-        else:
+        if not into_guest and limits.read_only:
             return None
-        if not region.gpa <= st_addr < region.gpa + region.size:
-            region = self._region_of(st_addr, 1)
-            if region is None:
-                return None
-        if region.readonly:
+        region = self._find(status_gpa, 1)
+        if region is None or region.readonly:
             return None
         length = 0
-        for addr, n, flags in pieces[1:-1]:
-            if flags != data_flags or not n:
-                return None
-            if not region.gpa <= addr <= region.gpa + region.size - n:
-                region = self._region_of(addr, n)
-                if region is None:
-                    return None
-            if into_guest and region.readonly:
+        for addr, n in data:
+            region = self._find(addr, n)
+            if region is None or (into_guest and region.readonly):
                 return None
             length += n
         try:
@@ -202,55 +231,14 @@ class FastPath:
         except RequestError:
             return None
         memory = self.memory
-        if len(pieces) == 3:
-            layout = DataLayout([RequestBuffers(memory, PagedRange.linear(pieces[1][0], length),
+        if len(data) == 1:
+            layout = DataLayout([RequestBuffers(memory, PagedRange.linear(data[0][0], length),
                                                 into_guest)], length, False)
         else:
-            layout = plan(memory, [(a, n) for a, n, _ in pieces[1:-1]],
-                          guest_writable=into_guest)
+            layout = plan(memory, data, guest_writable=into_guest)
             if layout.bounce:
                 return None
-        return self._request_for(head, st_addr, sector, length, layout, into_guest)
-
-    def _direct(self, addr: int, length: int, flags: int,
-                nxt: int) -> list[tuple[int, int, int]] | None:
-        """The pieces of a chain in the descriptor table, if it is short enough and plain."""
-        out = [(addr, length, flags & ~_NEXT)]
-        size = self.vq.size
-        table = self.desc
-        while flags & _NEXT:
-            if nxt >= size or len(out) == MAX_PIECES:
-                return None
-            addr, length, flags, nxt = _unpack_desc(table, nxt << 4)
-            if flags & _INDIRECT:
-                return None
-            out.append((addr, length, flags & ~_NEXT))
-        return out if len(out) >= 3 else None
-
-    def _indirect(self, addr: int, length: int, flags: int) -> list[tuple[int, int, int]] | None:
-        """The pieces of an indirect table written in order (entry i chains to i + 1)."""
-        if flags & _NEXT or not self.vq.indirect or length & 15:
-            return None
-        count = length >> 4
-        if not 3 <= count <= MAX_PIECES:
-            return None
-        region = self._region
-        if region is None or not region.gpa <= addr <= region.gpa + region.size - length:
-            region = self._region_of(addr, length)
-            if region is None:
-                return None
-        off = addr - region.gpa
-        out = []
-        i = 1
-        try:
-            for a, n, f, x in _iter_desc(region.view[off : off + length]):
-                if f & _INDIRECT or (f & _NEXT and x != i) or (i == count) == bool(f & _NEXT):
-                    return None
-                out.append((a, n, f & ~_NEXT))
-                i += 1
-        except ValueError:  # the region went away meanwhile
-            return None
-        return out
+        return self._request_for(head, status_gpa, sector, length, layout, into_guest)
 
     def _request_for(self, head: int, status_gpa: int, sector: int, length: int,
                      layout: DataLayout, into_guest: bool) -> BlkRequest | None:
