@@ -106,6 +106,8 @@ class FastPath:
         pending = (avail[1] - vq.next_avail) & 0xFFFF
         if not pending or pending > vq.size:
             return []
+        if self._region is not None and self._region not in self.memory.regions:
+            self._region = None  # the memory table changed: forget the removed region
         submit = handler._submit
         stats = handler.stats
         take = self._take

@@ -117,3 +117,16 @@ def test_one_queue_in_a_process_on_request(make_blk: MakeBlk, setting: bool) -> 
     worker = env.daemon.daemon.handler.vrings[0].worker  # type: ignore[union-attr]
     assert isinstance(worker, QueueProcessWorker) == setting
     assert env.drv.read(0, 4096).data == env.file(0, 4096)
+
+
+def test_fast_path_follows_a_memory_table_change(make_blk: MakeBlk) -> None:
+    """QEMU sends the memory table again while queues run: the fast path keeps taking requests
+    (a region it remembered is gone; it must not hand every request over from then on)."""
+    env = make_blk(queue_processes=False)
+    assert env.drv.read(0, 4096).data == env.file(0, 4096)
+    env.frontend.set_mem_table(env.mem)
+    assert env.drv.read(8, 4096).data == env.file(8 * 512, 4096)
+    handler = env.daemon.daemon.handler
+    assert handler is not None
+    fast = handler.vrings[0].queue_handler._fast  # type: ignore[union-attr]
+    assert fast is not None and fast.taken == 2
