@@ -10,6 +10,9 @@ lock, issue the IO, reap, write the status, publish -- which is what profiling n
     python -m benchmarks.hotpath --engine inline     # preadv on the worker thread
     python -m benchmarks.hotpath --profile           # and a cProfile listing
     python -m benchmarks.hotpath --fast-path off     # the generic path only
+    python -m benchmarks.hotpath --accounting off    # without latency accounting (what a
+                                                     # server without --qmp/--metrics does)
+    python -m benchmarks.hotpath --dirty-log         # also with migration dirty logging on
 
 With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
 median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
@@ -28,6 +31,7 @@ import tempfile
 import time
 
 from guestmem import GuestMemory
+from guestmem.dirty_log import DirtyLog, DirtyMarker
 from vhost.messages import VirtioFeature
 from vhost.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
 from vhost.worker import Notifier, QueueWorker
@@ -44,13 +48,15 @@ DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x10000, 0x20000
 class Rig:
     """One queue of a BlkDevice with ``slots`` fixed 3-descriptor read requests."""
 
-    def __init__(self, engine: str, image: str, slots: int = 32, fast_path: bool = True) -> None:
+    def __init__(self, engine: str, image: str, slots: int = 32, fast_path: bool = True,
+                 accounting: bool = True) -> None:
         self.mem = GuestMemory.anonymous(64 << 20)
         features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1)
         addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
         self.vq = VirtQueue(self.mem, SIZE, addresses, features)
         self.disk = Disk(image)
-        self.device = BlkDevice(self.disk, engine=engine, fast_path=fast_path)
+        self.device = BlkDevice(self.disk, engine=engine, fast_path=fast_path,
+                                latency_accounting=accounting)
         self.handler = self.device.create_handler(0, self.mem)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.call = Notifier(self.call_fd)
@@ -79,7 +85,25 @@ class Rig:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.call_fd)
 
+    def log_dirty_pages(self, on: bool) -> None:
+        """Switch dirty logging on (a memfd log over the rig's memory, as QEMU hands over)
+        or off, the way the handler does: one marker shared by the ring and the device."""
+        if on and self.vq.dirty is None:
+            self.log_fd = os.memfd_create("hotpath-log", os.MFD_CLOEXEC)
+            size = (64 << 20) // 4096 // 8
+            os.ftruncate(self.log_fd, size)
+            self.dirty_log = DirtyLog(self.log_fd, size)
+            marker = DirtyMarker(self.dirty_log)
+            self.vq.dirty = marker
+            self.handler.dirty = marker
+        elif not on and self.vq.dirty is not None:
+            self.handler.dirty = None
+            self.vq.dirty = None
+            self.dirty_log.close()
+            os.close(self.log_fd)
+
     def close(self) -> None:
+        self.log_dirty_pages(False)
         self.driver.release()
         self.vq.release()
         self.handler.close()
@@ -112,12 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast-path", choices=("on", "off", "both"), default="both")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (median printed)")
     p.add_argument("--profile", action="store_true", help="also print a cProfile listing")
+    p.add_argument("--accounting", choices=("on", "off"), default="on",
+                   help="latency accounting (two clock reads and a histogram bucket per "
+                   "request; on with --qmp or --metrics); default on")
+    p.add_argument("--dirty-log", action="store_true",
+                   help="also measure with dirty-page logging on (as during a live migration)")
     args = p.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.fast_path]
     with tempfile.NamedTemporaryFile() as img:
         img.truncate(256 << 20)
         img.flush()
-        rigs = {fast: Rig(args.engine, img.name, fast_path=fast) for fast in modes}
+        accounting = args.accounting == "on"
+        rigs = {fast: Rig(args.engine, img.name, fast_path=fast, accounting=accounting)
+                for fast in modes}
         try:
             runs: dict[tuple[bool, int], list[float]] = {}
             for _ in range(args.repeat):
@@ -126,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         runs.setdefault((fast, batch), []).append(
                             measure(rig, batch, args.requests // max(1, 32 // batch)))
             for batch in args.batches:
-                line = f"{args.engine:9s} batch {batch:3d}:"
+                line = f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}:"
                 for fast in modes:
                     vals = runs[fast, batch]
                     line += (f"  fast path {'on ' if fast else 'off'} "
@@ -136,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                     off, on = (statistics.median(runs[f, batch]) for f in (False, True))
                     line += f"  on/off {on / off:.2f}"
                 print(line)
+                if args.dirty_log:
+                    rig = rigs[modes[-1]]
+                    rig.log_dirty_pages(True)
+                    us = statistics.median(measure(rig, batch, args.requests // max(1, 32 // batch))
+                                           for _ in range(args.repeat))
+                    rig.log_dirty_pages(False)
+                    print(f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}:"
+                          f"  fast path {'on ' if modes[-1] else 'off'} {us:6.1f} us CPU per 4k "
+                          "read, dirty log on")
             if args.profile:
                 prof = cProfile.Profile()
                 prof.runcall(measure, rigs[modes[-1]], args.batches[0], 5000)

@@ -16,13 +16,17 @@ def _read_readable(memory: GuestMemory, chain: DescriptorChain) -> bytes:
     return b"".join(memory.read(a, n) for a, n in chain.readable)
 
 
-def _write_writable(memory: GuestMemory, chain: DescriptorChain, data: bytes) -> int:
+def _write_writable(memory: GuestMemory, chain: DescriptorChain, data: bytes,
+                    handler: QueueHandler | None = None) -> int:
     pos = 0
     for a, n in chain.writable:
         piece = data[pos : pos + n]
         if not piece:
             break
         memory.write(a, piece)
+        dirty = handler.dirty if handler is not None else None
+        if dirty is not None:  # live migration: the write is recorded after it is made
+            dirty.record(a, len(piece))
         pos += len(piece)
     return pos
 
@@ -38,7 +42,7 @@ class EchoHandler(QueueHandler):
     def submit(self, chain: DescriptorChain) -> int:
         self.device.seen.append((self.index, chain))
         data = _read_readable(self.memory, chain).upper()
-        return _write_writable(self.memory, chain, data)
+        return _write_writable(self.memory, chain, data, self)
 
 
 class AsyncEchoHandler(EchoHandler):
@@ -47,7 +51,8 @@ class AsyncEchoHandler(EchoHandler):
     def __init__(self, device: EchoDevice, index: int, memory: GuestMemory) -> None:
         super().__init__(device, index, memory)
         self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._done: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[int, int, list[tuple[int, int]]]] = \
+            queue.SimpleQueue()
 
     def submit(self, chain: DescriptorChain) -> None:
         self.device.seen.append((self.index, chain))
@@ -56,7 +61,14 @@ class AsyncEchoHandler(EchoHandler):
 
     def _complete(self, chain: DescriptorChain) -> None:
         data = _read_readable(self.memory, chain).upper()
-        self._done.put((chain.head, _write_writable(self.memory, chain, data)))
+        used = _write_writable(self.memory, chain, data)
+        written, left = [], used
+        for a, n in chain.writable:  # recorded by reap(): markers belong to the queue's thread
+            if left <= 0:
+                break
+            written.append((a, min(n, left)))
+            left -= n
+        self._done.put((chain.head, used, written))
         os.eventfd_write(self.completion_fd, 1)
 
     def reap(self) -> list[tuple[int, int]]:
@@ -65,9 +77,12 @@ class AsyncEchoHandler(EchoHandler):
         out = []
         while True:
             try:
-                out.append(self._done.get_nowait())
+                head, used, written = self._done.get_nowait()
             except queue.Empty:
                 return out
+            if self.dirty is not None:
+                self.dirty.record_ranges(written)
+            out.append((head, used))
 
     def close(self) -> None:
         os.close(self.completion_fd)
@@ -75,6 +90,8 @@ class AsyncEchoHandler(EchoHandler):
 
 class EchoDevice(Device):
     """A made-up device with ``num_queues`` queues and a 16-byte config space."""
+
+    logs_guest_writes = True
 
     def __init__(self, num_queues: int = 1, asynchronous: bool = False, delay: float = 0.01):
         self.num_queues = num_queues

@@ -159,6 +159,34 @@ class VhostUserDaemon:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    # ------------------------------------------------------------------ for other threads
+    @property
+    def connected(self) -> bool:
+        """A frontend is connected (a snapshot: it may go at any moment)."""
+        return self._conn is not None
+
+    def in_flight(self) -> list[int]:
+        """Requests in flight per queue (0 for a queue not running), read without locks."""
+        handler = self.handler
+        counts = [0] * self.device.num_queues
+        if handler is None:
+            return counts
+        for vring in list(handler.vrings):
+            worker = vring.worker
+            if worker is not None and vring.index < len(counts):
+                counts[vring.index] = worker.vq.in_flight_count
+        return counts
+
+    def notify_config_change(self) -> bool:
+        """Tell the connected frontend the device's config space changed.
+
+        False when nobody is connected or the frontend has no backend request channel (it reads
+        the new config when it next connects).  Called from any thread: the backend channel is
+        a socket of its own, so this does not race the control thread.
+        """
+        handler = self.handler
+        return handler is not None and handler.notify_config_change()
+
     # ------------------------------------------------------------------ connections
     def _accept(self) -> None:
         try:

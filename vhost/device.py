@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from guestmem import GuestMemory
+from guestmem.dirty_log import DirtyMarker
 
 from .messages import ProtocolFeature, VirtioFeature
 from .virtqueue import DescriptorChain, VirtQueue
@@ -36,6 +38,11 @@ class QueueHandler(abc.ABC):
     #: The worker watches it edge-triggered and never reads it, so :meth:`reap` must return
     #: everything finished so far (an eventfd written per completion, or an io_uring fd).
     completion_fd: int | None = None
+    #: While the frontend logs dirty pages (live migration): where the handler records every
+    #: range it writes into guest memory -- after the write, on this queue's thread; the queue
+    #: commits the marks before it publishes the used index.  None (the class default) when
+    #: logging is off; set and cleared by the library, for devices with ``logs_guest_writes``.
+    dirty: DirtyMarker | None = None
 
     @abc.abstractmethod
     def submit(self, chain: DescriptorChain) -> int | None:
@@ -82,6 +89,9 @@ class Device(abc.ABC):
     num_queues: int = 1
     #: Largest queue size the device accepts (SET_VRING_NUM above it is refused).
     max_queue_size: int = 1024
+    #: The handlers record their guest-memory writes in ``QueueHandler.dirty``: the library
+    #: then offers VHOST_F_LOG_ALL and LOG_SHMFD (QEMU refuses to migrate a device without).
+    logs_guest_writes: bool = False
 
     @abc.abstractmethod
     def features(self) -> int:
@@ -120,6 +130,9 @@ class Device(abc.ABC):
     #: Set by the control side while queue processes run: brings every process's counters
     #: (:meth:`set_queue_counters`) up to date before they are read.
     refresh_counters: Callable[[], None] | None = None
+    #: Set by the control side while queue processes run: the device calls it when
+    #: :meth:`process_state` changes outside a vhost-user message (a resize, say).
+    process_state_changed: Callable[[], None] | None = None
 
     def process_recipe(self) -> tuple[str, dict[str, object], list[int]]:
         """``("module:callable", kwargs, fds)``: ``callable(kwargs, fds)`` in a queue process
@@ -133,9 +146,9 @@ class Device(abc.ABC):
     def apply_process_state(self, state: dict[str, object]) -> None:
         """In a queue process: take :meth:`process_state` from the control process."""
 
-    def queue_counters(self, index: int) -> dict[str, int]:
+    def queue_counters(self, index: int) -> dict[str, Any]:
         """In a queue process: queue ``index``'s statistics, to be summed by the control one."""
         return {}
 
-    def set_queue_counters(self, index: int, counters: dict[str, int]) -> None:
+    def set_queue_counters(self, index: int, counters: dict[str, Any]) -> None:
         """In the control process: queue ``index``'s statistics as its process reported them."""

@@ -22,12 +22,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from guestmem.dirty_log import DirtyLog, DirtyLogError
+
+from .backend_channel import BackendChannel, BackendChannelError
 from .device import RING_FEATURES, Device, QueueHandler
+from .dirty_logging import DirtyLogging
 from .inflight import InflightArea, InflightError, create_area
 from .memory import MemoryTable, MemoryTableError
 from .messages import (
     MAX_CONFIG_SIZE,
     MAX_MEM_SLOTS,
+    VHOST_F_LOG_ALL,
+    VRING_ADDR_F_LOG,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     Message,
@@ -67,6 +73,7 @@ LIBRARY_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
     | ProtocolFeature.INFLIGHT_SHMFD
+    | ProtocolFeature.BACKEND_REQ
 )
 
 #: Makes the worker of a starting queue (tests substitute one that records or delays).
@@ -94,6 +101,7 @@ class Vring:
     index: int
     size: int = 0
     ring_uaddrs: tuple[int, int, int] | None = None  # desc, avail, used (frontend addresses)
+    log_addr: int | None = None  # guest address the used ring is logged at (VHOST_VRING_F_LOG)
     base: int = 0  # next avail index to use when the queue starts
     kick_fd: int | None = None
     call: Notifier = field(default_factory=Notifier)
@@ -127,18 +135,26 @@ class BackendHandler:
             VirtioFeature.PROTOCOL_FEATURES
         )
         self.offered_protocol = LIBRARY_PROTOCOL_FEATURES | device.protocol_features()
-        self.acked_features = 0
-        self.acked_protocol = ProtocolFeature(0)
-        self.owner = False
-        self.status = 0
-        self.backend_req_fd: int | None = None
-        self.inflight: InflightArea | None = None
-        self.refused = 0
         #: Queues served in processes of their own (vhost.procpool), or None: threads here.
         self.processes: QueueProcesses | None = None
         wanted = device.queue_processes
         if wanted or (wanted is None and device.num_queues > 1):
             self.processes = QueueProcesses(device)
+        # Live migration (see vhost.dirty_logging).  The dirty log does not reach queue
+        # processes yet (vhost.queueproc has the place for it): without the features QEMU
+        # refuses to migrate, rather than losing pages the processes write.
+        if device.logs_guest_writes and self.processes is None:
+            self.offered_features |= VHOST_F_LOG_ALL
+            self.offered_protocol |= ProtocolFeature.LOG_SHMFD
+        self.acked_features = 0
+        self.acked_protocol = ProtocolFeature(0)
+        self.owner = False
+        self.status = 0
+        #: Written by the control thread only; other threads may send on it (it locks).
+        self.backend_channel: BackendChannel | None = None
+        self.inflight: InflightArea | None = None
+        self.refused = 0
+        self.dirty_logging = DirtyLogging()
 
     # ------------------------------------------------------------------ entry point
     def handle(self, message: Message, fds: list[int]) -> HandlerResult:
@@ -225,6 +241,7 @@ class BackendHandler:
         worker = self.worker_factory(vq, handler, vring.kick_fd, vring.call, vring.err)
         vring.queue_handler = handler
         vring.worker = worker
+        self.dirty_logging.queue_starting(vring, self.acked_features)
         worker.start()
         log.info("queue %d started: size %d, avail from %d%s", vring.index, vring.size,
                  vring.base, ", event idx" if vq.event_idx else "")
@@ -255,17 +272,18 @@ class BackendHandler:
         vring.err.signal()
         return Refused(f"queue {vring.index} cannot start: {exc}")
 
-    def _stop(self, vring: Vring) -> None:
+    def _stop(self, vring: Vring) -> bool:
+        """Stop ``vring``'s worker; True if it was marking the dirty log."""
         worker = vring.worker
         if worker is None:
-            return
+            return False
         if not worker.stop():
             log.error("queue %d: in-flight requests did not finish", vring.index)
         vq = worker.vq
-        assert vq is not None
         vring.base = vq.next_avail
         if vq.broken:
             vring.broken = True
+        logging_ = self.dirty_logging.queue_stopped(vring)
         vq.release()
         if vring.queue_handler is not None:
             vring.queue_handler.close()
@@ -276,6 +294,7 @@ class BackendHandler:
         log.info("queue %d stopped at avail %d (%d kicks, %d batches, %d completions, %d calls)",
                  vring.index, vring.base, worker.kicks, worker.batches, worker.completed,
                  vring.call.count)
+        return logging_
 
     def stop_all(self) -> None:
         for vring in self.vrings:
@@ -289,14 +308,15 @@ class BackendHandler:
     def close(self) -> None:
         """End of the connection: stop the queues, close every fd, unmap guest memory."""
         self._close_vrings()
-        if self.backend_req_fd is not None:
-            os.close(self.backend_req_fd)
-            self.backend_req_fd = None
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
         if self.processes is not None:
             self.processes.close()
+        self.dirty_logging.close(self.vrings)
         self.memory.close()
         self.device.reset()
 
@@ -321,6 +341,9 @@ class BackendHandler:
             # Without protocol features a ring is enabled as soon as it starts.
             for vring in self.vrings:
                 vring.enabled = True
+        # QEMU toggles VHOST_F_LOG_ALL with the queues running (migration start, end, cancel)
+        # and waits for this message to be processed before it copies memory.
+        self.dirty_logging.update(self.vrings, self.acked_features)
 
     def _on_get_protocol_features(self, message: Message, fds: list[int]) -> bytes:
         return u64(int(self.offered_protocol))
@@ -356,13 +379,42 @@ class BackendHandler:
         self._reset_vrings()
         self.acked_features = 0
         self.status = 0
+        self.dirty_logging.drop(self.vrings)
         self.device.reset()
 
     def _on_set_backend_req_fd(self, message: Message, fds: list[int]) -> None:
-        # Accepted and kept (closed with the connection); we send no backend requests.
-        if self.backend_req_fd is not None:
-            os.close(self.backend_req_fd)
-        self.backend_req_fd = fds.pop()
+        # Kept (closed with the connection) for config-change messages; a new one replaces it.
+        try:
+            channel = BackendChannel(
+                fds[0], reply_ack=bool(self.acked_protocol & ProtocolFeature.REPLY_ACK))
+        except OSError as exc:
+            raise Refused(f"backend request fd: {exc}") from exc
+        fds.pop()
+        old, self.backend_channel = self.backend_channel, channel
+        if old is not None:
+            old.close()
+
+    @property
+    def backend_req_fd(self) -> int | None:
+        channel = self.backend_channel
+        return None if channel is None else channel.fileno()
+
+    def notify_config_change(self) -> bool:
+        """Tell the frontend the config space changed; False if it cannot be told.
+
+        Safe from any thread (the channel has its own socket and lock); never blocks longer
+        than the channel's ack timeout.
+        """
+        channel = self.backend_channel
+        if channel is None:
+            log.warning("config changed, but the frontend gave no backend request channel")
+            return False
+        try:
+            channel.config_changed()
+        except BackendChannelError as exc:
+            log.warning("config change not delivered: %s", exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ memory
     def _on_set_mem_table(self, message: Message, fds: list[int]) -> None:
@@ -398,8 +450,13 @@ class BackendHandler:
         f = message.fields
         vring = self._vring(f.index)
         uaddrs = (f.desc_user_addr, f.avail_user_addr, f.used_user_addr)
+        if f.flags & ~VRING_ADDR_F_LOG:
+            raise Refused(f"unknown vring address flags {f.flags:#x}")
+        log_addr = f.log_guest_addr if f.flags & VRING_ADDR_F_LOG else None
         if vring.running:
             if uaddrs == vring.ring_uaddrs:
+                # QEMU resends the addresses of a running ring to switch used-ring logging.
+                self.dirty_logging.set_log_addr(vring, log_addr)
                 return
             raise Refused(f"queue {vring.index} is running")
         if vring.size:
@@ -411,6 +468,7 @@ class BackendHandler:
                 for addr, length in zip(uaddrs, ring_sizes(vring.size), strict=True)
             )))
         vring.ring_uaddrs = uaddrs
+        vring.log_addr = log_addr
         vring.broken = False
 
     def _on_set_vring_base(self, message: Message, fds: list[int]) -> None:
@@ -423,7 +481,9 @@ class BackendHandler:
 
     def _on_get_vring_base(self, message: Message, fds: list[int]) -> bytes:
         vring = self._vring(message.fields.index)
-        self._stop(vring)
+        if self._stop(vring) and not any(v.running for v in self.vrings):
+            # The source VM stopped: the end of a migration.
+            self.dirty_logging.flush_at_stop(self.device)
         # The ring is stopped; a later start comes with a fresh kick fd.
         if vring.kick_fd is not None:
             os.close(vring.kick_fd)
@@ -519,3 +579,30 @@ class BackendHandler:
         if self.processes is not None:
             self.processes.set_inflight(fds[0], f.mmap_size, f.mmap_offset, f.num_queues,
                                         f.queue_size)
+
+    # ------------------------------------------------------------------ dirty log (migration)
+    @property
+    def logging(self) -> bool:
+        """Whether the queues mark the dirty log now."""
+        return self.dirty_logging.logging(self.vrings)
+
+    @property
+    def pages_marked(self) -> int:
+        """Pages the queues marked in dirty logs over this connection."""
+        return self.dirty_logging.pages_marked(self.vrings)
+
+    def _on_set_log_base(self, message: Message, fds: list[int]) -> bytes:
+        if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
+            raise Refused("LOG_SHMFD was not negotiated")
+        f = message.fields
+        try:
+            new = DirtyLog(fds[0], f.mmap_size, f.mmap_offset)  # the mapping outlives the fd
+        except DirtyLogError as exc:
+            raise Refused(str(exc)) from exc
+        self.dirty_logging.set_base(new, self.vrings, self.acked_features)
+        return u64(0)
+
+    def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
+        if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
+            raise Refused("LOG_SHMFD was not negotiated")
+        self.dirty_logging.call.replace(fds.pop())

@@ -42,6 +42,8 @@ MAX_CONFIG_SIZE = 256
 #: Bit 8 of SET_VRING_KICK/CALL/ERR's u64: no fd attached (polling).
 VRING_NOFD_MASK = 1 << 8
 VRING_IDX_MASK = 0xFF
+#: SET_VRING_ADDR flag VHOST_VRING_F_LOG: log the used ring's writes at ``log_guest_addr``.
+VRING_ADDR_F_LOG = 1 << 0
 
 
 class Request(enum.IntEnum):
@@ -243,6 +245,10 @@ MESSAGE_TABLE: dict[Request, MessageSpec] = {
     Request.SET_OWNER: _fixed(None),
     Request.RESET_OWNER: _fixed(None),
     Request.SET_MEM_TABLE: MessageSpec(MemoryTable, None, (1, MAX_TABLE_REGIONS), min_size=8),
+    # With LOG_SHMFD QEMU waits for a reply to SET_LOG_BASE (hw/virtio/vhost-user.c,
+    # vhost_user_set_log_base); without it there is no fd and nothing we could log into.
+    Request.SET_LOG_BASE: _fixed(Log, (1, 1), reply=True),
+    Request.SET_LOG_FD: _fixed(None, (1, 1)),
     Request.SET_VRING_NUM: _fixed(VringState),
     Request.SET_VRING_ADDR: _fixed(VringAddr),
     Request.SET_VRING_BASE: _fixed(VringState),
@@ -407,6 +413,10 @@ def inflight(mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int)
             "queue_size": queue_size,
         }
     )
+
+
+def log_base(mmap_size: int, mmap_offset: int) -> bytes:
+    return Log.build({"mmap_size": mmap_size, "mmap_offset": mmap_offset})
 
 
 def memory_region(gpa: int, size: int, uaddr: int, mmap_offset: int) -> dict[str, int]:

@@ -52,10 +52,16 @@ class QueueProcessError(Exception):
     """A queue process could not be started or did not answer."""
 
 
-class StoppedQueue:
-    """Where a queue process stopped (what the handler reads after ``stop``)."""
+class RemoteQueue:
+    """A queue a process runs, as the handler sees it: where it stopped (after ``stop``).
 
-    def __init__(self, next_avail: int, broken: bool) -> None:
+    ``dirty`` is always None: the dirty-page log does not reach queue processes yet, and the
+    handler does not offer VHOST_F_LOG_ALL while it has them.
+    """
+
+    dirty = None
+
+    def __init__(self, next_avail: int = 0, broken: bool = False) -> None:
         self.next_avail = next_avail
         self.broken = broken
         self.in_flight_count = 0
@@ -82,7 +88,7 @@ class QueueProcessWorker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self.replies: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        self.vq: StoppedQueue | None = None
+        self.vq = RemoteQueue()
         self.kicks = self.batches = self.completed = 0
         self.last_avail = 0  # as last reported (a dead process cannot say where it stopped)
         self.stopping = False
@@ -182,7 +188,7 @@ class QueueProcessWorker:
             except QueueProcessError as exc:
                 log.error("%s; killing it", exc)
         if reply.get("kind") == "stopped":
-            self.vq = StoppedQueue(reply["next_avail"], reply["broken"])
+            self.vq = RemoteQueue(reply["next_avail"], reply["broken"])
             self.kicks, self.batches = reply["kicks"], reply["batches"]
             self.completed = reply["completed"]
             self.call.count += reply["calls"]  # the process signalled through its own copy
@@ -191,7 +197,7 @@ class QueueProcessWorker:
             # Dead or silent: its in-flight requests are lost to it.  The avail index it last
             # reported is the best restart point we have (with an in-flight area, a restart
             # resubmits what was popped and not completed; without, the driver must reset).
-            self.vq = StoppedQueue(self.last_avail, True)
+            self.vq = RemoteQueue(self.last_avail, True)
             drained = False
         self._reap()
         return drained
@@ -210,6 +216,10 @@ class QueueProcessWorker:
             self.sock.close()
             self.sock = None
 
+    def quiesce(self, timeout: float = 5.0) -> bool:
+        """Nothing of the control process's is used by a queue process between passes."""
+        return True
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -225,6 +235,7 @@ class QueueProcesses:
         self._inflight: tuple[int, tuple[int, int, int, int]] | None = None
         self.workers: dict[int, QueueProcessWorker] = {}
         device.refresh_counters = self.refresh_counters
+        device.process_state_changed = self.device_changed
 
     def refresh_counters(self) -> None:
         """Ask every running process for its counters (they also come every 0.1 s unasked)."""
@@ -315,6 +326,8 @@ class QueueProcesses:
         """After every queue stopped: drop the kept fds."""
         if self.device.refresh_counters == self.refresh_counters:
             self.device.refresh_counters = None
+        if self.device.process_state_changed == self.device_changed:
+            self.device.process_state_changed = None
         self._close_region_fds()
         if self._inflight is not None:
             os.close(self._inflight[0])

@@ -107,7 +107,7 @@ class QueueProcess:
         self.device: Any = None
         self.inflight: InflightArea | None = None
         self.index = -1
-        self._last_counters: dict[str, int] | None = None
+        self._last_counters: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ start
     def start(self, msg: dict[str, Any], fds: list[int]) -> None:

@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass
 
 from guestmem import AccessError, GuestMemory
+from guestmem.dirty_log import DirtyMarker
 
 from .inflight import InflightError, InflightQueue
 from .messages import VirtioFeature
@@ -179,6 +180,11 @@ class VirtQueue:
         self.in_flight_count = 0
         self.broken = False
         self.error: QueueError | None = None
+        # Live migration: while the frontend logs dirty pages, the marker of this queue (set and
+        # cleared by the control thread with one store; None costs the hot path one check) and
+        # the guest address the used ring is logged at (VHOST_VRING_F_LOG's log_guest_addr).
+        self.dirty: DirtyMarker | None = None
+        self.used_log_addr = addresses.used
         # Crash recovery (INFLIGHT_SHMFD): heads a previous backend popped and never completed
         # come back first, oldest first; the avail ring continues after all of them.
         self._inflight = inflight
@@ -379,9 +385,17 @@ class VirtQueue:
         """
         new = self.next_used
         old = self._published_used
+        dirty = self.dirty
         if new == old:
+            if dirty is not None:
+                dirty.commit()  # used flags / avail_event written since the last flush
             return False
+        if dirty is not None:  # the entries and everything the device wrote, before used.idx
+            self._record_used(dirty, old, new)
+            dirty.commit()
         self._used[1] = new  # one 16-bit store; element writes before it are ordered on x86
+        if dirty is not None:
+            dirty.mark(self.used_log_addr + 2, 2)
         self._published_used = new
         if self._inflight is not None:
             self._inflight.published(new)
@@ -395,18 +409,34 @@ class VirtQueue:
             return ((new - used_event - 1) & 0xFFFF) < ((new - prev) & 0xFFFF)
         return not self._avail[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
+    def _record_used(self, dirty: DirtyMarker, old: int, new: int) -> None:
+        """Record the used elements ``old..new`` (ring indices, maybe wrapping) as written."""
+        count = (new - old) & 0xFFFF
+        start = old & self._mask
+        first = min(count, self.size - start)
+        base = self.used_log_addr + 4
+        dirty.record(base + 8 * start, 8 * first)
+        if count > first:
+            dirty.record(base, 8 * (count - first))
+
     # ------------------------------------------------------------------ kick suppression
     def disable_notifications(self) -> None:
         """Ask the driver not to kick while we are draining the ring anyway."""
         if not self.event_idx:
             self._used[0] = VIRTQ_USED_F_NO_NOTIFY
+            if self.dirty is not None:
+                self.dirty.record(self.used_log_addr, 2)
 
     def enable_notifications(self) -> bool:
         """Ask for a kick on the next buffer; True if buffers arrived meanwhile (drain again)."""
         if self.event_idx:
             self._used[self._avail_event_slot] = self.next_avail
+            if self.dirty is not None:  # committed by the flush that ends every worker pass
+                self.dirty.record(self.used_log_addr + 2 * self._avail_event_slot, 2)
         else:
             self._used[0] = 0
+            if self.dirty is not None:
+                self.dirty.record(self.used_log_addr, 2)
         full_fence()
         return self._avail[1] != self.next_avail
 

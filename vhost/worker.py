@@ -93,6 +93,8 @@ class QueueWorker:
         self.kicks = 0
         self.batches = 0
         self.completed = 0
+        #: Worker passes finished (see :meth:`quiesce`).
+        self.passes = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -112,6 +114,24 @@ class QueueWorker:
             self._wake_fd = -1
         return drained
 
+    def quiesce(self, timeout: float = 5.0) -> bool:
+        """Wait until the worker has finished the pass it is in (waking it if idle).
+
+        A pass holds references (a dirty-log marker, say) only while it runs; once the next
+        pass boundary has gone by, every reference the caller replaced before calling is
+        unused for good.  False if the worker did not get there within ``timeout``.
+        """
+        if not self._thread.is_alive():
+            return True
+        start = self.passes
+        os.eventfd_write(self._wake_fd, 1)
+        deadline = time.monotonic() + timeout
+        while self.passes == start and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)
+        return True
+
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
         vq = self.vq
@@ -123,12 +143,13 @@ class QueueWorker:
             # ever left unserved; the counters cannot overflow in practice (2**64).
             edge = select.EPOLLIN | select.EPOLLET
             ep.register(self.kick_fd, edge)
-            ep.register(self._wake_fd, select.EPOLLIN)
+            ep.register(self._wake_fd, edge)  # never read either: each write is an edge
             cfd = self.handler.completion_fd
             if cfd is not None:
                 ep.register(cfd, edge)
             # Kicks sent before we started listening are lost: look at the ring once now.
             self._service(kick=True)
+            self.passes += 1
             poll = ep.poll
             stop = self._stop
             while True:
@@ -136,6 +157,7 @@ class QueueWorker:
                 if stop.is_set():
                     break
                 self._service(kick=True)
+                self.passes += 1
             self._finish(ep)
         except Exception:
             log.exception("queue %d: worker failed; the queue is stopped", vq.index)
@@ -167,17 +189,18 @@ class QueueWorker:
             while True:
                 if suppress:
                     vq.disable_notifications()
-                finished = handler.submit_from_ring(vq)  # the device's fast path, if any
-                for head, used in finished:
-                    vq.add_used(head, used)
-                self.completed += len(finished)
+                # The device's fast path, if any, takes what it can; the generic pop takes the
+                # rest.  Heads it finished are returned only after that pop, so a head the
+                # driver made available twice is still in flight there, as it would be had the
+                # generic path popped both.
+                finished = handler.submit_from_ring(vq)
                 chains = vq.pop_batch()
                 if chains:
                     self.batches += 1
-                    finished = handler.submit_batch(chains)
-                    for head, used in finished:
-                        vq.add_used(head, used)
-                    self.completed += len(finished)
+                    finished += handler.submit_batch(chains)
+                for head, used in finished:
+                    vq.add_used(head, used)
+                self.completed += len(finished)
                 if vq.broken:
                     self._report_broken()
                     break

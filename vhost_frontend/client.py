@@ -157,11 +157,29 @@ class Frontend:
                      [fd])
 
     def set_vring_addr(self, index: int, desc: int, avail: int, used: int,
-                       flags: int = 0) -> int | None:
+                       flags: int = 0, log_addr: int = 0) -> int | None:
         payload = m.VringAddr.build({"index": index, "flags": flags, "desc_user_addr": desc,
                                      "used_user_addr": used, "avail_user_addr": avail,
-                                     "log_guest_addr": 0})
+                                     "log_guest_addr": log_addr})
         return self.command(Request.SET_VRING_ADDR, payload)
+
+    # -- dirty logging (live migration), as QEMU 7.2's vhost_migration_log does it
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> bytes:
+        """SET_LOG_BASE with the log memfd; with LOG_SHMFD QEMU waits for a reply."""
+        return self.request(Request.SET_LOG_BASE, m.log_base(size, offset), [fd])
+
+    def set_logging(self, on: bool, log_addrs: dict[int, int] | None = None) -> None:
+        """SET_FEATURES with/without VHOST_F_LOG_ALL, then each queue's addresses with/without
+        VHOST_VRING_F_LOG (``log_addrs``: queue -> log address; default its used ring)."""
+        assert self.memory is not None
+        self.features = (self.features | m.VHOST_F_LOG_ALL if on
+                         else self.features & ~m.VHOST_F_LOG_ALL)
+        self.checked(Request.SET_FEATURES, m.u64(self.features))
+        for index, q in self.queues.items():
+            log_addr = (log_addrs or {}).get(index, q.used)
+            self.set_vring_addr(index, self.memory.uaddr(q.desc), self.memory.uaddr(q.avail),
+                                self.memory.uaddr(q.used), m.VRING_ADDR_F_LOG if on else 0,
+                                log_addr if on else 0)
 
     def get_vring_base(self, index: int) -> int:
         reply = self.request(Request.GET_VRING_BASE, m.vring_state(index, 0))

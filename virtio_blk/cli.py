@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,9 +20,12 @@ from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
 from vhost.virtqueue import QueueError, validate_size
 
+from .control.metrics import parse_address
+from .control.plane import ControlError, ControlPlane
 from .device import BlkDevice
 from .disk import Disk, DiskError, create_image, parse_size
 from .engine import ENGINES, default_engine
+from .image_lock import ImageLockError, lock_image
 from .request import ID_BYTES, check_serial
 
 log = logging.getLogger("vhost-user-blk")
@@ -49,6 +53,22 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _qmp_name(text: str) -> str:
+    """QEMU's rule for ids and node names: a letter, then letters, digits, '-', '.', '_'."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,30}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must start with a letter and contain only letters, digits, '-', '.' "
+            "and '_' (at most 31 characters)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IO threads per queue for --aio threads (default 16)")
     p.add_argument("--bounce-pages", type=_positive, default=2048, metavar="N",
                    help="bounce buffer budget per queue, in 4 KiB pages (default 2048 = 8 MiB)")
+    p.add_argument("--qmp", metavar="PATH",
+                   help="QMP control socket to listen on (mode 0600): query-blockstats, "
+                   "block_resize, quit...")
+    p.add_argument("--metrics", type=_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--node-name", type=_qmp_name, default="disk0", metavar="NAME",
+                   help="the disk's node name in QMP (block_resize, query-blockstats; "
+                   "default disk0)")
+    p.add_argument("--export-id", type=_qmp_name, default="export0", metavar="ID",
+                   help="the export's id in QMP (query-block-exports; default export0)")
+    p.add_argument("--locking", choices=("auto", "on", "off"), default="auto",
+                   help="lock the image as QEMU does (file.locking): a second server, QEMU or "
+                        "qemu-storage-daemon on it is refused; 'off' lets a migration source "
+                        "and destination share it; 'auto' (default) is 'on' where the file "
+                        "system has OFD locks")
     p.add_argument("--fast-path", choices=("on", "off"), default="on",
                    help="start reads and writes in the shapes Linux sends without the generic "
                         "request machinery (default on; off: every request takes the generic "
@@ -133,6 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     logical_block_size=args.logical_block_size)
     except DiskError as exc:
         return fail(str(exc))
+    if args.locking != "off":
+        try:
+            lock_image(disk.fd, args.image, writable=not args.read_only)
+        except ImageLockError as exc:
+            if not (exc.unsupported and args.locking == "auto"):
+                disk.close()
+                return fail(str(exc))
+            log.warning("%s; serving it unlocked", exc)
     device = BlkDevice(
         disk,
         num_queues=args.num_queues,
@@ -143,10 +186,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         bounce_pages=args.bounce_pages,
         fast_path=args.fast_path == "on",
         queue_processes={"auto": None, "on": True, "off": False}[args.queue_processes],
+        # Two clock reads per request, only when someone can read the result.
+        latency_accounting=bool(args.qmp or args.metrics),
     )
     try:
         daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)
     except DaemonError as exc:
+        disk.close()
+        return fail(str(exc))
+    try:
+        control = ControlPlane(device, daemon, export_id=args.export_id,
+                               node_name=args.node_name, qmp_path=args.qmp,
+                               metrics_address=args.metrics)
+    except ControlError as exc:
+        daemon.close()
         disk.close()
         return fail(str(exc))
 
@@ -165,8 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "|".join(device.feature_names()),
     )
     try:
+        control.start()
         daemon.serve_forever()
     finally:
+        control.stop()
         daemon.close()
         try:
             device.flush()

@@ -19,8 +19,10 @@ from __future__ import annotations
 import collections
 import logging
 import os
+from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from time import monotonic_ns
 from typing import Any, cast
 
 from guestmem import AccessError, GuestMemory, LockedIoBuffers
@@ -28,6 +30,7 @@ from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
 from vhost.device import Device, QueueHandler
 from vhost.virtqueue import DescriptorChain, VirtQueue
 
+from .accounting import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
 from .disk import Disk
 from .engine import IoOp, OpKind, make_engine
 from .fastpath import FastPath
@@ -76,7 +79,12 @@ class BlkStats:
     deferred: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
-
+    bytes_unmapped: int = 0  # discarded or zeroed
+    # Per disk operation kind (OpKind order; see virtio_blk.accounting): IO errors, and -- with
+    # latency accounting on -- total nanoseconds and a latency histogram.
+    failed: list[int] = field(default_factory=zeros)
+    total_ns: list[int] = field(default_factory=zeros)
+    latency: list[list[int]] = field(default_factory=new_histograms)
 
 
 class StatsTotals:
@@ -106,7 +114,8 @@ class StatsTotals:
         return f"StatsTotals({self.as_dict()})"
 
 
-_STAT_NAMES = frozenset(f.name for f in fields(BlkStats))
+_STAT_NAMES = frozenset(f.name for f in fields(BlkStats) if f.type == "int")
+_FIELD_NAMES = frozenset(f.name for f in fields(BlkStats))
 
 
 class BlkRequest(IoOp):
@@ -116,7 +125,7 @@ class BlkRequest(IoOp):
     allocation.
     """
 
-    __slots__ = ("bounce", "head", "layout", "locks", "sector", "status_gpa")
+    __slots__ = ("bounce", "head", "layout", "locks", "sector", "start_ns", "status_gpa")
 
     def __init__(self, kind: OpKind, head: int, status_gpa: int, sector: int,
                  length: int) -> None:
@@ -127,6 +136,7 @@ class BlkRequest(IoOp):
         self.locks: list[LockedIoBuffers] = []
         self.bounce: TrackedBounceBuffer | None = None
         self.layout: DataLayout | None = None
+        self.start_ns = 0
 
     def release(self) -> None:
         for lock in self.locks:
@@ -144,6 +154,8 @@ class _Deferred(Exception):
 class BlkDevice(Device):
     """A virtio-blk device backed by a :class:`Disk`."""
 
+    logs_guest_writes = True  # data of reads, status bytes, GET_ID strings
+
     def __init__(
         self,
         disk: Disk,
@@ -157,6 +169,7 @@ class BlkDevice(Device):
         writeback: bool = True,
         fast_path: bool = True,
         queue_processes: bool | None = None,
+        latency_accounting: bool = True,
     ) -> None:
         self.disk = disk
         #: One process per queue (None: when there is more than one queue); see vhost.procpool.
@@ -165,6 +178,7 @@ class BlkDevice(Device):
             "num_queues": num_queues, "max_queue_size": max_queue_size, "serial": serial,
             "engine": engine, "io_threads": io_threads, "bounce_pages": bounce_pages,
             "writeback": writeback, "fast_path": fast_path,
+            "latency_accounting": latency_accounting,
         }
         #: Start reads and writes in Linux's shapes through :mod:`.fastpath` (off: every request
         #: takes the generic path, the reference the fast path is tested against).
@@ -198,6 +212,45 @@ class BlkDevice(Device):
         #: Per-request failures (a failing disk fails every request): the first lines of each
         #: minute, then a count.
         self.errlog = RateLimitedLog(log)
+        #: Time every disk operation (two clock reads per request) for latencies and totals.
+        self.latency_accounting = latency_accounting
+        self._handlers: set[BlkQueueHandler] = set()  # running queues (see set_capacity)
+
+    # ------------------------------------------------------------------ operating
+    def resize(self, size: int) -> None:
+        """Grow the disk to ``size`` bytes and the capacity requests are checked against.
+
+        DiskError where the storage cannot grow (read-only, a block device that is smaller,
+        shrinking, a size that is not whole blocks).  Telling the driver is the caller's part
+        (a config-change message to the frontend): this only changes what the device is.
+        """
+        self.disk.grow(size)
+        self.set_capacity(self.disk.info.size >> SECTOR_SHIFT)
+
+    def set_capacity(self, sectors: int) -> None:
+        """The one place capacity changes: the config space and every queue's checks.
+
+        Limits is immutable, so each queue sees the old or the new one whole; a request
+        checked just before the change is inside the old (smaller) disk, which still exists.
+        """
+        self.limits = replace(self.limits, capacity=sectors)
+        for handler in list(self._handlers):
+            handler.limits = self.limits
+        changed = self.process_state_changed  # queue processes check against it too
+        if changed is not None:
+            changed()
+
+    def fresh_queue_stats(self) -> list[BlkStats]:
+        """Each queue's counters, brought up to date first where queues run in processes."""
+        if self.refresh_counters is not None:
+            self.refresh_counters()
+        return self.queue_stats
+
+    def totals(self) -> Totals:
+        """All queues' counters summed, with failures, times and latency histograms."""
+        if self.refresh_counters is not None:
+            self.refresh_counters()
+        return totals(self.queue_stats, sorted(_STAT_NAMES))
 
     # ------------------------------------------------------------------ Device interface
     def features(self) -> int:
@@ -244,7 +297,10 @@ class BlkDevice(Device):
             self.writeback = self.default_writeback
 
     def create_handler(self, queue_index: int, memory: GuestMemory) -> QueueHandler:
-        return BlkQueueHandler(self, queue_index, memory)
+        handler = BlkQueueHandler(self, queue_index, memory)
+        self._handlers.add(handler)
+        handler.limits = self.limits  # a resize between its creation and now
+        return handler
 
     def reset(self) -> None:
         self.writeback = self.default_writeback
@@ -281,19 +337,23 @@ class BlkDevice(Device):
         return cls(disk, queue_processes=False, **recipe["options"])
 
     def process_state(self) -> dict[str, object]:
-        return {"writeback": self.writeback, "acked": self.acked}
+        return {"writeback": self.writeback, "acked": self.acked,
+                "capacity": self.limits.capacity}
 
     def apply_process_state(self, state: dict[str, Any]) -> None:
         self.writeback = bool(state.get("writeback", self.writeback))
         self.acked = int(state.get("acked", self.acked))
+        capacity = int(state.get("capacity", self.limits.capacity))
+        if capacity != self.limits.capacity:  # a resize (the image file grew already)
+            self.set_capacity(capacity)
 
-    def queue_counters(self, index: int) -> dict[str, int]:
+    def queue_counters(self, index: int) -> dict[str, Any]:
         return asdict(self.queue_stats[index])
 
-    def set_queue_counters(self, index: int, counters: dict[str, int]) -> None:
+    def set_queue_counters(self, index: int, counters: dict[str, Any]) -> None:
         stats = self.queue_stats[index]
         for name, value in counters.items():
-            if name in _STAT_NAMES:
+            if name in _FIELD_NAMES:
                 setattr(stats, name, value)
 
 
@@ -311,6 +371,7 @@ class BlkQueueHandler(QueueHandler):
         self.mem_align = device.disk.info.mem_align
         self.engine = make_engine(device.engine_kind, device.disk, index, device.io_threads)
         self.completion_fd = self.engine.completion_fd
+        self.timing = device.latency_accounting
         self.pending: collections.deque[DescriptorChain] = collections.deque()
         self._fast: FastPath | None = None
 
@@ -369,6 +430,7 @@ class BlkQueueHandler(QueueHandler):
                         chain.head)
         self.pending.clear()
         self.engine.close()
+        self.device._handlers.discard(self)
 
     # ------------------------------------------------------------------ request start
     def _start(self, chain: DescriptorChain, retry: bool = False) -> int | None:
@@ -420,6 +482,8 @@ class BlkQueueHandler(QueueHandler):
         if where is not None:
             try:
                 where[0][where[1]] = status
+                if self.dirty is not None:
+                    self.dirty.record(status_gpa, 1)
                 return used
             except (ValueError, TypeError):  # region removed meanwhile, or read-only
                 pass
@@ -429,7 +493,16 @@ class BlkQueueHandler(QueueHandler):
             self.errlog.log(logging.WARNING, "queue %d: cannot write status at %#x: %s",
                             self.index, status_gpa, exc)
             return 0
+        if self.dirty is not None:
+            self.dirty.record(status_gpa, 1)
         return used
+
+    def _record_read(self, req: BlkRequest) -> None:
+        """Record the guest pages a READ's data went to (zero-copy or scattered)."""
+        dirty = self.dirty
+        if dirty is not None and req.layout is not None:
+            for buffers in req.layout.buffers:
+                dirty.record_ranges(buffers.range.ranges())
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int]:
         if chain.readable_len < HEADER_SIZE:
@@ -530,6 +603,8 @@ class BlkQueueHandler(QueueHandler):
             if take <= 0:
                 break
             self.memory.write(gpa, ident[pos : pos + take])
+            if self.dirty is not None:
+                self.dirty.record(gpa, take)
             pos += take
         return self._put_status(status_gpa, Status.OK, pos + 1)
 
@@ -554,6 +629,8 @@ class BlkQueueHandler(QueueHandler):
 
     # ------------------------------------------------------------------ completion
     def _submit(self, req: BlkRequest) -> int | None:
+        if self.timing:
+            req.start_ns = monotonic_ns()
         if self.engine.submit(req):
             return self._finish(req)
         return None
@@ -578,6 +655,12 @@ class BlkQueueHandler(QueueHandler):
             used = 1
         finally:
             req.release()
+        if self.timing:
+            ns = monotonic_ns() - req.start_ns
+            stats.total_ns[kind] += ns
+            stats.latency[kind][bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
+        if self.dirty is not None and kind == OpKind.READ:
+            self._record_read(req)  # even a failed read may have written part of the buffers
         if ok:
             if kind == OpKind.READ:
                 stats.reads += 1
@@ -589,10 +672,13 @@ class BlkQueueHandler(QueueHandler):
                 stats.flushes += 1
             elif kind == OpKind.DISCARD:
                 stats.discards += 1
+                stats.bytes_unmapped += sum(seg.length for seg in req.segments)
             else:
                 stats.write_zeroes += 1
+                stats.bytes_unmapped += sum(seg.length for seg in req.segments)
             return self._put_status(req.status_gpa, Status.OK, used)
         stats.errors += 1
+        stats.failed[kind] += 1
         why = result if isinstance(result, BaseException) else f"{result} of {req.length} bytes"
         self.errlog.log(logging.ERROR, "queue %d: %s at sector %d failed: %s", self.index,
                         kind.name, req.sector, why)

@@ -22,7 +22,7 @@ import os
 import stat
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .libc import (
     FALLOC_FL_KEEP_SIZE,
@@ -133,6 +133,37 @@ class Disk:
                 raise DiskError(f"{self.path}: O_DIRECT needs {offset_align}-byte aligned "
                                 f"offsets, above the logical block size {lbs}")
         return DiskInfo(usable, lbs, read_only, direct, mem_align, offset_align, block_device)
+
+    # ------------------------------------------------------------------ size
+    def grow(self, size: int) -> None:
+        """Make the disk ``size`` bytes (DiskError where it cannot be; shrinking is refused).
+
+        A raw file is extended (sparse, like ``qemu-img resize``); a block device cannot be
+        grown from here, so it must already be that large (an LV or LUN grown by its owner).
+        """
+        info = self.info
+        lbs = info.logical_block_size
+        if size % lbs:
+            raise DiskError(f"size {size} is not a multiple of the {lbs}-byte block size")
+        if size < info.size:
+            raise DiskError(f"shrinking from {info.size} to {size} bytes is not supported")
+        if size == info.size:
+            return
+        if self.read_only:
+            raise DiskError(f"{self.path} is exported read-only and cannot grow")
+        if info.block_device:
+            buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
+            have = struct.unpack("<Q", buf)[0]
+            if have < size:
+                raise DiskError(f"{self.path} is a {have}-byte block device; grow the device "
+                                f"itself first")
+        else:
+            try:
+                os.ftruncate(self.fd, max(size, os.fstat(self.fd).st_size))
+            except OSError as exc:
+                raise DiskError(f"{self.path}: cannot grow to {size} bytes: "
+                                f"{exc.strerror}") from None
+        self.info = replace(info, size=size)  # one store: readers see old or new, whole
 
     # ------------------------------------------------------------------ data
     def readv(self, buffers: Sequence[memoryview], offset: int) -> int:

@@ -289,7 +289,7 @@ def test_socket_path_in_use(tmp_path: Path, image: Path, servers: list[Server]) 
     first = Server("--socket", sock, "--image", image, "--aio", "threads")
     servers.append(first)
     first.started()
-    proc = run("--socket", sock, "--image", image)
+    proc = run("--socket", sock, "--image", image, "--locking", "off")  # (else: image locked)
     assert_one_line_error(proc, "in use")
     # The first server is unharmed: still listening and serving.
     fe, mem, drv = connect(sock)

@@ -432,7 +432,7 @@ def test_more_than_8_fds(ctx) -> None:
     ctx.dropped()
 
 
-@pytest.mark.parametrize("code", [0, 6, 7, 19, 22, 33, 35, 41, 99, 0xFFFFFFFF],
+@pytest.mark.parametrize("code", [0, 7, 19, 22, 33, 35, 41, 99, 0xFFFFFFFF],
                          ids=lambda c: f"request-{c}")
 def test_unknown_or_unsupported_request(ctx, caplog, code) -> None:
     assert_refused(ctx.fe, caplog, code, bytes(8))

@@ -29,6 +29,7 @@ LIBRARY_PROTOCOL = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
     | ProtocolFeature.INFLIGHT_SHMFD
+    | ProtocolFeature.BACKEND_REQ
 )
 
 
@@ -62,8 +63,9 @@ def test_protocol_features_offered_and_accepted(serve) -> None:
         s.fe.get_u64(Request.GET_FEATURES)
         offered = ProtocolFeature(s.fe.get_u64(Request.GET_PROTOCOL_FEATURES))
         assert offered & LIBRARY_PROTOCOL == LIBRARY_PROTOCOL
-        # Nothing offered that the library does not implement (backend requests, logging...).
-        assert offered == LIBRARY_PROTOCOL
+        # Nothing offered that the library does not implement (host notifiers...); dirty
+        # logging because the echo device records its guest writes.
+        assert offered == LIBRARY_PROTOCOL | ProtocolFeature.LOG_SHMFD
         s.fe.command(Request.SET_PROTOCOL_FEATURES, m.u64(int(offered)), ack=False)
         assert ack_of(s.fe, Request.SET_OWNER) == 0  # REPLY_ACK is in effect at once
         assert running.daemon.handler.acked_protocol == offered
@@ -207,6 +209,11 @@ def _reply_ack_script(running, fe, mem: FrontendMemory) -> dict[Request, int]:
         send(Request.SET_INFLIGHT_FD, m.inflight(4096, 0, 1, 8), [inflight])
     finally:
         os.close(inflight)
+    log_call = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        send(Request.SET_LOG_FD, b"", [log_call])
+    finally:
+        os.close(log_call)
     send(Request.RESET_OWNER)
     send(Request.RESET_DEVICE)
     return acks

@@ -1,0 +1,186 @@
+"""Live migration end to end: a guest writing to a disk served by this project moves to another
+QEMU (with its own server on the same image, ``--locking off``) and back, losing nothing.
+
+Per test: two servers on one image; QEMU 1 boots and runs fio under TCG; QEMU 2 waits with
+``-incoming unix:``; ``migrate`` over QMP while fio writes; QEMU 2 finishes the write and a full
+verify (crc32c) with zero errors; then, while QEMU 2 verifies again (reads: the data the backend
+writes into guest memory), the guest migrates back to a QEMU 3 on the first server, which
+finishes that verify.  What the backends marked in QEMU's dirty log and how long each migration
+took are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from pathlib import Path
+
+import pytest
+from qemu.qmp import ConnectError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from qemu_guest import Guest, parse_fio_json, parse_results
+
+from .conftest import Server
+
+pytestmark = pytest.mark.e2e
+
+FIO = ("fio --filename=/dev/vda --ioengine=libaio --direct=1 --output-format=json "
+       "--name=mig --rw=write --bs=64k --iodepth=8 --verify=crc32c --verify_fatal=1")
+
+
+def workload(size_mb: int, jobs: int) -> str:
+    """Write, verify, verify again; each phase rate-limited so that it lasts at least 20 s
+    however fast the machine is (a migration must fit inside the write and the last verify)."""
+    rate = 16 // jobs
+    job = (f"{FIO} --size={size_mb}M --numjobs={jobs} --offset_increment={size_mb}M "
+           f"--rate={rate}m")
+    return "\n".join([
+        "echo @@PHASE write",
+        f"result write {job} --do_verify=0",
+        "echo @@PHASE verify",
+        f"result verify {job} --verify_only",
+        "echo @@PHASE reverify",
+        f"result reverify {job} --verify_only",
+    ])
+
+
+class Qmp:
+    """QMP on a QEMU started with ``-qmp unix:PATH,server=on,wait=off`` (qemu.qmp's sync API)."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.qmp = QEMUMonitorProtocol(str(path))
+            try:
+                self.qmp.connect()
+                return
+            except (OSError, ConnectError):  # QEMU has not created the socket yet
+                self.qmp.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def cmd(self, name: str, **args: object) -> object:
+        return self.qmp.cmd(name, **args)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # EOFError once QEMU has quit
+            self.qmp.close()
+
+
+def migrate(src: Qmp, uri: str, timeout: float = 300.0) -> dict:
+    """Migrate to ``uri``; query-migrate's final answer (status 'completed')."""
+    # QEMU's default bandwidth cap (32 MiB/s) is for real networks; this is a local socket.
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 30})
+    src.cmd("migrate", uri=uri)
+    deadline = time.monotonic() + timeout
+    while True:
+        info = src.cmd("query-migrate")
+        assert isinstance(info, dict)
+        status = info.get("status")
+        if status == "completed":
+            return info
+        assert status not in ("failed", "cancelled"), f"migration {status}: {info}"
+        assert time.monotonic() < deadline, f"migration not done in {timeout} s: {info}"
+        time.sleep(0.2)
+
+
+def qemu_args(tmp: Path, name: str, incoming: bool) -> tuple[list[str], Path]:
+    qmp = tmp / f"{name}.qmp"
+    args = ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    if incoming:
+        args += ["-incoming", f"unix:{tmp / f'{name}.mig'}"]
+    return args, qmp
+
+
+def marked_pages(server: Server) -> list[int]:
+    return [int(n) for n in re.findall(r"dirty log closed: (\d+) pages marked", server.log)]
+
+
+def check_fio(console: str, name: str) -> None:
+    """fio job ``name`` reported on ``console`` succeeded without a verify error."""
+    results = parse_results(console)
+    assert name in results, f"no result {name} on the console:\n{console[-3000:]}"
+    rc, out = results[name]
+    assert rc == 0, f"fio {name} failed:\n{out.decode(errors='replace')[-3000:]}"
+    fio = parse_fio_json(out)
+    assert not fio.errors, f"fio {name}: {fio.errors}"
+    assert sum(j.write_io_bytes + j.read_io_bytes for j in fio.jobs) > 0
+
+
+@pytest.mark.parametrize("queues", [1, 2], ids=["1-queue", "2-queues"])
+def test_migrate_under_fio_and_back(tmp_path: Path, guest_image: Path, queues: int) -> None:
+    image = tmp_path / "disk.img"
+    servers = []
+    for name in ("a", "b"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        servers.append(Server(workdir, "--locking", "off", "--num-queues", str(queues),
+                              size="1G", image=image).start())
+    a, b = servers
+    size_mb = 320 // queues
+    script = workload(size_mb, queues)
+    opts = {"num_queues": queues, "smp": queues, "timeout": 900}
+    guests: list[Guest] = []
+    qmps: list[Qmp] = []
+    try:
+        args1, qmp1_path = qemu_args(tmp_path, "q1", incoming=False)
+        g1 = Guest(a.sock, script, extra_qemu_args=args1, **opts).start()
+        guests.append(g1)
+        args2, qmp2_path = qemu_args(tmp_path, "q2", incoming=True)
+        g2 = Guest(b.sock, script, extra_qemu_args=args2, **opts).start()
+        guests.append(g2)
+        qmp1, qmp2 = Qmp(qmp1_path), Qmp(qmp2_path)
+        qmps += [qmp1, qmp2]
+
+        # 1. Mid-write: a few seconds into fio's write pass.
+        g1.wait_for(r"^@@PHASE write", timeout=600)
+        time.sleep(1)
+        t0 = time.monotonic()
+        info1 = migrate(qmp1, f"unix:{tmp_path / 'q2.mig'}")
+        took1 = time.monotonic() - t0
+        assert "@@RESULT-END write" not in g1.console, "fio finished before the migration"
+        assert qmp2.cmd("query-status")["status"] == "running"
+        qmp1.cmd("quit")
+        g1.wait(60)
+
+        # 2. The destination finishes the write and verifies everything: zero errors.
+        g2.wait_for(r"^@@PHASE reverify", timeout=900)
+        for name in ("write", "verify"):
+            check_fio(g2.console, name)
+
+        # 3. Back to the first server, mid-verify (the backend writes read data into the guest).
+        args3, qmp3_path = qemu_args(tmp_path, "q3", incoming=True)
+        g3 = Guest(a.sock, script, extra_qemu_args=args3, **opts).start()
+        guests.append(g3)
+        qmp3 = Qmp(qmp3_path)
+        qmps.append(qmp3)
+        time.sleep(2)
+        t0 = time.monotonic()
+        info2 = migrate(qmp2, f"unix:{tmp_path / 'q3.mig'}")
+        took2 = time.monotonic() - t0
+        assert "@@RESULT-END reverify" not in g2.console, "verify finished before the migration"
+        qmp2.cmd("quit")
+        g2.wait(60)
+        res3 = g3.wait()
+        assert res3.done, res3.tail()
+        check_fio(res3.console, "reverify")
+    finally:
+        for q in qmps:
+            q.close()
+        for g in guests:
+            g.kill()
+        for s in servers:
+            rc = s.stop()
+            assert rc == 0, s.log
+    pages_a, pages_b = marked_pages(a), marked_pages(b)
+    assert pages_a and pages_a[0] > 0, a.log  # source of the first migration marked pages
+    assert pages_b and pages_b[0] > 0, b.log  # and of the second
+    print(f"\n{queues} queue(s): migration 1 {took1:.2f} s (QEMU total-time "
+          f"{info1['total-time']} ms, downtime {info1.get('downtime')} ms, "
+          f"{info1['ram']['transferred'] >> 20} MiB sent, dirty syncs "
+          f"{info1['ram'].get('dirty-sync-count')}), backend pages marked {pages_a[0]}; "
+          f"migration 2 {took2:.2f} s (total-time {info2['total-time']} ms, downtime "
+          f"{info2.get('downtime')} ms), pages marked {pages_b[0]}")

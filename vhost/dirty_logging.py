@@ -1,0 +1,194 @@
+"""Dirty-page logging for live migration: one connection's log and the queues' markers.
+
+QEMU drives it (``hw/virtio/vhost.c``, ``vhost_migration_log``): at the start of a migration
+``SET_LOG_BASE`` (the log memfd; QEMU waits for our reply), ``SET_FEATURES`` with
+``VHOST_F_LOG_ALL`` (QEMU waits for it to be processed) and ``SET_VRING_ADDR`` with
+``VHOST_VRING_F_LOG`` for each ring -- all while the queues run; at the end or on a cancel the
+same without the flags.  A new ``SET_LOG_BASE`` may come at any time (the log grows with
+memory hot-plug).
+
+Logging is on while ``VHOST_F_LOG_ALL`` is acked and a log is mapped.  Each running queue then
+has a :class:`~guestmem.dirty_log.DirtyMarker`, stored in its ``VirtQueue`` and its
+``QueueHandler`` (the only thing their hot paths check: one attribute, None when off).  Every
+change is published by plain stores, then each worker is made to pass a quiescent point
+(:meth:`QueueWorker.quiesce`) before the message is answered:
+
+* on: the writes a worker made in a pass that still saw no marker are finished -- and visible
+  -- before QEMU, told we are done, starts copying memory;
+* a new log: no worker marks the old one once QEMU reads it for the last time, and its mapping
+  can go;
+* off: nothing more to guarantee (QEMU no longer reads the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from guestmem.dirty_log import DirtyLog, DirtyMarker
+
+from .device import Device
+from .messages import VHOST_F_LOG_ALL
+from .worker import Notifier
+
+if TYPE_CHECKING:  # the handler imports this module
+    from .handler import Vring
+
+log = logging.getLogger(__name__)
+
+
+class DirtyLogging:
+    """The mapped log, the logs waiting to be unmapped, SET_LOG_FD's eventfd, the counters."""
+
+    def __init__(self) -> None:
+        self.log: DirtyLog | None = None
+        self.retired: list[DirtyLog] = []
+        #: SET_LOG_FD: signalled after marks are committed.
+        self.call = Notifier()
+        self._pages_done = 0  # marked by queues that have stopped or stopped logging since
+
+    # ------------------------------------------------------------------ state
+    def wanted(self, acked_features: int) -> bool:
+        return bool(acked_features & VHOST_F_LOG_ALL) and self.log is not None
+
+    @staticmethod
+    def logging(vrings: Sequence[Vring]) -> bool:
+        """Whether any queue marks the log now."""
+        return any(v.worker is not None and v.worker.vq.dirty is not None for v in vrings)
+
+    def pages_marked(self, vrings: Sequence[Vring]) -> int:
+        """Pages the queues marked in dirty logs over this connection."""
+        live = 0
+        for v in vrings:
+            marker = v.worker.vq.dirty if v.worker is not None else None
+            if marker is not None:
+                live += marker.pages
+        return self._pages_done + live
+
+    # ------------------------------------------------------------------ queues
+    def queue_starting(self, vring: Vring, acked_features: int) -> None:
+        """A queue's worker is made but not started: its used-ring log address, its marker."""
+        assert vring.worker is not None
+        if vring.log_addr is not None:
+            vring.worker.vq.used_log_addr = vring.log_addr
+        if self.wanted(acked_features):
+            self._attach(vring)
+
+    def queue_stopped(self, vring: Vring) -> bool:
+        """Count a stopped queue's marks (its last flush committed them); True if it was
+        logging (the end of a migration, if it was the last queue)."""
+        assert vring.worker is not None
+        vq = vring.worker.vq
+        marker = vq.dirty
+        if marker is None:
+            return False
+        self._pages_done += marker.pages
+        vq.dirty = None
+        return True
+
+    def set_log_addr(self, vring: Vring, log_addr: int | None) -> None:
+        """VHOST_VRING_F_LOG's used-ring log address, also for a running queue."""
+        vring.log_addr = log_addr
+        if vring.worker is not None:
+            vq = vring.worker.vq
+            vq.used_log_addr = vq.addresses.used if log_addr is None else log_addr
+
+    def _attach(self, vring: Vring) -> None:
+        assert vring.worker is not None and self.log is not None
+        marker = DirtyMarker(self.log, self.call.signal)
+        # The ring first: whatever the device records is then committed by the ring's flush.
+        vring.worker.vq.dirty = marker
+        if vring.queue_handler is not None:
+            vring.queue_handler.dirty = marker
+
+    def _detach(self, vring: Vring) -> None:
+        assert vring.worker is not None
+        vq = vring.worker.vq
+        marker = vq.dirty
+        if vring.queue_handler is not None:
+            vring.queue_handler.dirty = None
+        vq.dirty = None
+        if marker is not None:
+            self._pages_done += marker.pages
+
+    # ------------------------------------------------------------------ transitions
+    def update(self, vrings: Sequence[Vring], acked_features: int,
+               force_quiesce: bool = False) -> None:
+        """Bring every running queue's marker in line with the features and the log."""
+        want = self.wanted(acked_features)
+        current = self.log
+        changed = force_quiesce
+        switched = False
+        for vring in vrings:
+            if vring.worker is None:
+                continue
+            marker = vring.worker.vq.dirty
+            if want and marker is None:
+                self._attach(vring)
+                changed = switched = True
+            elif want and marker is not None and current is not None and marker.log is not current:
+                marker.log = current  # a new log (resize): pending marks go to it
+                changed = True
+            elif not want and marker is not None:
+                self._detach(vring)
+                changed = switched = True
+        if not changed:
+            return
+        if self._quiesce(vrings):
+            self._close_retired()
+        if switched:
+            log.info("dirty logging %s (%d pages marked so far)", "on" if want else "off",
+                     self.pages_marked(vrings))
+
+    def set_base(self, new: DirtyLog, vrings: Sequence[Vring], acked_features: int) -> None:
+        """SET_LOG_BASE: use ``new`` from now on; the old log goes once nobody can mark it."""
+        old, self.log = self.log, new
+        if old is not None:
+            self.retired.append(old)
+        log.info("dirty log: %d bytes (%d pages of 4 KiB)", new.size, new.pages)
+        self.update(vrings, acked_features, force_quiesce=old is not None)
+        if not any(v.worker is not None for v in vrings):
+            self._close_retired()
+
+    @staticmethod
+    def _quiesce(vrings: Sequence[Vring]) -> bool:
+        quiet = True
+        for vring in vrings:
+            worker = vring.worker
+            if worker is not None and not worker.quiesce():
+                log.error("queue %d did not pass a quiescent point; an old dirty log stays "
+                          "mapped until the connection ends", vring.index)
+                quiet = False
+        return quiet
+
+    def _close_retired(self) -> None:
+        for old in self.retired:
+            old.close()
+        self.retired.clear()
+
+    @staticmethod
+    def flush_at_stop(device: Device) -> None:
+        """The source VM stops at the end of a migration (its last logged queue stopped): make
+        what the device completed durable before the destination, on other storage caches
+        perhaps, can run the guest -- QEMU's own block layer flushes at this point too."""
+        try:
+            device.flush()
+        except OSError as exc:
+            log.error("flush at the end of the migration failed: %s", exc)
+        else:
+            log.info("queues stopped while logging (end of a migration): device flushed")
+
+    def drop(self, vrings: Sequence[Vring]) -> None:
+        """Unmap every log (the queues are stopped)."""
+        if self.log is not None or self.retired:
+            log.info("dirty log closed: %d pages marked over the connection",
+                     self.pages_marked(vrings))
+        self._close_retired()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def close(self, vrings: Sequence[Vring]) -> None:
+        self.drop(vrings)
+        self.call.close()
