@@ -6,8 +6,9 @@ that need bouncing, buffers O_DIRECT cannot take, bad headers and types, sectors
 and the same ring is served twice, on two identical copies of everything (guest memory, image,
 in-flight area): once with the fast path on, once by the generic path alone.  Compared after each
 pass: the used ring (ids and lengths), every byte of guest memory (statuses, read data, GET_ID
-strings, the rings), the image, the queue's broken state and error, the in-flight area and the
-device's counters.
+strings, the rings), the image, the queue's broken state and error, the in-flight area, the
+device's counters (failures per kind, how many requests were timed) and -- when the scenario
+logs dirty pages, as during a live migration -- every bit of the dirty-page log.
 
 With the inline engine every request finishes as it is started, so both runs complete in ring
 order and the comparison is byte for byte.  With io_uring the generic path completes a batch's
@@ -30,6 +31,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from guestmem import GuestMemory
+from guestmem.dirty_log import DirtyLog, DirtyMarker
 from vhost.inflight import InflightArea, create_area
 from vhost.messages import VirtioFeature
 from vhost.virtqueue import (
@@ -87,6 +89,7 @@ class Scenario:
     read_only: bool
     bounce_pages: int
     batches: list[int] = field(default_factory=list)
+    dirty_log: bool = False
 
 
 sectors = st.one_of(
@@ -116,6 +119,7 @@ scenarios = st.builds(
     st.sampled_from((False,) * 4 + (True,)),
     st.sampled_from((2, 64)),
     st.lists(st.integers(1, 10), min_size=1, max_size=3),
+    st.booleans(),
 )
 
 
@@ -310,6 +314,13 @@ class Rig:
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.worker = QueueWorker(self.vq, self.handler, self.kick_fd, Notifier(self.call_fd))
+        self.log: DirtyLog | None = None
+        if sc.dirty_log:  # as during a migration: the ring and the device mark one log
+            self.log_fd = os.memfd_create("differential-log", os.MFD_CLOEXEC)
+            size = (RO_GPA + RO_SIZE) // 4096 // 8 + 8 & ~7  # bits for every page, in u64s
+            os.ftruncate(self.log_fd, size)
+            self.log = DirtyLog(self.log_fd, size)
+            self.vq.dirty = self.handler.dirty = DirtyMarker(self.log)
 
     def publish(self, heads: list[int], jump: bool) -> None:
         self.driver.publish(*heads)
@@ -340,6 +351,10 @@ class Rig:
         self.worker.call.close()
         os.close(self.kick_fd)
         self.inflight.close()
+        if self.log is not None:
+            self.vq.dirty = self.handler.dirty = None
+            self.log.close()
+            os.close(self.log_fd)
         self.disk.close()
         self.mem.close()
 
@@ -367,6 +382,10 @@ def observable(rig: Rig, ordered: bool) -> dict[str, object]:
         "inflight_area": inflight if ordered else None,
         "inflight_heads": (in_flight, counters),
         "stats": rig.device.stats.as_dict(),
+        # Failures per kind, and how many requests were timed (not the times themselves).
+        "failed": [q.failed for q in rig.device.queue_stats],
+        "timed": [[sum(h) for h in q.latency] for q in rig.device.queue_stats],
+        "dirty_pages": bytes(rig.log._words) if rig.log is not None else None,
     }
 
 
