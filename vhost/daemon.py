@@ -68,17 +68,27 @@ def bind_unix_socket(path: str | os.PathLike[str], mode: int = 0o600) -> socket.
             raise DaemonError(f"{path} is in use by another server")
         finally:
             probe.close()
+    # The socket is bound and listening under a temporary name and only then linked to
+    # ``path``: whoever waits for the file to appear (QEMU, a test, a unit's ExecStartPost)
+    # can connect at once, never between bind() and listen().
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
     try:
-        sock.bind(str(path))
+        staging.unlink(missing_ok=True)
+        sock.bind(str(staging))
+        os.chmod(staging, mode)
+        sock.listen(4)
+        os.link(staging, path)
+    except FileExistsError:
+        sock.close()
+        raise DaemonError(f"{path} is in use by another server") from None
     except OSError as exc:
         sock.close()
         raise DaemonError(f"cannot bind {path}: {exc.strerror}") from exc
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
-    sock.listen(4)
+        staging.unlink(missing_ok=True)
     return sock
 
 
@@ -121,6 +131,9 @@ class VhostUserDaemon:
 
     @property
     def address(self) -> str:
+        """Where frontends connect: the socket path, or the inherited socket's own name."""
+        if self.socket_path is not None:
+            return str(self.socket_path)
         return str(self._listener.getsockname())
 
     # ------------------------------------------------------------------ control

@@ -130,9 +130,13 @@ def test_backend_req_is_offered_and_config_change_reaches_the_frontend(
 
 def test_config_change_without_reply_ack_does_not_wait(make_blk: MakeBlk) -> None:
     env = make_blk()
-    # A fresh connection that negotiates everything but REPLY_ACK.
-    fe = Frontend(env.daemon.path)
+    # A fresh connection that negotiates everything but REPLY_ACK (after the first one is
+    # gone: the server serves one frontend at a time and turns a second away).
     env.frontend.close()
+    deadline = time.monotonic() + 5
+    while env.daemon.daemon.connected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    fe = Frontend(env.daemon.path)
     try:
         fe.get_u64(Request.GET_FEATURES)
         offered = ProtocolFeature(fe.get_u64(Request.GET_PROTOCOL_FEATURES))
@@ -168,6 +172,7 @@ def test_frontend_that_never_acks_costs_a_timeout_not_a_hang(blk: BlkEnv) -> Non
     assert blk.daemon.daemon.notify_config_change() is False
     # A late ack of that request is not taken for the ack of the next one.
     ack(chan, BackendRequest.CONFIG_CHANGE_MSG)
+    handler.backend_channel.timeout = 10.0
     done = threading.Event()
     result: list[bool] = []
 

@@ -271,3 +271,23 @@ def test_garbage_never_kills_the_server(make_operated: MakeOperated, garbage: by
     d = RawClient(op)
     assert d.execute("qmp_capabilities") == {"return": {}}
     d.close()
+
+
+def test_client_that_never_reads_is_dropped_and_holds_up_nobody(
+        make_operated: MakeOperated, caplog: pytest.LogCaptureFixture) -> None:
+    op = make_operated()
+    hog = RawClient(op)
+    hog.execute("qmp_capabilities")
+    hog.sock.settimeout(30)
+    command = b'{"execute": "query-blockstats"}'
+    try:
+        for _ in range(20000):  # ~15 MB of replies it never reads
+            hog.send(command * 10)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # dropped while still sending
+    other = RawClient(op)
+    assert other.execute("qmp_capabilities") == {"return": {}}
+    assert other.execute("query-block-exports")["return"][0]["id"] == "export0"
+    other.close()
+    hog.close()
+    assert "bytes of output unread" in caplog.text
