@@ -23,9 +23,12 @@ sums them with the other queues'; a final snapshot comes with the stop answer.  
 process dies (kill -9), the kernel kills this one too (PR_SET_PDEATHSIG), so a restarted server
 never races a leftover worker on the same rings; an EOF on the socket stops the queue as well.
 
-The dirty-page log for live migration (VHOST_USER_SET_LOG_BASE) reaches a queue process the same
-way a memory table does: a message with the log fd, mapped here and set on the VirtQueue/device
--- its place is :func:`_dispatch`.
+Not yet here: the dirty-page log for live migration.  It would reach a queue process the way a
+memory table does -- SET_LOG_BASE's fd in a message, mapped here, a ``DirtyMarker`` set on the
+VirtQueue and the device handler, VHOST_VRING_F_LOG's used-ring address with it, the marks
+counted back with the counters -- and its place is :meth:`QueueProcess._dispatch`.  Until then
+the handler does not offer VHOST_F_LOG_ALL while queues run in processes, so QEMU refuses to
+migrate instead of losing pages.
 """
 
 from __future__ import annotations
