@@ -130,3 +130,16 @@ def test_fast_path_follows_a_memory_table_change(make_blk: MakeBlk) -> None:
     assert handler is not None
     fast = handler.vrings[0].queue_handler._fast  # type: ignore[union-attr]
     assert fast is not None and fast.taken == 2
+
+
+def test_migration_is_not_offered_while_queues_run_in_processes(make_blk: MakeBlk) -> None:
+    """The dirty log does not reach queue processes yet: QEMU must refuse to migrate rather
+    than lose the pages they write."""
+    from vhost.messages import VHOST_F_LOG_ALL, ProtocolFeature
+
+    threads = make_blk(queue_processes=False)
+    assert threads.frontend.get_u64(Request.GET_FEATURES) & VHOST_F_LOG_ALL
+    procs = make_blk(num_queues=2)
+    assert not procs.frontend.get_u64(Request.GET_FEATURES) & VHOST_F_LOG_ALL
+    offered = procs.frontend.get_u64(Request.GET_PROTOCOL_FEATURES)
+    assert not offered & ProtocolFeature.LOG_SHMFD
