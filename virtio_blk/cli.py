@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "path)")
     p.add_argument("--queue-processes", choices=("auto", "on", "off"), default="auto",
                    help="serve each queue in a process of its own (default auto: when there "
-                        "is more than one queue); off: one thread per queue")
+                        "is more than one queue); off: one thread per queue (needed for live "
+                        "migration, which queue processes do not support yet)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info)")
