@@ -96,11 +96,12 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -
 
 
 def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool,
-                   extra: Sequence[str] = ()) -> list[str]:
-    """The command line of our server (``python``) or qemu-storage-daemon (``qsd``)."""
+                   extra: Sequence[str] = (), fmt: str = "raw") -> list[str]:
+    """The command line of our server (``python``) or qemu-storage-daemon (``qsd``), serving
+    ``image`` in format ``fmt`` (raw or qcow2)."""
     if kind == "python":
         cmd = [sys.executable, "-m", "virtio_blk", "--socket", str(sock), "--image", str(image),
-               "--num-queues", str(queues), "--log-level", "warning", *extra]
+               "--num-queues", str(queues), "--log-level", "warning", "--format", fmt, *extra]
         if direct:
             cmd.append("--direct")
         return cmd
@@ -109,24 +110,26 @@ def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool
         if qsd is None:
             raise RuntimeError("qemu-storage-daemon not found (apt-get install qemu-system-common)")
         aio = "native" if direct else "threads"
+        fmt_node = ["--blockdev", "driver=qcow2,node-name=q0,file=f0"] if fmt == "qcow2" else []
         return [
             qsd,
             "--blockdev",
             f"driver=file,node-name=f0,filename={image},cache.direct={'on' if direct else 'off'},"
             f"aio={aio}",
+            *fmt_node,
             "--export",
-            f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},"
-            f"writable=on,num-queues={queues}",
+            f"type=vhost-user-blk,id=e0,node-name={'q0' if fmt_node else 'f0'},addr.type=unix,"
+            f"addr.path={sock},writable=on,num-queues={queues}",
         ]
     raise ValueError(f"unknown server {kind!r}")
 
 
 @contextlib.contextmanager
 def running_server(kind: str, image: Path, sock: Path, queues: int, direct: bool,
-                   extra: Sequence[str] = ()) -> Iterator[subprocess.Popen]:
+                   extra: Sequence[str] = (), fmt: str = "raw") -> Iterator[subprocess.Popen]:
     """Start a server, wait until it listens, stop it (SIGTERM, then SIGKILL) afterwards."""
     sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(server_command(kind, image, sock, queues, direct, extra),
+    proc = subprocess.Popen(server_command(kind, image, sock, queues, direct, extra, fmt),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_socket(sock, proc)

@@ -9,6 +9,12 @@ servers, and the ratios -- the figures the performance targets are written in.
     python -m benchmarks.guest                          # 1 and 2 queues, buffered, 1 round
     python -m benchmarks.guest --queues 1 2 --direct --rounds 3 --runtime 5
     python -m benchmarks.guest --json results.json --plot results.png
+    python -m benchmarks.guest --format qcow2          # qcow2 vs QSD's qcow2 driver
+
+With ``--format qcow2`` each server writes (randwrite, seqwrite) into a fresh, empty qcow2
+image of its own -- every first write to a cluster allocates -- and reads (randread, seqread)
+from a fully allocated qcow2 made with ``qemu-img convert``; our server also reads the raw
+image it was converted from, for the CPU-per-IO cost of the format (row ``*-raw``).
 
 The server's CPU is sampled when the guest announces a workload and when its result comes back,
 so boot, fio start-up and the console traffic in between cost nothing to either server.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -52,10 +59,10 @@ def workload_script(names: list[str], runtime: float, jobs: int) -> str:
 
 
 def run_one(server: str, image: Path, tmp: Path, queues: int, direct: bool, names: list[str],
-            runtime: float, extra: list[str]) -> list[Measurement]:
+            runtime: float, extra: list[str], fmt: str = "raw") -> list[Measurement]:
     sock = tmp / f"{server}.sock"
     rows = []
-    with running_server(server, image, sock, queues, direct, extra) as proc:
+    with running_server(server, image, sock, queues, direct, extra, fmt) as proc:
         script = workload_script(names, runtime, queues)
         timeout = 240 + len(names) * (runtime + 60)
         with Guest(sock, script, num_queues=queues, smp=queues, timeout=timeout) as g:
@@ -79,6 +86,65 @@ def run_one(server: str, image: Path, tmp: Path, queues: int, direct: bool, name
                                     cpu / max(ios, 1) * 1e6, rss,
                                     {"ios": ios, "runtime_s": runtime_s}))
     return rows
+
+
+def _log_rows(rnd: int, got: list[Measurement]) -> None:
+    for m in got:
+        log.info("round %d %-10s %-13s q=%d: %8.0f IOPS %7.1f MB/s %6.1f us CPU/IO", rnd + 1,
+                 m.server, m.workload, m.queues, m.ops, m.bandwidth / 1e6, m.cpu_us_per_op)
+
+
+def run_qcow2(args: argparse.Namespace, raw: Path, tmp: Path) -> list[Measurement]:
+    """Writes on a fresh qcow2 per server, reads on a fully allocated one (and on raw)."""
+    full = tmp / "full.qcow2"
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(full)], check=True)
+    writes = [w for w in args.workloads if "write" in w]
+    reads = [w for w in args.workloads if "read" in w]
+    rows: list[Measurement] = []
+    for rnd in range(args.rounds):
+        for queues in args.queues:
+            for server in ("python", "qsd"):
+                if writes:
+                    fresh = tmp / f"fresh-{server}.qcow2"
+                    fresh.unlink(missing_ok=True)
+                    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(fresh),
+                                    args.size], check=True)
+                    got = run_one(server, fresh, tmp, queues, args.direct, writes,
+                                  args.runtime, args.server_args.split(), "qcow2")
+                    _log_rows(rnd, got)
+                    rows.extend(got)
+                    check = subprocess.run(["qemu-img", "check", str(fresh)],
+                                           capture_output=True, text=True, check=False)
+                    log.info("qemu-img check after %s: rc %d, %s", server, check.returncode,
+                             check.stdout.strip().splitlines()[0] if check.stdout else "")
+                if reads:
+                    got = run_one(server, full, tmp, queues, args.direct, reads, args.runtime,
+                                  args.server_args.split(), "qcow2")
+                    _log_rows(rnd, got)
+                    rows.extend(got)
+            if reads:
+                got = run_one("python", raw, tmp, queues, args.direct, reads, args.runtime,
+                              args.server_args.split(), "raw")
+                for m in got:
+                    m.server = "python-raw"
+                _log_rows(rnd, got)
+                rows.extend(got)
+    return rows
+
+
+def print_format_cost(rows: list[Measurement]) -> None:
+    """Our CPU per IO on qcow2 against our CPU per IO on raw, per read workload."""
+    keys = sorted({(r.workload, r.queues) for r in rows if r.server == "python-raw"}, key=str)
+    if not keys:
+        return
+    print("\nqcow2 cost (our server): CPU us per IO on qcow2 / on raw")
+    for wl, q in keys:
+        def mean(server: str, wl: str = wl, q: int = q) -> float:
+            vals = [r.cpu_us_per_op for r in rows
+                    if (r.server, r.workload, r.queues) == (server, wl, q)]
+            return sum(vals) / len(vals) if vals else float("nan")
+        qc, rw = mean("python"), mean("python-raw")
+        print(f"{wl:<22}{q:>2}  qcow2 {qc:6.1f} us  raw {rw:6.1f} us  ratio {qc / rw:5.2f}")
 
 
 def plot(rows: list[Measurement], path: Path) -> None:
@@ -117,15 +183,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queues", type=int, nargs="+", default=[1, 2])
     p.add_argument("--direct", action="store_true", help="O_DIRECT (qsd: cache.direct=on, "
                    "aio=native) instead of the page cache (qsd: aio=threads)")
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
+                   help="default: all (raw); randwrite-4k and randread-4k (qcow2)")
     p.add_argument("--runtime", type=float, default=4.0, help="seconds per fio workload")
     p.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times")
     p.add_argument("--size", default="2G", help="image size (filled with data)")
     p.add_argument("--dir", default=None, help="where to put the image (default: a temp dir)")
     p.add_argument("--server-args", default="", help="extra arguments for our server")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
+                   help="image format both servers serve (qcow2: see above)")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.add_argument("--plot", type=Path, help="also draw a PNG (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.format == "qcow2" and args.direct:
+        p.error("--direct is not supported with --format qcow2 (our server refuses it)")
+    if args.workloads is None:
+        args.workloads = (["randwrite-4k", "randread-4k"] if args.format == "qcow2"
+                          else list(WORKLOADS))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from virtio_blk.disk import parse_size
 
@@ -136,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         image = tmp / "bench.img"
         log.info("filling a %s image in %s", args.size, tmp)
         make_image(image, parse_size(args.size), fill=True)
-        for rnd in range(args.rounds):
+        if args.format == "qcow2":
+            rows = run_qcow2(args, image, tmp)
+        for rnd in range(args.rounds if args.format == "raw" else 0):
             for queues in args.queues:
                 for server in ("python", "qsd"):
                     got = run_one(server, image, tmp, queues, args.direct, args.workloads,
@@ -146,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "CPU/IO", rnd + 1, server, m.workload, queues, m.ops,
                                  m.bandwidth / 1e6, m.cpu_us_per_op)
                     rows.extend(got)
-    print_table(rows, f"guest fio, {'O_DIRECT' if args.direct else 'buffered'} "
+    print_table(rows, f"guest fio, {args.format}, {'O_DIRECT' if args.direct else 'buffered'} "
                       "(ratio = python / qsd)")
+    print_format_cost(rows)
     if args.json:
         write_rows(rows, args.json)
     if args.plot:

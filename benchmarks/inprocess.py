@@ -8,6 +8,7 @@ same image -- and its CPU time (all threads, from /proc) is divided by the reque
     python -m benchmarks.inprocess                       # buffered image, 1 and 2 queues
     python -m benchmarks.inprocess --direct --rounds 3   # O_DIRECT against aio=native
     python -m benchmarks.inprocess --json out.json
+    python -m benchmarks.inprocess --format qcow2        # a fully allocated qcow2
 
 The driver itself is Python and can be the bottleneck for requests/s (both servers see the same
 driver, so the ratio is still fair); the CPU-per-request figure is the backend's alone.
@@ -21,6 +22,7 @@ import logging
 import os
 import random
 import select
+import subprocess
 import tempfile
 import threading
 import time
@@ -108,11 +110,12 @@ class QueueLoad:
 
 
 def measure(server: str, image: Path, tmp: Path, queues: int, direct: bool, workload: str,
-            depth: int, seconds: float, warmup: float, extra: list[str]) -> Measurement:
+            depth: int, seconds: float, warmup: float, extra: list[str],
+            fmt: str = "raw") -> Measurement:
     write = workload.endswith("write")
     bs = 4096
     sock = tmp / f"{server}.sock"
-    with running_server(server, image, sock, queues, direct, extra) as proc:
+    with running_server(server, image, sock, queues, direct, extra, fmt) as proc:
         fe = Frontend(sock)
         mem = FrontendMemory([(0, 256 << 20, 0)])
         try:
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="where to put the image (default: a temp dir)")
     p.add_argument("--server-args", default="", help="extra arguments for our server")
     p.add_argument("--servers", nargs="+", default=["python", "qsd"], choices=["python", "qsd"])
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
+                   help="serve the image as raw, or converted to a fully allocated qcow2")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -186,17 +191,23 @@ def main(argv: list[str] | None = None) -> int:
         image = tmp / "bench.img"
         log.info("filling a %d MiB image in %s", size >> 20, tmp)
         make_image(image, size, fill=True)
+        if args.format == "qcow2":
+            qcow2 = tmp / "bench.qcow2"
+            subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(image), str(qcow2)],
+                           check=True)
+            image = qcow2
         for rnd in range(args.rounds):
             for queues in args.queues:
                 for wl in args.workloads:
                     for server in args.servers:
                         m = measure(server, image, tmp, queues, args.direct, wl, args.depth,
-                                    args.seconds, args.warmup, args.server_args.split())
+                                    args.seconds, args.warmup, args.server_args.split(),
+                                    args.format)
                         log.info("round %d %-6s %-9s q=%d: %8.0f req/s, %6.1f us CPU/req, "
                                  "RSS %.0f MiB", rnd + 1, server, wl, queues, m.ops,
                                  m.cpu_us_per_op, m.rss / 2**20)
                         rows.append(m)
-    print_table(rows, f"in-process, 4k QD{args.depth}, "
+    print_table(rows, f"in-process, {args.format}, 4k QD{args.depth}, "
                       f"{'O_DIRECT' if args.direct else 'buffered'} (ratio = python / qsd)")
     if args.json:
         write_json(rows, args.json)

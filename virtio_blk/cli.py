@@ -23,9 +23,11 @@ from vhost.virtqueue import QueueError, validate_size
 from .control.metrics import parse_address
 from .control.plane import ControlError, ControlPlane
 from .device import BlkDevice
-from .disk import Disk, DiskError, create_image, parse_size
+from .disk import DiskError, create_image, parse_size
 from .engine import ENGINES, default_engine
 from .image_lock import ImageLockError, lock_image
+from .images import FORMATS, open_image
+from .images import create as create_by_format
 from .request import ID_BYTES, check_serial
 
 log = logging.getLogger("vhost-user-blk")
@@ -83,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, metavar="IMG", help="raw image file or block device")
     p.add_argument("--create", type=_size, metavar="SIZE",
                    help="create IMG as a sparse raw image of SIZE (e.g. 1G) if it does not exist")
+    p.add_argument("--format", choices=FORMATS, default="raw",
+                   help="image format (default raw; never guessed from the image's bytes)")
+    p.add_argument("--backing", metavar="FILE",
+                   help="with --create --format qcow2: make IMG an overlay of FILE (a relative "
+                        "name is resolved against IMG's directory)")
+    p.add_argument("--backing-format", choices=FORMATS, metavar="FMT",
+                   help="format of --backing: raw or qcow2")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
                    help=f"number of request queues, up to {MAX_QUEUES} (default 1)")
     p.add_argument("--read-only", action="store_true", help="export read-only")
@@ -144,6 +153,12 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--serial: {exc}"
     if args.fd is not None and args.fd < 0:
         return f"--fd {args.fd} is not a file descriptor"
+    if args.queue_processes == "on" and args.format != "raw":
+        return "--queue-processes on serves raw images only (a qcow2 image has one writer)"
+    if args.backing is not None and (args.create is None or args.format != "qcow2"):
+        return "--backing needs --create SIZE --format qcow2"
+    if (args.backing is None) != (args.backing_format is None):
+        return "--backing and --backing-format go together"
     return None
 
 
@@ -163,10 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         return fail(problem)
     try:
-        if args.create is not None and create_image(args.image, args.create):
+        if args.create is not None and args.format != "raw":
+            if create_by_format(args.image, args.create, args.format, args.backing,
+                                args.backing_format):
+                log.info("created %s (%s, %d bytes)", args.image, args.format, args.create)
+        elif args.create is not None and create_image(args.image, args.create):
             log.info("created %s (%d bytes, sparse)", args.image, args.create)
-        disk = Disk(args.image, read_only=args.read_only, direct=args.direct,
-                    logical_block_size=args.logical_block_size)
+        disk = open_image(args.image, args.format, read_only=args.read_only,
+                          direct=args.direct, logical_block_size=args.logical_block_size)
     except DiskError as exc:
         return fail(str(exc))
     if args.locking != "off":
@@ -212,8 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     info = disk.info
     log.info(
-        "serving %s (%d bytes, %d-byte blocks, %s%s) on %s: %d queue(s), aio=%s, features %s",
-        args.image, info.size, info.logical_block_size,
+        "serving %s (%d bytes, %s, %d-byte blocks, %s%s) on %s: %d queue(s), aio=%s, features %s",
+        args.image, info.size, args.format, info.logical_block_size,
         "read-only" if info.read_only else "read-write", ", O_DIRECT" if info.direct else "",
         args.socket or f"fd {args.fd}", args.num_queues, args.aio,
         "|".join(device.feature_names()),

@@ -31,7 +31,7 @@ from vhost.device import Device, QueueHandler
 from vhost.virtqueue import DescriptorChain, VirtQueue
 
 from .accounting import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
-from .disk import Disk
+from .disk import BlockDisk, Disk
 from .engine import IoOp, OpKind, make_engine
 from .fastpath import FastPath
 from .layout import DataLayout, plan, skip_start, trim_end
@@ -158,7 +158,7 @@ class BlkDevice(Device):
 
     def __init__(
         self,
-        disk: Disk,
+        disk: BlockDisk,
         *,
         num_queues: int = 1,
         max_queue_size: int = 1024,
@@ -172,6 +172,12 @@ class BlkDevice(Device):
         latency_accounting: bool = True,
     ) -> None:
         self.disk = disk
+        if not isinstance(disk, Disk):
+            # A format (qcow2) keeps metadata and allocates clusters in its own process: two
+            # processes writing one image would each allocate without the other.
+            if queue_processes:
+                raise ValueError("queue processes serve raw images only")
+            queue_processes = False
         #: One process per queue (None: when there is more than one queue); see vhost.procpool.
         self.queue_processes = queue_processes
         self._options = {

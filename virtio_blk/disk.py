@@ -23,6 +23,7 @@ import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from .libc import (
     FALLOC_FL_KEEP_SIZE,
@@ -49,6 +50,32 @@ class DiskError(Exception):
     """The image cannot be opened or used as asked; the message is for the user."""
 
 
+def resume_io(fd: int, write: bool, buffers: Sequence[memoryview], offset: int,
+              done: int) -> int:
+    """Continue a vectored IO on ``fd`` at ``offset`` that stopped after ``done`` bytes, until
+    it completes or stops moving; the total bytes done.
+
+    Every engine's short reads and writes end here (a write is complete only when every byte
+    was taken; a read comes up short only at the end of the file).
+    """
+    call = os.pwritev if write else os.preadv
+    total = sum(b.nbytes for b in buffers)
+    while done < total:
+        skip = done
+        rest: list[memoryview] = []
+        for b in buffers:
+            if skip >= b.nbytes:
+                skip -= b.nbytes
+                continue
+            rest.append(b[skip:] if skip else b)
+            skip = 0
+        n = call(fd, rest, offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 @dataclass(frozen=True)
 class DiskInfo:
     """What the device needs to know about the disk."""
@@ -60,6 +87,26 @@ class DiskInfo:
     mem_align: int  # buffer address/length alignment IO needs (1 when buffered)
     offset_align: int  # file offset alignment IO needs
     block_device: bool
+
+
+class BlockDisk(Protocol):
+    """What the engines and the device use of a disk: a raw :class:`Disk` or a format (qcow2)
+    that translates guest offsets itself.  ``fd`` and :meth:`resume` work in host offsets."""
+
+    path: str
+    fd: int
+    info: DiskInfo
+    read_only: bool
+
+    def readv(self, buffers: Sequence[memoryview], offset: int) -> int: ...
+    def writev(self, buffers: Sequence[memoryview], offset: int) -> int: ...
+    def resume(self, write: bool, buffers: Sequence[memoryview], offset: int,
+               done: int) -> int: ...
+    def flush(self) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None: ...
+    def grow(self, size: int) -> None: ...
+    def close(self) -> None: ...
 
 
 class Disk:
@@ -183,28 +230,9 @@ class Disk:
         return self.resume(True, buffers, offset, done)
 
     def resume(self, write: bool, buffers: Sequence[memoryview], offset: int, done: int) -> int:
-        """Continue a vectored IO at ``offset`` that stopped after ``done`` bytes, until it
-        completes or stops moving; the total bytes done.
-
-        Every engine's short reads and writes end here (a write is complete only when every
-        byte was taken; a read comes up short only at the end of the file).
-        """
-        call = os.pwritev if write else os.preadv
-        total = sum(b.nbytes for b in buffers)
-        while done < total:
-            skip = done
-            rest: list[memoryview] = []
-            for b in buffers:
-                if skip >= b.nbytes:
-                    skip -= b.nbytes
-                    continue
-                rest.append(b[skip:] if skip else b)
-                skip = 0
-            n = call(self.fd, rest, offset + done)
-            if n <= 0:
-                break
-            done += n
-        return done
+        """Continue a vectored IO at ``offset`` that stopped after ``done`` bytes (see
+        :func:`resume_io`)."""
+        return resume_io(self.fd, write, buffers, offset, done)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)

@@ -34,7 +34,7 @@ from typing import Any
 
 from guestmem import IoBuffer, iovec_array
 
-from .disk import Disk
+from .disk import BlockDisk
 from .uring import (
     IORING_FSYNC_DATASYNC,
     OP_FSYNC,
@@ -80,7 +80,7 @@ class IoOp:
         self.iov: Any = None  # keeps an iovec array alive while the kernel uses it
 
 
-def sync_if_write_through(disk: Disk, op: IoOp) -> None:
+def sync_if_write_through(disk: BlockDisk, op: IoOp) -> None:
     """The one place write-through is kept: a write (or write-zeroes) made in write-through mode
     (``op.sync``) is complete only once flushed, so a successful one is flushed before it is
     reported; a flush failure becomes the op's result."""
@@ -97,7 +97,7 @@ def sync_if_write_through(disk: Disk, op: IoOp) -> None:
         op.result = exc
 
 
-def execute(disk: Disk, op: IoOp) -> None:
+def execute(disk: BlockDisk, op: IoOp) -> None:
     """Run ``op`` against ``disk`` in the calling thread, storing its result."""
     try:
         kind = op.kind
@@ -146,7 +146,7 @@ class Engine(abc.ABC):
 class InlineEngine(Engine):
     name = "inline"
 
-    def __init__(self, disk: Disk) -> None:
+    def __init__(self, disk: BlockDisk) -> None:
         self.disk = disk
 
     def submit(self, op: IoOp) -> bool:
@@ -162,7 +162,7 @@ class ThreadPoolEngine(Engine):
 
     name = "threads"
 
-    def __init__(self, disk: Disk, threads: int = 16, name: str = "io") -> None:
+    def __init__(self, disk: BlockDisk, threads: int = 16, name: str = "io") -> None:
         self.disk = disk
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.completion_fd = self._event_fd
@@ -214,7 +214,7 @@ class UringEngine(Engine):
     name = "io_uring"
     batched = True
 
-    def __init__(self, disk: Disk, entries: int = 256) -> None:
+    def __init__(self, disk: BlockDisk, entries: int = 256) -> None:
         self.disk = disk
         self.ring = Uring(entries)
         # The ring's own fd polls readable while completions wait in it: the worker sleeps on
@@ -291,14 +291,15 @@ def default_engine() -> str:
     return "io_uring" if uring_available() else "threads"
 
 
-def make_engine(kind: str, disk: Disk, queue_index: int, threads: int = 16) -> Engine:
+def make_engine(kind: str, disk: BlockDisk, queue_index: int, threads: int = 16) -> Engine:
     if kind == "inline":
         return InlineEngine(disk)
     if kind == "threads":
         return ThreadPoolEngine(disk, threads, name=f"io{queue_index}")
     if kind == "io_uring":
         try:
-            return UringEngine(disk)
+            # A format (qcow2) brings its own ring engine, which translates guest offsets.
+            return getattr(disk, "uring_engine", UringEngine)(disk)
         except OSError as exc:  # e.g. RLIMIT_MEMLOCK on older kernels, or a seccomp policy
             log.warning("queue %d: io_uring unavailable (%s); using the thread pool",
                         queue_index, exc)

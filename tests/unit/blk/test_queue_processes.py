@@ -143,3 +143,24 @@ def test_migration_is_not_offered_while_queues_run_in_processes(make_blk: MakeBl
     assert not procs.frontend.get_u64(Request.GET_FEATURES) & VHOST_F_LOG_ALL
     offered = procs.frontend.get_u64(Request.GET_PROTOCOL_FEATURES)
     assert not offered & ProtocolFeature.LOG_SHMFD
+
+
+def test_a_qcow2_image_keeps_its_queues_on_threads(tmp_path) -> None:
+    """qcow2 allocates clusters in one process: two queue processes would allocate apart."""
+    from virtio_blk.cli import main
+    from virtio_blk.device import BlkDevice
+    from virtio_blk.images import create as create_by_format
+    from virtio_blk.images import open_image
+
+    image = str(tmp_path / "disk.qcow2")
+    create_by_format(image, 1 << 20, "qcow2", None, None)
+    disk = open_image(image, "qcow2")
+    try:
+        assert BlkDevice(disk, num_queues=2).queue_processes is False
+        with pytest.raises(ValueError, match="raw images only"):
+            BlkDevice(disk, num_queues=2, queue_processes=True)
+    finally:
+        disk.close()
+    code = main(["--socket", str(tmp_path / "s.sock"), "--image", image, "--format", "qcow2",
+                 "--queue-processes", "on"])
+    assert code == 2
