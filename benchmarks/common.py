@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,6 +101,7 @@ def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool
     """The command line of our server (``python``) or qemu-storage-daemon (``qsd``), serving
     ``image`` in format ``fmt`` (raw or qcow2)."""
     if kind == "python":
+        # ``image`` may be an rbd:/nbd:// spec (benchmarks.remote) as well as a file
         cmd = [sys.executable, "-m", "virtio_blk", "--socket", str(sock), "--image", str(image),
                "--num-queues", str(queues), "--log-level", "warning", "--format", fmt, *extra]
         if direct:
@@ -111,17 +113,45 @@ def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool
             raise RuntimeError("qemu-storage-daemon not found (apt-get install qemu-system-common)")
         aio = "native" if direct else "threads"
         fmt_node = ["--blockdev", "driver=qcow2,node-name=q0,file=f0"] if fmt == "qcow2" else []
+        blockdev = remote_blockdev(str(image)) or (
+            f"driver=file,node-name=f0,filename={image},cache.direct={'on' if direct else 'off'},"
+            f"aio={aio}")
         return [
             qsd,
             "--blockdev",
-            f"driver=file,node-name=f0,filename={image},cache.direct={'on' if direct else 'off'},"
-            f"aio={aio}",
+            blockdev,
             *fmt_node,
             "--export",
             f"type=vhost-user-blk,id=e0,node-name={'q0' if fmt_node else 'f0'},addr.type=unix,"
             f"addr.path={sock},writable=on,num-queues={queues}",
         ]
     raise ValueError(f"unknown server {kind!r}")
+
+
+def remote_blockdev(spec: str) -> str | None:
+    """qemu-storage-daemon's ``--blockdev`` for an rbd:/nbd:// ``--image`` spec (None for a
+    file), so both servers serve the very same image or export."""
+    from virtio_blk.spec import NbdSpec, RbdSpec, parse_image
+
+    parsed = parse_image(spec)
+    if isinstance(parsed, RbdSpec):
+        out = f"driver=rbd,node-name=f0,pool={parsed.pool},image={parsed.image}"
+        if parsed.snapshot:
+            out += f",snapshot={parsed.snapshot}"
+        if parsed.conf:
+            out += f",conf={parsed.conf}"
+        if parsed.user:
+            out += f",user={parsed.user}"
+        return out
+    if isinstance(parsed, NbdSpec):
+        u = urllib.parse.urlsplit(parsed.uri)
+        export = urllib.parse.unquote(u.path.lstrip("/"))
+        if u.scheme == "nbd+unix":
+            path = urllib.parse.parse_qs(u.query)["socket"][0]
+            return f"driver=nbd,node-name=f0,server.type=unix,server.path={path},export={export}"
+        return (f"driver=nbd,node-name=f0,server.type=inet,server.host={u.hostname},"
+                f"server.port={u.port or 10809},export={export}")
+    return None
 
 
 @contextlib.contextmanager

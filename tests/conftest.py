@@ -54,3 +54,6 @@ def serve(sock_path: Path) -> Iterator:
 @pytest.fixture(autouse=True)
 def _log_level(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+
+
+from .remote.fixtures import ceph_cluster, make_nbd, rbd_image  # noqa: E402, F401

@@ -20,15 +20,18 @@ from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
 from vhost.virtqueue import QueueError, validate_size
 
+from .backends import open_storage
 from .control.metrics import parse_address
 from .control.plane import ControlError, ControlPlane
 from .device import BlkDevice
-from .disk import DiskError, create_image, parse_size
+from .disk import Disk, DiskError, parse_size
 from .engine import ENGINES, default_engine
 from .image_lock import ImageLockError, lock_image
-from .images import FORMATS, open_image
+from .images import FORMATS
 from .images import create as create_by_format
 from .request import ID_BYTES, check_serial
+from .spec import FileSpec, SpecError, parse_image
+from .storage import FileStorage, StorageError
 
 log = logging.getLogger("vhost-user-blk")
 
@@ -82,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (mode 0600)")
     where.add_argument("--fd", type=int, metavar="N",
                        help="an already-listening Unix socket fd (socket activation)")
-    p.add_argument("--image", required=True, metavar="IMG", help="raw image file or block device")
+    p.add_argument("--image", required=True, metavar="IMG",
+                   help="raw image file or block device, rbd:POOL/IMAGE[@SNAP][:conf=PATH]"
+                   "[:id=USER], nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")
     p.add_argument("--create", type=_size, metavar="SIZE",
                    help="create IMG as a sparse raw image of SIZE (e.g. 1G) if it does not exist")
     p.add_argument("--format", choices=FORMATS, default="raw",
@@ -132,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve each queue in a process of its own (default auto: when there "
                         "is more than one queue); off: one thread per queue (needed for live "
                         "migration, which queue processes do not support yet)")
+    p.add_argument("--reconnect-delay", type=float, default=30.0, metavar="SECONDS",
+                   help="RBD/NBD: how long requests wait for a lost connection to come back "
+                   "before failing (default 30)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info)")
@@ -153,12 +161,12 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--serial: {exc}"
     if args.fd is not None and args.fd < 0:
         return f"--fd {args.fd} is not a file descriptor"
-    if args.queue_processes == "on" and args.format != "raw":
-        return "--queue-processes on serves raw images only (a qcow2 image has one writer)"
     if args.backing is not None and (args.create is None or args.format != "qcow2"):
         return "--backing needs --create SIZE --format qcow2"
     if (args.backing is None) != (args.backing_format is None):
         return "--backing and --backing-format go together"
+    if not 0 <= args.reconnect_delay <= 24 * 3600:
+        return f"--reconnect-delay {args.reconnect_delay}: want 0 to 86400 seconds"
     return None
 
 
@@ -178,26 +186,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         return fail(problem)
     try:
-        if args.create is not None and args.format != "raw":
+        if args.create is not None:
+            if not isinstance(parse_image(args.image), FileSpec):
+                return fail(f"--create makes image files; {args.image} is not one")
             if create_by_format(args.image, args.create, args.format, args.backing,
                                 args.backing_format):
                 log.info("created %s (%s, %d bytes)", args.image, args.format, args.create)
-        elif args.create is not None and create_image(args.image, args.create):
-            log.info("created %s (%d bytes, sparse)", args.image, args.create)
-        disk = open_image(args.image, args.format, read_only=args.read_only,
-                          direct=args.direct, logical_block_size=args.logical_block_size)
-    except DiskError as exc:
+        storage = open_storage(args.image, fmt=args.format, read_only=args.read_only,
+                               direct=args.direct, logical_block_size=args.logical_block_size,
+                               engine=args.aio, io_threads=args.io_threads,
+                               reconnect_delay=args.reconnect_delay)
+    except (DiskError, SpecError, StorageError) as exc:
         return fail(str(exc))
-    if args.locking != "off":
+    # Files are locked as QEMU locks them; an RBD image has its own exclusive lock, an NBD
+    # server decides who may connect.
+    if args.locking != "off" and isinstance(storage, FileStorage):
         try:
-            lock_image(disk.fd, args.image, writable=not args.read_only)
+            lock_image(storage.disk.fd, args.image, writable=not args.read_only)
         except ImageLockError as exc:
             if not (exc.unsupported and args.locking == "auto"):
-                disk.close()
+                storage.close()
                 return fail(str(exc))
             log.warning("%s; serving it unlocked", exc)
+    if args.queue_processes == "on" and not (
+            isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)):
+        storage.close()
+        return fail("--queue-processes on serves raw image files only")
     device = BlkDevice(
-        disk,
+        storage,
         num_queues=args.num_queues,
         max_queue_size=args.queue_size,
         serial=args.serial,
@@ -212,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)
     except DaemonError as exc:
-        disk.close()
+        storage.close()
         return fail(str(exc))
     try:
         control = ControlPlane(device, daemon, export_id=args.export_id,
@@ -220,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                metrics_address=args.metrics)
     except ControlError as exc:
         daemon.close()
-        disk.close()
+        storage.close()
         return fail(str(exc))
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -229,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    info = disk.info
+    info = storage.info
     log.info(
         "serving %s (%d bytes, %s, %d-byte blocks, %s%s) on %s: %d queue(s), aio=%s, features %s",
         args.image, info.size, args.format, info.logical_block_size,
@@ -249,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("final flush failed: %s", exc)
             return 1
         finally:
-            disk.close()
+            storage.close()
             device.errlog.close()
         s = device.stats
         log.info("stopped: %d requests (%d reads, %d writes, %d flushes), %d errors, "

@@ -32,7 +32,7 @@ from vhost.virtqueue import DescriptorChain, VirtQueue
 
 from .accounting import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
 from .disk import BlockDisk, Disk
-from .engine import IoOp, OpKind, make_engine
+from .engine import IoOp, OpKind
 from .fastpath import FastPath
 from .layout import DataLayout, plan, skip_start, trim_end
 from .ratelimit import RateLimitedLog
@@ -53,6 +53,7 @@ from .request import (
     device_id,
     parse_segments,
 )
+from .storage import FileStorage, Storage
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +153,14 @@ class _Deferred(Exception):
 
 
 class BlkDevice(Device):
-    """A virtio-blk device backed by a :class:`Disk`."""
+    """A virtio-blk device backed by a :class:`~.storage.Storage` (a bare :class:`Disk` is served
+    through :class:`~.storage.FileStorage` with ``engine``)."""
 
     logs_guest_writes = True  # data of reads, status bytes, GET_ID strings
 
     def __init__(
         self,
-        disk: BlockDisk,
+        disk: BlockDisk | Storage,
         *,
         num_queues: int = 1,
         max_queue_size: int = 1024,
@@ -171,12 +173,13 @@ class BlkDevice(Device):
         queue_processes: bool | None = None,
         latency_accounting: bool = True,
     ) -> None:
-        self.disk = disk
-        if not isinstance(disk, Disk):
-            # A format (qcow2) keeps metadata and allocates clusters in its own process: two
-            # processes writing one image would each allocate without the other.
+        self.storage = disk if isinstance(disk, Storage) else FileStorage(disk, engine, io_threads)
+        if self._raw_disk() is None:
+            # A format (qcow2) keeps metadata and allocates clusters in its own process, and a
+            # remote storage's connection lives in it: two processes writing one image would
+            # each allocate without the other.
             if queue_processes:
-                raise ValueError("queue processes serve raw images only")
+                raise ValueError("queue processes serve raw image files only")
             queue_processes = False
         #: One process per queue (None: when there is more than one queue); see vhost.procpool.
         self.queue_processes = queue_processes
@@ -189,7 +192,7 @@ class BlkDevice(Device):
         #: Start reads and writes in Linux's shapes through :mod:`.fastpath` (off: every request
         #: takes the generic path, the reference the fast path is tested against).
         self.fast_path = fast_path
-        info = disk.info
+        info = self.storage.info
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
         self.serial = serial
@@ -230,8 +233,8 @@ class BlkDevice(Device):
         shrinking, a size that is not whole blocks).  Telling the driver is the caller's part
         (a config-change message to the frontend): this only changes what the device is.
         """
-        self.disk.grow(size)
-        self.set_capacity(self.disk.info.size >> SECTOR_SHIFT)
+        self.storage.grow(size)
+        self.set_capacity(self.storage.info.size >> SECTOR_SHIFT)
 
     def set_capacity(self, sectors: int) -> None:
         """The one place capacity changes: the config space and every queue's checks.
@@ -260,14 +263,20 @@ class BlkDevice(Device):
 
     # ------------------------------------------------------------------ Device interface
     def features(self) -> int:
+        caps = self.storage.caps
         f = (
-            BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH
-            | BlkFeature.TOPOLOGY | BlkFeature.CONFIG_WCE | BlkFeature.MQ
+            BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE
+            | BlkFeature.TOPOLOGY | BlkFeature.MQ
         )
+        if caps.flush:
+            f |= BlkFeature.FLUSH | BlkFeature.CONFIG_WCE
         if self.limits.read_only:
             f |= BlkFeature.RO
         else:
-            f |= BlkFeature.DISCARD | BlkFeature.WRITE_ZEROES
+            if caps.discard:
+                f |= BlkFeature.DISCARD
+            if caps.write_zeroes:
+                f |= BlkFeature.WRITE_ZEROES
         return int(f)
 
     def feature_names(self) -> list[str]:
@@ -315,15 +324,25 @@ class BlkDevice(Device):
 
     def flush(self) -> None:
         if not self.limits.read_only:
-            self.disk.flush()
+            self.storage.flush()
 
     # ------------------------------------------------------------------ queue processes
+    def _raw_disk(self) -> Disk | None:
+        """The raw image file behind this device, the only storage queue processes serve."""
+        storage = self.storage
+        if isinstance(storage, FileStorage) and isinstance(storage.disk, Disk):
+            return storage.disk
+        return None
+
     def process_recipe(self) -> tuple[str, dict[str, object], list[int]]:
-        info = self.disk.info
-        disk = {"path": self.disk.path, "read_only": info.read_only, "direct": info.direct,
+        raw = self._raw_disk()
+        if raw is None:
+            raise NotImplementedError("queue processes serve raw image files only")
+        info = raw.info
+        disk = {"path": raw.path, "read_only": info.read_only, "direct": info.direct,
                 "logical_block_size": info.logical_block_size}
         return ("virtio_blk.device:BlkDevice.in_queue_process",
-                {"disk": disk, "options": self._options}, [self.disk.fd])
+                {"disk": disk, "options": self._options}, [raw.fd])
 
     @classmethod
     def in_queue_process(cls, recipe: dict[str, Any], fds: list[int]) -> BlkDevice:
@@ -373,9 +392,10 @@ class BlkQueueHandler(QueueHandler):
         self.limits = device.limits
         self.stats = device.queue_stats[index]
         self.errlog = device.errlog
-        self.direct = device.disk.info.direct
-        self.mem_align = device.disk.info.mem_align
-        self.engine = make_engine(device.engine_kind, device.disk, index, device.io_threads)
+        self.caps = device.storage.caps
+        self.direct = device.storage.info.direct
+        self.mem_align = device.storage.info.mem_align
+        self.engine = device.storage.open_engine(index)
         self.completion_fd = self.engine.completion_fd
         self.timing = device.latency_accounting
         self.pending: collections.deque[DescriptorChain] = collections.deque()
@@ -595,6 +615,8 @@ class BlkQueueHandler(QueueHandler):
         if sector != 0 or chain.readable_len != HEADER_SIZE or chain.writable_len != 1:
             # The spec makes these driver errors; IOERR is its status for driver errors.
             raise RequestError(Status.IOERR, "FLUSH with a sector or with data")
+        if not self.caps.flush:
+            raise RequestError(Status.UNSUPP, "FLUSH: the storage has no cache to flush")
         return self._submit(BlkRequest(OpKind.FLUSH, chain.head, status_gpa, 0, 0))
 
     def _get_id(self, chain: DescriptorChain, status_gpa: int) -> int:
@@ -620,6 +642,8 @@ class BlkQueueHandler(QueueHandler):
             raise RequestError(Status.IOERR, f"{req_type.name} on a read-only disk")
         if chain.writable_len != 1:
             raise RequestError(Status.IOERR, f"{req_type.name} with writable data")
+        if not (self.caps.discard if req_type == ReqType.DISCARD else self.caps.write_zeroes):
+            raise RequestError(Status.UNSUPP, f"{req_type.name}: not offered by the storage")
         if chain.readable_len - HEADER_SIZE > MAX_SEGMENT_PAYLOAD:  # never copy gigabytes
             raise RequestError(Status.IOERR, f"{req_type.name} payload of "
                                f"{chain.readable_len - HEADER_SIZE} bytes")

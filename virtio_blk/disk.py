@@ -89,6 +89,21 @@ class DiskInfo:
     block_device: bool
 
 
+def check_growth(info: DiskInfo, size: int) -> bool:
+    """Whether growing to ``size`` changes anything; DiskError for a size no storage takes
+    (shrinking, a partial block, a read-only export) -- the rule every kind of storage shares."""
+    lbs = info.logical_block_size
+    if size % lbs:
+        raise DiskError(f"size {size} is not a multiple of the {lbs}-byte block size")
+    if size < info.size:
+        raise DiskError(f"shrinking from {info.size} to {size} bytes is not supported")
+    if size == info.size:
+        return False
+    if info.read_only:
+        raise DiskError("the export is read-only and cannot grow")
+    return True
+
+
 class BlockDisk(Protocol):
     """What the engines and the device use of a disk: a raw :class:`Disk` or a format (qcow2)
     that translates guest offsets itself.  ``fd`` and :meth:`resume` work in host offsets."""
@@ -189,15 +204,8 @@ class Disk:
         grown from here, so it must already be that large (an LV or LUN grown by its owner).
         """
         info = self.info
-        lbs = info.logical_block_size
-        if size % lbs:
-            raise DiskError(f"size {size} is not a multiple of the {lbs}-byte block size")
-        if size < info.size:
-            raise DiskError(f"shrinking from {info.size} to {size} bytes is not supported")
-        if size == info.size:
+        if not check_growth(info, size):
             return
-        if self.read_only:
-            raise DiskError(f"{self.path} is exported read-only and cannot grow")
         if info.block_device:
             buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
             have = struct.unpack("<Q", buf)[0]

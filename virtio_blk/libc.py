@@ -62,3 +62,38 @@ def dio_alignment(fd: int) -> tuple[int, int] | None:
     if not mem_align or not offset_align:
         return None  # O_DIRECT not supported on this file
     return mem_align, offset_align
+
+
+# timerfd (os has it only from Python 3.13): a timer an epoll can wait on.
+CLOCK_MONOTONIC = 1
+TFD_NONBLOCK = os.O_NONBLOCK
+TFD_CLOEXEC = os.O_CLOEXEC
+
+
+class _ITimerSpec(ctypes.Structure):
+    _fields_ = [("interval_sec", ctypes.c_long), ("interval_nsec", ctypes.c_long),
+                ("value_sec", ctypes.c_long), ("value_nsec", ctypes.c_long)]
+
+
+LIBC.timerfd_create.argtypes = (ctypes.c_int, ctypes.c_int)
+LIBC.timerfd_create.restype = ctypes.c_int
+LIBC.timerfd_settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+LIBC.timerfd_settime.restype = ctypes.c_int
+
+
+def timerfd_create() -> int:
+    """A non-blocking CLOCK_MONOTONIC timerfd."""
+    fd = LIBC.timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+    if fd < 0:
+        raise errno_error("timerfd_create")
+    return int(fd)
+
+
+def timerfd_arm(fd: int, seconds: float | None) -> None:
+    """Fire once after ``seconds`` (at once if <= 0); None disarms."""
+    spec = _ITimerSpec()
+    if seconds is not None:
+        ns = max(1, int(seconds * 1e9))  # all zero would disarm
+        spec.value_sec, spec.value_nsec = divmod(ns, 1_000_000_000)
+    if LIBC.timerfd_settime(fd, 0, ctypes.byref(spec), None) != 0:
+        raise errno_error("timerfd_settime")

@@ -22,18 +22,22 @@ class Server:
     """``python -m virtio_blk`` on a fresh image, started and stopped like a user would."""
 
     def __init__(self, workdir: Path, *args: str, size: str = "1G",
-                 image: Path | None = None) -> None:
+                 image: Path | None = None, spec: str | None = None) -> None:
+        """``spec``: serve that ``--image`` (an rbd:/nbd:// spec) instead of a created file."""
         self.workdir = workdir
         self.sock = workdir / "vub.sock"
         self.image = image or workdir / "disk.img"
         self.log_path = workdir / "server.log"
         self.args = list(args)
         self.size = size
+        self.spec = spec
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Server:
-        cmd = [sys.executable, "-m", "virtio_blk", "--socket", str(self.sock),
-               "--image", str(self.image), "--create", self.size, *self.args]
+        image = ["--image", self.spec] if self.spec else \
+            ["--image", str(self.image), "--create", self.size]
+        cmd = [sys.executable, "-m", "virtio_blk", "--socket", str(self.sock), *image,
+               *self.args]
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + 30

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OUTSIDE = {"vhost_frontend", "qemu_guest", "benchmarks", "tests"}
+OUTSIDE = {"vhost_frontend", "qemu_guest", "remote_testbed", "benchmarks", "tests"}
 
 #: For each package, the project packages it must not import.
 FORBIDDEN = {
@@ -23,6 +23,7 @@ FORBIDDEN = {
     "virtio_blk": OUTSIDE,
     "vhost_frontend": {"qemu_guest", "benchmarks", "tests"},
     "qemu_guest": {"benchmarks", "tests"},
+    "remote_testbed": {"benchmarks", "tests"},
     "benchmarks": {"tests"},
 }
 

@@ -16,7 +16,7 @@ from vhost.daemon import VhostUserDaemon
 
 from ..accounting import OP_NAMES
 from ..device import BlkDevice
-from ..disk import DiskError
+from ..storage import StorageError
 from .protocol import generic_error
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,10 @@ class BlockExport:
     def resize(self, size: int) -> None:
         """Grow the disk to ``size`` bytes and tell the guest (GenericError where it cannot)."""
         with self._resize_lock:
-            old = self.device.disk.info.size
+            old = self.device.storage.info.size
             try:
                 self.device.resize(size)
-            except (DiskError, OSError) as exc:
+            except (StorageError, OSError) as exc:
                 raise generic_error(str(exc)) from exc
             if size == old:
                 return

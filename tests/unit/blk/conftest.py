@@ -16,6 +16,7 @@ from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
 from virtio_blk.device import BlkDevice
 from virtio_blk.disk import Disk
+from virtio_blk.storage import Storage
 
 MiB = 1 << 20
 ENGINES = ("inline", "threads", "io_uring")
@@ -80,12 +81,17 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
              mem_layout: Sequence[tuple[int, int, int]] = ((0, 32 * MiB, 0),),
              drop_features: int = 0, queue_size: int = 128,
              image: Path | None = None, queue_processes: bool | None = None,
-             fast_path: bool = True) -> BlkEnv:
+             fast_path: bool = True, storage: Storage | None = None) -> BlkEnv:
+        """``storage``: serve that (closed after the test) instead of an image file."""
         n = next(counter)
-        if image is None:
-            image = tmp_path / f"disk{n}.img"
-            make_image(image, size, seed)
-        disk = Disk(image, read_only=read_only, direct=direct, logical_block_size=lbs)
+        disk: Disk | Storage
+        if storage is not None:
+            disk = storage
+        else:
+            if image is None:
+                image = tmp_path / f"disk{n}.img"
+                make_image(image, size, seed)
+            disk = Disk(image, read_only=read_only, direct=direct, logical_block_size=lbs)
         cleanups.append(disk.close)
         device = BlkDevice(disk, num_queues=num_queues, serial=serial, engine=engine,
                            io_threads=io_threads, bounce_pages=bounce_pages,
@@ -102,7 +108,7 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
         fe.set_mem_table(mem)
         q = fe.setup_queue(0, size=queue_size)
         drv = BlkDriver(fe, q, mem)
-        return BlkEnv(image, disk, device, daemon, fe, mem, q, drv)
+        return BlkEnv(image, disk, device, daemon, fe, mem, q, drv)  # type: ignore[arg-type]
 
     yield make
     errors = []

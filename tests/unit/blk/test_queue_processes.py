@@ -157,7 +157,7 @@ def test_a_qcow2_image_keeps_its_queues_on_threads(tmp_path) -> None:
     disk = open_image(image, "qcow2")
     try:
         assert BlkDevice(disk, num_queues=2).queue_processes is False
-        with pytest.raises(ValueError, match="raw images only"):
+        with pytest.raises(ValueError, match="raw image files only"):
             BlkDevice(disk, num_queues=2, queue_processes=True)
     finally:
         disk.close()

@@ -24,8 +24,10 @@ from vhost.backend_channel import BackendRequest
 from vhost.messages import ProtocolFeature, Request
 from vhost_frontend import Frontend
 from vhost_frontend.blk import BlkDriver
-from virtio_blk.disk import DiskError
+from virtio_blk.backends import open_storage
+from virtio_blk.images import create as create_image_file
 from virtio_blk.request import Status
+from virtio_blk.storage import StorageError
 
 from .conftest import BlkEnv, MakeBlk, MiB
 from .test_block_device import loop_device  # noqa: F401 (fixture)
@@ -86,14 +88,14 @@ def test_resize_grows_the_file_and_the_capacity_requests_see(blk: BlkEnv) -> Non
 
 def test_resize_refuses_shrinking_partial_blocks_and_read_only(make_blk: MakeBlk) -> None:
     env = make_blk(lbs=4096)
-    with pytest.raises(DiskError, match="shrinking"):
+    with pytest.raises(StorageError, match="shrinking"):
         env.device.resize(MiB // 2)
-    with pytest.raises(DiskError, match="multiple of the 4096-byte"):
+    with pytest.raises(StorageError, match="multiple of the 4096-byte"):
         env.device.resize(MiB + 512)
     env.device.resize(MiB)  # the same size: nothing to do
     assert os.path.getsize(env.image) == MiB
     ro = make_blk(read_only=True)
-    with pytest.raises(DiskError, match="read-only"):
+    with pytest.raises(StorageError, match="read-only"):
         ro.device.resize(2 * MiB)
     assert os.path.getsize(ro.image) == MiB and ro.device.limits.capacity == MiB >> 9
 
@@ -213,7 +215,7 @@ def test_block_device_grows_only_as_far_as_the_device(make_blk: MakeBlk,
     (here: the loop device's backing file, then ``losetup -c``)."""
     dev, backing = loop_device
     env = make_blk(image=dev)
-    with pytest.raises(DiskError, match="grow the device itself first"):
+    with pytest.raises(StorageError, match="grow the device itself first"):
         env.device.resize(16 * MiB)
     assert env.device.limits.capacity == 8 * MiB >> 9
     os.truncate(backing, 16 * MiB)
@@ -236,3 +238,14 @@ def test_backend_req_fd_that_is_not_a_socket_is_refused(blk: BlkEnv) -> None:
         os.close(r)
         os.close(w)
     assert blk.drv.flush().status == Status.OK  # the connection carries on
+
+
+def test_qcow2_resize_is_refused_while_served(make_blk: MakeBlk, tmp_path: Path) -> None:
+    """Growing a qcow2 image live may need a larger L1 table switched over under running
+    queues; until that exists the command says so instead of doing it half-way."""
+    img = str(tmp_path / "d.qcow2")
+    assert create_image_file(img, 4 * MiB, "qcow2")
+    env = make_blk(storage=open_storage(img, fmt="qcow2"))
+    with pytest.raises(StorageError, match="qcow2 image while it is served"):
+        env.device.resize(8 * MiB)
+    assert env.device.limits.capacity == (4 * MiB) >> 9

@@ -1,0 +1,48 @@
+"""``--image`` specs: the kind of storage comes from the syntax, never from file contents."""
+
+from __future__ import annotations
+
+import pytest
+
+from virtio_blk.spec import FileSpec, NbdSpec, RbdSpec, SpecError, parse_image
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("rbd:rbd/img1", RbdSpec("rbd", "img1")),
+    ("rbd:pool/img@snap", RbdSpec("pool", "img", "snap")),
+    ("rbd:p/i:conf=/etc/ceph/x.conf:id=admin", RbdSpec("p", "i", None, "/etc/ceph/x.conf",
+                                                       "admin")),
+    ("rbd:p/i@s:id=u", RbdSpec("p", "i", "s", None, "u")),
+    (r"rbd:p/i:conf=/odd\:dir/c.conf", RbdSpec("p", "i", None, "/odd:dir/c.conf")),
+    ("nbd://127.0.0.1:10809/disk", NbdSpec("nbd://127.0.0.1:10809/disk")),
+    ("nbd://host/", NbdSpec("nbd://host/")),
+    ("nbd+unix:///disk?socket=/run/nbd.sock", NbdSpec("nbd+unix:///disk?socket=/run/nbd.sock")),
+    ("disk.img", FileSpec("disk.img")),
+    ("/dev/vdb", FileSpec("/dev/vdb")),
+    ("./rbd:x", FileSpec("./rbd:x")),  # a file that happens to be called rbd:x
+    ("nbd.img", FileSpec("nbd.img")),
+])
+def test_specs(text: str, want: object) -> None:
+    assert parse_image(text) == want
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("rbd:", "POOL/IMAGE"),
+    ("rbd:pool", "POOL/IMAGE"),
+    ("rbd:/img", "POOL/IMAGE"),
+    ("rbd:pool/", "POOL/IMAGE"),
+    ("rbd:pool/img@", "empty"),
+    ("rbd:pool/ns/img", "namespaces"),
+    ("rbd:p/i:mon_host=1.2.3.4", "unknown rbd option"),
+    ("rbd:p/i:conf=", "unknown rbd option"),
+    ("nbd:///disk", "HOST"),
+    ("nbd://host:99999/x", "port"),
+    ("nbd+unix:///disk", "socket=PATH"),
+    ("nbd+unix://host/disk?socket=/x", "no host"),
+    ("nbd://h/x?tls=on", "tls"),
+    ("nbds://h/x", "TLS"),
+])
+def test_bad_specs_are_one_line_errors(text: str, why: str) -> None:
+    with pytest.raises(SpecError, match=why) as info:
+        parse_image(text)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,43 @@
+"""Open the storage an ``--image`` spec names (:mod:`.spec`): a file, an RBD image or an NBD
+export.  The client libraries of the remote kinds are loaded only when such a spec is used."""
+
+from __future__ import annotations
+
+from .disk import DiskError
+from .images import open_image
+from .spec import FileSpec, NbdSpec, RbdSpec, SpecError, parse_image
+from .storage import FileStorage, Storage, StorageError
+
+
+def open_storage(image: str, *, fmt: str = "raw", read_only: bool = False,
+                 direct: bool = False, logical_block_size: int = 512, engine: str = "threads",
+                 io_threads: int = 16, reconnect_delay: float = 30.0) -> Storage:
+    """The opened storage; StorageError (one line for the user) if it cannot be served.
+
+    ``fmt`` is the image format of a file (raw or qcow2; never probed from its bytes).
+    """
+    try:
+        spec = parse_image(image)
+    except SpecError as exc:
+        raise StorageError(str(exc)) from None
+    if isinstance(spec, FileSpec):
+        try:
+            disk = open_image(spec.path, fmt, read_only=read_only, direct=direct,
+                              logical_block_size=logical_block_size)
+        except DiskError as exc:
+            raise StorageError(str(exc)) from None
+        return FileStorage(disk, engine, io_threads)
+    if fmt != "raw":
+        raise StorageError(f"{image}: --format {fmt} applies to image files only")
+    if direct:
+        raise StorageError(f"{image}: --direct applies to image files and block devices only")
+    if isinstance(spec, RbdSpec):
+        from .rbd import RbdStorage
+
+        return RbdStorage(spec, read_only=read_only, logical_block_size=logical_block_size,
+                          reconnect_delay=reconnect_delay)
+    assert isinstance(spec, NbdSpec)
+    from .nbd import NbdStorage
+
+    return NbdStorage(spec.uri, read_only=read_only, logical_block_size=logical_block_size,
+                      reconnect_delay=reconnect_delay)
