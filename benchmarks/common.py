@@ -19,24 +19,63 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVERS = ("python", "qsd")
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (our server's queue processes)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None:
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, []))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid`` so far, in seconds (from /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime of every thread of ``pid`` and of its child processes so far, in seconds
+    (from /proc/PID/stat; children that already exited and were reaped count in cutime/cstime).
+    """
+    total = 0
+    for p in process_tree(pid):
+        fields = _stat(p)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+            if p == pid:
+                total += int(fields[13]) + int(fields[14])
+    return total / CLK_TCK
 
 
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """The largest resident set of ``pid`` and its child processes (the target is per
+    process)."""
+    best = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        best = max(best, int(line.split()[1]) * 1024)
+        except FileNotFoundError:
+            continue
+    return best
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -169,7 +208,8 @@ def ratio(a: float, b: float) -> float:
 
 
 def print_table(rows: list[Measurement], title: str) -> None:
-    """Python vs qsd per workload, with the ratios the targets are stated in."""
+    """Python vs qsd per workload (medians over rounds), with the ratios the targets are
+    stated in."""
     print(f"\n{title}")
     hdr = (f"{'workload':<22}{'q':>2}{'dio':>4} {'py IOPS':>9} {'qsd IOPS':>9} {'ratio':>6}  "
            f"{'py MB/s':>8} {'qsd MB/s':>8} {'ratio':>6}  {'py us/op':>8} {'qsd us/op':>9} "
@@ -182,12 +222,12 @@ def print_table(rows: list[Measurement], title: str) -> None:
         qs = [r for r in rows if (r.server, r.workload, r.queues, r.direct) == ("qsd", wl, q, d)]
         if not py or not qs:
             continue
-        p_ops = sum(r.ops for r in py) / len(py)
-        q_ops = sum(r.ops for r in qs) / len(qs)
-        p_bw = sum(r.bandwidth for r in py) / len(py)
-        q_bw = sum(r.bandwidth for r in qs) / len(qs)
-        p_cpu = sum(r.cpu_us_per_op for r in py) / len(py)
-        q_cpu = sum(r.cpu_us_per_op for r in qs) / len(qs)
+        p_ops = median(r.ops for r in py)
+        q_ops = median(r.ops for r in qs)
+        p_bw = median(r.bandwidth for r in py)
+        q_bw = median(r.bandwidth for r in qs)
+        p_cpu = median(r.cpu_us_per_op for r in py)
+        q_cpu = median(r.cpu_us_per_op for r in qs)
         rss = max(r.rss for r in py) / 2**20
         print(f"{wl:<22}{q:>2}{'on' if d else 'off':>4} {p_ops:>9.0f} {q_ops:>9.0f} "
               f"{ratio(p_ops, q_ops):>6.2f}  {p_bw / 1e6:>8.1f} {q_bw / 1e6:>8.1f} "

@@ -6,7 +6,7 @@ sequential read and write.  For every workload it reports the guest's IOPS and b
 the backend process's CPU seconds (utime + stime of all its threads, /proc) per IO, for both
 servers, and the ratios -- the figures the performance targets are written in.
 
-    python -m benchmarks.guest                          # 1 queue, buffered, 1 round
+    python -m benchmarks.guest                          # 1 and 2 queues, buffered, 1 round
     python -m benchmarks.guest --queues 1 2 --direct --rounds 3 --runtime 5
     python -m benchmarks.guest --json results.json --plot results.png
     python -m benchmarks.guest --format qcow2          # qcow2 vs QSD's qcow2 driver
@@ -180,7 +180,7 @@ def plot(rows: list[Measurement], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.guest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queues", type=int, nargs="+", default=[1])
+    p.add_argument("--queues", type=int, nargs="+", default=[1, 2])
     p.add_argument("--direct", action="store_true", help="O_DIRECT (qsd: cache.direct=on, "
                    "aio=native) instead of the page cache (qsd: aio=threads)")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),

@@ -9,9 +9,14 @@ lock, issue the IO, reap, write the status, publish -- which is what profiling n
     python -m benchmarks.hotpath                     # io_uring, batches of 32 and of 1
     python -m benchmarks.hotpath --engine inline     # preadv on the worker thread
     python -m benchmarks.hotpath --profile           # and a cProfile listing
+    python -m benchmarks.hotpath --fast-path off     # the generic path only
     python -m benchmarks.hotpath --accounting off    # without latency accounting (what a
                                                      # server without --qmp/--metrics does)
     python -m benchmarks.hotpath --dirty-log         # also with migration dirty logging on
+
+With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
+median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
+other load on the machine; the spread of the runs says how much it was disturbed).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import cProfile
 import os
 import pstats
+import statistics
 import tempfile
 import time
 
@@ -42,14 +48,15 @@ DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x10000, 0x20000
 class Rig:
     """One queue of a BlkDevice with ``slots`` fixed 3-descriptor read requests."""
 
-    def __init__(self, engine: str, image: str, slots: int = 32,
+    def __init__(self, engine: str, image: str, slots: int = 32, fast_path: bool = True,
                  accounting: bool = True) -> None:
         self.mem = GuestMemory.anonymous(64 << 20)
         features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1)
         addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
         self.vq = VirtQueue(self.mem, SIZE, addresses, features)
         self.disk = Disk(image)
-        self.device = BlkDevice(self.disk, engine=engine, latency_accounting=accounting)
+        self.device = BlkDevice(self.disk, engine=engine, fast_path=fast_path,
+                                latency_accounting=accounting)
         self.handler = self.device.create_handler(0, self.mem)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.call = Notifier(self.call_fd)
@@ -126,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                    default="io_uring")
     p.add_argument("--batches", type=int, nargs="+", default=[32, 1])
     p.add_argument("--requests", type=int, default=50000)
+    p.add_argument("--fast-path", choices=("on", "off", "both"), default="both")
+    p.add_argument("--repeat", type=int, default=3, help="runs per figure (median printed)")
     p.add_argument("--profile", action="store_true", help="also print a cProfile listing")
     p.add_argument("--accounting", choices=("on", "off"), default="on",
                    help="latency accounting (two clock reads and a histogram bucket per "
@@ -133,26 +142,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dirty-log", action="store_true",
                    help="also measure with dirty-page logging on (as during a live migration)")
     args = p.parse_args(argv)
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.fast_path]
     with tempfile.NamedTemporaryFile() as img:
         img.truncate(256 << 20)
         img.flush()
-        rig = Rig(args.engine, img.name, accounting=args.accounting == "on")
+        accounting = args.accounting == "on"
+        rigs = {fast: Rig(args.engine, img.name, fast_path=fast, accounting=accounting)
+                for fast in modes}
         try:
+            runs: dict[tuple[bool, int], list[float]] = {}
+            for _ in range(args.repeat):
+                for batch in args.batches:
+                    for fast, rig in rigs.items():
+                        runs.setdefault((fast, batch), []).append(
+                            measure(rig, batch, args.requests // max(1, 32 // batch)))
             for batch in args.batches:
-                modes = (False, True) if args.dirty_log else (False,)
-                for logging_on in modes:
-                    rig.log_dirty_pages(logging_on)
-                    us = measure(rig, batch, args.requests)
-                    label = ", dirty log on" if logging_on else ""
-                    print(f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}: "
-                          f"{us:6.1f} us CPU per 4k read{label}")
-                rig.log_dirty_pages(False)
+                line = f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}:"
+                for fast in modes:
+                    vals = runs[fast, batch]
+                    line += (f"  fast path {'on ' if fast else 'off'} "
+                             f"{statistics.median(vals):6.1f} us CPU per 4k read "
+                             f"(runs {min(vals):.1f}..{max(vals):.1f})")
+                if len(modes) == 2:
+                    off, on = (statistics.median(runs[f, batch]) for f in (False, True))
+                    line += f"  on/off {on / off:.2f}"
+                print(line)
+                if args.dirty_log:
+                    rig = rigs[modes[-1]]
+                    rig.log_dirty_pages(True)
+                    us = statistics.median(measure(rig, batch, args.requests // max(1, 32 // batch))
+                                           for _ in range(args.repeat))
+                    rig.log_dirty_pages(False)
+                    print(f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}:"
+                          f"  fast path {'on ' if modes[-1] else 'off'} {us:6.1f} us CPU per 4k "
+                          "read, dirty log on")
             if args.profile:
                 prof = cProfile.Profile()
-                prof.runcall(measure, rig, args.batches[0], 5000)
+                prof.runcall(measure, rigs[modes[-1]], args.batches[0], 5000)
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         finally:
-            rig.close()
+            for rig in rigs.values():
+                rig.close()
     return 0
 
 

@@ -308,9 +308,10 @@ class RequestBuffers:
         runs = _runs(self._range)
         if len(runs) == 1:  # the common case; io_pieces checks everything before any view
             gpa, n = runs[0]
-            return LockedIoBuffers(
-                [IoBuffer(v, a) for v, a in mem.io_pieces(gpa, n, for_write=for_write)], n
-            )
+            found = mem.io_pieces(gpa, n, for_write=for_write)
+            if len(found) == 1:  # ... in one region
+                return LockedIoBuffers([IoBuffer(*found[0])], n)
+            return LockedIoBuffers([IoBuffer(v, a) for v, a in found], n)
         pieces: list[IoBuffer] = []
         try:
             for gpa, n in runs:

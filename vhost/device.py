@@ -13,13 +13,14 @@ can have many requests in flight per queue without the worker ever blocking on I
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyMarker
 
 from .messages import ProtocolFeature, VirtioFeature
-from .virtqueue import DescriptorChain
+from .virtqueue import DescriptorChain, VirtQueue
 
 #: Most virtqueues a device may have: QEMU's VIRTIO_QUEUE_MAX, so a frontend can use them all.
 MAX_QUEUES = 1024
@@ -63,6 +64,15 @@ class QueueHandler(abc.ABC):
             if used is not None:
                 done.append((chain.head, used))
         return done
+
+    def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
+        """Pop and start requests straight from ``vq`` (a device's fast path); ``(head,
+        used_len)`` of those finished at once.
+
+        Called before every :meth:`VirtQueue.pop_batch`; it takes heads in ring order and stops
+        at the first it does not handle, which the generic pop then gets.  Default: none.
+        """
+        return []
 
     def reap(self) -> list[tuple[int, int]]:
         """``(head, used_len)`` of requests that finished since the last call."""
@@ -111,3 +121,34 @@ class Device(abc.ABC):
 
     def flush(self) -> None:
         """Make completed writes durable (called on shutdown)."""
+
+    # ------------------------------------------------------------------ queue processes
+    # A device that can serve each queue in a process of its own (vhost.procpool) says how to
+    # rebuild itself there, and which of its state and counters cross the process boundary.
+    #: Serve queues in processes (None: when there is more than one queue).
+    queue_processes: bool | None = False
+    #: Set by the control side while queue processes run: brings every process's counters
+    #: (:meth:`set_queue_counters`) up to date before they are read.
+    refresh_counters: Callable[[], None] | None = None
+    #: Set by the control side while queue processes run: the device calls it when
+    #: :meth:`process_state` changes outside a vhost-user message (a resize, say).
+    process_state_changed: Callable[[], None] | None = None
+
+    def process_recipe(self) -> tuple[str, dict[str, object], list[int]]:
+        """``("module:callable", kwargs, fds)``: ``callable(kwargs, fds)`` in a queue process
+        rebuilds this device there (the fds travel by SCM_RIGHTS; the callable owns them)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run queues in processes")
+
+    def process_state(self) -> dict[str, object]:
+        """State a queue process must follow while it runs (sent again when it changes)."""
+        return {}
+
+    def apply_process_state(self, state: dict[str, object]) -> None:
+        """In a queue process: take :meth:`process_state` from the control process."""
+
+    def queue_counters(self, index: int) -> dict[str, Any]:
+        """In a queue process: queue ``index``'s statistics, to be summed by the control one."""
+        return {}
+
+    def set_queue_counters(self, index: int, counters: dict[str, Any]) -> None:
+        """In the control process: queue ``index``'s statistics as its process reported them."""

@@ -51,6 +51,7 @@ from .messages import (
 from .messages import (
     inflight as inflight_payload,
 )
+from .procpool import QueueProcessError, QueueProcesses
 from .virtqueue import (
     QueueError,
     RingAddresses,
@@ -134,7 +135,15 @@ class BackendHandler:
             VirtioFeature.PROTOCOL_FEATURES
         )
         self.offered_protocol = LIBRARY_PROTOCOL_FEATURES | device.protocol_features()
-        if device.logs_guest_writes:  # live migration (see vhost.dirty_logging)
+        #: Queues served in processes of their own (vhost.procpool), or None: threads here.
+        self.processes: QueueProcesses | None = None
+        wanted = device.queue_processes
+        if wanted or (wanted is None and device.num_queues > 1):
+            self.processes = QueueProcesses(device)
+        # Live migration (see vhost.dirty_logging).  The dirty log does not reach queue
+        # processes yet (vhost.queueproc has the place for it): without the features QEMU
+        # refuses to migrate, rather than losing pages the processes write.
+        if device.logs_guest_writes and self.processes is None:
             self.offered_features |= VHOST_F_LOG_ALL
             self.offered_protocol |= ProtocolFeature.LOG_SHMFD
         self.acked_features = 0
@@ -209,6 +218,9 @@ class BackendHandler:
             log.warning("queue %d kicked before size, addresses and memory were set", vring.index)
             return
         mem = self.memory
+        if self.processes is not None:
+            self._start_process(vring)
+            return
         try:
             addrs = RingAddresses(*(
                 mem.uva_to_gpa(addr, length)
@@ -234,6 +246,25 @@ class BackendHandler:
         log.info("queue %d started: size %d, avail from %d%s", vring.index, vring.size,
                  vring.base, ", event idx" if vq.event_idx else "")
 
+    def _start_process(self, vring: Vring) -> None:
+        """Start ``vring`` in a queue process (which validates the ring as a thread would)."""
+        assert self.processes is not None and vring.ring_uaddrs is not None
+        assert vring.kick_fd is not None
+        try:
+            addrs = tuple(
+                self.memory.uva_to_gpa(addr, length)
+                for addr, length in zip(vring.ring_uaddrs, ring_sizes(vring.size), strict=True)
+            )
+            check_ring_alignment(RingAddresses(*addrs))
+            worker = self.processes.start(vring.index, vring.size, (addrs[0], addrs[1], addrs[2]),
+                                          self.acked_features, vring.base, vring.kick_fd,
+                                          vring.call, vring.err)
+        except (QueueError, MemoryTableError, QueueProcessError, OSError) as exc:
+            raise self._cannot_start(vring, exc) from exc
+        vring.worker = worker  # type: ignore[assignment]  # a QueueWorker look-alike
+        log.info("queue %d started in a process: size %d, avail from %d", vring.index,
+                 vring.size, vring.base)
+
     @staticmethod
     def _cannot_start(vring: Vring, exc: Exception) -> Refused:
         """Mark ``vring`` broken, tell the driver through its err eventfd; the refusal to raise."""
@@ -258,6 +289,8 @@ class BackendHandler:
             vring.queue_handler.close()
         vring.queue_handler = None
         vring.worker = None
+        if self.processes is not None:
+            self.processes.stopped(vring.index)
         log.info("queue %d stopped at avail %d (%d kicks, %d batches, %d completions, %d calls)",
                  vring.index, vring.base, worker.kicks, worker.batches, worker.completed,
                  vring.call.count)
@@ -281,6 +314,8 @@ class BackendHandler:
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
+        if self.processes is not None:
+            self.processes.close()
         self.dirty_logging.close(self.vrings)
         self.memory.close()
         self.device.reset()
@@ -300,6 +335,8 @@ class BackendHandler:
             raise Refused(f"features {unknown:#x} were never offered")
         self.acked_features = features
         self.device.set_features(features & ~int(VirtioFeature.PROTOCOL_FEATURES))
+        if self.processes is not None:
+            self.processes.device_changed()
         if not self._protocol_features_on():
             # Without protocol features a ring is enabled as soon as it starts.
             for vring in self.vrings:
@@ -382,15 +419,21 @@ class BackendHandler:
     # ------------------------------------------------------------------ memory
     def _on_set_mem_table(self, message: Message, fds: list[int]) -> None:
         self.memory.set_table(message.fields.regions, fds)
+        if self.processes is not None:  # every queue process has it before the reply
+            self.processes.set_mem_table(list(message.fields.regions), fds)
 
     def _on_get_max_mem_slots(self, message: Message, fds: list[int]) -> bytes:
         return u64(self.memory.max_slots)
 
     def _on_add_mem_reg(self, message: Message, fds: list[int]) -> None:
         self.memory.add(message.fields.region, fds[0])
+        if self.processes is not None:
+            self.processes.add_region(message.fields.region, fds[0])
 
     def _on_rem_mem_reg(self, message: Message, fds: list[int]) -> None:
         self.memory.remove(message.fields.region)
+        if self.processes is not None:
+            self.processes.remove_region(message.fields.region)
 
     # ------------------------------------------------------------------ vrings
     def _on_set_vring_num(self, message: Message, fds: list[int]) -> None:
@@ -463,10 +506,14 @@ class BackendHandler:
     def _on_set_vring_call(self, message: Message, fds: list[int]) -> None:
         vring, fd = self._vring_fd(message, fds)
         vring.call.replace(fd)
+        if self.processes is not None:
+            self.processes.notifier_changed(vring.index, "call", fd)
 
     def _on_set_vring_err(self, message: Message, fds: list[int]) -> None:
         vring, fd = self._vring_fd(message, fds)
         vring.err.replace(fd)
+        if self.processes is not None:
+            self.processes.notifier_changed(vring.index, "err", fd)
 
     def _on_set_vring_enable(self, message: Message, fds: list[int]) -> None:
         vring = self._vring(message.fields.index)
@@ -492,6 +539,8 @@ class BackendHandler:
             self.device.write_config(cfg.offset, cfg.payload, cfg.flags)
         except ValueError as exc:
             raise Refused(str(exc)) from exc
+        if self.processes is not None:
+            self.processes.device_changed()
 
     # ------------------------------------------------------------------ inflight tracking
     def _check_inflight(self, message: Message) -> None:
@@ -527,6 +576,9 @@ class BackendHandler:
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = area
+        if self.processes is not None:
+            self.processes.set_inflight(fds[0], f.mmap_size, f.mmap_offset, f.num_queues,
+                                        f.queue_size)
 
     # ------------------------------------------------------------------ dirty log (migration)
     @property

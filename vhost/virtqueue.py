@@ -264,11 +264,33 @@ class VirtQueue:
         if self._in_flight[head]:
             raise QueueError(f"{source} head {head} made available again while still in flight")
         chain = self._read_chain(head)
+        self._mark_popped(head)
+        return chain
+
+    def _mark_popped(self, head: int) -> None:
         self._in_flight[head] = 1
         self.in_flight_count += 1
         if self._inflight is not None:
             self._inflight.popped(head)
-        return chain
+
+    # ------------------------------------------------------------------ a device's fused pop
+    # A device may pop the next avail entries itself (virtio_blk.fastpath), after validating the
+    # chain at least as strictly as _read_chain does: it reads the tables through ring_tables(),
+    # and claims each head it takes, in ring order, with claim().
+    def ring_tables(self) -> tuple[memoryview, memoryview, bytearray]:
+        """(the descriptor table as bytes, the avail ring as u16: flags, idx, ring..., the
+        in-flight flag of each head) -- to read; heads are taken with :meth:`claim`."""
+        return self._desc, self._avail, self._in_flight
+
+    @property
+    def replay_pending(self) -> bool:
+        """Heads from before a restart are still to be resubmitted (they come first)."""
+        return bool(self._replay)
+
+    def claim(self, head: int) -> None:
+        """Take ``head``, the next avail entry, already validated: in flight, avail advanced."""
+        self._mark_popped(head)
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
 
     def _read_chain(self, head: int) -> DescriptorChain:
         table: memoryview | bytes = self._desc

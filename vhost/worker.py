@@ -189,13 +189,18 @@ class QueueWorker:
             while True:
                 if suppress:
                     vq.disable_notifications()
+                # The device's fast path, if any, takes what it can; the generic pop takes the
+                # rest.  Heads it finished are returned only after that pop, so a head the
+                # driver made available twice is still in flight there, as it would be had the
+                # generic path popped both.
+                finished = handler.submit_from_ring(vq)
                 chains = vq.pop_batch()
                 if chains:
                     self.batches += 1
-                    finished = handler.submit_batch(chains)
-                    for head, used in finished:
-                        vq.add_used(head, used)
-                    self.completed += len(finished)
+                    finished += handler.submit_batch(chains)
+                for head, used in finished:
+                    vq.add_used(head, used)
+                self.completed += len(finished)
                 if vq.broken:
                     self._report_broken()
                     break

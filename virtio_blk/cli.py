@@ -24,7 +24,7 @@ from .backends import open_storage
 from .control.metrics import parse_address
 from .control.plane import ControlError, ControlPlane
 from .device import BlkDevice
-from .disk import DiskError, parse_size
+from .disk import Disk, DiskError, parse_size
 from .engine import ENGINES, default_engine
 from .image_lock import ImageLockError, lock_image
 from .images import FORMATS
@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "qemu-storage-daemon on it is refused; 'off' lets a migration source "
                         "and destination share it; 'auto' (default) is 'on' where the file "
                         "system has OFD locks")
+    p.add_argument("--fast-path", choices=("on", "off"), default="on",
+                   help="start reads and writes in the shapes Linux sends without the generic "
+                        "request machinery (default on; off: every request takes the generic "
+                        "path)")
+    p.add_argument("--queue-processes", choices=("auto", "on", "off"), default="auto",
+                   help="serve each queue in a process of its own (default auto: when there "
+                        "is more than one queue); off: one thread per queue (needed for live "
+                        "migration, which queue processes do not support yet)")
     p.add_argument("--reconnect-delay", type=float, default=30.0, metavar="SECONDS",
                    help="RBD/NBD: how long requests wait for a lost connection to come back "
                    "before failing (default 30)")
@@ -200,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 storage.close()
                 return fail(str(exc))
             log.warning("%s; serving it unlocked", exc)
+    if args.queue_processes == "on" and not (
+            isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)):
+        storage.close()
+        return fail("--queue-processes on serves raw image files only")
     device = BlkDevice(
         storage,
         num_queues=args.num_queues,
@@ -208,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=args.aio,
         io_threads=args.io_threads,
         bounce_pages=args.bounce_pages,
+        fast_path=args.fast_path == "on",
+        queue_processes={"auto": None, "on": True, "off": False}[args.queue_processes],
         # Two clock reads per request, only when someone can read the result.
         latency_accounting=bool(args.qmp or args.metrics),
     )

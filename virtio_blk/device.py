@@ -18,20 +18,22 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from time import monotonic_ns
-from typing import cast
+from typing import Any, cast
 
 from guestmem import AccessError, GuestMemory, LockedIoBuffers
 from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
 from vhost.device import Device, QueueHandler
-from vhost.virtqueue import DescriptorChain
+from vhost.virtqueue import DescriptorChain, VirtQueue
 
 from .accounting import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
-from .disk import BlockDisk
+from .disk import BlockDisk, Disk
 from .engine import IoOp, OpKind
+from .fastpath import FastPath
 from .layout import DataLayout, plan, skip_start, trim_end
 from .ratelimit import RateLimitedLog
 from .request import (
@@ -89,22 +91,32 @@ class BlkStats:
 class StatsTotals:
     """Live totals of per-queue :class:`BlkStats` (read any counter by name)."""
 
-    def __init__(self, parts: list[BlkStats]) -> None:
+    def __init__(self, parts: list[BlkStats], device: Device | None = None) -> None:
         self._parts = parts
+        self._device = device
+
+    def _refresh(self) -> None:
+        """Queues served in processes report their counters first (vhost.procpool)."""
+        refresh = self._device.refresh_counters if self._device is not None else None
+        if refresh is not None:
+            refresh()
 
     def __getattr__(self, name: str) -> int:
         if name.startswith("_") or name not in _STAT_NAMES:
             raise AttributeError(name)
+        self._refresh()
         return sum(getattr(p, name) for p in self._parts)
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in _STAT_NAMES}
+        self._refresh()
+        return {name: sum(getattr(p, name) for p in self._parts) for name in _STAT_NAMES}
 
     def __repr__(self) -> str:
         return f"StatsTotals({self.as_dict()})"
 
 
 _STAT_NAMES = frozenset(f.name for f in fields(BlkStats) if f.type == "int")
+_FIELD_NAMES = frozenset(f.name for f in fields(BlkStats))
 
 
 class BlkRequest(IoOp):
@@ -157,9 +169,29 @@ class BlkDevice(Device):
         io_threads: int = 16,
         bounce_pages: int = 2048,
         writeback: bool = True,
+        fast_path: bool = True,
+        queue_processes: bool | None = None,
         latency_accounting: bool = True,
     ) -> None:
         self.storage = disk if isinstance(disk, Storage) else FileStorage(disk, engine, io_threads)
+        if self._raw_disk() is None:
+            # A format (qcow2) keeps metadata and allocates clusters in its own process, and a
+            # remote storage's connection lives in it: two processes writing one image would
+            # each allocate without the other.
+            if queue_processes:
+                raise ValueError("queue processes serve raw image files only")
+            queue_processes = False
+        #: One process per queue (None: when there is more than one queue); see vhost.procpool.
+        self.queue_processes = queue_processes
+        self._options = {
+            "num_queues": num_queues, "max_queue_size": max_queue_size, "serial": serial,
+            "engine": engine, "io_threads": io_threads, "bounce_pages": bounce_pages,
+            "writeback": writeback, "fast_path": fast_path,
+            "latency_accounting": latency_accounting,
+        }
+        #: Start reads and writes in Linux's shapes through :mod:`.fastpath` (off: every request
+        #: takes the generic path, the reference the fast path is tested against).
+        self.fast_path = fast_path
         info = self.storage.info
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
@@ -185,7 +217,7 @@ class BlkDevice(Device):
         self.acked = 0
         # One counter set per queue: each is only written by its queue's worker thread.
         self.queue_stats = [BlkStats() for _ in range(num_queues)]
-        self.stats = StatsTotals(self.queue_stats)
+        self.stats = StatsTotals(self.queue_stats, self)
         #: Per-request failures (a failing disk fails every request): the first lines of each
         #: minute, then a count.
         self.errlog = RateLimitedLog(log)
@@ -213,9 +245,20 @@ class BlkDevice(Device):
         self.limits = replace(self.limits, capacity=sectors)
         for handler in list(self._handlers):
             handler.limits = self.limits
+        changed = self.process_state_changed  # queue processes check against it too
+        if changed is not None:
+            changed()
+
+    def fresh_queue_stats(self) -> list[BlkStats]:
+        """Each queue's counters, brought up to date first where queues run in processes."""
+        if self.refresh_counters is not None:
+            self.refresh_counters()
+        return self.queue_stats
 
     def totals(self) -> Totals:
         """All queues' counters summed, with failures, times and latency histograms."""
+        if self.refresh_counters is not None:
+            self.refresh_counters()
         return totals(self.queue_stats, sorted(_STAT_NAMES))
 
     # ------------------------------------------------------------------ Device interface
@@ -283,6 +326,61 @@ class BlkDevice(Device):
         if not self.limits.read_only:
             self.storage.flush()
 
+    # ------------------------------------------------------------------ queue processes
+    def _raw_disk(self) -> Disk | None:
+        """The raw image file behind this device, the only storage queue processes serve."""
+        storage = self.storage
+        if isinstance(storage, FileStorage) and isinstance(storage.disk, Disk):
+            return storage.disk
+        return None
+
+    def process_recipe(self) -> tuple[str, dict[str, object], list[int]]:
+        raw = self._raw_disk()
+        if raw is None:
+            raise NotImplementedError("queue processes serve raw image files only")
+        info = raw.info
+        disk = {"path": raw.path, "read_only": info.read_only, "direct": info.direct,
+                "logical_block_size": info.logical_block_size}
+        return ("virtio_blk.device:BlkDevice.in_queue_process",
+                {"disk": disk, "options": self._options}, [raw.fd])
+
+    @classmethod
+    def in_queue_process(cls, recipe: dict[str, Any], fds: list[int]) -> BlkDevice:
+        """The device rebuilt in a queue process, on the image fd the server passed.
+
+        The image is reopened through ``/proc/self/fd`` (the same file, whatever its path now
+        names), so the flags -- O_DIRECT, read-only -- are this process's own.
+        """
+        (fd,) = fds
+        spec = recipe["disk"]
+        try:
+            disk = Disk(f"/proc/self/fd/{fd}", read_only=spec["read_only"],
+                        direct=spec["direct"], logical_block_size=spec["logical_block_size"])
+        finally:
+            os.close(fd)
+        disk.path = spec["path"]
+        return cls(disk, queue_processes=False, **recipe["options"])
+
+    def process_state(self) -> dict[str, object]:
+        return {"writeback": self.writeback, "acked": self.acked,
+                "capacity": self.limits.capacity}
+
+    def apply_process_state(self, state: dict[str, Any]) -> None:
+        self.writeback = bool(state.get("writeback", self.writeback))
+        self.acked = int(state.get("acked", self.acked))
+        capacity = int(state.get("capacity", self.limits.capacity))
+        if capacity != self.limits.capacity:  # a resize (the image file grew already)
+            self.set_capacity(capacity)
+
+    def queue_counters(self, index: int) -> dict[str, Any]:
+        return asdict(self.queue_stats[index])
+
+    def set_queue_counters(self, index: int, counters: dict[str, Any]) -> None:
+        stats = self.queue_stats[index]
+        for name, value in counters.items():
+            if name in _FIELD_NAMES:
+                setattr(stats, name, value)
+
 
 class BlkQueueHandler(QueueHandler):
     """Serves one queue of a :class:`BlkDevice`."""
@@ -301,6 +399,16 @@ class BlkQueueHandler(QueueHandler):
         self.completion_fd = self.engine.completion_fd
         self.timing = device.latency_accounting
         self.pending: collections.deque[DescriptorChain] = collections.deque()
+        self._fast: FastPath | None = None
+
+    def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
+        """The fast path (:mod:`.fastpath`) when the device has it on."""
+        fast = self._fast
+        if fast is None or fast.vq is not vq:
+            if not self.device.fast_path:
+                return []
+            fast = self._fast = FastPath(self, vq)
+        return fast.drain()
 
     # ------------------------------------------------------------------ QueueHandler
     def submit(self, chain: DescriptorChain) -> int | None:

@@ -204,9 +204,11 @@ def test_discard_and_write_zeroes(server) -> None:
     assert next_data >= 12 * MiB, "the discarded range is still allocated in the image"
 
 
-def test_survives_qemu_killed_mid_io(server) -> None:
-    """8. QEMU killed during fio: the server stays up and serves the next QEMU."""
-    srv = server()
+@pytest.mark.parametrize("queue_processes", ["off", "on"])
+def test_survives_qemu_killed_mid_io(server, queue_processes: str) -> None:
+    """8. QEMU killed during fio: the server stays up and serves the next QEMU (with the queue
+    on a thread, and in a queue process)."""
+    srv = server("--queue-processes", queue_processes)
     script = ("marker FIO-START\n"
               f"result long {FIO} --name=long --rw=randrw --bs=4k --iodepth=32 --runtime=60 "
               "--time_based\n")
@@ -239,16 +241,20 @@ def test_direct_io_verify(server) -> None:
     assert "O_DIRECT" in srv.log and "aio=io_uring" in srv.log, srv.log
 
 
-def test_server_killed_and_restarted_under_fio(tmp_path: Path, server) -> None:
+@pytest.mark.parametrize("queue_processes", ["off", "on"])
+def test_server_killed_and_restarted_under_fio(tmp_path: Path, server,
+                                                queue_processes: str) -> None:
     """kill -9 the server under guest fio writes, restart it: the guest goes on, verify passes.
 
     QEMU reconnects (``reconnect=1``) and hands the new server the inflight area the old one
     kept up to date; the requests it had popped are resubmitted, none lost, none done twice
-    (fio's crc32c verify reads every block back at the end).
+    (fio's crc32c verify reads every block back at the end).  With ``--queue-processes on``
+    the queue process dies with the server (PR_SET_PDEATHSIG) and the restarted server's queue
+    process does the resubmitting.
     """
     from .conftest import Server
 
-    srv = server()
+    srv = server("--queue-processes", queue_processes)
     script = ("marker FIO-START\n"
               f"result crash {FIO} --name=crash --rw=randwrite --bs=4k --iodepth=16 "
               "--size=64M --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0\n")
@@ -258,7 +264,7 @@ def test_server_killed_and_restarted_under_fio(tmp_path: Path, server) -> None:
         assert srv.proc is not None
         srv.proc.kill()
         srv.proc.wait(10)
-        restarted = Server(tmp_path, size="1G").start()
+        restarted = Server(tmp_path, "--queue-processes", queue_processes, size="1G").start()
         try:
             res = g.wait()
         finally:

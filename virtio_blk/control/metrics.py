@@ -62,7 +62,7 @@ class BlkCollector(Collector):
         bounced = CounterMetricFamily(f"{PREFIX}_bounced_requests",
                                       "Requests whose data went through a bounce buffer",
                                       labels=["queue"])
-        for q, st in enumerate(self.device.queue_stats):
+        for q, st in enumerate(self.device.fresh_queue_stats()):
             queue = str(q)
             for op, counter in _REQUEST_COUNTERS:
                 requests.add_metric([queue, op], getattr(st, counter))

@@ -80,7 +80,8 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
              writeback: bool = True, num_queues: int = 1,
              mem_layout: Sequence[tuple[int, int, int]] = ((0, 32 * MiB, 0),),
              drop_features: int = 0, queue_size: int = 128,
-             image: Path | None = None, storage: Storage | None = None) -> BlkEnv:
+             image: Path | None = None, queue_processes: bool | None = None,
+             fast_path: bool = True, storage: Storage | None = None) -> BlkEnv:
         """``storage``: serve that (closed after the test) instead of an image file."""
         n = next(counter)
         disk: Disk | Storage
@@ -94,7 +95,8 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
         cleanups.append(disk.close)
         device = BlkDevice(disk, num_queues=num_queues, serial=serial, engine=engine,
                            io_threads=io_threads, bounce_pages=bounce_pages,
-                           writeback=writeback)
+                           writeback=writeback, queue_processes=queue_processes,
+                           fast_path=fast_path)
         daemon = RunningDaemon(device, tmp_path / f"blk{n}.sock")
         cleanups.append(daemon.stop)
         mem = FrontendMemory(mem_layout)

@@ -1,0 +1,425 @@
+"""The fast path changes nothing a guest or the disk can observe: a differential property test.
+
+Hypothesis lays out a ring of requests -- well-formed and malformed, direct and indirect, data in
+one run or several, pieces across a region boundary, in a hole or in a read-only region, splits
+that need bouncing, buffers O_DIRECT cannot take, bad headers and types, sectors past the end --
+and the same ring is served twice, on two identical copies of everything (guest memory, image,
+in-flight area): once with the fast path on, once by the generic path alone.  Compared after each
+pass: the used ring (ids and lengths), every byte of guest memory (statuses, read data, GET_ID
+strings, the rings), the image, the queue's broken state and error, the in-flight area, the
+device's counters (failures per kind, how many requests were timed) and -- when the scenario
+logs dirty pages, as during a live migration -- every bit of the dirty-page log.
+
+With the inline engine every request finishes as it is started, so both runs complete in ring
+order and the comparison is byte for byte.  With io_uring the generic path completes a batch's
+immediate errors before its reaped IO, so the order of used entries (and the batch links of the
+in-flight area, which follow it) may legitimately differ: there the used entries are compared as
+a multiset and the in-flight area by what recovery reads from it (heads in flight, pop order).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import select
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+from guestmem import GuestMemory
+from guestmem.dirty_log import DirtyLog, DirtyMarker
+from vhost.inflight import InflightArea, create_area
+from vhost.messages import VirtioFeature
+from vhost.virtqueue import (
+    DESC,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    RingAddresses,
+    VirtQueue,
+)
+from vhost.worker import Notifier, QueueWorker
+from vhost_frontend import DriverRing
+from virtio_blk.device import BlkDevice
+from virtio_blk.disk import Disk
+from virtio_blk.request import HEADER, T_BARRIER, ReqType
+
+QSIZE = 16
+A_GPA, A_SIZE = 0, 1 << 20  # ring, tables, headers, statuses, data
+B_GPA, B_SIZE = 1 << 20, 1 << 20  # adjacent to A: pieces may straddle the boundary
+RO_GPA, RO_SIZE = 4 << 20, 64 << 10  # read-only; [2 MiB, 4 MiB) is a hole
+DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x2000, 0x3000
+IMAGE_SECTORS = 2048
+FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
+               | VirtioFeature.RING_INDIRECT_DESC)
+
+PLACES = ("A",) * 10 + ("B", "B", "AB", "RO", "HOLE")
+ALIGNS = ("page",) * 4 + ("sector", "sector", "odd")
+LENGTHS = (512,) * 2 + (4096,) * 6 + (8192, 1024, 448, 64, 3952, 2704, 1, 0)
+MUTATIONS = (None,) * 40 + (
+    "header_15", "header_split", "status_2", "status_merged", "status_ro", "data_wrong_way",
+    "extra_flag", "next_oob", "loop", "indirect_next", "indirect_len", "indirect_nested",
+    "indirect_shuffled", "zero_piece", "no_data",
+)
+TYPES = (ReqType.IN,) * 8 + (ReqType.OUT,) * 8 + (
+    ReqType.FLUSH, ReqType.GET_ID, ReqType.DISCARD, 99, ReqType.IN | T_BARRIER,
+)
+
+
+@dataclass
+class Req:
+    rtype: int
+    sector: int
+    pieces: list[tuple[int, str, str]]  # (length, place, alignment)
+    indirect: bool
+    mutation: str | None
+
+
+@dataclass
+class Scenario:
+    requests: list[Req]
+    ring_fault: str | None
+    seed: int
+    engine: str
+    direct: bool
+    read_only: bool
+    bounce_pages: int
+    batches: list[int] = field(default_factory=list)
+    dirty_log: bool = False
+
+
+sectors = st.one_of(
+    st.integers(0, 255).map(lambda s: s & ~7),
+    st.integers(0, 255),
+    st.sampled_from([IMAGE_SECTORS - 8, IMAGE_SECTORS - 1, IMAGE_SECTORS, IMAGE_SECTORS + 8,
+                     3, (1 << 64) - 1]),
+)
+pieces = st.lists(st.tuples(st.sampled_from(LENGTHS), st.sampled_from(PLACES),
+                            st.sampled_from(ALIGNS)), min_size=1, max_size=4)
+any_request = st.builds(Req, st.sampled_from(TYPES), sectors, pieces, st.booleans(),
+                        st.sampled_from(MUTATIONS))
+#: What Linux sends: the fast path's shapes (most of a real ring).
+linux_request = st.builds(
+    Req, st.sampled_from((ReqType.IN, ReqType.OUT)), st.integers(0, 200).map(lambda s: s & ~7),
+    st.lists(st.tuples(st.sampled_from((512, 4096, 4096, 8192)), st.sampled_from(("A", "B")),
+                       st.sampled_from(("page", "sector"))), min_size=1, max_size=3),
+    st.booleans(), st.none())
+requests = st.one_of(linux_request, linux_request, any_request)
+scenarios = st.builds(
+    Scenario,
+    st.lists(requests, min_size=1, max_size=10),
+    st.sampled_from((None,) * 20 + ("dup_head", "head_oob", "avail_jump")),
+    st.integers(0, 1 << 30),
+    st.sampled_from(("inline", "io_uring")),
+    st.booleans(),
+    st.sampled_from((False,) * 4 + (True,)),
+    st.sampled_from((2, 64)),
+    st.lists(st.integers(1, 10), min_size=1, max_size=3),
+    st.booleans(),
+)
+
+
+class Allocator:
+    """Bump allocation in each place, with the alignment asked for."""
+
+    def __init__(self) -> None:
+        self.next = {"A": 0x10000, "B": B_GPA + 0x1000, "RO": RO_GPA + 0x100,
+                     "HOLE": 3 << 20}
+        self.ab = A_GPA + A_SIZE - 0x3000
+
+    def take(self, place: str, length: int, align: str) -> int:
+        if place == "AB":  # straddles the A/B boundary
+            gpa = self.ab
+            self.ab -= 0x4000
+            return gpa + 0x2F00 - (length // 2)
+        gpa = self.next[place]
+        if align == "page":
+            gpa = (gpa + 4095) & ~4095
+        elif align == "sector":
+            gpa = ((gpa + 511) & ~511) + 512
+        else:
+            gpa += 3
+        end = gpa + max(length, 1) + 64
+        if place == "RO":
+            end = min(end, RO_GPA + RO_SIZE - 1)
+        self.next[place] = end
+        return gpa
+
+
+class Layout:
+    """Guest memory writes and descriptors that make the scenario's ring."""
+
+    def __init__(self, sc: Scenario) -> None:
+        self.writes: list[tuple[int, bytes]] = []
+        self.descs: list[tuple[int, int, int, int, int]] = []  # index, addr, len, flags, next
+        self.heads: list[int] = []
+        self.alloc = Allocator()
+        self.rng = random.Random(sc.seed)
+        self.next_desc = 0
+        self.ordered = sc.engine == "inline"
+        self.extents: list[tuple[int, int, bool]] = []
+        self.fresh = IMAGE_SECTORS // 2
+        for req in sc.requests:
+            head = self._lay(req)
+            if head is not None:
+                self.heads.append(head)
+        if sc.ring_fault == "dup_head" and self.heads:
+            self.heads.insert(len(self.heads) // 2 + 1, self.heads[0])
+        elif sc.ring_fault == "head_oob":
+            self.heads.insert(len(self.heads) // 2, QSIZE + 3)
+        self.avail_jump = sc.ring_fault == "avail_jump"
+
+    def _small(self, n: int) -> int:
+        return self.alloc.take("A", n, "odd")
+
+    def _sector(self, req: Req) -> int:
+        """io_uring may run the IOs of one batch in any order (as may any disk): there, a write
+        never overlaps another request's sectors, so the image and the data read are
+        determined."""
+        sector = req.sector
+        if self.ordered:
+            return sector
+        end = sector + (sum(n for n, _, _ in req.pieces) + 511) // 512
+        writes = req.rtype == ReqType.OUT
+        if any(s < end and sector < e and (writes or w) for s, e, w in self.extents):
+            sector = self.fresh
+            self.fresh += 64
+            end = sector + 64
+        self.extents.append((sector, end, writes))
+        return sector
+
+    def _lay(self, req: Req) -> int | None:
+        m = req.mutation
+        hdr = self.alloc.take("A", 16, "sector")
+        self.writes.append((hdr, HEADER.pack(req.rtype & 0xFFFFFFFF, 0, self._sector(req))))
+        writable_data = (req.rtype & ~T_BARRIER) in (ReqType.IN, ReqType.GET_ID)
+        if m == "data_wrong_way":
+            writable_data = not writable_data
+        chain: list[tuple[int, int, int]] = []  # addr, len, flags (without NEXT)
+        if m == "header_split":
+            chain += [(hdr, 8, 0), (hdr + 8, 8, 0)]
+        else:
+            chain.append((hdr, 15 if m == "header_15" else 16, 0))
+        for length, place, align in ([] if m == "no_data" else req.pieces):
+            gpa = self.alloc.take(place, length, align)
+            if not writable_data and place in ("A", "B", "AB") and length:
+                self.writes.append((gpa, self.rng.randbytes(length)))
+            chain.append((gpa, length, VIRTQ_DESC_F_WRITE if writable_data else 0))
+        if m == "zero_piece":
+            chain.insert(1, (self._small(4), 0, VIRTQ_DESC_F_WRITE if writable_data else 0))
+        status = self.alloc.take("RO", 1, "odd") if m == "status_ro" else self._small(2)
+        self.writes.append((status, b"\xee\xee"))
+        if m == "status_merged" and len(chain) > 1 and chain[-1][2]:
+            addr, length, flags = chain[-1]
+            chain[-1] = (addr, length + 1, flags)
+        else:
+            chain.append((status, 2 if m == "status_2" else 1, VIRTQ_DESC_F_WRITE))
+        if m == "extra_flag":
+            addr, length, flags = chain[0]
+            chain[0] = (addr, length, flags | 0x8)
+        if req.indirect:
+            return self._indirect(chain, m)
+        return self._direct(chain, m)
+
+    def _alloc_descs(self, n: int) -> list[int] | None:
+        if self.next_desc + n > QSIZE:
+            return None
+        ids = list(range(self.next_desc, self.next_desc + n))
+        self.next_desc += n
+        return ids
+
+    def _direct(self, chain: list[tuple[int, int, int]], m: str | None) -> int | None:
+        ids = self._alloc_descs(len(chain))
+        if ids is None:
+            return None
+        for i, (addr, length, flags) in enumerate(chain):
+            last = i + 1 == len(chain)
+            nxt = 0 if last else ids[i + 1]
+            f = flags | (0 if last else VIRTQ_DESC_F_NEXT)
+            if m == "next_oob" and i == 0:
+                nxt = QSIZE + 1
+            if m == "loop" and last:
+                f |= VIRTQ_DESC_F_NEXT
+                nxt = ids[0]
+            self.descs.append((ids[i], addr, length, f, nxt))
+        return ids[0]
+
+    def _indirect(self, chain: list[tuple[int, int, int]], m: str | None) -> int | None:
+        ids = self._alloc_descs(1)
+        if ids is None:
+            return None
+        n = len(chain)
+        order = list(range(n))
+        if m == "indirect_shuffled" and n > 2:  # a valid chain, but not in table order
+            order = [0, *range(n - 1, 0, -1)]
+        table = [b""] * n
+        for pos, i in enumerate(order):
+            addr, length, flags = chain[i]
+            last = pos + 1 == n
+            slot_next = order[pos + 1] if not last else 0
+            f = flags | (0 if last else VIRTQ_DESC_F_NEXT)
+            if m == "indirect_nested" and pos == 1:
+                f |= VIRTQ_DESC_F_INDIRECT
+            if m == "loop" and last:
+                f |= VIRTQ_DESC_F_NEXT
+                slot_next = order[0]
+            if m == "next_oob" and pos == 0:
+                slot_next = n + 2
+            table[i] = (addr, length, f, slot_next)  # type: ignore[call-overload]
+        raw = b"".join(DESC.pack(*d) for d in table)  # type: ignore[misc]
+        gpa = self.alloc.take("A", len(raw), "page")
+        self.writes.append((gpa, raw))
+        flags = VIRTQ_DESC_F_INDIRECT | (VIRTQ_DESC_F_NEXT if m == "indirect_next" else 0)
+        length = len(raw) + (8 if m == "indirect_len" else 0)
+        self.descs.append((ids[0], gpa, length, flags, 0))
+        return ids[0]
+
+
+class Rig:
+    """One copy of everything, served by a queue worker with the fast path on or off."""
+
+    def __init__(self, sc: Scenario, layout: Layout, image: bytes, tmp: str,
+                 fast: bool) -> None:
+        self.mem = GuestMemory()
+        self.maps = [mmap.mmap(-1, A_SIZE), mmap.mmap(-1, B_SIZE), mmap.mmap(-1, RO_SIZE)]
+        self.mem.add_buffer(A_GPA, self.maps[0])
+        self.mem.add_buffer(B_GPA, self.maps[1])
+        self.mem.add_buffer(RO_GPA, self.maps[2], readonly=True)
+        for gpa, data in layout.writes:
+            for region, m in zip((A_GPA, B_GPA, RO_GPA), self.maps, strict=True):
+                lo, hi = region, region + len(m)
+                for i, byte in enumerate(data):  # raw: may straddle regions, or lie in a hole
+                    if lo <= gpa + i < hi:
+                        m[gpa + i - lo] = byte
+        self.path = os.path.join(tmp, "fast.img" if fast else "ref.img")
+        with open(self.path, "wb") as f:
+            f.write(image)
+        self.disk = Disk(self.path, read_only=sc.read_only, direct=sc.direct)
+        self.device = BlkDevice(self.disk, engine=sc.engine, bounce_pages=sc.bounce_pages,
+                                fast_path=fast, serial="differential")
+        addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
+        self.driver = DriverRing(self.mem, QSIZE, addresses, event_idx=True)
+        for index, addr, length, flags, nxt in layout.descs:
+            self.driver.write_desc(index, addr, length, flags, nxt)
+        fd, size = create_area(1, QSIZE)
+        self.inflight = InflightArea.map(fd, size, 0, 1, QSIZE)
+        os.close(fd)
+        self.vq = VirtQueue(self.mem, QSIZE, addresses, FEATURES, index=0,
+                            inflight=self.inflight.queue(0, QSIZE))
+        self.handler = self.device.create_handler(0, self.mem)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.worker = QueueWorker(self.vq, self.handler, self.kick_fd, Notifier(self.call_fd))
+        self.log: DirtyLog | None = None
+        if sc.dirty_log:  # as during a migration: the ring and the device mark one log
+            self.log_fd = os.memfd_create("differential-log", os.MFD_CLOEXEC)
+            size = (RO_GPA + RO_SIZE) // 4096 // 8 + 8 & ~7  # bits for every page, in u64s
+            os.ftruncate(self.log_fd, size)
+            self.log = DirtyLog(self.log_fd, size)
+            self.vq.dirty = self.handler.dirty = DirtyMarker(self.log)
+
+    def publish(self, heads: list[int], jump: bool) -> None:
+        self.driver.publish(*heads)
+        if jump:
+            self.driver.set_avail_idx(self.driver.avail_idx + QSIZE + 5)
+
+    def serve(self) -> None:
+        """One worker pass, then passes on completions until nothing is in flight."""
+        self.worker._service(kick=True)
+        deadline = time.monotonic() + 10
+        while self.vq.in_flight_count and time.monotonic() < deadline:
+            fd = self.handler.completion_fd
+            if fd is not None:
+                select.select([fd], [], [], 0.01)
+            self.worker._service(kick=False)
+
+    def used(self) -> list[tuple[int, int]]:
+        return [self.driver.used_elem(i) for i in range(self.driver.used_idx())]
+
+    def image(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def close(self) -> None:
+        self.driver.release()
+        self.vq.release()
+        self.handler.close()
+        self.worker.call.close()
+        os.close(self.kick_fd)
+        self.inflight.close()
+        if self.log is not None:
+            self.vq.dirty = self.handler.dirty = None
+            self.log.close()
+            os.close(self.log_fd)
+        self.disk.close()
+        self.mem.close()
+
+
+def observable(rig: Rig, ordered: bool) -> dict[str, object]:
+    used = rig.used()
+    inflight = bytes(rig.inflight.mapping)
+    tracker = rig.inflight.queue(0, QSIZE)
+    try:
+        in_flight = tracker.in_flight()
+        counters = [tracker._state(i)[2] for i in in_flight]
+    finally:
+        tracker.release()
+    return {
+        "used_idx": rig.driver.used_idx(),
+        "used": used if ordered else sorted(used),
+        "memory": [bytes(m) for m in rig.maps] if ordered else None,
+        "memory_outside_used_ring": [bytes(rig.maps[0][:USED_GPA]), bytes(rig.maps[0][0x4000:]),
+                                     bytes(rig.maps[1]), bytes(rig.maps[2])],
+        "image": rig.image(),
+        "broken": rig.vq.broken,
+        "error": str(rig.vq.error) if rig.vq.error else None,
+        "next_avail": rig.vq.next_avail,
+        "in_flight_count": rig.vq.in_flight_count,
+        "inflight_area": inflight if ordered else None,
+        "inflight_heads": (in_flight, counters),
+        "stats": rig.device.stats.as_dict(),
+        # Failures per kind, and how many requests were timed (not the times themselves).
+        "failed": [q.failed for q in rig.device.queue_stats],
+        "timed": [[sum(h) for h in q.latency] for q in rig.device.queue_stats],
+        "dirty_pages": bytes(rig.log._words) if rig.log is not None else None,
+    }
+
+
+@settings(deadline=None, max_examples=150,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(scenarios)
+# A head made available twice in one batch, the first time in the fast path's shape: it must
+# still be in flight when the generic pop meets it again (the queue stops), not be served twice.
+@example(Scenario([Req(ReqType.IN, 0, [(512, "A", "page")], False, None)], "dup_head", 0,
+                  "inline", False, False, 2, [2]))
+def test_fast_path_is_invisible(sc: Scenario) -> None:
+    layout = Layout(sc)
+    image = random.Random(sc.seed ^ 0x5A5A).randbytes(IMAGE_SECTORS * 512)
+    with tempfile.TemporaryDirectory() as tmp:
+        fast = Rig(sc, layout, image, tmp, fast=True)
+        ref = Rig(sc, layout, image, tmp, fast=False)
+        try:
+            heads = layout.heads
+            start = 0
+            for i, n in enumerate([*sc.batches, len(heads)]):
+                batch = heads[start : start + n]
+                start += len(batch)
+                last = i == len(sc.batches)
+                for rig in (fast, ref):
+                    rig.publish(batch, jump=layout.avail_jump and last)
+                    rig.serve()
+                ordered = sc.engine == "inline"
+                assert observable(fast, ordered) == observable(ref, ordered)
+                if start >= len(heads):
+                    break
+            taken = fast.handler._fast.taken if fast.handler._fast else 0
+            share = "none" if not taken else "all" if taken == len(heads) else "some"
+            event(f"fast path took {share}")
+            event(f"queue broken: {ref.vq.broken}")
+        finally:
+            fast.close()
+            ref.close()
