@@ -296,27 +296,14 @@ class DirtyMarker:
     def commit(self) -> None:
         """Set every recorded page's bit (after the writes, before they are published).
 
-        See :meth:`DirtyLog.set_words` for why a word already all set is left alone; this is
-        the same loop, inlined: it runs once per used-ring publication.
+        See :meth:`DirtyLog.set_words` for the fence and why a word already all set is left
+        alone.
         """
         pending = self._pending
         if not pending:
             return
         log_ = self.log
-        view = log_._words
-        words = log_.words
-        base = log_.base
-        fetch_or = _fetch_or
-        marked = outside = 0
-        _fence.acquire()  # full fence: our writes are visible before the bits are checked
-        _fence.release()
-        for word, mask in pending.items():
-            if 0 <= word < words:
-                if view[word] & mask != mask:
-                    fetch_or(base + word * WORD_BYTES, mask)
-                marked += mask.bit_count()
-            else:
-                outside += mask.bit_count()
+        marked, outside = log_.set_words(pending)
         pending.clear()
         self.pages += marked
         if outside:

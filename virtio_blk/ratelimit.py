@@ -33,8 +33,9 @@ class RateLimitedLog:
         #: Lines asked for in all (emitted or not), for tests and statistics.
         self.total = 0
 
-    def log(self, level: int, msg: str, *args: object) -> None:
-        """Log ``msg % args`` at ``level`` unless this interval's burst is spent."""
+    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        """Log ``msg % args`` at ``level`` unless this interval's burst is spent
+        (``exc_info``: with the exception being handled, as ``logging`` does)."""
         with self._lock:
             self.total += 1
             now = self._clock()
@@ -46,7 +47,7 @@ class RateLimitedLog:
                 self._suppressed += 1
                 return
             self._emitted += 1
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
 
     def _report_suppressed(self, level: int) -> None:
         if self._suppressed:

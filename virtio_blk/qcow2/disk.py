@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from ..disk import DiskError, DiskInfo, resume_io
+from ..ratelimit import RateLimitedLog
 from .image import Qcow2Image
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class Qcow2Disk:
             self.image.close()
             raise DiskError(f"{self.path}: virtual size is smaller than one block")
         self.info = DiskInfo(size, logical_block_size, read_only, False, 1, 1, False)
+        #: Bad metadata fails every request that meets it: the first lines, then a count.
+        self._errlog = RateLimitedLog(log)
 
     @property
     def uring_engine(self) -> type:
@@ -60,10 +63,11 @@ class Qcow2Disk:
         try:
             self.image.read_into(views, offset)
         except OSError as exc:
-            log.error("%s: read at %d failed: %s", self.path, offset, exc)
+            self._errlog.log(logging.ERROR, "%s: read at %d failed: %s", self.path, offset, exc)
             raise
         except Exception as exc:  # a bug or bad metadata we did not foresee: this request only
-            log.exception("%s: read at %d failed", self.path, offset)
+            self._errlog.log(logging.ERROR, "%s: read at %d failed", self.path, offset,
+                             exc_info=True)
             raise OSError(errno.EIO, str(exc)) from exc
         return sum(v.nbytes for v in views)
 
@@ -72,10 +76,11 @@ class Qcow2Disk:
         try:
             self.image.write_from(views, offset)
         except OSError as exc:
-            log.error("%s: write at %d failed: %s", self.path, offset, exc)
+            self._errlog.log(logging.ERROR, "%s: write at %d failed: %s", self.path, offset, exc)
             raise
         except Exception as exc:
-            log.exception("%s: write at %d failed", self.path, offset)
+            self._errlog.log(logging.ERROR, "%s: write at %d failed", self.path, offset,
+                             exc_info=True)
             raise OSError(errno.EIO, str(exc)) from exc
         return sum(v.nbytes for v in views)
 
@@ -92,10 +97,12 @@ class Qcow2Disk:
         try:
             fn(*args)
         except OSError as exc:
-            log.error("%s: %s%r failed: %s", self.path, fn.__name__, args, exc)
+            self._errlog.log(logging.ERROR, "%s: %s%r failed: %s", self.path, fn.__name__, args,
+                             exc)
             raise
         except Exception as exc:
-            log.exception("%s: %s%r failed", self.path, fn.__name__, args)
+            self._errlog.log(logging.ERROR, "%s: %s%r failed", self.path, fn.__name__, args,
+                             exc_info=True)
             raise OSError(errno.EIO, str(exc)) from exc
 
     def grow(self, size: int) -> None:
