@@ -71,6 +71,7 @@ from .format import (
     OFLAG_ZERO,
     Header,
     Qcow2OpenError,
+    l1_entries_needed,
     read_header,
 )
 from .hostio import (
@@ -622,6 +623,48 @@ class Qcow2Image:
             length -= n
 
     # ------------------------------------------------------------------ lifecycle
+    def grow(self, size: int) -> None:
+        """Grow the virtual size to ``size`` bytes while the image is served.
+
+        Done where no new metadata cluster is needed: the L1 table's clusters have room for the
+        entries the new size needs (one 64 KiB L1 cluster maps 4 TiB), the old size ends on a
+        cluster boundary (no tail of a cluster that would have to be zeroed first), and no
+        backing file would show through the new area.  The header's size and L1 size change
+        in one write, then are synced.  Anything else is a DiskError naming the offline way.
+        """
+        with self._lock:
+            h = self.header
+            cs = self.cluster_size
+            if self.read_only:
+                raise DiskError(f"{self.path} is open read-only")
+            if size <= self.size:
+                return
+            offline = "stop the server and use qemu-img resize"
+            if self.size % cs:
+                raise DiskError(f"{self.path}: its size is not a whole number of clusters; "
+                                f"{offline}")
+            if self.backing is not None and self.backing.size > self.size:
+                raise DiskError(f"{self.path}: the backing file would show through the new "
+                                f"area; {offline}")
+            need = l1_entries_needed(size, self.cluster_bits)
+            room = -(-(h.l1_size * 8) // cs) * cs // 8  # entries the L1 clusters hold
+            if need > room:
+                raise DiskError(f"{self.path}: {size} bytes need a larger L1 table (more than "
+                                f"{room} entries); {offline}")
+            l1_size = max(need, h.l1_size)
+            if l1_size > h.l1_size:  # the slack of the L1 cluster must be unused
+                slack = os.pread(self.fd, (l1_size - h.l1_size) * 8,
+                                 h.l1_table_offset + h.l1_size * 8)
+                if slack.strip(b"\0"):
+                    raise DiskError(f"{self.path}: the L1 table's unused entries are not zero; "
+                                    f"{offline}")
+            # size (offset 24), crypt_method (32) and l1_size (36): one write, then synced.
+            pwrite_all(self.fd, struct.pack(">QII", size, h.crypt_method, l1_size), 24)
+            os.fdatasync(self.fd)
+            self.l1.extend([0] * (l1_size - len(self.l1)))
+            h.l1_size = l1_size
+            h.size = self.size = size
+
     def flush(self) -> None:
         """Every metadata change is already in the file (write-through): sync it.  Then drop
         the refcounts of clusters whose last reference was cleared before the sync -- if no IO
