@@ -17,28 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from qemu_guest import Guest, GuestResult, run_guest
+from qemu_guest import Guest, run_guest
 
-from .conftest import image_bytes
+from .conftest import Server, image_bytes
+from .workloads import FIO, check_fio, fio_job, kill_and_restart_under_fio
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
-FIO = "fio --filename=/dev/vda --ioengine=libaio --direct=1 --output-format=json"
-
-
-def fio_job(name: str, rw: str, bs: str, depth: int, runtime: int = 3, extra: str = "") -> str:
-    return (f"result {name} {FIO} --name={name} --rw={rw} --bs={bs} --iodepth={depth} "
-            f"--runtime={runtime} --time_based {extra}")
-
-
-def check_fio(res: GuestResult, name: str) -> float:
-    """The job's IOPS, after checking fio succeeded without errors."""
-    assert res.rc(name) == 0, f"fio {name} failed:\n{res.text(name)[-2000:]}"
-    fio = res.fio(name)
-    assert not fio.errors, f"fio {name} errors: {fio.errors}"
-    assert fio.iops > 0, f"fio {name} did no IO"
-    return fio.iops
 
 
 def test_fio_random_4k(server) -> None:
@@ -252,24 +238,7 @@ def test_server_killed_and_restarted_under_fio(tmp_path: Path, server,
     the queue process dies with the server (PR_SET_PDEATHSIG) and the restarted server's queue
     process does the resubmitting.
     """
-    from .conftest import Server
-
     srv = server("--queue-processes", queue_processes)
-    script = ("marker FIO-START\n"
-              f"result crash {FIO} --name=crash --rw=randwrite --bs=4k --iodepth=16 "
-              "--size=64M --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0\n")
-    with Guest(srv.sock, script, reconnect=True, timeout=600) as g:
-        g.wait_for(r"^@@FIO-START$")
-        time.sleep(5)
-        assert srv.proc is not None
-        srv.proc.kill()
-        srv.proc.wait(10)
-        restarted = Server(tmp_path, "--queue-processes", queue_processes, size="1G").start()
-        try:
-            res = g.wait()
-        finally:
-            rc = restarted.stop()
-    assert rc == 0, restarted.log
-    check_fio(res, "crash")
-    assert restarted.log.count("frontend connected") >= 1
+    _, restarted = kill_and_restart_under_fio(
+        srv, lambda: Server(tmp_path, "--queue-processes", queue_processes, size="1G").start())
     print(re.findall(r"resubmitting \d+ requests[^\n]*", restarted.log))

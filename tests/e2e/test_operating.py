@@ -24,11 +24,11 @@ from qemu.qmp import QMPClient
 from qemu_guest import Guest
 
 from .conftest import image_bytes
+from .workloads import FIO
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
-FIO = "fio --filename=/dev/vda --ioengine=libaio --direct=1 --output-format=json"
 
 
 def qmp(path: Path, *commands: tuple[str, dict[str, Any] | None]) -> list[Any]:

@@ -8,15 +8,14 @@ import hashlib
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from qemu_guest import Guest, run_guest
+from qemu_guest import run_guest
 
 from .conftest import Server
-from .test_blk_guest import FIO, check_fio
+from .workloads import FIO, check_fio, kill_and_restart_under_fio
 
 pytestmark = pytest.mark.e2e
 
@@ -84,25 +83,14 @@ def test_qcow2_server_killed_and_restarted_under_fio(tmp_path: Path, server) -> 
     """kill -9 under guest writes on a fresh thin image (every write allocates), restart: the
     guest's verify passes and ``qemu-img check`` finds leaks at most, no corruption."""
     srv = server("--format", "qcow2")
-    script = ("marker FIO-START\n"
-              f"result crash {FIO} --name=crash --rw=randwrite --bs=4k --iodepth=16 "
-              "--size=64M --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0\n")
-    with Guest(srv.sock, script, reconnect=True, timeout=900) as g:
-        g.wait_for(r"^@@FIO-START$")
-        time.sleep(5)
-        assert srv.proc is not None
-        srv.proc.kill()
-        srv.proc.wait(10)
+
+    def check_right_after_kill() -> None:
         rc, report = qemu_img_check(srv.image)
         assert rc in (0, 3), f"corruption right after kill -9: {report}"
-        restarted = Server(tmp_path, "--format", "qcow2", size="1G").start()
-        try:
-            res = g.wait()
-        finally:
-            rc = restarted.stop()
-    assert rc == 0, restarted.log
-    check_fio(res, "crash")
-    assert restarted.log.count("frontend connected") >= 1
+
+    kill_and_restart_under_fio(
+        srv, lambda: Server(tmp_path, "--format", "qcow2", size="1G").start(),
+        timeout=900, after_kill=check_right_after_kill)
     rc, report = qemu_img_check(srv.image)
     assert rc in (0, 3), report
     assert report.get("corruptions", 0) == 0, report

@@ -23,7 +23,7 @@ from remote_testbed.ceph import CephCluster
 from tests.remote.fixtures import MakeNbd
 
 from .conftest import Server, image_bytes
-from .test_blk_guest import FIO, check_fio
+from .workloads import FIO, check_fio, crash_script, kill_and_restart_under_fio
 
 pytestmark = pytest.mark.e2e
 
@@ -131,10 +131,6 @@ def test_rbd_snapshot_is_read_only_in_the_guest(ceph_cluster: CephCluster, rbd_i
         ceph_cluster.rbd("rm", "rbd/snapsrc")
 
 
-CRASH_FIO = (f"result crash {FIO} --name=crash --rw=randwrite --bs=4k --iodepth=16 "
-             "--size=32M --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0\n")
-
-
 def test_rbd_server_killed_under_fio_restarts_and_takes_the_lock_over(
         ceph_cluster: CephCluster, rbd_image: str, guest_image: Path, tmp_path: Path) -> None:
     """kill -9 of this server under guest writes: QEMU reconnects to the restarted server,
@@ -142,20 +138,8 @@ def test_rbd_server_killed_under_fio_restarts_and_takes_the_lock_over(
     resubmits the in-flight requests; fio's verify passes."""
     spec = ceph_cluster.spec(rbd_image)
     srv = serve(tmp_path, spec)
-    with Guest(srv.sock, "marker FIO-START\n" + CRASH_FIO, reconnect=True, timeout=900) as g:
-        g.wait_for(r"^@@FIO-START$")
-        time.sleep(5)
-        assert srv.proc is not None
-        srv.proc.kill()
-        srv.proc.wait(10)
-        restarted = Server(srv.workdir, spec=spec).start()
-        try:
-            res = g.wait()
-        finally:
-            rc = restarted.stop()
-    assert rc == 0, restarted.log
-    check_fio(res, "crash")
-    assert restarted.log.count("frontend connected") >= 1
+    _, restarted = kill_and_restart_under_fio(
+        srv, lambda: Server(srv.workdir, spec=spec).start(), size="32M", timeout=900)
     assert " IOERR" not in restarted.log and "failed" not in restarted.log, restarted.log
 
 
@@ -166,7 +150,7 @@ def test_nbd_server_killed_under_fio_is_reconnected(make_nbd: MakeNbd, guest_ima
     nbd = make_nbd("qemu-nbd", "unix")
     srv = serve(tmp_path, nbd.uri, "--reconnect-delay", "30")
     try:
-        with Guest(srv.sock, "marker FIO-START\n" + CRASH_FIO, timeout=900) as g:
+        with Guest(srv.sock, crash_script("32M"), timeout=900) as g:
             g.wait_for(r"^@@FIO-START$")
             time.sleep(1)  # on a quiet machine this fio is done within about 5 s
             nbd.kill()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import re
 import shutil
 import signal
@@ -16,129 +15,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from vhost_frontend import Frontend, FrontendMemory
-from vhost_frontend.blk import BlkDriver
 from virtio_blk.disk import Disk, DiskError
 from virtio_blk.request import Status
 
-REPO = Path(__file__).resolve().parents[3]
-TIMEOUT = 20.0
-
-
-def command(*args: str | os.PathLike[str]) -> list[str]:
-    return [sys.executable, "-m", "virtio_blk", *map(os.fspath, args)]
-
-
-def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    """Run the command to completion (it must exit on its own)."""
-    return subprocess.run(command(*args), cwd=REPO, capture_output=True, text=True,
-                          timeout=TIMEOUT, check=False)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("vhost-user-blk: error: ")
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert proc.stdout == ""
-
-
-class Server:
-    """A running ``python -m virtio_blk``; its stderr lines are collected on a thread."""
-
-    def __init__(self, *args: str | os.PathLike[str], pass_fds: Sequence[int] = ()) -> None:
-        self.proc = subprocess.Popen(command(*args), cwd=REPO, stderr=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, text=True, pass_fds=pass_fds)
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> str:
-        """The first stderr line (from now on) matching ``pattern``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no line matching {pattern!r}; got {self.lines}")
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"exited ({self.proc.wait(5)}) before {pattern!r}: "
-                                     f"{self.lines}")
-            self.lines.append(line)
-            if re.search(pattern, line):
-                return line
-
-    def started(self) -> str:
-        return self.wait_for(r" serving ")
-
-    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> tuple[int, float]:
-        """Send ``sig``; (exit status, seconds it took)."""
-        t0 = time.monotonic()
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout)
-        took = time.monotonic() - t0
-        self._reader.join(5)
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if line is not None:
-                self.lines.append(line)
-        return rc, took
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started: list[Server] = []
-    yield started
-    for server in started:
-        server.kill()
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        os.truncate(f.fileno(), 1 << 20)
-    return path
-
-
-def connect(path: Path | str) -> tuple[Frontend, FrontendMemory, BlkDriver]:
-    fe = Frontend(path)
-    mem = FrontendMemory([(0, 8 << 20, 0)])
-    fe.negotiate()
-    fe.set_mem_table(mem)
-    q = fe.setup_queue(0, size=64)
-    return fe, mem, BlkDriver(fe, q, mem)
+from ..cli_harness import REPO, TIMEOUT, Server, assert_one_line_error, command, connect, run
 
 
 # ---------------------------------------------------------------- user errors

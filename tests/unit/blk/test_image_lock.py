@@ -6,35 +6,18 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from virtio_blk.image_lock import ImageLockError, lock_image
 
-from .test_cli import REPO, Server, assert_one_line_error, connect, run
+from ..cli_harness import REPO, Server, assert_one_line_error, connect, run
 
 requires_qemu_tools = pytest.mark.skipif(
     shutil.which("qemu-io") is None or shutil.which("qemu-storage-daemon") is None,
     reason="qemu-io / qemu-storage-daemon not installed (.ci/run installs them)",
 )
-
-
-@pytest.fixture
-def img(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        os.truncate(f.fileno(), 1 << 20)
-    return path
-
-
-@pytest.fixture
-def started() -> Iterator[list[Server]]:
-    servers: list[Server] = []
-    yield servers
-    for server in servers:
-        server.kill()
 
 
 def _open(path: Path, writable: bool) -> int:
@@ -47,38 +30,38 @@ def _open(path: Path, writable: bool) -> int:
 @pytest.mark.parametrize(("first_rw", "second_rw", "conflict"), [
     (True, True, True), (True, False, True), (False, True, True), (False, False, False)],
     ids=["rw-rw", "rw-ro", "ro-rw", "ro-ro"])
-def test_lock_conflicts(img: Path, first_rw: bool, second_rw: bool, conflict: bool) -> None:
-    a, b = _open(img, first_rw), _open(img, second_rw)
+def test_lock_conflicts(image: Path, first_rw: bool, second_rw: bool, conflict: bool) -> None:
+    a, b = _open(image, first_rw), _open(image, second_rw)
     try:
-        lock_image(a, str(img), first_rw)
+        lock_image(a, str(image), first_rw)
         if conflict:
             with pytest.raises(ImageLockError, match='"write" lock') as info:
-                lock_image(b, str(img), second_rw)
-            assert str(img) in str(info.value) and not info.value.unsupported
+                lock_image(b, str(image), second_rw)
+            assert str(image) in str(info.value) and not info.value.unsupported
         else:
-            lock_image(b, str(img), second_rw)
+            lock_image(b, str(image), second_rw)
     finally:
         os.close(a)
         os.close(b)
 
 
-def test_lock_goes_with_the_fd(img: Path) -> None:
-    a = _open(img, True)
-    lock_image(a, str(img), True)
+def test_lock_goes_with_the_fd(image: Path) -> None:
+    a = _open(image, True)
+    lock_image(a, str(image), True)
     os.close(a)
-    b = _open(img, True)
+    b = _open(image, True)
     try:
-        lock_image(b, str(img), True)  # the first holder is gone: free again
+        lock_image(b, str(image), True)  # the first holder is gone: free again
     finally:
         os.close(b)
 
 
-def test_qemu_lock_bytes_are_taken(img: Path) -> None:
+def test_qemu_lock_bytes_are_taken(image: Path) -> None:
     """Bytes 100 (consistent read), 101 (write), 201 (write not shared), 203 (resize not
     shared): what QEMU's raw_check_lock_bytes probes."""
-    a = _open(img, True)
+    a = _open(image, True)
     try:
-        lock_image(a, str(img), True)
+        lock_image(a, str(image), True)
         with open(f"/proc/self/fdinfo/{a}") as f:
             info = f.read()
         taken = set()
@@ -92,15 +75,15 @@ def test_qemu_lock_bytes_are_taken(img: Path) -> None:
 
 
 # ---------------------------------------------------------------- the command
-def test_second_server_on_the_image_is_refused(tmp_path: Path, img: Path,
-                                               started: list[Server]) -> None:
-    first = Server("--socket", tmp_path / "a.sock", "--image", img, "--aio", "threads")
-    started.append(first)
+def test_second_server_on_the_image_is_refused(tmp_path: Path, image: Path,
+                                               servers: list[Server]) -> None:
+    first = Server("--socket", tmp_path / "a.sock", "--image", image, "--aio", "threads")
+    servers.append(first)
     first.started()
-    proc = run("--socket", tmp_path / "b.sock", "--image", img)
-    assert_one_line_error(proc, '"write" lock', str(img), "--locking off")
+    proc = run("--socket", tmp_path / "b.sock", "--image", image)
+    assert_one_line_error(proc, '"write" lock', str(image), "--locking off")
     assert not (tmp_path / "b.sock").exists()
-    proc = run("--socket", tmp_path / "b.sock", "--image", img, "--read-only")
+    proc = run("--socket", tmp_path / "b.sock", "--image", image, "--read-only")
     assert_one_line_error(proc, 'shared "write" lock')
     fe, mem, drv = connect(tmp_path / "a.sock")  # the first one still serves
     try:
@@ -110,12 +93,12 @@ def test_second_server_on_the_image_is_refused(tmp_path: Path, img: Path,
         mem.close()
 
 
-def test_locking_off_shares_the_image(tmp_path: Path, img: Path, started: list[Server]) -> None:
+def test_locking_off_shares_the_image(tmp_path: Path, image: Path, servers: list[Server]) -> None:
     """The migration setup: source and destination servers on one image."""
     for name in ("src", "dst"):
-        server = Server("--socket", tmp_path / f"{name}.sock", "--image", img, "--aio",
+        server = Server("--socket", tmp_path / f"{name}.sock", "--image", image, "--aio",
                         "threads", "--locking", "off")
-        started.append(server)
+        servers.append(server)
         server.started()
     for name in ("src", "dst"):
         fe, mem, drv = connect(tmp_path / f"{name}.sock")
@@ -128,22 +111,22 @@ def test_locking_off_shares_the_image(tmp_path: Path, img: Path, started: list[S
 
 
 @requires_qemu_tools
-def test_qemu_tools_and_this_server_refuse_each_other(tmp_path: Path, img: Path,
-                                                      started: list[Server]) -> None:
-    server = Server("--socket", tmp_path / "a.sock", "--image", img, "--aio", "threads")
-    started.append(server)
+def test_qemu_tools_and_this_server_refuse_each_other(tmp_path: Path, image: Path,
+                                                      servers: list[Server]) -> None:
+    server = Server("--socket", tmp_path / "a.sock", "--image", image, "--aio", "threads")
+    servers.append(server)
     server.started()
-    io = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 512", str(img)], cwd=REPO,
+    io = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 512", str(image)], cwd=REPO,
                         capture_output=True, text=True, timeout=30, check=False)
     assert io.returncode != 0 and 'Failed to get "write" lock' in io.stderr, io.stderr
-    io = subprocess.run(["qemu-io", "-f", "raw", "-U", "-r", "-c", "read 0 512", str(img)],
+    io = subprocess.run(["qemu-io", "-f", "raw", "-U", "-r", "-c", "read 0 512", str(image)],
                         capture_output=True, text=True, timeout=30, check=False)
     assert io.returncode == 0, io.stderr  # --force-share reads, as with a running VM
     server.terminate()
 
     qsd = subprocess.Popen(
         ["qemu-storage-daemon", "--blockdev",
-         f"driver=file,node-name=f0,filename={img}", "--export",
+         f"driver=file,node-name=f0,filename={image}", "--export",
          f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
          f"addr.path={tmp_path / 'q.sock'},writable=on"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -153,11 +136,11 @@ def test_qemu_tools_and_this_server_refuse_each_other(tmp_path: Path, img: Path,
                 break
             assert qsd.poll() is None, qsd.communicate()[1]
             subprocess.run(["sleep", "0.05"], check=True)
-        proc = run("--socket", tmp_path / "b.sock", "--image", img)
+        proc = run("--socket", tmp_path / "b.sock", "--image", image)
         assert_one_line_error(proc, '"write" lock')
-        shared = Server("--socket", tmp_path / "b.sock", "--image", img, "--aio", "threads",
+        shared = Server("--socket", tmp_path / "b.sock", "--image", image, "--aio", "threads",
                         "--locking", "off")
-        started.append(shared)
+        servers.append(shared)
         shared.started()  # off: nothing taken, nothing checked
     finally:
         qsd.terminate()

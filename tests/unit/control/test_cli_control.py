@@ -5,32 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import socket
 import subprocess
-import sys
-import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.blk.test_cli import REPO, TIMEOUT, Server, assert_one_line_error, connect, run
 from virtio_blk.request import Status
 
+from ..cli_harness import REPO, TIMEOUT, Server, assert_one_line_error, connect, run
+
 UNITS = REPO / "qemu-configs" / "systemd"
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        os.truncate(f.fileno(), 1 << 20)
-    return path
 
 
 def test_bad_metrics_address(tmp_path: Path, image: Path) -> None:
@@ -58,30 +47,13 @@ def test_qmp_path_that_cannot_be_bound(tmp_path: Path, image: Path) -> None:
     assert not (tmp_path / "s.sock").exists()
 
 
-class ActivatedServer(Server):
+def activated_server(listener: socket.socket, *args: str | os.PathLike[str]) -> Server:
     """The server started as systemd starts a socket-activated service."""
-
-    def __init__(self, listener: socket.socket, *args: str | os.PathLike[str]) -> None:
-        fd = listener.fileno()
-        # bash sets fd 3 to the socket and execs the server in its own process, so LISTEN_PID
-        # ($$ of the shell) is the server's pid, as systemd sets it.
-        script = f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{fd} {fd}<&-'
-        argv = ["bash", "-c", script, "bash", sys.executable, "-m", "virtio_blk",
-                *map(os.fspath, args)]
-        self.proc = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, text=True, pass_fds=[fd])
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-
-@pytest.fixture
-def activated() -> Iterator[list[Server]]:
-    started: list[Server] = []
-    yield started
-    for server in started:
-        server.kill()
+    fd = listener.fileno()
+    # bash sets fd 3 to the socket and execs the server in its own process, so LISTEN_PID
+    # ($$ of the shell) is the server's pid, as systemd sets it.
+    script = f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{fd} {fd}<&-'
+    return Server(*args, pass_fds=[fd], launcher=["bash", "-c", script, "bash"])
 
 
 def qmp(path: Path, *commands: str) -> list[dict]:
@@ -101,16 +73,16 @@ def qmp(path: Path, *commands: str) -> list[dict]:
 
 
 def test_socket_activation_with_qmp_and_metrics(tmp_path: Path, image: Path,
-                                                activated: list[Server]) -> None:
+                                                servers: list[Server]) -> None:
     sock_path = tmp_path / "vhost.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # what systemd binds
     listener.bind(str(sock_path))
     listener.listen()
     qmp_path = tmp_path / "vm1.qmp"
-    server = ActivatedServer(listener, "--fd", "3", "--image", image, "--qmp", qmp_path,
+    server = activated_server(listener, "--fd", "3", "--image", image, "--qmp", qmp_path,
                              "--metrics", "127.0.0.1:0", "--node-name", "vm1-disk",
                              "--export-id", "vm1")
-    activated.append(server)
+    servers.append(server)
     server.started()
     port = int(re.search(r"metrics on port (\d+)", server.wait_for("metrics on port")).group(1))
     fe, mem, drv = connect(sock_path)
@@ -138,8 +110,8 @@ def test_socket_activation_with_qmp_and_metrics(tmp_path: Path, image: Path,
     assert not qmp_path.exists()
     assert sock_path.exists()  # systemd's, not the server's, to remove
     # systemd starts the next instance on the same socket: it serves again.
-    again = ActivatedServer(listener, "--fd", "3", "--image", image)
-    activated.append(again)
+    again = activated_server(listener, "--fd", "3", "--image", image)
+    servers.append(again)
     again.started()
     fe, mem, drv = connect(sock_path)
     try:

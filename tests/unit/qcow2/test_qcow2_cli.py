@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.blk.test_cli import Server, assert_one_line_error, connect, run, servers
 from virtio_blk.qcow2.format import OFLAG_COPIED
 from virtio_blk.request import Status
 
+from ..cli_harness import Server, assert_one_line_error, connect, run
 from .helpers import KiB, MiB, check, compare, info, needs_qemu_img, qemu_img, qemu_io, write_raw
 
 pytestmark = needs_qemu_img
-__all__ = ["servers"]  # the fixture, used by name
 
 
 def _serve_args(tmp_path: Path, img: Path, *extra: str) -> list[str | Path]:
