@@ -692,6 +692,12 @@ class Guest:
         else:
             log.info("guest run kept for inspection: %s", self._workdir)
 
+    def report(self, lines: int = 40) -> str:
+        """The console's last ``lines``, QEMU's stderr and whether it still runs (for a test
+        that failed while this guest ran)."""
+        state = "running" if self.running() else "exited"
+        return f"qemu {state}; console tail:\n{self._tail(lines)}{self._stderr_text()}"
+
     def _tail(self, lines: int = 40) -> str:
         return "\n".join(self.console.splitlines()[-lines:])
 

@@ -12,19 +12,23 @@ took are printed (``pytest -s``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import StateError
 
 from qemu_guest import Guest, parse_fio_json, parse_results
 
 from .conftest import Server
 
 pytestmark = pytest.mark.e2e
+log = logging.getLogger(__name__)
 
 FIO = ("fio --filename=/dev/vda --ioengine=libaio --direct=1 --output-format=json "
        "--name=mig --rw=write --bs=64k --iodepth=8 --verify=crc32c --verify_fatal=1")
@@ -47,23 +51,38 @@ def workload(size_mb: int, jobs: int) -> str:
 
 
 class Qmp:
-    """QMP on a QEMU started with ``-qmp unix:PATH,server=on,wait=off`` (qemu.qmp's sync API)."""
+    """QMP on a QEMU started with ``-qmp unix:PATH,server=on,wait=off`` (qemu.qmp's sync API).
+
+    A monitor connection that QEMU dropped while QEMU runs on (seen once in CI, on the
+    incoming side) is re-established once per command: what the test asks QEMU matters, not
+    that one socket lasted.
+    """
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.path = path
+        self._connect(timeout)
+
+    def _connect(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            self.qmp = QEMUMonitorProtocol(str(path))
+            self.qmp = QEMUMonitorProtocol(str(self.path))
             try:
                 self.qmp.connect()
                 return
             except (OSError, ConnectError):  # QEMU has not created the socket yet
-                self.qmp.close()
+                self.close()
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
 
-    def cmd(self, name: str, **args: object) -> object:
-        return self.qmp.cmd(name, **args)
+    def cmd(self, name: str, **args: object) -> Any:
+        try:
+            return self.qmp.cmd(name, **args)
+        except (StateError, EOFError, ConnectionError) as exc:
+            log.warning("QMP %s: connection lost (%r); reconnecting for %s", self.path, exc, name)
+            self.close()
+            self._connect(10.0)
+            return self.qmp.cmd(name, **args)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # EOFError once QEMU has quit
@@ -169,6 +188,13 @@ def test_migrate_under_fio_and_back(tmp_path: Path, guest_image: Path, queues: i
         res3 = g3.wait()
         assert res3.done, res3.tail()
         check_fio(res3.console, "reverify")
+    except BaseException:
+        for i, g in enumerate(guests, 1):
+            print(f"--- QEMU {i}: {g.report()}")
+        for srv in servers:
+            tail = "\n".join(srv.log.splitlines()[-30:])
+            print(f"--- server {srv.workdir.name} log tail:\n{tail}")
+        raise
     finally:
         for q in qmps:
             q.close()
