@@ -107,9 +107,7 @@ class Qcow2Disk:
             raise OSError(errno.EIO, str(exc)) from exc
 
     def grow(self, size: int) -> None:
-        """Live resize: the virtual size grows where no new L1 table is needed
-        (:meth:`Qcow2Image.grow` says when; moving the L1 table under running queues, QEMU's
-        qcow2_grow_l1_table, is not done here)."""
+        """Live resize (:meth:`Qcow2Image.grow` says what can grow and how)."""
         if not check_growth(self.info, size):
             return
         self.image.grow(size)

@@ -65,6 +65,7 @@ from .format import (
     COMPAT_LAZY_REFCOUNTS,
     L1_RESERVED,
     L2_RESERVED,
+    MAX_L1_BYTES,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
@@ -626,11 +627,12 @@ class Qcow2Image:
     def grow(self, size: int) -> None:
         """Grow the virtual size to ``size`` bytes while the image is served.
 
-        Done where no new metadata cluster is needed: the L1 table's clusters have room for the
-        entries the new size needs (one 64 KiB L1 cluster maps 4 TiB), the old size ends on a
-        cluster boundary (no tail of a cluster that would have to be zeroed first), and no
-        backing file would show through the new area.  The header's size and L1 size change
-        in one write, then are synced.  Anything else is a DiskError naming the offline way.
+        Done when the old size ends on a cluster boundary (no tail of a cluster that would
+        have to be zeroed first) and no backing file would show through the new area.  Where
+        the L1 table's clusters have room for the entries the new size needs (one 64 KiB L1
+        cluster maps 4 TiB), the header's size and L1 size change in one write, then are
+        synced; otherwise the table moves to new, larger clusters (:meth:`_move_l1`).
+        Anything else is a DiskError naming the offline way.
         """
         with self._lock:
             h = self.header
@@ -649,21 +651,56 @@ class Qcow2Image:
             need = l1_entries_needed(size, self.cluster_bits)
             room = -(-(h.l1_size * 8) // cs) * cs // 8  # entries the L1 clusters hold
             if need > room:
-                raise DiskError(f"{self.path}: {size} bytes need a larger L1 table (more than "
-                                f"{room} entries); {offline}")
-            l1_size = max(need, h.l1_size)
-            if l1_size > h.l1_size:  # the slack of the L1 cluster must be unused
-                slack = os.pread(self.fd, (l1_size - h.l1_size) * 8,
-                                 h.l1_table_offset + h.l1_size * 8)
-                if slack.strip(b"\0"):
-                    raise DiskError(f"{self.path}: the L1 table's unused entries are not zero; "
-                                    f"{offline}")
-            # size (offset 24), crypt_method (32) and l1_size (36): one write, then synced.
-            pwrite_all(self.fd, struct.pack(">QII", size, h.crypt_method, l1_size), 24)
-            os.fdatasync(self.fd)
-            self.l1.extend([0] * (l1_size - len(self.l1)))
-            h.l1_size = l1_size
+                self._move_l1(need, size)
+            else:
+                l1_size = max(need, h.l1_size)
+                if l1_size > h.l1_size:  # the slack of the L1 cluster must be unused
+                    slack = os.pread(self.fd, (l1_size - h.l1_size) * 8,
+                                     h.l1_table_offset + h.l1_size * 8)
+                    if slack.strip(b"\0"):
+                        raise DiskError(f"{self.path}: the L1 table's unused entries are not "
+                                        f"zero; {offline}")
+                # size (offset 24), crypt_method (32) and l1_size (36): one write, then synced.
+                pwrite_all(self.fd, struct.pack(">QII", size, h.crypt_method, l1_size), 24)
+                os.fdatasync(self.fd)
+                self.l1.extend([0] * (l1_size - len(self.l1)))
+                h.l1_size = l1_size
             h.size = self.size = size
+
+    def _move_l1(self, entries: int, size: int) -> None:
+        """Move the active L1 table to new clusters holding ``entries`` entries (lock held).
+
+        Ordered as QEMU grows an L1 table: the new clusters are counted (synced), the new
+        table is written and synced, then the header points at it -- size, L1 size and L1
+        offset, bytes 24-47, in one write, synced -- and only then are the old table's clusters
+        freed.  A crash before the header write leaks the new clusters; after it, the old ones
+        at most.  Every L1 update takes the lock and reads the offset from the header, so no
+        write can land in the old table once it is freed.
+        """
+        h = self.header
+        cs = self.cluster_size
+        if entries * 8 > MAX_L1_BYTES:
+            raise DiskError(f"{self.path}: {size} bytes need an L1 table larger than "
+                            f"{MAX_L1_BYTES} bytes")
+        ref = self._refs()
+        clusters = -(-entries * 8 // cs)
+        new_off = ref.allocate_run(clusters)
+        table = array("Q", self.l1)
+        table.extend([0] * (entries - len(table)))
+        pwrite_all(self.fd, struct.pack(f">{entries}Q", *table), new_off)
+        os.fdatasync(self.fd)  # the table is durable before the header points at it
+        pwrite_all(self.fd, struct.pack(">QIIQ", size, h.crypt_method, entries, new_off), 24)
+        os.fdatasync(self.fd)  # the header is durable before the old table's refcount drops
+        old_off, old_bytes = h.l1_table_offset, h.l1_size * 8
+        self.l1 = table
+        h.l1_table_offset, h.l1_size = new_off, entries
+        cb = self.cluster_bits
+        self._l1_clusters = set(range(new_off >> cb, (new_off + entries * 8 + cs - 1) >> cb))
+        self.file_end = max(self.file_end, new_off + clusters * cs)
+        if old_bytes:
+            ref.free(old_off, old_bytes)
+        log.info("%s: L1 table moved to %#x (%d entries) for %d bytes", self.path, new_off,
+                 entries, size)
 
     def flush(self) -> None:
         """Every metadata change is already in the file (write-through): sync it.  Then drop

@@ -229,6 +229,33 @@ class Refcounts:
             self._fresh.discard(c)
         return c * self.cluster_size, fresh
 
+    def allocate_run(self, count: int) -> int:
+        """``count`` contiguous free clusters past every cluster in use, their refcounts 1 and
+        synced before the caller uses them (a table that must be one piece: a new L1); the
+        byte offset of the first.  The file is extended to cover them."""
+        cs = self.cluster_size
+        per = self.per_block
+        c = max(-(-self.file_end // cs), max(self._reserve, default=0) + 1, 1)
+        while True:
+            for x in range(c, c + count):
+                if self._block(x // per) is None:
+                    self._new_block(x // per, x)  # the block takes x: look again after it
+                    c = x + 1
+                    break
+                if self.get(x):
+                    c = x + 1
+                    break
+            else:
+                break
+        for x in range(c, c + count):
+            self.set(x, 1)
+        end = (c + count) * cs
+        if end > os.fstat(self.fd).st_size:
+            os.ftruncate(self.fd, end)
+        self.file_end = max(self.file_end, end)
+        os.fdatasync(self.fd)
+        return c * cs
+
     def _refill(self) -> None:
         """Take the next free clusters as one batch: their refcounts are set to 1, then one
         ``fdatasync``.  That keeps refcount-before-use across a host crash too (a cluster is
