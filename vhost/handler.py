@@ -140,10 +140,8 @@ class BackendHandler:
         wanted = device.queue_processes
         if wanted or (wanted is None and device.num_queues > 1):
             self.processes = QueueProcesses(device)
-        # Live migration (see vhost.dirty_logging).  The dirty log does not reach queue
-        # processes yet (vhost.queueproc has the place for it): without the features QEMU
-        # refuses to migrate, rather than losing pages the processes write.
-        if device.logs_guest_writes and self.processes is None:
+        # Live migration (see vhost.dirty_logging; queue processes get the log forwarded).
+        if device.logs_guest_writes:
             self.offered_features |= VHOST_F_LOG_ALL
             self.offered_protocol |= ProtocolFeature.LOG_SHMFD
         self.acked_features = 0
@@ -258,7 +256,7 @@ class BackendHandler:
             check_ring_alignment(RingAddresses(*addrs))
             worker = self.processes.start(vring.index, vring.size, (addrs[0], addrs[1], addrs[2]),
                                           self.acked_features, vring.base, vring.kick_fd,
-                                          vring.call, vring.err)
+                                          vring.call, vring.err, vring.log_addr)
         except (QueueError, MemoryTableError, QueueProcessError, OSError) as exc:
             raise self._cannot_start(vring, exc) from exc
         vring.worker = worker  # type: ignore[assignment]  # a QueueWorker look-alike
@@ -337,6 +335,7 @@ class BackendHandler:
         self.device.set_features(features & ~int(VirtioFeature.PROTOCOL_FEATURES))
         if self.processes is not None:
             self.processes.device_changed()
+            self.processes.set_features(self.acked_features)  # VHOST_F_LOG_ALL, say
         if not self._protocol_features_on():
             # Without protocol features a ring is enabled as soon as it starts.
             for vring in self.vrings:
@@ -380,6 +379,8 @@ class BackendHandler:
         self.acked_features = 0
         self.status = 0
         self.dirty_logging.drop(self.vrings)
+        if self.processes is not None:
+            self.processes.drop_log()
         self.device.reset()
 
     def _on_set_backend_req_fd(self, message: Message, fds: list[int]) -> None:
@@ -457,6 +458,8 @@ class BackendHandler:
             if uaddrs == vring.ring_uaddrs:
                 # QEMU resends the addresses of a running ring to switch used-ring logging.
                 self.dirty_logging.set_log_addr(vring, log_addr)
+                if self.processes is not None:
+                    self.processes.set_log_addr(vring.index, log_addr)
                 return
             raise Refused(f"queue {vring.index} is running")
         if vring.size:
@@ -600,9 +603,17 @@ class BackendHandler:
         except DirtyLogError as exc:
             raise Refused(str(exc)) from exc
         self.dirty_logging.set_base(new, self.vrings, self.acked_features)
+        if self.processes is not None:  # every queue process has it before the reply
+            try:
+                self.processes.set_log_base(fds[0], f.mmap_size, f.mmap_offset)
+            except QueueProcessError as exc:
+                raise Refused(str(exc)) from exc
         return u64(0)
 
     def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
             raise Refused("LOG_SHMFD was not negotiated")
-        self.dirty_logging.call.replace(fds.pop())
+        fd = fds.pop()
+        self.dirty_logging.call.replace(fd)
+        if self.processes is not None:
+            self.processes.set_log_fd(fd)
