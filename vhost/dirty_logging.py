@@ -44,7 +44,7 @@ from .worker import Notifier, QueueWorker
 log = logging.getLogger(__name__)
 
 
-class Vring(Protocol):
+class LoggedQueue(Protocol):
     """What this module needs of a queue (:class:`vhost.handler.Vring`, or a queue process's
     own record of its one queue)."""
 
@@ -63,7 +63,7 @@ class RemoteLog:
     pages: int = 0
 
 
-def _remote(vring: Vring) -> RemoteLog | None:
+def _remote(vring: LoggedQueue) -> RemoteLog | None:
     """The reported state of a queue that logs in a process of its own; None for a thread."""
     state: RemoteLog | None = getattr(vring.worker, "remote_log", None)
     return state
@@ -84,7 +84,7 @@ class DirtyLogging:
         return bool(acked_features & VHOST_F_LOG_ALL) and self.log is not None
 
     @staticmethod
-    def logging(vrings: Sequence[Vring]) -> bool:
+    def logging(vrings: Sequence[LoggedQueue]) -> bool:
         """Whether any queue marks the log now."""
         for v in vrings:
             remote = _remote(v)
@@ -95,7 +95,7 @@ class DirtyLogging:
                 return True
         return False
 
-    def pages_marked(self, vrings: Sequence[Vring]) -> int:
+    def pages_marked(self, vrings: Sequence[LoggedQueue]) -> int:
         """Pages the queues marked in dirty logs over this connection (summed across queue
         processes, as each last reported)."""
         live = 0
@@ -110,7 +110,7 @@ class DirtyLogging:
         return self._pages_done + live
 
     # ------------------------------------------------------------------ queues
-    def queue_starting(self, vring: Vring, acked_features: int) -> None:
+    def queue_starting(self, vring: LoggedQueue, acked_features: int) -> None:
         """A queue's worker is made but not started: its used-ring log address, its marker."""
         assert vring.worker is not None
         if vring.log_addr is not None:
@@ -118,7 +118,7 @@ class DirtyLogging:
         if self.wanted(acked_features):
             self._attach(vring)
 
-    def queue_stopped(self, vring: Vring) -> bool:
+    def queue_stopped(self, vring: LoggedQueue) -> bool:
         """Count a stopped queue's marks (its last flush committed them); True if it was
         logging (the end of a migration, if it was the last queue)."""
         assert vring.worker is not None
@@ -135,14 +135,14 @@ class DirtyLogging:
         vq.dirty = None
         return True
 
-    def set_log_addr(self, vring: Vring, log_addr: int | None) -> None:
+    def set_log_addr(self, vring: LoggedQueue, log_addr: int | None) -> None:
         """VHOST_VRING_F_LOG's used-ring log address, also for a running queue."""
         vring.log_addr = log_addr
         if vring.worker is not None and _remote(vring) is None:  # (a process is told apart)
             vq = vring.worker.vq
             vq.used_log_addr = vq.addresses.used if log_addr is None else log_addr
 
-    def _attach(self, vring: Vring) -> None:
+    def _attach(self, vring: LoggedQueue) -> None:
         assert vring.worker is not None and self.log is not None
         marker = DirtyMarker(self.log, self.call.signal)
         # The ring first: whatever the device records is then committed by the ring's flush.
@@ -150,7 +150,7 @@ class DirtyLogging:
         if vring.queue_handler is not None:
             vring.queue_handler.dirty = marker
 
-    def _detach(self, vring: Vring) -> None:
+    def _detach(self, vring: LoggedQueue) -> None:
         assert vring.worker is not None
         vq = vring.worker.vq
         marker = vq.dirty
@@ -161,7 +161,7 @@ class DirtyLogging:
             self._pages_done += marker.pages
 
     # ------------------------------------------------------------------ transitions
-    def update(self, vrings: Sequence[Vring], acked_features: int,
+    def update(self, vrings: Sequence[LoggedQueue], acked_features: int,
                force_quiesce: bool = False) -> None:
         """Bring every running queue's marker in line with the features and the log."""
         want = self.wanted(acked_features)
@@ -189,7 +189,7 @@ class DirtyLogging:
             log.info("dirty logging %s (%d pages marked so far)", "on" if want else "off",
                      self.pages_marked(vrings))
 
-    def set_base(self, new: DirtyLog, vrings: Sequence[Vring], acked_features: int) -> None:
+    def set_base(self, new: DirtyLog, vrings: Sequence[LoggedQueue], acked_features: int) -> None:
         """SET_LOG_BASE: use ``new`` from now on; the old log goes once nobody can mark it."""
         old, self.log = self.log, new
         if old is not None:
@@ -200,7 +200,7 @@ class DirtyLogging:
             self._close_retired()
 
     @staticmethod
-    def _quiesce(vrings: Sequence[Vring]) -> bool:
+    def _quiesce(vrings: Sequence[LoggedQueue]) -> bool:
         quiet = True
         for vring in vrings:
             worker = vring.worker
@@ -227,7 +227,7 @@ class DirtyLogging:
         else:
             log.info("queues stopped while logging (end of a migration): device flushed")
 
-    def drop(self, vrings: Sequence[Vring], report: bool = True) -> None:
+    def drop(self, vrings: Sequence[LoggedQueue], report: bool = True) -> None:
         """Unmap every log (the queues are stopped).  ``report``: log the connection's total
         (a queue process does not: the control process reports the sum)."""
         if report and (self.log is not None or self.retired):
@@ -238,6 +238,6 @@ class DirtyLogging:
             self.log.close()
             self.log = None
 
-    def close(self, vrings: Sequence[Vring], report: bool = True) -> None:
+    def close(self, vrings: Sequence[LoggedQueue], report: bool = True) -> None:
         self.drop(vrings, report)
         self.call.close()
