@@ -294,6 +294,13 @@ class BackendHandler:
                  vring.call.count)
         return logging_
 
+    def _stop_and_flush_if_last_logged(self, vring: Vring) -> None:
+        """Stop ``vring`` (GET_VRING_BASE, or SET_VRING_ENABLE 0: QEMU 7.2's vhost_dev_stop
+        disables the rings before it asks for their bases); if it was the last queue marking
+        the dirty log, the source VM stopped: the end of a migration."""
+        if self._stop(vring) and not any(v.running for v in self.vrings):
+            self.dirty_logging.flush_at_stop(self.device)
+
     def stop_all(self) -> None:
         for vring in self.vrings:
             self._stop(vring)
@@ -484,9 +491,7 @@ class BackendHandler:
 
     def _on_get_vring_base(self, message: Message, fds: list[int]) -> bytes:
         vring = self._vring(message.fields.index)
-        if self._stop(vring) and not any(v.running for v in self.vrings):
-            # The source VM stopped: the end of a migration.
-            self.dirty_logging.flush_at_stop(self.device)
+        self._stop_and_flush_if_last_logged(vring)
         # The ring is stopped; a later start comes with a fresh kick fd.
         if vring.kick_fd is not None:
             os.close(vring.kick_fd)
@@ -528,7 +533,7 @@ class BackendHandler:
         if vring.enabled:
             self._start_if_ready(vring)
         else:
-            self._stop(vring)
+            self._stop_and_flush_if_last_logged(vring)
 
     # ------------------------------------------------------------------ config
     def _on_get_config(self, message: Message, fds: list[int]) -> bytes:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vhost.messages import VHOST_F_LOG_ALL, ProtocolFeature, Request
+from vhost.messages import VHOST_F_LOG_ALL, ProtocolFeature, Request, vring_state
 from vhost.procpool import QueueProcessWorker
 from vhost_frontend import DriverQueue
 from vhost_frontend.blk import T_GET_ID, T_IN, T_OUT, BlkDriver
@@ -231,3 +231,19 @@ def test_stopping_processes_while_logging_flushes_the_disk(make_blk: MakeBlk, ql
     assert len(fdatasync_calls) == before  # one queue still runs
     env.frontend.get_vring_base(1)
     assert fdatasync_calls[before:] == [env.disk.fd]
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_disabling_the_rings_while_logging_flushes_the_disk(
+        make_blk: MakeBlk, qlog: QemuLog, fdatasync_calls: list[int], processes: bool) -> None:
+    """QEMU 7.2 stops a vhost-user device by disabling its rings (SET_VRING_ENABLE 0) before
+    GET_VRING_BASE: the end of a migration is seen there too."""
+    env, drv1, _ = two_queues_logging(make_blk, qlog, processes)
+    workload([env.drv, drv1])
+    before = len(fdatasync_calls)
+    for index in (0, 1):
+        env.frontend.checked(Request.SET_VRING_ENABLE, vring_state(index, 0))
+    assert fdatasync_calls[before:] == [env.disk.fd]
+    env.frontend.get_vring_base(0)
+    env.frontend.get_vring_base(1)
+    assert fdatasync_calls[before:] == [env.disk.fd]  # once
