@@ -18,24 +18,55 @@ change is published by plain stores, then each worker is made to pass a quiescen
 * a new log: no worker marks the old one once QEMU reads it for the last time, and its mapping
   can go;
 * off: nothing more to guarantee (QEMU no longer reads the log).
+
+A queue served in a process of its own (:mod:`vhost.queueproc`) runs this same class there, on
+the messages the control process forwards to it (:mod:`vhost.procpool`: the log's fd, the
+features, the used-ring log address -- each acknowledged before the frontend gets its reply).
+The control process's instance then only sums what each process reports (:class:`RemoteLog`):
+whether it logs and how many pages it marked.  Every process maps the same shared bitmap and
+marks it with the same atomic OR, so marks from several processes and QEMU's clearing lose
+nothing (:mod:`guestmem.dirty_log`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from guestmem.dirty_log import DirtyLog, DirtyMarker
 
-from .device import Device
+from .device import Device, QueueHandler
 from .messages import VHOST_F_LOG_ALL
-from .worker import Notifier
-
-if TYPE_CHECKING:  # the handler imports this module
-    from .handler import Vring
+from .worker import Notifier, QueueWorker
 
 log = logging.getLogger(__name__)
+
+
+class LoggedQueue(Protocol):
+    """What this module needs of a queue (:class:`vhost.handler.Vring`, or a queue process's
+    own record of its one queue)."""
+
+    index: int
+    log_addr: int | None
+    worker: QueueWorker | None
+    queue_handler: QueueHandler | None
+
+
+@dataclass
+class RemoteLog:
+    """The dirty-log state a queue process last reported (its worker's ``remote_log``)."""
+
+    logging: bool = False
+    #: Pages that process marked, over its life (it counts them with this module's code).
+    pages: int = 0
+
+
+def _remote(vring: LoggedQueue) -> RemoteLog | None:
+    """The reported state of a queue that logs in a process of its own; None for a thread."""
+    state: RemoteLog | None = getattr(vring.worker, "remote_log", None)
+    return state
 
 
 class DirtyLogging:
@@ -53,21 +84,33 @@ class DirtyLogging:
         return bool(acked_features & VHOST_F_LOG_ALL) and self.log is not None
 
     @staticmethod
-    def logging(vrings: Sequence[Vring]) -> bool:
+    def logging(vrings: Sequence[LoggedQueue]) -> bool:
         """Whether any queue marks the log now."""
-        return any(v.worker is not None and v.worker.vq.dirty is not None for v in vrings)
+        for v in vrings:
+            remote = _remote(v)
+            if remote is not None:
+                if remote.logging:
+                    return True
+            elif v.worker is not None and v.worker.vq.dirty is not None:
+                return True
+        return False
 
-    def pages_marked(self, vrings: Sequence[Vring]) -> int:
-        """Pages the queues marked in dirty logs over this connection."""
+    def pages_marked(self, vrings: Sequence[LoggedQueue]) -> int:
+        """Pages the queues marked in dirty logs over this connection (summed across queue
+        processes, as each last reported)."""
         live = 0
         for v in vrings:
+            remote = _remote(v)
+            if remote is not None:
+                live += remote.pages
+                continue
             marker = v.worker.vq.dirty if v.worker is not None else None
             if marker is not None:
                 live += marker.pages
         return self._pages_done + live
 
     # ------------------------------------------------------------------ queues
-    def queue_starting(self, vring: Vring, acked_features: int) -> None:
+    def queue_starting(self, vring: LoggedQueue, acked_features: int) -> None:
         """A queue's worker is made but not started: its used-ring log address, its marker."""
         assert vring.worker is not None
         if vring.log_addr is not None:
@@ -75,10 +118,15 @@ class DirtyLogging:
         if self.wanted(acked_features):
             self._attach(vring)
 
-    def queue_stopped(self, vring: Vring) -> bool:
+    def queue_stopped(self, vring: LoggedQueue) -> bool:
         """Count a stopped queue's marks (its last flush committed them); True if it was
         logging (the end of a migration, if it was the last queue)."""
         assert vring.worker is not None
+        remote = _remote(vring)
+        if remote is not None:  # its stop answer reported where it ended
+            self._pages_done += remote.pages
+            was, remote.logging, remote.pages = remote.logging, False, 0
+            return was
         vq = vring.worker.vq
         marker = vq.dirty
         if marker is None:
@@ -87,14 +135,14 @@ class DirtyLogging:
         vq.dirty = None
         return True
 
-    def set_log_addr(self, vring: Vring, log_addr: int | None) -> None:
+    def set_log_addr(self, vring: LoggedQueue, log_addr: int | None) -> None:
         """VHOST_VRING_F_LOG's used-ring log address, also for a running queue."""
         vring.log_addr = log_addr
-        if vring.worker is not None:
+        if vring.worker is not None and _remote(vring) is None:  # (a process is told apart)
             vq = vring.worker.vq
             vq.used_log_addr = vq.addresses.used if log_addr is None else log_addr
 
-    def _attach(self, vring: Vring) -> None:
+    def _attach(self, vring: LoggedQueue) -> None:
         assert vring.worker is not None and self.log is not None
         marker = DirtyMarker(self.log, self.call.signal)
         # The ring first: whatever the device records is then committed by the ring's flush.
@@ -102,7 +150,7 @@ class DirtyLogging:
         if vring.queue_handler is not None:
             vring.queue_handler.dirty = marker
 
-    def _detach(self, vring: Vring) -> None:
+    def _detach(self, vring: LoggedQueue) -> None:
         assert vring.worker is not None
         vq = vring.worker.vq
         marker = vq.dirty
@@ -113,7 +161,7 @@ class DirtyLogging:
             self._pages_done += marker.pages
 
     # ------------------------------------------------------------------ transitions
-    def update(self, vrings: Sequence[Vring], acked_features: int,
+    def update(self, vrings: Sequence[LoggedQueue], acked_features: int,
                force_quiesce: bool = False) -> None:
         """Bring every running queue's marker in line with the features and the log."""
         want = self.wanted(acked_features)
@@ -121,8 +169,8 @@ class DirtyLogging:
         changed = force_quiesce
         switched = False
         for vring in vrings:
-            if vring.worker is None:
-                continue
+            if vring.worker is None or _remote(vring) is not None:
+                continue  # a queue process runs this same code on the forwarded message
             marker = vring.worker.vq.dirty
             if want and marker is None:
                 self._attach(vring)
@@ -141,7 +189,7 @@ class DirtyLogging:
             log.info("dirty logging %s (%d pages marked so far)", "on" if want else "off",
                      self.pages_marked(vrings))
 
-    def set_base(self, new: DirtyLog, vrings: Sequence[Vring], acked_features: int) -> None:
+    def set_base(self, new: DirtyLog, vrings: Sequence[LoggedQueue], acked_features: int) -> None:
         """SET_LOG_BASE: use ``new`` from now on; the old log goes once nobody can mark it."""
         old, self.log = self.log, new
         if old is not None:
@@ -152,7 +200,7 @@ class DirtyLogging:
             self._close_retired()
 
     @staticmethod
-    def _quiesce(vrings: Sequence[Vring]) -> bool:
+    def _quiesce(vrings: Sequence[LoggedQueue]) -> bool:
         quiet = True
         for vring in vrings:
             worker = vring.worker
@@ -179,9 +227,10 @@ class DirtyLogging:
         else:
             log.info("queues stopped while logging (end of a migration): device flushed")
 
-    def drop(self, vrings: Sequence[Vring]) -> None:
-        """Unmap every log (the queues are stopped)."""
-        if self.log is not None or self.retired:
+    def drop(self, vrings: Sequence[LoggedQueue], report: bool = True) -> None:
+        """Unmap every log (the queues are stopped).  ``report``: log the connection's total
+        (a queue process does not: the control process reports the sum)."""
+        if report and (self.log is not None or self.retired):
             log.info("dirty log closed: %d pages marked over the connection",
                      self.pages_marked(vrings))
         self._close_retired()
@@ -189,6 +238,6 @@ class DirtyLogging:
             self.log.close()
             self.log = None
 
-    def close(self, vrings: Sequence[Vring]) -> None:
-        self.drop(vrings)
+    def close(self, vrings: Sequence[LoggedQueue], report: bool = True) -> None:
+        self.drop(vrings, report)
         self.call.close()

@@ -140,10 +140,8 @@ class BackendHandler:
         wanted = device.queue_processes
         if wanted or (wanted is None and device.num_queues > 1):
             self.processes = QueueProcesses(device)
-        # Live migration (see vhost.dirty_logging).  The dirty log does not reach queue
-        # processes yet (vhost.queueproc has the place for it): without the features QEMU
-        # refuses to migrate, rather than losing pages the processes write.
-        if device.logs_guest_writes and self.processes is None:
+        # Live migration (see vhost.dirty_logging; queue processes get the log forwarded).
+        if device.logs_guest_writes:
             self.offered_features |= VHOST_F_LOG_ALL
             self.offered_protocol |= ProtocolFeature.LOG_SHMFD
         self.acked_features = 0
@@ -258,7 +256,7 @@ class BackendHandler:
             check_ring_alignment(RingAddresses(*addrs))
             worker = self.processes.start(vring.index, vring.size, (addrs[0], addrs[1], addrs[2]),
                                           self.acked_features, vring.base, vring.kick_fd,
-                                          vring.call, vring.err)
+                                          vring.call, vring.err, vring.log_addr)
         except (QueueError, MemoryTableError, QueueProcessError, OSError) as exc:
             raise self._cannot_start(vring, exc) from exc
         vring.worker = worker  # type: ignore[assignment]  # a QueueWorker look-alike
@@ -295,6 +293,13 @@ class BackendHandler:
                  vring.index, vring.base, worker.kicks, worker.batches, worker.completed,
                  vring.call.count)
         return logging_
+
+    def _stop_and_flush_if_last_logged(self, vring: Vring) -> None:
+        """Stop ``vring`` (GET_VRING_BASE, or SET_VRING_ENABLE 0: QEMU 7.2's vhost_dev_stop
+        disables the rings before it asks for their bases); if it was the last queue marking
+        the dirty log, the source VM stopped: the end of a migration."""
+        if self._stop(vring) and not any(v.running for v in self.vrings):
+            self.dirty_logging.flush_at_stop(self.device)
 
     def stop_all(self) -> None:
         for vring in self.vrings:
@@ -337,6 +342,7 @@ class BackendHandler:
         self.device.set_features(features & ~int(VirtioFeature.PROTOCOL_FEATURES))
         if self.processes is not None:
             self.processes.device_changed()
+            self.processes.set_features(self.acked_features)  # VHOST_F_LOG_ALL, say
         if not self._protocol_features_on():
             # Without protocol features a ring is enabled as soon as it starts.
             for vring in self.vrings:
@@ -380,6 +386,8 @@ class BackendHandler:
         self.acked_features = 0
         self.status = 0
         self.dirty_logging.drop(self.vrings)
+        if self.processes is not None:
+            self.processes.drop_log()
         self.device.reset()
 
     def _on_set_backend_req_fd(self, message: Message, fds: list[int]) -> None:
@@ -457,6 +465,8 @@ class BackendHandler:
             if uaddrs == vring.ring_uaddrs:
                 # QEMU resends the addresses of a running ring to switch used-ring logging.
                 self.dirty_logging.set_log_addr(vring, log_addr)
+                if self.processes is not None:
+                    self.processes.set_log_addr(vring.index, log_addr)
                 return
             raise Refused(f"queue {vring.index} is running")
         if vring.size:
@@ -481,9 +491,7 @@ class BackendHandler:
 
     def _on_get_vring_base(self, message: Message, fds: list[int]) -> bytes:
         vring = self._vring(message.fields.index)
-        if self._stop(vring) and not any(v.running for v in self.vrings):
-            # The source VM stopped: the end of a migration.
-            self.dirty_logging.flush_at_stop(self.device)
+        self._stop_and_flush_if_last_logged(vring)
         # The ring is stopped; a later start comes with a fresh kick fd.
         if vring.kick_fd is not None:
             os.close(vring.kick_fd)
@@ -525,7 +533,7 @@ class BackendHandler:
         if vring.enabled:
             self._start_if_ready(vring)
         else:
-            self._stop(vring)
+            self._stop_and_flush_if_last_logged(vring)
 
     # ------------------------------------------------------------------ config
     def _on_get_config(self, message: Message, fds: list[int]) -> bytes:
@@ -600,9 +608,17 @@ class BackendHandler:
         except DirtyLogError as exc:
             raise Refused(str(exc)) from exc
         self.dirty_logging.set_base(new, self.vrings, self.acked_features)
+        if self.processes is not None:  # every queue process has it before the reply
+            try:
+                self.processes.set_log_base(fds[0], f.mmap_size, f.mmap_offset)
+            except QueueProcessError as exc:
+                raise Refused(str(exc)) from exc
         return u64(0)
 
     def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
             raise Refused("LOG_SHMFD was not negotiated")
-        self.dirty_logging.call.replace(fds.pop())
+        fd = fds.pop()
+        self.dirty_logging.call.replace(fd)
+        if self.processes is not None:
+            self.processes.set_log_fd(fd)

@@ -8,7 +8,12 @@ and of the in-flight area fd -- and forwards every change to the processes runni
 * a memory table change (SET_MEM_TABLE, ADD/REM_MEM_REG) is sent to every queue process and
   acknowledged by each *before* the handler replies to the frontend, so no queue ever reads a
   ring through a table the frontend believes gone;
-* a new call/err eventfd for a running queue, and device state (the cache mode), likewise.
+* a new call/err eventfd for a running queue, and device state (the cache mode), likewise;
+* the dirty-page log of a live migration (SET_LOG_BASE's memfd, SET_LOG_FD's eventfd, the
+  features that switch VHOST_F_LOG_ALL, a ring's used-ring log address): each process maps the
+  log itself and runs :class:`vhost.dirty_logging.DirtyLogging` on its queue, acknowledging
+  before the frontend gets its reply; it reports whether it logs and the pages it marked with
+  its counters and in every answer (the worker's ``remote_log``), which the handler sums.
 
 A queue is started by spawning ``python -m vhost.queueproc`` (fork+exec through
 :mod:`subprocess`, safe with the control process's threads: nothing runs between fork and exec
@@ -35,6 +40,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
+from .dirty_logging import RemoteLog
 from .queueproc import receive, send
 
 if TYPE_CHECKING:
@@ -53,13 +59,7 @@ class QueueProcessError(Exception):
 
 
 class RemoteQueue:
-    """A queue a process runs, as the handler sees it: where it stopped (after ``stop``).
-
-    ``dirty`` is always None: the dirty-page log does not reach queue processes yet, and the
-    handler does not offer VHOST_F_LOG_ALL while it has them.
-    """
-
-    dirty = None
+    """A queue a process runs, as the handler sees it: where it stopped (after ``stop``)."""
 
     def __init__(self, next_avail: int = 0, broken: bool = False) -> None:
         self.next_avail = next_avail
@@ -89,6 +89,8 @@ class QueueProcessWorker:
         self.sock: socket.socket | None = None
         self.replies: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self.vq = RemoteQueue()
+        #: The process's dirty logging, as it last reported (vhost.dirty_logging sums these).
+        self.remote_log = RemoteLog()
         self.kicks = self.batches = self.completed = 0
         self.last_avail = 0  # as last reported (a dead process cannot say where it stopped)
         self.stopping = False
@@ -130,6 +132,7 @@ class QueueProcessWorker:
                 msg, fds = receive(self.sock)
                 for fd in fds:
                     os.close(fd)
+                self._note_dirty(msg)
                 if msg.get("kind") != "counters":
                     return dict(msg)
                 self.device.set_queue_counters(self.index, msg["counters"])
@@ -151,6 +154,7 @@ class QueueProcessWorker:
                 self.device.set_queue_counters(self.index, msg["counters"])
             if "next_avail" in msg:
                 self.last_avail = msg["next_avail"]
+            self._note_dirty(msg)
             if msg.get("kind") != "counters":
                 self.replies.put(msg)
         self.replies.put({"kind": "eof"})
@@ -160,6 +164,12 @@ class QueueProcessWorker:
             log.error("queue %d: its process died (exit status %s); the queue is stopped",
                       self.index, code)
             self.err.signal()
+
+    def _note_dirty(self, msg: dict[str, Any]) -> None:
+        """Take the dirty-log state a message reports (before its answer is handed on)."""
+        dirty = msg.get("dirty")
+        if dirty is not None:
+            self.remote_log.logging, self.remote_log.pages = bool(dirty[0]), int(dirty[1])
 
     def request(self, msg: dict[str, Any], fds: list[int] | None = None,
                 timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
@@ -233,6 +243,10 @@ class QueueProcesses:
         self._regions: list[tuple[int, int, int, int]] = []
         self._region_fds: list[int] = []
         self._inflight: tuple[int, tuple[int, int, int, int]] | None = None
+        #: The dirty log (a duplicate of SET_LOG_BASE's fd, its size and offset) and
+        #: SET_LOG_FD's eventfd (a duplicate), for processes started later.
+        self._log: tuple[int, int, int] | None = None
+        self._log_call: int | None = None
         self.workers: dict[int, QueueProcessWorker] = {}
         device.refresh_counters = self.refresh_counters
         device.process_state_changed = self.device_changed
@@ -245,20 +259,28 @@ class QueueProcesses:
 
     # ------------------------------------------------------------------ queues
     def start(self, index: int, size: int, addresses: tuple[int, int, int], features: int,
-              base: int, kick_fd: int, call: Notifier, err: Notifier) -> QueueProcessWorker:
-        """Start queue ``index`` in a process of its own."""
+              base: int, kick_fd: int, call: Notifier, err: Notifier,
+              log_addr: int | None = None) -> QueueProcessWorker:
+        """Start queue ``index`` in a process of its own (``log_addr``: VHOST_VRING_F_LOG's
+        used-ring log address, if the frontend gave one)."""
         target, kwargs, device_fds = self.device.process_recipe()
         start: dict[str, Any] = {
             "kind": "start", "index": index, "size": size, "addresses": addresses,
             "features": features, "base": base, "regions": self._regions,
             "inflight": self._inflight[1] if self._inflight else None,
             "recipe": (target, kwargs), "state": self.device.process_state(),
+            "log": self._log[1:] if self._log is not None else None,
+            "log_call": self._log_call is not None, "log_addr": log_addr,
         }
         call_fd = call.fd if call.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
         err_fd = err.fd if err.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
         fds = [kick_fd, call_fd, err_fd, *self._region_fds]
         if self._inflight is not None:
             fds.append(self._inflight[0])
+        if self._log is not None:
+            fds.append(self._log[0])
+        if self._log_call is not None:
+            fds.append(self._log_call)
         fds.extend(device_fds)
         worker = QueueProcessWorker(index, call, err, self.device)
         try:
@@ -273,12 +295,16 @@ class QueueProcesses:
     def stopped(self, index: int) -> None:
         self.workers.pop(index, None)
 
-    def _broadcast(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-        """Send to every running process; wait for each to acknowledge."""
+    def _broadcast(self, msg: dict[str, Any], fds: list[int] | None = None) -> list[int]:
+        """Send to every running process; wait for each to acknowledge.  The queues whose
+        process refused (logged here)."""
+        refused = []
         for worker in list(self.workers.values()):
             reply = worker.request(msg, fds)
             if reply.get("kind") == "error":
                 log.error("queue %d: %s refused: %s", worker.index, msg["kind"], reply["why"])
+                refused.append(worker.index)
+        return refused
 
     # ------------------------------------------------------------------ what processes need
     def set_mem_table(self, regions: list[RegionFields], fds: list[int]) -> None:
@@ -316,6 +342,49 @@ class QueueProcesses:
     def device_changed(self) -> None:
         self._broadcast({"kind": "state", "state": self.device.process_state()})
 
+    # ------------------------------------------------------------------ dirty log
+    def set_log_base(self, fd: int, size: int, offset: int) -> None:
+        """SET_LOG_BASE (``fd`` is the caller's, still open; the handler mapped it already):
+        every process maps the new log and stops marking the old one before this returns.
+        QueueProcessError if a process could not: its marks would be lost."""
+        self._close_log()
+        self._log = (os.dup(fd), size, offset)
+        refused = self._broadcast({"kind": "log_base", "size": size, "offset": offset}, [fd])
+        if refused:
+            raise QueueProcessError(f"queue process(es) of queue(s) {refused} cannot map the "
+                                    f"dirty log")
+
+    def set_log_fd(self, fd: int | None) -> None:
+        """SET_LOG_FD's eventfd (the caller's, still open), signalled after marks."""
+        if self._log_call is not None:
+            os.close(self._log_call)
+        self._log_call = os.dup(fd) if fd is not None else None
+        self._broadcast({"kind": "log_fd"}, [fd] if fd is not None else [])
+
+    def set_features(self, features: int) -> None:
+        """SET_FEATURES (VHOST_F_LOG_ALL on or off, with the queues running)."""
+        self._broadcast({"kind": "features", "features": features})
+
+    def set_log_addr(self, index: int, log_addr: int | None) -> None:
+        """SET_VRING_ADDR of a running queue: its used-ring log address."""
+        worker = self.workers.get(index)
+        if worker is not None:
+            reply = worker.request({"kind": "log_addr", "log_addr": log_addr})
+            if reply.get("kind") == "error":
+                log.error("queue %d: log_addr refused: %s", index, reply["why"])
+
+    def drop_log(self) -> None:
+        """The log is gone (device reset, end of the connection): later processes get none."""
+        self._close_log()
+        if self._log_call is not None:
+            os.close(self._log_call)
+            self._log_call = None
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            os.close(self._log[0])
+            self._log = None
+
     def _close_region_fds(self) -> None:
         for fd in self._region_fds:
             with contextlib.suppress(OSError):
@@ -329,6 +398,7 @@ class QueueProcesses:
         if self.device.process_state_changed == self.device_changed:
             self.device.process_state_changed = None
         self._close_region_fds()
+        self.drop_log()
         if self._inflight is not None:
             os.close(self._inflight[0])
             self._inflight = None

@@ -23,12 +23,14 @@ sums them with the other queues'; a final snapshot comes with the stop answer.  
 process dies (kill -9), the kernel kills this one too (PR_SET_PDEATHSIG), so a restarted server
 never races a leftover worker on the same rings; an EOF on the socket stops the queue as well.
 
-Not yet here: the dirty-page log for live migration.  It would reach a queue process the way a
-memory table does -- SET_LOG_BASE's fd in a message, mapped here, a ``DirtyMarker`` set on the
-VirtQueue and the device handler, VHOST_VRING_F_LOG's used-ring address with it, the marks
-counted back with the counters -- and its place is :meth:`QueueProcess._dispatch`.  Until then
-the handler does not offer VHOST_F_LOG_ALL while queues run in processes, so QEMU refuses to
-migrate instead of losing pages.
+The dirty-page log of a live migration reaches a queue process the way a memory table does:
+``log_base`` (SET_LOG_BASE's memfd, mapped here), ``log_fd`` (SET_LOG_FD's eventfd),
+``features`` (SET_FEATURES: VHOST_F_LOG_ALL on or off while the queue runs) and ``log_addr``
+(VHOST_VRING_F_LOG's used-ring address), each acknowledged once done.  They drive the same
+:class:`vhost.dirty_logging.DirtyLogging` a threaded server runs, on this process's one queue:
+it sets the :class:`~guestmem.dirty_log.DirtyMarker` on the VirtQueue and the device handler
+and makes the worker pass a quiescent point before the answer.  Whether it logs and how many
+pages it marked go back with the counters and in every answer; the control process sums them.
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ import signal
 import socket
 import sys
 import types
+from dataclasses import dataclass
 from typing import Any
 
+from guestmem.dirty_log import DirtyLog
+
+from .device import QueueHandler
+from .dirty_logging import DirtyLogging
 from .inflight import InflightArea
 from .memory import MemoryTable
 from .virtqueue import RingAddresses, VirtQueue
@@ -100,6 +107,16 @@ def _close(fds: list[int]) -> None:
             os.close(fd)
 
 
+@dataclass
+class ProcessQueue:
+    """This process's one queue, as :class:`~vhost.dirty_logging.DirtyLogging` sees a vring."""
+
+    index: int
+    log_addr: int | None = None
+    worker: QueueWorker | None = None
+    queue_handler: QueueHandler | None = None
+
+
 class QueueProcess:
     """The state of this process: one device, one queue, its worker."""
 
@@ -110,7 +127,15 @@ class QueueProcess:
         self.device: Any = None
         self.inflight: InflightArea | None = None
         self.index = -1
-        self._last_counters: dict[str, Any] | None = None
+        self._last_counters: tuple[dict[str, Any], tuple[bool, int]] | None = None
+        self.queue = ProcessQueue(-1)
+        self.features = 0
+        self.dirty_logging = DirtyLogging()
+
+    def dirty_state(self) -> tuple[bool, int]:
+        """(logging now, pages marked so far) as the control process sums them."""
+        queues = [self.queue]
+        return self.dirty_logging.logging(queues), self.dirty_logging.pages_marked(queues)
 
     # ------------------------------------------------------------------ start
     def start(self, msg: dict[str, Any], fds: list[int]) -> None:
@@ -131,6 +156,15 @@ class QueueProcess:
                 self.inflight = InflightArea.map(fd, *inflight)
             finally:
                 os.close(fd)
+        self.features = msg["features"]
+        if msg["log"] is not None:
+            fd = rest.pop(0)
+            try:
+                self.dirty_logging.set_base(DirtyLog(fd, *msg["log"]), [], self.features)
+            finally:
+                os.close(fd)
+        if msg["log_call"]:
+            self.dirty_logging.call.replace(rest.pop(0))
         target, kwargs = msg["recipe"]
         self.device = resolve(target)(kwargs, rest)
         self.device.apply_process_state(msg["state"])
@@ -142,6 +176,8 @@ class QueueProcess:
         handler = self.device.create_handler(index, self.memory.guest)
         self.worker = QueueWorker(vq, handler, kick, Notifier(call), Notifier(err),
                                   name=f"vq{index}")
+        self.queue = ProcessQueue(index, msg["log_addr"], self.worker, handler)
+        self.dirty_logging.queue_starting(self.queue, self.features)
         self.worker.start()
 
     # ------------------------------------------------------------------ serving
@@ -171,7 +207,7 @@ class QueueProcess:
                 continue
             try:
                 self._dispatch(msg, fds)
-                send(self.sock, {"kind": "ack"})
+                send(self.sock, {"kind": "ack", "dirty": self.dirty_state()})
             except Exception as exc:
                 log.exception("queue %d: %s failed", self.index, msg["kind"])
                 send(self.sock, {"kind": "error", "why": str(exc)})
@@ -192,7 +228,16 @@ class QueueProcess:
                     notifier.replace(os.dup(fds[0]) if fds else None)
             elif kind == "state":
                 self.device.apply_process_state(msg["state"])
-            # (the dirty-page log -- SET_LOG_BASE -- goes here when migration support lands)
+            elif kind == "log_base":
+                new = DirtyLog(fds[0], msg["size"], msg["offset"])  # outlives the fd
+                self.dirty_logging.set_base(new, [self.queue], self.features)
+            elif kind == "log_fd":
+                self.dirty_logging.call.replace(os.dup(fds[0]) if fds else None)
+            elif kind == "features":
+                self.features = msg["features"]
+                self.dirty_logging.update([self.queue], self.features)
+            elif kind == "log_addr":
+                self.dirty_logging.set_log_addr(self.queue, msg["log_addr"])
             else:
                 raise ValueError(f"unknown message {kind!r}")
         finally:
@@ -205,12 +250,13 @@ class QueueProcess:
                 send(self.sock, {"kind": "ack"})
             return
         counters = self.device.queue_counters(self.index)
-        if counters != self._last_counters or kind == "ack":
-            self._last_counters = counters
+        dirty = self.dirty_state()
+        if (counters, dirty) != self._last_counters or kind == "ack":
+            self._last_counters = (counters, dirty)
             next_avail = self.worker.vq.next_avail if self.worker is not None else 0
             with contextlib.suppress(OSError):
                 send(self.sock, {"kind": kind, "counters": counters,
-                                 "next_avail": next_avail})
+                                 "next_avail": next_avail, "dirty": dirty})
 
     def stop(self) -> None:
         """Drain the queue and report where it stopped."""
@@ -219,6 +265,10 @@ class QueueProcess:
                                  "drained": True, "kicks": 0, "batches": 0, "completed": 0}
         if worker is not None:
             reply["drained"] = worker.stop()
+            # Its last flush committed its marks: count them, and say whether it was logging
+            # (the end of a migration, for the control process, if it was the last queue).
+            logging_ = self.dirty_logging.queue_stopped(self.queue)
+            reply["dirty"] = (logging_, self.dirty_logging.pages_marked([self.queue]))
             vq = worker.vq
             reply.update(next_avail=vq.next_avail, broken=vq.broken, kicks=worker.kicks,
                          batches=worker.batches, completed=worker.completed,
@@ -236,6 +286,7 @@ class QueueProcess:
             send(self.sock, reply)
         if self.inflight is not None:
             self.inflight.close()
+        self.dirty_logging.close([self.queue], report=False)  # the control process reports
         self.memory.close()
 
 

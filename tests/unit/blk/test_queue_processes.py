@@ -132,19 +132,6 @@ def test_fast_path_follows_a_memory_table_change(make_blk: MakeBlk) -> None:
     assert fast is not None and fast.taken == 2
 
 
-def test_migration_is_not_offered_while_queues_run_in_processes(make_blk: MakeBlk) -> None:
-    """The dirty log does not reach queue processes yet: QEMU must refuse to migrate rather
-    than lose the pages they write."""
-    from vhost.messages import VHOST_F_LOG_ALL, ProtocolFeature
-
-    threads = make_blk(queue_processes=False)
-    assert threads.frontend.get_u64(Request.GET_FEATURES) & VHOST_F_LOG_ALL
-    procs = make_blk(num_queues=2)
-    assert not procs.frontend.get_u64(Request.GET_FEATURES) & VHOST_F_LOG_ALL
-    offered = procs.frontend.get_u64(Request.GET_PROTOCOL_FEATURES)
-    assert not offered & ProtocolFeature.LOG_SHMFD
-
-
 def test_a_qcow2_image_keeps_its_queues_on_threads(tmp_path) -> None:
     """qcow2 allocates clusters in one process: two queue processes would allocate apart."""
     from virtio_blk.cli import main
