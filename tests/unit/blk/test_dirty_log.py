@@ -4,40 +4,21 @@ nothing it only read (the data of writes)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from guestmem.dirty_log import DirtyLog
+from tests.qemu_log import PAGE, QemuLog, pages, pieces_pages
 from vhost_frontend.blk import T_GET_ID, T_IN, T_OUT, PendingRequest
 
 from .conftest import ENGINES, BlkEnv, MakeBlk
 
-PAGE = 4096
 MEM = 32 << 20  # make_blk's default guest memory
-
-
-class QemuLog:
-    """The log QEMU would hand over, mapped here to read and clear it as QEMU does."""
-
-    def __init__(self) -> None:
-        self.size = MEM // PAGE // 8
-        self.fd = os.memfd_create("vhost-log", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
-        self.log = DirtyLog(self.fd, self.size)
-
-    def take(self) -> set[int]:
-        return set(self.log.take())
-
-    def close(self) -> None:
-        self.log.close()
-        os.close(self.fd)
 
 
 @pytest.fixture
 def qlog() -> Iterator[QemuLog]:
-    q = QemuLog()
+    q = QemuLog(MEM)
     yield q
     q.close()
 
@@ -50,16 +31,9 @@ def logging_env(make_blk: MakeBlk, qlog: QemuLog, **kw: object) -> BlkEnv:
     return env
 
 
-def pages(pieces: list[tuple[int, int]]) -> set[int]:
-    out: set[int] = set()
-    for gpa, n in pieces:
-        out |= set(range(gpa // PAGE, (gpa + n - 1) // PAGE + 1))
-    return out
-
-
 def used_ring_pages(env: BlkEnv) -> set[int]:
     q = env.queue
-    return pages([(q.used, 6 + 8 * q.size)])
+    return pages(q.used, 6 + 8 * q.size)
 
 
 def run(env: BlkEnv, pending: PendingRequest) -> int:
@@ -74,10 +48,10 @@ def test_read_marks_its_data_status_and_used_ring(make_blk: MakeBlk, qlog: QemuL
     assert run(env, pending) == 0
     marked = qlog.take()
     data, status = pending.writable[:-1], pending.writable[-1:]
-    assert pages(data) <= marked and len(pages(data)) == 3
-    assert pages(status) <= marked
+    assert pieces_pages(data) <= marked and len(pieces_pages(data)) == 3
+    assert pieces_pages(status) <= marked
     assert marked & used_ring_pages(env)
-    assert marked <= pages(pending.writable) | used_ring_pages(env)
+    assert marked <= pieces_pages(pending.writable) | used_ring_pages(env)
 
 
 def test_bounced_read_marks_every_piece(make_blk: MakeBlk, qlog: QemuLog) -> None:
@@ -88,8 +62,8 @@ def test_bounced_read_marks_every_piece(make_blk: MakeBlk, qlog: QemuLog) -> Non
     assert run(env, pending) == 0
     assert env.device.stats.bounced_requests == 1
     marked = qlog.take()
-    assert pages(pieces) <= marked
-    assert len(pages(pieces)) == 4  # the last piece crosses into a second page
+    assert pieces_pages(pieces) <= marked
+    assert len(pieces_pages(pieces)) == 4  # the last piece crosses into a second page
 
 
 def test_get_id_marks_the_string(make_blk: MakeBlk, qlog: QemuLog) -> None:
@@ -97,7 +71,7 @@ def test_get_id_marks_the_string(make_blk: MakeBlk, qlog: QemuLog) -> None:
     pieces = env.drv.pieces([10, 10], offsets=[PAGE - 5, 0])  # the first crosses a page
     pending = env.drv.start(T_GET_ID, 0, in_len=20, in_pieces=pieces)
     assert run(env, pending) == 0
-    assert pages(pending.writable) <= qlog.take()
+    assert pieces_pages(pending.writable) <= qlog.take()
 
 
 def test_write_marks_only_its_status(make_blk: MakeBlk, qlog: QemuLog) -> None:
@@ -106,8 +80,8 @@ def test_write_marks_only_its_status(make_blk: MakeBlk, qlog: QemuLog) -> None:
     pending = env.drv.start(T_OUT, 0, out=b"w" * 8192)
     assert run(env, pending) == 0
     marked = qlog.take()
-    assert pages(pending.writable) <= marked
-    assert marked <= pages(pending.writable) | used_ring_pages(env)
+    assert pieces_pages(pending.writable) <= marked
+    assert marked <= pieces_pages(pending.writable) | used_ring_pages(env)
 
 
 def test_failed_read_still_marks_its_status(make_blk: MakeBlk, qlog: QemuLog) -> None:
@@ -115,7 +89,7 @@ def test_failed_read_still_marks_its_status(make_blk: MakeBlk, qlog: QemuLog) ->
     capacity = env.device.limits.capacity
     pending = env.drv.start(T_IN, capacity, in_len=512)  # past the end: IOERR, no IO
     assert run(env, pending) != 0
-    assert pages(pending.writable[-1:]) <= qlog.take()
+    assert pieces_pages(pending.writable[-1:]) <= qlog.take()
 
 
 def test_nothing_marked_once_logging_is_off(make_blk: MakeBlk, qlog: QemuLog) -> None:

@@ -16,21 +16,20 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.qemu_log import PAGE, QemuLog, pages, pieces_pages
 from vhost.messages import VHOST_F_LOG_ALL, ProtocolFeature, Request, vring_state
 from vhost.procpool import QueueProcessWorker
 from vhost_frontend import DriverQueue
 from vhost_frontend.blk import T_GET_ID, T_IN, T_OUT, BlkDriver
 
 from .conftest import BlkEnv, MakeBlk
-from .test_dirty_log import QemuLog, pages
+from .test_dirty_log import MEM
 from .test_queue_processes import _proc, _wait
-
-PAGE = 4096
 
 
 @pytest.fixture
 def qlog() -> Iterator[QemuLog]:
-    q = QemuLog()
+    q = QemuLog(MEM)
     yield q
     q.close()
 
@@ -65,14 +64,14 @@ def workload(drivers: list[BlkDriver]) -> set[int]:
         ]
         for pending in requests:
             assert drv.wait([pending])[0].status == 0
-            expected |= pages(pending.writable)
+            expected |= pieces_pages(pending.writable)
     return expected
 
 
 def ring_pages(*queues: DriverQueue) -> set[int]:
     out: set[int] = set()
     for q in queues:
-        out |= pages([(q.used, 6 + 8 * q.size)])
+        out |= pages(q.used, 6 + 8 * q.size)
     return out
 
 
@@ -95,7 +94,7 @@ def test_processes_mark_what_threads_mark(make_blk: MakeBlk) -> None:
     threads: every page the backend wrote, and nothing but those and the used rings."""
     marked: dict[bool, set[int]] = {}
     for processes in (False, True):
-        qlog = QemuLog()
+        qlog = QemuLog(MEM)
         try:
             env, drv1, q1 = two_queues_logging(make_blk, qlog, processes)
             expected = workload([env.drv, drv1])
@@ -167,7 +166,7 @@ def test_a_new_log_base_replaces_the_old_log(make_blk: MakeBlk, qlog: QemuLog) -
     the new one from the reply on, and never the old one again."""
     env, drv1, q1 = two_queues_logging(make_blk, qlog, processes=True)
     workload([env.drv, drv1])
-    new = QemuLog()
+    new = QemuLog(MEM)
     try:
         assert env.frontend.set_log_base(new.fd, new.size) == b"\0" * 8
         qlog.take()

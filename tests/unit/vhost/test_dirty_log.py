@@ -5,7 +5,6 @@ running, and two queues marking while the test (playing QEMU) clears the bitmap.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import struct
 import threading
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from guestmem import GuestMemory
-from guestmem.dirty_log import DirtyLog
+from tests.qemu_log import PAGE, QemuLog, pages
 from tests.vhost_devices import EchoDevice
 from vhost import messages as m
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
@@ -33,44 +32,12 @@ from .helpers import (
     wait_readable,
 )
 
-PAGE = 4096
 MEM = 4 * MiB  # the Session's default guest memory
-F_SEAL_SHRINK, F_SEAL_GROW, F_ADD_SEALS = 0x2, 0x4, 1033
-
-
-def log_memfd(size: int = MEM // PAGE // 8) -> int:
-    """A log memfd sealed like QEMU's (vhost_log_alloc: no shrinking or growing)."""
-    fd = os.memfd_create("vhost-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)
-    return fd
-
-
-class Qemu:
-    """QEMU's side of a log: the memfd, a mapping of it, and its clearing sync."""
-
-    def __init__(self, size: int = MEM // PAGE // 8) -> None:
-        self.size = size
-        self.fd = log_memfd(size)
-        self.log = DirtyLog(self.fd, size)
-
-    def take(self) -> set[int]:
-        return set(self.log.take())
-
-    def close(self) -> None:
-        self.log.close()
-        os.close(self.fd)
-
-
 @pytest.fixture
-def qemu_log() -> Iterator[Qemu]:
-    q = Qemu()
+def qemu_log() -> Iterator[QemuLog]:
+    q = QemuLog(MEM)
     yield q
     q.close()
-
-
-def pages(gpa: int, length: int) -> set[int]:
-    return set(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
 
 
 def echo_once(s: Session, q: DriverQueue, data: bytes = b"x" * 100) -> tuple[int, int]:
@@ -84,7 +51,7 @@ def echo_once(s: Session, q: DriverQueue, data: bytes = b"x" * 100) -> tuple[int
     return src, dst
 
 
-def start_logging(s: Session, ql: Qemu, **kw: object) -> bytes:
+def start_logging(s: Session, ql: QemuLog, **kw: object) -> bytes:
     reply = s.fe.set_log_base(ql.fd, ql.size)
     s.fe.set_logging(True, **kw)  # type: ignore[arg-type]
     return reply
@@ -98,7 +65,7 @@ def test_log_all_and_log_shmfd_are_offered(serve) -> None:
         assert s.fe.get_u64(Request.GET_PROTOCOL_FEATURES) & ProtocolFeature.LOG_SHMFD
 
 
-def test_set_log_base_is_answered(serve, qemu_log: Qemu) -> None:
+def test_set_log_base_is_answered(serve, qemu_log: QemuLog) -> None:
     """QEMU 7.2 waits for a reply to SET_LOG_BASE once LOG_SHMFD is negotiated."""
     running = serve(EchoDevice())
     with session(running.path) as s:
@@ -114,7 +81,7 @@ def test_set_log_base_is_answered(serve, qemu_log: Qemu) -> None:
 
 
 @pytest.mark.parametrize("case", ["no-log-shmfd", "log-past-the-fd", "odd-size"])
-def test_bad_set_log_base_ends_the_connection(serve, qemu_log: Qemu, case: str) -> None:
+def test_bad_set_log_base_ends_the_connection(serve, qemu_log: QemuLog, case: str) -> None:
     """A SET_LOG_BASE we cannot honour has no reply we could send: the frontend would wait
     for it, or migrate without a log.  The connection ends; the daemon lives on."""
     running = serve(EchoDevice())
@@ -143,7 +110,7 @@ def test_unknown_vring_address_flags_are_refused(serve, caplog) -> None:
 
 # ---------------------------------------------------------------- what gets marked
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-event-idx"])
-def test_writes_are_marked_while_logging(serve, qemu_log: Qemu, event_idx: bool) -> None:
+def test_writes_are_marked_while_logging(serve, qemu_log: QemuLog, event_idx: bool) -> None:
     running = serve(EchoDevice())
     with session(running.path) as s:
         offered = s.fe.get_u64(Request.GET_FEATURES)
@@ -172,7 +139,7 @@ def test_writes_are_marked_while_logging(serve, qemu_log: Qemu, event_idx: bool)
         assert qemu_log.take() == set()
 
 
-def test_used_entry_and_index_pages_are_marked(serve, qemu_log: Qemu) -> None:
+def test_used_entry_and_index_pages_are_marked(serve, qemu_log: QemuLog) -> None:
     """A 1024-entry used ring spans three pages: the entry written (slot 600, in the middle
     page), used.idx (first page) and avail_event (last page) are each marked."""
     running = serve(EchoDevice())
@@ -191,7 +158,7 @@ def test_used_entry_and_index_pages_are_marked(serve, qemu_log: Qemu) -> None:
         assert marked == {elem_page, idx_page, event_page} | pages(dst, 100)
 
 
-def test_used_ring_is_logged_at_its_log_address(serve, qemu_log: Qemu) -> None:
+def test_used_ring_is_logged_at_its_log_address(serve, qemu_log: QemuLog) -> None:
     """VHOST_VRING_F_LOG: the used ring's writes are logged at log_guest_addr, as QEMU says."""
     running = serve(EchoDevice())
     with session(running.path) as s:
@@ -207,7 +174,7 @@ def test_used_ring_is_logged_at_its_log_address(serve, qemu_log: Qemu) -> None:
         assert not marked & pages(q.used, 6 + 8 * q.size)
 
 
-def test_log_fd_is_signalled(serve, qemu_log: Qemu) -> None:
+def test_log_fd_is_signalled(serve, qemu_log: QemuLog) -> None:
     running = serve(EchoDevice())
     with session(running.path) as s:
         s.start()
@@ -223,7 +190,7 @@ def test_log_fd_is_signalled(serve, qemu_log: Qemu) -> None:
             os.close(call)
 
 
-def test_new_log_while_running(serve, qemu_log: Qemu) -> None:
+def test_new_log_while_running(serve, qemu_log: QemuLog) -> None:
     """QEMU resizes the log (memory hot-plug) with logging on: marks move to the new log and
     the old mapping is dropped once no worker can use it."""
     running = serve(EchoDevice())
@@ -234,7 +201,7 @@ def test_new_log_while_running(serve, qemu_log: Qemu) -> None:
         handler = running.daemon.handler
         first = handler.dirty_logging.log
         echo_once(s, q)
-        second = Qemu(2 * qemu_log.size)
+        second = QemuLog(2 * MEM)
         try:
             assert s.fe.set_log_base(second.fd, second.size) == m.u64(0)
             assert handler.dirty_logging.log is not first and first.closed
@@ -247,7 +214,7 @@ def test_new_log_while_running(serve, qemu_log: Qemu) -> None:
             second.close()
 
 
-def test_queue_restarted_while_logging_keeps_logging(serve, qemu_log: Qemu) -> None:
+def test_queue_restarted_while_logging_keeps_logging(serve, qemu_log: QemuLog) -> None:
     running = serve(EchoDevice())
     with session(running.path) as s:
         s.start()
@@ -261,7 +228,7 @@ def test_queue_restarted_while_logging_keeps_logging(serve, qemu_log: Qemu) -> N
         assert pages(dst, 100) <= qemu_log.take()
 
 
-def test_two_queues_mark_while_qemu_clears(serve, qemu_log: Qemu) -> None:
+def test_two_queues_mark_while_qemu_clears(serve, qemu_log: QemuLog) -> None:
     """Two workers mark the log while the test takes bits as QEMU's sync does: every page a
     request wrote is seen by some sync."""
     running = serve(EchoDevice(num_queues=2, asynchronous=True, delay=0.0))
