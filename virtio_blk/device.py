@@ -498,6 +498,9 @@ class BlkQueueHandler(QueueHandler):
                 done.append((chain.head, used))
         if self.engine.batched:
             self.engine.flush()
+            # What the flush finished already (page-cached IO, a read served without the
+            # ring) gives no completion event to wait for: finish it now.
+            done += self.complete_reaped()
         return done
 
     def _reap(self) -> list[BlkRequest]:
