@@ -350,7 +350,20 @@ class RequestBuffers:
             n = self._len
             if not n:
                 return LockedIoBuffers([], 0)
-            found = mem.io_pieces(self._gpa, n, for_write=for_write)
+            gpa = self._gpa
+            region = mem.region_at(gpa)
+            if region is not None and gpa + n <= region.gpa + region.size:
+                # One run in one region (what nearly every request is): one lookup, one slice.
+                # linear() already checked the run fits the 64-bit space.
+                if for_write and region.readonly:
+                    raise AccessError.read_only()
+                off = gpa - region.gpa
+                try:
+                    view = (region.view if for_write else region.ro_view)[off : off + n]
+                except ValueError as exc:  # the region was removed, its view released
+                    raise AccessError.memory(gpa, n, "was unmapped during the access") from exc
+                return LockedIoBuffers([IoBuffer(view, region.host_addr + off)], n)
+            found = mem.io_pieces(gpa, n, for_write=for_write)  # spans regions, or unmapped
             if len(found) == 1:  # ... in one region: the common case
                 return LockedIoBuffers([IoBuffer(*found[0])], n)
             return LockedIoBuffers([IoBuffer(v, a) for v, a in found], n)

@@ -327,7 +327,8 @@ class UringEngine(Engine):
                     op.result = exc
             else:
                 op.result = res
-            sync_if_write_through(self.disk, op)
+            if op.sync:  # (sync_if_write_through looks again; most ops are not write-through)
+                sync_if_write_through(self.disk, op)
             op.iov = None
             out.append(op)
         return out

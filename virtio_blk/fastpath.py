@@ -125,6 +125,9 @@ class FastPath:
         submit = engine.submit
         complete = self.complete
         take = self._take
+        build = self._build
+        unpack = _unpack_desc
+        desc = self.desc
         claim = vq.claim
         in_flight = self.in_flight
         size = vq.size
@@ -139,9 +142,24 @@ class FastPath:
                 # here without a call (the generic pop reports it).
                 if head >= size or in_flight[head]:
                     break
-                req = take(head)
+                # The commonest shape, recognised inline: a direct chain of header (16 bytes,
+                # readable), one data run (all readable or all writable) and the status byte
+                # (1 byte, writable) -- what _take accepts for it, without its loop.  Any other
+                # head goes through _take.
+                hdr_addr, hdr_len, flags, nxt = unpack(desc, head << 4)
+                req = None
+                if hdr_len == HEADER_SIZE and flags == _NEXT and nxt < size:
+                    addr, n, flags, nxt = unpack(desc, nxt << 4)
+                    if (flags == _NEXT or flags == _NEXT | _WRITE) and n and nxt < size:
+                        status_gpa, one, status_flags, _ = unpack(desc, nxt << 4)
+                        if one == 1 and status_flags == _WRITE:
+                            req = build(head, hdr_addr, [(addr, n)], status_gpa, flags != _NEXT)
+                            if req is None:
+                                break
                 if req is None:
-                    break
+                    req = take(head)
+                    if req is None:
+                        break
                 claim(head)
                 started += 1
                 if timing:
@@ -277,9 +295,22 @@ class FastPath:
             i += 1
         if n != 1 or flags != _WRITE or (count and i != count - 1) or not data:
             return None
-        status_gpa = addr
+        return self._build(head, hdr_addr, data, addr, data_flags == _NEXT | _WRITE)
+
+    def _build(self, head: int, hdr_addr: int, data: list[tuple[int, int]], status_gpa: int,
+               into_guest: bool) -> BlkRequest | None:
+        """The checks after the descriptors' shape, and the locked request (or None).
+
+        ``data``: the data runs, non-empty, each of non-zero length; ``into_guest``: they are
+        writable (an IN request); the header's 16 bytes and the 1-byte status are at
+        ``hdr_addr`` and ``status_gpa``.
+        """
         # Everything the descriptors point at lies in guest memory, writable where written.
-        region = self._find(hdr_addr, HEADER_SIZE)
+        # (The remembered region's bounds are tested inline: most pieces lie in it.)
+        if self._lo <= hdr_addr and hdr_addr + HEADER_SIZE <= self._hi:
+            region = self._region
+        else:
+            region = self._find(hdr_addr, HEADER_SIZE)
         if region is None:
             return None
         try:
@@ -287,18 +318,22 @@ class FastPath:
         except ValueError:  # the region went away meanwhile
             return None
         req_type &= _TYPE_MASK
-        into_guest = data_flags == _NEXT | _WRITE
         if req_type != (_IN if into_guest else _OUT):
             return None
         handler = self.handler
         limits = handler.limits
         if not into_guest and limits.read_only:
             return None
-        region = self._find(status_gpa, 1)
-        if region is None or region.readonly:
-            return None
         lo = self._lo
         hi = self._hi
+        if lo <= status_gpa < hi:
+            region = self._region
+        else:
+            region = self._find(status_gpa, 1)
+            lo = self._lo
+            hi = self._hi
+        if region is None or region.readonly:
+            return None
         length = 0
         for addr, n in data:
             if not (lo <= addr and addr + n <= hi):  # not in the last region: look it up
