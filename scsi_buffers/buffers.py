@@ -31,6 +31,7 @@ from guestmem import (
     AccessError,
     AtomicIoVec,
     GuestMemory,
+    GuestRegion,
     IoBuffer,
     LockedIoBuffers,
     alignment_mask,
@@ -383,6 +384,26 @@ class RequestBuffers:
             release_views(p.view for p in pieces)
             raise
         return LockedIoBuffers(pieces)
+
+    def lock_in(self, region: GuestRegion, for_write: bool = False) -> LockedIoBuffers:
+        """:meth:`lock`, for a caller that has just looked up ``region`` -- one of this buffer's
+        guest memory regions, in its current table -- as the one holding the whole run.
+
+        A linear buffer wholly inside ``region`` is then locked with one slice and no second
+        lookup (the request hot path finds the region anyway, to check the descriptor); every
+        other case, and every failure, is exactly :meth:`lock`'s.
+        """
+        if self._range is None and (self._is_write or not for_write):
+            gpa = self._gpa
+            n = self._len
+            off = gpa - region.gpa
+            if n and off >= 0 and off + n <= region.size and not (for_write and region.readonly):
+                try:
+                    view = (region.view if for_write else region.ro_view)[off : off + n]
+                except ValueError:  # removed meanwhile: lock() reports it
+                    return self.lock(for_write)
+                return LockedIoBuffers([IoBuffer(view, region.host_addr + off)], n)
+        return self.lock(for_write)
 
     def __repr__(self) -> str:
         kind = "writable" if self._is_write else "read-only"

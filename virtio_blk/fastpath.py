@@ -354,8 +354,8 @@ class FastPath:
         memory = self.memory
         if len(data) == 1:
             buffers = RequestBuffers.linear(memory, data[0][0], length, into_guest)
-            try:
-                lock = buffers.lock(for_write=into_guest)
+            try:  # the data's region was just looked up: it is the remembered one
+                lock = buffers.lock_in(self._region, into_guest)  # type: ignore[arg-type]
             except AccessError:  # a region removed meanwhile: let the generic path report it
                 return None
             if handler.direct and not lock.is_aligned(handler.mem_align):

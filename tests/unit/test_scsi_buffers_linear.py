@@ -54,3 +54,18 @@ def test_linear_checks_the_address_space(mem: GuestMemory) -> None:
         RequestBuffers.linear(mem, PAGES * PAGE_SIZE, 4, False).lock()
     with pytest.raises(AccessError):  # direction checked before any address
         RequestBuffers.linear(mem, 0, 4, False).lock(for_write=True)
+
+
+def test_lock_in_a_region_is_lock(mem: GuestMemory) -> None:
+    region = mem.region_at(0)
+    assert region is not None
+    for gpa, length in [(0, 4096), (0x800, 4096), (100, 0), (5000, 513)]:
+        for is_write in (False, True):
+            buffers = RequestBuffers.linear(mem, gpa, length, is_write)
+            with buffers.lock_in(region, is_write) as a, buffers.lock(is_write) as b:
+                assert [(p.address, bytes(p.view), p.view.readonly) for p in a.io_buffers] == \
+                    [(p.address, bytes(p.view), p.view.readonly) for p in b.io_buffers]
+    with pytest.raises(AccessError):  # direction first, as lock()
+        RequestBuffers.linear(mem, 0, 4, False).lock_in(region, True)
+    with pytest.raises(AccessError):  # not in the region (nor in memory): lock() reports it
+        RequestBuffers.linear(mem, PAGES * PAGE_SIZE, 4, False).lock_in(region)
