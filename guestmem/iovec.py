@@ -136,7 +136,8 @@ class LockedIoBuffers:
     @property
     def io_buffers(self) -> list[IoBuffer]:
         """The :class:`IoBuffer` pieces, in order (the list itself; do not modify it)."""
-        self._check()
+        if self._closed:  # _check, inline: read once per request on the hot path
+            raise ValueError("I/O buffers are closed")
         return self._buffers
 
     def io_vecs(self) -> list[memoryview]:

@@ -31,6 +31,7 @@ from guestmem import (
     AccessError,
     AtomicIoVec,
     GuestMemory,
+    GuestRegion,
     IoBuffer,
     LockedIoBuffers,
     alignment_mask,
@@ -238,14 +239,40 @@ class RequestBuffers:
 
     ``is_write`` is True when guest memory may be written (the buffer receives a disk read).
     Cheap to build and to sub-range; nothing is translated until a reader, writer or lock is used.
+
+    A buffer made with :meth:`linear` (one run of guest physical bytes -- what almost every
+    descriptor of a real request is) keeps just the address and length: its page list is built
+    only when someone asks for :attr:`range`, and :meth:`lock` translates the run directly.  The
+    request hot path then never builds a page tuple it does not use; every public answer is the
+    same as for ``RequestBuffers(memory, PagedRange.linear(gpa, length), is_write)``.
     """
 
-    __slots__ = ("_is_write", "_mem", "_range")
+    __slots__ = ("_gpa", "_is_write", "_len", "_mem", "_range")
 
     def __init__(self, guest_memory: GuestMemory, paged_range: PagedRange, is_write: bool) -> None:
         self._mem = guest_memory
-        self._range = paged_range
+        self._range: PagedRange | None = paged_range
+        self._gpa = -1
+        self._len = len(paged_range)
         self._is_write = bool(is_write)
+
+    @classmethod
+    def linear(cls, guest_memory: GuestMemory, gpa: int, length: int,
+               is_write: bool) -> RequestBuffers:
+        """The guest physical bytes ``[gpa, gpa+length)``, the page list built lazily.
+
+        The same checks as :meth:`PagedRange.linear` (``ValueError`` for a negative address or
+        length, or one past 2**64), made now, so a lazily built range can never fail later.
+        """
+        if gpa < 0 or length < 0 or gpa + length > 1 << 64:
+            raise ValueError(f"guest range {gpa:#x}+{length:#x} is outside the 64-bit space")
+        self = cls.__new__(cls)
+        self._mem = guest_memory
+        self._range = None
+        self._gpa = gpa
+        self._len = length
+        self._is_write = bool(is_write)
+        return self
 
     @property
     def guest_memory(self) -> GuestMemory:
@@ -253,7 +280,10 @@ class RequestBuffers:
 
     @property
     def range(self) -> PagedRange:
-        return self._range
+        rng = self._range
+        if rng is None:  # a linear buffer: its pages are made the first time they are asked for
+            rng = self._range = PagedRange.linear(self._gpa, self._len)
+        return rng
 
     @property
     def is_write(self) -> bool:
@@ -261,15 +291,15 @@ class RequestBuffers:
         return self._is_write
 
     def __len__(self) -> int:
-        return len(self._range)
+        return self._len
 
     @property
     def length(self) -> int:
-        return len(self._range)
+        return self._len
 
     @property
     def is_empty(self) -> bool:
-        return self._range.is_empty
+        return not self._len
 
     def is_aligned(self, alignment: int) -> bool:
         """Whether every piece's start and length are multiples of ``alignment``.
@@ -279,19 +309,31 @@ class RequestBuffers:
         aligned to more than 4096.  ``ValueError`` unless ``alignment`` is a power of two.
         (The host-address counterpart, for locked pieces, is ``LockedIoBuffers.is_aligned``.)
         """
-        return not (self._range.offset | len(self._range) | PAGE_SIZE) & alignment_mask(alignment)
+        rng = self._range
+        offset = (self._gpa & (PAGE_SIZE - 1)) if rng is None else rng.offset
+        return not (offset | self._len | PAGE_SIZE) & alignment_mask(alignment)
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The ``(gpa, length)`` runs of guest memory the buffer covers, in order.
+
+        ``range.ranges()`` without building a page list for a linear buffer (what a dirty-page
+        log records after a read).  ``MEMORY`` for a page number past the 64-bit space.
+        """
+        if self._range is None:
+            return [(self._gpa, self._len)] if self._len else []
+        return _runs(self._range)
 
     def reader(self) -> RequestReader:
         """A reader over all the bytes (always allowed, whatever the direction)."""
-        return RequestReader(self._mem, self._range)
+        return RequestReader(self._mem, self.range)
 
     def writer(self) -> RequestWriter:
         """A writer over all the bytes; length 0 (and refusing writes) when not ``is_write``."""
-        return RequestWriter(self._mem, self._range, self._is_write)
+        return RequestWriter(self._mem, self.range, self._is_write)
 
     def subrange(self, offset: int, length: int) -> RequestBuffers:
         """Bytes ``[offset, offset+length)``, same memory and direction (ValueError if outside)."""
-        return RequestBuffers(self._mem, self._range.subrange(offset, length), self._is_write)
+        return RequestBuffers(self._mem, self.range.subrange(offset, length), self._is_write)
 
     def lock(self, for_write: bool = False) -> LockedIoBuffers:
         """Translate the whole range to host pieces for one IO.
@@ -305,6 +347,27 @@ class RequestBuffers:
         if for_write and not self._is_write:
             raise AccessError.read_only()
         mem = self._mem
+        if self._range is None:  # linear: one run, translated without a page list
+            n = self._len
+            if not n:
+                return LockedIoBuffers([], 0)
+            gpa = self._gpa
+            region = mem.region_at(gpa)
+            if region is not None and gpa + n <= region.gpa + region.size:
+                # One run in one region (what nearly every request is): one lookup, one slice.
+                # linear() already checked the run fits the 64-bit space.
+                if for_write and region.readonly:
+                    raise AccessError.read_only()
+                off = gpa - region.gpa
+                try:
+                    view = (region.view if for_write else region.ro_view)[off : off + n]
+                except ValueError as exc:  # the region was removed, its view released
+                    raise AccessError.memory(gpa, n, "was unmapped during the access") from exc
+                return LockedIoBuffers([IoBuffer(view, region.host_addr + off)], n)
+            found = mem.io_pieces(gpa, n, for_write=for_write)  # spans regions, or unmapped
+            if len(found) == 1:  # ... in one region: the common case
+                return LockedIoBuffers([IoBuffer(*found[0])], n)
+            return LockedIoBuffers([IoBuffer(v, a) for v, a in found], n)
         runs = _runs(self._range)
         if len(runs) == 1:  # the common case; io_pieces checks everything before any view
             gpa, n = runs[0]
@@ -322,9 +385,29 @@ class RequestBuffers:
             raise
         return LockedIoBuffers(pieces)
 
+    def lock_in(self, region: GuestRegion, for_write: bool = False) -> LockedIoBuffers:
+        """:meth:`lock`, for a caller that has just looked up ``region`` -- one of this buffer's
+        guest memory regions, in its current table -- as the one holding the whole run.
+
+        A linear buffer wholly inside ``region`` is then locked with one slice and no second
+        lookup (the request hot path finds the region anyway, to check the descriptor); every
+        other case, and every failure, is exactly :meth:`lock`'s.
+        """
+        if self._range is None and (self._is_write or not for_write):
+            gpa = self._gpa
+            n = self._len
+            off = gpa - region.gpa
+            if n and off >= 0 and off + n <= region.size and not (for_write and region.readonly):
+                try:
+                    view = (region.view if for_write else region.ro_view)[off : off + n]
+                except ValueError:  # removed meanwhile: lock() reports it
+                    return self.lock(for_write)
+                return LockedIoBuffers([IoBuffer(view, region.host_addr + off)], n)
+        return self.lock(for_write)
+
     def __repr__(self) -> str:
         kind = "writable" if self._is_write else "read-only"
-        return f"RequestBuffers({self._range!r}, {kind})"
+        return f"RequestBuffers({self.range!r}, {kind})"
 
 
 # ---------------------------------------------------------------------------------------------

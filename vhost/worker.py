@@ -180,8 +180,7 @@ class QueueWorker:
         handler = self.handler
         if vq.in_flight_count:  # (requests a device holds back are in flight too)
             done = handler.reap()
-            for head, used in done:
-                vq.add_used(head, used)
+            vq.add_used_many(done)
             self.completed += len(done)
         if kick and not vq.broken:
             self.kicks += 1
@@ -198,8 +197,7 @@ class QueueWorker:
                 if chains:
                     self.batches += 1
                     finished += handler.submit_batch(chains)
-                for head, used in finished:
-                    vq.add_used(head, used)
+                vq.add_used_many(finished)
                 self.completed += len(finished)
                 if vq.broken:
                     self._report_broken()

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from time import monotonic_ns
 from typing import Any, cast
 
-from guestmem import AccessError, GuestMemory, LockedIoBuffers
+from guestmem import AccessError, GuestMemory, IoBuffer, LockedIoBuffers
 from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
 from vhost.device import Device, QueueHandler
 from vhost.virtqueue import DescriptorChain, VirtQueue
@@ -128,6 +128,9 @@ class BlkRequest(IoOp):
 
     __slots__ = ("bounce", "head", "layout", "locks", "sector", "start_ns", "status_gpa")
 
+    #: Started by the fast path, finished by :meth:`FastPath.complete` (see :class:`FastRequest`).
+    fast = False
+
     def __init__(self, kind: OpKind, head: int, status_gpa: int, sector: int,
                  length: int) -> None:
         super().__init__(kind, sector << SECTOR_SHIFT, None, length)
@@ -146,6 +149,44 @@ class BlkRequest(IoOp):
         if self.bounce is not None:
             self.bounce.release()
             self.bounce = None
+
+
+#: The (never filled) segment list of every fast-path request: reads and writes have none, and
+#: nothing appends to ``segments`` (discards assign a new list), so one is shared.
+_NO_SEGMENTS: list[Any] = []
+
+
+class FastRequest(BlkRequest):
+    """A read or write started by the fast path (:mod:`.fastpath`), built in one call.
+
+    ``fast`` routes its completion to :meth:`FastPath.complete`; the slots are the same as a
+    :class:`BlkRequest`'s, so the generic ``_finish`` (which handles its failures) sees no
+    difference.
+    """
+
+    __slots__ = ()
+    fast = True
+
+    def __init__(self, kind: OpKind, head: int, status_gpa: int, sector: int, length: int,
+                 layout: DataLayout, locks: list[LockedIoBuffers], buffers: list[IoBuffer],
+                 sync: bool) -> None:
+        # Every slot of IoOp and BlkRequest, set here without the two-level __init__ chain.
+        self.kind = kind
+        self.offset = sector << SECTOR_SHIFT
+        self.buffers = buffers
+        self.length = length
+        self.ctx = None
+        self.segments = _NO_SEGMENTS
+        self.sync = sync
+        self.result = None
+        self.iov = None
+        self.head = head
+        self.status_gpa = status_gpa
+        self.sector = sector
+        self.locks = locks
+        self.bounce = None
+        self.layout = layout
+        self.start_ns = 0
 
 
 class _Deferred(Exception):
@@ -428,11 +469,24 @@ class BlkQueueHandler(QueueHandler):
                 done.append((chain.head, used))
         if self.engine.batched:
             self.engine.flush()
-            done.extend((req.head, self._finish(req)) for req in self._reap())
+            done += self.complete_reaped()
         return done
 
+    def complete_reaped(self) -> list[tuple[int, int]]:
+        """Finish every op the engine has finished: ``(head, used length)`` of each.
+
+        Fast-path requests are finished by :meth:`FastPath.complete`, the rest by
+        :meth:`_finish`.
+        """
+        finish = self._finish
+        fast = self._fast
+        if fast is None:
+            return [(req.head, finish(req)) for req in self._reap()]
+        complete = fast.complete
+        return [(req.head, complete(req) if req.fast else finish(req)) for req in self._reap()]
+
     def reap(self) -> list[tuple[int, int]]:
-        done = [(req.head, self._finish(req)) for req in self._reap()]
+        done = self.complete_reaped()
         if not self.pending:
             return done
         while self.pending:
@@ -444,6 +498,9 @@ class BlkQueueHandler(QueueHandler):
                 done.append((chain.head, used))
         if self.engine.batched:
             self.engine.flush()
+            # What the flush finished already (page-cached IO, a read served without the
+            # ring) gives no completion event to wait for: finish it now.
+            done += self.complete_reaped()
         return done
 
     def _reap(self) -> list[BlkRequest]:
@@ -528,7 +585,7 @@ class BlkQueueHandler(QueueHandler):
         dirty = self.dirty
         if dirty is not None and req.layout is not None:
             for buffers in req.layout.buffers:
-                dirty.record_ranges(buffers.range.ranges())
+                dirty.record_ranges(buffers.runs())
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int]:
         if chain.readable_len < HEADER_SIZE:

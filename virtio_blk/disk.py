@@ -229,6 +229,20 @@ class Disk:
             return done
         return self.resume(False, buffers, offset, done)
 
+    def try_readv_nowait(self, buffers: Sequence[memoryview], offset: int, length: int) -> bool:
+        """Fill ``buffers`` (``length`` bytes) from ``offset`` if the page cache has all of it.
+
+        ``preadv(RWF_NOWAIT)``: True when every byte was read without waiting; False when the
+        read would block or came back short (nothing is owed: the caller reads it the usual way,
+        again from the start).  A real error (EIO) is raised as from :meth:`readv`.  Meaningless
+        with O_DIRECT, where it is never tried.
+        """
+        try:
+            done = os.preadv(self.fd, buffers, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        return done == length
+
     def writev(self, buffers: Sequence[memoryview], offset: int) -> int:
         """Write all of ``buffers`` at ``offset``; the bytes written."""
         total = sum(b.nbytes for b in buffers)

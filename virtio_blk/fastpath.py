@@ -27,19 +27,25 @@ generic path stays the reference, and a differential property test
 nothing a guest or the disk can observe.
 
 What stays shared: the data of every request is still a :class:`RequestBuffers` (built cheaply for
-one run, through :func:`~virtio_blk.layout.plan` for several) locked with
-:meth:`RequestBuffers.lock`, so the request carries the same ``layout`` and ``locks`` the generic
-path gives it; completion is the device's own ``_finish`` (statistics, status byte, dirty-page
-marks, release), reached through the same ``reap`` -- the fast path only fuses pop, parse,
-validate and submit.
+one run with :meth:`RequestBuffers.linear`, through :func:`~virtio_blk.layout.plan` for several)
+locked with :meth:`RequestBuffers.lock`, so the request carries the same ``layout`` and ``locks``
+the generic path gives it.
+
+Completion is fused too (:meth:`FastPath.complete`): a fast-path request that read or wrote all
+its bytes has its locks released, its statistics counted, its pages marked in the dirty log and
+its status byte written in one step.  Anything else -- an IO error, a short transfer -- goes to
+the device's ``_finish``, the reference, so every failure is reported exactly as the generic path
+reports it (the differential test injects disk errors to check that).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from time import monotonic_ns
 from typing import TYPE_CHECKING
 
 from guestmem import AccessError
-from scsi_buffers import PagedRange, RequestBuffers
+from scsi_buffers import RequestBuffers
 from vhost.virtqueue import (
     DESC,
     VIRTQ_DESC_F_INDIRECT,
@@ -48,12 +54,13 @@ from vhost.virtqueue import (
     VirtQueue,
 )
 
+from .accounting import LATENCY_BOUNDS_NS
 from .engine import OpKind
 from .layout import DataLayout, plan
-from .request import HEADER, HEADER_SIZE, T_BARRIER, ReqType, RequestError, check_range
+from .request import HEADER, HEADER_SIZE, SECTOR_SHIFT, SECTOR_SIZE, T_BARRIER, ReqType, Status
 
 if TYPE_CHECKING:
-    from guestmem import GuestMemory, GuestRegion, LockedIoBuffers
+    from guestmem import GuestMemory, GuestRegion, IoBuffer, LockedIoBuffers
 
     from .device import BlkQueueHandler, BlkRequest
 
@@ -68,27 +75,32 @@ _INDIRECT = VIRTQ_DESC_F_INDIRECT
 _TYPE_MASK = ~T_BARRIER & 0xFFFFFFFF
 _IN = int(ReqType.IN)
 _OUT = int(ReqType.OUT)
+_READ = OpKind.READ
+_WRITE_OP = OpKind.WRITE
+_OK = int(Status.OK)
 
 _unpack_desc = DESC.unpack_from
 _unpack_header = HEADER.unpack_from
 
 
 class FastPath:
-    """The fused pop-and-start of one queue's common requests (see the module docstring)."""
+    """The fused pop-and-start, and completion, of one queue's common requests (see the module
+    docstring)."""
 
     def __init__(self, handler: BlkQueueHandler, vq: VirtQueue) -> None:
-        from .device import BlkRequest  # device imports this module
+        from .device import FastRequest  # device imports this module
 
-        self._request = BlkRequest
+        self._request = FastRequest
         self.handler = handler
         self.vq = vq
         self.memory: GuestMemory = handler.memory
         self.desc, self.avail, self.in_flight = vq.ring_tables()
         self.size = vq.size
         self.indirect = vq.indirect
-        # The region the last piece was found in (most pieces share one): its bounds.  Only a
+        # The region the last piece was found in (most pieces share one) and its bounds.  Only a
         # hint for the lookup: every piece is still checked against the current table.
         self._region: GuestRegion | None = None
+        self._lo = self._hi = 0
         #: Requests started here (the rest went the generic way): for tests and benchmarks.
         self.taken = 0
 
@@ -106,50 +118,131 @@ class FastPath:
         pending = (avail[1] - vq.next_avail) & 0xFFFF
         if not pending or pending > vq.size:
             return []
-        if self._region is not None and self._region not in self.memory.regions:
-            self._region = None  # the memory table changed: forget the removed region
-        submit = handler._submit
-        stats = handler.stats
+        region = self._region
+        if region is not None and region not in self.memory.regions:
+            self._forget()  # the memory table changed: forget the removed region
+        engine = handler.engine
+        submit = engine.submit
+        complete = self.complete
         take = self._take
-        mask = vq.size - 1
+        build = self._build
+        unpack = _unpack_desc
+        desc = self.desc
+        claim = vq.claim
+        in_flight = self.in_flight
+        size = vq.size
+        mask = size - 1
+        timing = handler.timing
         done: list[tuple[int, int]] = []
         started = 0
-        for _ in range(pending):
-            head = avail[2 + (vq.next_avail & mask)]
-            req = take(head)
-            if req is None:
-                break
-            vq.claim(head)
-            stats.requests += 1
-            started += 1
-            used = submit(req)
-            if used is not None:
-                done.append((head, used))
-        if started:
-            self.taken += started
-            engine = handler.engine
-            if engine.batched:
-                engine.flush()
-                finish = handler._finish
-                done.extend((req.head, finish(req)) for req in handler._reap())
+        try:
+            for _ in range(pending):
+                head = avail[2 + (vq.next_avail & mask)]
+                # The head check of _take, inline: a head in flight or out of range ends the pass
+                # here without a call (the generic pop reports it).
+                if head >= size or in_flight[head]:
+                    break
+                # The commonest shape, recognised inline: a direct chain of header (16 bytes,
+                # readable), one data run (all readable or all writable) and the status byte
+                # (1 byte, writable) -- what _take accepts for it, without its loop.  Any other
+                # head goes through _take.
+                hdr_addr, hdr_len, flags, nxt = unpack(desc, head << 4)
+                req = None
+                if hdr_len == HEADER_SIZE and flags == _NEXT and nxt < size:
+                    addr, n, flags, nxt = unpack(desc, nxt << 4)
+                    if (flags == _NEXT or flags == _NEXT | _WRITE) and n and nxt < size:
+                        status_gpa, one, status_flags, _ = unpack(desc, nxt << 4)
+                        if one == 1 and status_flags == _WRITE:
+                            req = build(head, hdr_addr, [(addr, n)], status_gpa, flags != _NEXT)
+                            if req is None:
+                                break
+                if req is None:
+                    req = take(head)
+                    if req is None:
+                        break
+                claim(head)
+                started += 1
+                if timing:
+                    req.start_ns = monotonic_ns()
+                if submit(req):
+                    done.append((head, complete(req)))
+        finally:
+            if started:
+                handler.stats.requests += started
+                self.taken += started
+        if started and engine.batched:
+            engine.flush()
+            done += handler.complete_reaped()
         return done
 
+    # ------------------------------------------------------------------ completion
+    def complete(self, req: BlkRequest) -> int:
+        """Finish a fast-path request that is done: the used length (see the module docstring).
+
+        A request that moved all its bytes is finished here in one step -- what
+        :meth:`BlkQueueHandler._finish` would do for it (release, latency, dirty pages, counters,
+        status byte); anything else goes to ``_finish`` itself.
+        """
+        handler = self.handler
+        length = req.length
+        if req.result != length:  # an error or a short transfer: the reference reports it
+            return handler._finish(req)
+        for lock in req.locks:
+            lock.close()
+        stats = handler.stats
+        kind = req.kind
+        if handler.timing:
+            ns = monotonic_ns() - req.start_ns
+            stats.total_ns[kind] += ns
+            stats.latency[kind][bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
+        dirty = handler.dirty
+        if kind == _READ:
+            if dirty is not None:
+                layout = req.layout
+                if layout is not None:
+                    for buffers in layout.buffers:
+                        dirty.record_ranges(buffers.runs())
+            stats.reads += 1
+            stats.bytes_read += length
+            used = length + 1
+        else:
+            stats.writes += 1
+            stats.bytes_written += length
+            used = 1
+        status_gpa = req.status_gpa
+        where = self.memory.locate(status_gpa, 1)
+        if where is not None:
+            try:
+                where[0][where[1]] = _OK
+            except (ValueError, TypeError):  # region removed meanwhile, or read-only
+                pass
+            else:
+                if dirty is not None:
+                    dirty.record(status_gpa, 1)
+                return used
+        return handler._put_status(status_gpa, _OK, used)
+
     # ------------------------------------------------------------------ recognition
+    def _forget(self) -> None:
+        self._region = None
+        self._lo = self._hi = 0
+
     def _find(self, addr: int, n: int) -> GuestRegion | None:
         """The region holding all of ``[addr, addr+n)``, or None; remembered for the next."""
         region = self._region
-        if region is not None and region.gpa <= addr and addr + n <= region.gpa + region.size:
+        if region is not None and self._lo <= addr and addr + n <= self._hi:
             return region
         region = self.memory.region_at(addr)
         if region is None or addr + n > region.gpa + region.size:
             return None
         self._region = region
+        self._lo = region.gpa
+        self._hi = region.gpa + region.size
         return region
 
     def _take(self, head: int) -> BlkRequest | None:
-        """A request ready to submit for ``head``, or None (nothing changed) to hand over."""
-        if head >= self.size or self.in_flight[head]:
-            return None
+        """A request, locked and ready to submit, for ``head`` (checked in range and not in
+        flight by the caller), or None (nothing changed) to hand over."""
         table = self.desc
         hdr_addr, hdr_len, hdr_flags, nxt = _unpack_desc(table, head << 4)
         count = 0  # entries in an indirect table (0: a direct chain)
@@ -202,9 +295,22 @@ class FastPath:
             i += 1
         if n != 1 or flags != _WRITE or (count and i != count - 1) or not data:
             return None
-        status_gpa = addr
+        return self._build(head, hdr_addr, data, addr, data_flags == _NEXT | _WRITE)
+
+    def _build(self, head: int, hdr_addr: int, data: list[tuple[int, int]], status_gpa: int,
+               into_guest: bool) -> BlkRequest | None:
+        """The checks after the descriptors' shape, and the locked request (or None).
+
+        ``data``: the data runs, non-empty, each of non-zero length; ``into_guest``: they are
+        writable (an IN request); the header's 16 bytes and the 1-byte status are at
+        ``hdr_addr`` and ``status_gpa``.
+        """
         # Everything the descriptors point at lies in guest memory, writable where written.
-        region = self._find(hdr_addr, HEADER_SIZE)
+        # (The remembered region's bounds are tested inline: most pieces lie in it.)
+        if self._lo <= hdr_addr and hdr_addr + HEADER_SIZE <= self._hi:
+            region = self._region
+        else:
+            region = self._find(hdr_addr, HEADER_SIZE)
         if region is None:
             return None
         try:
@@ -212,34 +318,56 @@ class FastPath:
         except ValueError:  # the region went away meanwhile
             return None
         req_type &= _TYPE_MASK
-        into_guest = data_flags == _NEXT | _WRITE
         if req_type != (_IN if into_guest else _OUT):
             return None
         handler = self.handler
         limits = handler.limits
         if not into_guest and limits.read_only:
             return None
-        region = self._find(status_gpa, 1)
+        lo = self._lo
+        hi = self._hi
+        if lo <= status_gpa < hi:
+            region = self._region
+        else:
+            region = self._find(status_gpa, 1)
+            lo = self._lo
+            hi = self._hi
         if region is None or region.readonly:
             return None
         length = 0
         for addr, n in data:
-            region = self._find(addr, n)
-            if region is None or (into_guest and region.readonly):
+            if not (lo <= addr and addr + n <= hi):  # not in the last region: look it up
+                region = self._find(addr, n)
+                if region is None:
+                    return None
+                lo = self._lo
+                hi = self._hi
+            if into_guest and self._region.readonly:  # type: ignore[union-attr]
                 return None
             length += n
-        try:
-            check_range(sector, length, limits)
-        except RequestError:
+        # check_range, inline: aligned, not too long, inside the disk.
+        lbs = limits.logical_block_size
+        if (length % SECTOR_SIZE or length % lbs or length > limits.max_transfer
+                or sector % (lbs >> SECTOR_SHIFT) or sector > limits.capacity
+                or length >> SECTOR_SHIFT > limits.capacity - sector):
             return None
         memory = self.memory
         if len(data) == 1:
-            layout = DataLayout([RequestBuffers(memory, PagedRange.linear(data[0][0], length),
-                                                into_guest)], length, False)
-        else:
-            layout = plan(memory, data, guest_writable=into_guest)
-            if layout.bounce:
+            buffers = RequestBuffers.linear(memory, data[0][0], length, into_guest)
+            try:  # the data's region was just looked up: it is the remembered one
+                lock = buffers.lock_in(self._region, into_guest)  # type: ignore[arg-type]
+            except AccessError:  # a region removed meanwhile: let the generic path report it
                 return None
+            if handler.direct and not lock.is_aligned(handler.mem_align):
+                lock.close()
+                return None
+            return self._request(_READ if into_guest else _WRITE_OP, head, status_gpa, sector,
+                                 length, DataLayout([buffers], length, False), [lock],
+                                 lock.io_buffers,
+                                 not into_guest and not handler.device.writeback)
+        layout = plan(memory, data, guest_writable=into_guest)
+        if layout.bounce:
+            return None
         return self._request_for(head, status_gpa, sector, length, layout, into_guest)
 
     def _request_for(self, head: int, status_gpa: int, sector: int, length: int,
@@ -258,12 +386,8 @@ class FastPath:
             for lock in locks:
                 lock.close()
             return None
-        req = self._request(OpKind.READ if into_guest else OpKind.WRITE, head, status_gpa,
-                            sector, length)
-        req.layout = layout
-        req.locks = locks
-        req.buffers = (locks[0].io_buffers if len(locks) == 1
-                       else [p for lock in locks for p in lock.io_buffers])
-        if not into_guest:
-            req.sync = not handler.device.writeback
-        return req
+        pieces: list[IoBuffer] = (locks[0].io_buffers if len(locks) == 1
+                                  else [p for lock in locks for p in lock.io_buffers])
+        return self._request(_READ if into_guest else _WRITE_OP, head, status_gpa, sector,
+                             length, layout, locks, pieces,
+                             not into_guest and not handler.device.writeback)

@@ -78,7 +78,7 @@ def plan(memory: GuestMemory, pieces: Sequence[tuple[int, int]],
     is_write = guest_writable
     if len(pieces) == 1:  # the common case: one descriptor of data
         gpa, n = pieces[0]
-        return DataLayout([RequestBuffers(memory, PagedRange.linear(gpa, n), is_write)], n, False)
+        return DataLayout([RequestBuffers.linear(memory, gpa, n, is_write)], n, False)
     buffers: list[RequestBuffers] = []
     bounce = False
     stream = 0  # bytes of data before the current piece

@@ -40,6 +40,8 @@ OP_WRITE = 23
 _PARAMS = struct.Struct("<IIIIII I 3I" + "IIIIIIIIQ" + "IIIIIIIIQ")
 SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # 64 bytes
 CQE = struct.Struct("<QiI")  # 16 bytes
+#: A CQE as (user_data, res), its flags skipped: what :meth:`Uring.reap` hands back.
+_CQE_UD_RES = struct.Struct("<Qi4x")
 
 
 class UringError(OSError):
@@ -115,6 +117,29 @@ class Uring:
         self._tail = (self._tail + 1) & 0xFFFFFFFF
         self._pending += 1
 
+    def prep_many(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
+        """:meth:`prep` for a whole batch of ``(opcode, fd, addr, length, offset, user_data,
+        rw_flags)`` in one call (one free-space check, not one per entry; a batch larger than
+        the free space is submitted in parts, as :meth:`prep` would)."""
+        sqes = self._sqes
+        pack = SQE.pack_into
+        mask = self._sq_mask
+        tail = self._tail
+        free = self.space()
+        for opcode, fd, addr, length, offset, user_data, rw_flags in entries:
+            if not free:
+                self._tail = tail
+                self.submit()
+                free = self.space()
+                if not free:
+                    raise UringError(0, "submission queue full")
+            pack(sqes, (tail & mask) * 64, opcode, 0, 0, fd, offset, addr, length, rw_flags,
+                 user_data, 0, 0, 0, 0, 0)
+            tail = (tail + 1) & 0xFFFFFFFF
+            free -= 1
+            self._pending += 1
+        self._tail = tail
+
     def submit(self, wait: int = 0) -> int:
         """Publish prepared entries and enter the kernel once; entries consumed."""
         n = self._pending
@@ -133,21 +158,26 @@ class Uring:
 
     # ------------------------------------------------------------------ completion
     def reap(self) -> list[tuple[int, int]]:
-        """Completions so far, as (user_data, result) -- result < 0 is -errno."""
+        """Completions so far, as (user_data, result) -- result < 0 is -errno.
+
+        The waiting CQEs are unpacked with one ``iter_unpack`` over their slice of the ring (two
+        when they wrap), then the head is advanced with one store.
+        """
         cq32 = self._cq32
         head = cq32[self._cq_head]
         tail = cq32[self._cq_tail]
         if head == tail:
             return []
-        out = []
-        mask = self._cq_mask
+        start = head & self._cq_mask
+        end = start + ((tail - head) & 0xFFFFFFFF)
         cqes = self._cqes
-        unpack = CQE.unpack_from
-        while head != tail:
-            user_data, res, _ = unpack(cqes, (head & mask) * 16)
-            out.append((user_data, res))
-            head = (head + 1) & 0xFFFFFFFF
-        cq32[self._cq_head] = head
+        entries = self.cq_entries
+        if end <= entries:
+            out = list(_CQE_UD_RES.iter_unpack(cqes[start * 16 : end * 16]))
+        else:  # wrapped: the end of the ring, then its start
+            out = list(_CQE_UD_RES.iter_unpack(cqes[start * 16 : entries * 16]))
+            out += _CQE_UD_RES.iter_unpack(cqes[: (end - entries) * 16])
+        cq32[self._cq_head] = tail  # copied out above: the kernel may reuse the slots now
         return out
 
     def close(self) -> None:

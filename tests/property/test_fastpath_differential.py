@@ -10,6 +10,11 @@ strings, the rings), the image, the queue's broken state and error, the in-fligh
 device's counters (failures per kind, how many requests were timed) and -- when the scenario
 logs dirty pages, as during a live migration -- every bit of the dirty-page log.
 
+The disk may fail too: a scenario can make the engine report EIO for the reads and writes at some
+offsets (after doing the IO, so the image is the same either way), and both paths must then
+report the same failures -- statuses, used lengths, counters, dirty pages -- which is how the
+fast path's fused completion is checked against the device's generic ``_finish`` on errors.
+
 With the inline engine every request finishes as it is started, so both runs complete in ring
 order and the comparison is byte for byte.  With io_uring the generic path completes a batch's
 immediate errors before its reaped IO, so the order of used entries (and the batch links of the
@@ -19,6 +24,7 @@ a multiset and the in-flight area by what recovery reads from it (heads in fligh
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import random
@@ -46,6 +52,7 @@ from vhost.worker import Notifier, QueueWorker
 from vhost_frontend import DriverRing
 from virtio_blk.device import BlkDevice
 from virtio_blk.disk import Disk
+from virtio_blk.engine import Engine, IoOp, OpKind
 from virtio_blk.request import HEADER, T_BARRIER, ReqType
 
 QSIZE = 16
@@ -90,6 +97,8 @@ class Scenario:
     bounce_pages: int
     batches: list[int] = field(default_factory=list)
     dirty_log: bool = False
+    #: Reads and writes at 4k pages ``offset // 4096`` divisible by this fail with EIO (0: none).
+    eio: int = 0
 
 
 sectors = st.one_of(
@@ -120,7 +129,37 @@ scenarios = st.builds(
     st.sampled_from((2, 64)),
     st.lists(st.integers(1, 10), min_size=1, max_size=3),
     st.booleans(),
+    st.sampled_from((0, 0, 0, 1, 2, 3)),
 )
+
+
+def inject_eio(engine: Engine, modulus: int) -> None:
+    """Make ``engine`` report EIO for the reads and writes whose 4k page number is a multiple
+    of ``modulus``, whether they finish in ``submit`` or come back from ``reap``.
+
+    The IO itself still happens, so guest memory and the image are what a disk that failed
+    after moving the bytes leaves: the same in both runs.
+    """
+    submit, reap = engine.submit, engine.reap
+
+    def fail(op: IoOp) -> None:
+        if op.kind in (OpKind.READ, OpKind.WRITE) and (op.offset >> 12) % modulus == 0:
+            op.result = OSError(errno.EIO, "injected disk failure")
+
+    def failing_submit(op: IoOp) -> bool:
+        finished = submit(op)
+        if finished:
+            fail(op)
+        return finished
+
+    def failing_reap() -> list[IoOp]:
+        ops = reap()
+        for op in ops:
+            fail(op)
+        return ops
+
+    engine.submit = failing_submit  # type: ignore[method-assign]
+    engine.reap = failing_reap  # type: ignore[method-assign]
 
 
 class Allocator:
@@ -311,6 +350,8 @@ class Rig:
         self.vq = VirtQueue(self.mem, QSIZE, addresses, FEATURES, index=0,
                             inflight=self.inflight.queue(0, QSIZE))
         self.handler = self.device.create_handler(0, self.mem)
+        if sc.eio:
+            inject_eio(self.handler.engine, sc.eio)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.worker = QueueWorker(self.vq, self.handler, self.kick_fd, Notifier(self.call_fd))
@@ -396,6 +437,13 @@ def observable(rig: Rig, ordered: bool) -> dict[str, object]:
 # still be in flight when the generic pop meets it again (the queue stops), not be served twice.
 @example(Scenario([Req(ReqType.IN, 0, [(512, "A", "page")], False, None)], "dup_head", 0,
                   "inline", False, False, 2, [2]))
+# The disk fails some of the fast path's reads and writes (io_uring, dirty logging on): the fused
+# completion must hand them to the reference and report them exactly as it does.
+@example(Scenario([Req(ReqType.IN, 0, [(4096, "A", "page")], False, None),
+                   Req(ReqType.IN, 8, [(4096, "A", "page")], True, None),
+                   Req(ReqType.OUT, 16, [(4096, "B", "page")], False, None),
+                   Req(ReqType.OUT, 24, [(4096, "A", "sector")], True, None)],
+                  None, 1, "io_uring", False, False, 64, [4], True, 2))
 def test_fast_path_is_invisible(sc: Scenario) -> None:
     layout = Layout(sc)
     image = random.Random(sc.seed ^ 0x5A5A).randbytes(IMAGE_SECTORS * 512)
@@ -420,6 +468,7 @@ def test_fast_path_is_invisible(sc: Scenario) -> None:
             share = "none" if not taken else "all" if taken == len(heads) else "some"
             event(f"fast path took {share}")
             event(f"queue broken: {ref.vq.broken}")
+            event(f"disk failures: {'some' if ref.device.stats.errors and sc.eio else 'none'}")
         finally:
             fast.close()
             ref.close()

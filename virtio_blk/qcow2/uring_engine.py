@@ -47,9 +47,9 @@ class MappedUringEngine(UringEngine):
 
     def _quiesce(self) -> None:
         """Wait until none of this queue's IO is in the ring (see the module docstring)."""
-        if not self._ops:
+        if not self._ops and not self._queued:
             return
-        self.ring.submit()
+        self.flush()  # the reads and writes queued for this batch go to the ring first
         while self._ops:
             self.ring.submit(wait=1)
             self._early.extend(self._reap_ring())

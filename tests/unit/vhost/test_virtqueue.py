@@ -253,6 +253,25 @@ def test_add_used_is_published_by_flush() -> None:
     assert not ring.vq.flush(), "nothing new: no notification"
 
 
+def test_add_used_many_is_add_used_in_order() -> None:
+    ring = Ring(features=0)
+    for i in range(4):
+        ring.write_desc(i, ring.data, 4)
+    ring.publish(0, 1, 2, 3)
+    ring.vq.pop_batch()
+    ring.vq.add_used_many([(2, 7), (0, 3)])
+    ring.vq.add_used_many([])
+    assert ring.used_idx() == 0, "published before flush"
+    assert ring.used_elem(0) == (2, 7) and ring.used_elem(1) == (0, 3)
+    assert ring.vq.in_flight_count == 2
+    # A head not in flight stops the batch there, as the same add_used calls would.
+    with pytest.raises(ValueError, match="not in flight"):
+        ring.vq.add_used_many([(1, 5), (1, 5), (3, 1)])
+    assert ring.used_elem(2) == (1, 5) and ring.vq.in_flight_count == 1
+    assert ring.vq.flush()
+    assert ring.used_idx() == 3
+
+
 @pytest.mark.parametrize("head", [0, 3, 8, -1])
 def test_add_used_of_a_head_not_in_flight(head) -> None:
     ring = Ring()
