@@ -5,8 +5,8 @@ Per test: two servers on one image; QEMU 1 boots and runs fio under TCG; QEMU 2 
 ``-incoming unix:``; ``migrate`` over QMP while fio writes; QEMU 2 finishes the write and a full
 verify (crc32c) with zero errors; then, while QEMU 2 verifies again, pass after pass (reads: the
 data the backend writes into guest memory), the guest migrates back to a QEMU 3 on the first
-server, which finishes the pass that was running with zero errors.  What the backends marked in QEMU's dirty log and how long each migration
-took are printed (``pytest -s``).
+server, which finishes the pass that was running with zero errors.  What the backends marked in
+QEMU's dirty log and how long each migration took are printed (``pytest -s``).
 """
 
 from __future__ import annotations
