@@ -82,7 +82,10 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+            # Its own words say why (e.g. qsd without Debian's qemu-block-extra: no rbd driver).
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            raise SystemExit(f"the server exited with {proc.returncode} before listening: "
+                             f"{err[-2000:] or '(no output)'}")
         if path.exists():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
