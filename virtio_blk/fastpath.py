@@ -14,7 +14,7 @@ as one indirect descriptor whose table is written in order (``next = i + 1``), o
 pieces chained directly in the descriptor table.  For such a head the fast path does every check
 either path would do -- head in range and not in flight, descriptor flags and ``next`` links, each
 piece inside one guest memory region (writable where the device writes), header type IN or OUT,
-the disk range (:func:`~virtio_blk.request.check_range`), write permission, no bounce needed, the
+the disk range (:func:`~virtio_blk.request.range_fault`), write permission, no bounce needed, the
 O_DIRECT alignment -- *before* it changes any state.  Only then does it claim the head
 (:meth:`VirtQueue.claim`) and start the IO.
 
@@ -57,7 +57,7 @@ from vhost.virtqueue import (
 from .accounting import LATENCY_BOUNDS_NS
 from .engine import OpKind
 from .layout import DataLayout, plan
-from .request import HEADER, HEADER_SIZE, SECTOR_SHIFT, SECTOR_SIZE, T_BARRIER, ReqType, Status
+from .request import HEADER, HEADER_SIZE, T_BARRIER, ReqType, Status, range_fault
 
 if TYPE_CHECKING:
     from guestmem import GuestMemory, GuestRegion, IoBuffer, LockedIoBuffers
@@ -345,11 +345,7 @@ class FastPath:
             if into_guest and self._region.readonly:  # type: ignore[union-attr]
                 return None
             length += n
-        # check_range, inline: aligned, not too long, inside the disk.
-        lbs = limits.logical_block_size
-        if (length % SECTOR_SIZE or length % lbs or length > limits.max_transfer
-                or sector % (lbs >> SECTOR_SHIFT) or sector > limits.capacity
-                or length >> SECTOR_SHIFT > limits.capacity - sector):
+        if range_fault(sector, length, limits) is not None:
             return None
         memory = self.memory
         if len(data) == 1:
@@ -358,21 +354,11 @@ class FastPath:
                 lock = buffers.lock_in(self._region, into_guest)  # type: ignore[arg-type]
             except AccessError:  # a region removed meanwhile: let the generic path report it
                 return None
-            if handler.direct and not lock.is_aligned(handler.mem_align):
-                lock.close()
-                return None
-            return self._request(_READ if into_guest else _WRITE_OP, head, status_gpa, sector,
-                                 length, DataLayout([buffers], length, False), [lock],
-                                 lock.io_buffers,
-                                 not into_guest and not handler.device.writeback)
+            return self._locked_request(head, status_gpa, sector, length,
+                                        DataLayout([buffers], length, False), [lock], into_guest)
         layout = plan(memory, data, guest_writable=into_guest)
         if layout.bounce:
             return None
-        return self._request_for(head, status_gpa, sector, length, layout, into_guest)
-
-    def _request_for(self, head: int, status_gpa: int, sector: int, length: int,
-                     layout: DataLayout, into_guest: bool) -> BlkRequest | None:
-        """Lock the data's RequestBuffers into a request; None if O_DIRECT would need a bounce."""
         locks: list[LockedIoBuffers] = []
         try:
             for buffers in layout.buffers:
@@ -381,6 +367,13 @@ class FastPath:
             for lock in locks:
                 lock.close()
             return None
+        return self._locked_request(head, status_gpa, sector, length, layout, locks, into_guest)
+
+    def _locked_request(self, head: int, status_gpa: int, sector: int, length: int,
+                        layout: DataLayout, locks: list[LockedIoBuffers],
+                        into_guest: bool) -> BlkRequest | None:
+        """The request for the data's locked RequestBuffers; None (locks released) if O_DIRECT
+        would need a bounce."""
         handler = self.handler
         if handler.direct and not all(lock.is_aligned(handler.mem_align) for lock in locks):
             for lock in locks:

@@ -85,21 +85,27 @@ class Limits:
         return self.logical_block_size >> SECTOR_SHIFT
 
 
-def check_range(sector: int, nbytes: int, limits: Limits) -> None:
-    """A read or write of ``nbytes`` at ``sector``: IOERR unless aligned and inside the disk."""
+def range_fault(sector: int, nbytes: int, limits: Limits) -> str | None:
+    """Why a read or write of ``nbytes`` at ``sector`` must fail (None: aligned, inside the
+    disk) -- the one statement of the rule; the fast path asks it without raising."""
     lbs = limits.logical_block_size
     if nbytes % SECTOR_SIZE or nbytes % lbs:
-        raise RequestError(Status.IOERR, f"length {nbytes} is not a multiple of {lbs}")
+        return f"length {nbytes} is not a multiple of {lbs}"
     if nbytes > limits.max_transfer:
-        raise RequestError(Status.IOERR, f"length {nbytes} > the {limits.max_transfer} limit")
+        return f"length {nbytes} > the {limits.max_transfer} limit"
     if sector % limits.block_sectors:
-        raise RequestError(Status.IOERR, f"sector {sector} not aligned to {lbs}-byte blocks")
+        return f"sector {sector} not aligned to {lbs}-byte blocks"
     # Python integers do not overflow, but a u64 sector near 2**64 must still be refused.
     if sector > limits.capacity or nbytes >> SECTOR_SHIFT > limits.capacity - sector:
-        raise RequestError(
-            Status.IOERR, f"sectors {sector}+{nbytes >> SECTOR_SHIFT} beyond capacity "
-            f"{limits.capacity}"
-        )
+        return f"sectors {sector}+{nbytes >> SECTOR_SHIFT} beyond capacity {limits.capacity}"
+    return None
+
+
+def check_range(sector: int, nbytes: int, limits: Limits) -> None:
+    """A read or write of ``nbytes`` at ``sector``: IOERR unless aligned and inside the disk."""
+    fault = range_fault(sector, nbytes, limits)
+    if fault is not None:
+        raise RequestError(Status.IOERR, fault)
 
 
 @dataclass(frozen=True)
