@@ -107,20 +107,12 @@ class Uring:
     def prep(self, opcode: int, fd: int, addr: int, length: int, offset: int,
              user_data: int, rw_flags: int = 0) -> None:
         """Fill the next submission entry (submitted by the next :meth:`submit`)."""
-        if not self.space():
-            self.submit()
-            if not self.space():
-                raise UringError(0, "submission queue full")
-        idx = self._tail & self._sq_mask
-        SQE.pack_into(self._sqes, idx * 64, opcode, 0, 0, fd, offset, addr, length, rw_flags,
-                      user_data, 0, 0, 0, 0, 0)
-        self._tail = (self._tail + 1) & 0xFFFFFFFF
-        self._pending += 1
+        self.prep_many([(opcode, fd, addr, length, offset, user_data, rw_flags)])
 
     def prep_many(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
-        """:meth:`prep` for a whole batch of ``(opcode, fd, addr, length, offset, user_data,
-        rw_flags)`` in one call (one free-space check, not one per entry; a batch larger than
-        the free space is submitted in parts, as :meth:`prep` would)."""
+        """Fill the next submission entries, one per ``(opcode, fd, addr, length, offset,
+        user_data, rw_flags)``, in one call (one free-space check, not one per entry); a batch
+        larger than the free space is submitted in parts."""
         sqes = self._sqes
         pack = SQE.pack_into
         mask = self._sq_mask
