@@ -374,22 +374,16 @@ class VirtQueue:
     # ------------------------------------------------------------------ used side
     def add_used(self, head: int, length: int) -> None:
         """Return ``head`` to the driver with ``length`` bytes written (not yet published)."""
-        if not 0 <= head < self.size or not self._in_flight[head]:
-            raise ValueError(f"head {head} is not in flight")
-        self._in_flight[head] = 0
-        self.in_flight_count -= 1
-        USED_ELEM.pack_into(self._used_bytes, 4 + 8 * (self.next_used & self._mask), head, length)
-        self.next_used = (self.next_used + 1) & 0xFFFF
-        if self._inflight is not None:
-            self._inflight.used(head)
+        self.add_used_many([(head, length)])
 
     def add_used_many(self, done: list[tuple[int, int]]) -> None:
-        """:meth:`add_used` for a batch of ``(head, length)``, in order (not yet published).
+        """Return each ``head`` of a batch of ``(head, length)`` to the driver, in order (not yet
+        published).
 
         One call per worker pass instead of one per request; the batch is then published by
         :meth:`flush` with one used.idx store, one dirty-log pass over the entries and one
         notify decision, as any batch is.  A head not in flight raises ValueError, the entries
-        before it added -- exactly as the same :meth:`add_used` calls would.
+        before it added.
         """
         in_flight = self._in_flight
         size = self.size
