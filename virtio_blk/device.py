@@ -87,6 +87,12 @@ class BlkStats:
     total_ns: list[int] = field(default_factory=zeros)
     latency: list[list[int]] = field(default_factory=new_histograms)
 
+    def add_latency(self, kind: int, start_ns: int) -> None:
+        """Count a disk operation of ``kind`` started at ``start_ns`` (monotonic) and done now."""
+        ns = monotonic_ns() - start_ns
+        self.total_ns[kind] += ns
+        self.latency[kind][bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
+
 
 class StatsTotals:
     """Live totals of per-queue :class:`BlkStats` (read any counter by name)."""
@@ -743,9 +749,7 @@ class BlkQueueHandler(QueueHandler):
         finally:
             req.release()
         if self.timing:
-            ns = monotonic_ns() - req.start_ns
-            stats.total_ns[kind] += ns
-            stats.latency[kind][bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
+            stats.add_latency(kind, req.start_ns)
         if self.dirty is not None and kind == OpKind.READ:
             self._record_read(req)  # even a failed read may have written part of the buffers
         if ok:

@@ -40,7 +40,6 @@ reports it (the differential test injects disk errors to check that).
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from time import monotonic_ns
 from typing import TYPE_CHECKING
 
@@ -54,7 +53,6 @@ from vhost.virtqueue import (
     VirtQueue,
 )
 
-from .accounting import LATENCY_BOUNDS_NS
 from .engine import OpKind
 from .layout import DataLayout, plan
 from .request import HEADER, HEADER_SIZE, T_BARRIER, ReqType, Status, range_fault
@@ -192,16 +190,10 @@ class FastPath:
         stats = handler.stats
         kind = req.kind
         if handler.timing:
-            ns = monotonic_ns() - req.start_ns
-            stats.total_ns[kind] += ns
-            stats.latency[kind][bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
-        dirty = handler.dirty
+            stats.add_latency(kind, req.start_ns)
         if kind == _READ:
-            if dirty is not None:
-                layout = req.layout
-                if layout is not None:
-                    for buffers in layout.buffers:
-                        dirty.record_ranges(buffers.runs())
+            if handler.dirty is not None:
+                handler._record_read(req)
             stats.reads += 1
             stats.bytes_read += length
             used = length + 1
@@ -209,18 +201,7 @@ class FastPath:
             stats.writes += 1
             stats.bytes_written += length
             used = 1
-        status_gpa = req.status_gpa
-        where = self.memory.locate(status_gpa, 1)
-        if where is not None:
-            try:
-                where[0][where[1]] = _OK
-            except (ValueError, TypeError):  # region removed meanwhile, or read-only
-                pass
-            else:
-                if dirty is not None:
-                    dirty.record(status_gpa, 1)
-                return used
-        return handler._put_status(status_gpa, _OK, used)
+        return handler._put_status(req.status_gpa, _OK, used)
 
     # ------------------------------------------------------------------ recognition
     def _forget(self) -> None:
