@@ -355,15 +355,7 @@ class RequestBuffers:
             region = mem.region_at(gpa)
             if region is not None and gpa + n <= region.gpa + region.size:
                 # One run in one region (what nearly every request is): one lookup, one slice.
-                # linear() already checked the run fits the 64-bit space.
-                if for_write and region.readonly:
-                    raise AccessError.read_only()
-                off = gpa - region.gpa
-                try:
-                    view = (region.view if for_write else region.ro_view)[off : off + n]
-                except ValueError as exc:  # the region was removed, its view released
-                    raise AccessError.memory(gpa, n, "was unmapped during the access") from exc
-                return LockedIoBuffers([IoBuffer(view, region.host_addr + off)], n)
+                return self._lock_run(region, for_write)
             found = mem.io_pieces(gpa, n, for_write=for_write)  # spans regions, or unmapped
             if len(found) == 1:  # ... in one region: the common case
                 return LockedIoBuffers([IoBuffer(*found[0])], n)
@@ -391,19 +383,30 @@ class RequestBuffers:
 
         A linear buffer wholly inside ``region`` is then locked with one slice and no second
         lookup (the request hot path finds the region anyway, to check the descriptor); every
-        other case, and every failure, is exactly :meth:`lock`'s.
+        other case is :meth:`lock`'s.
         """
-        if self._range is None and (self._is_write or not for_write):
-            gpa = self._gpa
-            n = self._len
-            off = gpa - region.gpa
-            if n and off >= 0 and off + n <= region.size and not (for_write and region.readonly):
-                try:
-                    view = (region.view if for_write else region.ro_view)[off : off + n]
-                except ValueError:  # removed meanwhile: lock() reports it
-                    return self.lock(for_write)
-                return LockedIoBuffers([IoBuffer(view, region.host_addr + off)], n)
+        gpa = self._gpa
+        n = self._len
+        if (self._range is None and n and (self._is_write or not for_write)
+                and region.gpa <= gpa and gpa + n <= region.gpa + region.size):
+            return self._lock_run(region, for_write)
         return self.lock(for_write)
+
+    def _lock_run(self, region: GuestRegion, for_write: bool) -> LockedIoBuffers:
+        """A linear buffer's run, wholly inside ``region``, as one host piece (one slice).
+
+        :meth:`linear` already checked the run fits the 64-bit space.
+        """
+        if for_write and region.readonly:
+            raise AccessError.read_only()
+        gpa = self._gpa
+        n = self._len
+        off = gpa - region.gpa
+        try:
+            view = (region.view if for_write else region.ro_view)[off : off + n]
+        except ValueError as exc:  # the region was removed, its view released
+            raise AccessError.memory(gpa, n, "was unmapped during the access") from exc
+        return LockedIoBuffers([IoBuffer(view, region.host_addr + off)], n)
 
     def __repr__(self) -> str:
         kind = "writable" if self._is_write else "read-only"
