@@ -178,10 +178,10 @@ def syscall_groups(analyze: str) -> dict[str, list[str]]:
     for line in out.splitlines():
         if line.startswith("@"):
             current = groups.setdefault(line.strip(), [])
-        elif line.startswith(" ") and current is not None and not line.strip().startswith("#"):
+        elif not line.strip() or line.startswith("#"):  # the end of a group, or of the list
+            current = None
+        elif current is not None and not line.strip().startswith("#"):  # "# what it is" skipped
             current.append(line.strip())
-        elif not line.strip() or line.startswith("#"):
-            current = None if line.startswith("#") else current
     return groups
 
 
