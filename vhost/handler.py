@@ -27,6 +27,7 @@ from guestmem.dirty_log import DirtyLog, DirtyLogError
 from .backend_channel import BackendChannel, BackendChannelError
 from .device import RING_FEATURES, Device, QueueHandler
 from .dirty_logging import DirtyLogging
+from .fdkinds import FdKindError, check_eventfd, check_mappable
 from .inflight import InflightArea, InflightError, create_area
 from .memory import MemoryTable, MemoryTableError
 from .messages import (
@@ -165,7 +166,7 @@ class BackendHandler:
         method = getattr(self, "_on_" + Request(message.request).name.lower())
         try:
             payload = method(message, fds)
-        except (Refused, MemoryTableError, QueueError) as exc:
+        except (Refused, MemoryTableError, QueueError, FdKindError) as exc:
             return self._refuse(message, spec, str(exc))
         if isinstance(payload, HandlerResult):  # a reply that carries fds
             return payload
@@ -202,7 +203,12 @@ class BackendHandler:
         if nofd == bool(fds):
             raise Refused(f"{'no-fd flag set with' if nofd else 'no fd and no no-fd flag, got'} "
                           f"{len(fds)} fds")
-        return vring, (None if nofd else fds.pop())
+        if nofd:
+            return vring, None
+        # Kick, call and err fds are eventfds: a worker watches the kick fd with epoll (which
+        # refuses a regular file) and writes counts to the others.
+        check_eventfd(fds[0], f"queue {vring.index} {message.name.removeprefix('SET_VRING_')}")
+        return vring, fds.pop()
 
     def _protocol_features_on(self) -> bool:
         return bool(self.acked_features & VirtioFeature.PROTOCOL_FEATURES)
@@ -603,6 +609,7 @@ class BackendHandler:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
             raise Refused("LOG_SHMFD was not negotiated")
         f = message.fields
+        check_mappable(fds[0], f.mmap_offset, f.mmap_size, "dirty log")
         try:
             new = DirtyLog(fds[0], f.mmap_size, f.mmap_offset)  # the mapping outlives the fd
         except DirtyLogError as exc:
@@ -618,6 +625,7 @@ class BackendHandler:
     def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
             raise Refused("LOG_SHMFD was not negotiated")
+        check_eventfd(fds[0], "dirty log call")
         fd = fds.pop()
         self.dirty_logging.call.replace(fd)
         if self.processes is not None:

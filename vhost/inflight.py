@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass
+
+from .fdkinds import FdKindError, check_mappable
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ class InflightArea:
     @classmethod
     def map(cls, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
             queue_size: int) -> InflightArea:
+        """Map the part of ``fd`` the queues use; InflightError for anything that does not fit.
+
+        Only the bytes the queues need are mapped, not all of ``mmap_size``: the frontend may
+        announce any size, and a size beyond what we use buys nothing but address space.
+        """
         if not num_queues or not queue_size or queue_size & (queue_size - 1):
             raise InflightError(f"{num_queues} queues of size {queue_size}")
         need = area_size(num_queues, queue_size)
@@ -89,15 +95,16 @@ class InflightArea:
         gran = mmap.ALLOCATIONGRANULARITY
         if mmap_offset % gran:
             raise InflightError(f"mmap offset {mmap_offset:#x} is not page aligned")
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and mmap_offset + mmap_size > st.st_size:
-            # Mapping past the end of the file would SIGBUS on first touch.
-            raise InflightError(f"area {mmap_offset:#x}+{mmap_size:#x} is past the end of its "
-                                f"{st.st_size:#x}-byte file")
         try:
-            mapping = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED,
+            # A memfd (regular file) with the whole announced range inside it: an eventfd, a
+            # device or a range past 2**64 or past the end of the file is refused here.
+            check_mappable(fd, mmap_offset, mmap_size, "inflight area")
+        except FdKindError as exc:
+            raise InflightError(str(exc)) from None
+        try:
+            mapping = mmap.mmap(fd, need, flags=mmap.MAP_SHARED,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise InflightError(f"cannot map the inflight area: {exc}") from exc
         return cls(mapping, num_queues, queue_size)
 

@@ -256,3 +256,60 @@ def test_inflight_messages_are_validated(serve) -> None:
         fe.close()
     finally:
         mem.close()
+
+
+# ---------------------------------------------------------------------------- the area's fd
+
+
+def _memfd(size: int) -> int:
+    fd = os.memfd_create("test-inflight", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+@pytest.mark.parametrize(
+    ("kind", "mmap_size", "offset", "why"),
+    [("eventfd", 1 << 63, 0, "not a file that can be mapped"),  # issue 25, case 3
+     ("eventfd", 4096, 0, "not a file that can be mapped"),
+     ("pipe", 4096, 0, "not a file that can be mapped"),
+     ("devzero", 4096, 0, "not a file that can be mapped"),
+     ("readonly", 4096, 0, "not open for reading and writing"),
+     ("memfd", (1 << 64) - 4096, 4096, "overflows 64 bits"),
+     ("memfd", 1 << 63, 0, "past the end"),
+     ("memfd", 4096, 4096, "past the end")],
+    ids=["eventfd-2**63", "eventfd", "pipe", "dev-zero", "read-only-memfd", "offset+size-2**64",
+         "memfd-2**63", "memfd-offset-past-end"],
+)
+def test_map_refuses_an_fd_of_the_wrong_kind_or_range(kind: str, mmap_size: int, offset: int,
+                                                      why: str) -> None:
+    keep: list[int] = []
+    if kind == "eventfd":
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+    elif kind == "pipe":
+        fd, w = os.pipe()
+        keep.append(w)
+    elif kind == "devzero":
+        fd = os.open("/dev/zero", os.O_RDWR | os.O_CLOEXEC)
+    elif kind == "readonly":
+        mfd = _memfd(4096)
+        keep.append(mfd)
+        fd = os.open(f"/proc/self/fd/{mfd}", os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        fd = _memfd(4096)
+    try:
+        with pytest.raises(inf.InflightError, match=why):
+            inf.InflightArea.map(fd, mmap_size, offset, 1, 8)
+    finally:
+        for f in (fd, *keep):
+            os.close(f)
+
+
+def test_map_maps_only_what_the_queues_use() -> None:
+    """A larger announced area (inside the file) is fine; only the queues' part is mapped."""
+    fd = _memfd(1 << 20)
+    try:
+        area = inf.InflightArea.map(fd, 1 << 20, 0, 1, 8)
+        assert len(area.mapping) == inf.area_size(1, 8)
+        area.close()
+    finally:
+        os.close(fd)
