@@ -72,10 +72,12 @@ def test_pop_complete_publish_and_recover_order() -> None:
     q.published(1)
     assert state(view, 2)[0] == 0
     assert inf.HEADER.unpack_from(view, 0)[4] == 1
-    # A new process on the same area: 5 then 7 (oldest first) come back, counter continues.
+    # A new process on the same area: 5 then 7 (oldest first) come back, renumbered 0 and 1;
+    # new pops continue from 2.
     again = inf.InflightQueue(view, SIZE)
     assert again.recover(used_idx=1) == [5, 7]
-    assert again.counter == 3
+    assert [state(view, h)[2] for h in (5, 7)] == [0, 1]
+    assert again.counter == 2
 
 
 def test_recovery_clears_a_batch_published_but_not_recorded() -> None:
@@ -258,7 +260,87 @@ def test_inflight_messages_are_validated(serve) -> None:
         mem.close()
 
 
-# ---------------------------------------------------------------------------- the area's fd
+# ---------------------------------------------------------------------------- a hostile area
+# The area is the frontend's memory: every field of it is input (issue 25).
+
+MAX_COUNTER = (1 << 64) - 1
+
+
+def write_region(view: memoryview, size: int = SIZE, *, features: int = 0, version: int = 1,
+                 desc_num: int | None = None, last: int = inf.NO_HEAD, used_idx: int = 0,
+                 entries: dict[int, tuple[int, int, int, bytes]] | None = None) -> None:
+    """Lay out one queue region as a (maybe hostile) frontend left it; ``entries``: head ->
+    (inflight, next, counter, padding)."""
+    view[:] = bytes(view.nbytes)
+    inf.HEADER.pack_into(view, 0, features, version, size if desc_num is None else desc_num,
+                         last, used_idx)
+    for head in range(size):
+        flag, nxt, counter, pad = (entries or {}).get(head, (0, inf.NO_HEAD, 0, bytes(5)))
+        struct.pack_into("<B5sHQ", view, inf.HEADER_SIZE + 16 * head, flag, pad, nxt, counter)
+
+
+def test_counter_at_its_maximum_is_renumbered_not_continued() -> None:
+    """Issue 25, case 1: a head in flight with counter 2**64-1 used to make the next counter
+    2**64 and the resubmitted pop raise struct.error.  Counters order, nothing more: the heads
+    come back oldest first, renumbered 0..n-1, and new pops continue from n."""
+    q, view = make_queue()
+    write_region(view, entries={3: (1, inf.NO_HEAD, MAX_COUNTER, bytes(5)),
+                                5: (1, inf.NO_HEAD, 7, bytes(5)),
+                                6: (1, inf.NO_HEAD, MAX_COUNTER - 1, bytes(5))})
+    assert q.recover(used_idx=0) == [5, 6, 3]
+    assert [state(view, h)[2] for h in (5, 6, 3)] == [0, 1, 2]
+    assert q.counter == 3
+    q.popped(1)  # a new request after the resubmitted ones
+    assert state(view, 1) == (1, inf.NO_HEAD, 3)
+    # A second crash now: the same order again, the new one last.
+    assert inf.InflightQueue(view, SIZE).recover(used_idx=0) == [5, 6, 3, 1]
+
+
+def test_recovery_twice_is_the_same_plan() -> None:
+    """The control process checks a region before a queue process recovers it: checking
+    changes nothing, and recovering twice gives the same heads in the same order."""
+    q, view = make_queue()
+    write_region(view, used_idx=0, last=4,
+                 entries={4: (1, 2, 9, bytes(5)), 2: (1, inf.NO_HEAD, 8, bytes(5)),
+                          7: (1, inf.NO_HEAD, 5, bytes(5)), 0: (1, inf.NO_HEAD, 1 << 40, bytes(5))})
+    before = bytes(view)
+    q.check(used_idx=2)  # 4 and 2 were published: the last batch
+    assert bytes(view) == before
+    assert q.recover(used_idx=2) == [7, 0]
+    assert inf.InflightQueue(view, SIZE).recover(used_idx=2) == [7, 0]
+
+
+HOSTILE_REGIONS = {
+    "features": ({"features": 1}, 0, "features"),
+    "version-2": ({"version": 2}, 0, "version"),
+    "version-0xffff": ({"version": 0xFFFF}, 0, "version"),
+    "desc_num-small": ({"desc_num": SIZE // 2}, 0, "entries"),
+    "desc_num-large": ({"desc_num": 0xFFFF}, 0, "entries"),
+    "last_batch_head": ({"last": SIZE}, 0, "last batch head"),
+    "used_idx-far": ({"used_idx": 0x8000}, 0, "past the tracked"),
+    "used_idx-ahead": ({"used_idx": 1}, 0, "past the tracked"),
+    "inflight-2": ({"entries": {1: (2, inf.NO_HEAD, 0, bytes(5))}}, 0, "entry 1"),
+    "inflight-0xff": ({"entries": {0: (0xFF, inf.NO_HEAD, 0, bytes(5))}}, 0, "entry 0"),
+    "pad": ({"entries": {2: (1, inf.NO_HEAD, 0, b"\0\0\x01\0\0")}}, 0, "padding"),
+    "next": ({"entries": {3: (0, SIZE, 0, bytes(5))}}, 0, "next"),
+    "batch-short": ({"last": 1, "entries": {1: (1, inf.NO_HEAD, 0, bytes(5))}}, 2, "lists 1"),
+    "batch-none": ({}, 1, "lists 0"),
+    "batch-loop": ({"last": 1, "entries": {1: (1, 2, 0, bytes(5)), 2: (1, 1, 0, bytes(5))}},
+                   3, "loops"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_REGIONS))
+def test_hostile_region_fields_are_refused_before_anything_is_written(case: str) -> None:
+    fields, used_idx, why = HOSTILE_REGIONS[case]
+    q, view = make_queue()
+    write_region(view, **fields)
+    before = bytes(view)
+    with pytest.raises(inf.InflightError, match=why):
+        q.check(used_idx)
+    with pytest.raises(inf.InflightError, match=why):
+        q.recover(used_idx)
+    assert bytes(view) == before
 
 
 def _memfd(size: int) -> int:
