@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from guestmem import AccessError
 from guestmem.dirty_log import DirtyLog, DirtyLogError
 
 from .backend_channel import BackendChannel, BackendChannelError
@@ -260,14 +261,34 @@ class BackendHandler:
                 for addr, length in zip(vring.ring_uaddrs, ring_sizes(vring.size), strict=True)
             )
             check_ring_alignment(RingAddresses(*addrs))
+            self._check_inflight_region(vring, addrs[2])
             worker = self.processes.start(vring.index, vring.size, (addrs[0], addrs[1], addrs[2]),
                                           self.acked_features, vring.base, vring.kick_fd,
                                           vring.call, vring.err, vring.log_addr)
-        except (QueueError, MemoryTableError, QueueProcessError, OSError) as exc:
+        except (QueueError, MemoryTableError, QueueProcessError, InflightError, OSError) as exc:
             raise self._cannot_start(vring, exc) from exc
         vring.worker = worker  # type: ignore[assignment]  # a QueueWorker look-alike
         log.info("queue %d started in a process: size %d, avail from %d", vring.index,
                  vring.size, vring.base)
+
+    def _check_inflight_region(self, vring: Vring, used_gpa: int) -> None:
+        """Validate ``vring``'s in-flight region here, before a queue process is spawned for it.
+
+        The process would refuse a bad region too, but only after its start-up (a fraction of a
+        second) and from another process; checking here refuses the start with one log line.
+        InflightError or MemoryTableError if it cannot be used.
+        """
+        if self.inflight is None:
+            return
+        try:
+            used_idx = int.from_bytes(self.memory.guest.read(used_gpa + 2, 2), "little")
+        except AccessError as exc:
+            raise MemoryTableError(f"used ring at {used_gpa:#x}: {exc}") from exc
+        tracker = self.inflight.queue(vring.index, vring.size)
+        try:
+            tracker.check(used_idx)
+        finally:
+            tracker.release()
 
     @staticmethod
     def _cannot_start(vring: Vring, exc: Exception) -> Refused:
