@@ -589,6 +589,11 @@ class BackendHandler:
             validate_size(f.queue_size)
         except QueueError as exc:
             raise Refused(str(exc)) from exc
+        if f.queue_size > self.device.max_queue_size:
+            # No ring of that size can start (SET_VRING_NUM refuses it): an area for one is
+            # only memory the frontend made us allocate.
+            raise Refused(f"inflight area for queues of {f.queue_size}; the device's maximum "
+                          f"is {self.device.max_queue_size}")
 
     def _on_get_inflight_fd(self, message: Message, fds: list[int]) -> HandlerResult:
         # QEMU insists on a reply of this request's own shape with one fd (the spec says
