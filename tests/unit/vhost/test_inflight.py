@@ -395,3 +395,27 @@ def test_map_maps_only_what_the_queues_use() -> None:
         area.close()
     finally:
         os.close(fd)
+
+
+def test_resubmission_keeps_the_order_if_interrupted() -> None:
+    """Recovery renumbers the heads to resubmit; resubmitting one must not give it a newer
+    counter than those still waiting, or a second restart would resubmit out of order.  Here
+    the second resubmitted chain is bad (the queue stops after the first), the driver fixes
+    it, and the next start resubmits both again in their first order."""
+    mem = GuestMemory.from_buffer(bytearray(1 << 16))
+    addrs = RingAddresses(0x1000, 0x2000, 0x3000)
+    view = mem.view(0, 1 << 16)
+    for head in range(SIZE):
+        struct.pack_into("<QIHH", view, 0x1000 + 16 * head, 0x8000 + 16 * head, 16, 2, 0)
+    struct.pack_into("<QIHH", view, 0x1000 + 16 * 2, 1 << 40, 16, 2, 0)  # head 2: unmapped
+    area = memoryview(bytearray(inf.queue_stride(SIZE)))
+    write_region(area, entries={5: (1, inf.NO_HEAD, 10, bytes(5)),
+                                2: (1, inf.NO_HEAD, 20, bytes(5))})
+    features = int(VirtioFeature.VERSION_1)
+    first = VirtQueue(mem, SIZE, addrs, features, 0, inflight=inf.InflightQueue(area[:], SIZE))
+    assert [c.head for c in first.pop_batch()] == [5]
+    assert first.broken and "head 2" in str(first.error)
+    first.release()
+    struct.pack_into("<QIHH", view, 0x1000 + 16 * 2, 0x8000 + 32, 16, 2, 0)  # fixed
+    again = VirtQueue(mem, SIZE, addrs, features, 0, inflight=inf.InflightQueue(area[:], SIZE))
+    assert [c.head for c in again.pop_batch()] == [5, 2]
