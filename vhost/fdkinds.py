@@ -35,12 +35,24 @@ class FdKindError(Exception):
     """The fd is not of the kind its message requires (or its range does not fit it)."""
 
 
-def describe(fd: int) -> str:
-    """What ``fd`` is, for a log line: its /proc link ("anon_inode:[eventfd]", "/memfd:x")."""
+def _link(fd: int) -> str | None:
+    """``fd``'s /proc link ("anon_inode:[eventfd]", "/memfd:x (deleted)"), None without /proc."""
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def describe(fd: int) -> str:
+    """What ``fd`` is, for a log line."""
+    link = _link(fd)
+    if link is not None:
+        return link
+    try:
+        mode = os.fstat(fd).st_mode
     except OSError as exc:
-        return f"unreadable ({exc.strerror})"
+        return f"unusable ({exc.strerror})"
+    return f"a file of type {stat.S_IFMT(mode):#o}"
 
 
 def check_eventfd(fd: int, what: str) -> None:
@@ -48,10 +60,20 @@ def check_eventfd(fd: int, what: str) -> None:
 
     The kernel gives every eventfd the same anonymous inode, named in /proc; nothing in fstat
     tells an eventfd from another anon inode (a timerfd, an epoll fd), so the name is the check.
+    Where /proc/self/fd cannot be read (a sandbox without /proc) the check falls back to what
+    fstat can tell: an anonymous inode (no file type bits), not a file, pipe, socket or device.
     """
-    link = describe(fd)
-    if link != EVENTFD_LINK:
-        raise FdKindError(f"{what} fd is {link}, not an eventfd")
+    link = _link(fd)
+    if link is not None:
+        if link != EVENTFD_LINK:
+            raise FdKindError(f"{what} fd is {link}, not an eventfd")
+        return
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise FdKindError(f"{what} fd: {exc.strerror}") from None
+    if stat.S_IFMT(mode):
+        raise FdKindError(f"{what} fd is {describe(fd)}, not an eventfd")
 
 
 def check_mappable(fd: int, offset: int, size: int, what: str) -> os.stat_result:
