@@ -12,7 +12,10 @@ Error policy (the frontend is trusted no more than the guest):
 * a request whose own reply cannot be produced (GET_VRING_BASE of a bad index, say) ends the
   connection: sending a wrong reply would desynchronise the frontend;
 * fds are owned by the caller: a handler that keeps one removes it from the list, the caller
-  closes the rest -- so a refused or unexpected fd is never leaked.
+  closes the rest -- so a refused or unexpected fd is never leaked;
+* an fd's kind (an eventfd, a file we can map, a socket) and the range to map in it are checked
+  when its message arrives (:mod:`vhost.fdkinds`), so a wrong one is refused there and never
+  fails later in a worker or a queue process.
 """
 
 from __future__ import annotations

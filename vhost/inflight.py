@@ -17,6 +17,11 @@ Ordering, split ring, one batch at a time (what :class:`InflightQueue` does):
   used.idx; clear each ``inflight``; then ``used_idx = used.idx``.  A crash between publishing
   used.idx and updating ``used_idx`` leaves ``used.idx - used_idx`` heads on the batch list whose
   ``inflight`` bits are stale; recovery clears them first.
+
+The area is the frontend's memory and as hostile as the rings: recovery validates every field
+before it writes anything (:meth:`InflightQueue.recover`), and takes counters as ordering keys
+only, renumbering the heads it resubmits from 0 (not continuing from the largest counter, which
+may be 2**64 - 1).
 """
 
 from __future__ import annotations
