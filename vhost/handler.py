@@ -12,7 +12,10 @@ Error policy (the frontend is trusted no more than the guest):
 * a request whose own reply cannot be produced (GET_VRING_BASE of a bad index, say) ends the
   connection: sending a wrong reply would desynchronise the frontend;
 * fds are owned by the caller: a handler that keeps one removes it from the list, the caller
-  closes the rest -- so a refused or unexpected fd is never leaked.
+  closes the rest -- so a refused or unexpected fd is never leaked;
+* an fd's kind (an eventfd, a file we can map, a socket) and the range to map in it are checked
+  when its message arrives (:mod:`vhost.fdkinds`), so a wrong one is refused there and never
+  fails later in a worker or a queue process.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from guestmem import AccessError
 from guestmem.dirty_log import DirtyLog, DirtyLogError
 
 from .backend_channel import BackendChannel, BackendChannelError
 from .device import RING_FEATURES, Device, QueueHandler
 from .dirty_logging import DirtyLogging
+from .fdkinds import FdKindError, check_eventfd, check_mappable
 from .inflight import InflightArea, InflightError, create_area
 from .memory import MemoryTable, MemoryTableError
 from .messages import (
@@ -165,7 +170,7 @@ class BackendHandler:
         method = getattr(self, "_on_" + Request(message.request).name.lower())
         try:
             payload = method(message, fds)
-        except (Refused, MemoryTableError, QueueError) as exc:
+        except (Refused, MemoryTableError, QueueError, FdKindError) as exc:
             return self._refuse(message, spec, str(exc))
         if isinstance(payload, HandlerResult):  # a reply that carries fds
             return payload
@@ -202,7 +207,12 @@ class BackendHandler:
         if nofd == bool(fds):
             raise Refused(f"{'no-fd flag set with' if nofd else 'no fd and no no-fd flag, got'} "
                           f"{len(fds)} fds")
-        return vring, (None if nofd else fds.pop())
+        if nofd:
+            return vring, None
+        # Kick, call and err fds are eventfds: a worker watches the kick fd with epoll (which
+        # refuses a regular file) and writes counts to the others.
+        check_eventfd(fds[0], f"queue {vring.index} {message.name.removeprefix('SET_VRING_')}")
+        return vring, fds.pop()
 
     def _protocol_features_on(self) -> bool:
         return bool(self.acked_features & VirtioFeature.PROTOCOL_FEATURES)
@@ -254,14 +264,34 @@ class BackendHandler:
                 for addr, length in zip(vring.ring_uaddrs, ring_sizes(vring.size), strict=True)
             )
             check_ring_alignment(RingAddresses(*addrs))
+            self._check_inflight_region(vring, addrs[2])
             worker = self.processes.start(vring.index, vring.size, (addrs[0], addrs[1], addrs[2]),
                                           self.acked_features, vring.base, vring.kick_fd,
                                           vring.call, vring.err, vring.log_addr)
-        except (QueueError, MemoryTableError, QueueProcessError, OSError) as exc:
+        except (QueueError, MemoryTableError, QueueProcessError, InflightError, OSError) as exc:
             raise self._cannot_start(vring, exc) from exc
         vring.worker = worker  # type: ignore[assignment]  # a QueueWorker look-alike
         log.info("queue %d started in a process: size %d, avail from %d", vring.index,
                  vring.size, vring.base)
+
+    def _check_inflight_region(self, vring: Vring, used_gpa: int) -> None:
+        """Validate ``vring``'s in-flight region here, before a queue process is spawned for it.
+
+        The process would refuse a bad region too, but only after its start-up (a fraction of a
+        second) and from another process; checking here refuses the start with one log line.
+        InflightError or MemoryTableError if it cannot be used.
+        """
+        if self.inflight is None:
+            return
+        try:
+            used_idx = int.from_bytes(self.memory.guest.read(used_gpa + 2, 2), "little")
+        except AccessError as exc:
+            raise MemoryTableError(f"used ring at {used_gpa:#x}: {exc}") from exc
+        tracker = self.inflight.queue(vring.index, vring.size)
+        try:
+            tracker.check(used_idx)
+        finally:
+            tracker.release()
 
     @staticmethod
     def _cannot_start(vring: Vring, exc: Exception) -> Refused:
@@ -562,6 +592,11 @@ class BackendHandler:
             validate_size(f.queue_size)
         except QueueError as exc:
             raise Refused(str(exc)) from exc
+        if f.queue_size > self.device.max_queue_size:
+            # No ring of that size can start (SET_VRING_NUM refuses it): an area for one is
+            # only memory the frontend made us allocate.
+            raise Refused(f"inflight area for queues of {f.queue_size}; the device's maximum "
+                          f"is {self.device.max_queue_size}")
 
     def _on_get_inflight_fd(self, message: Message, fds: list[int]) -> HandlerResult:
         # QEMU insists on a reply of this request's own shape with one fd (the spec says
@@ -603,6 +638,7 @@ class BackendHandler:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
             raise Refused("LOG_SHMFD was not negotiated")
         f = message.fields
+        check_mappable(fds[0], f.mmap_offset, f.mmap_size, "dirty log")
         try:
             new = DirtyLog(fds[0], f.mmap_size, f.mmap_offset)  # the mapping outlives the fd
         except DirtyLogError as exc:
@@ -618,6 +654,7 @@ class BackendHandler:
     def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
             raise Refused("LOG_SHMFD was not negotiated")
+        check_eventfd(fds[0], "dirty log call")
         fd = fds.pop()
         self.dirty_logging.call.replace(fd)
         if self.processes is not None:

@@ -17,6 +17,11 @@ Ordering, split ring, one batch at a time (what :class:`InflightQueue` does):
   used.idx; clear each ``inflight``; then ``used_idx = used.idx``.  A crash between publishing
   used.idx and updating ``used_idx`` leaves ``used.idx - used_idx`` heads on the batch list whose
   ``inflight`` bits are stale; recovery clears them first.
+
+The area is the frontend's memory and as hostile as the rings: recovery validates every field
+before it writes anything (:meth:`InflightQueue.recover`), and takes counters as ordering keys
+only, renumbering the heads it resubmits from 0 (not continuing from the largest counter, which
+may be 2**64 - 1).
 """
 
 from __future__ import annotations
@@ -24,15 +29,17 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass
+
+from .fdkinds import FdKindError, check_mappable
 
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
 HEADER_SIZE = 16
 DESC_STATE = struct.Struct("<B5xHQ")  # inflight, pad, next, counter
+DESC_CHECK = struct.Struct("<B5sHQ")  # the same with the padding, to check it is zero
 DESC_STATE_SIZE = 16
 VERSION = 1
 NO_HEAD = 0xFFFF
@@ -45,7 +52,7 @@ _USED_IDX_SLOT = 7
 
 
 class InflightError(Exception):
-    """The shared area is unusable (wrong size, a version we do not know)."""
+    """The shared area is unusable (wrong size or kind of fd, a field we did not write)."""
 
 
 def queue_stride(queue_size: int) -> int:
@@ -80,6 +87,11 @@ class InflightArea:
     @classmethod
     def map(cls, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
             queue_size: int) -> InflightArea:
+        """Map the part of ``fd`` the queues use; InflightError for anything that does not fit.
+
+        Only the bytes the queues need are mapped, not all of ``mmap_size``: the frontend may
+        announce any size, and a size beyond what we use buys nothing but address space.
+        """
         if not num_queues or not queue_size or queue_size & (queue_size - 1):
             raise InflightError(f"{num_queues} queues of size {queue_size}")
         need = area_size(num_queues, queue_size)
@@ -89,15 +101,16 @@ class InflightArea:
         gran = mmap.ALLOCATIONGRANULARITY
         if mmap_offset % gran:
             raise InflightError(f"mmap offset {mmap_offset:#x} is not page aligned")
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and mmap_offset + mmap_size > st.st_size:
-            # Mapping past the end of the file would SIGBUS on first touch.
-            raise InflightError(f"area {mmap_offset:#x}+{mmap_size:#x} is past the end of its "
-                                f"{st.st_size:#x}-byte file")
         try:
-            mapping = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED,
+            # A memfd (regular file) with the whole announced range inside it: an eventfd, a
+            # device or a range past 2**64 or past the end of the file is refused here.
+            check_mappable(fd, mmap_offset, mmap_size, "inflight area")
+        except FdKindError as exc:
+            raise InflightError(str(exc)) from None
+        try:
+            mapping = mmap.mmap(fd, need, flags=mmap.MAP_SHARED,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise InflightError(f"cannot map the inflight area: {exc}") from exc
         return cls(mapping, num_queues, queue_size)
 
@@ -129,49 +142,103 @@ class InflightQueue:
         self._batch: list[int] = []
 
     # ------------------------------------------------------------------ start / recovery
+    def check(self, used_idx: int) -> None:
+        """Validate the region against the used ring's idx, changing nothing (InflightError).
+
+        The control process calls this before it spawns a queue process, so a bad region is
+        refused there, with one log line, and no process is started for nothing; the queue
+        process's :meth:`recover` validates again (the area is shared with the frontend).
+        """
+        self._plan(used_idx)
+
     def recover(self, used_idx: int) -> list[int]:
         """Heads to resubmit (oldest first), given the used ring's idx now.
 
-        A fresh region (version 0) is initialised and nothing is resubmitted.  Otherwise the last
-        batch's stale bits are cleared and every head still marked in flight comes back.
+        A fresh region (version 0) is initialised and nothing is resubmitted.  Otherwise the
+        whole region is validated first (:meth:`_plan`); then the last batch's stale bits are
+        cleared and every head still marked in flight comes back.
+
+        Counters are ordering keys and nothing more.  The area is the frontend's memory, so a
+        counter may hold any 64-bit value -- 2**64 - 1 included -- and continuing from the
+        largest one plus one would overflow the field.  So the resubmitted heads are sorted by
+        (counter, head) and renumbered 0..n-1 in that order, here, in the area, and new pops
+        continue from n: the order a later recovery sees is the same (the resubmitted ones
+        first, oldest first, then the new ones), and a counter stays below the number of pops
+        since the last recovery plus the queue size, far from 2**64.
         """
+        fresh, stale, pending = self._plan(used_idx)
         h = self._h
-        version = h[_VERSION_SLOT]
-        if version == 0:
+        if fresh:
             self._view[:] = bytes(self._view.nbytes)
             h[_DESC_NUM_SLOT] = self.size
             h[_LAST_BATCH_SLOT] = NO_HEAD
             h[_USED_IDX_SLOT] = used_idx
             h[_VERSION_SLOT] = VERSION
+            self.counter = 0
             return []
-        if version != VERSION:
-            raise InflightError(f"inflight region version {version}, we know {VERSION}")
-        if h[_DESC_NUM_SLOT] != self.size:
-            raise InflightError(f"inflight region of {h[_DESC_NUM_SLOT]} entries for a ring of "
-                                f"{self.size}")
-        stale = (used_idx - h[_USED_IDX_SLOT]) & 0xFFFF
-        if stale:
+        for head in stale:
             # The last batch reached the used ring but its bits were not cleared: clear them.
-            if stale > self.size:
-                raise InflightError(f"used.idx {used_idx} is {stale} past the tracked "
-                                    f"{h[_USED_IDX_SLOT]}")
-            head = h[_LAST_BATCH_SLOT]
-            for _ in range(stale):
-                if head >= self.size:
-                    break
-                self._set_inflight(head, 0)
-                head = self._state(head)[1]
-            h[_USED_IDX_SLOT] = used_idx
-        pending = []
-        for i in range(self.size):
-            flag, _, counter = self._state(i)
-            if flag:
-                pending.append((counter, i))
-        pending.sort()
-        self.counter = max((c for c, _ in pending), default=-1) + 1
+            self._set_inflight(head, 0)
+        h[_USED_IDX_SLOT] = used_idx
+        for counter, head in enumerate(pending):
+            struct.pack_into("<Q", self._view, head * DESC_STATE_SIZE + HEADER_SIZE + 8, counter)
+        self.counter = len(pending)
         if pending:
             log.info("inflight: %d requests to resubmit", len(pending))
-        return [i for _, i in pending]
+        return pending
+
+    def _plan(self, used_idx: int) -> tuple[bool, list[int], list[int]]:
+        """(fresh, heads of the last batch to clear, heads to resubmit oldest first).
+
+        Every field is checked against what this module writes, and anything else refused with
+        InflightError: ``features`` 0 (none are defined), ``version`` 0 or 1, ``desc_num`` the
+        ring's size, ``last_batch_head`` a head or NO_HEAD, ``used_idx`` at most a queue size
+        behind the used ring, the last batch's list of heads as long as the part of it the
+        used ring published (no loop, no end before it); per entry ``inflight`` 0 or 1, the
+        padding zero, ``next`` a head or NO_HEAD.  ``counter`` may be anything (see
+        :meth:`recover`).  Read only: nothing is written until all of it passed.
+        """
+        h = self._h
+        size = self.size
+        version = h[_VERSION_SLOT]
+        if version == 0:
+            return True, [], []
+        if version != VERSION:
+            raise InflightError(f"inflight region version {version}, we know {VERSION}")
+        features = HEADER.unpack_from(self._view, 0)[0]
+        if features:
+            raise InflightError(f"inflight region features {features:#x}; none are defined")
+        if h[_DESC_NUM_SLOT] != size:
+            raise InflightError(f"inflight region of {h[_DESC_NUM_SLOT]} entries for a ring of "
+                                f"{size}")
+        last = h[_LAST_BATCH_SLOT]
+        if last >= size and last != NO_HEAD:
+            raise InflightError(f"inflight region last batch head {last} >= queue size {size}")
+        states = [DESC_CHECK.unpack_from(self._view, HEADER_SIZE + i * DESC_STATE_SIZE)
+                  for i in range(size)]
+        for i, (flag, pad, nxt, _) in enumerate(states):
+            if flag > 1 or any(pad) or (nxt >= size and nxt != NO_HEAD):
+                raise InflightError(f"inflight region entry {i}: in flight {flag}, padding "
+                                    f"{pad.hex()}, next {nxt} (want 0/1, zeros, a head)")
+        stale = (used_idx - h[_USED_IDX_SLOT]) & 0xFFFF
+        if stale > size:
+            raise InflightError(f"used.idx {used_idx} is {stale} past the tracked "
+                                f"{h[_USED_IDX_SLOT]}")
+        batch: list[int] = []
+        cleared: set[int] = set()
+        head = last
+        while len(batch) < stale:
+            if head == NO_HEAD:
+                raise InflightError(f"the last batch lists {len(batch)} heads; the used ring "
+                                    f"published {stale}")
+            if head in cleared:
+                raise InflightError(f"the last batch's list of heads loops at head {head}")
+            batch.append(head)
+            cleared.add(head)
+            head = states[head][2]
+        pending = sorted((counter, i) for i, (flag, _, _, counter) in enumerate(states)
+                         if flag and i not in cleared)
+        return False, batch, [i for _, i in pending]
 
     # ------------------------------------------------------------------ hot path
     def popped(self, head: int) -> None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 import mmap
-import os
-import stat
 from collections.abc import Sequence
 
 from guestmem import GuestMemory, GuestRegion
 
+from .fdkinds import FdKindError, check_mappable
 from .messages import MAX_MEM_SLOTS, RegionFields
 
 log = logging.getLogger(__name__)
@@ -50,13 +49,12 @@ def map_region(
     map_offset = mmap_offset - mmap_offset % gran
     delta = mmap_offset - map_offset
     try:
-        st = os.fstat(fd)
-        # Mapping past the end of a file would SIGBUS on first touch (an empty memfd too).
-        if stat.S_ISREG(st.st_mode) and mmap_offset + size > st.st_size:
-            raise MemoryTableError(
-                f"region gpa {gpa:#x}: offset {mmap_offset:#x} + size {size:#x} is past the "
-                f"end of its {st.st_size:#x}-byte file"
-            )
+        # A regular file opened read-write, the range inside it (a mapping past the end would
+        # SIGBUS on first touch, an empty memfd too); a device or an eventfd is refused here.
+        check_mappable(fd, mmap_offset, size, f"region gpa {gpa:#x}")
+    except FdKindError as exc:
+        raise MemoryTableError(str(exc)) from None
+    try:
         mm = mmap.mmap(
             fd, size + delta, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
             offset=map_offset,

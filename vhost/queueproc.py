@@ -49,13 +49,14 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
-from guestmem.dirty_log import DirtyLog
+from guestmem.dirty_log import DirtyLog, DirtyLogError
 
 from .device import QueueHandler
 from .dirty_logging import DirtyLogging
-from .inflight import InflightArea
-from .memory import MemoryTable
-from .virtqueue import RingAddresses, VirtQueue
+from .fdkinds import FdKindError
+from .inflight import InflightArea, InflightError
+from .memory import MemoryTable, MemoryTableError
+from .virtqueue import QueueError, RingAddresses, VirtQueue
 from .worker import Notifier, QueueWorker
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ MAX_MESSAGE = 1 << 20
 MAX_FDS = 600
 STATS_INTERVAL = 0.1
 PR_SET_PDEATHSIG = 1
+#: Errors that mean the frontend's input cannot be used (refused), not that this process failed.
+REFUSALS = (QueueError, InflightError, MemoryTableError, DirtyLogError, FdKindError)
 
 
 def send(sock: socket.socket, message: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
@@ -317,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         proc.start(msg, fds)
+    except REFUSALS as exc:
+        # What the frontend handed over (a ring, a memory table, an in-flight area) cannot be
+        # used: a refusal, not a failure of this process -- one line, the reason to the control
+        # process (which refuses the queue's start), exit status 0.
+        log.error("queue %s refused to start: %s", msg.get("index"), exc)
+        with contextlib.suppress(OSError):
+            send(sock, {"kind": "error", "why": str(exc)})
+        return 0
     except Exception as exc:
         log.exception("queue process could not start")
         with contextlib.suppress(OSError):

@@ -249,29 +249,32 @@ class VirtQueue:
         return out
 
     def _pop_replay(self, out: list[DescriptorChain]) -> None:
-        """Chains of the heads to resubmit, validated like new ones (their memory may differ)."""
+        """Chains of the heads to resubmit, validated like new ones (their memory may differ).
+
+        Their in-flight entries are left as recovery renumbered them: marking them popped
+        again would give them newer counters than the heads still waiting here, and a crash
+        in between would then resubmit them out of order.
+        """
         try:
             while self._replay:
-                out.append(self._take(self._replay.pop(0), "inflight area"))
+                out.append(self._take(self._replay.pop(0), "inflight area", tracked=True))
         except QueueError as exc:
             self.broken = True
             self.error = exc
 
-    def _take(self, head: int, source: str) -> DescriptorChain:
-        """Validate ``head`` (from ``source``) and its chain, and mark it in flight."""
+    def _take(self, head: int, source: str, tracked: bool = False) -> DescriptorChain:
+        """Validate ``head`` (from ``source``) and its chain, and mark it in flight (in the
+        in-flight area too, unless ``tracked``: it is marked there already)."""
         if head >= self.size:
             raise QueueError(f"{source} head {head} >= queue size {self.size}")
         if self._in_flight[head]:
             raise QueueError(f"{source} head {head} made available again while still in flight")
         chain = self._read_chain(head)
-        self._mark_popped(head)
-        return chain
-
-    def _mark_popped(self, head: int) -> None:
         self._in_flight[head] = 1
         self.in_flight_count += 1
-        if self._inflight is not None:
+        if self._inflight is not None and not tracked:
             self._inflight.popped(head)
+        return chain
 
     # ------------------------------------------------------------------ a device's fused pop
     # A device may pop the next avail entries itself (virtio_blk.fastpath), after validating the
@@ -290,7 +293,7 @@ class VirtQueue:
     def claim(self, head: int) -> None:
         """Take ``head``, the next avail entry, already validated: in flight, avail advanced.
 
-        (:meth:`_mark_popped` inline: this runs once per fast-path request.)
+        (:meth:`_take`'s marking: this runs once per fast-path request.)
         """
         self._in_flight[head] = 1
         self.in_flight_count += 1

@@ -142,7 +142,13 @@ class QueueWorker:
             # saved).  Every wake-up reaps everything and drains the whole ring, so no edge is
             # ever left unserved; the counters cannot overflow in practice (2**64).
             edge = select.EPOLLIN | select.EPOLLET
-            ep.register(self.kick_fd, edge)
+            try:
+                ep.register(self.kick_fd, edge)
+            except OSError as exc:
+                # The handler accepts only eventfds as kick fds; this is the last line of
+                # defence (a regular file is EPERM): the queue cannot run, say so once.
+                self._cannot_watch_kick(exc)
+                return
             ep.register(self._wake_fd, edge)  # never read either: each write is an edge
             cfd = self.handler.completion_fd
             if cfd is not None:
@@ -170,6 +176,15 @@ class QueueWorker:
                 self._finish(ep, timeout=0.0)
         finally:
             ep.close()
+
+    def _cannot_watch_kick(self, exc: OSError) -> None:
+        """The kick fd cannot be watched: stop the queue (nothing was popped), tell the driver."""
+        vq = self.vq
+        vq.broken = True
+        vq.error = QueueError(f"kick fd {self.kick_fd} cannot be watched: {exc.strerror}")
+        log.error("queue %d stopped: %s", vq.index, vq.error)
+        if self.err is not None:
+            self.err.signal()
 
     def _service(self, kick: bool) -> None:
         """Reap, drain the ring (if ``kick``), publish and signal once.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from vhost import procpool
 
 from .helpers import Session
 
@@ -23,3 +26,18 @@ def open_session(serve: Callable[..., Any]) -> Iterator[Callable[..., Session]]:
     yield open_
     for s in opened:
         s.close()
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    """Every queue process vhost.procpool starts during the test, to check how each exited."""
+    procs: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = real(*args, **kwargs)
+        procs.append(proc)
+        return proc
+
+    monkeypatch.setattr(procpool.subprocess, "Popen", popen)
+    return procs

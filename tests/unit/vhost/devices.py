@@ -79,3 +79,20 @@ class ReverseDevice(EchoDevice):
 
     def create_handler(self, queue_index: int, memory: GuestMemory) -> QueueHandler:
         return ReverseHandler(self, queue_index, memory)
+
+
+class ProcessEchoDevice(EchoDevice):
+    """An echo device whose queues run in processes of their own (vhost.procpool), as a
+    multi-queue disk's do: each queue process rebuilds it with :func:`rebuild_echo`."""
+
+    queue_processes = True
+
+    def process_recipe(self) -> tuple[str, dict[str, object], list[int]]:
+        return "tests.unit.vhost.devices:rebuild_echo", {"num_queues": self.num_queues}, []
+
+
+def rebuild_echo(kwargs: dict[str, object], fds: list[int]) -> EchoDevice:
+    """In a queue process: the echo device :class:`ProcessEchoDevice` described."""
+    num_queues = kwargs["num_queues"]
+    assert isinstance(num_queues, int) and not fds
+    return EchoDevice(num_queues)

@@ -91,6 +91,20 @@ def errors_logged(caplog: pytest.LogCaptureFixture, text: str, level: int = logg
     return [r for r in caplog.records if r.levelno >= level and text in r.getMessage()]
 
 
+def tracebacks(caplog: pytest.LogCaptureFixture, stderr: str = "") -> list[str]:
+    """Every traceback logged in this process (records with exc_info) or written to ``stderr``
+    (what the queue processes, which log to the stderr they inherit, wrote)."""
+    found = [r.getMessage() for r in caplog.records if r.exc_info]
+    if "Traceback" in stderr:
+        found.append(stderr)
+    return found
+
+
+def warnings_since(caplog: pytest.LogCaptureFixture, start: int) -> list[str]:
+    """Messages of WARNING and above logged since record number ``start``."""
+    return [r.getMessage() for r in caplog.records[start:] if r.levelno >= logging.WARNING]
+
+
 class Session:
     """One test frontend with its guest memory; closed (both) by :meth:`close`."""
 

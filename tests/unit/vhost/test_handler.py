@@ -338,6 +338,9 @@ def test_refused_requests_with_their_own_reply() -> None:
         assert bad_base.disconnect and bad_base.reply is None
         # An inflight area for a queue size that is not a power of two cannot be made.
         assert harness.send(Request.GET_INFLIGHT_FD, m.inflight(0, 0, 1, 3)).disconnect
+        # Nor one for rings larger than the device allows (no such ring can start).
+        too_big = harness.device.max_queue_size * 2
+        assert harness.send(Request.GET_INFLIGHT_FD, m.inflight(0, 0, 1, too_big)).disconnect
     finally:
         harness.close()
 

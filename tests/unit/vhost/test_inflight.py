@@ -72,10 +72,12 @@ def test_pop_complete_publish_and_recover_order() -> None:
     q.published(1)
     assert state(view, 2)[0] == 0
     assert inf.HEADER.unpack_from(view, 0)[4] == 1
-    # A new process on the same area: 5 then 7 (oldest first) come back, counter continues.
+    # A new process on the same area: 5 then 7 (oldest first) come back, renumbered 0 and 1;
+    # new pops continue from 2.
     again = inf.InflightQueue(view, SIZE)
     assert again.recover(used_idx=1) == [5, 7]
-    assert again.counter == 3
+    assert [state(view, h)[2] for h in (5, 7)] == [0, 1]
+    assert again.counter == 2
 
 
 def test_recovery_clears_a_batch_published_but_not_recorded() -> None:
@@ -256,3 +258,164 @@ def test_inflight_messages_are_validated(serve) -> None:
         fe.close()
     finally:
         mem.close()
+
+
+# ---------------------------------------------------------------------------- a hostile area
+# The area is the frontend's memory: every field of it is input (issue 25).
+
+MAX_COUNTER = (1 << 64) - 1
+
+
+def write_region(view: memoryview, size: int = SIZE, *, features: int = 0, version: int = 1,
+                 desc_num: int | None = None, last: int = inf.NO_HEAD, used_idx: int = 0,
+                 entries: dict[int, tuple[int, int, int, bytes]] | None = None) -> None:
+    """Lay out one queue region as a (maybe hostile) frontend left it; ``entries``: head ->
+    (inflight, next, counter, padding)."""
+    view[:] = bytes(view.nbytes)
+    inf.HEADER.pack_into(view, 0, features, version, size if desc_num is None else desc_num,
+                         last, used_idx)
+    for head in range(size):
+        flag, nxt, counter, pad = (entries or {}).get(head, (0, inf.NO_HEAD, 0, bytes(5)))
+        struct.pack_into("<B5sHQ", view, inf.HEADER_SIZE + 16 * head, flag, pad, nxt, counter)
+
+
+def test_counter_at_its_maximum_is_renumbered_not_continued() -> None:
+    """Issue 25, case 1: a head in flight with counter 2**64-1 used to make the next counter
+    2**64 and the resubmitted pop raise struct.error.  Counters order, nothing more: the heads
+    come back oldest first, renumbered 0..n-1, and new pops continue from n."""
+    q, view = make_queue()
+    write_region(view, entries={3: (1, inf.NO_HEAD, MAX_COUNTER, bytes(5)),
+                                5: (1, inf.NO_HEAD, 7, bytes(5)),
+                                6: (1, inf.NO_HEAD, MAX_COUNTER - 1, bytes(5))})
+    assert q.recover(used_idx=0) == [5, 6, 3]
+    assert [state(view, h)[2] for h in (5, 6, 3)] == [0, 1, 2]
+    assert q.counter == 3
+    q.popped(1)  # a new request after the resubmitted ones
+    assert state(view, 1) == (1, inf.NO_HEAD, 3)
+    # A second crash now: the same order again, the new one last.
+    assert inf.InflightQueue(view, SIZE).recover(used_idx=0) == [5, 6, 3, 1]
+
+
+def test_recovery_twice_is_the_same_plan() -> None:
+    """The control process checks a region before a queue process recovers it: checking
+    changes nothing, and recovering twice gives the same heads in the same order."""
+    q, view = make_queue()
+    write_region(view, used_idx=0, last=4,
+                 entries={4: (1, 2, 9, bytes(5)), 2: (1, inf.NO_HEAD, 8, bytes(5)),
+                          7: (1, inf.NO_HEAD, 5, bytes(5)), 0: (1, inf.NO_HEAD, 1 << 40, bytes(5))})
+    before = bytes(view)
+    q.check(used_idx=2)  # 4 and 2 were published: the last batch
+    assert bytes(view) == before
+    assert q.recover(used_idx=2) == [7, 0]
+    assert inf.InflightQueue(view, SIZE).recover(used_idx=2) == [7, 0]
+
+
+HOSTILE_REGIONS = {
+    "features": ({"features": 1}, 0, "features"),
+    "version-2": ({"version": 2}, 0, "version"),
+    "version-0xffff": ({"version": 0xFFFF}, 0, "version"),
+    "desc_num-small": ({"desc_num": SIZE // 2}, 0, "entries"),
+    "desc_num-large": ({"desc_num": 0xFFFF}, 0, "entries"),
+    "last_batch_head": ({"last": SIZE}, 0, "last batch head"),
+    "used_idx-far": ({"used_idx": 0x8000}, 0, "past the tracked"),
+    "used_idx-ahead": ({"used_idx": 1}, 0, "past the tracked"),
+    "inflight-2": ({"entries": {1: (2, inf.NO_HEAD, 0, bytes(5))}}, 0, "entry 1"),
+    "inflight-0xff": ({"entries": {0: (0xFF, inf.NO_HEAD, 0, bytes(5))}}, 0, "entry 0"),
+    "pad": ({"entries": {2: (1, inf.NO_HEAD, 0, b"\0\0\x01\0\0")}}, 0, "padding"),
+    "next": ({"entries": {3: (0, SIZE, 0, bytes(5))}}, 0, "next"),
+    "batch-short": ({"last": 1, "entries": {1: (1, inf.NO_HEAD, 0, bytes(5))}}, 2, "lists 1"),
+    "batch-none": ({}, 1, "lists 0"),
+    "batch-loop": ({"last": 1, "entries": {1: (1, 2, 0, bytes(5)), 2: (1, 1, 0, bytes(5))}},
+                   3, "loops"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_REGIONS))
+def test_hostile_region_fields_are_refused_before_anything_is_written(case: str) -> None:
+    fields, used_idx, why = HOSTILE_REGIONS[case]
+    q, view = make_queue()
+    write_region(view, **fields)
+    before = bytes(view)
+    with pytest.raises(inf.InflightError, match=why):
+        q.check(used_idx)
+    with pytest.raises(inf.InflightError, match=why):
+        q.recover(used_idx)
+    assert bytes(view) == before
+
+
+def _memfd(size: int) -> int:
+    fd = os.memfd_create("test-inflight", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+@pytest.mark.parametrize(
+    ("kind", "mmap_size", "offset", "why"),
+    [("eventfd", 1 << 63, 0, "not a file that can be mapped"),  # issue 25, case 3
+     ("eventfd", 4096, 0, "not a file that can be mapped"),
+     ("pipe", 4096, 0, "not a file that can be mapped"),
+     ("devzero", 4096, 0, "not a file that can be mapped"),
+     ("readonly", 4096, 0, "not open for reading and writing"),
+     ("memfd", (1 << 64) - 4096, 4096, "overflows 64 bits"),
+     ("memfd", 1 << 63, 0, "past the end"),
+     ("memfd", 4096, 4096, "past the end")],
+    ids=["eventfd-2**63", "eventfd", "pipe", "dev-zero", "read-only-memfd", "offset+size-2**64",
+         "memfd-2**63", "memfd-offset-past-end"],
+)
+def test_map_refuses_an_fd_of_the_wrong_kind_or_range(kind: str, mmap_size: int, offset: int,
+                                                      why: str) -> None:
+    keep: list[int] = []
+    if kind == "eventfd":
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+    elif kind == "pipe":
+        fd, w = os.pipe()
+        keep.append(w)
+    elif kind == "devzero":
+        fd = os.open("/dev/zero", os.O_RDWR | os.O_CLOEXEC)
+    elif kind == "readonly":
+        mfd = _memfd(4096)
+        keep.append(mfd)
+        fd = os.open(f"/proc/self/fd/{mfd}", os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        fd = _memfd(4096)
+    try:
+        with pytest.raises(inf.InflightError, match=why):
+            inf.InflightArea.map(fd, mmap_size, offset, 1, 8)
+    finally:
+        for f in (fd, *keep):
+            os.close(f)
+
+
+def test_map_maps_only_what_the_queues_use() -> None:
+    """A larger announced area (inside the file) is fine; only the queues' part is mapped."""
+    fd = _memfd(1 << 20)
+    try:
+        area = inf.InflightArea.map(fd, 1 << 20, 0, 1, 8)
+        assert len(area.mapping) == inf.area_size(1, 8)
+        area.close()
+    finally:
+        os.close(fd)
+
+
+def test_resubmission_keeps_the_order_if_interrupted() -> None:
+    """Recovery renumbers the heads to resubmit; resubmitting one must not give it a newer
+    counter than those still waiting, or a second restart would resubmit out of order.  Here
+    the second resubmitted chain is bad (the queue stops after the first), the driver fixes
+    it, and the next start resubmits both again in their first order."""
+    mem = GuestMemory.from_buffer(bytearray(1 << 16))
+    addrs = RingAddresses(0x1000, 0x2000, 0x3000)
+    view = mem.view(0, 1 << 16)
+    for head in range(SIZE):
+        struct.pack_into("<QIHH", view, 0x1000 + 16 * head, 0x8000 + 16 * head, 16, 2, 0)
+    struct.pack_into("<QIHH", view, 0x1000 + 16 * 2, 1 << 40, 16, 2, 0)  # head 2: unmapped
+    area = memoryview(bytearray(inf.queue_stride(SIZE)))
+    write_region(area, entries={5: (1, inf.NO_HEAD, 10, bytes(5)),
+                                2: (1, inf.NO_HEAD, 20, bytes(5))})
+    features = int(VirtioFeature.VERSION_1)
+    first = VirtQueue(mem, SIZE, addrs, features, 0, inflight=inf.InflightQueue(area[:], SIZE))
+    assert [c.head for c in first.pop_batch()] == [5]
+    assert first.broken and "head 2" in str(first.error)
+    first.release()
+    struct.pack_into("<QIHH", view, 0x1000 + 16 * 2, 0x8000 + 32, 16, 2, 0)  # fixed
+    again = VirtQueue(mem, SIZE, addrs, features, 0, inflight=inf.InflightQueue(area[:], SIZE))
+    assert [c.head for c in again.pop_batch()] == [5, 2]

@@ -8,14 +8,17 @@ leaked, and -- once the abusing frontend is gone -- a fresh frontend negotiates 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
 
 from tests.vhost_devices import EchoDevice
+from vhost import inflight as inf
 from vhost import messages as m
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
 from vhost_frontend import Frontend
@@ -24,13 +27,16 @@ from .helpers import (
     SOCKET_TIMEOUT,
     MiB,
     Session,
+    ack_of,
     assert_closed_by_peer,
     assert_fresh_frontend_works,
     assert_refused,
     backend_vq,
     fd_count,
+    tracebacks,
     wait_disconnected,
     wait_for,
+    warnings_since,
 )
 
 NUM_QUEUES = 2
@@ -480,3 +486,135 @@ def test_abuse_before_negotiation_then_fresh_frontend(serve) -> None:
     assert running.daemon.connections == 2
     wait_disconnected(running)
     assert backend_vq(running, 0) is None
+
+# ---------------------------------------------------------------------------- fd kinds
+# Every message that carries an fd, against fds of every wrong kind (issue 25).
+# The table: for each fd-carrying request, the kind its fd must be and what the frontend may
+# hand over instead.  A wrong kind, or a range that does not fit the file, is refused at that
+# message -- a failed REPLY_ACK (or, for SET_LOG_BASE, whose reply cannot say no, the frontend
+# dropped) and one log line -- never acknowledged and left to fail where the fd is used.  The
+# right kind is accepted (so the check does not refuse everything).  After each case the
+# connection's running queue still echoes, no fd leaked, and a fresh frontend is served.
+# (REM_MEM_REG may carry one fd that is closed unused, so it has no kind to check.)
+
+
+@contextmanager
+def _fd_of(kind: str, ctx: Ctx) -> Iterator[int]:
+    """An fd of ``kind``, closed (with anything it needs kept open) afterwards."""
+    extra: list[int] = []
+    if kind == "region-0":  # the session's first guest RAM memfd
+        fd = os.dup(ctx.s.mem.regions[0].fd)
+    elif kind == "eventfd":
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+    elif kind.startswith("memfd"):  # "memfd" (1 MiB) or "memfd-4k"
+        fd = os.memfd_create("fd-kinds", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 4096 if kind == "memfd-4k" else MiB)
+    elif kind == "read-only-memfd":
+        rw = os.memfd_create("fd-kinds", os.MFD_CLOEXEC)
+        os.ftruncate(rw, MiB)
+        extra.append(rw)
+        fd = os.open(f"/proc/self/fd/{rw}", os.O_RDONLY | os.O_CLOEXEC)
+    elif kind == "pipe":
+        fd, w = os.pipe2(os.O_CLOEXEC)
+        extra.append(w)
+    elif kind in ("unix-stream", "unix-dgram"):
+        kind_ = socket.SOCK_STREAM if kind == "unix-stream" else socket.SOCK_DGRAM
+        a, b = socket.socketpair(socket.AF_UNIX, kind_)
+        fd = a.detach()
+        extra.append(b.detach())
+    elif kind in ("dev-zero", "dev-null"):
+        fd = os.open(f"/dev/{kind[4:]}", os.O_RDWR | os.O_CLOEXEC)
+    elif kind == "epoll":
+        ep = select.epoll()
+        fd = os.dup(ep.fileno())
+        ep.close()
+    else:  # pragma: no cover - a typo in the table
+        raise AssertionError(kind)
+    try:
+        yield fd
+    finally:
+        for f in (fd, *extra):
+            os.close(f)
+
+
+# ---------------------------------------------------------------------------- the table
+
+Payload = Callable[[Ctx], bytes]
+
+
+def _mem_table(ctx: Ctx) -> bytes:
+    """The session's table again (its first region's fd is the one under test: the valid
+    case passes that region's own memfd, so the running queue keeps its memory)."""
+    return m.MemoryTable.build({"num_regions": 2, "padding": 0,
+                                "regions": [r.description() for r in ctx.s.mem.regions]})
+
+
+def _add_region(ctx: Ctx) -> bytes:
+    """One MiB more at 64 MiB, at a frontend address far from the others."""
+    return m.SingleMemoryRegion.build({"padding": 0, "region": m.memory_region(
+        64 * MiB, MiB, 0x7F00_0000_0000, 0)})
+
+
+def _inflight(ctx: Ctx) -> bytes:
+    """An area of 1 MiB (more than the queues need, all of it inside a valid memfd)."""
+    assert inf.area_size(NUM_QUEUES, 8) < MiB
+    return m.inflight(MiB, 0, NUM_QUEUES, 8)
+
+
+#: request -> (payload, the kind its fd must be)
+FD_MESSAGES: dict[Request, tuple[Payload, str]] = {
+    Request.SET_VRING_KICK: (lambda ctx: m.u64(0), "eventfd"),
+    Request.SET_VRING_CALL: (lambda ctx: m.u64(0), "eventfd"),
+    Request.SET_VRING_ERR: (lambda ctx: m.u64(0), "eventfd"),
+    Request.SET_LOG_FD: (lambda ctx: b"", "eventfd"),
+    Request.SET_MEM_TABLE: (_mem_table, "region-0"),
+    Request.ADD_MEM_REG: (_add_region, "memfd"),
+    Request.SET_INFLIGHT_FD: (_inflight, "memfd"),
+    Request.SET_LOG_BASE: (lambda ctx: m.log_base(8192, 0), "memfd"),
+    Request.SET_BACKEND_REQ_FD: (lambda ctx: b"", "unix-stream"),
+}
+
+#: what a frontend may pass instead, per kind wanted
+WRONG_KINDS = {
+    "eventfd": ["memfd", "pipe", "unix-stream", "dev-null", "epoll"],
+    "memfd": ["eventfd", "pipe", "unix-stream", "dev-zero", "read-only-memfd", "memfd-4k"],
+    "region-0": ["memfd-4k", "eventfd", "pipe", "unix-stream", "dev-zero", "read-only-memfd"],
+    "unix-stream": ["eventfd", "memfd", "pipe", "unix-dgram"],
+}
+
+CASES = [(request, kind, kind == wanted)
+         for request, (_, wanted) in FD_MESSAGES.items()
+         for kind in [wanted, *WRONG_KINDS[wanted]]]
+
+
+@pytest.mark.parametrize(("request_", "kind", "valid"), CASES,
+                         ids=[f"{r.name}-{k}" for r, k, _ in CASES])
+def test_fd_kind_is_checked_when_the_message_arrives(ctx: Ctx, caplog: pytest.LogCaptureFixture,
+                                                     request_: Request, kind: str,
+                                                     valid: bool) -> None:
+    payload = FD_MESSAGES[request_][0](ctx)
+    start = len(caplog.records)
+    with _fd_of(kind, ctx) as fd:
+        fds = [fd]
+        if request_ == Request.SET_MEM_TABLE:
+            fds.append(ctx.s.mem.regions[1].fd)
+        if request_ == Request.SET_LOG_BASE:
+            # Its reply is the ack and has no way to say no: a refusal ends the connection.
+            ctx.fe.send(request_, payload, fds)
+            if valid:
+                assert ctx.fe.recv()[0] == request_
+            else:
+                assert_closed_by_peer(ctx.fe)
+        else:
+            status = ack_of(ctx.fe, request_, payload, fds)
+            assert (status == 0) == valid, f"status {status}"
+    lines = warnings_since(caplog, start)
+    if valid:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and f"refused {request_.name}" in lines[0], lines
+    assert tracebacks(caplog) == []
+    if request_ == Request.SET_LOG_BASE and not valid:
+        ctx.dropped()
+    else:
+        ctx.still_serving()

@@ -172,6 +172,26 @@ def test_worker_reports_a_ring_violation_on_err(loop_parts, caplog) -> None:
     assert worker.stop(WAIT)
 
 
+def test_worker_with_a_kick_fd_epoll_cannot_watch_stops_with_one_line(loop_parts,
+                                                                      caplog) -> None:
+    """The handler accepts only eventfds as kick fds; should one that epoll refuses (a memfd:
+    EPERM) reach a worker anyway, the queue stops with one log line and its err eventfd --
+    not a "worker failed" traceback (issue 25, case 2)."""
+    ring, _, _, err_fd, call, err = loop_parts
+    memfd = os.memfd_create("not-a-kick-fd", os.MFD_CLOEXEC)
+    try:
+        worker = QueueWorker(ring.vq, ListHandler(), memfd, call, err)
+        worker.start()
+        assert wait_readable(err_fd)
+        assert worker.stop(WAIT)
+    finally:
+        os.close(memfd)
+    assert ring.vq.broken and "cannot be watched" in str(ring.vq.error)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in lines] == [f"queue 0 stopped: {ring.vq.error}"]
+    assert not any(r.exc_info for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------- a failing device
 
 
