@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from remote_testbed.ceph import CephCluster
 from virtio_blk import cint, libnbd, librbd
+from virtio_blk.backends import open_storage
 from virtio_blk.disk import MAX_IMAGE_SIZE, Disk, DiskError, check_growth
 from virtio_blk.engine import IoOp, OpKind
 from virtio_blk.nbd import NbdStorage
@@ -175,3 +178,20 @@ def test_every_integer_argument_of_librbd_and_libnbd_is_checked() -> None:
         rbd.rbd_resize(None, 2**64)
     with pytest.raises(ctypes.ArgumentError):
         nbd.nbd_aio_trim(None, 2**64, 0, libnbd.NO_CALLBACK, 0)
+
+
+def test_a_real_rbd_image_keeps_its_size_and_data_after_hostile_sizes(
+        ceph_cluster: CephCluster, rbd_image: str) -> None:
+    """What issue 19 saw: 2**64 reached rbd_resize as 0 and emptied the volume."""
+    storage = open_storage(ceph_cluster.spec(rbd_image))
+    try:
+        for size in BAD_SIZES:
+            with pytest.raises(StorageError):
+                storage.grow(size)
+        info = json.loads(ceph_cluster.rbd("info", "--format", "json", f"rbd/{rbd_image}"))
+        assert info["size"] == 64 * MiB and storage.info.size == 64 * MiB
+        storage.grow(96 * MiB)  # and a good size still works
+    finally:
+        storage.close()
+    info = json.loads(ceph_cluster.rbd("info", "--format", "json", f"rbd/{rbd_image}"))
+    assert info["size"] == 96 * MiB
