@@ -22,9 +22,11 @@ from virtio_blk import cint, libnbd, librbd
 from virtio_blk.backends import open_storage
 from virtio_blk.disk import MAX_IMAGE_SIZE, Disk, DiskError, check_growth
 from virtio_blk.engine import IoOp, OpKind
-from virtio_blk.nbd import NbdStorage
+from virtio_blk.nbd import NbdEngine, NbdStorage
+from virtio_blk.nbd import _Pending as NbdPending
 from virtio_blk.rbd import RbdEngine, RbdStorage, _Pending
-from virtio_blk.storage import StorageError, remote_info
+from virtio_blk.request import Segment
+from virtio_blk.storage import Capabilities, StorageError, remote_info
 
 MiB = 1 << 20
 #: Sizes no storage may be asked to grow to (from 1 MiB, 512-byte blocks).
@@ -195,3 +197,26 @@ def test_a_real_rbd_image_keeps_its_size_and_data_after_hostile_sizes(
         storage.close()
     info = json.loads(ceph_cluster.rbd("info", "--format", "json", f"rbd/{rbd_image}"))
     assert info["size"] == 96 * MiB
+
+
+def test_nbd_call_refused_for_its_argument_types_fails_the_op_only() -> None:
+    class Lib:
+        def nbd_aio_trim(self, h: Any, count: int, offset: int, cb: Any, flags: int) -> int:
+            raise ctypes.ArgumentError("argument 3: OverflowError: out of range")
+
+    class FakeHandle:
+        lib, h, dead = Lib(), 1, False
+
+    st = NbdStorage.__new__(NbdStorage)
+    st.uri = st.name = "nbd://x/y"
+    st.caps = Capabilities(flush=True, discard=True, write_zeroes=True)
+    st.can_fua = False
+    engine = NbdEngine.__new__(NbdEngine)
+    engine.storage = st
+    engine._cmds = {}
+    op = IoOp(OpKind.DISCARD, 0)
+    op.segments = [Segment(2**64, 512, False)]
+    p = NbdPending(op, False)
+    assert engine._issue(FakeHandle(), p) is True  # type: ignore[arg-type]  # complete at once
+    assert isinstance(p.error, OSError) and p.error.errno == errno.EINVAL
+    assert p.left == 0 and engine._cmds == {}
