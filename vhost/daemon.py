@@ -5,7 +5,9 @@ The control thread (the caller of :meth:`VhostUserDaemon.serve_forever`) only ev
 A frontend that disconnects -- cleanly, by crashing, or because it broke the protocol -- has its
 queues drained and stopped, its fds closed and its memory unmapped, and the next frontend (a
 restarted QEMU) is accepted on the same socket.  A second frontend arriving while one is served is
-told no by closing its connection, with a log line.
+told no by closing its connection, with a log line (for the 1st, 2nd, 4th... such refusal, so a
+flood of them cannot flood the log).  When accepting fails (EMFILE: no fd left) the listener is
+left alone for a growing delay (:class:`AcceptBackoff`) rather than retried in a busy loop.
 """
 
 from __future__ import annotations
