@@ -5,7 +5,9 @@ The control thread (the caller of :meth:`VhostUserDaemon.serve_forever`) only ev
 A frontend that disconnects -- cleanly, by crashing, or because it broke the protocol -- has its
 queues drained and stopped, its fds closed and its memory unmapped, and the next frontend (a
 restarted QEMU) is accepted on the same socket.  A second frontend arriving while one is served is
-told no by closing its connection, with a log line.
+told no by closing its connection, with a log line (for the 1st, 2nd, 4th... such refusal, so a
+flood of them cannot flood the log).  When accepting fails (EMFILE: no fd left) the listener is
+left alone for a growing delay (:class:`AcceptBackoff`) rather than retried in a busy loop.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import select
 import socket
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .connection import ConnectionClosed, recv_message, send_message
@@ -33,6 +37,88 @@ MESSAGE_TIMEOUT = 10.0
 
 class DaemonError(Exception):
     """The daemon cannot start (socket in use, bad fd...); the message says why."""
+
+
+class AcceptBackoff:
+    """``accept()`` on a listening socket that stops asking while accepting fails.
+
+    When accept fails with EMFILE/ENFILE (no fd for the new connection) the connection stays
+    queued and the listener stays readable: a loop that logs and retries at once spins a core
+    and writes a line per turn (tens of millions were seen).  After a failure the caller stops
+    watching the listener for a delay that doubles from :attr:`MIN_DELAY` to :attr:`MAX_DELAY`
+    while failures go on, and resets once a connection is accepted.  Any accept error backs off
+    the same way: a per-connection one (ECONNABORTED) costs one short delay, an unknown
+    persistent one cannot spin.
+
+    Logging is limited here rather than by ``virtio_blk.ratelimit`` (vhost/ sits below it):
+    one warning when a run of failures starts -- at most one per :attr:`LOG_INTERVAL`, later
+    runs are counted into the next -- and one line when accepting works again.
+    """
+
+    MIN_DELAY = 0.01
+    MAX_DELAY = 1.0
+    LOG_INTERVAL = 60.0
+
+    def __init__(self, what: str, logger: logging.Logger | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self.log = logger or log
+        self._clock = clock
+        self._delay = 0.0
+        self._resume_at = 0.0
+        self._failures = 0  # in the current run
+        self._run_logged = False
+        self._last_warning = -self.LOG_INTERVAL
+        self._unlogged_runs = 0
+        #: accept() failures in all, for tests and statistics.
+        self.total_failures = 0
+
+    @property
+    def waiting(self) -> bool:
+        """True while the listener should not be watched."""
+        return self._clock() < self._resume_at
+
+    def timeout(self) -> float | None:
+        """Seconds until the listener is to be watched again (None when it is watched)."""
+        left = self._resume_at - self._clock()
+        return left if left > 0 else None
+
+    def accept(self, listener: socket.socket) -> socket.socket | None:
+        """A new connection, or None (none waiting, or accepting failed: back off)."""
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            self._failed(exc)
+            return None
+        if self._failures:
+            if self._run_logged:
+                self.log.info("%s: accepting again after %d failed attempts", self.what,
+                              self._failures)
+            self._failures = 0
+            self._delay = 0.0
+        return conn
+
+    def _failed(self, exc: OSError) -> None:
+        self.total_failures += 1
+        self._failures += 1
+        self._delay = min(self.MAX_DELAY, max(self.MIN_DELAY, self._delay * 2))
+        now = self._clock()
+        self._resume_at = now + self._delay
+        if self._failures > 1:
+            return
+        if now - self._last_warning >= self.LOG_INTERVAL:
+            earlier = (f" ({self._unlogged_runs} earlier runs of failures not logged)"
+                       if self._unlogged_runs else "")
+            self.log.warning("%s: accept failed: %s; retrying with backoff up to %.0f s%s",
+                             self.what, exc.strerror or exc, self.MAX_DELAY, earlier)
+            self._last_warning = now
+            self._unlogged_runs = 0
+            self._run_logged = True
+        else:
+            self._unlogged_runs += 1
+            self._run_logged = False
 
 
 def _check_listening_unix(sock: socket.socket) -> None:
@@ -128,6 +214,7 @@ class VhostUserDaemon:
         self.handler: BackendHandler | None = None
         self.connections = 0
         self.rejected = 0
+        self._backoff = AcceptBackoff("vhost-user socket")
 
     @property
     def address(self) -> str:
@@ -146,11 +233,13 @@ class VhostUserDaemon:
         """Accept frontends and serve their messages until :meth:`shutdown`."""
         try:
             while True:
-                watch = [self._listener.fileno(), self._stop_r]
+                watch = [self._stop_r]
+                if not self._backoff.waiting:
+                    watch.append(self._listener.fileno())
                 if self._conn is not None:
                     watch.append(self._conn.fileno())
                 try:
-                    ready, _, _ = select.select(watch, [], [])
+                    ready, _, _ = select.select(watch, [], [], self._backoff.timeout())
                 except InterruptedError:
                     continue
                 if self._stop_r in ready:
@@ -202,14 +291,14 @@ class VhostUserDaemon:
 
     # ------------------------------------------------------------------ connections
     def _accept(self) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except OSError as exc:
-            log.warning("accept failed: %s", exc)
+        conn = self._backoff.accept(self._listener)
+        if conn is None:
             return
         if self._conn is not None:
             self.rejected += 1
-            log.warning("refused a second frontend: one is already connected")
+            if self.rejected & (self.rejected - 1) == 0:  # 1st, 2nd, 4th...: a flood logs little
+                log.warning("refused a second frontend: one is already connected (%d refused "
+                            "so far)", self.rejected)
             conn.close()
             return
         conn.settimeout(MESSAGE_TIMEOUT)

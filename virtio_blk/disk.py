@@ -89,9 +89,25 @@ class DiskInfo:
     block_device: bool
 
 
-def check_growth(info: DiskInfo, size: int) -> bool:
+def check_growth(info: DiskInfo, size: object) -> bool:
     """Whether growing to ``size`` changes anything; DiskError for a size no storage takes
-    (shrinking, a partial block, a read-only export) -- the rule every kind of storage shares."""
+    (not an int, not above 0, above :data:`MAX_IMAGE_SIZE`, a partial block, shrinking, a
+    read-only export).
+
+    The one rule every kind of storage's resize path applies before it touches the storage:
+    ``size`` comes from a QMP client, and beyond the bound lies silent damage -- ctypes'
+    ``c_uint64`` turns 2**64 into 0 on its way into ``rbd_resize`` (an emptied volume),
+    ``ftruncate`` raises OverflowError, the virtio capacity field (u64 sectors) overflows at
+    2**73.  :data:`MAX_IMAGE_SIZE` is what every kind holds: off_t for files, NBD's and QEMU's
+    int64 sizes, RBD's uint64; the capacity then needs at most 2**54 sectors.  What is smaller
+    for one kind (a block device's size, a qcow2 L1 table's reach) its own grow refuses.
+    """
+    if type(size) is not int:  # bool is an int subclass; a float is not whole bytes
+        raise DiskError(f"size {size!r} is not an integer")
+    if size <= 0:
+        raise DiskError(f"size {size} must be above 0")
+    if size > MAX_IMAGE_SIZE:
+        raise DiskError(f"size {size} is larger than any image can be ({MAX_IMAGE_SIZE} bytes)")
     lbs = info.logical_block_size
     if size % lbs:
         raise DiskError(f"size {size} is not a multiple of the {lbs}-byte block size")

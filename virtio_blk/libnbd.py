@@ -18,6 +18,7 @@ import os
 import select
 import time
 
+from . import cint
 from .storage import StorageError
 
 DEBIAN_PACKAGE = "libnbd0"
@@ -53,7 +54,10 @@ def lib() -> ctypes.CDLL:
     except OSError:
         raise StorageError("NBD needs libnbd: apt-get install " + DEBIAN_PACKAGE) from None
     h = ctypes.c_void_p
-    i64, u64, sz, u32 = ctypes.c_int64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_uint32
+    i64 = ctypes.c_int64
+    # Integer arguments are range-checked (:mod:`.cint`): plain ctypes would silently truncate
+    # an out-of-range count or offset.  Return types stay plain.
+    u64, sz, u32 = cint.UINT64, cint.SIZE_T, cint.UINT32
     cb = CompletionCallback
     protos = {
         "nbd_create": (h, ()),
@@ -73,7 +77,7 @@ def lib() -> ctypes.CDLL:
         "nbd_aio_is_closed": (ctypes.c_int, (h,)),
         "nbd_aio_in_flight": (ctypes.c_int, (h,)),
         "nbd_get_size": (i64, (h,)),
-        "nbd_get_block_size": (i64, (h, ctypes.c_int)),
+        "nbd_get_block_size": (i64, (h, cint.INT)),
         "nbd_is_read_only": (ctypes.c_int, (h,)),
         "nbd_can_flush": (ctypes.c_int, (h,)),
         "nbd_can_fua": (ctypes.c_int, (h,)),

@@ -18,6 +18,7 @@ import ctypes
 import os
 from typing import Any
 
+from . import cint
 from .storage import StorageError
 
 EVENT_TYPE_EVENTFD = 2
@@ -40,7 +41,10 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     rados, rbd = loaded
     p = ctypes.c_void_p
     pp = ctypes.POINTER(ctypes.c_void_p)
-    i, s, u64, sz = ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_size_t
+    i, s = ctypes.c_int, ctypes.c_char_p
+    # Integer arguments are range-checked (:mod:`.cint`): plain ctypes would truncate a size of
+    # 2**64 to 0 on its way into rbd_resize.  Return types stay plain ctypes types.
+    ci, u64, sz = cint.INT, cint.UINT64, cint.SIZE_T
     protos: dict[ctypes.CDLL, dict[str, tuple[Any, tuple[Any, ...]]]] = {
         rados: {
             "rados_create": (i, (pp, s)),
@@ -56,19 +60,19 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             "rbd_open": (i, (p, s, pp, s)),
             "rbd_open_read_only": (i, (p, s, pp, s)),
             "rbd_close": (i, (p,)),
-            "rbd_get_size": (i, (p, ctypes.POINTER(u64))),
+            "rbd_get_size": (i, (p, ctypes.POINTER(ctypes.c_uint64))),
             "rbd_resize": (i, (p, u64)),
             "rbd_flush": (i, (p,)),
-            "rbd_set_image_notification": (i, (p, i, i)),
-            "rbd_poll_io_events": (i, (p, pp, i)),
+            "rbd_set_image_notification": (i, (p, ci, ci)),
+            "rbd_poll_io_events": (i, (p, pp, ci)),
             "rbd_aio_create_completion": (i, (p, p, pp)),
             "rbd_aio_release": (None, (p,)),
             "rbd_aio_get_return_value": (ctypes.c_ssize_t, (p,)),
             "rbd_aio_get_arg": (p, (p,)),
-            "rbd_aio_readv": (i, (p, p, i, u64, p)),
-            "rbd_aio_writev": (i, (p, p, i, u64, p)),
+            "rbd_aio_readv": (i, (p, p, ci, u64, p)),
+            "rbd_aio_writev": (i, (p, p, ci, u64, p)),
             "rbd_aio_discard": (i, (p, u64, u64, p)),
-            "rbd_aio_write_zeroes": (i, (p, u64, sz, p, i, i)),
+            "rbd_aio_write_zeroes": (i, (p, u64, sz, p, ci, ci)),
             "rbd_aio_flush": (i, (p, p)),
         },
     }

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -475,6 +476,10 @@ class NbdEngine(Engine):
                             cookies.append(call(hh, take, off, NO_CALLBACK, flags))
                             off += take
                             n -= take
+        except ctypes.ArgumentError as exc:  # a value out of the C type's range: not sent
+            log.error("%s: %s refused: %s", st.uri, kind.name.lower(), exc)
+            if p.error is None:
+                p.error = OSError(errno.EINVAL, str(exc))
         finally:
             for c in cookies:
                 if c < 0:

@@ -207,10 +207,14 @@ class RbdStorage(Storage):
         self.rbd.rbd_aio_create_completion(ctypes.c_void_p(token), None, ctypes.byref(comp))
         self._tokens[token] = pending
         pending.left += 1
-        if COMP in args:
-            ret = call(self.image, *[comp if a is COMP else a for a in args])
-        else:
-            ret = call(self.image, *args, comp)
+        try:
+            if COMP in args:
+                ret = call(self.image, *[comp if a is COMP else a for a in args])
+            else:
+                ret = call(self.image, *args, comp)
+        except ctypes.ArgumentError as exc:  # a value out of the C type's range: not sent
+            log.error("%s: %s refused: %s", self.name, call.__name__, exc)
+            ret = -errno.EINVAL
         if ret < 0:
             del self._tokens[token]
             pending.left -= 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from .disk import BlockDisk, DiskError, DiskInfo
+from .disk import BlockDisk, DiskError, DiskInfo, check_growth
 from .engine import Engine, make_engine
 
 
@@ -56,8 +56,15 @@ class Storage(abc.ABC):
         """Make the storage ``size`` bytes (live resize); :attr:`info` follows.
 
         StorageError where it cannot (the default: this kind of storage is not resizable from
-        here), for shrinking, and for a size that is not whole blocks.
+        here), for shrinking, and for a size that is not whole blocks.  The default checks the
+        size by the shared rule first (:func:`~.disk.check_growth`): a bad size is named as such,
+        and growing to the current size is the no-op it is everywhere.
         """
+        try:
+            if not check_growth(self.info, size):
+                return
+        except DiskError as exc:
+            raise StorageError(f"{self.name}: {exc}") from None
         raise StorageError(f"{self.name}: this storage cannot be resized while it is served")
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ class Export(Protocol):
 #: Argument types as QAPI names them in errors.
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "str": (str,), "bool": (bool,)}
 _TYPE_NAMES = {"int": "integer", "str": "string", "bool": "boolean"}
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,10 @@ def check_arguments(args: dict[str, Any], params: tuple[Param, ...]) -> None:
             continue
         value = args[p.name]
         ok = isinstance(value, _TYPES[p.type])
-        if p.type == "int" and isinstance(value, bool):
-            ok = False  # JSON true is not an integer
+        if p.type == "int":
+            # JSON true is not an integer; QAPI's int is int64 (QEMU parses a larger number as
+            # a float, which is then not an integer either).
+            ok = ok and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
         if not ok:
             raise generic_error(f"Invalid parameter type for '{p.name}', expected: "
                                 f"{_TYPE_NAMES[p.type]}")

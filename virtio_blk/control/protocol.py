@@ -8,7 +8,9 @@
   newline, where parsing starts afresh (whatever brackets the rest of that line leaves open).
 * :class:`QmpSession` is one client's state: the greeting, capability negotiation
   (``qmp_capabilities`` first), the checks QEMU makes on every input object, and the ``id``
-  echoed into the reply.  Commands themselves are a callable the session is given
+  echoed into the reply.  Every input gets a reply: a command that fails in a way nobody
+  foresaw is a GenericError reply and a (rate-limited) log line, never an exception that
+  would end the server thread.  Commands themselves are a callable the session is given
   (:mod:`.commands`), so every reply is a unit test.
 
 Replies and events are serialised as one line each, ``\\r\\n``-terminated, like QEMU's monitor.
@@ -17,10 +19,22 @@ Replies and events are serialised as one line each, ``\\r\\n``-terminated, like 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ..ratelimit import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+
+
+def internal_error_log() -> RateLimitedLog:
+    """Where unexpected command failures are logged (with their traceback): a client that
+    repeats one cannot fill the journal.  One per server, shared by its sessions."""
+    return RateLimitedLog(log, burst=5, interval=60.0)
 
 #: The largest JSON text accepted (QEMU's streamer limit is 64 MiB; nothing we take needs 1).
 MAX_MESSAGE = 1 << 20
@@ -165,10 +179,12 @@ _ALLOWED_KEYS = ("execute", "arguments", "id")
 class QmpSession:
     """One client: negotiation state and the input checks; commands go to ``execute``."""
 
-    def __init__(self, execute: Execute, version: dict[str, Any]) -> None:
+    def __init__(self, execute: Execute, version: dict[str, Any],
+                 errors: RateLimitedLog | None = None) -> None:
         self.execute = execute
         self.version = version
         self.negotiated = False
+        self.errors = errors if errors is not None else internal_error_log()
 
     def greeting(self) -> dict[str, Any]:
         return {"QMP": {"version": self.version, "capabilities": []}}
@@ -195,6 +211,10 @@ class QmpSession:
                 result = self.execute(name, args)
         except QmpError as exc:
             reply = _error(exc.cls, exc.desc)
+        except Exception as exc:  # a bug or an unforeseen failure: this command fails, not QMP
+            self.errors.log(logging.ERROR, "QMP command %r failed unexpectedly",
+                            item.get("execute"), exc_info=True)
+            reply = _error("GenericError", f"internal error: {type(exc).__name__}: {exc}")
         else:
             reply = {"return": result}
         if "id" in item:

@@ -1,4 +1,4 @@
-"""The QMP server: a Unix socket (mode 0600), any number of clients, one thread.
+"""The QMP server: a Unix socket (mode 0600), up to :data:`MAX_CLIENTS` clients, one thread.
 
 The thread waits in a selector on the listening socket, its clients and a wake-up pipe; each
 client has a :class:`~.protocol.JsonStream` for what it sends and a :class:`~.protocol.QmpSession`
@@ -6,6 +6,17 @@ that turns it into replies (commands run on this thread, one at a time, as in QE
 Output is buffered per client and written as the socket takes it, so a client that stops reading
 holds up nobody; one that lets more than :data:`MAX_OUTPUT` pile up is dropped.  A client that
 disconnects mid-command just has its reply discarded.
+
+No client can end the server: a command that fails unexpectedly is an error reply (the
+session's catch-all), and whatever else goes wrong while serving one client drops that client
+only.  Clients beyond :data:`MAX_CLIENTS` get one error object --
+``{"error": {"class": "GenericError", "desc": "too many QMP clients ..."}}`` -- and are closed:
+QEMU's monitor serves one client and leaves the next waiting in the backlog, but here a
+waiting client would hold an fd and learn nothing; the error says why at once, in the shape
+every QMP client parses.  A client that has not finished capability negotiation within
+:data:`HANDSHAKE_TIMEOUT` is dropped, so idle or half-open connections cannot keep the slots.
+When accepting fails (EMFILE: out of fds) the listener is left alone for a growing delay
+(:class:`vhost.daemon.AcceptBackoff`) instead of being retried at once.
 
 Events (:meth:`QmpServer.emit`) may come from any thread; they go to every client that finished
 capability negotiation.  :meth:`QmpServer.stop` sends the final events, flushes what it can
@@ -26,9 +37,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vhost.daemon import bind_unix_socket
+from vhost.daemon import AcceptBackoff, bind_unix_socket
 
-from .protocol import Execute, JsonStream, QmpSession, encode, event
+from ..ratelimit import RateLimitedLog
+from .protocol import Execute, JsonStream, QmpSession, encode, event, internal_error_log
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +48,40 @@ log = logging.getLogger(__name__)
 MAX_OUTPUT = 4 << 20
 #: How long stop() keeps flushing output to slow clients.
 FLUSH_TIMEOUT = 1.0
+#: Clients served at once (QEMU's monitor: one; libvirt, a metrics agent and an operator's
+#: qmp-shell fit with room to spare).
+MAX_CLIENTS = 8
+#: Time from connecting to the end of capability negotiation.
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class _Client:
-    def __init__(self, sock: socket.socket, session: QmpSession, number: int) -> None:
+    def __init__(self, sock: socket.socket, session: QmpSession, number: int,
+                 deadline: float) -> None:
         self.sock = sock
         self.session = session
         self.number = number
         self.stream = JsonStream()
         self.out = bytearray()
+        self.deadline = deadline  # for capability negotiation
 
 
 class QmpServer:
     """Serves QMP on ``path`` until :meth:`stop`."""
 
     def __init__(self, path: str | os.PathLike[str], execute: Execute,
-                 version: dict[str, Any]) -> None:
+                 version: dict[str, Any], *, max_clients: int = MAX_CLIENTS,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.path = Path(path)
         self.execute = execute
         self.version = version
+        self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
+        self.refused = 0
+        self._errors = internal_error_log()
+        self._refusals = RateLimitedLog(log, burst=3, interval=60.0)
+        self._backoff = AcceptBackoff("QMP socket", log)
+        self._listening = True
         self._listener = bind_unix_socket(self.path, 0o600)  # DaemonError if it cannot
         self._listener.setblocking(False)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -103,42 +130,104 @@ class QmpServer:
     def _run(self) -> None:
         try:
             while True:
-                for key, mask in self._selector.select():
+                self._watch_listener()
+                for key, mask in self._selector.select(self._timeout()):
                     if key.fileobj is self._listener:
                         self._accept()
                     elif key.fileobj == self._wake_r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._wake_r, 4096)
                     else:
-                        client = key.data
-                        if mask & selectors.EVENT_READ:
-                            self._read(client)
-                        if mask & selectors.EVENT_WRITE and client.number in self._clients:
-                            self._write(client)
+                        self._serve(key.data, mask)
                 self._send_events()
+                self._expire_handshakes()
                 if self._stopping:
                     self._flush_all()
                     break
-        except Exception:
+        except Exception:  # the selector itself failed: nothing left to serve with
             log.exception("QMP server failed; closing it")
         finally:
             self._close_all()
 
-    def _accept(self) -> None:
+    def _serve(self, client: _Client, mask: int) -> None:
+        """One client's events; whatever goes wrong drops that client, not the server."""
         try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
+            if mask & selectors.EVENT_READ:
+                self._read(client)
+            if mask & selectors.EVENT_WRITE and client.number in self._clients:
+                self._write(client)
+        except Exception:
+            self._errors.log(logging.ERROR, "QMP client %d: internal error", client.number,
+                             exc_info=True)
+            self._drop(client, "internal error")
+
+    def _timeout(self) -> float | None:
+        """How long select may sleep: until the listener is due back or a handshake expires."""
+        waits = [c.deadline for c in self._clients.values() if not c.session.negotiated]
+        left = [w - time.monotonic() for w in waits]
+        backoff = self._backoff.timeout()
+        if backoff is not None:
+            left.append(backoff)
+        return max(0.0, min(left)) if left else None
+
+    def _watch_listener(self) -> None:
+        """Stop watching the listener while accepting backs off (it stays readable: the
+        connection that could not be accepted is still queued), resume after."""
+        want = not self._backoff.waiting
+        if want == self._listening:
             return
-        except OSError as exc:
-            log.warning("QMP accept failed: %s", exc)
+        if want:
+            self._selector.register(self._listener, selectors.EVENT_READ, None)
+        else:
+            self._selector.unregister(self._listener)
+        self._listening = want
+
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        for client in list(self._clients.values()):
+            if not client.session.negotiated and now >= client.deadline:
+                self._drop(client, f"no capability negotiation within "
+                                   f"{self.handshake_timeout:g} s")
+
+    def _accept(self) -> None:
+        sock = self._backoff.accept(self._listener)
+        if sock is None:
+            return
+        try:
+            self._admit(sock)
+        except Exception:
+            self._errors.log(logging.ERROR, "QMP: internal error admitting a client",
+                             exc_info=True)
+            for client in list(self._clients.values()):
+                if client.sock is sock:
+                    self._drop(client, "internal error")
+                    break
+            else:
+                sock.close()
+
+    def _admit(self, sock: socket.socket) -> None:
+        if len(self._clients) >= self.max_clients:
+            self._refuse(sock)
             return
         sock.setblocking(False)
         self._accepted += 1
-        client = _Client(sock, QmpSession(self.execute, self.version), self._accepted)
+        client = _Client(sock, QmpSession(self.execute, self.version, self._errors),
+                         self._accepted, time.monotonic() + self.handshake_timeout)
         self._clients[client.number] = client
         self._selector.register(sock, selectors.EVENT_READ, client)
         log.info("QMP client %d connected", client.number)
         self._queue(client, client.session.greeting())
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """One error object (if the socket takes it at once) and close."""
+        self.refused += 1
+        desc = f"too many QMP clients (at most {self.max_clients} at once); try again later"
+        with contextlib.suppress(OSError):
+            sock.send(encode({"error": {"class": "GenericError", "desc": desc}}),
+                      socket.MSG_DONTWAIT)
+        sock.close()
+        self._refusals.log(logging.WARNING, "QMP client refused: %d clients connected already "
+                           "(%d refused in all)", len(self._clients), self.refused)
 
     def _read(self, client: _Client) -> None:
         try:
