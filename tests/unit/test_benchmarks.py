@@ -73,6 +73,14 @@ def test_the_reference_is_the_faster_qsd_engine(capsys: pytest.CaptureFixture[st
     assert ["python", "/", "qsd-threads", "IOPS", "0.60", "CPU/req", "1.44"] in lines
 
 
+def test_the_reference_follows_the_figures_not_the_names() -> None:
+    """Where threads beat io_uring (it can, with O_DIRECT or on another kernel), threads lead."""
+    rows = [_row("python", 60e3, 13.0), _row("qsd-io_uring", 90e3, 8.0),
+            _row("qsd-threads", 120e3, 9.0)]
+    ref = reference(summarize(rows)[("randread", 1, False)])
+    assert ref is not None and ref.server == "qsd-threads"
+
+
 @pytest.mark.parametrize("shape", ["indirect", "direct"])
 def test_requests_have_the_shape_asked_for(shape: str) -> None:
     """The device pops header, data, status either way; indirect is one ring descriptor."""
@@ -177,3 +185,12 @@ def test_hotpath_refuses_a_figure_of_failed_requests(tmp_path: Path) -> None:
             hotpath.measure(rig, 8, 16)
     finally:
         rig.close()
+
+
+def test_inprocess_refuses_a_figure_of_failed_requests(tmp_path: Path) -> None:
+    """Writes to a read-only export all fail, fast: no IOPS figure may come of them."""
+    argv = ["--servers", "python", "--queues", "1", "--workloads", "randwrite", "--rounds", "1",
+            "--seconds", "0.2", "--warmup", "0.1", "--size", "8M", "--dir", str(tmp_path),
+            "--server-args=--read-only"]
+    with pytest.raises(RuntimeError, match="error status"):
+        inprocess.main(argv)
