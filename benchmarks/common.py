@@ -30,7 +30,6 @@ from vhost.virtqueue import (
 from vhost_frontend import DriverRing
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SERVERS = ("python", "qsd")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -314,6 +313,8 @@ class Summary:
     cpu_spread: float
     rss: int
     rounds: int
+    #: round number -> (IOPS, CPU us/req) of that round, for ratios paired within a round
+    by_round: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 def _spread(values: list[float]) -> float:
@@ -334,10 +335,23 @@ def summarize(rows: list[Measurement]) -> dict[tuple[str, int, bool], list[Summa
             got = [r for r in rows if (r.server, r.workload, r.queues, r.direct) == (server, *key)]
             ops = [r.ops for r in got]
             cpu = [r.cpu_us_per_op for r in got]
+            by_round = {r.extra["round"]: (r.ops, r.cpu_us_per_op) for r in got
+                        if "round" in r.extra}
             out[key].append(Summary(server, median(ops), _spread(ops),
                                     median(r.bandwidth for r in got), median(cpu), _spread(cpu),
-                                    max(r.rss for r in got), len(got)))
+                                    max(r.rss for r in got), len(got), by_round))
     return out
+
+
+def round_ratios(ours: Summary, ref: Summary) -> tuple[list[float], list[float]]:
+    """Our IOPS and CPU-per-request ratios against ``ref`` within each round both ran in.
+
+    Two servers measured minutes apart see different load on a shared machine; within one
+    round they are seconds apart, so these ratios spread much less than the absolute figures.
+    """
+    both = sorted(set(ours.by_round) & set(ref.by_round))
+    return ([ratio(ours.by_round[r][0], ref.by_round[r][0]) for r in both],
+            [ratio(ours.by_round[r][1], ref.by_round[r][1]) for r in both])
 
 
 def reference(summaries: list[Summary]) -> Summary | None:
@@ -373,12 +387,21 @@ def print_table(rows: list[Measurement], title: str, project: str = "python") ->
         others = [s for s in summaries if is_reference(s.server) and s is not ref]
         for s in (ref, *others):
             label = f"{project} / {s.server}" + (" (reference)" if s is ref else "")
-            print(f"{'':>20}  {label:<34} IOPS {ratio(ours.ops, s.ops):5.2f}   "
-                  f"CPU/req {ratio(ours.cpu_us_per_op, s.cpu_us_per_op):5.2f}")
+            ops_r, cpu_r = round_ratios(ours, s)
+            ops_range = f" [{min(ops_r):.2f}..{max(ops_r):.2f}]" if ops_r else ""
+            cpu_range = f" [{min(cpu_r):.2f}..{max(cpu_r):.2f}]" if cpu_r else ""
+            print(f"{'':>20}  {label:<34} IOPS {ratio(ours.ops, s.ops):5.2f}{ops_range:<14} "
+                  f"CPU/req {ratio(ours.cpu_us_per_op, s.cpu_us_per_op):5.2f}{cpu_range}")
     print("* = the reference: the faster qemu-storage-daemon engine (higher median IOPS); "
-          "spread = (max - min) / median over the rounds")
+          "spread = (max - min) / median over the rounds;\nratios are of the medians, "
+          "[lowest..highest] the same ratio within single rounds")
 
 
 def write_json(rows: list[Measurement], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+
+
+def read_json(path: Path) -> list[Measurement]:
+    """Measurements saved by :func:`write_json` (to print their table again)."""
+    return [Measurement(**row) for row in json.loads(path.read_text())]

@@ -54,6 +54,7 @@ from .common import (
     make_image,
     print_table,
     qsd_servers,
+    read_json,
     round_order,
     rss_bytes,
     running_server,
@@ -241,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
                    help="serve the image as raw, or converted to a fully allocated qcow2")
     p.add_argument("--json", type=Path, help="also write the measurements here")
+    p.add_argument("--table", type=Path, metavar="JSON",
+                   help="measure nothing: print the table of measurements saved with --json")
     args = p.parse_args(argv)
+    if args.table:
+        print_table(read_json(args.table), f"in-process, from {args.table}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from virtio_blk.disk import parse_size
 

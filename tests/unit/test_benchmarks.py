@@ -73,6 +73,21 @@ def test_the_reference_is_the_faster_qsd_engine(capsys: pytest.CaptureFixture[st
     assert ["python", "/", "qsd-threads", "IOPS", "0.60", "CPU/req", "1.44"] in lines
 
 
+def test_ratios_within_each_round_show_the_noise(capsys: pytest.CaptureFixture[str]) -> None:
+    """Round 2 ran under load for both servers: the paired ratio hardly moves."""
+    rows = []
+    for rnd, (py, qs) in enumerate([((60e3, 12.0), (300e3, 3.0)), ((20e3, 24.0), (100e3, 6.0)),
+                                    ((66e3, 13.0), (290e3, 2.6))], start=1):
+        for server, (ops, cpu) in (("python", py), ("qsd-io_uring", qs)):
+            row = _row(server, ops, cpu)
+            row.extra["round"] = rnd
+            rows.append(row)
+    print_table(rows, "t")
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["python", "/", "qsd-io_uring", "(reference)", "IOPS", "0.21", "[0.20..0.23]",
+            "CPU/req", "4.33", "[4.00..5.00]"] in lines
+
+
 def test_the_reference_follows_the_figures_not_the_names() -> None:
     """Where threads beat io_uring (it can, with O_DIRECT or on another kernel), threads lead."""
     rows = [_row("python", 60e3, 13.0), _row("qsd-io_uring", 90e3, 8.0),
@@ -156,7 +171,8 @@ def test_hotpath_runs_on_a_filled_image(monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.parametrize("direct", [False, True])
-def test_inprocess_smoke(tmp_path: Path, direct: bool) -> None:
+def test_inprocess_smoke(tmp_path: Path, direct: bool,
+                        capsys: pytest.CaptureFixture[str]) -> None:
     """Two rounds, every server for a fraction of a second; the JSON says who ran when."""
     out = tmp_path / "out.json"
     argv = ["--queues", "1", "--workloads", "randread", "--rounds", "2", "--seconds", "0.2",
@@ -173,6 +189,10 @@ def test_inprocess_smoke(tmp_path: Path, direct: bool) -> None:
         assert order == first + first[::-1]
     assert all(r["ops"] > 0 and r["extra"]["shape"] == "indirect" for r in rows)
     assert [r["extra"]["round"] for r in rows] == sorted(r["extra"]["round"] for r in rows)
+    capsys.readouterr()
+    assert inprocess.main(["--table", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "randread" in table and ("python / qsd-" in table or not HAVE_QSD)
 
 
 def test_hotpath_refuses_a_figure_of_failed_requests(tmp_path: Path) -> None:
