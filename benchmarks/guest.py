@@ -103,8 +103,10 @@ def run_one(server: str, image: Path, tmp: Path, queues: int, direct: bool, name
 
 
 def _log_rows(rnd: int, got: list[Measurement]) -> None:
+    """Log a round's rows, and tag them with it (the table pairs ratios within a round)."""
     for m in got:
-        log.info("round %d %-10s %-13s q=%d: %8.0f IOPS %7.1f MB/s %6.1f us CPU/IO", rnd + 1,
+        m.extra["round"] = rnd + 1
+        log.info("round %d %-12s %-13s q=%d: %8.0f IOPS %7.1f MB/s %6.1f us CPU/IO", rnd + 1,
                  m.server, m.workload, m.queues, m.ops, m.bandwidth / 1e6, m.cpu_us_per_op)
 
 
@@ -239,10 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 for server in round_order(args.servers, rnd):
                     got = run_one(server, image, tmp, queues, args.direct, args.workloads,
                                   args.runtime, args.server_args.split())
-                    for m in got:
-                        log.info("round %d %-12s %-13s q=%d: %8.0f IOPS %7.1f MB/s %6.1f us "
-                                 "CPU/IO", rnd + 1, server, m.workload, queues, m.ops,
-                                 m.bandwidth / 1e6, m.cpu_us_per_op)
+                    _log_rows(rnd, got)
                     rows.extend(got)
     print_table(rows, f"guest fio, {args.format}, {'O_DIRECT' if args.direct else 'buffered'}, "
                       f"{args.rounds} rounds in alternating order")

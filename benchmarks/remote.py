@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.workloads, args.runtime, args.server_args.split())
                         for m in got:
                             m.workload = f"{kind}-{m.workload}"
+                            m.extra["round"] = rnd + 1
                             log.info("round %d %-6s %-18s %8.0f IOPS %6.1f us CPU/IO", rnd + 1,
                                      server, m.workload, m.ops, m.cpu_us_per_op)
                         rows.extend(got)
