@@ -17,7 +17,8 @@ Requests have Linux's shape (one indirect descriptor to a table of header, data 
     python -m benchmarks.hotpath --accounting off    # without latency accounting (what a
                                                      # server without --qmp/--metrics does)
     python -m benchmarks.hotpath --dirty-log         # also with migration dirty logging on
-    python -m benchmarks.hotpath --shape direct      # direct chains (what indirect costs)
+    python -m benchmarks.hotpath --shape both        # what indirect costs, in one process
+    python -m benchmarks.hotpath --data both         # what real data costs over holes
 
 With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
 median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
@@ -56,6 +57,7 @@ from .common import (
 )
 
 SIZE = 256
+DATA = ("filled", "sparse")
 DESC_GPA, AVAIL_GPA, USED_GPA, TABLE_GPA = 0x1000, 0x10000, 0x20000, 0x400000
 
 
@@ -176,56 +178,82 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accounting", choices=("on", "off"), default="on",
                    help="latency accounting (two clock reads and a histogram bucket per "
                    "request; on with --qmp or --metrics); default on")
-    p.add_argument("--shape", choices=SHAPES, default="indirect",
+    p.add_argument("--shape", choices=(*SHAPES, "both"), default="indirect",
                    help="indirect (default): one descriptor to a table of header, data, status, "
-                   "as Linux sends every request; direct: a 3-descriptor chain")
-    p.add_argument("--data", choices=("filled", "sparse"), default="filled",
+                   "as Linux sends every request; direct: a 3-descriptor chain; both: each, "
+                   "alternately in one process, with the ratio")
+    p.add_argument("--data", choices=(*DATA, "both"), default="filled",
                    help="filled (default): the image holds data, read once into the page cache "
-                   "before measuring; sparse: reads hit holes")
+                   "before measuring; sparse: reads hit holes; both: each, alternately")
     p.add_argument("--dirty-log", action="store_true",
                    help="also measure with dirty-page logging on (as during a live migration)")
     args = p.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.fast_path]
+    shapes = SHAPES if args.shape == "both" else (args.shape,)
+    datas = DATA if args.data == "both" else (args.data,)
+    variants = [(shape, data) for data in datas for shape in shapes]
     with tempfile.TemporaryDirectory() as td:
-        image = Path(td) / "hotpath.img"
-        make_image(image, 32 << 20, fill=args.data == "filled")
-        warm_page_cache(image)
+        images = {}
+        for data in datas:
+            images[data] = Path(td) / f"hotpath-{data}.img"
+            make_image(images[data], 32 << 20, fill=data == "filled")
+            warm_page_cache(images[data])
         accounting = args.accounting == "on"
-        rigs = {fast: Rig(args.engine, str(image), fast_path=fast, accounting=accounting,
-                          shape=args.shape)
-                for fast in modes}
+        rigs = {(shape, data, fast): Rig(args.engine, str(images[data]), fast_path=fast,
+                                         accounting=accounting, shape=shape)
+                for shape, data in variants for fast in modes}
         try:
-            runs: dict[tuple[bool, int], list[float]] = {}
+            runs: dict[tuple[str, str, bool, int], list[float]] = {}
             for _ in range(args.repeat):
                 for batch in args.batches:
-                    for fast, rig in rigs.items():
-                        runs.setdefault((fast, batch), []).append(
+                    for key, rig in rigs.items():
+                        runs.setdefault((*key, batch), []).append(
                             measure(rig, batch, args.requests // max(1, 32 // batch)))
+
+            def us(shape: str, data: str, fast: bool, batch: int) -> float:
+                return statistics.median(runs[shape, data, fast, batch])
+
             for batch in args.batches:
-                line = (f"{args.engine:9s} {args.shape:8s} {args.data:6s} batch {batch:3d} "
-                        f"accounting {args.accounting:3s}:")
+                for shape, data in variants:
+                    line = (f"{args.engine:9s} {shape:8s} {data:6s} batch {batch:3d} "
+                            f"accounting {args.accounting:3s}:")
+                    for fast in modes:
+                        vals = runs[shape, data, fast, batch]
+                        line += (f"  fast path {'on ' if fast else 'off'} "
+                                 f"{us(shape, data, fast, batch):6.1f} us CPU per 4k read "
+                                 f"(runs {min(vals):.1f}..{max(vals):.1f})")
+                    if len(modes) == 2:
+                        on_off = us(shape, data, True, batch) / us(shape, data, False, batch)
+                        line += f"  on/off {on_off:.2f}"
+                    print(line)
                 for fast in modes:
-                    vals = runs[fast, batch]
-                    line += (f"  fast path {'on ' if fast else 'off'} "
-                             f"{statistics.median(vals):6.1f} us CPU per 4k read "
-                             f"(runs {min(vals):.1f}..{max(vals):.1f})")
-                if len(modes) == 2:
-                    off, on = (statistics.median(runs[f, batch]) for f in (False, True))
-                    line += f"  on/off {on / off:.2f}"
-                print(line)
+                    cmp = []
+                    if len(shapes) == 2:
+                        cmp += [f"{data} indirect/direct {ind / dr:.2f}" for data in datas
+                                for ind, dr in [(us("indirect", data, fast, batch),
+                                                 us("direct", data, fast, batch))]]
+                    if len(datas) == 2:
+                        cmp += [f"{shape} filled/sparse {fi / sp:.2f}" for shape in shapes
+                                for fi, sp in [(us(shape, "filled", fast, batch),
+                                                us(shape, "sparse", fast, batch))]]
+                    if cmp:
+                        print(f"{'':9s} batch {batch:3d} fast path {'on ' if fast else 'off'}: "
+                              + ", ".join(cmp))
                 if args.dirty_log:
-                    rig = rigs[modes[-1]]
+                    shape, data = variants[0]
+                    rig = rigs[shape, data, modes[-1]]
                     rig.log_dirty_pages(True)
-                    us = statistics.median(measure(rig, batch, args.requests // max(1, 32 // batch))
-                                           for _ in range(args.repeat))
+                    dirty = statistics.median(
+                        measure(rig, batch, args.requests // max(1, 32 // batch))
+                        for _ in range(args.repeat))
                     rig.log_dirty_pages(False)
-                    print(f"{args.engine:9s} {args.shape:8s} {args.data:6s} batch {batch:3d} "
+                    print(f"{args.engine:9s} {shape:8s} {data:6s} batch {batch:3d} "
                           f"accounting {args.accounting:3s}:"
-                          f"  fast path {'on ' if modes[-1] else 'off'} {us:6.1f} us CPU per 4k "
-                          "read, dirty log on")
+                          f"  fast path {'on ' if modes[-1] else 'off'} {dirty:6.1f} us CPU per "
+                          "4k read, dirty log on")
             if args.profile:
                 prof = cProfile.Profile()
-                prof.runcall(measure, rigs[modes[-1]], args.batches[0], 5000)
+                prof.runcall(measure, rigs[(*variants[0], modes[-1])], args.batches[0], 5000)
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         finally:
             for rig in rigs.values():

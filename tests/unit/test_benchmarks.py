@@ -170,6 +170,25 @@ def test_hotpath_runs_on_a_filled_image(monkeypatch: pytest.MonkeyPatch,
     assert "inline    indirect filled batch  32" in out and "batch   1" in out
 
 
+def test_hotpath_compares_shapes_and_data_in_one_process(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    made: list[tuple[str, bool]] = []
+
+    class Spy(hotpath.Rig):
+        def __init__(self, engine: str, image: str, **kw: object) -> None:
+            made.append((str(kw["shape"]), any(Path(image).read_bytes()[:1 << 20])))
+            super().__init__(engine, image, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hotpath, "Rig", Spy)
+    hotpath.main(["--engine", "inline", "--requests", "64", "--repeat", "1", "--batches", "32",
+                  "--fast-path", "on", "--shape", "both", "--data", "both"])
+    assert sorted(made) == [("direct", False), ("direct", True), ("indirect", False),
+                            ("indirect", True)]
+    out = capsys.readouterr().out
+    assert "filled indirect/direct" in out and "indirect filled/sparse" in out
+    assert "inline    direct   sparse batch  32" in out
+
+
 @pytest.mark.parametrize("direct", [False, True])
 def test_inprocess_smoke(tmp_path: Path, direct: bool,
                         capsys: pytest.CaptureFixture[str]) -> None:
