@@ -21,8 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
 
+from vhost.virtqueue import (
+    DESC_SIZE,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+)
+from vhost_frontend import DriverRing
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SERVERS = ("python", "qsd")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -99,10 +106,43 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -
     raise RuntimeError(f"nothing listens on {path} after {timeout} s")
 
 
+#: qemu-storage-daemon's file engines worth measuring per cache mode: QEMU's default for the
+#: mode and io_uring (aio=native needs O_DIRECT, and aio=threads is what a page-cached file gets
+#: by default).  The faster of the two is the reference a figure is compared with.
+QSD_ENGINES: dict[bool, tuple[str, ...]] = {False: ("threads", "io_uring"),
+                                            True: ("native", "io_uring")}
+
+
+def qsd_aio(kind: str, direct: bool) -> str:
+    """The ``aio=`` of server ``kind``: ``qsd`` (QEMU's default for the cache mode) or
+    ``qsd-ENGINE``."""
+    engine = kind.partition("-")[2] or QSD_ENGINES[direct][0]
+    if engine not in {e for engines in QSD_ENGINES.values() for e in engines}:
+        raise ValueError(f"unknown qsd engine {engine!r} in {kind!r}")
+    if engine == "native" and not direct:
+        raise ValueError("qsd's aio=native needs O_DIRECT (--direct)")
+    return engine
+
+
+def qsd_servers(direct: bool, engines: Sequence[str] | None = None) -> list[str]:
+    """Server names for qemu-storage-daemon with each engine (default: both of the mode's)."""
+    names = [f"qsd-{e}" for e in (engines or QSD_ENGINES[direct])]
+    for name in names:
+        qsd_aio(name, direct)  # refuse aio=native without O_DIRECT before anything starts
+    return names
+
+
+def round_order(servers: Sequence[str], rnd: int) -> list[str]:
+    """The order to run ``servers`` in round ``rnd`` (0-based): as given, then reversed, and so
+    on, so no server always runs first (a cold page cache, a CPU frequency ramp or another
+    user's burst lands on each side in turn)."""
+    return list(servers) if rnd % 2 == 0 else list(reversed(servers))
+
+
 def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool,
                    extra: Sequence[str] = (), fmt: str = "raw") -> list[str]:
-    """The command line of our server (``python``) or qemu-storage-daemon (``qsd``), serving
-    ``image`` in format ``fmt`` (raw or qcow2)."""
+    """The command line of our server (``python``) or qemu-storage-daemon (``qsd`` or
+    ``qsd-ENGINE``, see :func:`qsd_aio`), serving ``image`` in format ``fmt`` (raw or qcow2)."""
     if kind == "python":
         # ``image`` may be an rbd:/nbd:// spec (benchmarks.remote) as well as a file
         cmd = [sys.executable, "-m", "virtio_blk", "--socket", str(sock), "--image", str(image),
@@ -110,11 +150,11 @@ def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool
         if direct:
             cmd.append("--direct")
         return cmd
-    if kind == "qsd":
+    if kind == "qsd" or kind.startswith("qsd-"):
         qsd = shutil.which("qemu-storage-daemon")
         if qsd is None:
             raise RuntimeError("qemu-storage-daemon not found (apt-get install qemu-system-common)")
-        aio = "native" if direct else "threads"
+        aio = qsd_aio(kind, direct)
         fmt_node = ["--blockdev", "driver=qcow2,node-name=q0,file=f0"] if fmt == "qcow2" else []
         blockdev = remote_blockdev(str(image)) or (
             f"driver=file,node-name=f0,filename={image},cache.direct={'on' if direct else 'off'},"
@@ -157,6 +197,43 @@ def remote_blockdev(spec: str) -> str | None:
     return None
 
 
+#: Request shapes: what Linux's virtio_blk sends once VIRTIO_F_RING_INDIRECT_DESC is offered (one
+#: descriptor pointing at a table of header, data, status -- virtqueue_use_indirect() picks it
+#: for every request of more than one piece), or the same three pieces as a direct chain.
+SHAPES = ("indirect", "direct")
+
+
+def descriptors_per_request(shape: str) -> int:
+    """Ring descriptors one request of ``shape`` takes (its slot's head is slot * this)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown request shape {shape!r}")
+    return 1 if shape == "indirect" else 3
+
+
+def lay_out_request(ring: DriverRing, slot: int, pieces: Sequence[tuple[int, int, bool]],
+                    table: int | None) -> int:
+    """Lay out one fixed request of (gpa, length, device-writable) ``pieces`` for ``slot``: an
+    indirect table at ``table`` referenced by descriptor ``slot``, or (``table`` None) a direct
+    chain in descriptors ``len(pieces) * slot`` onwards.  Its head, to publish again and again.
+
+    A load generator reuses its requests, so the layout is written once; Linux writes a fresh
+    table per request, which costs the device the same reads and checks.
+    """
+    n = len(pieces)
+    entries = [(addr, length,
+                (VIRTQ_DESC_F_WRITE if writable else 0) | (VIRTQ_DESC_F_NEXT if i + 1 < n else 0),
+                i + 1 if i + 1 < n else 0)
+               for i, (addr, length, writable) in enumerate(pieces)]
+    if table is not None:
+        ring.write_table(table, entries)
+        ring.write_desc(slot, table, DESC_SIZE * n, VIRTQ_DESC_F_INDIRECT)
+        return slot
+    first = n * slot
+    for i, (addr, length, flags, nxt) in enumerate(entries):
+        ring.write_desc(first + i, addr, length, flags, first + nxt if nxt else 0)
+    return first
+
+
 @contextlib.contextmanager
 def running_server(kind: str, image: Path, sock: Path, queues: int, direct: bool,
                    extra: Sequence[str] = (), fmt: str = "raw") -> Iterator[subprocess.Popen]:
@@ -179,7 +256,8 @@ def running_server(kind: str, image: Path, sock: Path, queues: int, direct: bool
 
 
 def make_image(path: Path, size: int, fill: bool) -> None:
-    """A raw image; ``fill`` writes pseudo-random data so reads hit real blocks, not holes."""
+    """A raw image; ``fill`` writes pseudo-random data so reads hit real blocks, not holes
+    (reading a hole copies the zero page and skips the page-cache lookup of real data)."""
     with open(path, "wb") as f:
         f.truncate(size)
         if fill:
@@ -188,6 +266,14 @@ def make_image(path: Path, size: int, fill: bool) -> None:
                 f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read ``path`` once so a buffered run starts with the image in the page cache, for
+    every server alike (what was just written usually is, but memory pressure may differ)."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
 
 
 @dataclass
@@ -210,34 +296,112 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def print_table(rows: list[Measurement], title: str) -> None:
-    """Python vs qsd per workload (medians over rounds), with the ratios the targets are
-    stated in."""
+def is_reference(server: str) -> bool:
+    """qemu-storage-daemon's rows are the references our server is compared with."""
+    return server == "qsd" or server.startswith("qsd-")
+
+
+@dataclass
+class Summary:
+    """One server on one workload: medians over the rounds, and how far the rounds spread."""
+
+    server: str
+    ops: float
+    ops_spread: float  # (max - min) / median of the rounds, 0.05 = 5 %
+    bandwidth: float
+    cpu_us_per_op: float
+    cpu_spread: float
+    rss: int
+    rounds: int
+    #: round number -> (IOPS, CPU us/req) of that round, for ratios paired within a round
+    by_round: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+
+def _spread(values: list[float]) -> float:
+    mid = median(values)
+    return (max(values) - min(values)) / mid if mid else float("nan")
+
+
+def summarize(rows: list[Measurement]) -> dict[tuple[str, int, bool], list[Summary]]:
+    """Per (workload, queues, direct): a Summary per server, in the order servers first ran."""
+    out: dict[tuple[str, int, bool], list[Summary]] = {}
+    for key in sorted({(r.workload, r.queues, r.direct) for r in rows}, key=str):
+        servers = list(dict.fromkeys(r.server for r in rows
+                                     if (r.workload, r.queues, r.direct) == key))
+        # our server first, then the references in name order: a stable table across rounds
+        servers.sort(key=lambda s: (is_reference(s), s))
+        out[key] = []
+        for server in servers:
+            got = [r for r in rows if (r.server, r.workload, r.queues, r.direct) == (server, *key)]
+            ops = [r.ops for r in got]
+            cpu = [r.cpu_us_per_op for r in got]
+            by_round = {r.extra["round"]: (r.ops, r.cpu_us_per_op) for r in got
+                        if "round" in r.extra}
+            out[key].append(Summary(server, median(ops), _spread(ops),
+                                    median(r.bandwidth for r in got), median(cpu), _spread(cpu),
+                                    max(r.rss for r in got), len(got), by_round))
+    return out
+
+
+def round_ratios(ours: Summary, ref: Summary) -> tuple[list[float], list[float]]:
+    """Our IOPS and CPU-per-request ratios against ``ref`` within each round both ran in.
+
+    Two servers measured minutes apart see different load on a shared machine; within one
+    round they are seconds apart, so these ratios spread much less than the absolute figures.
+    """
+    both = sorted(set(ours.by_round) & set(ref.by_round))
+    return ([ratio(ours.by_round[r][0], ref.by_round[r][0]) for r in both],
+            [ratio(ours.by_round[r][1], ref.by_round[r][1]) for r in both])
+
+
+def reference(summaries: list[Summary]) -> Summary | None:
+    """The faster qemu-storage-daemon engine (higher median IOPS): the figure to beat."""
+    refs = [s for s in summaries if is_reference(s.server)]
+    return max(refs, key=lambda s: s.ops) if refs else None
+
+
+def print_table(rows: list[Measurement], title: str, project: str = "python") -> None:
+    """Every server per workload (medians over rounds, with their spread), then our server's
+    ratios against each qemu-storage-daemon engine, the faster one (the reference) first.
+
+    IOPS ratio = ours / qsd (above 1: we serve more); CPU ratio = ours / qsd per request (above
+    1: we spend more CPU per request).
+    """
     print(f"\n{title}")
-    hdr = (f"{'workload':<22}{'q':>2}{'dio':>4} {'py IOPS':>9} {'qsd IOPS':>9} {'ratio':>6}  "
-           f"{'py MB/s':>8} {'qsd MB/s':>8} {'ratio':>6}  {'py us/op':>8} {'qsd us/op':>9} "
-           f"{'ratio':>6} {'py RSS MB':>9}")
+    hdr = (f"{'workload':<14}{'q':>2}{'dio':>4}  {'server':<14}{'IOPS':>9}{'spread':>8}"
+           f"{'MB/s':>8}{'CPU us/req':>11}{'spread':>8}{'RSS MB':>8}{'rounds':>7}")
     print(hdr)
     print("-" * len(hdr))
-    keys = sorted({(r.workload, r.queues, r.direct) for r in rows}, key=str)
-    for wl, q, d in keys:
-        py = [r for r in rows if (r.server, r.workload, r.queues, r.direct) == ("python", wl, q, d)]
-        qs = [r for r in rows if (r.server, r.workload, r.queues, r.direct) == ("qsd", wl, q, d)]
-        if not py or not qs:
+    for (wl, q, d), summaries in summarize(rows).items():
+        lead = f"{wl:<14}{q:>2}{'on' if d else 'off':>4}"
+        ref = reference(summaries)
+        for s in summaries:
+            mark = " *" if s is ref else ""
+            print(f"{lead}  {s.server + mark:<14}{s.ops:>9.0f}{s.ops_spread:>8.0%}"
+                  f"{s.bandwidth / 1e6:>8.1f}{s.cpu_us_per_op:>11.1f}{s.cpu_spread:>8.0%}"
+                  f"{s.rss / 2**20:>8.1f}{s.rounds:>7}")
+            lead = " " * len(lead)
+        ours = next((s for s in summaries if s.server == project), None)
+        if ours is None or ref is None:
             continue
-        p_ops = median(r.ops for r in py)
-        q_ops = median(r.ops for r in qs)
-        p_bw = median(r.bandwidth for r in py)
-        q_bw = median(r.bandwidth for r in qs)
-        p_cpu = median(r.cpu_us_per_op for r in py)
-        q_cpu = median(r.cpu_us_per_op for r in qs)
-        rss = max(r.rss for r in py) / 2**20
-        print(f"{wl:<22}{q:>2}{'on' if d else 'off':>4} {p_ops:>9.0f} {q_ops:>9.0f} "
-              f"{ratio(p_ops, q_ops):>6.2f}  {p_bw / 1e6:>8.1f} {q_bw / 1e6:>8.1f} "
-              f"{ratio(p_bw, q_bw):>6.2f}  {p_cpu:>8.1f} {q_cpu:>9.1f} {ratio(p_cpu, q_cpu):>6.2f} "
-              f"{rss:>9.1f}")
+        others = [s for s in summaries if is_reference(s.server) and s is not ref]
+        for s in (ref, *others):
+            label = f"{project} / {s.server}" + (" (reference)" if s is ref else "")
+            ops_r, cpu_r = round_ratios(ours, s)
+            ops_range = f" [{min(ops_r):.2f}..{max(ops_r):.2f}]" if ops_r else ""
+            cpu_range = f" [{min(cpu_r):.2f}..{max(cpu_r):.2f}]" if cpu_r else ""
+            print(f"{'':>20}  {label:<34} IOPS {ratio(ours.ops, s.ops):5.2f}{ops_range:<14} "
+                  f"CPU/req {ratio(ours.cpu_us_per_op, s.cpu_us_per_op):5.2f}{cpu_range}")
+    print("* = the reference: the faster qemu-storage-daemon engine (higher median IOPS); "
+          "spread = (max - min) / median over the rounds;\nratios are of the medians, "
+          "[lowest..highest] the same ratio within single rounds")
 
 
 def write_json(rows: list[Measurement], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+
+
+def read_json(path: Path) -> list[Measurement]:
+    """Measurements saved by :func:`write_json` (to print their table again)."""
+    return [Measurement(**row) for row in json.loads(path.read_text())]

@@ -2,11 +2,15 @@
 
 Each round boots the test guest (qemu_guest; QEMU under TCG) once per server on the same
 image, queue count and cache mode, and runs fio 4k randread and randwrite at QD32 and 1M
-sequential read and write.  For every workload it reports the guest's IOPS and bandwidth and
-the backend process's CPU seconds (utime + stime of all its threads, /proc) per IO, for both
-servers, and the ratios -- the figures the performance targets are written in.
+sequential read and write.  qemu-storage-daemon runs with both engines of the cache mode
+(buffered: aio=threads and aio=io_uring; ``--direct``: aio=native and aio=io_uring; the faster is
+the reference), and the server order is reversed every other round.  For every workload it
+reports the guest's IOPS and bandwidth and the backend process's CPU seconds (utime + stime of
+all its threads, /proc) per IO, for every server, and the ratios -- the figures the performance
+targets are written in.
 
     python -m benchmarks.guest                          # 1 and 2 queues, buffered, 1 round
+    python -m benchmarks.guest --qsd-aio io_uring       # one qsd engine only (shorter)
     python -m benchmarks.guest --queues 1 2 --direct --rounds 3 --runtime 5
     python -m benchmarks.guest --json results.json --plot results.png
     python -m benchmarks.guest --format qcow2          # qcow2 vs QSD's qcow2 driver
@@ -30,7 +34,17 @@ from pathlib import Path
 
 from qemu_guest import Guest, ensure_guest
 
-from .common import Measurement, cpu_seconds, make_image, print_table, rss_bytes, running_server
+from .common import (
+    Measurement,
+    cpu_seconds,
+    is_reference,
+    make_image,
+    print_table,
+    qsd_servers,
+    round_order,
+    rss_bytes,
+    running_server,
+)
 from .common import write_json as write_rows
 
 log = logging.getLogger("benchmarks.guest")
@@ -89,8 +103,10 @@ def run_one(server: str, image: Path, tmp: Path, queues: int, direct: bool, name
 
 
 def _log_rows(rnd: int, got: list[Measurement]) -> None:
+    """Log a round's rows, and tag them with it (the table pairs ratios within a round)."""
     for m in got:
-        log.info("round %d %-10s %-13s q=%d: %8.0f IOPS %7.1f MB/s %6.1f us CPU/IO", rnd + 1,
+        m.extra["round"] = rnd + 1
+        log.info("round %d %-12s %-13s q=%d: %8.0f IOPS %7.1f MB/s %6.1f us CPU/IO", rnd + 1,
                  m.server, m.workload, m.queues, m.ops, m.bandwidth / 1e6, m.cpu_us_per_op)
 
 
@@ -103,7 +119,7 @@ def run_qcow2(args: argparse.Namespace, raw: Path, tmp: Path) -> list[Measuremen
     rows: list[Measurement] = []
     for rnd in range(args.rounds):
         for queues in args.queues:
-            for server in ("python", "qsd"):
+            for server in round_order(args.servers, rnd):
                 if writes:
                     fresh = tmp / f"fresh-{server}.qcow2"
                     fresh.unlink(missing_ok=True)
@@ -148,7 +164,7 @@ def print_format_cost(rows: list[Measurement]) -> None:
 
 
 def plot(rows: list[Measurement], path: Path) -> None:
-    """Bar charts of IOPS and CPU per IO per workload, both servers side by side."""
+    """Bar charts of IOPS and CPU per IO per workload, every server side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,6 +172,8 @@ def plot(rows: list[Measurement], path: Path) -> None:
 
     keys = sorted({(r.workload, r.queues, r.direct) for r in rows}, key=str)
     labels = [f"{w}\nq{q} {'dio' if d else 'buf'}" for w, q, d in keys]
+    servers = sorted({r.server for r in rows}, key=lambda s: (is_reference(s), s))
+    width = 0.8 / len(servers)
 
     def mean(server: str, attr: str, key: tuple) -> float:
         vals = [getattr(r, attr) for r in rows if (r.workload, r.queues, r.direct) == key
@@ -166,10 +184,9 @@ def plot(rows: list[Measurement], path: Path) -> None:
     for ax, attr, title in ((axes[0], "ops", "IOPS (higher is better)"),
                             (axes[1], "cpu_us_per_op", "backend CPU us per IO (lower is better)")):
         xs = range(len(keys))
-        ax.bar([x - 0.2 for x in xs], [mean("python", attr, k) for k in keys], 0.4,
-               label="python")
-        ax.bar([x + 0.2 for x in xs], [mean("qsd", attr, k) for k in keys], 0.4,
-               label="qemu-storage-daemon")
+        for i, server in enumerate(servers):
+            ax.bar([x - 0.4 + width * (i + 0.5) for x in xs],
+                   [mean(server, attr, k) for k in keys], width, label=server)
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.set_title(title)
         ax.legend()
@@ -182,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queues", type=int, nargs="+", default=[1, 2])
     p.add_argument("--direct", action="store_true", help="O_DIRECT (qsd: cache.direct=on, "
-                   "aio=native) instead of the page cache (qsd: aio=threads)")
+                   "aio=native and aio=io_uring) instead of the page cache (qsd: aio=threads and "
+                   "aio=io_uring)")
+    p.add_argument("--qsd-aio", nargs="+", choices=("threads", "native", "io_uring"),
+                   help="qsd engines to measure (default: both of the cache mode's)")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
                    help="default: all (raw); randwrite-4k and randread-4k (qcow2)")
     p.add_argument("--runtime", type=float, default=4.0, help="seconds per fio workload")
@@ -200,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workloads is None:
         args.workloads = (["randwrite-4k", "randread-4k"] if args.format == "qcow2"
                           else list(WORKLOADS))
+    try:
+        args.servers = ["python", *qsd_servers(args.direct, args.qsd_aio)]
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from virtio_blk.disk import parse_size
 
@@ -214,16 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_qcow2(args, image, tmp)
         for rnd in range(args.rounds if args.format == "raw" else 0):
             for queues in args.queues:
-                for server in ("python", "qsd"):
+                for server in round_order(args.servers, rnd):
                     got = run_one(server, image, tmp, queues, args.direct, args.workloads,
                                   args.runtime, args.server_args.split())
-                    for m in got:
-                        log.info("round %d %-6s %-13s q=%d: %8.0f IOPS %7.1f MB/s %6.1f us "
-                                 "CPU/IO", rnd + 1, server, m.workload, queues, m.ops,
-                                 m.bandwidth / 1e6, m.cpu_us_per_op)
+                    _log_rows(rnd, got)
                     rows.extend(got)
-    print_table(rows, f"guest fio, {args.format}, {'O_DIRECT' if args.direct else 'buffered'} "
-                      "(ratio = python / qsd)")
+    print_table(rows, f"guest fio, {args.format}, {'O_DIRECT' if args.direct else 'buffered'}, "
+                      f"{args.rounds} rounds in alternating order")
     print_format_cost(rows)
     if args.json:
         write_rows(rows, args.json)

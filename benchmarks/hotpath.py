@@ -6,6 +6,10 @@ image, and the real worker code (:meth:`vhost.worker.QueueWorker._service`) call
 per-request path -- pop and validate the chain, check the header, build the RequestBuffers,
 lock, issue the IO, reap, write the status, publish -- which is what profiling needs to see.
 
+Requests have Linux's shape (one indirect descriptor to a table of header, data and status;
+``--shape direct`` for 3-descriptor chains) and read real data from a filled, page-cached image
+(``--data sparse`` reads holes, which skips the page-cache lookup of real pages).
+
     python -m benchmarks.hotpath                     # io_uring, batches of 32 and of 1
     python -m benchmarks.hotpath --engine inline     # preadv on the worker thread
     python -m benchmarks.hotpath --profile           # and a cProfile listing
@@ -13,6 +17,8 @@ lock, issue the IO, reap, write the status, publish -- which is what profiling n
     python -m benchmarks.hotpath --accounting off    # without latency accounting (what a
                                                      # server without --qmp/--metrics does)
     python -m benchmarks.hotpath --dirty-log         # also with migration dirty logging on
+    python -m benchmarks.hotpath --shape both        # what indirect costs, in one process
+    python -m benchmarks.hotpath --data both         # what real data costs over holes
 
 With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
 median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
@@ -29,11 +35,12 @@ import pstats
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyLog, DirtyMarker
 from vhost.messages import VirtioFeature
-from vhost.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
+from vhost.virtqueue import DESC_SIZE, RingAddresses, VirtQueue
 from vhost.worker import Notifier, QueueWorker
 from vhost_frontend import DriverRing
 from virtio_blk.device import BlkDevice
@@ -41,17 +48,29 @@ from virtio_blk.disk import Disk
 from virtio_blk.engine import ENGINES
 from virtio_blk.request import HEADER, HEADER_SIZE, ReqType
 
+from .common import (
+    SHAPES,
+    descriptors_per_request,
+    lay_out_request,
+    make_image,
+    warm_page_cache,
+)
+
 SIZE = 256
-DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x10000, 0x20000
+DATA = ("filled", "sparse")
+DESC_GPA, AVAIL_GPA, USED_GPA, TABLE_GPA = 0x1000, 0x10000, 0x20000, 0x400000
 
 
 class Rig:
-    """One queue of a BlkDevice with ``slots`` fixed 3-descriptor read requests."""
+    """One queue of a BlkDevice with ``slots`` fixed 4k read requests, each one indirect
+    descriptor to a table of header, data and status (``shape="indirect"``: what Linux sends
+    once the device offers VIRTIO_F_RING_INDIRECT_DESC) or a 3-descriptor direct chain."""
 
     def __init__(self, engine: str, image: str, slots: int = 32, fast_path: bool = True,
-                 accounting: bool = True) -> None:
+                 accounting: bool = True, shape: str = "indirect") -> None:
         self.mem = GuestMemory.anonymous(64 << 20)
-        features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1)
+        features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1
+                       | VirtioFeature.RING_INDIRECT_DESC)
         addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
         self.vq = VirtQueue(self.mem, SIZE, addresses, features)
         self.disk = Disk(image)
@@ -63,27 +82,43 @@ class Rig:
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
         self.worker = QueueWorker(self.vq, self.handler, self.kick, self.call)
         self.driver = DriverRing(self.mem, SIZE, addresses, event_idx=True)
+        self.per_slot = descriptors_per_request(shape)
+        self.statuses = []
+        self.data = []
         for slot in range(slots):
             hdr, data, status = 0x100000 + 16 * slot, 0x200000 + 4096 * slot, 0x300000 + slot
-            d = 3 * slot
-            self.driver.write_desc(d, hdr, HEADER_SIZE, VIRTQ_DESC_F_NEXT, d + 1)
-            self.driver.write_desc(d + 1, data, 4096, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
-                                   d + 2)
-            self.driver.write_desc(d + 2, status, 1, VIRTQ_DESC_F_WRITE, 0)
-            self.mem.write(hdr, HEADER.pack(ReqType.IN, 0, 8 * slot))
+            table = TABLE_GPA + 3 * DESC_SIZE * slot if shape == "indirect" else None
+            lay_out_request(self.driver, slot,
+                            [(hdr, HEADER_SIZE, False), (data, 4096, True), (status, 1, True)],
+                            table)
+            # 4k blocks spread over the first 32 MiB of the image, not 32 neighbours
+            self.mem.write(hdr, HEADER.pack(ReqType.IN, 0, 8 * 257 * slot % (64 << 10)))
+            self.statuses.append(status)
+            self.data.append(data)
         self.slots = slots
         self.next_slot = 0
 
     def round(self, batch: int) -> None:
         """Make ``batch`` requests available and service them to completion."""
         first = self.next_slot
-        self.driver.publish(*(3 * ((first + i) % self.slots) for i in range(batch)))
+        self.driver.publish(*(self.per_slot * ((first + i) % self.slots) for i in range(batch)))
         self.next_slot = (first + batch) % self.slots
         self.worker._service(kick=True)
         while self.vq.in_flight_count:
             self.worker._service(kick=False)
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.call_fd)
+
+    def poison_statuses(self) -> None:
+        """Set every status byte to a value no device writes, for :meth:`check_statuses`."""
+        for status in self.statuses:
+            self.mem.write(status, b"\xff")
+
+    def check_statuses(self) -> None:
+        """Refuse a figure made of failed requests (an error is fast, and no read)."""
+        bad = {self.mem.read(status, 1)[0] for status in self.statuses} - {0}
+        if bad:
+            raise RuntimeError(f"requests completed with status {sorted(bad)}, not OK")
 
     def log_dirty_pages(self, on: bool) -> None:
         """Switch dirty logging on (a memfd log over the rig's memory, as QEMU hands over)
@@ -114,14 +149,18 @@ class Rig:
 
 
 def measure(rig: Rig, batch: int, requests: int) -> float:
-    """CPU microseconds per request."""
+    """CPU microseconds per request (and every slot's last request completed OK)."""
     rounds = max(1, requests // batch)
     for _ in range(max(1, 200 // batch)):
         rig.round(batch)
+    rig.poison_statuses()
     t0 = time.process_time()
     for _ in range(rounds):
         rig.round(batch)
-    return (time.process_time() - t0) / (rounds * batch) * 1e6
+    us = (time.process_time() - t0) / (rounds * batch) * 1e6
+    if rounds * batch >= rig.slots:
+        rig.check_statuses()
+    return us
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,46 +178,82 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accounting", choices=("on", "off"), default="on",
                    help="latency accounting (two clock reads and a histogram bucket per "
                    "request; on with --qmp or --metrics); default on")
+    p.add_argument("--shape", choices=(*SHAPES, "both"), default="indirect",
+                   help="indirect (default): one descriptor to a table of header, data, status, "
+                   "as Linux sends every request; direct: a 3-descriptor chain; both: each, "
+                   "alternately in one process, with the ratio")
+    p.add_argument("--data", choices=(*DATA, "both"), default="filled",
+                   help="filled (default): the image holds data, read once into the page cache "
+                   "before measuring; sparse: reads hit holes; both: each, alternately")
     p.add_argument("--dirty-log", action="store_true",
                    help="also measure with dirty-page logging on (as during a live migration)")
     args = p.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.fast_path]
-    with tempfile.NamedTemporaryFile() as img:
-        img.truncate(256 << 20)
-        img.flush()
+    shapes = SHAPES if args.shape == "both" else (args.shape,)
+    datas = DATA if args.data == "both" else (args.data,)
+    variants = [(shape, data) for data in datas for shape in shapes]
+    with tempfile.TemporaryDirectory() as td:
+        images = {}
+        for data in datas:
+            images[data] = Path(td) / f"hotpath-{data}.img"
+            make_image(images[data], 32 << 20, fill=data == "filled")
+            warm_page_cache(images[data])
         accounting = args.accounting == "on"
-        rigs = {fast: Rig(args.engine, img.name, fast_path=fast, accounting=accounting)
-                for fast in modes}
+        rigs = {(shape, data, fast): Rig(args.engine, str(images[data]), fast_path=fast,
+                                         accounting=accounting, shape=shape)
+                for shape, data in variants for fast in modes}
         try:
-            runs: dict[tuple[bool, int], list[float]] = {}
+            runs: dict[tuple[str, str, bool, int], list[float]] = {}
             for _ in range(args.repeat):
                 for batch in args.batches:
-                    for fast, rig in rigs.items():
-                        runs.setdefault((fast, batch), []).append(
+                    for key, rig in rigs.items():
+                        runs.setdefault((*key, batch), []).append(
                             measure(rig, batch, args.requests // max(1, 32 // batch)))
+
+            def us(shape: str, data: str, fast: bool, batch: int) -> float:
+                return statistics.median(runs[shape, data, fast, batch])
+
             for batch in args.batches:
-                line = f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}:"
+                for shape, data in variants:
+                    line = (f"{args.engine:9s} {shape:8s} {data:6s} batch {batch:3d} "
+                            f"accounting {args.accounting:3s}:")
+                    for fast in modes:
+                        vals = runs[shape, data, fast, batch]
+                        line += (f"  fast path {'on ' if fast else 'off'} "
+                                 f"{us(shape, data, fast, batch):6.1f} us CPU per 4k read "
+                                 f"(runs {min(vals):.1f}..{max(vals):.1f})")
+                    if len(modes) == 2:
+                        on_off = us(shape, data, True, batch) / us(shape, data, False, batch)
+                        line += f"  on/off {on_off:.2f}"
+                    print(line)
                 for fast in modes:
-                    vals = runs[fast, batch]
-                    line += (f"  fast path {'on ' if fast else 'off'} "
-                             f"{statistics.median(vals):6.1f} us CPU per 4k read "
-                             f"(runs {min(vals):.1f}..{max(vals):.1f})")
-                if len(modes) == 2:
-                    off, on = (statistics.median(runs[f, batch]) for f in (False, True))
-                    line += f"  on/off {on / off:.2f}"
-                print(line)
+                    cmp = []
+                    if len(shapes) == 2:
+                        cmp += [f"{data} indirect/direct {ind / dr:.2f}" for data in datas
+                                for ind, dr in [(us("indirect", data, fast, batch),
+                                                 us("direct", data, fast, batch))]]
+                    if len(datas) == 2:
+                        cmp += [f"{shape} filled/sparse {fi / sp:.2f}" for shape in shapes
+                                for fi, sp in [(us(shape, "filled", fast, batch),
+                                                us(shape, "sparse", fast, batch))]]
+                    if cmp:
+                        print(f"{'':9s} batch {batch:3d} fast path {'on ' if fast else 'off'}: "
+                              + ", ".join(cmp))
                 if args.dirty_log:
-                    rig = rigs[modes[-1]]
+                    shape, data = variants[0]
+                    rig = rigs[shape, data, modes[-1]]
                     rig.log_dirty_pages(True)
-                    us = statistics.median(measure(rig, batch, args.requests // max(1, 32 // batch))
-                                           for _ in range(args.repeat))
+                    dirty = statistics.median(
+                        measure(rig, batch, args.requests // max(1, 32 // batch))
+                        for _ in range(args.repeat))
                     rig.log_dirty_pages(False)
-                    print(f"{args.engine:9s} batch {batch:3d} accounting {args.accounting:3s}:"
-                          f"  fast path {'on ' if modes[-1] else 'off'} {us:6.1f} us CPU per 4k "
-                          "read, dirty log on")
+                    print(f"{args.engine:9s} {shape:8s} {data:6s} batch {batch:3d} "
+                          f"accounting {args.accounting:3s}:"
+                          f"  fast path {'on ' if modes[-1] else 'off'} {dirty:6.1f} us CPU per "
+                          "4k read, dirty log on")
             if args.profile:
                 prof = cProfile.Profile()
-                prof.runcall(measure, rigs[modes[-1]], args.batches[0], 5000)
+                prof.runcall(measure, rigs[(*variants[0], modes[-1])], args.batches[0], 5000)
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         finally:
             for rig in rigs.values():

@@ -2,16 +2,29 @@
 
 No guest: a Python driver (vhost_frontend) plays QEMU and the guest, keeps ``--depth`` requests
 in flight on each of ``--queues`` queues, and counts completions.  The server under test runs as
-its own process -- this project's ``vhost-user-blk`` or qemu-storage-daemon, alternately, on the
-same image -- and its CPU time (all threads, from /proc) is divided by the requests it served.
+its own process -- this project's ``vhost-user-blk`` or qemu-storage-daemon with each of its
+engines -- on the same image, and its CPU time (all threads and queue processes, from /proc) is
+divided by the requests it served.
+
+What keeps it honest:
+
+* requests have Linux's shape by default: one indirect descriptor to a table of header, data and
+  status (``--shape direct`` for 3-descriptor chains);
+* qsd runs with both of its engines for the cache mode (buffered: aio=threads and aio=io_uring;
+  ``--direct``: aio=native and aio=io_uring) and the faster is the reference;
+* the server order is reversed every other round (project first, then qsd first), and the
+  table gives medians of ``--rounds`` rounds with their spread;
+* the image holds data (``--data sparse`` reads holes instead), read once into the page cache
+  before a buffered run; a request that completes with an error status stops the run.
 
     python -m benchmarks.inprocess                       # buffered image, 1 and 2 queues
-    python -m benchmarks.inprocess --direct --rounds 3   # O_DIRECT against aio=native
-    python -m benchmarks.inprocess --json out.json
+    python -m benchmarks.inprocess --direct --rounds 5   # O_DIRECT
+    python -m benchmarks.inprocess --queues 1 --workloads randread --json out.json
     python -m benchmarks.inprocess --format qcow2        # a fully allocated qcow2
 
-The driver itself is Python and can be the bottleneck for requests/s (both servers see the same
-driver, so the ratio is still fair); the CPU-per-request figure is the backend's alone.
+The driver itself is Python and is the bottleneck for requests/s well before qsd is (both
+servers see the same driver, so the IOPS ratio understates qsd's lead); the CPU-per-request
+figure is the backend's alone, and the one to compare.
 """
 
 from __future__ import annotations
@@ -29,16 +42,23 @@ import time
 from pathlib import Path
 
 from vhost.messages import ProtocolFeature, Request, VirtioFeature, u64
-from vhost.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, full_fence
+from vhost.virtqueue import DESC_SIZE, full_fence
 from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 
 from .common import (
+    SHAPES,
     Measurement,
     cpu_seconds,
+    descriptors_per_request,
+    lay_out_request,
     make_image,
     print_table,
+    qsd_servers,
+    read_json,
+    round_order,
     rss_bytes,
     running_server,
+    warm_page_cache,
     write_json,
 )
 
@@ -53,10 +73,20 @@ WANT_PROTOCOL = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature
 
 
 class QueueLoad:
-    """``depth`` fixed 3-descriptor chains (header, data, status) cycling on one queue."""
+    """``depth`` fixed requests (header, data, status) cycling on one queue, each one indirect
+    descriptor pointing at its own 3-entry table (``shape="indirect"``, Linux's shape) or a
+    3-descriptor direct chain (``shape="direct"``).
+
+    Linux allocates a fresh table per request; a fixed table per slot costs the server the same
+    (it reads and checks the table on every request) and keeps the driver cheap.
+    """
 
     def __init__(self, mem: FrontendMemory, q: DriverQueue, depth: int, bs: int,
-                 sectors: int, write: bool) -> None:
+                 sectors: int, write: bool, shape: str = "indirect") -> None:
+        self.per_slot = descriptors_per_request(shape)
+        if depth * self.per_slot > q.size:
+            raise ValueError(f"{depth} {shape} requests need {depth * self.per_slot} "
+                             f"descriptors; the queue has {q.size}")
         self.mem = mem
         self.q = q
         self.depth = depth
@@ -70,21 +100,24 @@ class QueueLoad:
             hdr = mem.alloc(16, 16)
             data = mem.alloc(bs, 4096)
             status = mem.alloc(1, 1)
-            d = slot * 3
-            data_flags = 0 if write else VIRTQ_DESC_F_WRITE
-            q.write_desc(d, hdr, 16, VIRTQ_DESC_F_NEXT, d + 1)
-            q.write_desc(d + 1, data, bs, data_flags | VIRTQ_DESC_F_NEXT, d + 2)
-            q.write_desc(d + 2, status, 1, VIRTQ_DESC_F_WRITE, 0)
+            table = mem.alloc(3 * DESC_SIZE, 16) if shape == "indirect" else None
+            lay_out_request(q, slot, [(hdr, 16, False), (data, bs, not write), (status, 1, True)],
+                            table)
             self.headers.append(mem.guest.view(hdr, 16))
-            self.statuses.append(status)
+            self.statuses.append(mem.guest.view(status, 1, for_write=True))
         self.completed = 0
         self.errors = 0
+
+    def release(self) -> None:
+        """Drop the views into guest memory so it can be unmapped."""
+        for view in (*self.headers, *self.statuses):
+            view.release()
 
     def _post(self, slot: int) -> None:
         sector = self.rng.randrange(0, self.sectors // 8) * 8
         self.headers[slot][:] = (int(self.write)).to_bytes(4, "little") + bytes(4) + \
             sector.to_bytes(8, "little")
-        self.q.publish(slot * 3)
+        self.q.publish(slot * self.per_slot)
 
     def run(self, stop: threading.Event) -> None:
         q = self.q
@@ -100,8 +133,12 @@ class QueueLoad:
             old = q.avail_idx
             while True:
                 for head, _ in q.take_used(free_descriptors=False):  # fixed chains per slot
+                    slot = head // self.per_slot
                     self.completed += 1
-                    self._post(head // 3)
+                    if self.statuses[slot][0]:  # a fast error is no IOPS
+                        self.errors += 1
+                    self.statuses[slot][0] = 0xFF
+                    self._post(slot)
                 full_fence()  # used_event store before the used.idx load
                 if q.used_idx() == q.last_used:
                     break
@@ -111,7 +148,7 @@ class QueueLoad:
 
 def measure(server: str, image: Path, tmp: Path, queues: int, direct: bool, workload: str,
             depth: int, seconds: float, warmup: float, extra: list[str],
-            fmt: str = "raw") -> Measurement:
+            fmt: str = "raw", shape: str = "indirect") -> Measurement:
     write = workload.endswith("write")
     bs = 4096
     sock = tmp / f"{server}.sock"
@@ -119,13 +156,16 @@ def measure(server: str, image: Path, tmp: Path, queues: int, direct: bool, work
         fe = Frontend(sock)
         mem = FrontendMemory([(0, 256 << 20, 0)])
         try:
-            _negotiate(fe)
+            features = _negotiate(fe)
+            if shape == "indirect" and not features & VirtioFeature.RING_INDIRECT_DESC:
+                raise SystemExit(f"{server} does not offer VIRTIO_F_RING_INDIRECT_DESC: "
+                                 "use --shape direct")
             fe.set_mem_table(mem)
             capacity = int.from_bytes(fe.get_config(0, 8), "little")
             loads = []
             for qi in range(queues):
                 q = fe.setup_queue(qi, size=256)
-                loads.append(QueueLoad(mem, q, depth, bs, capacity, write))
+                loads.append(QueueLoad(mem, q, depth, bs, capacity, write, shape))
             stop = threading.Event()
             threads = [threading.Thread(target=ld.run, args=(stop,), daemon=True) for ld in loads]
             for t in threads:
@@ -142,17 +182,27 @@ def measure(server: str, image: Path, tmp: Path, queues: int, direct: bool, work
             stop.set()
             for t in threads:
                 t.join(5)
+            errors = sum(ld.errors for ld in loads)
+            for ld in loads:
+                ld.release()
         finally:
             fe.close()
             mem.close()
+    if errors:
+        raise RuntimeError(f"{server} {workload}: {errors} requests completed with an error "
+                           "status (their speed is no figure)")
+    if c1 == c0:
+        raise RuntimeError(f"{server} {workload}: no request completed in {seconds} s")
     ops = (c1 - c0) / (t1 - t0)
     cpu = cpu1 - cpu0
     return Measurement(server, workload, queues, direct, ops, ops * bs, cpu,
-                       cpu / max(c1 - c0, 1) * 1e6, rss)
+                       cpu / max(c1 - c0, 1) * 1e6, rss,
+                       {"shape": shape, "requests": c1 - c0, "seconds": t1 - t0})
 
 
-def _negotiate(fe: Frontend) -> None:
-    """QEMU's sequence, taking only features both servers implement (qsd offers LOG_ALL too)."""
+def _negotiate(fe: Frontend) -> int:
+    """QEMU's sequence, taking only features both servers implement (qsd offers LOG_ALL too);
+    the features agreed."""
     features = fe.get_u64(Request.GET_FEATURES) & WANT_FEATURES
     proto = ProtocolFeature(fe.get_u64(Request.GET_PROTOCOL_FEATURES)) & WANT_PROTOCOL
     fe.command(Request.SET_PROTOCOL_FEATURES, u64(int(proto)), ack=False)
@@ -160,55 +210,82 @@ def _negotiate(fe: Frontend) -> None:
     fe.checked(Request.SET_OWNER)
     fe.features = features
     fe.checked(Request.SET_FEATURES, u64(features))
+    return features
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.inprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queues", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--direct", action="store_true", help="O_DIRECT (qsd: aio=native)")
+    p.add_argument("--direct", action="store_true",
+                   help="O_DIRECT (qsd: cache.direct=on, aio=native and aio=io_uring)")
     p.add_argument("--workloads", nargs="+", default=["randread", "randwrite"],
                    choices=["randread", "randwrite"])
     p.add_argument("--depth", type=int, default=32)
+    p.add_argument("--shape", choices=SHAPES, default="indirect",
+                   help="indirect (default): one descriptor to a table of header, data, status, "
+                   "as Linux sends every request; direct: a 3-descriptor chain")
+    p.add_argument("--data", choices=("filled", "sparse"), default="filled",
+                   help="filled (default): the image holds data, so reads copy real page-cache "
+                   "pages (buffered: read once before measuring); sparse: reads hit holes")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times")
-    p.add_argument("--size", default="1G", help="image size (filled with data)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds; the server order is reversed every other round (default 3)")
+    p.add_argument("--size", default="1G", help="image size")
     p.add_argument("--dir", default=None, help="where to put the image (default: a temp dir)")
     p.add_argument("--server-args", default="", help="extra arguments for our server")
     p.add_argument("--servers", nargs="+", default=["python", "qsd"], choices=["python", "qsd"])
+    p.add_argument("--qsd-aio", nargs="+", choices=("threads", "native", "io_uring"),
+                   help="qsd engines to measure (default: threads and io_uring buffered, native "
+                   "and io_uring with --direct)")
     p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
                    help="serve the image as raw, or converted to a fully allocated qcow2")
     p.add_argument("--json", type=Path, help="also write the measurements here")
+    p.add_argument("--table", type=Path, metavar="JSON",
+                   help="measure nothing: print the table of measurements saved with --json")
     args = p.parse_args(argv)
+    if args.table:
+        print_table(read_json(args.table), f"in-process, from {args.table}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from virtio_blk.disk import parse_size
 
+    servers = ["python"] if "python" in args.servers else []
+    if "qsd" in args.servers:
+        try:
+            servers += qsd_servers(args.direct, args.qsd_aio)
+        except ValueError as e:
+            p.error(str(e))
     size = parse_size(args.size)
     rows: list[Measurement] = []
     with tempfile.TemporaryDirectory(dir=args.dir) as td:
         tmp = Path(td)
         image = tmp / "bench.img"
-        log.info("filling a %d MiB image in %s", size >> 20, tmp)
-        make_image(image, size, fill=True)
+        log.info("making a %d MiB %s image in %s", size >> 20, args.data, tmp)
+        make_image(image, size, fill=args.data == "filled")
         if args.format == "qcow2":
             qcow2 = tmp / "bench.qcow2"
             subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(image), str(qcow2)],
                            check=True)
             image = qcow2
+        if not args.direct:
+            warm_page_cache(image)
         for rnd in range(args.rounds):
             for queues in args.queues:
                 for wl in args.workloads:
-                    for server in args.servers:
+                    for server in round_order(servers, rnd):
                         m = measure(server, image, tmp, queues, args.direct, wl, args.depth,
                                     args.seconds, args.warmup, args.server_args.split(),
-                                    args.format)
-                        log.info("round %d %-6s %-9s q=%d: %8.0f req/s, %6.1f us CPU/req, "
+                                    args.format, args.shape)
+                        m.extra["round"] = rnd + 1
+                        log.info("round %d %-12s %-9s q=%d: %8.0f req/s, %6.1f us CPU/req, "
                                  "RSS %.0f MiB", rnd + 1, server, wl, queues, m.ops,
                                  m.cpu_us_per_op, m.rss / 2**20)
                         rows.append(m)
-    print_table(rows, f"in-process, {args.format}, 4k QD{args.depth}, "
-                      f"{'O_DIRECT' if args.direct else 'buffered'} (ratio = python / qsd)")
+    print_table(rows, f"in-process, {args.format}, 4k QD{args.depth}, {args.shape} requests, "
+                      f"{args.data} image, {'O_DIRECT' if args.direct else 'buffered'}, "
+                      f"{args.rounds} rounds in alternating order")
     if args.json:
         write_json(rows, args.json)
     return 0

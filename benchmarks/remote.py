@@ -8,7 +8,8 @@ and the same NBD export, alternately (the same guest fio workloads as :mod:`benc
 qsd serves them with ``--blockdev driver=rbd,pool=..,image=..,conf=..,user=..`` and
 ``driver=nbd,server.type=unix,server.path=..,export=..``.  Without ``--rbd``/``--nbd`` a one-node
 Ceph cluster (memstore OSD; remote_testbed.ceph) with a filled image and ``qemu-nbd`` on a filled
-raw file are started for the run.  These machines are shared and noisy: compare the ratios.
+raw file are started for the run.  The server order is reversed every other round.  These
+machines are shared and noisy: compare the ratios.
 qsd's rbd driver is in Debian's ``qemu-block-extra`` package.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from qemu_guest import ensure_guest
 
-from .common import Measurement, make_image, print_table
+from .common import Measurement, make_image, print_table, round_order
 from .common import write_json as write_rows
 from .guest import WORKLOADS, run_one
 
@@ -84,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
             specs = {**made, **given}
             for rnd in range(args.rounds):
                 for kind in sorted(specs):
-                    for server in ("python", "qsd"):
+                    for server in round_order(("python", "qsd"), rnd):
                         got = run_one(server, specs[kind], tmp, 1, False,
                                       args.workloads, args.runtime, args.server_args.split())
                         for m in got:
                             m.workload = f"{kind}-{m.workload}"
+                            m.extra["round"] = rnd + 1
                             log.info("round %d %-6s %-18s %8.0f IOPS %6.1f us CPU/IO", rnd + 1,
                                      server, m.workload, m.ops, m.cpu_us_per_op)
                         rows.extend(got)
-    print_table(rows, "guest fio on remote storage (ratio = python / qsd)")
+    print_table(rows, f"guest fio on remote storage, {args.rounds} rounds in alternating order")
     if args.json:
         write_rows(rows, args.json)
     return 0
