@@ -61,6 +61,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from ..disk import FALLOC_FL_ZERO_RANGE, DiskError, fallocate
+from .backing_policy import BackingPolicy
 from .format import (
     COMPAT_LAZY_REFCOUNTS,
     L1_RESERVED,
@@ -100,25 +101,37 @@ class Qcow2Image:
     """An open qcow2 image (and, recursively, its backing chain)."""
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 l2_cache_bytes: int = 32 << 20, _depth: int = 0,
-                 _seen: frozenset[str] = frozenset()) -> None:
+                 l2_cache_bytes: int = 32 << 20, backing_dirs: Sequence[str] = (),
+                 _policy: BackingPolicy | None = None, _fd: int | None = None,
+                 _depth: int = 0, _seen: frozenset[tuple[int, int]] = frozenset()) -> None:
+        """Open ``path`` (the top of a chain) or, for a backing level, take ``_fd``, which the
+        backing-file policy opened and checked.  ``backing_dirs``: the ``--backing-dir``
+        directories backing files may also come from (:mod:`.backing_policy`)."""
         self.path = os.fspath(path)
         self.read_only = read_only
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            self.fd = os.open(self.path, flags)
-        except FileNotFoundError:
-            raise DiskError(f"{self.path}: no such file (use --create SIZE to make one)") from None
-        except OSError as exc:
-            raise DiskError(f"{self.path}: {exc.strerror}") from None
+        if _fd is None:
+            # O_NONBLOCK: a FIFO named as the image must not hang the open (it is refused
+            # below); regular files ignore the flag.
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
+            try:
+                self.fd = os.open(self.path, flags)
+            except FileNotFoundError:
+                raise DiskError(f"{self.path}: no such file (use --create SIZE to make "
+                                "one)") from None
+            except OSError as exc:
+                raise DiskError(f"{self.path}: {exc.strerror}") from None
+        else:
+            self.fd = _fd
         self.backing: Qcow2Image | RawBacking | None = None
         try:
-            self._open(l2_cache_bytes, _depth, _seen)
+            policy = _policy or BackingPolicy.for_image(self.path, backing_dirs)
+            self._open(l2_cache_bytes, policy, _depth, _seen)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, l2_cache_bytes: int, depth: int, seen: frozenset[str]) -> None:
+    def _open(self, l2_cache_bytes: int, policy: BackingPolicy, depth: int,
+              seen: frozenset[tuple[int, int]]) -> None:
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode):
             raise Qcow2OpenError(f"{self.path}: qcow2 images must be regular files")
@@ -161,7 +174,7 @@ class Qcow2Image:
         self._draining = False
         self._pending_free: list[tuple[int, int]] = []
         self._zero_range_ok = True
-        self._open_backing(depth, seen)
+        self._open_backing(policy, depth, seen | {(st.st_dev, st.st_ino)})
         if not self.read_only and h.autoclear and self.v3:
             # Autoclear bits name extensions (e.g. bitmaps) that our writes do not maintain:
             # the spec has software that does not know them clear them before writing.
@@ -171,15 +184,14 @@ class Qcow2Image:
         if h.compatible & COMPAT_LAZY_REFCOUNTS:
             log.debug("%s: lazy refcounts allowed; we keep them exact", self.path)
 
-    def _open_backing(self, depth: int, seen: frozenset[str]) -> None:
+    def _open_backing(self, policy: BackingPolicy, depth: int,
+                      seen: frozenset[tuple[int, int]]) -> None:
+        """Open the backing file through the policy (:mod:`.backing_policy`), which every
+        level of the chain goes through; ``seen``: the (device, inode) of every image above."""
         h = self.header
         if h.backing_file is None:
             return
         name = h.backing_file
-        path = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
-        real = os.path.realpath(path)
-        if real in seen or real == os.path.realpath(self.path):
-            raise Qcow2OpenError(f"{self.path}: backing chain loops at {path}")
         if depth + 1 > MAX_CHAIN_DEPTH:
             raise Qcow2OpenError(f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH}")
         fmt = h.backing_format
@@ -187,14 +199,22 @@ class Qcow2Image:
             raise Qcow2OpenError(f"{self.path}: the backing file format is not recorded (we do "
                                  "not probe); set it with: qemu-img rebase -u -b "
                                  f"{name} -F raw|qcow2 {self.path}")
-        if fmt == "raw":
-            self.backing = RawBacking(path)
-        elif fmt == "qcow2":
-            self.backing = Qcow2Image(path, read_only=True, _depth=depth + 1,
-                                      _seen=seen | {os.path.realpath(self.path)})
-        else:
+        if fmt not in ("raw", "qcow2"):
             raise Qcow2OpenError(f"{self.path}: backing format {fmt!r} is not supported "
                                  "(raw or qcow2)")
+        f = policy.open(name, self.path)
+        try:
+            st = os.fstat(f.fd)
+            if (st.st_dev, st.st_ino) in seen:
+                raise Qcow2OpenError(f"{self.path}: backing chain loops at {f.path}")
+            if fmt == "raw":
+                self.backing = RawBacking(f.fd, f.path)
+        except BaseException:
+            os.close(f.fd)
+            raise
+        if fmt == "qcow2":  # takes the fd (and closes it if it fails)
+            self.backing = Qcow2Image(f.path, read_only=True, _policy=policy, _fd=f.fd,
+                                      _depth=depth + 1, _seen=seen)
 
     # ------------------------------------------------------------------ metadata lookup
     def _l2_table(self, offset: int) -> array:
