@@ -174,13 +174,13 @@ class Qcow2Image:
         self._draining = False
         self._pending_free: list[tuple[int, int]] = []
         self._zero_range_ok = True
+        # Autoclear bits name extensions (e.g. bitmaps) that our writes do not maintain: the
+        # spec has software that does not know them clear them before it writes.  Not here:
+        # opening writes nothing (the caller locks the image after opening it, and a server
+        # refused by the lock must leave an image in use untouched), so the bits are cleared
+        # by the first change (:meth:`_before_write`); until then no write takes the fast path.
+        self._autoclear_pending = not self.read_only and bool(h.autoclear) and self.v3
         self._open_backing(policy, depth, seen | {(st.st_dev, st.st_ino)})
-        if not self.read_only and h.autoclear and self.v3:
-            # Autoclear bits name extensions (e.g. bitmaps) that our writes do not maintain:
-            # the spec has software that does not know them clear them before writing.
-            pwrite_all(self.fd, bytes(8), 88)
-            log.info("%s: cleared autoclear feature bits %#x", self.path, h.autoclear)
-            h.autoclear = 0
         if h.compatible & COMPAT_LAZY_REFCOUNTS:
             log.debug("%s: lazy refcounts allowed; we keep them exact", self.path)
 
@@ -215,6 +215,19 @@ class Qcow2Image:
         if fmt == "qcow2":  # takes the fd (and closes it if it fails)
             self.backing = Qcow2Image(f.path, read_only=True, _policy=policy, _fd=f.fd,
                                       _depth=depth + 1, _seen=seen)
+
+    def _before_write(self) -> None:
+        """Called (lock held) before anything is written to the image: the first call clears
+        the autoclear bits, synced before the write that follows it may break what they
+        vouch for (QEMU's bitmaps)."""
+        if not self._autoclear_pending:
+            return
+        h = self.header
+        pwrite_all(self.fd, bytes(8), 88)
+        os.fdatasync(self.fd)
+        log.info("%s: cleared autoclear feature bits %#x", self.path, h.autoclear)
+        h.autoclear = 0
+        self._autoclear_pending = False
 
     # ------------------------------------------------------------------ metadata lookup
     def _l2_table(self, offset: int) -> array:
@@ -341,7 +354,7 @@ class Qcow2Image:
         g = offset >> self.cluster_bits
         reject = _FAST_REJECT_WRITE if writing else _FAST_REJECT_READ
         with self._lock:
-            if self._draining or (writing and g in self._busy):
+            if self._draining or (writing and (g in self._busy or self._autoclear_pending)):
                 return -1
             l2_off = self.l1[g >> self.l2_bits] & OFFSET_MASK
             if not l2_off:
@@ -444,6 +457,7 @@ class Qcow2Image:
         try:
             pos, end = offset, offset + total
             with self._lock:
+                self._before_write()
                 while pos < end:
                     n = min(cs - (pos & (cs - 1)), end - pos)
                     g = pos >> cb
@@ -601,6 +615,7 @@ class Qcow2Image:
             try:
                 while self._inflight or any(first <= g < last for g in self._busy):
                     self._cond.wait()
+                self._before_write()
                 for g in range(first, last):
                     if not self._discard_cluster(g, zero, unmap):
                         write_back.append(g)
@@ -668,6 +683,7 @@ class Qcow2Image:
             if self.backing is not None and self.backing.size > self.size:
                 raise DiskError(f"{self.path}: the backing file would show through the new "
                                 f"area; {offline}")
+            self._before_write()
             need = l1_entries_needed(size, self.cluster_bits)
             room = -(-(h.l1_size * 8) // cs) * cs // 8  # entries the L1 clusters hold
             if need > room:
