@@ -167,6 +167,11 @@ class Qcow2Image:
         self.ref: Refcounts | None = None
         if not self.read_only:
             self.ref = Refcounts(self.fd, h, st.st_size, self.path)
+            shared = self.ref.block_offsets & (self._l2_offsets | {c << cb for c in
+                                                                   self._l1_clusters})
+            if shared:
+                raise Qcow2OpenError(f"{self.path}: refcount block at {min(shared):#x} is also "
+                                     "an L1 or L2 table")
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._busy: set[int] = set()

@@ -186,5 +186,11 @@ def test_policy_errors_in_process(tmp_path: Path) -> None:
     """The library refuses as the command does (the policy is the image's, not the CLI's)."""
     os.mkfifo(tmp_path / "f.raw")
     img = _overlay(tmp_path / "top.qcow2", "f.raw")
-    with pytest.raises(Qcow2OpenError, match="FIFO"):
-        Qcow2Disk(img)
+    # A writer keeps an open without O_NONBLOCK from hanging this test: the refusal is
+    # checked here, the hang by test_refuses_a_fifo_without_hanging.
+    writer = os.open(tmp_path / "f.raw", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        with pytest.raises(Qcow2OpenError, match="FIFO"):
+            Qcow2Disk(img)
+    finally:
+        os.close(writer)
