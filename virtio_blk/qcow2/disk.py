@@ -49,8 +49,8 @@ class Qcow2Disk:
         :meth:`unmap_io`), or -1: then the IO must go through readv/writev."""
         try:
             return self.image.fast_target(offset, length, writing)
-        except OSError:
-            return -1  # the general path reports it
+        except Exception:  # bad metadata or a bug: the general path reports it
+            return -1  # (as an IOERR for this request), never the queue's worker
 
     def unmap_io(self, count: int = 1) -> None:
         """``count`` IOs that :meth:`map_io` translated have completed."""

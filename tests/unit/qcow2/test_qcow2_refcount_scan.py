@@ -159,3 +159,18 @@ def test_flush_failure_leaves_as_oserror(tmp_path: Path) -> None:
         assert info.value.errno == errno.EIO
     finally:
         disk.close()
+
+
+def test_fast_path_failure_falls_back_to_the_general_path(tmp_path: Path) -> None:
+    """The io_uring engine's translation never raises into the queue's worker: whatever it
+    meets, the request goes the general path, which turns it into an IOERR."""
+    img = tmp_path / "m.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    disk = Qcow2Disk(img)
+    try:
+        def broken(offset: int, total: int, writing: bool) -> int:
+            raise IndexError("bad metadata")
+        disk.image.fast_target = broken  # type: ignore[method-assign]
+        assert disk.map_io(0, 4096, False) == -1
+    finally:
+        disk.close()
