@@ -77,6 +77,20 @@ def test_refused_server_leaves_the_image_byte_identical(
     assert_one_line_error(proc, "lock")
 
 
+def test_refused_by_a_second_instance_of_this_server(tmp_path: Path, bitmap_image: Path,
+                                                     servers: list[Server]) -> None:
+    first = Server("--socket", tmp_path / "a.sock", "--image", bitmap_image, "--format",
+                   "qcow2")
+    servers.append(first)
+    first.started()
+    before = _digest(bitmap_image)
+    proc = run("--socket", tmp_path / "b.sock", "--image", bitmap_image, "--format", "qcow2")
+    assert _digest(bitmap_image) == before
+    assert_one_line_error(proc, "lock")
+    assert _autoclear(bitmap_image) & 1  # neither server has written: the bitmaps still hold
+    assert first.terminate()[0] == 0
+
+
 @pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None,
                     reason="qemu-storage-daemon is needed")
 def test_refused_by_qemu_storage_daemon_leaves_its_bitmaps_alone(tmp_path: Path,
