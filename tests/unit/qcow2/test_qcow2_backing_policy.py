@@ -6,6 +6,7 @@ FIFO or a character device -- refused in one line, exit 2, at every level of the
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -194,3 +195,20 @@ def test_policy_errors_in_process(tmp_path: Path) -> None:
             Qcow2Disk(img)
     finally:
         os.close(writer)
+
+
+def test_serves_a_block_device_under_backing_dir(tmp_path: Path, servers: list[Server]) -> None:
+    """A block device is a valid backing file (its size comes from lseek: fstat says 0)."""
+    data = os.urandom(64 * KiB)
+    (tmp_path / "dev.raw").write_bytes(data + bytes(MiB - len(data)))
+    attach = subprocess.run(["losetup", "-f", "--show", "-r", tmp_path / "dev.raw"],
+                            capture_output=True, text=True, check=False)
+    if attach.returncode != 0:
+        pytest.skip(f"no loop device: {attach.stderr.strip()}")
+    dev = attach.stdout.strip()
+    try:
+        img = _overlay(tmp_path / "top.qcow2", dev)
+        _refused(tmp_path, img, dev, "outside")  # /dev is not allowed by default
+        _served(tmp_path, servers, img, data, "--backing-dir", "/dev")
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
