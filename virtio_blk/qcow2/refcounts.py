@@ -88,14 +88,17 @@ class Refcounts:
         self.table_offset = header.refcount_table_offset
         self.table_clusters = header.refcount_table_clusters
         raw = os.pread(fd, header.refcount_table_clusters * cs, self.table_offset)
-        n = len(raw) // 8
-        self.table = list(struct.unpack(f">{n}Q", raw))
-        for i, entry in enumerate(self.table):
-            if entry & (cs - 1) or entry & REFTABLE_RESERVED or (entry and entry + cs > file_size):
-                raise Qcow2OpenError(f"{path}: refcount table entry {i} ({entry:#x}) is "
-                                     "misaligned or beyond the end of the file")
+        # Validated with numpy: a table may hold a million entries.
+        entries = np.frombuffer(raw, dtype=">u8")[:len(raw) // 8].astype(np.uint64)
+        bad = ((entries & np.uint64((cs - 1) | REFTABLE_RESERVED)) != 0) | (
+            (entries != 0) & (entries > np.uint64(max(0, file_size - cs))))
+        if bad.any():
+            i = int(bad.argmax())
+            raise Qcow2OpenError(f"{path}: refcount table entry {i} ({int(entries[i]):#x}) is "
+                                 "misaligned or beyond the end of the file")
+        self.table: list[int] = entries.tolist()
+        self._check_blocks(entries, path)
         self.block_offsets = {e for e in self.table if e}
-        self._check_blocks(header, path)
         # Per table entry: the block is known to have no free entry (set by a scan, cleared
         # when a count in it drops to zero), so scans skip it without reading it.
         self._full = np.zeros(len(self.table), dtype=bool)
@@ -113,18 +116,19 @@ class Refcounts:
         self.free_hint = 0  # no free cluster below this index
         self._tail_hint = 0  # where the last scan past the end of the file stopped
 
-    def _check_blocks(self, header: Header, path: str) -> None:
-        """Refuse a table whose blocks overlap each other or the table itself: a
-        write to one count would change others (and a scan could be made to visit one block
-        a million times)."""
-        nonzero = sum(1 for e in self.table if e)
-        if nonzero != len(self.block_offsets):
+    def _check_blocks(self, entries: np.ndarray, path: str) -> None:
+        """Refuse a table whose blocks overlap each other or the table itself: a write to one
+        count would change others (and a scan could be made to visit one block a million
+        times).  Aligned and nonzero, a block is never in the header's cluster."""
+        used = entries[entries != 0]
+        if np.unique(used).size != used.size:
             raise Qcow2OpenError(f"{path}: refcount table entries share refcount blocks")
         end = self.table_offset + self.table_clusters * self.cluster_size
-        for off in self.block_offsets:  # aligned and nonzero: never the header's cluster
-            if self.table_offset <= off < end:
-                raise Qcow2OpenError(f"{path}: refcount block at {off:#x} overlaps the "
-                                     "refcount table")
+        inside = (used >= np.uint64(self.table_offset)) & (used < np.uint64(end))
+        if inside.any():
+            off = int(used[int(inside.argmax())])
+            raise Qcow2OpenError(f"{path}: refcount block at {off:#x} overlaps the refcount "
+                                 "table")
 
     # ------------------------------------------------------------------ blocks
     def _block(self, index: int) -> tuple[int, bytearray] | None:
