@@ -60,6 +60,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
+
 from ..disk import FALLOC_FL_ZERO_RANGE, DiskError, fallocate
 from .backing_policy import BackingPolicy
 from .format import (
@@ -152,13 +154,17 @@ class Qcow2Image:
         if len(raw) != h.l1_size * 8:
             raise Qcow2OpenError(f"{self.path}: L1 table is truncated")
         self.l1 = be_table(raw)
-        for i, e in enumerate(self.l1):
-            off = e & OFFSET_MASK
-            if e & L1_RESERVED or off % cs or (off and off + cs > st.st_size):
-                raise Qcow2OpenError(f"{self.path}: L1 entry {i} ({e:#x}) is misaligned or "
-                                     "points beyond the end of the file")
+        # Validated with numpy: an L1 table may hold four million entries.
+        l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        offs = l1 & np.uint64(OFFSET_MASK)
+        bad = ((l1 & np.uint64(L1_RESERVED)) != 0) | ((offs & np.uint64(cs - 1)) != 0) | (
+            (offs != 0) & (offs > np.uint64(max(0, st.st_size - cs))))
+        if bad.any():
+            i = int(bad.argmax())
+            raise Qcow2OpenError(f"{self.path}: L1 entry {i} ({self.l1[i]:#x}) is misaligned or "
+                                 "points beyond the end of the file")
         # Every L2 table the active L1 points at: never a data write target.
-        self._l2_offsets = {e & OFFSET_MASK for e in self.l1 if e & OFFSET_MASK}
+        self._l2_offsets: set[int] = set(np.unique(offs[offs != 0]).tolist())
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
         self._l2_cache_tables = max(16, l2_cache_bytes // cs)
         self._l1_clusters = set(range(h.l1_table_offset >> cb,
