@@ -3,6 +3,8 @@ export.  The client libraries of the remote kinds are loaded only when such a sp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .disk import DiskError
 from .images import open_image
 from .spec import FileSpec, NbdSpec, RbdSpec, SpecError, parse_image
@@ -11,7 +13,8 @@ from .storage import FileStorage, Storage, StorageError
 
 def open_storage(image: str, *, fmt: str = "raw", read_only: bool = False,
                  direct: bool = False, logical_block_size: int = 512, engine: str = "threads",
-                 io_threads: int = 16, reconnect_delay: float = 30.0) -> Storage:
+                 io_threads: int = 16, reconnect_delay: float = 30.0,
+                 backing_dirs: Sequence[str] = ()) -> Storage:
     """The opened storage; StorageError (one line for the user) if it cannot be served.
 
     ``fmt`` is the image format of a file (raw or qcow2; never probed from its bytes).
@@ -23,7 +26,7 @@ def open_storage(image: str, *, fmt: str = "raw", read_only: bool = False,
     if isinstance(spec, FileSpec):
         try:
             disk = open_image(spec.path, fmt, read_only=read_only, direct=direct,
-                              logical_block_size=logical_block_size)
+                              logical_block_size=logical_block_size, backing_dirs=backing_dirs)
         except DiskError as exc:
             raise StorageError(str(exc)) from None
         return FileStorage(disk, engine, io_threads)

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "name is resolved against IMG's directory)")
     p.add_argument("--backing-format", choices=FORMATS, metavar="FMT",
                    help="format of --backing: raw or qcow2")
+    p.add_argument("--backing-dir", action="append", default=[], metavar="DIR",
+                   help="qcow2: a directory backing files may also come from (repeatable; "
+                        "by default only IMG's own directory: see virtio_blk/qcow2/README.md)")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
                    help=f"number of request queues, up to {MAX_QUEUES} (default 1)")
     p.add_argument("--read-only", action="store_true", help="export read-only")
@@ -190,12 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(parse_image(args.image), FileSpec):
                 return fail(f"--create makes image files; {args.image} is not one")
             if create_by_format(args.image, args.create, args.format, args.backing,
-                                args.backing_format):
+                                args.backing_format, args.backing_dir):
                 log.info("created %s (%s, %d bytes)", args.image, args.format, args.create)
         storage = open_storage(args.image, fmt=args.format, read_only=args.read_only,
                                direct=args.direct, logical_block_size=args.logical_block_size,
                                engine=args.aio, io_threads=args.io_threads,
-                               reconnect_delay=args.reconnect_delay)
+                               reconnect_delay=args.reconnect_delay,
+                               backing_dirs=args.backing_dir)
     except (DiskError, SpecError, StorageError) as exc:
         return fail(str(exc))
     # Files are locked as QEMU locks them; an RBD image has its own exclusive lock, an NBD

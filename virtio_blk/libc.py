@@ -1,4 +1,5 @@
-"""The C library calls Python's ``os`` module lacks, declared once: fallocate, statx, syscall.
+"""The C library calls Python's ``os`` module lacks, declared once: fallocate, statx, fstatfs,
+syscall.
 
 Both the disk (``fallocate`` for discard and write-zeroes, ``statx`` for O_DIRECT alignment) and
 the io_uring ring (``syscall`` for io_uring_setup/enter) need them; one handle and one set of
@@ -62,6 +63,20 @@ def dio_alignment(fd: int) -> tuple[int, int] | None:
     if not mem_align or not offset_align:
         return None  # O_DIRECT not supported on this file
     return mem_align, offset_align
+
+
+LIBC.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+LIBC.fstatfs.restype = ctypes.c_int
+
+
+def fstatfs_type(fd: int) -> int:
+    """The file system type (``f_type``, a ``*_MAGIC`` of statfs(2)) of the open file ``fd``;
+    ``os.statvfs`` does not report it.  ``f_type`` is the first field of struct statfs, a
+    native ``long`` on every Linux ABI we run on; only its low 32 bits carry the magic."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if LIBC.fstatfs(fd, buf) != 0:
+        raise errno_error("fstatfs")
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
 
 
 # timerfd (os has it only from Python 3.13): a timer an epoll can wait on.

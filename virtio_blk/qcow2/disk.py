@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from ..disk import DiskError, DiskInfo, check_growth, resume_io
@@ -23,8 +23,10 @@ class Qcow2Disk:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 logical_block_size: int = 512) -> None:
-        self.image = Qcow2Image(path, read_only=read_only)
+                 logical_block_size: int = 512, backing_dirs: Iterable[str] = ()) -> None:
+        """``backing_dirs``: directories besides the image's own that backing files may come
+        from (``--backing-dir``; :mod:`.backing_policy`)."""
+        self.image = Qcow2Image(path, read_only=read_only, backing_dirs=tuple(backing_dirs))
         self.path = self.image.path
         self.read_only = read_only
         self.fd = self.image.fd
@@ -47,8 +49,8 @@ class Qcow2Disk:
         :meth:`unmap_io`), or -1: then the IO must go through readv/writev."""
         try:
             return self.image.fast_target(offset, length, writing)
-        except OSError:
-            return -1  # the general path reports it
+        except Exception:  # bad metadata or a bug: the general path reports it
+            return -1  # (as an IOERR for this request), never the queue's worker
 
     def unmap_io(self, count: int = 1) -> None:
         """``count`` IOs that :meth:`map_io` translated have completed."""
@@ -86,7 +88,7 @@ class Qcow2Disk:
         return sum(v.nbytes for v in views)
 
     def flush(self) -> None:
-        self.image.flush()
+        self._guard(self.image.flush)
 
     def discard(self, offset: int, length: int) -> None:
         self._guard(self.image.discard, offset, length)

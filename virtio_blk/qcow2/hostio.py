@@ -9,8 +9,6 @@ import sys
 from array import array
 from collections.abc import Sequence
 
-from .format import Qcow2OpenError
-
 ZEROS = bytes(2 << 20)
 _SWAP = sys.byteorder == "little"  # tables are big-endian on disk
 
@@ -95,15 +93,14 @@ def pwritev_full(fd: int, views: list[memoryview], offset: int) -> None:
 
 
 class RawBacking:
-    """A raw backing file, opened read-only; reads beyond its end are zeroes."""
+    """A raw backing file on the read-only ``fd`` the backing-file policy opened (and checked,
+    :mod:`.backing_policy`); reads beyond its end are zeroes."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, fd: int, path: str) -> None:
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise Qcow2OpenError(f"backing file {path}: {exc.strerror}") from None
-        self.size = os.fstat(self.fd).st_size
+        self.fd = fd
+        # A block device's fstat size is 0: its end is where lseek finds it.
+        self.size = os.lseek(fd, 0, os.SEEK_END)
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
         preadv_full(self.fd, views, offset)

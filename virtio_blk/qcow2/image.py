@@ -60,7 +60,10 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
+
 from ..disk import FALLOC_FL_ZERO_RANGE, DiskError, fallocate
+from .backing_policy import BackingPolicy
 from .format import (
     COMPAT_LAZY_REFCOUNTS,
     L1_RESERVED,
@@ -100,25 +103,37 @@ class Qcow2Image:
     """An open qcow2 image (and, recursively, its backing chain)."""
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 l2_cache_bytes: int = 32 << 20, _depth: int = 0,
-                 _seen: frozenset[str] = frozenset()) -> None:
+                 l2_cache_bytes: int = 32 << 20, backing_dirs: Sequence[str] = (),
+                 _policy: BackingPolicy | None = None, _fd: int | None = None,
+                 _depth: int = 0, _seen: frozenset[tuple[int, int]] = frozenset()) -> None:
+        """Open ``path`` (the top of a chain) or, for a backing level, take ``_fd``, which the
+        backing-file policy opened and checked.  ``backing_dirs``: the ``--backing-dir``
+        directories backing files may also come from (:mod:`.backing_policy`)."""
         self.path = os.fspath(path)
         self.read_only = read_only
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            self.fd = os.open(self.path, flags)
-        except FileNotFoundError:
-            raise DiskError(f"{self.path}: no such file (use --create SIZE to make one)") from None
-        except OSError as exc:
-            raise DiskError(f"{self.path}: {exc.strerror}") from None
+        if _fd is None:
+            # O_NONBLOCK: a FIFO named as the image must not hang the open (it is refused
+            # below); regular files ignore the flag.
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
+            try:
+                self.fd = os.open(self.path, flags)
+            except FileNotFoundError:
+                raise DiskError(f"{self.path}: no such file (use --create SIZE to make "
+                                "one)") from None
+            except OSError as exc:
+                raise DiskError(f"{self.path}: {exc.strerror}") from None
+        else:
+            self.fd = _fd
         self.backing: Qcow2Image | RawBacking | None = None
         try:
-            self._open(l2_cache_bytes, _depth, _seen)
+            policy = _policy or BackingPolicy.for_image(self.path, backing_dirs)
+            self._open(l2_cache_bytes, policy, _depth, _seen)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, l2_cache_bytes: int, depth: int, seen: frozenset[str]) -> None:
+    def _open(self, l2_cache_bytes: int, policy: BackingPolicy, depth: int,
+              seen: frozenset[tuple[int, int]]) -> None:
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode):
             raise Qcow2OpenError(f"{self.path}: qcow2 images must be regular files")
@@ -139,13 +154,17 @@ class Qcow2Image:
         if len(raw) != h.l1_size * 8:
             raise Qcow2OpenError(f"{self.path}: L1 table is truncated")
         self.l1 = be_table(raw)
-        for i, e in enumerate(self.l1):
-            off = e & OFFSET_MASK
-            if e & L1_RESERVED or off % cs or (off and off + cs > st.st_size):
-                raise Qcow2OpenError(f"{self.path}: L1 entry {i} ({e:#x}) is misaligned or "
-                                     "points beyond the end of the file")
+        # Validated with numpy: an L1 table may hold four million entries.
+        l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        offs = l1 & np.uint64(OFFSET_MASK)
+        bad = ((l1 & np.uint64(L1_RESERVED)) != 0) | ((offs & np.uint64(cs - 1)) != 0) | (
+            (offs != 0) & (offs > np.uint64(max(0, st.st_size - cs))))
+        if bad.any():
+            i = int(bad.argmax())
+            raise Qcow2OpenError(f"{self.path}: L1 entry {i} ({self.l1[i]:#x}) is misaligned or "
+                                 "points beyond the end of the file")
         # Every L2 table the active L1 points at: never a data write target.
-        self._l2_offsets = {e & OFFSET_MASK for e in self.l1 if e & OFFSET_MASK}
+        self._l2_offsets: set[int] = set(np.unique(offs[offs != 0]).tolist())
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
         self._l2_cache_tables = max(16, l2_cache_bytes // cs)
         self._l1_clusters = set(range(h.l1_table_offset >> cb,
@@ -154,6 +173,11 @@ class Qcow2Image:
         self.ref: Refcounts | None = None
         if not self.read_only:
             self.ref = Refcounts(self.fd, h, st.st_size, self.path)
+            shared = self.ref.block_offsets & (self._l2_offsets | {c << cb for c in
+                                                                   self._l1_clusters})
+            if shared:
+                raise Qcow2OpenError(f"{self.path}: refcount block at {min(shared):#x} is also "
+                                     "an L1 or L2 table")
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._busy: set[int] = set()
@@ -161,25 +185,24 @@ class Qcow2Image:
         self._draining = False
         self._pending_free: list[tuple[int, int]] = []
         self._zero_range_ok = True
-        self._open_backing(depth, seen)
-        if not self.read_only and h.autoclear and self.v3:
-            # Autoclear bits name extensions (e.g. bitmaps) that our writes do not maintain:
-            # the spec has software that does not know them clear them before writing.
-            pwrite_all(self.fd, bytes(8), 88)
-            log.info("%s: cleared autoclear feature bits %#x", self.path, h.autoclear)
-            h.autoclear = 0
+        # Autoclear bits name extensions (e.g. bitmaps) that our writes do not maintain: the
+        # spec has software that does not know them clear them before it writes.  Not here:
+        # opening writes nothing (the caller locks the image after opening it, and a server
+        # refused by the lock must leave an image in use untouched), so the bits are cleared
+        # by the first change (:meth:`_before_write`); until then no write takes the fast path.
+        self._autoclear_pending = not self.read_only and bool(h.autoclear) and self.v3
+        self._open_backing(policy, depth, seen | {(st.st_dev, st.st_ino)})
         if h.compatible & COMPAT_LAZY_REFCOUNTS:
             log.debug("%s: lazy refcounts allowed; we keep them exact", self.path)
 
-    def _open_backing(self, depth: int, seen: frozenset[str]) -> None:
+    def _open_backing(self, policy: BackingPolicy, depth: int,
+                      seen: frozenset[tuple[int, int]]) -> None:
+        """Open the backing file through the policy (:mod:`.backing_policy`), which every
+        level of the chain goes through; ``seen``: the (device, inode) of every image above."""
         h = self.header
         if h.backing_file is None:
             return
         name = h.backing_file
-        path = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
-        real = os.path.realpath(path)
-        if real in seen or real == os.path.realpath(self.path):
-            raise Qcow2OpenError(f"{self.path}: backing chain loops at {path}")
         if depth + 1 > MAX_CHAIN_DEPTH:
             raise Qcow2OpenError(f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH}")
         fmt = h.backing_format
@@ -187,14 +210,35 @@ class Qcow2Image:
             raise Qcow2OpenError(f"{self.path}: the backing file format is not recorded (we do "
                                  "not probe); set it with: qemu-img rebase -u -b "
                                  f"{name} -F raw|qcow2 {self.path}")
-        if fmt == "raw":
-            self.backing = RawBacking(path)
-        elif fmt == "qcow2":
-            self.backing = Qcow2Image(path, read_only=True, _depth=depth + 1,
-                                      _seen=seen | {os.path.realpath(self.path)})
-        else:
+        if fmt not in ("raw", "qcow2"):
             raise Qcow2OpenError(f"{self.path}: backing format {fmt!r} is not supported "
                                  "(raw or qcow2)")
+        f = policy.open(name, self.path)
+        try:
+            st = os.fstat(f.fd)
+            if (st.st_dev, st.st_ino) in seen:
+                raise Qcow2OpenError(f"{self.path}: backing chain loops at {f.path}")
+            if fmt == "raw":
+                self.backing = RawBacking(f.fd, f.path)
+        except BaseException:
+            os.close(f.fd)
+            raise
+        if fmt == "qcow2":  # takes the fd (and closes it if it fails)
+            self.backing = Qcow2Image(f.path, read_only=True, _policy=policy, _fd=f.fd,
+                                      _depth=depth + 1, _seen=seen)
+
+    def _before_write(self) -> None:
+        """Called (lock held) before anything is written to the image: the first call clears
+        the autoclear bits, synced before the write that follows it may break what they
+        vouch for (QEMU's bitmaps)."""
+        if not self._autoclear_pending:
+            return
+        h = self.header
+        pwrite_all(self.fd, bytes(8), 88)
+        os.fdatasync(self.fd)
+        log.info("%s: cleared autoclear feature bits %#x", self.path, h.autoclear)
+        h.autoclear = 0
+        self._autoclear_pending = False
 
     # ------------------------------------------------------------------ metadata lookup
     def _l2_table(self, offset: int) -> array:
@@ -321,7 +365,7 @@ class Qcow2Image:
         g = offset >> self.cluster_bits
         reject = _FAST_REJECT_WRITE if writing else _FAST_REJECT_READ
         with self._lock:
-            if self._draining or (writing and g in self._busy):
+            if self._draining or (writing and (g in self._busy or self._autoclear_pending)):
                 return -1
             l2_off = self.l1[g >> self.l2_bits] & OFFSET_MASK
             if not l2_off:
@@ -424,6 +468,7 @@ class Qcow2Image:
         try:
             pos, end = offset, offset + total
             with self._lock:
+                self._before_write()
                 while pos < end:
                     n = min(cs - (pos & (cs - 1)), end - pos)
                     g = pos >> cb
@@ -581,6 +626,7 @@ class Qcow2Image:
             try:
                 while self._inflight or any(first <= g < last for g in self._busy):
                     self._cond.wait()
+                self._before_write()
                 for g in range(first, last):
                     if not self._discard_cluster(g, zero, unmap):
                         write_back.append(g)
@@ -648,6 +694,7 @@ class Qcow2Image:
             if self.backing is not None and self.backing.size > self.size:
                 raise DiskError(f"{self.path}: the backing file would show through the new "
                                 f"area; {offline}")
+            self._before_write()
             need = l1_entries_needed(size, self.cluster_bits)
             room = -(-(h.l1_size * 8) // cs) * cs // 8  # entries the L1 clusters hold
             if need > room:

@@ -23,6 +23,8 @@ import struct
 import time
 from collections import OrderedDict, deque
 
+import numpy as np
+
 from .format import MAX_REFTABLE_BYTES, REFTABLE_RESERVED, Header, Qcow2OpenError
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,33 @@ log = logging.getLogger(__name__)
 RESERVE_BYTES = 4 << 20
 RESERVE_MAX_BYTES = 16 << 20
 RESERVE_MAX_CLUSTERS = 256
+# The most refcount-block work one allocation (one batch) may do looking for free clusters,
+# below the end of the file and again past it: blocks visited, and bytes of them read.  The
+# lock every queue shares is held meanwhile, so a hostile table (millions of entries, all
+# "in use") must cost milliseconds, not hours; a scan that runs out resumes where it stopped
+# at the next allocation.
+SCAN_BLOCKS = 64
+SCAN_BYTES = 4 << 20
+_DTYPES: dict[int, np.dtype[np.unsignedinteger]] = {
+    8: np.dtype(np.uint8), 16: np.dtype(">u2"), 32: np.dtype(">u4"), 64: np.dtype(">u8")}
+
+
+class _Budget:
+    """What is left of the scan work one batch may do."""
+
+    __slots__ = ("blocks", "bytes")
+
+    def __init__(self) -> None:
+        self.blocks = SCAN_BLOCKS
+        self.bytes = SCAN_BYTES
+
+    def spend(self, nbytes: int) -> bool:
+        """Account one block visit of ``nbytes``; False when nothing was left for it."""
+        if self.blocks <= 0 or self.bytes <= 0:
+            return False
+        self.blocks -= 1
+        self.bytes -= nbytes
+        return True
 
 
 class CorruptImage(OSError):
@@ -59,13 +88,20 @@ class Refcounts:
         self.table_offset = header.refcount_table_offset
         self.table_clusters = header.refcount_table_clusters
         raw = os.pread(fd, header.refcount_table_clusters * cs, self.table_offset)
-        n = len(raw) // 8
-        self.table = list(struct.unpack(f">{n}Q", raw))
-        for i, entry in enumerate(self.table):
-            if entry & (cs - 1) or entry & REFTABLE_RESERVED or (entry and entry + cs > file_size):
-                raise Qcow2OpenError(f"{path}: refcount table entry {i} ({entry:#x}) is "
-                                     "misaligned or beyond the end of the file")
+        # Validated with numpy: a table may hold a million entries.
+        entries = np.frombuffer(raw, dtype=">u8")[:len(raw) // 8].astype(np.uint64)
+        bad = ((entries & np.uint64((cs - 1) | REFTABLE_RESERVED)) != 0) | (
+            (entries != 0) & (entries > np.uint64(max(0, file_size - cs))))
+        if bad.any():
+            i = int(bad.argmax())
+            raise Qcow2OpenError(f"{path}: refcount table entry {i} ({int(entries[i]):#x}) is "
+                                 "misaligned or beyond the end of the file")
+        self.table: list[int] = entries.tolist()
+        self._check_blocks(entries, path)
         self.block_offsets = {e for e in self.table if e}
+        # Per table entry: the block is known to have no free entry (set by a scan, cleared
+        # when a count in it drops to zero), so scans skip it without reading it.
+        self._full = np.zeros(len(self.table), dtype=bool)
         self._cache: OrderedDict[int, bytearray] = OrderedDict()
         self._cache_blocks = cache_blocks
         self.file_end = file_size  # highest byte we know to be in the file (grows on use)
@@ -78,6 +114,21 @@ class Refcounts:
         self._reserve_stale = False
         self._fresh: set[int] = set()  # reserved clusters that are holes past the old end
         self.free_hint = 0  # no free cluster below this index
+        self._tail_hint = 0  # where the last scan past the end of the file stopped
+
+    def _check_blocks(self, entries: np.ndarray, path: str) -> None:
+        """Refuse a table whose blocks overlap each other or the table itself: a write to one
+        count would change others (and a scan could be made to visit one block a million
+        times).  Aligned and nonzero, a block is never in the header's cluster."""
+        used = entries[entries != 0]
+        if np.unique(used).size != used.size:
+            raise Qcow2OpenError(f"{path}: refcount table entries share refcount blocks")
+        end = self.table_offset + self.table_clusters * self.cluster_size
+        inside = (used >= np.uint64(self.table_offset)) & (used < np.uint64(end))
+        if inside.any():
+            off = int(used[int(inside.argmax())])
+            raise Qcow2OpenError(f"{path}: refcount block at {off:#x} overlaps the refcount "
+                                 "table")
 
     # ------------------------------------------------------------------ blocks
     def _block(self, index: int) -> tuple[int, bytearray] | None:
@@ -139,6 +190,8 @@ class Refcounts:
         off, blk = found
         start, end = self._set_in(blk, cluster % self.per_block, value)
         _pwrite_all(self.fd, blk[start:end], off + start)
+        if value == 0:
+            self._full[cluster // self.per_block] = False
 
     def add(self, cluster: int, delta: int) -> int:
         value = self.get(cluster) + delta
@@ -198,6 +251,7 @@ class Refcounts:
         os.fdatasync(self.fd)  # the header durable before the old table's refcount drops
         old_off, old_clusters = self.table_offset, self.table_clusters
         self.table, self.table_offset, self.table_clusters = table, table_off, k
+        self._full = np.concatenate([self._full, np.zeros(entries - len(self._full), bool)])
         self.block_offsets.add(block_off)
         self._cache[block_off] = blk
         self.file_end = max(self.file_end, table_off + k * cs)
@@ -232,21 +286,29 @@ class Refcounts:
     def allocate_run(self, count: int) -> int:
         """``count`` contiguous free clusters past every cluster in use, their refcounts 1 and
         synced before the caller uses them (a table that must be one piece: a new L1); the
-        byte offset of the first.  The file is extended to cover them."""
+        byte offset of the first.  The file is extended to cover them.  The search is bounded
+        (:data:`SCAN_BLOCKS`): OSError(ENOSPC) if a hostile table hides every run."""
         cs = self.cluster_size
         per = self.per_block
         c = max(-(-self.file_end // cs), max(self._reserve, default=0) + 1, 1)
-        while True:
-            for x in range(c, c + count):
-                if self._block(x // per) is None:
-                    self._new_block(x // per, x)  # the block takes x: look again after it
-                    c = x + 1
-                    break
-                if self.get(x):
-                    c = x + 1
-                    break
+        budget = _Budget()
+        x = c
+        while x < c + count:
+            found = self._block(x // per)
+            if not budget.spend(cs):
+                raise OSError(errno.ENOSPC, f"{self.path}: no run of {count} free clusters "
+                              "found (refcount table full or damaged)")
+            if found is None:
+                self._new_block(x // per, x)  # the block takes x: look again after it
+                c = x = x + 1
+                continue
+            i = x % per
+            j = min(per, i + c + count - x)
+            used = np.flatnonzero(self._in_use(found[1])[i:j])
+            if used.size:
+                c = x = x + int(used[-1]) + 1
             else:
-                break
+                x += j - i
         for x in range(c, c + count):
             self.set(x, 1)
         end = (c + count) * cs
@@ -268,12 +330,19 @@ class Refcounts:
             self._batch = self.reserve_clusters
         self._last_refill = now
         old_size = os.fstat(self.fd).st_size
-        got = []
-        for _ in range(self._batch):
-            c = self._find_free()
-            self.set(c, 1)
-            self.free_hint = c + 1
-            got.append(c)
+        got: list[int] = []
+        budget, tail_budget = _Budget(), _Budget()
+        while len(got) < self._batch:
+            found = self._find_free(self._batch - len(got), budget, tail_budget)
+            if not found:
+                break
+            for c in found:
+                self.set(c, 1)
+            got += found
+        if not got:
+            raise CorruptImage(f"{self.path}: no free cluster found in {SCAN_BLOCKS} refcount "
+                               "blocks below the end of the file nor past it (refcount table "
+                               "damaged?); the next allocation looks further")
         # The file covers the batch before any of it can be referenced: an L2 entry persisted
         # ahead of its data (host crash) then points inside the file, never beyond its end.
         # Only ever grows: every cluster handed out earlier lies below the current size.
@@ -286,23 +355,63 @@ class Refcounts:
         os.fdatasync(self.fd)
         self._reserve.extend(got)
 
-    def _find_free(self) -> int:
-        c = max(self.free_hint, 1)
+    def _in_use(self, blk: bytearray) -> np.ndarray[tuple[int], np.dtype[np.bool_]]:
+        """Per entry of a refcount block: whether its count is nonzero (vectorised)."""
+        bits = self.bits
+        if bits >= 8:
+            counts = np.frombuffer(blk, dtype=_DTYPES[bits])
+            return np.not_equal(counts, 0)
+        flags = np.unpackbits(np.frombuffer(blk, dtype=np.uint8), bitorder="little")
+        # Entry i is bits i*bits .. (i+1)*bits-1, low bits first (as _get_in reads them).
+        return np.any(flags.reshape(-1, bits), axis=1)
+
+    def _find_free(self, want: int, budget: _Budget, tail_budget: _Budget) -> list[int]:
+        """Up to ``want`` free host clusters (refcount 0) from one refcount block; none when
+        the budgets ran out.
+
+        First fit from :attr:`free_hint` (QEMU's order); if the budget runs out before one
+        is found, the hint keeps the progress and the search goes on from the end of the file
+        (a valid image has no counts there), on a budget of its own."""
+        found, stop = self._scan(max(self.free_hint, 1), want, budget, True)
+        self.free_hint = stop  # the caller sets the counts of what was found right away
+        if found:
+            return found
+        tail = max(-(-self.file_end // self.cluster_size), self._tail_hint, stop)
+        found, self._tail_hint = self._scan(tail, want, tail_budget, False)
+        return found
+
+    def _scan(self, c: int, want: int, budget: _Budget,
+              from_hint: bool) -> tuple[list[int], int]:
+        """(up to ``want`` free clusters at or after ``c``, all in the first block that has
+        any; where the scan stopped: past the last one found).
+
+        ``from_hint``: every cluster below ``c`` is in use, so a block scanned from inside
+        finding nothing is full.  Blocks known to be full are skipped without being read (one
+        vectorised search over the flags); a block is read and searched with numpy, so a
+        visit costs microseconds and ``budget`` bounds the visits."""
         per = self.per_block
         while True:
-            found = self._block(c // per)
+            idx = c // per
+            if idx < len(self._full) and self._full[idx]:
+                rest = self._full[idx:]
+                k = int(rest.argmin())
+                idx = len(self._full) if rest[k] else idx + k
+                c = idx * per
+            if not budget.spend(self.cluster_size):
+                return [], c
+            found = self._block(idx)
             if found is None:
-                self._new_block(c // per, c)  # the block takes c; look again from c + 1
+                self._new_block(idx, c)  # the block takes c; look again from c + 1
                 c += 1
                 continue
-            blk = found[1]
             i = c % per
-            base = c - i
-            while i < per and self._get_in(blk, i):
-                i += 1
-            if i < per:
-                return base + i
-            c = base + per
+            free = np.flatnonzero(~self._in_use(found[1])[i:])
+            if free.size:
+                picks = (free[:want] + c).tolist()
+                return picks, picks[-1] + 1
+            if from_hint or i == 0:
+                self._full[idx] = True
+            c = (idx + 1) * per
 
     def release_reserve(self) -> None:
         """Give back the clusters taken ahead and not used (at close: no leak when clean)."""
