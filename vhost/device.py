@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyMarker
@@ -128,7 +127,7 @@ class Device(abc.ABC):
     #: Serve queues in processes (None: when there is more than one queue).
     queue_processes: bool | None = False
     #: Set by the control side while queue processes run: brings every process's counters
-    #: (:meth:`set_queue_counters`) up to date before they are read.
+    #: (:meth:`set_queue_counter_values`) up to date before they are read.
     refresh_counters: Callable[[], None] | None = None
     #: Set by the control side while queue processes run: the device calls it when
     #: :meth:`process_state` changes outside a vhost-user message (a resize, say).
@@ -146,9 +145,13 @@ class Device(abc.ABC):
     def apply_process_state(self, state: dict[str, object]) -> None:
         """In a queue process: take :meth:`process_state` from the control process."""
 
-    def queue_counters(self, index: int) -> dict[str, Any]:
-        """In a queue process: queue ``index``'s statistics, to be summed by the control one."""
-        return {}
+    def queue_counter_values(self, index: int) -> Sequence[int]:
+        """In a queue process: queue ``index``'s statistics as a fixed number of unsigned
+        integers (the same count every call, for every queue), to be summed by the control
+        process.  Flat, because a queue process writes them to shared memory after each
+        batch of completions (:class:`vhost.procwire.CounterBlock`)."""
+        return ()
 
-    def set_queue_counters(self, index: int, counters: dict[str, Any]) -> None:
-        """In the control process: queue ``index``'s statistics as its process reported them."""
+    def set_queue_counter_values(self, index: int, values: Sequence[int]) -> None:
+        """In the control process: queue ``index``'s statistics as its process published
+        them (:meth:`queue_counter_values`'s layout)."""

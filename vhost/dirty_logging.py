@@ -31,7 +31,7 @@ nothing (:mod:`guestmem.dirty_log`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,6 +77,9 @@ class DirtyLogging:
         self.retired: list[DirtyLog] = []
         #: SET_LOG_FD: signalled after marks are committed.
         self.call = Notifier()
+        #: Also called after marks are committed, on the marking thread (a queue process
+        #: publishes its count then).
+        self.on_marks: Callable[[], None] | None = None
         self._pages_done = 0  # marked by queues that have stopped or stopped logging since
 
     # ------------------------------------------------------------------ state
@@ -144,11 +147,16 @@ class DirtyLogging:
 
     def _attach(self, vring: LoggedQueue) -> None:
         assert vring.worker is not None and self.log is not None
-        marker = DirtyMarker(self.log, self.call.signal)
+        marker = DirtyMarker(self.log, self._marked)
         # The ring first: whatever the device records is then committed by the ring's flush.
         vring.worker.vq.dirty = marker
         if vring.queue_handler is not None:
             vring.queue_handler.dirty = marker
+
+    def _marked(self) -> None:
+        self.call.signal()
+        if self.on_marks is not None:
+            self.on_marks()
 
     def _detach(self, vring: LoggedQueue) -> None:
         assert vring.worker is not None
