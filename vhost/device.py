@@ -77,8 +77,13 @@ class QueueHandler(abc.ABC):
         """``(head, used_len)`` of requests that finished since the last call."""
         return []
 
-    def close(self) -> None:
-        """Release resources; called after every submitted request was reaped (or abandoned)."""
+    def close(self) -> bool:
+        """Release resources; called after the worker stopped, every submitted request reaped
+        or abandoned (a drain that timed out).  True once nothing this handler started can
+        still write guest memory; False if something still may (IO stuck in the kernel or a
+        storage library): the caller must then leave guest memory (and the dirty log)
+        mapped."""
+        return True
 
 
 class Device(abc.ABC):

@@ -131,8 +131,8 @@ class PublishingHandler(QueueHandler):
             self.publish()
         return done
 
-    def close(self) -> None:
-        self.inner.close()
+    def close(self) -> bool:
+        return self.inner.close()
 
 
 class ProcessWorker(QueueWorker):
@@ -311,28 +311,30 @@ class QueueProcess:
             answer.update(next_avail=vq.next_avail, broken=vq.broken, kicks=worker.kicks,
                           batches=worker.batches, completed=worker.completed,
                           calls=worker.call.count)
+        if worker is not None and answer["drained"] and worker.alive:
+            answer["drained"] = False
+        if worker is not None and answer["drained"]:
+            worker.vq.release()
+            # Engine ops the drain gave up on may still be running: the engine says.
+            answer["drained"] = worker.handler.close()
         self.publish()  # the final counters, read by the control process with this answer
-        if worker is not None and not answer["drained"]:
+        if msg is not None:
+            with contextlib.suppress(OSError):
+                send(self.sock, answer)
+        if not answer["drained"]:
             # Requests (IO threads, librbd, the kernel) may still write guest memory: do not
             # unmap it or the log, or close the engine's fds under them.  The control process
-            # kills this process on this answer; the kernel takes everything down with it.
+            # kills this process on this answer (the caller exits at once too); the kernel
+            # takes everything down with it.
             log.error("queue %d: not drained; leaving memory mapped until the process ends",
                       self.index)
-            if msg is not None:
-                with contextlib.suppress(OSError):
-                    send(self.sock, answer)
             return False
         if worker is not None:
-            worker.vq.release()
-            worker.handler.close()
             worker.call.close()
             if worker.err is not None:
                 worker.err.close()
             with contextlib.suppress(OSError):
                 os.close(worker.kick_fd)
-        if msg is not None:
-            with contextlib.suppress(OSError):
-                send(self.sock, answer)
         if self.inflight is not None:
             self.inflight.close()
         self.dirty_logging.close([self.queue], report=False)  # the control process reports

@@ -537,13 +537,14 @@ class BlkQueueHandler(QueueHandler):
         """The engine's finished ops: every op this queue submits is a :class:`BlkRequest`."""
         return cast("list[BlkRequest]", self.engine.reap())
 
-    def close(self) -> None:
+    def close(self) -> bool:
         for chain in self.pending:  # only when the queue is torn down with requests waiting
             log.warning("queue %d: dropping request %d waiting for bounce pages", self.index,
                         chain.head)
         self.pending.clear()
-        self.engine.close()
+        quiet = self.engine.close()
         self.device._handlers.discard(self)
+        return quiet
 
     # ------------------------------------------------------------------ request start
     def _start(self, chain: DescriptorChain, retry: bool = False) -> int | None:

@@ -71,6 +71,6 @@ class MappedUringEngine(UringEngine):
         early, self._early = self._early, []
         return early + self._reap_ring() if early else self._reap_ring()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
         self._quiesce()
-        super().close()
+        return super().close(timeout)

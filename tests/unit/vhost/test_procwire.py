@@ -140,8 +140,9 @@ def test_an_unknown_request_kind_is_refused_before_it_is_sent(fake_worker) -> No
 
 def test_counter_block_round_trip() -> None:
     block, fd = CounterBlock.create(5)
+    reader = CounterBlock(fd, 5)
+    os.close(fd)
     try:
-        reader = CounterBlock(fd, 5)
         assert reader.read() is not None
         block.publish(7, True, 3, [1, 2, 3, 4, 2**64 - 1])
         snap = reader.read()
@@ -149,4 +150,5 @@ def test_counter_block_round_trip() -> None:
         assert (snap.next_avail, snap.dirty_logging, snap.dirty_pages) == (7, True, 3)
         assert snap.values == (1, 2, 3, 4, 2**64 - 1)
     finally:
-        os.close(fd)
+        reader.close()
+        block.close()
