@@ -110,6 +110,7 @@ class QueueProcessWorker:
         self._reader: threading.Thread | None = None
         self._send_lock = threading.Lock()
         self._frozen = False  # after the stop answer: the block no longer overrides it
+        self._block_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     def spawn(self, start: dict[str, Any], fds: list[int]) -> None:
@@ -189,14 +190,16 @@ class QueueProcessWorker:
     def refresh(self, dirty: bool = True) -> None:
         """Copy what the process last published (counters, avail index, and with ``dirty``
         its dirty-log state) -- shared memory only, nothing asked of the process."""
-        block = self.counters
-        if block is None or self._frozen:
-            return
-        snap = block.read()
+        with self._block_lock:  # (_reap may be closing it on the control thread)
+            block = self.counters
+            if block is None or self._frozen:
+                return
+            snap = block.read()
         if snap is None:
             return
         self.device.set_queue_counter_values(self.index, snap.values)
         self._last_avail = snap.next_avail
+        self.vq.in_flight_count = snap.in_flight  # (the in-flight gauge a scrape reads)
         if dirty:
             self.remote_log.logging, self.remote_log.pages = snap.dirty_logging, snap.dirty_pages
 
@@ -285,9 +288,10 @@ class QueueProcessWorker:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        if self.counters is not None:
-            self.counters.close()
-            self.counters = None
+        with self._block_lock:
+            if self.counters is not None:
+                self.counters.close()
+                self.counters = None
 
     def quiesce(self, timeout: float = 5.0) -> bool:
         """Nothing of the control process's is used by a queue process between passes."""

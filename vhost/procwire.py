@@ -28,6 +28,7 @@ import pickle
 import socket
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +110,9 @@ class Replies:
     def wait(self, seq: int, timeout: float | None) -> dict[str, Any] | None:
         with self._lock:
             slot = self._slots.get(seq)
-            final = self._final
-        if slot is None:
-            return final
+            if slot is None or self._final is not None:  # the process is gone already
+                self._slots.pop(seq, None)
+                return slot.reply if slot is not None and slot.reply else self._final
         slot.event.wait(timeout)
         with self._lock:
             self._slots.pop(seq, None)
@@ -145,9 +146,9 @@ class Replies:
 
 
 # ---------------------------------------------------------------------- counters
-#: Header words of a counter block: seqlock sequence, next avail index, dirty logging on,
-#: dirty pages marked; the device's counters follow.
-_HEADER = struct.Struct("<QQQQ")
+#: Header words of a counter block: seqlock sequence, next avail index, requests in flight,
+#: dirty logging on, dirty pages marked; the device's counters follow.
+_HEADER = struct.Struct("<QQQQQ")
 _WORD = struct.Struct("<Q")
 _MAX_READ_TRIES = 1000
 
@@ -157,6 +158,7 @@ class CounterSnapshot:
     """What a queue process last published."""
 
     next_avail: int
+    in_flight: int
     dirty_logging: bool
     dirty_pages: int
     values: tuple[int, ...]
@@ -191,13 +193,13 @@ class CounterBlock:
             os.close(fd)
             raise
 
-    def publish(self, next_avail: int, dirty_logging: bool, dirty_pages: int,
-                values: tuple[int, ...] | list[int]) -> None:
-        """Write a snapshot (the single writer only)."""
+    def publish(self, next_avail: int, in_flight: int, dirty_logging: bool, dirty_pages: int,
+                values: Sequence[int]) -> None:
+        """Write a snapshot (one writer at a time)."""
         mm = self._mm
         seq = self._seq + 1
         _WORD.pack_into(mm, 0, seq)  # odd: being written
-        _HEADER.pack_into(mm, 0, seq, next_avail, int(dirty_logging), dirty_pages)
+        _HEADER.pack_into(mm, 0, seq, next_avail, in_flight, int(dirty_logging), dirty_pages)
         self._values.pack_into(mm, _HEADER.size, *values)
         self._seq = seq = seq + 1
         _WORD.pack_into(mm, 0, seq)  # even: whole
@@ -206,12 +208,12 @@ class CounterBlock:
         """The last whole snapshot (None if the writer kept it busy for every try)."""
         mm = self._mm
         for _ in range(_MAX_READ_TRIES):
-            seq, avail, logging_, pages = _HEADER.unpack_from(mm, 0)
+            seq, avail, in_flight, logging_, pages = _HEADER.unpack_from(mm, 0)
             if seq & 1:
                 continue
             values = self._values.unpack_from(mm, _HEADER.size)
             if _WORD.unpack_from(mm, 0)[0] == seq:
-                return CounterSnapshot(avail, bool(logging_), pages, values)
+                return CounterSnapshot(avail, in_flight, bool(logging_), pages, values)
         return None
 
     def close(self) -> None:

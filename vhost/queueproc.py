@@ -48,6 +48,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,10 +104,11 @@ class PublishingHandler(QueueHandler):
     """The device's queue handler, with the counters published after each batch it finished.
 
     The worker publishes the used index after these calls return, so once a driver sees a
-    completion its counters are in the block already.  Counting happens in ``inner``.
+    completion its counters are in the block already (and the requests it is about to mark
+    used are not counted in flight).  Counting happens in ``inner``.
     """
 
-    def __init__(self, inner: QueueHandler, publish: Callable[[], None]) -> None:
+    def __init__(self, inner: QueueHandler, publish: Callable[[int], None]) -> None:
         self.inner = inner
         self.publish = publish
         self.completion_fd = inner.completion_fd
@@ -116,19 +118,20 @@ class PublishingHandler(QueueHandler):
 
     def submit_batch(self, chains: Sequence[DescriptorChain]) -> list[tuple[int, int]]:
         finished = self.inner.submit_batch(chains)
-        self.publish()  # also when nothing finished: the avail index moved
+        self.publish(len(finished))  # also when nothing finished: the avail index moved
         return finished
 
     def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
+        avail = vq.next_avail
         finished = self.inner.submit_from_ring(vq)
-        if finished:
-            self.publish()
+        if finished or vq.next_avail != avail:
+            self.publish(len(finished))
         return finished
 
     def reap(self) -> list[tuple[int, int]]:
         done = self.inner.reap()
         if done:
-            self.publish()
+            self.publish(len(done))
         return done
 
     def close(self) -> bool:
@@ -164,6 +167,7 @@ class QueueProcess:
         self.dirty_logging = DirtyLogging()
         self.dirty_logging.on_marks = self.publish  # the pages marked, as they are committed
         self.counters: CounterBlock | None = None
+        self._publish_lock = threading.Lock()
         #: Readable once the worker thread ended (serve() returns then).
         self.ended_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -172,15 +176,20 @@ class QueueProcess:
         queues = [self.queue]
         return self.dirty_logging.logging(queues), self.dirty_logging.pages_marked(queues)
 
-    def publish(self) -> None:
-        """This queue's counters, its avail index and its dirty-log state into the block
-        (the worker thread, or the main thread once the worker stopped)."""
+    def publish(self, completing: int = 0) -> None:
+        """This queue's counters, its avail index, its requests in flight (less
+        ``completing``, about to be marked used) and its dirty-log state into the block (the
+        worker thread after a batch; the main thread after a request it answered)."""
         block = self.counters
         if block is None or self.device is None:
             return
-        logging_, pages = self.dirty_state()
-        next_avail = self.worker.vq.next_avail if self.worker is not None else 0
-        block.publish(next_avail, logging_, pages, self.device.queue_counter_values(self.index))
+        with self._publish_lock:  # one writer at a time (the block's sequence lock needs it)
+            logging_, pages = self.dirty_state()
+            vq = self.worker.vq if self.worker is not None else None
+            block.publish(vq.next_avail if vq is not None else 0,
+                          max(0, vq.in_flight_count - completing) if vq is not None else 0,
+                          logging_, pages,
+                          self.device.queue_counter_values(self.index))
 
     # ------------------------------------------------------------------ start
     def start(self, msg: dict[str, Any], fds: list[int]) -> None:

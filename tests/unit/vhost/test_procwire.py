@@ -144,10 +144,11 @@ def test_counter_block_round_trip() -> None:
     os.close(fd)
     try:
         assert reader.read() is not None
-        block.publish(7, True, 3, [1, 2, 3, 4, 2**64 - 1])
+        block.publish(7, 2, True, 3, [1, 2, 3, 4, 2**64 - 1])
         snap = reader.read()
         assert snap is not None
-        assert (snap.next_avail, snap.dirty_logging, snap.dirty_pages) == (7, True, 3)
+        assert (snap.next_avail, snap.in_flight, snap.dirty_logging, snap.dirty_pages) == \
+            (7, 2, True, 3)
         assert snap.values == (1, 2, 3, 4, 2**64 - 1)
     finally:
         reader.close()
