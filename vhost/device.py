@@ -151,11 +151,17 @@ class Device(abc.ABC):
         """In a queue process: take :meth:`process_state` from the control process."""
 
     def queue_counter_values(self, index: int) -> Sequence[int]:
-        """In a queue process: queue ``index``'s statistics as a fixed number of unsigned
-        integers (the same count every call, for every queue), to be summed by the control
-        process.  Flat, because a queue process writes them to shared memory after each
-        batch of completions (:class:`vhost.procwire.CounterBlock`)."""
+        """In a queue process: queue ``index``'s statistics as unsigned integers in a fixed
+        layout, to be summed by the control process.  Flat, because a queue process writes
+        them to shared memory once per batch of completions
+        (:class:`vhost.procwire.CounterBlock`): keep it cheap.  May return a prefix of the
+        layout when the rest has not changed since the last call (the rest then keeps its
+        last values); the control side's count is the layout's full length."""
         return ()
+
+    def counter_slots(self) -> int:
+        """How many values :meth:`queue_counter_values`'s full layout has."""
+        return 0
 
     def set_queue_counter_values(self, index: int, values: Sequence[int]) -> None:
         """In the control process: queue ``index``'s statistics as its process published

@@ -338,7 +338,7 @@ class QueueProcesses:
             "recipe": (target, kwargs), "state": self.device.process_state(),
             "log": self._log[1:] if self._log is not None else None,
             "log_call": self._log_call is not None, "log_addr": log_addr,
-            "counter_slots": len(self.device.queue_counter_values(index)),
+            "counter_slots": self.device.counter_slots(),
         }
         counters, counters_fd = CounterBlock.create(start["counter_slots"])
         call_fd = call.fd if call.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)

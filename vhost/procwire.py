@@ -177,6 +177,7 @@ class CounterBlock:
         """Map the block behind ``fd`` (the caller keeps ``fd``), ``slots`` device counters."""
         self.slots = slots
         self._values = struct.Struct(f"<{slots}Q")
+        self._prefixes: dict[int, struct.Struct] = {slots: self._values}
         self.size = _HEADER.size + self._values.size
         self._mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED,
                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -195,12 +196,20 @@ class CounterBlock:
 
     def publish(self, next_avail: int, in_flight: int, dirty_logging: bool, dirty_pages: int,
                 values: Sequence[int]) -> None:
-        """Write a snapshot (one writer at a time)."""
+        """Write a snapshot (one writer at a time).  ``values`` may be a prefix of the
+        counters: the rest keep what they last were (a device leaves out what did not
+        change, such as histograms that are not kept)."""
         mm = self._mm
+        n = len(values)
+        fmt = self._prefixes.get(n)
+        if fmt is None:
+            if n > self.slots:
+                raise ValueError(f"{n} counter values for a block of {self.slots}")
+            fmt = self._prefixes[n] = struct.Struct(f"<{n}Q")
         seq = self._seq + 1
         _WORD.pack_into(mm, 0, seq)  # odd: being written
         _HEADER.pack_into(mm, 0, seq, next_avail, in_flight, int(dirty_logging), dirty_pages)
-        self._values.pack_into(mm, _HEADER.size, *values)
+        fmt.pack_into(mm, _HEADER.size, *values)
         self._seq = seq = seq + 1
         _WORD.pack_into(mm, 0, seq)  # even: whole
 

@@ -20,10 +20,11 @@ the control process:
 
 Each request carries a number and gets exactly one reply with the same number
 (:mod:`vhost.procwire` declares the wire).  This queue's counters are not sent at all: the
-worker writes them into a shared :class:`~vhost.procwire.CounterBlock` after each batch of
-completions (before it publishes the used index, so a driver that saw a completion finds it
-counted), where the control process reads them when scraped.  An idle queue process sleeps:
-nothing here runs on a timer.  If the control
+worker writes them into a shared :class:`~vhost.procwire.CounterBlock` once per pass that
+completed or took requests (just before it publishes the used index, so a driver that saw a
+completion finds it counted; a few microseconds, a prefix when latency is not accounted),
+where the control process reads them when scraped.  An idle queue process sleeps: nothing here
+runs on a timer.  If the control
 process dies (kill -9), the kernel kills this one too (PR_SET_PDEATHSIG), so a restarted server
 never races a leftover worker on the same rings; an EOF on the socket stops the queue as well.
 
@@ -50,7 +51,7 @@ import socket
 import sys
 import threading
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -61,7 +62,7 @@ from .dirty_logging import DirtyLogging
 from .inflight import InflightArea
 from .memory import MemoryTable
 from .procwire import REQUESTS, CounterBlock, receive, reply, send
-from .virtqueue import DescriptorChain, RingAddresses, VirtQueue
+from .virtqueue import RingAddresses, VirtQueue
 from .worker import Notifier, QueueWorker
 
 log = logging.getLogger(__name__)
@@ -100,42 +101,21 @@ class ProcessQueue:
     queue_handler: QueueHandler | None = None
 
 
-class PublishingHandler(QueueHandler):
-    """The device's queue handler, with the counters published after each batch it finished.
+class PublishingQueue(VirtQueue):
+    """The queue, telling this process when its counters changed: just before a used-index
+    store that moves (the batch's requests are counted by then, and no driver has seen them
+    complete yet), or when the avail index moved.  Nothing runs while the queue is idle."""
 
-    The worker publishes the used index after these calls return, so once a driver sees a
-    completion its counters are in the block already (and the requests it is about to mark
-    used are not counted in flight).  Counting happens in ``inner``.
-    """
+    changed: Callable[[], None] | None = None
+    _seen_avail = -1
 
-    def __init__(self, inner: QueueHandler, publish: Callable[[int], None]) -> None:
-        self.inner = inner
-        self.publish = publish
-        self.completion_fd = inner.completion_fd
-
-    def submit(self, chain: DescriptorChain) -> int | None:
-        return self.inner.submit(chain)
-
-    def submit_batch(self, chains: Sequence[DescriptorChain]) -> list[tuple[int, int]]:
-        finished = self.inner.submit_batch(chains)
-        self.publish(len(finished))  # also when nothing finished: the avail index moved
-        return finished
-
-    def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
-        avail = vq.next_avail
-        finished = self.inner.submit_from_ring(vq)
-        if finished or vq.next_avail != avail:
-            self.publish(len(finished))
-        return finished
-
-    def reap(self) -> list[tuple[int, int]]:
-        done = self.inner.reap()
-        if done:
-            self.publish(len(done))
-        return done
-
-    def close(self) -> bool:
-        return self.inner.close()
+    def flush(self) -> bool:
+        changed = self.changed
+        if changed is not None and (self.next_used != self._published_used
+                                    or self.next_avail != self._seen_avail):
+            self._seen_avail = self.next_avail
+            changed()
+        return super().flush()
 
 
 class ProcessWorker(QueueWorker):
@@ -165,7 +145,7 @@ class QueueProcess:
         self.queue = ProcessQueue(-1)
         self.features = 0
         self.dirty_logging = DirtyLogging()
-        self.dirty_logging.on_marks = self.publish  # the pages marked, as they are committed
+        self.dirty_logging.on_marks = self.publish  # the pages marked, once committed
         self.counters: CounterBlock | None = None
         self._publish_lock = threading.Lock()
         #: Readable once the worker thread ended (serve() returns then).
@@ -176,10 +156,10 @@ class QueueProcess:
         queues = [self.queue]
         return self.dirty_logging.logging(queues), self.dirty_logging.pages_marked(queues)
 
-    def publish(self, completing: int = 0) -> None:
-        """This queue's counters, its avail index, its requests in flight (less
-        ``completing``, about to be marked used) and its dirty-log state into the block (the
-        worker thread after a batch; the main thread after a request it answered)."""
+    def publish(self) -> None:
+        """This queue's counters, its avail index, its requests in flight and its dirty-log
+        state into the block (the worker thread just before it publishes a batch, or as it
+        commits dirty-log marks; the main thread after a request it answered)."""
         block = self.counters
         if block is None or self.device is None:
             return
@@ -187,8 +167,7 @@ class QueueProcess:
             logging_, pages = self.dirty_state()
             vq = self.worker.vq if self.worker is not None else None
             block.publish(vq.next_avail if vq is not None else 0,
-                          max(0, vq.in_flight_count - completing) if vq is not None else 0,
-                          logging_, pages,
+                          vq.in_flight_count if vq is not None else 0, logging_, pages,
                           self.device.queue_counter_values(self.index))
 
     # ------------------------------------------------------------------ start
@@ -229,10 +208,11 @@ class QueueProcess:
         self.index = index = msg["index"]
         size = msg["size"]
         tracker = self.inflight.queue(index, size) if self.inflight is not None else None
-        vq = VirtQueue(self.memory.guest, size, RingAddresses(*msg["addresses"]),
-                       msg["features"], msg["base"], index=index, inflight=tracker)
+        vq = PublishingQueue(self.memory.guest, size, RingAddresses(*msg["addresses"]),
+                             msg["features"], msg["base"], index=index, inflight=tracker)
+        vq.changed = self.publish
         handler = self.device.create_handler(index, self.memory.guest)
-        self.worker = ProcessWorker(vq, PublishingHandler(handler, self.publish), kick,
+        self.worker = ProcessWorker(vq, handler, kick,
                                     Notifier(call), Notifier(err), name=f"vq{index}",
                                     ended_fd=self.ended_fd)
         self.queue = ProcessQueue(index, msg["log_addr"], self.worker, handler)
@@ -244,10 +224,12 @@ class QueueProcess:
     def serve(self) -> int:
         """Answer the control process until it says stop (or goes away); the exit status.
 
-        Sleeps until a request comes or the worker thread ends: no timer."""
+        Sleeps until a request comes or the worker thread ends: no timer, so an idle queue
+        costs nothing."""
+        sock = self.sock.fileno()
         while True:
-            ready, _, _ = select.select([self.sock.fileno(), self.ended_fd], [], [])
-            if self.sock.fileno() not in ready:
+            ready, _, _ = select.select([sock, self.ended_fd], [], [])
+            if sock not in ready:
                 log.error("queue %d: worker thread ended; exiting", self.index)
                 return 1
             try:

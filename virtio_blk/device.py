@@ -88,14 +88,17 @@ class BlkStats:
     total_ns: list[int] = field(default_factory=zeros)
     latency: list[list[int]] = field(default_factory=new_histograms)
 
-    def values(self) -> list[int]:
-        """Every counter, flat, in a fixed order (what a queue process publishes after each
-        batch: kept cheap, a few microseconds)."""
+    def values(self, full: bool = True) -> list[int]:
+        """Every counter, flat, in a fixed order.  ``full=False`` (what a queue process
+        publishes once per batch, where every microsecond counts): without the latency
+        part while no latency was ever recorded (latency accounting off) -- a prefix that
+        leaves the published zeros as they are."""
         out = list(_get_scalars(self))
         out += self.failed
-        out += self.total_ns
-        for histogram in self.latency:
-            out += histogram
+        if full or any(self.total_ns):
+            out += self.total_ns
+            for histogram in self.latency:
+                out += histogram
         return out
 
     def set_values(self, values: Sequence[int]) -> None:
@@ -447,7 +450,10 @@ class BlkDevice(Device):
             self.set_capacity(capacity)
 
     def queue_counter_values(self, index: int) -> list[int]:
-        return self.queue_stats[index].values()
+        return self.queue_stats[index].values(full=False)
+
+    def counter_slots(self) -> int:
+        return len(BlkStats().values())
 
     def set_queue_counter_values(self, index: int, values: Sequence[int]) -> None:
         self.queue_stats[index].set_values(values)
