@@ -380,6 +380,8 @@ class UringEngine(Engine):
         """Cancel what is still in the ring and wait for every one of its completions (the
         kernel may write guest memory until an op's completion is posted); the ring is closed
         only then.  Ops never submitted are simply dropped."""
+        for op in self._queued:
+            self._dropped(op)
         self._queued.clear()
         self.completion_fd = None
         ring = self.ring
@@ -395,9 +397,10 @@ class UringEngine(Engine):
                     ring.submit()
                     for ud, _res in ring.reap():
                         if not ud & _CANCEL_TAG:
-                            op = self._ops.pop(ud, None)
-                            if op is not None:
-                                op.iov = None
+                            gone = self._ops.pop(ud, None)
+                            if gone is not None:
+                                gone.iov = None
+                                self._dropped(gone)
                     left = deadline - time.monotonic()
                     if not self._ops or left <= 0:
                         break
@@ -411,6 +414,10 @@ class UringEngine(Engine):
                 return False
         ring.close()
         return True
+
+    def _dropped(self, op: IoOp) -> None:
+        """``op`` will not be reported: close finished it (its completion came) or dropped it
+        (never submitted).  A format engine releases what it holds for the op here."""
 
 
 #: Marks a cancel entry's user data (op user data is 48 bits).

@@ -182,3 +182,56 @@ def test_a_worker_that_does_not_stop_keeps_the_dirty_log_and_guest_memory_mapped
             kept.close()
         KEPT_LOGS.clear()
         qlog.close()
+
+
+class PipeQcow2:
+    """What MappedUringEngine uses of a Qcow2Disk: every IO maps to host offset 0 of a pipe
+    (a read waits for data), and map_io/unmap_io are counted."""
+
+    path = "pipe.qcow2"
+
+    def __init__(self) -> None:
+        self.fd, self.wfd = os.pipe()
+        self.in_flight = 0
+
+    def map_io(self, offset: int, length: int, writing: bool) -> int:
+        self.in_flight += 1
+        return 0
+
+    def unmap_io(self, count: int = 1) -> None:
+        self.in_flight -= count
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.wfd)
+
+
+@pytest.mark.skipif(not available(), reason="io_uring unavailable here")
+def test_qcow2_io_uring_close_cancels_waits_and_counts_the_ops_out() -> None:
+    """The qcow2 ring engine closed with a read in flight: cancelled and waited for (it used
+    to wait for it forever), and counted out of the image's in-flight IO."""
+    from virtio_blk.qcow2.uring_engine import MappedUringEngine
+
+    disk = PipeQcow2()
+    engine = MappedUringEngine(disk)  # type: ignore[arg-type]
+    buf = bytearray(BLOCK)
+    result: list[bool] = []
+    closer = threading.Thread(target=lambda: result.append(engine.close(timeout=5)),
+                              daemon=True)
+    try:
+        assert engine.submit(IoOp(OpKind.READ, 0, [IoBuffer(memoryview(buf))], BLOCK)) is False
+        engine.flush()
+        assert disk.in_flight == 1
+        closer.start()
+        closer.join(8)
+        assert not closer.is_alive(), "close waited forever for an op it could cancel"
+        assert result == [True]
+        assert disk.in_flight == 0
+        os.write(disk.wfd, b"z" * BLOCK)
+        time.sleep(0.1)
+        assert buf == bytearray(BLOCK)
+    finally:
+        if closer.is_alive():
+            os.write(disk.wfd, b"z" * BLOCK * 2)  # let a stuck close end
+            closer.join(5)
+        disk.close()
