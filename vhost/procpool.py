@@ -171,8 +171,8 @@ class QueueProcessWorker:
                 log.warning("queue %d: dropped a malformed message from its process",
                             self.index)
                 continue
-            if self.replies.deliver(msg):
-                self._note_dirty(msg)
+            # (the dirty-log state a reply reports is taken before its waiter goes on)
+            self.replies.deliver(msg, self._note_dirty)
         self.replies.close({"kind": "eof"})
         if not self.stopping:
             self.died = True

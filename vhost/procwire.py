@@ -28,7 +28,7 @@ import pickle
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,12 +125,16 @@ class Replies:
         with self._lock:
             self._slots.pop(seq, None)
 
-    def deliver(self, msg: dict[str, Any]) -> bool:
-        """Hand ``msg`` to whoever waits for its number; False (logged) if nobody does."""
+    def deliver(self, msg: dict[str, Any],
+                taken: Callable[[dict[str, Any]], None] | None = None) -> bool:
+        """Hand ``msg`` to whoever waits for its number, calling ``taken(msg)`` first (before
+        the waiter can run on); False (logged) if nobody waits."""
         seq = msg.get("seq")
         with self._lock:
             slot = self._slots.get(seq) if isinstance(seq, int) else None
             if slot is not None and slot.reply is None:
+                if taken is not None:
+                    taken(msg)
                 slot.reply = msg
                 slot.event.set()
                 return True
