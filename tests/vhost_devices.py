@@ -84,8 +84,9 @@ class AsyncEchoHandler(EchoHandler):
                 self.dirty.record_ranges(written)
             out.append((head, used))
 
-    def close(self) -> None:
+    def close(self) -> bool:
         os.close(self.completion_fd)
+        return True
 
 
 class EchoDevice(Device):

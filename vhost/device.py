@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyMarker
@@ -78,8 +77,13 @@ class QueueHandler(abc.ABC):
         """``(head, used_len)`` of requests that finished since the last call."""
         return []
 
-    def close(self) -> None:
-        """Release resources; called after every submitted request was reaped (or abandoned)."""
+    def close(self) -> bool:
+        """Release resources; called after the worker stopped, every submitted request reaped
+        or abandoned (a drain that timed out).  True once nothing this handler started can
+        still write guest memory; False if something still may (IO stuck in the kernel or a
+        storage library): the caller must then leave guest memory (and the dirty log)
+        mapped."""
+        return True
 
 
 class Device(abc.ABC):
@@ -128,7 +132,7 @@ class Device(abc.ABC):
     #: Serve queues in processes (None: when there is more than one queue).
     queue_processes: bool | None = False
     #: Set by the control side while queue processes run: brings every process's counters
-    #: (:meth:`set_queue_counters`) up to date before they are read.
+    #: (:meth:`set_queue_counter_values`) up to date before they are read.
     refresh_counters: Callable[[], None] | None = None
     #: Set by the control side while queue processes run: the device calls it when
     #: :meth:`process_state` changes outside a vhost-user message (a resize, say).
@@ -146,9 +150,19 @@ class Device(abc.ABC):
     def apply_process_state(self, state: dict[str, object]) -> None:
         """In a queue process: take :meth:`process_state` from the control process."""
 
-    def queue_counters(self, index: int) -> dict[str, Any]:
-        """In a queue process: queue ``index``'s statistics, to be summed by the control one."""
-        return {}
+    def queue_counter_values(self, index: int) -> Sequence[int]:
+        """In a queue process: queue ``index``'s statistics as unsigned integers in a fixed
+        layout, to be summed by the control process.  Flat, because a queue process writes
+        them to shared memory once per batch of completions
+        (:class:`vhost.procwire.CounterBlock`): keep it cheap.  May return a prefix of the
+        layout when the rest has not changed since the last call (the rest then keeps its
+        last values); the control side's count is the layout's full length."""
+        return ()
 
-    def set_queue_counters(self, index: int, counters: dict[str, Any]) -> None:
-        """In the control process: queue ``index``'s statistics as its process reported them."""
+    def counter_slots(self) -> int:
+        """How many values :meth:`queue_counter_values`'s full layout has."""
+        return 0
+
+    def set_queue_counter_values(self, index: int, values: Sequence[int]) -> None:
+        """In the control process: queue ``index``'s statistics as its process published
+        them (:meth:`queue_counter_values`'s layout)."""

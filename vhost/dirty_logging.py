@@ -31,7 +31,7 @@ nothing (:mod:`guestmem.dirty_log`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +52,10 @@ class LoggedQueue(Protocol):
     log_addr: int | None
     worker: QueueWorker | None
     queue_handler: QueueHandler | None
+
+
+#: Logs that could not be unmapped (see :meth:`DirtyLogging._unmap`).
+KEPT_LOGS: list[DirtyLog] = []
 
 
 @dataclass
@@ -77,7 +81,12 @@ class DirtyLogging:
         self.retired: list[DirtyLog] = []
         #: SET_LOG_FD: signalled after marks are committed.
         self.call = Notifier()
+        #: Also called after marks are committed, on the marking thread (a queue process
+        #: publishes its count then).
+        self.on_marks: Callable[[], None] | None = None
         self._pages_done = 0  # marked by queues that have stopped or stopped logging since
+        #: A worker that may still mark outlived its stop: no log is unmapped any more.
+        self.pinned = False
 
     # ------------------------------------------------------------------ state
     def wanted(self, acked_features: int) -> bool:
@@ -123,6 +132,12 @@ class DirtyLogging:
         logging (the end of a migration, if it was the last queue)."""
         assert vring.worker is not None
         remote = _remote(vring)
+        if remote is None and vring.worker.alive:
+            # Its stop timed out: the thread may still be in a pass holding the marker.
+            if not self.pinned:
+                log.error("queue %d: its worker did not stop; dirty logs stay mapped for the "
+                          "life of the process", vring.index)
+            self.pinned = True
         if remote is not None:  # its stop answer reported where it ended
             self._pages_done += remote.pages
             was, remote.logging, remote.pages = remote.logging, False, 0
@@ -144,11 +159,16 @@ class DirtyLogging:
 
     def _attach(self, vring: LoggedQueue) -> None:
         assert vring.worker is not None and self.log is not None
-        marker = DirtyMarker(self.log, self.call.signal)
+        marker = DirtyMarker(self.log, self._marked)
         # The ring first: whatever the device records is then committed by the ring's flush.
         vring.worker.vq.dirty = marker
         if vring.queue_handler is not None:
             vring.queue_handler.dirty = marker
+
+    def _marked(self) -> None:
+        self.call.signal()
+        if self.on_marks is not None:
+            self.on_marks()
 
     def _detach(self, vring: LoggedQueue) -> None:
         assert vring.worker is not None
@@ -211,9 +231,17 @@ class DirtyLogging:
         return quiet
 
     def _close_retired(self) -> None:
-        for old in self.retired:
-            old.close()
+        self._unmap(self.retired)
         self.retired.clear()
+
+    def _unmap(self, logs: Sequence[DirtyLog]) -> None:
+        """Unmap ``logs``; keep them mapped for good if a worker that may mark them is still
+        running (an atomic OR into an unmapped log would kill the server)."""
+        if self.pinned:
+            KEPT_LOGS.extend(logs)
+            return
+        for old in logs:
+            old.close()
 
     @staticmethod
     def flush_at_stop(device: Device) -> None:
@@ -235,7 +263,7 @@ class DirtyLogging:
                      self.pages_marked(vrings))
         self._close_retired()
         if self.log is not None:
-            self.log.close()
+            self._unmap([self.log])
             self.log = None
 
     def close(self, vrings: Sequence[LoggedQueue], report: bool = True) -> None:

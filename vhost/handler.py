@@ -311,10 +311,13 @@ class BackendHandler:
         vring.base = vq.next_avail
         if vq.broken:
             vring.broken = True
-        logging_ = self.dirty_logging.queue_stopped(vring)
-        vq.release()
-        if vring.queue_handler is not None:
-            vring.queue_handler.close()
+        logging_ = self.dirty_logging.queue_stopped(vring)  # (keeps the log if it still runs)
+        if worker.alive:  # its thread may still use its ring, its engine and guest memory
+            self.memory.pin(f"queue {vring.index}'s worker thread did not stop")
+        else:
+            vq.release()
+            if vring.queue_handler is not None and not vring.queue_handler.close():
+                self.memory.pin(f"queue {vring.index} has disk IO that did not finish")
         vring.queue_handler = None
         vring.worker = None
         if self.processes is not None:

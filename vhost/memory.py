@@ -64,12 +64,35 @@ def map_region(
     return mm, delta
 
 
+#: Regions of pinned tables that were dropped: never unmapped (see :meth:`MemoryTable.pin`).
+KEPT_REGIONS: list[GuestRegion] = []
+
+
 class MemoryTable:
     """Guest memory as the frontend described it, with add/remove and uva translation."""
 
     def __init__(self, max_slots: int = MAX_MEM_SLOTS) -> None:
         self.max_slots = max_slots
         self.guest = GuestMemory()
+        #: Set once IO that may still write guest memory outlived its queue's stop.
+        self.pinned = False
+
+    def pin(self, why: str) -> None:
+        """From now on never unmap a region of this table, only drop it from the table: ``why``
+        some IO (a worker thread that did not stop, a stuck disk op) may still write it.  A
+        leak (the memory stays mapped for the life of the process) instead of a write into an
+        address that is unmapped or, worse, mapped again to something else."""
+        if not self.pinned:
+            log.error("guest memory stays mapped for the life of the process: %s", why)
+        self.pinned = True
+
+    def _drop(self, regions: Sequence[GuestRegion]) -> None:
+        """Unmap regions no longer in the table (keep them if the table is pinned)."""
+        if self.pinned:
+            KEPT_REGIONS.extend(regions)
+            return
+        for region in regions:
+            region.close()
 
     def __len__(self) -> int:
         return len(self.guest)
@@ -108,8 +131,7 @@ class MemoryTable:
             fresh.close()
             raise
         # Running queues keep slices of the old mappings; they stay valid until released.
-        for region in self.guest.replace(fresh):
-            region.close()
+        self._drop(self.guest.replace(fresh))
         log.info("memory table: %d regions, %d MiB", len(self.guest),
                  sum(r.size for r in self.guest.regions) >> 20)
 
@@ -129,7 +151,7 @@ class MemoryTable:
             raise MemoryTableError(
                 f"no region gpa {gpa:#x} size {size:#x} uaddr {uaddr:#x} to remove"
             )
-        self.guest.remove_region(gpa, size).close()
+        self._drop([self.guest.remove_region(gpa, size)])
         log.debug("removed region gpa %#x size %#x", gpa, size)
 
     def uva_to_gpa(self, uva: int, length: int = 1) -> int:
@@ -141,4 +163,4 @@ class MemoryTable:
         raise MemoryTableError(f"frontend address {uva:#x}+{length:#x} is in no region")
 
     def close(self) -> None:
-        self.guest.close()
+        self._drop(self.guest.clear())

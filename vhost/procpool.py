@@ -17,12 +17,21 @@ and of the in-flight area fd -- and forwards every change to the processes runni
 
 A queue is started by spawning ``python -m vhost.queueproc`` (fork+exec through
 :mod:`subprocess`, safe with the control process's threads: nothing runs between fork and exec
-but the C code of ``_posixsubprocess``) on one end of a ``SOCK_SEQPACKET`` socketpair.  Each
-process has a reader thread here that takes its messages: replies go to whoever waits for
-them; counters go into the device's per-queue statistics (so ``device.stats`` sums every
-process); an EOF while the queue is meant to run is a death: logged, the queue marked broken and
-the driver told through the err eventfd -- the other queues and the control socket go on, and
-the next connection starts fresh processes.
+but the C code of ``_posixsubprocess``) on one end of a ``SOCK_SEQPACKET`` socketpair
+(:mod:`vhost.procwire` declares what crosses it).  Each process has a reader thread here that
+hands each reply to the request with the same number (a late reply, whose request timed out
+and was reported failed, is dropped with a log line); an EOF while the queue is meant to run is
+a death: logged, the queue marked broken and the driver told through the err eventfd -- the
+other queues and the control socket go on, and the next connection starts fresh processes.
+
+A process that does not answer a request in time is killed: a request it may or may not have
+applied (a memory table, a dirty log) cannot be left in doubt, and a dead process touches no
+memory.  Its queue is then broken like after any death.
+
+Counters are not asked for: each process writes them into a shared
+:class:`~vhost.procwire.CounterBlock` after each batch, and :meth:`QueueProcesses.
+refresh_counters` (what a scrape calls) only copies those blocks into the device's per-queue
+statistics -- no message, no lock the vhost-user control thread takes.
 
 GET_VRING_BASE stops a queue's process cleanly: it drains the queue and answers with its next
 avail index, which the handler returns.
@@ -30,10 +39,8 @@ avail index, which the handler returns.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -41,7 +48,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from .dirty_logging import RemoteLog
-from .queueproc import receive, send
+from .procwire import CounterBlock, Replies, receive, request, send
 
 if TYPE_CHECKING:
     from .device import Device
@@ -79,24 +86,31 @@ class QueueProcessWorker:
     """A running queue process, seen from the control process (a QueueWorker look-alike)."""
 
     drain_timeout = 30.0
+    #: How long a request may wait for its reply (the process is killed after that).
+    reply_timeout = REPLY_TIMEOUT
 
-    def __init__(self, index: int, call: Notifier, err: Notifier, device: Device) -> None:
+    def __init__(self, index: int, call: Notifier, err: Notifier, device: Device,
+                 counters: CounterBlock | None = None) -> None:
         self.index = index
         self.call = call
         self.err = err
         self.device = device
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
-        self.replies: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.replies = Replies(f"queue {index}")
+        #: Where the process publishes its counters (None: a test's fake process).
+        self.counters = counters
         self.vq = RemoteQueue()
         #: The process's dirty logging, as it last reported (vhost.dirty_logging sums these).
         self.remote_log = RemoteLog()
         self.kicks = self.batches = self.completed = 0
-        self.last_avail = 0  # as last reported (a dead process cannot say where it stopped)
+        self._last_avail = 0
         self.stopping = False
         self.died = False
         self._reader: threading.Thread | None = None
         self._send_lock = threading.Lock()
+        self._frozen = False  # after the stop answer: the block no longer overrides it
+        self._block_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     def spawn(self, start: dict[str, Any], fds: list[int]) -> None:
@@ -112,30 +126,33 @@ class QueueProcessWorker:
             )
         finally:
             theirs.close()
-        self.sock = ours
+        self.attach(ours)
         send(ours, start, fds)
         reply = self._read_one(REPLY_TIMEOUT)
         if reply.get("kind") != "started":
             self._reap()
             raise QueueProcessError(reply.get("why", "no answer"))
+        self.start_reader()
+        log.info("queue %d: serving in process %d", self.index, self.proc.pid)
+
+    def attach(self, sock: socket.socket) -> None:
+        """Talk to the process over ``sock`` (ours; a test may attach a fake's)."""
+        self.sock = sock
+
+    def start_reader(self) -> None:
         self._reader = threading.Thread(target=self._read_loop, name=f"vq{self.index}-proc",
                                         daemon=True)
         self._reader.start()
-        log.info("queue %d: serving in process %d", self.index, self.proc.pid)
 
     def _read_one(self, timeout: float) -> dict[str, Any]:
-        """A message read directly (before the reader thread runs)."""
+        """The start answer, read directly (before the reader thread runs)."""
         assert self.sock is not None
         self.sock.settimeout(timeout)
         try:
-            while True:
-                msg, fds = receive(self.sock)
-                for fd in fds:
-                    os.close(fd)
-                self._note_dirty(msg)
-                if msg.get("kind") != "counters":
-                    return dict(msg)
-                self.device.set_queue_counters(self.index, msg["counters"])
+            msg, fds = receive(self.sock)
+            for fd in fds:
+                os.close(fd)
+            return dict(msg)
         except (EOFError, OSError) as exc:
             return {"kind": "error", "why": f"queue process gone before starting ({exc})"}
         finally:
@@ -150,14 +167,13 @@ class QueueProcessWorker:
                 break
             for fd in fds:
                 os.close(fd)
-            if "counters" in msg:
-                self.device.set_queue_counters(self.index, msg["counters"])
-            if "next_avail" in msg:
-                self.last_avail = msg["next_avail"]
-            self._note_dirty(msg)
-            if msg.get("kind") != "counters":
-                self.replies.put(msg)
-        self.replies.put({"kind": "eof"})
+            if not isinstance(msg, dict):
+                log.warning("queue %d: dropped a malformed message from its process",
+                            self.index)
+                continue
+            # (the dirty-log state a reply reports is taken before its waiter goes on)
+            self.replies.deliver(msg, self._note_dirty)
+        self.replies.close({"kind": "eof"})
         if not self.stopping:
             self.died = True
             code = self.proc.wait() if self.proc is not None else None
@@ -166,26 +182,66 @@ class QueueProcessWorker:
             self.err.signal()
 
     def _note_dirty(self, msg: dict[str, Any]) -> None:
-        """Take the dirty-log state a message reports (before its answer is handed on)."""
+        """Take the dirty-log state a reply reports."""
         dirty = msg.get("dirty")
         if dirty is not None:
             self.remote_log.logging, self.remote_log.pages = bool(dirty[0]), int(dirty[1])
 
+    def refresh(self, dirty: bool = True) -> None:
+        """Copy what the process last published (counters, avail index, and with ``dirty``
+        its dirty-log state) -- shared memory only, nothing asked of the process."""
+        with self._block_lock:  # (_reap may be closing it on the control thread)
+            block = self.counters
+            if block is None or self._frozen:
+                return
+            snap = block.read()
+        if snap is None:
+            return
+        self.device.set_queue_counter_values(self.index, snap.values)
+        self._last_avail = snap.next_avail
+        self.vq.in_flight_count = snap.in_flight  # (the in-flight gauge a scrape reads)
+        if dirty:
+            self.remote_log.logging, self.remote_log.pages = snap.dirty_logging, snap.dirty_pages
+
+    @property
+    def last_avail(self) -> int:
+        """The avail index the process last published (a dead process cannot say where it
+        stopped)."""
+        self.refresh()
+        return self._last_avail
+
     def request(self, msg: dict[str, Any], fds: list[int] | None = None,
-                timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
-        """Send ``msg`` and wait for the answer (the process is the only one talking back)."""
+                timeout: float | None = None) -> dict[str, Any]:
+        """Send ``msg`` (a kind and its fields; numbered here) and wait for *its* reply:
+        ``{"kind": "eof"}`` if the process is gone, QueueProcessError if it did not answer in
+        ``timeout`` (a reply coming later is dropped, never taken for another request's)."""
         if self.died or self.sock is None:
             return {"kind": "eof"}
+        fields = {k: v for k, v in msg.items() if k != "kind"}
+        seq = self.replies.expect()
         with self._send_lock:
             try:
-                send(self.sock, msg, fds or [])
+                send(self.sock, request(seq, msg["kind"], **fields), fds or [])
             except OSError:
+                self.replies.forget(seq)
                 return {"kind": "eof"}
-            try:
-                return self.replies.get(timeout=timeout)
-            except queue.Empty as exc:
-                raise QueueProcessError(f"queue {self.index}: no answer to {msg['kind']} in "
-                                        f"{timeout:.0f} s") from exc
+        timeout = self.reply_timeout if timeout is None else timeout
+        reply = self.replies.wait(seq, timeout)
+        if reply is None:
+            raise QueueProcessError(f"queue {self.index}: no answer to {msg['kind']} "
+                                    f"(request {seq}) in {timeout:g} s")
+        return reply
+
+    def kill(self, why: str) -> None:
+        """End a process that cannot be trusted to have applied a request (logged)."""
+        log.error("%s; killing the queue process", why)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            try:  # gone (and its memory with it) before the caller replies to the frontend
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.error("queue %d: process %d not gone 5 s after SIGKILL", self.index,
+                          self.proc.pid)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Drain and stop the process; True if every request finished."""
@@ -196,13 +252,20 @@ class QueueProcessWorker:
                 reply = self.request({"kind": "stop"},
                                      timeout=self.drain_timeout + 5 if timeout is None else timeout)
             except QueueProcessError as exc:
-                log.error("%s; killing it", exc)
+                self.kill(str(exc))
+        # Its final counters (published before its answer; the answer's dirty-log state, which
+        # says whether it was logging until it stopped, stays).
+        self.refresh(dirty=False)
+        self._frozen = True
         if reply.get("kind") == "stopped":
             self.vq = RemoteQueue(reply["next_avail"], reply["broken"])
             self.kicks, self.batches = reply["kicks"], reply["batches"]
             self.completed = reply["completed"]
             self.call.count += reply["calls"]  # the process signalled through its own copy
             drained = bool(reply["drained"])
+            if not drained and self.proc is not None:
+                # Requests may still run in it: only its end stops them touching guest memory.
+                self.kill(f"queue {self.index}: requests still in flight at stop")
         else:
             # Dead or silent: its in-flight requests are lost to it.  The avail index it last
             # reported is the best restart point we have (with an in-flight area, a restart
@@ -225,6 +288,10 @@ class QueueProcessWorker:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        with self._block_lock:
+            if self.counters is not None:
+                self.counters.close()
+                self.counters = None
 
     def quiesce(self, timeout: float = 5.0) -> bool:
         """Nothing of the control process's is used by a queue process between passes."""
@@ -252,10 +319,10 @@ class QueueProcesses:
         device.process_state_changed = self.device_changed
 
     def refresh_counters(self) -> None:
-        """Ask every running process for its counters (they also come every 0.1 s unasked)."""
+        """Every running process's counters as it last published them (shared memory: no
+        message to any process, so a scrape never waits for one or for the control thread)."""
         for worker in list(self.workers.values()):
-            with contextlib.suppress(QueueProcessError):
-                worker.request({"kind": "counters"}, timeout=5.0)
+            worker.refresh()
 
     # ------------------------------------------------------------------ queues
     def start(self, index: int, size: int, addresses: tuple[int, int, int], features: int,
@@ -271,10 +338,12 @@ class QueueProcesses:
             "recipe": (target, kwargs), "state": self.device.process_state(),
             "log": self._log[1:] if self._log is not None else None,
             "log_call": self._log_call is not None, "log_addr": log_addr,
+            "counter_slots": self.device.counter_slots(),
         }
+        counters, counters_fd = CounterBlock.create(start["counter_slots"])
         call_fd = call.fd if call.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
         err_fd = err.fd if err.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
-        fds = [kick_fd, call_fd, err_fd, *self._region_fds]
+        fds = [kick_fd, call_fd, err_fd, counters_fd, *self._region_fds]
         if self._inflight is not None:
             fds.append(self._inflight[0])
         if self._log is not None:
@@ -282,10 +351,14 @@ class QueueProcesses:
         if self._log_call is not None:
             fds.append(self._log_call)
         fds.extend(device_fds)
-        worker = QueueProcessWorker(index, call, err, self.device)
+        worker = QueueProcessWorker(index, call, err, self.device, counters)
         try:
             worker.spawn(start, fds)
+        except BaseException:
+            counters.close()
+            raise
         finally:
+            os.close(counters_fd)
             for fd, mine in ((call_fd, call.fd), (err_fd, err.fd)):
                 if mine is None:
                     os.close(fd)
@@ -297,14 +370,29 @@ class QueueProcesses:
 
     def _broadcast(self, msg: dict[str, Any], fds: list[int] | None = None) -> list[int]:
         """Send to every running process; wait for each to acknowledge.  The queues whose
-        process refused (logged here)."""
-        refused = []
+        process refused or did not answer in time (logged here; a silent one is killed: it
+        may or may not have applied the change, and only a dead process surely does not act
+        on the old state)."""
+        failed = []
         for worker in list(self.workers.values()):
+            reply = self._ask(worker, msg, fds)
+            if reply.get("kind") not in ("ack", "eof"):
+                failed.append(worker.index)
+        return failed
+
+    @staticmethod
+    def _ask(worker: QueueProcessWorker, msg: dict[str, Any],
+             fds: list[int] | None = None) -> dict[str, Any]:
+        """One request; a refusal is logged, a timeout kills the process (both are failures:
+        the reply is never an acknowledgement)."""
+        try:
             reply = worker.request(msg, fds)
-            if reply.get("kind") == "error":
-                log.error("queue %d: %s refused: %s", worker.index, msg["kind"], reply["why"])
-                refused.append(worker.index)
-        return refused
+        except QueueProcessError as exc:
+            worker.kill(str(exc))
+            return {"kind": "timeout", "why": str(exc)}
+        if reply.get("kind") == "error":
+            log.error("queue %d: %s refused: %s", worker.index, msg["kind"], reply.get("why"))
+        return reply
 
     # ------------------------------------------------------------------ what processes need
     def set_mem_table(self, regions: list[RegionFields], fds: list[int]) -> None:
@@ -337,7 +425,7 @@ class QueueProcesses:
     def notifier_changed(self, index: int, which: str, fd: int | None) -> None:
         worker = self.workers.get(index)
         if worker is not None:
-            worker.request({"kind": "notifier", "which": which}, [fd] if fd is not None else [])
+            self._ask(worker, {"kind": "notifier", "which": which}, [fd] if fd is not None else [])
 
     def device_changed(self) -> None:
         self._broadcast({"kind": "state", "state": self.device.process_state()})
@@ -349,9 +437,9 @@ class QueueProcesses:
         QueueProcessError if a process could not: its marks would be lost."""
         self._close_log()
         self._log = (os.dup(fd), size, offset)
-        refused = self._broadcast({"kind": "log_base", "size": size, "offset": offset}, [fd])
-        if refused:
-            raise QueueProcessError(f"queue process(es) of queue(s) {refused} cannot map the "
+        failed = self._broadcast({"kind": "log_base", "size": size, "offset": offset}, [fd])
+        if failed:
+            raise QueueProcessError(f"queue process(es) of queue(s) {failed} did not map the "
                                     f"dirty log")
 
     def set_log_fd(self, fd: int | None) -> None:
@@ -369,9 +457,7 @@ class QueueProcesses:
         """SET_VRING_ADDR of a running queue: its used-ring log address."""
         worker = self.workers.get(index)
         if worker is not None:
-            reply = worker.request({"kind": "log_addr", "log_addr": log_addr})
-            if reply.get("kind") == "error":
-                log.error("queue %d: log_addr refused: %s", index, reply["why"])
+            self._ask(worker, {"kind": "log_addr", "log_addr": log_addr})
 
     def drop_log(self) -> None:
         """The log is gone (device reset, end of the connection): later processes get none."""
@@ -387,8 +473,10 @@ class QueueProcesses:
 
     def _close_region_fds(self) -> None:
         for fd in self._region_fds:
-            with contextlib.suppress(OSError):
+            try:
                 os.close(fd)
+            except OSError as exc:
+                log.debug("closing a kept region fd: %s", exc)
         self._region_fds = []
 
     def close(self) -> None:

@@ -18,8 +18,13 @@ the control process:
 * ``state``: device state that can change while queues run (the cache mode);
 * ``stop``: drain the queue, answer with the next avail index (GET_VRING_BASE) and exit.
 
-Every ``STATS_INTERVAL`` the device's counters for this queue go to the control process, which
-sums them with the other queues'; a final snapshot comes with the stop answer.  If the control
+Each request carries a number and gets exactly one reply with the same number
+(:mod:`vhost.procwire` declares the wire).  This queue's counters are not sent at all: the
+worker writes them into a shared :class:`~vhost.procwire.CounterBlock` once per pass that
+completed or took requests (just before it publishes the used index, so a driver that saw a
+completion finds it counted; a few microseconds, a prefix when latency is not accounted),
+where the control process reads them when scraped.  An idle queue process sleeps: nothing here
+runs on a timer.  If the control
 process dies (kill -9), the kernel kills this one too (PR_SET_PDEATHSIG), so a restarted server
 never races a leftover worker on the same rings; an EOF on the socket stops the queue as well.
 
@@ -30,7 +35,7 @@ The dirty-page log of a live migration reaches a queue process the way a memory 
 :class:`vhost.dirty_logging.DirtyLogging` a threaded server runs, on this process's one queue:
 it sets the :class:`~guestmem.dirty_log.DirtyMarker` on the VirtQueue and the device handler
 and makes the worker pass a quiescent point before the answer.  Whether it logs and how many
-pages it marked go back with the counters and in every answer; the control process sums them.
+pages it marked go into the counter block and every answer; the control process sums them.
 """
 
 from __future__ import annotations
@@ -40,14 +45,15 @@ import ctypes
 import importlib
 import logging
 import os
-import pickle
 import select
 import signal
 import socket
 import sys
+import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from guestmem.dirty_log import DirtyLog, DirtyLogError
 
@@ -56,37 +62,15 @@ from .dirty_logging import DirtyLogging
 from .fdkinds import FdKindError
 from .inflight import InflightArea, InflightError
 from .memory import MemoryTable, MemoryTableError
+from .procwire import REQUESTS, CounterBlock, receive, reply, send
 from .virtqueue import QueueError, RingAddresses, VirtQueue
 from .worker import Notifier, QueueWorker
 
 log = logging.getLogger(__name__)
 
-#: Largest control message (a pickled memory table of 509 regions fits easily).
-MAX_MESSAGE = 1 << 20
-MAX_FDS = 600
-STATS_INTERVAL = 0.1
 PR_SET_PDEATHSIG = 1
 #: Errors that mean the frontend's input cannot be used (refused), not that this process failed.
 REFUSALS = (QueueError, InflightError, MemoryTableError, DirtyLogError, FdKindError)
-
-
-def send(sock: socket.socket, message: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
-    """One pickled message (and fds) as one datagram."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    if fds:
-        socket.send_fds(sock, [data], list(fds))
-    else:
-        sock.send(data)
-
-
-def receive(sock: socket.socket) -> tuple[Any, list[int]]:
-    """The next message and its fds; EOFError when the peer is gone."""
-    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        raise EOFError("control socket closed")
-    return pickle.loads(data), fds
 
 
 def resolve(target: str) -> Any:
@@ -120,6 +104,37 @@ class ProcessQueue:
     queue_handler: QueueHandler | None = None
 
 
+class PublishingQueue(VirtQueue):
+    """The queue, telling this process when its counters changed: just before a used-index
+    store that moves (the batch's requests are counted by then, and no driver has seen them
+    complete yet), or when the avail index moved.  Nothing runs while the queue is idle."""
+
+    changed: Callable[[], None] | None = None
+    _seen_avail = -1
+
+    def flush(self) -> bool:
+        changed = self.changed
+        if changed is not None and (self.next_used != self._published_used
+                                    or self.next_avail != self._seen_avail):
+            self._seen_avail = self.next_avail
+            changed()
+        return super().flush()
+
+
+class ProcessWorker(QueueWorker):
+    """The ordinary worker, which also says when its thread ends (the main thread exits then)."""
+
+    def __init__(self, *args: Any, ended_fd: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ended_fd = ended_fd
+
+    def _run(self) -> None:
+        try:
+            super()._run()
+        finally:
+            os.eventfd_write(self._ended_fd, 1)
+
+
 class QueueProcess:
     """The state of this process: one device, one queue, its worker."""
 
@@ -130,24 +145,46 @@ class QueueProcess:
         self.device: Any = None
         self.inflight: InflightArea | None = None
         self.index = -1
-        self._last_counters: tuple[dict[str, Any], tuple[bool, int]] | None = None
         self.queue = ProcessQueue(-1)
         self.features = 0
         self.dirty_logging = DirtyLogging()
+        self.dirty_logging.on_marks = self.publish  # the pages marked, once committed
+        self.counters: CounterBlock | None = None
+        self._publish_lock = threading.Lock()
+        #: Readable once the worker thread ended (serve() returns then).
+        self.ended_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def dirty_state(self) -> tuple[bool, int]:
         """(logging now, pages marked so far) as the control process sums them."""
         queues = [self.queue]
         return self.dirty_logging.logging(queues), self.dirty_logging.pages_marked(queues)
 
+    def publish(self) -> None:
+        """This queue's counters, its avail index, its requests in flight and its dirty-log
+        state into the block (the worker thread just before it publishes a batch, or as it
+        commits dirty-log marks; the main thread after a request it answered)."""
+        block = self.counters
+        if block is None or self.device is None:
+            return
+        with self._publish_lock:  # one writer at a time (the block's sequence lock needs it)
+            logging_, pages = self.dirty_state()
+            vq = self.worker.vq if self.worker is not None else None
+            block.publish(vq.next_avail if vq is not None else 0,
+                          vq.in_flight_count if vq is not None else 0, logging_, pages,
+                          self.device.queue_counter_values(self.index))
+
     # ------------------------------------------------------------------ start
     def start(self, msg: dict[str, Any], fds: list[int]) -> None:
         """Map memory, rebuild the device, make the queue and start its worker."""
         fds = list(fds)
-        kick, call, err = fds[0:3]
+        kick, call, err, counters = fds[0:4]
         n_regions = len(msg["regions"])
-        region_fds = fds[3 : 3 + n_regions]
-        rest = fds[3 + n_regions :]
+        region_fds = fds[4 : 4 + n_regions]
+        rest = fds[4 + n_regions :]
+        try:
+            self.counters = CounterBlock(counters, msg["counter_slots"])
+        finally:
+            os.close(counters)
         try:
             self.memory.set_table(regions_of(msg["regions"]), region_fds)
         finally:
@@ -174,46 +211,51 @@ class QueueProcess:
         self.index = index = msg["index"]
         size = msg["size"]
         tracker = self.inflight.queue(index, size) if self.inflight is not None else None
-        vq = VirtQueue(self.memory.guest, size, RingAddresses(*msg["addresses"]),
-                       msg["features"], msg["base"], index=index, inflight=tracker)
+        vq = PublishingQueue(self.memory.guest, size, RingAddresses(*msg["addresses"]),
+                             msg["features"], msg["base"], index=index, inflight=tracker)
+        vq.changed = self.publish
         handler = self.device.create_handler(index, self.memory.guest)
-        self.worker = QueueWorker(vq, handler, kick, Notifier(call), Notifier(err),
-                                  name=f"vq{index}")
+        self.worker = ProcessWorker(vq, handler, kick,
+                                    Notifier(call), Notifier(err), name=f"vq{index}",
+                                    ended_fd=self.ended_fd)
         self.queue = ProcessQueue(index, msg["log_addr"], self.worker, handler)
         self.dirty_logging.queue_starting(self.queue, self.features)
+        self.publish()
         self.worker.start()
 
     # ------------------------------------------------------------------ serving
     def serve(self) -> int:
-        """Answer the control process until it says stop (or goes away); the exit status."""
+        """Answer the control process until it says stop (or goes away); the exit status.
+
+        Sleeps until a request comes or the worker thread ends: no timer, so an idle queue
+        costs nothing."""
+        sock = self.sock.fileno()
         while True:
-            ready, _, _ = select.select([self.sock], [], [], STATS_INTERVAL)
-            self.send_counters()
-            if not ready:
-                if self.worker is not None and not self.worker.alive:
-                    log.error("queue %d: worker thread ended; exiting", self.index)
-                    return 1
-                continue
+            ready, _, _ = select.select([sock, self.ended_fd], [], [])
+            if sock not in ready:
+                log.error("queue %d: worker thread ended; exiting", self.index)
+                return 1
             try:
                 msg, fds = receive(self.sock)
             except (EOFError, OSError):
                 log.warning("queue %d: control process gone; stopping", self.index)
-                self.stop()
-                return 0
-            if msg["kind"] == "stop":
-                self.stop()
-                return 0
-            if msg["kind"] == "counters":
+                return 0 if self.stop(None) else _exit_now()
+            kind = msg.get("kind") if isinstance(msg, dict) else None
+            if kind == "stop":
                 _close(fds)
-                self._last_counters = None  # answered now, with the counters in the answer
-                self.send_counters(kind="ack")
-                continue
+                return 0 if self.stop(msg) else _exit_now()
             try:
+                if kind not in REQUESTS:
+                    raise ValueError(f"unknown message {kind!r}")
                 self._dispatch(msg, fds)
-                send(self.sock, {"kind": "ack", "dirty": self.dirty_state()})
+                fds = []
+                answer = reply(msg, "ack", dirty=self.dirty_state())
             except Exception as exc:
-                log.exception("queue %d: %s failed", self.index, msg["kind"])
-                send(self.sock, {"kind": "error", "why": str(exc)})
+                log.exception("queue %d: %s failed", self.index, kind)
+                _close(fds)
+                answer = reply(msg, "error", why=str(exc))
+            self.publish()
+            send(self.sock, answer)
 
     def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
         kind = msg["kind"]
@@ -246,51 +288,59 @@ class QueueProcess:
         finally:
             _close(fds)
 
-    def send_counters(self, kind: str = "counters") -> None:
-        """The counters if they changed (``kind="ack"``: always, as an answer)."""
-        if self.device is None:
-            if kind == "ack":
-                send(self.sock, {"kind": "ack"})
-            return
-        counters = self.device.queue_counters(self.index)
-        dirty = self.dirty_state()
-        if (counters, dirty) != self._last_counters or kind == "ack":
-            self._last_counters = (counters, dirty)
-            next_avail = self.worker.vq.next_avail if self.worker is not None else 0
-            with contextlib.suppress(OSError):
-                send(self.sock, {"kind": kind, "counters": counters,
-                                 "next_avail": next_avail, "dirty": dirty})
-
-    def stop(self) -> None:
-        """Drain the queue and report where it stopped."""
+    def stop(self, msg: dict[str, Any] | None) -> bool:
+        """Drain the queue and report where it stopped (``msg``: the stop request, None if the
+        control process is gone); False if requests may still be in flight (then nothing is
+        unmapped or closed: the caller must end the process at once)."""
         worker = self.worker
-        reply: dict[str, Any] = {"kind": "stopped", "next_avail": 0, "broken": False,
-                                 "drained": True, "kicks": 0, "batches": 0, "completed": 0}
+        answer = reply(msg or {}, "stopped", next_avail=0, broken=False, drained=True, kicks=0,
+                       batches=0, completed=0, calls=0)
         if worker is not None:
-            reply["drained"] = worker.stop()
+            answer["drained"] = worker.stop()
             # Its last flush committed its marks: count them, and say whether it was logging
             # (the end of a migration, for the control process, if it was the last queue).
             logging_ = self.dirty_logging.queue_stopped(self.queue)
-            reply["dirty"] = (logging_, self.dirty_logging.pages_marked([self.queue]))
+            answer["dirty"] = (logging_, self.dirty_logging.pages_marked([self.queue]))
             vq = worker.vq
-            reply.update(next_avail=vq.next_avail, broken=vq.broken, kicks=worker.kicks,
-                         batches=worker.batches, completed=worker.completed,
-                         calls=worker.call.count)
-            vq.release()
-            worker.handler.close()
+            answer.update(next_avail=vq.next_avail, broken=vq.broken, kicks=worker.kicks,
+                          batches=worker.batches, completed=worker.completed,
+                          calls=worker.call.count)
+        if worker is not None and answer["drained"] and worker.alive:
+            answer["drained"] = False
+        if worker is not None and answer["drained"]:
+            worker.vq.release()
+            # Engine ops the drain gave up on may still be running: the engine says.
+            answer["drained"] = worker.handler.close()
+        self.publish()  # the final counters, read by the control process with this answer
+        if msg is not None:
+            with contextlib.suppress(OSError):
+                send(self.sock, answer)
+        if not answer["drained"]:
+            # Requests (IO threads, librbd, the kernel) may still write guest memory: do not
+            # unmap it or the log, or close the engine's fds under them.  The control process
+            # kills this process on this answer (the caller exits at once too); the kernel
+            # takes everything down with it.
+            log.error("queue %d: not drained; leaving memory mapped until the process ends",
+                      self.index)
+            return False
+        if worker is not None:
             worker.call.close()
             if worker.err is not None:
                 worker.err.close()
             with contextlib.suppress(OSError):
                 os.close(worker.kick_fd)
-        if self.device is not None:
-            reply["counters"] = self.device.queue_counters(self.index)
-        with contextlib.suppress(OSError):
-            send(self.sock, reply)
         if self.inflight is not None:
             self.inflight.close()
         self.dirty_logging.close([self.queue], report=False)  # the control process reports
         self.memory.close()
+        return True
+
+
+def _exit_now() -> NoReturn:
+    """End the process without the interpreter's cleanup, which would unmap guest memory and
+    the dirty log (by freeing their objects) under IO that may still be running."""
+    logging.shutdown()
+    os._exit(2)
 
 
 def _die_with_parent() -> None:

@@ -21,7 +21,8 @@ import logging
 import os
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
 from time import monotonic_ns
 from typing import Any, cast
 
@@ -87,6 +88,34 @@ class BlkStats:
     total_ns: list[int] = field(default_factory=zeros)
     latency: list[list[int]] = field(default_factory=new_histograms)
 
+    def values(self, full: bool = True) -> list[int]:
+        """Every counter, flat, in a fixed order.  ``full=False`` (what a queue process
+        publishes once per batch, where every microsecond counts): without the latency
+        part while no latency was ever recorded (latency accounting off) -- a prefix that
+        leaves the published zeros as they are."""
+        out = list(_get_scalars(self))
+        out += self.failed
+        if full or any(self.total_ns):
+            out += self.total_ns
+            for histogram in self.latency:
+                out += histogram
+        return out
+
+    def set_values(self, values: Sequence[int]) -> None:
+        """The inverse of :meth:`values` (a list of the wrong length is refused)."""
+        kinds = len(self.failed)
+        buckets = len(self.latency[0])
+        n = len(_SCALARS)
+        if len(values) != n + kinds * (2 + buckets):
+            raise ValueError(f"{len(values)} counter values for a {type(self).__name__}")
+        for name, value in zip(_SCALARS, values[:n], strict=True):
+            setattr(self, name, value)
+        self.failed = list(values[n : n + kinds])
+        self.total_ns = list(values[n + kinds : n + 2 * kinds])
+        base = n + 2 * kinds
+        self.latency = [list(values[base + k * buckets : base + (k + 1) * buckets])
+                        for k in range(kinds)]
+
     def add_latency(self, kind: int, start_ns: int) -> None:
         """Count a disk operation of ``kind`` started at ``start_ns`` (monotonic) and done now."""
         ns = monotonic_ns() - start_ns
@@ -122,7 +151,8 @@ class StatsTotals:
 
 
 _STAT_NAMES = frozenset(f.name for f in fields(BlkStats) if f.type == "int")
-_FIELD_NAMES = frozenset(f.name for f in fields(BlkStats))
+_SCALARS = tuple(f.name for f in fields(BlkStats) if f.type == "int")
+_get_scalars = attrgetter(*_SCALARS)
 
 
 class BlkRequest(IoOp):
@@ -419,14 +449,14 @@ class BlkDevice(Device):
         if capacity != self.limits.capacity:  # a resize (the image file grew already)
             self.set_capacity(capacity)
 
-    def queue_counters(self, index: int) -> dict[str, Any]:
-        return asdict(self.queue_stats[index])
+    def queue_counter_values(self, index: int) -> list[int]:
+        return self.queue_stats[index].values(full=False)
 
-    def set_queue_counters(self, index: int, counters: dict[str, Any]) -> None:
-        stats = self.queue_stats[index]
-        for name, value in counters.items():
-            if name in _FIELD_NAMES:
-                setattr(stats, name, value)
+    def counter_slots(self) -> int:
+        return len(BlkStats().values())
+
+    def set_queue_counter_values(self, index: int, values: Sequence[int]) -> None:
+        self.queue_stats[index].set_values(values)
 
 
 class BlkQueueHandler(QueueHandler):
@@ -513,13 +543,14 @@ class BlkQueueHandler(QueueHandler):
         """The engine's finished ops: every op this queue submits is a :class:`BlkRequest`."""
         return cast("list[BlkRequest]", self.engine.reap())
 
-    def close(self) -> None:
+    def close(self) -> bool:
         for chain in self.pending:  # only when the queue is torn down with requests waiting
             log.warning("queue %d: dropping request %d waiting for bounce pages", self.index,
                         chain.head)
         self.pending.clear()
-        self.engine.close()
+        quiet = self.engine.close()
         self.device._handlers.discard(self)
+        return quiet
 
     # ------------------------------------------------------------------ request start
     def _start(self, chain: DescriptorChain, retry: bool = False) -> int | None:

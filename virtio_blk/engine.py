@@ -34,7 +34,9 @@ import errno
 import logging
 import os
 import queue
+import select
 import threading
+import time
 from typing import Any
 
 from guestmem import IoBuffer, iovec_array
@@ -42,6 +44,7 @@ from guestmem import IoBuffer, iovec_array
 from .disk import BlockDisk, Disk
 from .uring import (
     IORING_FSYNC_DATASYNC,
+    OP_ASYNC_CANCEL,
     OP_FSYNC,
     OP_READ,
     OP_READV,
@@ -144,8 +147,21 @@ class Engine(abc.ABC):
         """Ops finished since the last call."""
         return []
 
-    def close(self) -> None:
-        """Stop; every submitted op has been reaped by then."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop.  The queue's worker has reaped what finished; ops it abandoned (a drain that
+        timed out) may still be running.  True once nothing this engine started can still
+        write guest memory or signal the completion fd; False if something still may after
+        ``timeout`` (None: the engine's own bound): the engine then keeps its fds open and
+        its ops (and their buffers) referenced, and the caller must leave guest memory
+        mapped.  Never returns True early: a queue reported stopped has no IO left."""
+        return True
+
+
+#: How long closing an engine waits for ops the worker abandoned (a stuck disk).
+CLOSE_TIMEOUT = 30.0
+#: Engines that could not finish their ops when closed: kept (with their fds, rings and the
+#: ops' buffers, which keep guest memory mapped) for the life of the process.
+UNFINISHED: list[Engine] = []
 
 
 class InlineEngine(Engine):
@@ -163,7 +179,11 @@ _STOP = object()
 
 
 class ThreadPoolEngine(Engine):
-    """``threads`` IO threads fed from a queue; finished ops come back through an eventfd."""
+    """``threads`` IO threads fed from a queue; finished ops come back through an eventfd.
+
+    The eventfd is closed by whoever is last: :meth:`close` if every IO thread has ended, else
+    the last IO thread as it ends -- never while a thread could still write to it (a closed
+    fd's number may name another file by then)."""
 
     name = "threads"
 
@@ -173,6 +193,9 @@ class ThreadPoolEngine(Engine):
         self.completion_fd = self._event_fd
         self._todo: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done: collections.deque[IoOp] = collections.deque()
+        self._lock = threading.Lock()
+        self._live = threads  # IO threads not yet past their last eventfd write
+        self._closing = False
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
             for i in range(threads)
@@ -185,13 +208,22 @@ class ThreadPoolEngine(Engine):
         done = self._done
         disk = self.disk
         fd = self._event_fd
-        while True:
-            op = todo.get()
-            if op is _STOP:
-                return
-            execute(disk, op)
-            done.append(op)
-            os.eventfd_write(fd, 1)
+        try:
+            while True:
+                op = todo.get()
+                if op is _STOP:
+                    return
+                execute(disk, op)
+                done.append(op)
+                os.eventfd_write(fd, 1)
+        finally:
+            with self._lock:
+                self._live -= 1
+                last = self._closing and not self._live
+            if last:
+                os.close(fd)
+                log.info("%s: the last busy IO thread ended; its eventfd is closed",
+                         threading.current_thread().name)
 
     def submit(self, op: IoOp) -> bool:
         self._todo.put(op)
@@ -204,13 +236,24 @@ class ThreadPoolEngine(Engine):
             out.append(done.popleft())
         return out
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
         for _ in self._threads:
             self._todo.put(_STOP)
+        deadline = time.monotonic() + (CLOSE_TIMEOUT if timeout is None else timeout)
         for t in self._threads:
-            t.join(10)
-        os.close(self._event_fd)
+            t.join(max(0.0, deadline - time.monotonic()))
         self.completion_fd = None
+        with self._lock:
+            self._closing = True
+            busy = self._live
+        if not busy:
+            os.close(self._event_fd)
+            return True
+        log.error("%d IO threads still busy after %.0f s (a stuck disk): their ops may still "
+                  "write guest memory, which stays mapped; the eventfd closes when the last "
+                  "one ends", busy, CLOSE_TIMEOUT if timeout is None else timeout)
+        UNFINISHED.append(self)
+        return False
 
 
 class UringEngine(Engine):
@@ -333,19 +376,52 @@ class UringEngine(Engine):
             out.append(op)
         return out
 
-    def close(self) -> None:
-        # Every op was reaped (the worker drains before closing); wait out any stragglers.
-        if self._queued:
-            self.flush()
-        if self._ops:
-            log.warning("io_uring closing with %d ops in flight; waiting", len(self._ops))
-            while self._ops:
-                self.ring.submit(wait=1)
-                for ud, _ in self.ring.reap():
-                    self._ops.pop(ud, None)
-        self.ring.close()
+    def close(self, timeout: float | None = None) -> bool:
+        """Cancel what is still in the ring and wait for every one of its completions (the
+        kernel may write guest memory until an op's completion is posted); the ring is closed
+        only then.  Ops never submitted are simply dropped."""
+        for op in self._queued:
+            self._dropped(op)
+        self._queued.clear()
         self.completion_fd = None
+        ring = self.ring
+        if self._ops:
+            limit = CLOSE_TIMEOUT if timeout is None else timeout
+            log.warning("io_uring closing with %d ops in flight; cancelling them and waiting "
+                        "up to %.0f s", len(self._ops), limit)
+            deadline = time.monotonic() + limit
+            try:
+                ring.prep_many([(OP_ASYNC_CANCEL, -1, ud, 0, 0, _CANCEL_TAG | ud, 0)
+                                for ud in self._ops])
+                while self._ops:
+                    ring.submit()
+                    for ud, _res in ring.reap():
+                        if not ud & _CANCEL_TAG:
+                            gone = self._ops.pop(ud, None)
+                            if gone is not None:
+                                gone.iov = None
+                                self._dropped(gone)
+                    left = deadline - time.monotonic()
+                    if not self._ops or left <= 0:
+                        break
+                    select.select([ring.fd], [], [], min(left, 0.1))
+            except OSError as exc:
+                log.error("io_uring: cancelling at close failed: %s", exc)
+            if self._ops:
+                log.error("io_uring: %d ops still in the kernel at close: the ring stays open "
+                          "and guest memory mapped", len(self._ops))
+                UNFINISHED.append(self)
+                return False
+        ring.close()
+        return True
 
+    def _dropped(self, op: IoOp) -> None:
+        """``op`` will not be reported: close finished it (its completion came) or dropped it
+        (never submitted).  A format engine releases what it holds for the op here."""
+
+
+#: Marks a cancel entry's user data (op user data is 48 bits).
+_CANCEL_TAG = 1 << 63
 
 ENGINES = ("io_uring", "threads", "inline")
 

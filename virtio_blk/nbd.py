@@ -264,7 +264,10 @@ class NbdEngine(Engine):
         done, self._done = self._done, []
         return done
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
+        """Fail what is still waiting, flush, and close the connection.  libnbd only touches
+        guest memory inside our own calls on this thread (it writes a read's data as it reads
+        the reply), so once the handle is closed nothing can: always quiet."""
         st = self.storage
         for p in list(self._active.values()):  # only if the queue is torn down mid-outage
             p.error = OSError(errno.EIO, "NBD connection closed")
@@ -280,6 +283,7 @@ class NbdEngine(Engine):
         self._ep.close()
         os.close(self._timer)
         self.completion_fd = None
+        return True
 
     # ------------------------------------------------------------------ connection
     def _attach(self, h: Handle) -> None:

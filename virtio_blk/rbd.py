@@ -31,14 +31,16 @@ import errno
 import itertools
 import logging
 import os
+import select
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
 from guestmem import iovec_array
 
 from .disk import DiskError, check_growth
-from .engine import Engine, IoOp, OpKind
+from .engine import UNFINISHED, Engine, IoOp, OpKind
 from .librbd import EVENT_TYPE_EVENTFD, check, libs
 from .spec import RbdSpec
 from .storage import Capabilities, Storage, StorageError, remote_info
@@ -76,6 +78,8 @@ class RbdStorage(Storage):
         self.spec = spec
         self.name = str(spec)
         self.rados, self.rbd = libs()
+        #: How long librbd lets an op wait for an OSD before failing it.
+        self.op_timeout = float(max(1, round(reconnect_delay)))
         read_only = read_only or spec.snapshot is not None
         self.cluster = ctypes.c_void_p()
         self.ioctx = ctypes.c_void_p()
@@ -329,8 +333,29 @@ class RbdEngine(Engine):
         self._in_flight -= len(out)
         return out
 
-    def close(self) -> None:
-        if self._in_flight:
-            log.warning("queue %d: closing with %d RBD requests in flight", self.index,
-                        self._in_flight)
+    def close(self, timeout: float | None = None) -> bool:
+        """Wait for this queue's ops still in librbd: librbd's threads write a read's data
+        into guest memory until its completion is posted, and there is no cancelling an aio
+        op.  The wait is bounded by the OSD op timeout (the reconnect delay), after which
+        librbd fails them; ``timeout`` defaults to a little more than that."""
         self.completion_fd = None
+        if not self._in_flight:
+            return True
+        limit = self.storage.op_timeout + 5 if timeout is None else timeout
+        log.warning("queue %d: closing with %d RBD requests in flight; waiting up to %.0f s",
+                    self.index, self._in_flight, limit)
+        deadline = time.monotonic() + limit
+        while self._in_flight:
+            self.reap()  # what finished (and the other queues' share, sorted to them)
+            left = deadline - time.monotonic()
+            if not self._in_flight or left <= 0:
+                break
+            select.select([self.storage.event_fd], [], [], min(left, 0.1))
+        if self._in_flight:
+            # Their _Pending records (and the ops' buffers) stay in the storage's table:
+            # guest memory stays mapped while librbd may still write it.
+            log.error("queue %d: %d RBD requests still in flight at close; guest memory stays "
+                      "mapped", self.index, self._in_flight)
+            UNFINISHED.append(self)
+            return False
+        return True

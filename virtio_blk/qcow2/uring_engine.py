@@ -71,6 +71,12 @@ class MappedUringEngine(UringEngine):
         early, self._early = self._early, []
         return early + self._reap_ring() if early else self._reap_ring()
 
-    def close(self) -> None:
-        self._quiesce()
-        super().close()
+    def close(self, timeout: float | None = None) -> bool:
+        """The ring engine's close (cancel, then wait for the completions, bounded); each op
+        that ends there is counted out of the image's in-flight IO, as a reaped one is.  An
+        op still in the kernel after that stays counted in flight: it is."""
+        return super().close(timeout)
+
+    def _dropped(self, op: IoOp) -> None:
+        if self._guest.pop(id(op), None) is not None:
+            self.qcow2.unmap_io(1)

@@ -76,7 +76,8 @@ def ring_pages(*queues: DriverQueue) -> set[int]:
 
 
 def refresh(env: BlkEnv) -> None:
-    """Have every queue process report its counters (and its marks) now."""
+    """Read what every queue process published (its counters and marks, written to shared
+    memory as they are made)."""
     handler = env.daemon.daemon.handler
     assert handler is not None and handler.processes is not None
     handler.processes.refresh_counters()

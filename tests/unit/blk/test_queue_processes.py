@@ -151,3 +151,53 @@ def test_a_qcow2_image_keeps_its_queues_on_threads(tmp_path) -> None:
     code = main(["--socket", str(tmp_path / "s.sock"), "--image", image, "--format", "qcow2",
                  "--queue-processes", "on"])
     assert code == 2
+
+
+def test_a_scrape_reads_published_counters_without_asking_the_processes(
+        make_blk: MakeBlk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counters and the metrics scrape come from what the processes published in shared
+    memory: no message to a process (which would wait on it, and on the lock the vhost-user
+    control thread needs)."""
+    from vhost import procpool
+    from virtio_blk.control.metrics import BlkCollector
+
+    env = make_blk(num_queues=2)
+    q1 = env.frontend.setup_queue(1, size=64)
+    drv1 = BlkDriver(env.frontend, q1, env.mem)
+    assert env.drv.write(0, b"x" * 4096).status == Status.OK
+    for i in range(3):
+        assert drv1.read(i * 8, 4096).status == Status.OK
+
+    def no_ipc(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a scrape sent a message to a queue process")
+
+    monkeypatch.setattr(procpool, "send", no_ipc)
+    monkeypatch.setattr(QueueProcessWorker, "request", no_ipc)
+    stats = env.device.stats
+    assert (stats.writes, stats.reads) == (1, 3)
+    families = {m.name: m for m in BlkCollector(env.device, None).collect()}
+    reads = {s.labels["queue"]: s.value for s in families["vhost_user_blk_requests"].samples
+             if s.labels.get("op") == "read" and s.name.endswith("_total")}
+    assert reads == {"0": 0, "1": 3}
+
+
+def _voluntary_switches(pid: int) -> int:
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def test_an_idle_queue_process_sleeps(make_blk: MakeBlk) -> None:
+    """No timer in a queue process: idle, none of its threads wakes up."""
+    env = make_blk(num_queues=2)
+    assert env.drv.read(0, 512).status == Status.OK
+    proc = _proc(env, 0).proc
+    assert proc is not None
+    time.sleep(0.2)
+    before = _voluntary_switches(proc.pid)
+    time.sleep(1.0)
+    assert _voluntary_switches(proc.pid) - before <= 1

@@ -490,3 +490,47 @@ def test_nbd_export_cannot_be_resized(make_remote: Callable[..., Remote]) -> Non
     remote = make_remote("qemu-nbd-unix")
     with pytest.raises(StorageError, match="cannot be resized"):
         remote.env.device.resize(remote.storage.info.size * 2)
+
+
+def test_rbd_engine_close_waits_for_its_ops_in_librbd(ceph_cluster: CephCluster,
+                                                      rbd_image: str) -> None:
+    """librbd's threads write a read's data into guest memory until its completion is posted,
+    and an aio op cannot be cancelled: closing a queue's engine (GET_VRING_BASE, teardown)
+    waits for every op still in librbd -- here one the paused OSD never answers, which
+    librbd fails after the OSD op timeout (the reconnect delay)."""
+    import mmap
+    import signal
+
+    from guestmem import IoBuffer
+    from virtio_blk.engine import IoOp, OpKind
+    from virtio_blk.rbd import RbdStorage
+
+    st = open_storage(ceph_cluster.spec(rbd_image), reconnect_delay=2)
+    assert isinstance(st, RbdStorage)
+    m = mmap.mmap(-1, 4096)
+    view = memoryview(m)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    pid = ceph_cluster.pid(f"osd.{ceph_cluster.osd_id}")
+    assert pid is not None
+    engine = st.open_engine(0)
+    try:
+        first = IoOp(OpKind.WRITE, 0, [IoBuffer(view, addr)], 4096)
+        assert engine.submit(first) is False
+        deadline = time.monotonic() + 30
+        while not engine.reap():  # the exclusive lock taken, the OSD known
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stuck = IoOp(OpKind.WRITE, 8 << 20, [IoBuffer(view, addr)], 4096)
+            assert engine.submit(stuck) is False
+            t0 = time.monotonic()
+            assert engine.close(timeout=30) is True
+            took = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert st._tokens == {}  # nothing left in librbd
+        assert isinstance(stuck.result, OSError)
+        assert 1 <= took < 25, took
+    finally:
+        st.close()  # (the mapping goes with the ops that still view it)

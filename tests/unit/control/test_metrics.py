@@ -141,3 +141,63 @@ def test_parse_address() -> None:
     for bad in ("9100", ":9100", "host:port", "host:70000"):
         with pytest.raises(ValueError):
             parse_address(bad)
+
+
+def _half_sent(port: int, n: int) -> list[socket.socket]:
+    """``n`` clients that connect and send half a request, then say nothing more."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        socks.append(s)
+    return socks
+
+
+def test_half_sent_requests_take_no_thread_each_and_qmp_still_answers(
+        make_operated: MakeOperated) -> None:
+    """200 clients that never finish their request: the endpoint keeps its one thread (it
+    used to start one per connection, without a timeout), and QMP, with queue processes
+    serving, answers at once."""
+    import threading
+    import time
+
+    op = make_operated(num_queues=2, queue_processes=True)
+    assert op.env.drv.read(0, 4096).status == Status.OK
+    assert op.plane.metrics is not None
+    before = threading.active_count()
+    socks = _half_sent(op.plane.metrics.port, 200)
+    try:
+        time.sleep(0.5)
+        assert threading.active_count() - before < 64
+        t0 = time.monotonic()
+        stats = blockstats(op)
+        assert time.monotonic() - t0 < 2.0
+        assert stats["rd_operations"] == 1
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_client_that_stalls_is_dropped_and_excess_clients_are_refused(
+        make_operated: MakeOperated, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from virtio_blk.control import metrics
+
+    monkeypatch.setattr(metrics, "CONNECTION_TIMEOUT", 0.5)
+    op = make_operated()
+    assert op.plane.metrics is not None
+    port = op.plane.metrics.port
+    socks = _half_sent(port, metrics.MAX_CONNECTIONS)
+    try:
+        extra = _half_sent(port, 1)[0]
+        assert extra.recv(100).startswith(b"HTTP/1.1 503")  # over the cap: refused at once
+        extra.close()
+        t0 = time.monotonic()
+        for s in socks:  # each stalled client is cut off after its timeout
+            assert s.recv(100) == b""
+        assert time.monotonic() - t0 < 3
+    finally:
+        for s in socks:
+            s.close()
+    assert scrape(op)[("vhost_user_blk_capacity_bytes", ())] > 0  # and scrapes go on

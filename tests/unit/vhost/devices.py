@@ -68,8 +68,9 @@ class ReverseHandler(EchoHandler):
         done, self._done = self._done, []
         return done
 
-    def close(self) -> None:
+    def close(self) -> bool:
         os.close(self.completion_fd)
+        return True
 
 
 class ReverseDevice(EchoDevice):

@@ -32,6 +32,7 @@ class FakeWorker:
         self.call = call
         self.err = err
         self.kicks = self.batches = self.completed = 0  # QueueWorker's counters
+        self.alive = False  # QueueWorker's: its thread ended (after stop)
 
     def start(self) -> None:
         self.events.append(("start", self.vq.index))

@@ -219,7 +219,7 @@ def test_queue_process_refusing_a_start_exits_cleanly() -> None:
     area is shared with the frontend, which may change it in between: the process then
     refuses the start with one line and the reason, and exits 0 (it used to log an
     InflightError traceback and exit 1)."""
-    from vhost.queueproc import receive, send
+    from vhost.procwire import CounterBlock, receive, send
 
     region = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(region, 1 << 16)
@@ -239,8 +239,12 @@ def test_queue_process_refusing_a_start_exits_cleanly() -> None:
                  "regions": [(0, 1 << 16, 0x7000_0000, 0)],
                  "inflight": (area_size, 0, 1, SIZE), "recipe": (
                      "tests.unit.vhost.devices:rebuild_echo", {"num_queues": 1}),
-                 "state": {}, "log": None, "log_call": False, "log_addr": None}
-        send(ours, start, [*notifiers, region, area_fd])
+                 "state": {}, "log": None, "log_call": False, "log_addr": None,
+                 "counter_slots": 0}
+        counters, counters_fd = CounterBlock.create(0)
+        send(ours, start, [*notifiers, counters_fd, region, area_fd])
+        os.close(counters_fd)
+        counters.close()
         ours.settimeout(20)
         reply, fds = receive(ours)
         assert not fds

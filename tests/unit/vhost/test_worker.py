@@ -85,10 +85,11 @@ class ListHandler(QueueHandler):
             done, self._done = self._done, []
         return done
 
-    def close(self) -> None:
+    def close(self) -> bool:
         self.closed = True
         if self.completion_fd is not None:
             os.close(self.completion_fd)
+        return True
 
 
 @pytest.fixture
