@@ -249,13 +249,20 @@ class VirtQueue:
         return out
 
     def _pop_replay(self, out: list[DescriptorChain]) -> None:
-        """Chains of the heads to resubmit, validated like new ones (their memory may differ)."""
+        """Chains of the heads to resubmit, validated like new ones (their memory may differ).
+
+        Once all are handed over, one line says how many: the count operators and the kill -9
+        tests read to know that recovery resubmitted something (and not only that it meant to).
+        """
+        start = len(out)
         try:
             while self._replay:
                 out.append(self._take(self._replay.pop(0), "inflight area"))
         except QueueError as exc:
             self.broken = True
             self.error = exc
+            return
+        log.info("queue %d: resubmitted %d in-flight requests", self.index, len(out) - start)
 
     def _take(self, head: int, source: str) -> DescriptorChain:
         """Validate ``head`` (from ``source``) and its chain, and mark it in flight."""

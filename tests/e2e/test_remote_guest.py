@@ -137,9 +137,11 @@ def test_rbd_server_killed_under_fio_restarts_and_takes_the_lock_over(
     which takes the image's exclusive lock over from the dead one (its watch expires) and
     resubmits the in-flight requests; fio's verify passes."""
     spec = ceph_cluster.spec(rbd_image)
-    srv = serve(tmp_path, spec)
+    workdir = tmp_path / "srv"
+    workdir.mkdir()
     _, restarted = kill_and_restart_under_fio(
-        srv, lambda: Server(srv.workdir, spec=spec).start(), size="32M", timeout=900)
+        lambda *args, **kw: Server(workdir, *args, spec=spec, **kw).start(), workdir, size="32M",
+        timeout=900)
     assert " IOERR" not in restarted.log and "failed" not in restarted.log, restarted.log
 
 
