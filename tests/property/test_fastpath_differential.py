@@ -163,7 +163,7 @@ def inject_eio(engine: Engine, modulus: int) -> None:
     engine.reap = failing_reap  # type: ignore[method-assign]
 
 
-def record_fast_heads(engine: Engine, heads: set[int]) -> None:
+def record_fast_heads(engine: Engine, heads: list[int]) -> None:
     """Note in ``heads`` the head of every request the fast path hands ``engine``.
 
     The fast path submits its own request class (``fast`` is True) straight to the engine, so
@@ -173,7 +173,7 @@ def record_fast_heads(engine: Engine, heads: set[int]) -> None:
 
     def noting_submit(op: IoOp) -> bool:
         if getattr(op, "fast", False):
-            heads.add(op.head)  # type: ignore[attr-defined]
+            heads.append(op.head)  # type: ignore[attr-defined]
         return submit(op)
 
     engine.submit = noting_submit  # type: ignore[method-assign]
@@ -374,8 +374,9 @@ class Rig:
         assert self.handler.engine.name == sc.engine, self.handler.engine.name
         if sc.eio:
             inject_eio(self.handler.engine, sc.eio)
-        #: Heads of the requests the fast path started (FastRequest: ``fast`` is True).
-        self.fast_heads: set[int] = set()
+        #: Heads of the requests the fast path started (FastRequest: ``fast`` is True), in
+        #: order (a head the driver makes available again may be taken again).
+        self.fast_heads: list[int] = []
         record_fast_heads(self.handler.engine, self.fast_heads)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -483,7 +484,7 @@ def serve_both(sc: Scenario) -> tuple[Layout, set[int], list[str]]:
             share = "none" if not taken else "all" if taken == len(heads) else "some"
             events = [f"fast path took {share}", f"queue broken: {ref.vq.broken}",
                       f"disk failures: {'some' if ref.device.stats.errors and sc.eio else 'none'}"]
-            return layout, fast.fast_heads, events
+            return layout, set(fast.fast_heads), events
         finally:
             fast.close()
             ref.close()
