@@ -54,14 +54,15 @@ def crash_script(size: str = "64M") -> str:
 
 #: How many times the drill kills the server, each time while fio is still writing (checked).
 KILLS = 2
-#: What the drill's servers run under: strace delays each write syscall (and each io_uring
-#: submission) by 1 ms -- a slow disk.  A page-cached write takes the server microseconds, so
-#: without it a kill would mostly find nothing in flight; with it the server spends nearly all
-#: of fio's write phase inside writes it has popped, so a kill leaves requests to resubmit.
-#: Nothing else changes: the server cannot tell a slow disk from this.
-SLOW_WRITES = ("strace", "-f", "-qq", "-o", "/dev/null", "--seccomp-bpf",
-               "-e", "trace=pwrite64,pwritev,pwritev2,io_uring_enter",
-               "-e", "inject=pwrite64,pwritev,pwritev2,io_uring_enter:delay_enter=1000")
+#: What the drill's servers run under: strace delays each write syscall, io_uring submission,
+#: sendmsg (how librbd sends to the OSDs) and write (how librbd signals a completion on its
+#: eventfd) by 1 ms -- a slow disk or network.  A page-cached write takes the server
+#: microseconds, so without it a kill would mostly find nothing in flight; with it the server
+#: spends nearly all of fio's write phase inside writes it has popped, so a kill leaves
+#: requests to resubmit.  Nothing else changes: the server cannot tell a slow disk from this.
+_SLOWED = "write,pwrite64,pwritev,pwritev2,io_uring_enter,sendmsg"
+SLOW_WRITES = ("strace", "-f", "-qq", "-o", "/dev/null", "--seccomp-bpf", "-e",
+               f"trace={_SLOWED}", "-e", f"inject={_SLOWED}:delay_enter=1000")
 RESUBMITTED = re.compile(r"queue \d+: resubmitted (\d+) in-flight requests")
 
 
