@@ -23,7 +23,13 @@ from remote_testbed.ceph import CephCluster
 from tests.remote.fixtures import MakeNbd
 
 from .conftest import Server, image_bytes
-from .workloads import FIO, check_fio, crash_script, kill_and_restart_under_fio
+from .workloads import (
+    FIO,
+    SLOW_RBD_WRITES,
+    check_fio,
+    crash_script,
+    kill_and_restart_under_fio,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -141,7 +147,7 @@ def test_rbd_server_killed_under_fio_restarts_and_takes_the_lock_over(
     workdir.mkdir()
     _, restarted = kill_and_restart_under_fio(
         lambda *args, **kw: Server(workdir, *args, spec=spec, **kw).start(), workdir, size="32M",
-        timeout=900)
+        timeout=900, launcher=SLOW_RBD_WRITES)
     assert " IOERR" not in restarted.log and "failed" not in restarted.log, restarted.log
 
 

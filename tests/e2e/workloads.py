@@ -16,7 +16,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -53,16 +53,25 @@ def crash_script(size: str = "64M") -> str:
 
 
 #: How many times the drill kills the server, each time while fio is still writing (checked).
-KILLS = 2
-#: What the drill's servers run under: strace delays each write syscall, io_uring submission,
-#: sendmsg (how librbd sends to the OSDs) and write (how librbd signals a completion on its
-#: eventfd) by 1 ms -- a slow disk or network.  A page-cached write takes the server
-#: microseconds, so without it a kill would mostly find nothing in flight; with it the server
-#: spends nearly all of fio's write phase inside writes it has popped, so a kill leaves
-#: requests to resubmit.  Nothing else changes: the server cannot tell a slow disk from this.
-_SLOWED = "write,pwrite64,pwritev,pwritev2,io_uring_enter,sendmsg"
-SLOW_WRITES = ("strace", "-f", "-qq", "-o", "/dev/null", "--seccomp-bpf", "-e",
-               f"trace={_SLOWED}", "-e", f"inject={_SLOWED}:delay_enter=1000")
+KILLS = 3
+
+
+def slow(syscalls: str) -> tuple[str, ...]:
+    """A launcher for the servers the drill kills: strace delays each of ``syscalls`` by 5 ms
+    -- a slow disk.  A page-cached write takes the server microseconds, so without it a kill
+    would mostly find nothing in flight (the TCG guest is the bottleneck); with it the server
+    spends most of fio's write phase inside writes it has popped, so a kill leaves requests to
+    resubmit.  Nothing else changes: the server cannot tell a slow disk from this."""
+    return ("strace", "-f", "-qq", "-o", "/dev/null", "--seccomp-bpf", "-e",
+            f"trace={syscalls}", "-e", f"inject={syscalls}:delay_enter=5000")
+
+
+#: For image files: their writes, and io_uring submissions.  (Not write(2): it would delay the
+#: call eventfd after each batch too -- a window with nothing in flight.)
+SLOW_FILE_WRITES = slow("pwrite64,pwritev,pwritev2,io_uring_enter")
+#: For RBD: how librbd sends to the OSDs (sendmsg) and signals completions (write(2) on its
+#: eventfd).
+SLOW_RBD_WRITES = slow("sendmsg,write")
 RESUBMITTED = re.compile(r"queue \d+: resubmitted (\d+) in-flight requests")
 
 
@@ -101,19 +110,21 @@ def resubmitted(log: str) -> list[int]:
 def kill_and_restart_under_fio(start: Callable[..., Server], workdir: Path, *,
                                size: str = "64M",
                                timeout: float = 600, kills: int = KILLS,
+                               launcher: Sequence[str] = SLOW_FILE_WRITES,
                                after_kill: Callable[[Server], None] | None = None,
                                ) -> tuple[GuestResult, Server]:
     """kill -9 the server ``kills`` times during the guest's verified writes, each time
     starting another in its place; returns the guest's result and the last server, stopped.
 
     ``start(*args, launcher=...)`` starts a server on the same socket and image with ``args``
-    added (the drill adds a QMP socket in ``workdir``) under ``launcher`` (the drill's is
-    :data:`SLOW_WRITES`).  The kills are spread over the first half of fio's
-    write phase: each waits until the servers together have completed the next share of its
-    writes, read over QMP.  Since every server's count is at most what the guest finished, and
-    fio writes ``size`` once before it starts reading back, a count under half of it proves
-    the kill landed while fio was writing.  ``after_kill(dead)`` runs after each kill (e.g. to
-    check the image a dead server left).
+    added (the drill adds a QMP socket in ``workdir``), under ``launcher`` (one that slows the
+    storage's writes: :data:`SLOW_FILE_WRITES`, :data:`SLOW_RBD_WRITES`) unless it is the
+    last.  The kills are
+    spread over the first half of fio's write phase: each waits until the servers together
+    have completed the next share of its writes, read over QMP.  Since every server's count is
+    at most what the guest finished, and fio writes ``size`` once before it starts reading
+    back, a count under half of it proves the kill landed while fio was writing.
+    ``after_kill(dead)`` runs after each kill (e.g. to check the image a dead server left).
 
     Checked: at least one kill landed in the write phase, the restarted servers resubmitted
     more than zero requests in all (their ``resubmitted N in-flight requests`` lines), fio's
@@ -121,7 +132,7 @@ def kill_and_restart_under_fio(start: Callable[..., Server], workdir: Path, *,
     """
     qmp = ("--qmp", str(workdir / "qmp.sock"))
     total_writes = parse_size(size) // 4096
-    srv = start(*qmp, launcher=SLOW_WRITES)
+    srv = start(*qmp, launcher=launcher)
     done = 0  # writes completed by the servers killed so far (at their last reading)
     kills_in_write_phase = 0
     with Guest(srv.sock, crash_script(size), reconnect=True, timeout=timeout) as g:
@@ -147,7 +158,8 @@ def kill_and_restart_under_fio(start: Callable[..., Server], workdir: Path, *,
             kills_in_write_phase += 1
             if after_kill is not None:
                 after_kill(srv)
-            srv = start(*qmp, launcher=SLOW_WRITES)
+            # The last server is not killed: it runs at full speed.
+            srv = start(*qmp, launcher=launcher if k < kills else ())
             # A restarted queue resubmits before it takes anything new: wait for new writes.
             writes = Writes(workdir / "qmp.sock")
             try:
