@@ -153,7 +153,13 @@ class QueueWorker:
             cfd = self.handler.completion_fd
             if cfd is not None:
                 ep.register(cfd, edge)
-            # Kicks sent before we started listening are lost: look at the ring once now.
+            # Kicks sent before we started listening are lost: look at the ring once now.  So
+            # may be a call: a backend killed between publishing used entries and writing the
+            # call eventfd leaves the driver waiting for an interrupt that never comes.  A ring
+            # that already has used entries (a restarted or resumed queue) gets one call; a
+            # spurious one is harmless (the driver finds nothing new).
+            if vq.next_used:
+                self.call.signal()
             self._service(kick=True)
             self.passes += 1
             poll = ep.poll

@@ -25,7 +25,7 @@ from .control.metrics import parse_address
 from .control.plane import ControlError, ControlPlane
 from .device import BlkDevice
 from .disk import Disk, DiskError, parse_size
-from .engine import ENGINES, default_engine
+from .engine import ENGINES, EngineUnavailable, choose_engine
 from .image_lock import ImageLockError, lock_image
 from .images import FORMATS
 from .images import create as create_by_format
@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"device ID string (GET_ID), up to {ID_BYTES} ASCII characters")
     p.add_argument("--queue-size", type=_positive, default=1024, metavar="N",
                    help="largest virtqueue size accepted (default 1024)")
-    p.add_argument("--aio", choices=ENGINES, default=default_engine(),
-                   help="IO engine (default: io_uring where the kernel allows it, else threads)")
+    p.add_argument("--aio", choices=ENGINES,
+                   help="IO engine (default: io_uring where the kernel allows it, else threads "
+                        "with a warning; io_uring asked for and unavailable is an error)")
     p.add_argument("--io-threads", type=_positive, default=16, metavar="N",
                    help="IO threads per queue for --aio threads (default 16)")
     p.add_argument("--bounce-pages", type=_positive, default=2048, metavar="N",
@@ -188,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = check_args(args)
     if problem:
         return fail(problem)
+    try:
+        args.aio = choose_engine(args.aio)
+    except EngineUnavailable as exc:
+        return fail(str(exc))
     try:
         if args.create is not None:
             if not isinstance(parse_image(args.image), FileSpec):

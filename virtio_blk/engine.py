@@ -52,7 +52,6 @@ from .uring import (
     OP_WRITEV,
     Uring,
 )
-from .uring import available as uring_available
 
 log = logging.getLogger(__name__)
 
@@ -426,12 +425,45 @@ _CANCEL_TAG = 1 << 63
 ENGINES = ("io_uring", "threads", "inline")
 
 
-def default_engine() -> str:
-    """io_uring where this kernel lets us make a ring, else the thread pool."""
-    return "io_uring" if uring_available() else "threads"
+class EngineUnavailable(Exception):
+    """The engine asked for by name cannot run here; the message is one line for the user."""
+
+
+def uring_problem() -> str | None:
+    """Why this process cannot make an io_uring (disabled by sysctl or seccomp, no kernel
+    support, no memory it may lock...), or None if it can."""
+    try:
+        Uring(2).close()
+    except OSError as exc:  # UringError is one
+        return exc.strerror or str(exc)
+    return None
+
+
+def choose_engine(requested: str | None) -> str:
+    """The engine to run: ``requested`` (one of :data:`ENGINES`), or by default io_uring where
+    this process can make a ring, else the thread pool -- with a WARNING that says why, so a
+    server (or a test) never runs the thread pool believing it runs io_uring.
+
+    Raises EngineUnavailable for io_uring asked for by name and not available: the user
+    chose it, so it is an error, not a fallback.
+    """
+    if requested not in (None, "io_uring"):
+        return requested
+    problem = uring_problem()
+    if problem is None:
+        return "io_uring"
+    if requested == "io_uring":
+        raise EngineUnavailable(f"--aio io_uring: io_uring is unavailable here ({problem})")
+    log.warning("io_uring is unavailable here (%s): using the thread pool (--aio threads)",
+                problem)
+    return "threads"
 
 
 def make_engine(kind: str, disk: BlockDisk, queue_index: int, threads: int = 16) -> Engine:
+    """The engine ``kind`` for one queue.  The command line checked at start that io_uring
+    works (:func:`choose_engine`); a ring that still cannot be made for this queue (a limit
+    reached since) falls back to the thread pool with a WARNING naming the queue and the
+    reason, and the engine's ``name`` says which one runs."""
     if kind == "inline":
         return InlineEngine(disk)
     if kind == "threads":
@@ -442,6 +474,6 @@ def make_engine(kind: str, disk: BlockDisk, queue_index: int, threads: int = 16)
             return getattr(disk, "uring_engine", UringEngine)(disk)
         except OSError as exc:  # e.g. RLIMIT_MEMLOCK on older kernels, or a seccomp policy
             log.warning("queue %d: io_uring unavailable (%s); using the thread pool",
-                        queue_index, exc)
+                        queue_index, exc.strerror or exc)
             return ThreadPoolEngine(disk, threads, name=f"io{queue_index}")
     raise ValueError(f"unknown IO engine {kind!r}; choose from {', '.join(ENGINES)}")

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,10 @@ class Server:
     """``python -m virtio_blk`` on a fresh image, started and stopped like a user would."""
 
     def __init__(self, workdir: Path, *args: str, size: str = "1G",
-                 image: Path | None = None, spec: str | None = None) -> None:
-        """``spec``: serve that ``--image`` (an rbd:/nbd:// spec) instead of a created file."""
+                 image: Path | None = None, spec: str | None = None,
+                 launcher: Sequence[str] = ()) -> None:
+        """``spec``: serve that ``--image`` (an rbd:/nbd:// spec) instead of a created file;
+        ``launcher``: argv the server runs under (it must run it as its only child)."""
         self.workdir = workdir
         self.sock = workdir / "vub.sock"
         self.image = image or workdir / "disk.img"
@@ -31,13 +33,14 @@ class Server:
         self.args = list(args)
         self.size = size
         self.spec = spec
+        self.launcher = list(launcher)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Server:
         image = ["--image", self.spec] if self.spec else \
             ["--image", str(self.image), "--create", self.size]
-        cmd = [sys.executable, "-m", "virtio_blk", "--socket", str(self.sock), *image,
-               *self.args]
+        cmd = [*self.launcher, sys.executable, "-m", "virtio_blk", "--socket", str(self.sock),
+               *image, *self.args]
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + 30
@@ -60,6 +63,15 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     @property
+    def pid(self) -> int:
+        """The server's own pid (under a launcher, the launcher's child)."""
+        assert self.proc is not None
+        if not self.launcher:
+            return self.proc.pid
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return int(children.split()[0])
+
+    @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -67,10 +79,12 @@ class Server:
         """SIGTERM, as a service manager would; the exit status."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            pid = self.pid
+            os.kill(pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
                 self.proc.kill()
                 self.proc.wait()
                 raise AssertionError(f"server ignored SIGTERM for 30 s:\n{self.log}") from None
@@ -89,8 +103,8 @@ def server(tmp_path: Path, guest_image: Path) -> Iterator:
     """server(*args, size=...) starts our server; each is stopped (and must exit 0) after."""
     started: list[Server] = []
 
-    def start(*args: str, size: str = "1G") -> Server:
-        srv = Server(tmp_path, *args, size=size).start()
+    def start(*args: str, size: str = "1G", launcher: Sequence[str] = ()) -> Server:
+        srv = Server(tmp_path, *args, size=size, launcher=launcher).start()
         started.append(srv)
         return srv
 

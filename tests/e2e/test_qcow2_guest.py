@@ -82,15 +82,13 @@ def test_qcow2_overlay_fio_ext4_discard_two_queues(tmp_path: Path, server) -> No
 def test_qcow2_server_killed_and_restarted_under_fio(tmp_path: Path, server) -> None:
     """kill -9 under guest writes on a fresh thin image (every write allocates), restart: the
     guest's verify passes and ``qemu-img check`` finds leaks at most, no corruption."""
-    srv = server("--format", "qcow2")
-
-    def check_right_after_kill() -> None:
-        rc, report = qemu_img_check(srv.image)
+    def check_right_after_kill(dead: Server) -> None:
+        rc, report = qemu_img_check(dead.image)
         assert rc in (0, 3), f"corruption right after kill -9: {report}"
 
-    kill_and_restart_under_fio(
-        srv, lambda: Server(tmp_path, "--format", "qcow2", size="1G").start(),
-        timeout=900, after_kill=check_right_after_kill)
+    _, srv = kill_and_restart_under_fio(
+        lambda *args, **kw: server("--format", "qcow2", *args, **kw), tmp_path, timeout=900,
+        after_kill=check_right_after_kill)
     rc, report = qemu_img_check(srv.image)
     assert rc in (0, 3), report
     assert report.get("corruptions", 0) == 0, report

@@ -23,7 +23,13 @@ from remote_testbed.ceph import CephCluster
 from tests.remote.fixtures import MakeNbd
 
 from .conftest import Server, image_bytes
-from .workloads import FIO, check_fio, crash_script, kill_and_restart_under_fio
+from .workloads import (
+    FIO,
+    SLOW_RBD_WRITES,
+    check_fio,
+    crash_script,
+    kill_and_restart_under_fio,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -137,9 +143,11 @@ def test_rbd_server_killed_under_fio_restarts_and_takes_the_lock_over(
     which takes the image's exclusive lock over from the dead one (its watch expires) and
     resubmits the in-flight requests; fio's verify passes."""
     spec = ceph_cluster.spec(rbd_image)
-    srv = serve(tmp_path, spec)
+    workdir = tmp_path / "srv"
+    workdir.mkdir()
     _, restarted = kill_and_restart_under_fio(
-        srv, lambda: Server(srv.workdir, spec=spec).start(), size="32M", timeout=900)
+        lambda *args, **kw: Server(workdir, *args, spec=spec, **kw).start(), workdir, size="32M",
+        timeout=900, launcher=SLOW_RBD_WRITES)
     assert " IOERR" not in restarted.log and "failed" not in restarted.log, restarted.log
 
 

@@ -81,8 +81,12 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
              mem_layout: Sequence[tuple[int, int, int]] = ((0, 32 * MiB, 0),),
              drop_features: int = 0, queue_size: int = 128,
              image: Path | None = None, queue_processes: bool | None = None,
-             fast_path: bool = True, storage: Storage | None = None) -> BlkEnv:
-        """``storage``: serve that (closed after the test) instead of an image file."""
+             fast_path: bool = True, storage: Storage | None = None,
+             engine_ran: str | None = None) -> BlkEnv:
+        """``storage``: serve that (closed after the test) instead of an image file.
+
+        The engine serving queue 0 (on a thread) must be ``engine_ran`` (default: ``engine``):
+        a test parametrised with io_uring must not pass on a thread pool it fell back to."""
         n = next(counter)
         disk: Disk | Storage
         if storage is not None:
@@ -107,6 +111,9 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
                      else None)
         fe.set_mem_table(mem)
         q = fe.setup_queue(0, size=queue_size)
+        served_by = daemon.daemon.handler.vrings[0].queue_handler  # type: ignore[union-attr]
+        if storage is None and served_by is not None:  # (None: in a queue process)
+            assert served_by.engine.name == (engine_ran or engine), served_by.engine.name
         drv = BlkDriver(fe, q, mem)
         return BlkEnv(image, disk, device, daemon, fe, mem, q, drv)  # type: ignore[arg-type]
 

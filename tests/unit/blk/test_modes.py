@@ -301,7 +301,10 @@ def test_cache_mode_chosen_by_the_driver_survives_renegotiation(
 
 
 def test_io_uring_failure_falls_back_to_threads(make_blk: MakeBlk,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A queue that cannot make its ring (a limit reached after the command line checked
+    io_uring) runs on the thread pool, and says so."""
     import errno
 
     from virtio_blk import engine
@@ -311,9 +314,11 @@ def test_io_uring_failure_falls_back_to_threads(make_blk: MakeBlk,
         raise UringError(errno.EPERM, "io_uring_setup: Operation not permitted")
 
     monkeypatch.setattr(engine, "Uring", no_ring)
-    env = make_blk(engine="io_uring")
+    env = make_blk(engine="io_uring", engine_ran="threads")
     handler = env.daemon.daemon.handler.vrings[0].queue_handler
     assert handler.engine.name == "threads"
+    assert "queue 0: io_uring unavailable (io_uring_setup: Operation not permitted); using the " \
+        "thread pool" in caplog.text
     data = os.urandom(4096)
     assert env.drv.write(8, data).status == Status.OK
     assert env.drv.read(8, 4096).data == data

@@ -36,7 +36,8 @@ def _wait(cond, what: str, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_each_queue_gets_a_process_and_counters_are_summed(make_blk: MakeBlk) -> None:
+def test_each_queue_gets_a_process_and_counters_are_summed(
+        make_blk: MakeBlk, capfd: pytest.CaptureFixture[str]) -> None:
     env = make_blk(num_queues=2, engine="io_uring")
     q1 = env.frontend.setup_queue(1, size=64)
     drv1 = BlkDriver(env.frontend, q1, env.mem)
@@ -50,6 +51,8 @@ def test_each_queue_gets_a_process_and_counters_are_summed(make_blk: MakeBlk) ->
     stats = env.device.stats
     assert (stats.writes, stats.reads, stats.requests) == (1, 6, 7)
     assert env.device.queue_stats[1].reads == 6
+    # The queue processes ran io_uring: one that could not would have said so on stderr.
+    assert "io_uring unavailable" not in capfd.readouterr().err
 
 
 def test_get_vring_base_stops_the_process_and_returns_its_avail_index(make_blk: MakeBlk) -> None:

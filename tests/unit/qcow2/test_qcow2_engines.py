@@ -165,6 +165,8 @@ def test_device_serves_qcow2(tmp_path: Path, engine: str) -> None:
         fe.negotiate()
         fe.set_mem_table(mem)
         drv = BlkDriver(fe, fe.setup_queue(0, size=128), mem)
+        served_by = daemon.daemon.handler.vrings[0].queue_handler  # type: ignore[union-attr]
+        assert served_by.engine.name == engine  # not a thread pool it fell back to
         data = os.urandom(64 * KiB)
         pending = [drv.start(1, 8, out=data[:4096])]  # T_OUT, in place (allocated)
         pending.append(drv.start(1, 3 * MiB // 512 + 1, out=data))  # allocating, unaligned

@@ -128,6 +128,26 @@ def test_worker_serves_kicks_and_signals_once_per_batch(loop_parts) -> None:
     assert not worker.alive and worker._wake_fd == -1
 
 
+@pytest.mark.parametrize("used_idx", [0, 5])
+def test_a_restarted_queue_signals_the_driver_once(used_idx: int) -> None:
+    """A backend killed after publishing used entries and before the call leaves the driver
+    waiting: a queue started on a ring with used entries signals once (a fresh one does not)."""
+    ring = Ring(size=8, features=0, next_avail=used_idx, used_idx=used_idx)
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    call_fd = os.eventfd(0, os.EFD_NONBLOCK)
+    worker = QueueWorker(ring.vq, ListHandler(), kick, Notifier(os.dup(call_fd)))
+    worker.start()
+    try:
+        wait_for(lambda: worker.passes, "the first pass")
+        assert wait_readable(call_fd, 0.2) == bool(used_idx)
+    finally:
+        assert worker.stop(WAIT)
+        worker.call.close()
+        for fd in (kick, call_fd):
+            os.close(fd)
+        ring.vq.release()
+
+
 def test_worker_stop_waits_for_in_flight_requests(loop_parts) -> None:
     ring, kick, call_fd, _, call, err = loop_parts
     handler = ListHandler(sync=False)
