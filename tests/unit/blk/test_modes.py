@@ -312,7 +312,7 @@ def test_io_uring_failure_falls_back_to_threads(make_blk: MakeBlk,
 
     monkeypatch.setattr(engine, "Uring", no_ring)
     env = make_blk(engine="io_uring")
-    handler = env.daemon.daemon.handler.vrings[0].queue_handler
+    handler = env.queue_handler()
     assert handler.engine.name == "threads"
     data = os.urandom(4096)
     assert env.drv.write(8, data).status == Status.OK

@@ -16,7 +16,7 @@ from tests.conftest import RunningDaemon
 from vhost_frontend import Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
 from virtio_blk.device import BlkDevice
-from virtio_blk.engine import IoOp, OpKind, make_engine
+from virtio_blk.engine import Engine, IoOp, OpKind, UringEngine, make_engine
 from virtio_blk.qcow2 import Qcow2Disk
 from virtio_blk.qcow2.uring_engine import MappedUringEngine
 from virtio_blk.request import Status
@@ -35,7 +35,8 @@ def _image(tmp_path: Path) -> tuple[Path, bytearray]:
     return img, bytearray(b"\x55" * 2 * MiB + bytes(2 * MiB))
 
 
-def _run(engine, ops: list[IoOp]) -> None:  # type: ignore[no-untyped-def]
+def _run(engine: Engine, ops: list[IoOp]) -> None:
+    assert isinstance(engine, UringEngine), engine  # it waits on the engine's own ring
     pending = 0
     for op in ops:
         if not engine.submit(op):
