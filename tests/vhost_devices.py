@@ -31,13 +31,21 @@ def _write_writable(memory: GuestMemory, chain: DescriptorChain, data: bytes,
     return pos
 
 
-class EchoHandler(QueueHandler):
-    """Copies the readable bytes, upper-cased, into the writable pieces; synchronous."""
+class _EchoBase(QueueHandler):
+    """What the synchronous and the asynchronous echo handlers share: their device and queue.
+
+    They are siblings, not parent and child: ``submit`` of one returns the bytes written, of
+    the other None (completed later), and neither can stand in for the other.
+    """
 
     def __init__(self, device: EchoDevice, index: int, memory: GuestMemory) -> None:
         self.device = device
         self.index = index
         self.memory = memory
+
+
+class EchoHandler(_EchoBase):
+    """Copies the readable bytes, upper-cased, into the writable pieces; synchronous."""
 
     def submit(self, chain: DescriptorChain) -> int:
         self.device.seen.append((self.index, chain))
@@ -45,8 +53,10 @@ class EchoHandler(QueueHandler):
         return _write_writable(self.memory, chain, data, self)
 
 
-class AsyncEchoHandler(EchoHandler):
+class AsyncEchoHandler(_EchoBase):
     """Like EchoHandler but completes on timer threads after ``device.delay`` (in any order)."""
+
+    completion_fd: int  # always set: completions come back through it
 
     def __init__(self, device: EchoDevice, index: int, memory: GuestMemory) -> None:
         super().__init__(device, index, memory)
@@ -74,7 +84,7 @@ class AsyncEchoHandler(EchoHandler):
     def reap(self) -> list[tuple[int, int]]:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.completion_fd)
-        out = []
+        out: list[tuple[int, int]] = []
         while True:
             try:
                 head, used, written = self._done.get_nowait()

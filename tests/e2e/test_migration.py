@@ -186,15 +186,16 @@ def migrate_there_and_back(tmp_path: Path, queues: int) -> str:
     a, b = servers
     size_mb = 320 // queues
     script = workload(size_mb, queues)
-    opts = {"num_queues": queues, "smp": queues, "timeout": 900}
     guests: list[Guest] = []
     qmps: list[Qmp] = []
     try:
         args1, qmp1_path = qemu_args(tmp_path, "q1", incoming=False)
-        g1 = Guest(a.sock, script, extra_qemu_args=args1, **opts).start()
+        g1 = Guest(a.sock, script, extra_qemu_args=args1, num_queues=queues, smp=queues,
+                   timeout=900).start()
         guests.append(g1)
         args2, qmp2_path = qemu_args(tmp_path, "q2", incoming=True)
-        g2 = Guest(b.sock, script, extra_qemu_args=args2, **opts).start()
+        g2 = Guest(b.sock, script, extra_qemu_args=args2, num_queues=queues, smp=queues,
+                   timeout=900).start()
         guests.append(g2)
         qmp1, qmp2 = Qmp(qmp1_path), Qmp(qmp2_path)
         qmps += [qmp1, qmp2]
@@ -217,7 +218,8 @@ def migrate_there_and_back(tmp_path: Path, queues: int) -> str:
 
         # 3. Back to the first server, mid-verify (the backend writes read data into the guest).
         args3, qmp3_path = qemu_args(tmp_path, "q3", incoming=True)
-        g3 = Guest(a.sock, script, extra_qemu_args=args3, **opts).start()
+        g3 = Guest(a.sock, script, extra_qemu_args=args3, num_queues=queues, smp=queues,
+                   timeout=900).start()
         guests.append(g3)
         qmp3 = Qmp(qmp3_path)
         qmps.append(qmp3)

@@ -97,8 +97,11 @@ result getsize blockdev --getsize64 /dev/vda
         assert os.path.getsize(srv.image) == new_size
         line = guest.wait_for(r"^@@RESIZED", timeout=120)
         res = guest.wait()
-    sectors = int(re.search(r"sectors=(\d+)", line).group(1))
-    waited = int(re.search(r"after=(\d+)", line).group(1))
+    found_sectors = re.search(r"sectors=(\d+)", line)
+    found_after = re.search(r"after=(\d+)", line)
+    assert found_sectors is not None and found_after is not None, line
+    sectors = int(found_sectors.group(1))
+    waited = int(found_after.group(1))
     assert sectors == new_size // 512, f"the guest still sees {sectors} sectors:\n{res.tail()}"
     assert waited < 600
     assert res.text("getsize").strip() == str(new_size)

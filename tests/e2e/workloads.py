@@ -94,8 +94,9 @@ class Writes:
         self.monitor.settimeout(10)
 
     def __call__(self) -> int:
-        [entry] = self.monitor.cmd("query-blockstats")
-        return int(entry["stats"]["wr_operations"])
+        stats = self.monitor.cmd("query-blockstats")
+        assert isinstance(stats, list) and len(stats) == 1, stats
+        return int(stats[0]["stats"]["wr_operations"])
 
     def close(self) -> None:
         with contextlib.suppress(OSError, EOFError):

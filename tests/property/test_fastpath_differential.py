@@ -51,7 +51,7 @@ from vhost.virtqueue import (
 )
 from vhost.worker import Notifier, QueueWorker
 from vhost_frontend import DriverRing
-from virtio_blk.device import BlkDevice
+from virtio_blk.device import BlkDevice, BlkQueueHandler
 from virtio_blk.disk import Disk
 from virtio_blk.engine import Engine, IoOp, OpKind
 from virtio_blk.request import HEADER, T_BARRIER, ReqType
@@ -329,7 +329,7 @@ class Layout:
             if m == "next_oob" and pos == 0:
                 slot_next = n + 2
             table[i] = (addr, length, f, slot_next)  # type: ignore[call-overload]
-        raw = b"".join(DESC.pack(*d) for d in table)  # type: ignore[misc]
+        raw = b"".join(DESC.pack(*d) for d in table)
         gpa = self.alloc.take("A", len(raw), "page")
         self.writes.append((gpa, raw))
         flags = VIRTQ_DESC_F_INDIRECT | (VIRTQ_DESC_F_NEXT if m == "indirect_next" else 0)
@@ -369,7 +369,9 @@ class Rig:
         os.close(fd)
         self.vq = VirtQueue(self.mem, QSIZE, addresses, FEATURES, index=0,
                             inflight=self.inflight.queue(0, QSIZE))
-        self.handler = self.device.create_handler(0, self.mem)
+        handler = self.device.create_handler(0, self.mem)
+        assert isinstance(handler, BlkQueueHandler)
+        self.handler = handler
         # The engine that runs is the one asked for (no silent fallback to another).
         assert self.handler.engine.name == sc.engine, self.handler.engine.name
         if sc.eio:

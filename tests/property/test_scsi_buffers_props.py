@@ -132,11 +132,11 @@ def distinct_ranges(draw: st.DrawFn) -> PagedRange:
     return PagedRange(offset, length, gpns)
 
 
-def chunks(draw: st.DrawFn, total: int) -> list[int]:
+def chunks(data: st.DataObject, total: int) -> list[int]:
     sizes = []
     left = total
     while left:
-        n = draw(st.integers(1, left)) if draw(st.booleans()) else left
+        n = data.draw(st.integers(1, left)) if data.draw(st.booleans()) else left
         sizes.append(n)
         left -= n
     return sizes
@@ -150,13 +150,13 @@ def test_writer_then_reader_round_trips(r: PagedRange, data: st.DataObject) -> N
     payload = bytes(np.random.default_rng(len(r)).integers(0, 256, len(r), dtype=np.uint8))
     w = b.writer()
     pos = 0
-    for n in chunks(data.draw, len(r)):
+    for n in chunks(data, len(r)):
         w.write(payload[pos : pos + n])
         pos += n
     assert len(w) == 0
     rd = b.reader()
     out = bytearray()
-    for n in chunks(data.draw, len(r)):
+    for n in chunks(data, len(r)):
         out += rd.read(n)
     assert bytes(out) == payload
     assert b.reader().read_all() == payload

@@ -22,7 +22,7 @@ TIMEOUT = 20.0
 
 
 def command(*args: str | os.PathLike[str]) -> list[str]:
-    return [sys.executable, "-m", "virtio_blk", *map(os.fspath, args)]
+    return [sys.executable, "-m", "virtio_blk", *(os.fspath(arg) for arg in args)]
 
 
 def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:

@@ -30,7 +30,7 @@ FORBIDDEN = {
 
 def imported_packages(path: Path) -> set[str]:
     """Top-level names of every absolute import in ``path``."""
-    out = set()
+    out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out.update(alias.name.split(".")[0] for alias in node.names)

@@ -422,6 +422,6 @@ def test_server_runs_as_the_unit_runs_it(analyze: str, sandbox_dir: Path, server
         fe.close()
         mem.close()
     assert not qmp_path.exists()
-    with open(image, "rb") as f:
-        assert f.read(4096) == b"\x40" * 4096
+    with open(image, "rb") as img:
+        assert img.read(4096) == b"\x40" * 4096
     assert not [line for line in server.lines if "Traceback" in line], server.lines

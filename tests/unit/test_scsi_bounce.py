@@ -320,7 +320,11 @@ def test_fifo_arrival_order() -> None:
     for i in range(6):
         w = Acquirer(t, 1, log=order, name=str(i))
         w.start()
-        wait_until(lambda i=i: t.waiting(0) == i + 1)
+
+        def queued(i: int = i) -> bool:
+            return t.waiting(0) == i + 1
+
+        wait_until(queued)
         waiters.append(w)
     held.release()
     for w in waiters:  # each releases after being served, which serves the next in line

@@ -61,7 +61,9 @@ class SpyMemory(GuestMemory):
         self.calls.append(("views", gpa, length))
         return super().views(gpa, length, for_write=for_write)
 
-    def io_pieces(self, gpa: int, length: int, *, for_write: bool = False):  # type: ignore[override]
+    def io_pieces(
+        self, gpa: int, length: int, *, for_write: bool = False
+    ) -> list[tuple[memoryview, int]]:
         self.calls.append(("io_pieces", gpa, length))
         return super().io_pieces(gpa, length, for_write=for_write)
 

@@ -6,6 +6,7 @@ import gc
 import mmap
 import threading
 import weakref
+from collections.abc import Callable
 
 import pytest
 
@@ -19,7 +20,8 @@ from scsi_buffers import (
 )
 
 
-def _kind(fn) -> AccessErrorKind:  # type: ignore[no-untyped-def]
+def _kind(fn: Callable[..., object]) -> AccessErrorKind:
+    """The kind of the AccessError ``fn()`` raises (``fn`` may bind loop variables as defaults)."""
     with pytest.raises(AccessError) as e:
         fn()
     return e.value.kind

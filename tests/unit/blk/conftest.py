@@ -14,7 +14,7 @@ from tests.conftest import RunningDaemon
 from vhost.messages import Request
 from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
-from virtio_blk.device import BlkDevice
+from virtio_blk.device import BlkDevice, BlkQueueHandler
 from virtio_blk.disk import Disk
 from virtio_blk.storage import Storage
 
@@ -42,6 +42,14 @@ class BlkEnv:
             return os.pread(fd, length, offset)
         finally:
             os.close(fd)
+
+    def queue_handler(self, queue: int = 0) -> BlkQueueHandler:
+        """The handler serving ``queue`` in this process (the queue has been started)."""
+        handler = self.daemon.daemon.handler
+        assert handler is not None, "no frontend connected"
+        queue_handler = handler.vrings[queue].queue_handler
+        assert isinstance(queue_handler, BlkQueueHandler), queue_handler
+        return queue_handler
 
     def put(self, offset: int, data: bytes) -> None:
         """Write the image behind the device's back."""
@@ -111,8 +119,10 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
                      else None)
         fe.set_mem_table(mem)
         q = fe.setup_queue(0, size=queue_size)
-        served_by = daemon.daemon.handler.vrings[0].queue_handler  # type: ignore[union-attr]
+        assert daemon.daemon.handler is not None
+        served_by = daemon.daemon.handler.vrings[0].queue_handler
         if storage is None and served_by is not None:  # (None: in a queue process)
+            assert isinstance(served_by, BlkQueueHandler), served_by
             assert served_by.engine.name == (engine_ran or engine), served_by.engine.name
         drv = BlkDriver(fe, q, mem)
         return BlkEnv(image, disk, device, daemon, fe, mem, q, drv)  # type: ignore[arg-type]
@@ -136,9 +146,7 @@ def blk(make_blk: MakeBlk) -> BlkEnv:
 
 def uring_engine(env: BlkEnv, queue: int = 0):
     """The io_uring engine serving ``queue`` of a running device."""
-    handler = env.daemon.daemon.handler
-    assert handler is not None
-    engine = handler.vrings[queue].queue_handler.engine
+    engine = env.queue_handler(queue).engine
     assert engine.name == "io_uring"
     return engine
 

@@ -204,7 +204,7 @@ def test_transfer_limit(make_blk: MakeBlk) -> None:
     assert limits.max_transfer == limits.seg_max * limits.size_max
     # Check the rule itself with a limit that fits this small image.
     limit = 4 * MiB
-    handler = env.daemon.daemon.handler.vrings[0].queue_handler
+    handler = env.queue_handler()
     handler.limits = dataclasses.replace(limits, max_transfer=limit)
     assert env.drv.read(0, limit).status == Status.OK
     res = env.drv.read(0, limit + 512)

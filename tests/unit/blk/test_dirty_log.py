@@ -98,8 +98,7 @@ def test_nothing_marked_once_logging_is_off(make_blk: MakeBlk, qlog: QemuLog) ->
     qlog.take()
     assert run(env, env.drv.start(T_IN, 0, in_len=PAGE)) == 0
     assert qlog.take() == set()
-    handler = env.daemon.daemon.handler
-    assert handler is not None and handler.vrings[0].queue_handler.dirty is None
+    assert env.queue_handler().dirty is None
 
 
 def test_stopping_while_logging_flushes_the_disk(make_blk: MakeBlk, qlog: QemuLog,

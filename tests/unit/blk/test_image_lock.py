@@ -64,7 +64,7 @@ def test_qemu_lock_bytes_are_taken(image: Path) -> None:
         lock_image(a, str(image), True)
         with open(f"/proc/self/fdinfo/{a}") as f:
             info = f.read()
-        taken = set()
+        taken: set[int] = set()
         for line in info.splitlines():  # "lock: 1: OFDLCK ADVISORY READ -1 dev:ino START END"
             if line.startswith("lock:") and "OFDLCK" in line and " READ " in line:
                 start, end = map(int, line.split()[-2:])  # adjacent bytes come merged

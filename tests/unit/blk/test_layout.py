@@ -194,7 +194,7 @@ def model(pieces: Sequence[tuple[int, int]]) -> tuple[int, bool]:
 def piece_lists(draw: st.DrawFn) -> list[tuple[int, int]]:
     count = draw(st.integers(1, 8))
     cursor = draw(st.integers(0, 3 * PAGE))
-    out = []
+    out: list[tuple[int, int]] = []
     for _ in range(count):
         how = draw(st.sampled_from(["contiguous", "next_page", "gap", "sector_gap"]))
         if out:

@@ -315,7 +315,7 @@ def test_io_uring_failure_falls_back_to_threads(make_blk: MakeBlk,
 
     monkeypatch.setattr(engine, "Uring", no_ring)
     env = make_blk(engine="io_uring", engine_ran="threads")
-    handler = env.daemon.daemon.handler.vrings[0].queue_handler
+    handler = env.queue_handler()
     assert handler.engine.name == "threads"
     assert "queue 0: io_uring unavailable (io_uring_setup: Operation not permitted); using the " \
         "thread pool" in caplog.text

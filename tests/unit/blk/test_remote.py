@@ -219,9 +219,7 @@ def test_rbd_discard_of_part_of_an_object_is_allowed_to_do_nothing(
 
 # ---------------------------------------------------------------- lost connections
 def _engine(env: BlkEnv):
-    handler = env.daemon.daemon.handler
-    assert handler is not None
-    return handler.vrings[0].queue_handler.engine
+    return env.queue_handler().engine
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])

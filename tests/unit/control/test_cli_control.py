@@ -84,7 +84,9 @@ def test_socket_activation_with_qmp_and_metrics(tmp_path: Path, image: Path,
                              "--export-id", "vm1")
     servers.append(server)
     server.started()
-    port = int(re.search(r"metrics on port (\d+)", server.wait_for("metrics on port")).group(1))
+    found = re.search(r"metrics on port (\d+)", server.wait_for("metrics on port"))
+    assert found is not None
+    port = int(found.group(1))
     fe, mem, drv = connect(sock_path)
     try:
         assert drv.write(0, b"\x42" * 4096).status == Status.OK

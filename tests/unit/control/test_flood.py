@@ -136,7 +136,7 @@ def qmp_answers(path: Path) -> dict:
 
 def open_clients(path: Path, n: int) -> list[socket.socket]:
     """``n`` connections that never send anything (some may be refused: they stay open here)."""
-    out = []
+    out: list[socket.socket] = []
     deadline = time.monotonic() + TIMEOUT
     while len(out) < n:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

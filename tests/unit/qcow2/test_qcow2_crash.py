@@ -37,13 +37,13 @@ class _Recorder:
         self.fds: set[int] = set()
         real_pwrite, real_pwritev = os.pwrite, os.pwritev
 
-        def pwrite(fd: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
+        def pwrite(fd: int, data, offset: int) -> int:
             n = real_pwrite(fd, data, offset)
             if fd in self.fds:
                 self.log.append((offset, bytes(memoryview(data)[:n])))
             return n
 
-        def pwritev(fd: int, views, offset: int) -> int:  # type: ignore[no-untyped-def]
+        def pwritev(fd: int, views, offset: int) -> int:
             n = real_pwritev(fd, views, offset)
             if fd in self.fds:
                 self.log.append((offset, b"".join(bytes(v) for v in views)[:n]))

@@ -15,8 +15,8 @@ from guestmem import IoBuffer
 from tests.conftest import RunningDaemon
 from vhost_frontend import Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
-from virtio_blk.device import BlkDevice
-from virtio_blk.engine import IoOp, OpKind, make_engine
+from virtio_blk.device import BlkDevice, BlkQueueHandler
+from virtio_blk.engine import Engine, IoOp, OpKind, UringEngine, make_engine
 from virtio_blk.qcow2 import Qcow2Disk
 from virtio_blk.qcow2.uring_engine import MappedUringEngine
 from virtio_blk.request import Status
@@ -35,7 +35,8 @@ def _image(tmp_path: Path) -> tuple[Path, bytearray]:
     return img, bytearray(b"\x55" * 2 * MiB + bytes(2 * MiB))
 
 
-def _run(engine, ops: list[IoOp]) -> None:  # type: ignore[no-untyped-def]
+def _run(engine: Engine, ops: list[IoOp]) -> None:
+    assert isinstance(engine, UringEngine), engine  # it waits on the engine's own ring
     pending = 0
     for op in ops:
         if not engine.submit(op):
@@ -165,7 +166,9 @@ def test_device_serves_qcow2(tmp_path: Path, engine: str) -> None:
         fe.negotiate()
         fe.set_mem_table(mem)
         drv = BlkDriver(fe, fe.setup_queue(0, size=128), mem)
-        served_by = daemon.daemon.handler.vrings[0].queue_handler  # type: ignore[union-attr]
+        assert daemon.daemon.handler is not None
+        served_by = daemon.daemon.handler.vrings[0].queue_handler
+        assert isinstance(served_by, BlkQueueHandler), served_by
         assert served_by.engine.name == engine  # not a thread pool it fell back to
         data = os.urandom(64 * KiB)
         pending = [drv.start(1, 8, out=data[:4096])]  # T_OUT, in place (allocated)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from guestmem import GuestMemory
 from tests.vhost_devices import EchoDevice, EchoHandler
@@ -47,7 +48,10 @@ class GateDevice(EchoDevice):
 class ReverseHandler(EchoHandler):
     """Keeps every chain of a batch in flight and completes the batch in reverse order."""
 
-    def __init__(self, device: EchoDevice, index: int, memory: GuestMemory) -> None:
+    device: ReverseDevice
+    completion_fd: int  # always set: completions come back through it
+
+    def __init__(self, device: ReverseDevice, index: int, memory: GuestMemory) -> None:
         super().__init__(device, index, memory)
         self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done: list[tuple[int, int]] = []
@@ -59,7 +63,7 @@ class ReverseHandler(EchoHandler):
         os.eventfd_write(self.completion_fd, 1)
         return []
 
-    def submit(self, chain: DescriptorChain) -> None:  # pragma: no cover - batch path only
+    def submit(self, chain: DescriptorChain) -> NoReturn:  # pragma: no cover - batch path only
         raise AssertionError("the worker submits in batches")
 
     def reap(self) -> list[tuple[int, int]]:

@@ -11,9 +11,11 @@ import pytest
 
 from tests.vhost_devices import EchoDevice
 from vhost import messages as m
+from vhost.device import QueueHandler
 from vhost.handler import LIBRARY_PROTOCOL_FEATURES, BackendHandler, HandlerResult
 from vhost.messages import Message, ProtocolFeature, Request, VirtioFeature
-from vhost.virtqueue import ring_sizes
+from vhost.virtqueue import VirtQueue, ring_sizes
+from vhost.worker import Notifier, QueueWorker
 from vhost_frontend import FrontendMemory
 
 FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
@@ -21,10 +23,14 @@ FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
 PROTO = int(VirtioFeature.PROTOCOL_FEATURES)
 
 
-class FakeWorker:
-    """Stands in for QueueWorker: records start/stop in a shared event list, runs nothing."""
+class FakeWorker(QueueWorker):
+    """Stands in for QueueWorker: records start/stop in a shared event list, runs nothing.
 
-    def __init__(self, events: list, vq, handler, kick_fd, call, err) -> None:
+    A subclass so that it is a worker to the handler's factory type, but QueueWorker.__init__
+    is not called: no thread, no eventfd."""
+
+    def __init__(self, events: list[tuple[str, int]], vq: VirtQueue, handler: QueueHandler,
+                 kick_fd: int, call: Notifier, err: Notifier | None) -> None:
         self.events = events
         self.vq = vq
         self.handler = handler
@@ -32,7 +38,10 @@ class FakeWorker:
         self.call = call
         self.err = err
         self.kicks = self.batches = self.completed = 0  # QueueWorker's counters
-        self.alive = False  # QueueWorker's: its thread ended (after stop)
+
+    @property
+    def alive(self) -> bool:
+        return False  # QueueWorker's: its thread ended (after stop); it never had one
 
     def start(self) -> None:
         self.events.append(("start", self.vq.index))
@@ -51,11 +60,12 @@ class Harness:
         self.device = EchoDevice(num_queues=num_queues)
         self.h = BackendHandler(self.device, self._factory)
         self.mem = FrontendMemory(((0, 1 << 20, 0), (1 << 20, 1 << 20, 4096 + 48)))
-        self.rings = {}
+        self.rings: dict[int, tuple[int, int, int]] = {}
         self.fds: list[int] = []
 
-    def _factory(self, *args) -> FakeWorker:
-        worker = FakeWorker(self.events, *args)
+    def _factory(self, vq: VirtQueue, handler: QueueHandler, kick_fd: int, call: Notifier,
+                 err: Notifier | None) -> FakeWorker:
+        worker = FakeWorker(self.events, vq, handler, kick_fd, call, err)
         self.workers.append(worker)
         return worker
 

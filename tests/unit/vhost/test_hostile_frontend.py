@@ -39,7 +39,7 @@ from .helpers import (
     wait_err,
     warnings_since,
 )
-from .test_inflight import MAX_COUNTER, write_region
+from .test_inflight import MAX_COUNTER, RegionFields, write_region
 
 SIZE = 8
 MODES = ["threads", "processes"]
@@ -179,7 +179,7 @@ def test_inflight_fd_that_is_an_eventfd_with_a_huge_size(server: Server) -> None
 
 # ---------------------------------------------------------------------------- case 4
 
-BAD_AREAS = {
+BAD_AREAS: dict[str, tuple[RegionFields, str]] = {
     "version": ({"version": 9}, "version 9"),
     "entry-count": ({"desc_num": SIZE * 2}, f"of {SIZE * 2} entries"),
     "used-index": ({"used_idx": 0x8000}, "past the tracked"),

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -266,6 +267,17 @@ def test_inflight_messages_are_validated(serve) -> None:
 MAX_COUNTER = (1 << 64) - 1
 
 
+class RegionFields(TypedDict, total=False):
+    """Keyword arguments of :func:`write_region`: the fields a hostile case sets."""
+
+    features: int
+    version: int
+    desc_num: int | None
+    last: int
+    used_idx: int
+    entries: dict[int, tuple[int, int, int, bytes]] | None
+
+
 def write_region(view: memoryview, size: int = SIZE, *, features: int = 0, version: int = 1,
                  desc_num: int | None = None, last: int = inf.NO_HEAD, used_idx: int = 0,
                  entries: dict[int, tuple[int, int, int, bytes]] | None = None) -> None:
@@ -310,7 +322,7 @@ def test_recovery_twice_is_the_same_plan() -> None:
     assert inf.InflightQueue(view, SIZE).recover(used_idx=2) == [7, 0]
 
 
-HOSTILE_REGIONS = {
+HOSTILE_REGIONS: dict[str, tuple[RegionFields, int, str]] = {
     "features": ({"features": 1}, 0, "features"),
     "version-2": ({"version": 2}, 0, "version"),
     "version-0xffff": ({"version": 0xFFFF}, 0, "version"),

@@ -99,6 +99,7 @@ def test_frontend_process_killed_mid_request(serve) -> None:
     before = fd_count()
     child = subprocess.Popen([sys.executable, "-c", _KILLED_FRONTEND, str(running.path)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None  # both asked for as pipes
     try:
         line = child.stdout.readline()
         assert line.strip() == "submitted", f"child said {line!r}"
@@ -162,7 +163,11 @@ def test_idle_connection_with_no_setup_disconnects_cleanly(serve) -> None:
     for i in range(3):
         fe = Frontend(running.path, timeout=SOCKET_TIMEOUT)
         fe.close()
-        wait_for(lambda i=i: running.daemon.connections == i + 1, "the connection's accept")
+
+        def accepted(i: int = i) -> bool:
+            return running.daemon.connections == i + 1
+
+        wait_for(accepted, "the connection's accept")
         wait_disconnected(running)
     assert fd_count() == before
     assert os.path.exists(running.path)

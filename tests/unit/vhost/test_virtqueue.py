@@ -115,7 +115,9 @@ def test_pop_batch_limit_and_pop() -> None:
         ring.write_desc(head, ring.data, 1)
     ring.publish(0, 1, 2, 3)
     assert [c.head for c in ring.vq.pop_batch(3)] == [0, 1, 2]
-    assert ring.vq.pop().head == 3
+    last = ring.vq.pop()
+    assert last is not None
+    assert last.head == 3
     assert ring.vq.pop() is None
 
 

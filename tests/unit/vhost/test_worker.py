@@ -78,6 +78,7 @@ class ListHandler(QueueHandler):
     def finish(self) -> None:
         with self._lock:
             self._done.extend((c.head, 1) for c in self.seen)
+        assert self.completion_fd is not None, "finish() completes an asynchronous handler"
         os.eventfd_write(self.completion_fd, 1)
 
     def reap(self) -> list[tuple[int, int]]:
