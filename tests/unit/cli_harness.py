@@ -3,16 +3,19 @@ stderr is read on a thread, and a frontend connected to it (shared by the CLI te
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vhost_frontend import Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
@@ -29,6 +32,23 @@ def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
     """Run the command to completion (it must exit on its own)."""
     return subprocess.run(command(*args), cwd=REPO, capture_output=True, text=True,
                           timeout=TIMEOUT, check=False)
+
+
+def qmp(path: Path, *commands: str) -> list[dict[str, Any]]:
+    """Replies to ``commands`` (JSON texts) on a fresh QMP connection, after the greeting and
+    ``qmp_capabilities``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(str(path))
+        f = sock.makefile("rb")
+        assert "QMP" in json.loads(f.readline())
+        sock.sendall(b'{"execute": "qmp_capabilities"}')
+        assert json.loads(f.readline()) == {"return": {}}
+        replies = []
+        for cmd in commands:
+            sock.sendall(cmd.encode())
+            replies.append(json.loads(f.readline()))
+        return replies
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:

@@ -43,7 +43,6 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -52,7 +51,7 @@ from vhost_frontend import Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
 from virtio_blk.request import Status
 
-from .cli_harness import REPO, TIMEOUT, Server
+from .cli_harness import REPO, TIMEOUT, Server, qmp
 
 UNITS = REPO / "qemu-configs" / "systemd"
 SERVICE = "vhost-user-blk@.service"
@@ -81,21 +80,6 @@ def analyze() -> str:
     assert path is not None
     return path
 
-
-def qmp(path: Path, *commands: str) -> list[dict[str, Any]]:
-    """Replies to ``commands`` (after qmp_capabilities) on one connection."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(TIMEOUT)
-        sock.connect(str(path))
-        f = sock.makefile("rb")
-        assert "QMP" in json.loads(f.readline())
-        sock.sendall(b'{"execute": "qmp_capabilities"}')
-        assert json.loads(f.readline()) == {"return": {}}
-        replies = []
-        for cmd in commands:
-            sock.sendall(cmd.encode())
-            replies.append(json.loads(f.readline()))
-        return replies
 
 
 def unit_settings(name: str) -> list[tuple[str, str]]:

@@ -3,7 +3,6 @@ starts it (the listening socket as fd 3, LISTEN_FDS/LISTEN_PID set, ``--fd 3``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from virtio_blk.request import Status
 
-from ..cli_harness import REPO, TIMEOUT, Server, assert_one_line_error, connect, run
+from ..cli_harness import REPO, TIMEOUT, Server, assert_one_line_error, connect, qmp, run
 
 UNITS = REPO / "qemu-configs" / "systemd"
 
@@ -55,21 +54,6 @@ def activated_server(listener: socket.socket, *args: str | os.PathLike[str]) -> 
     script = f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{fd} {fd}<&-'
     return Server(*args, pass_fds=[fd], launcher=["bash", "-c", script, "bash"])
 
-
-def qmp(path: Path, *commands: str) -> list[dict]:
-    """Run ``commands`` (after qmp_capabilities) on a fresh connection; their replies."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(TIMEOUT)
-        sock.connect(str(path))
-        f = sock.makefile("rb")
-        assert "QMP" in json.loads(f.readline())
-        sock.sendall(b'{"execute": "qmp_capabilities"}')
-        assert json.loads(f.readline()) == {"return": {}}
-        out = []
-        for cmd in commands:
-            sock.sendall(cmd.encode())
-            out.append(json.loads(f.readline()))
-        return out
 
 
 def test_socket_activation_with_qmp_and_metrics(tmp_path: Path, image: Path,

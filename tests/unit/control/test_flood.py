@@ -8,7 +8,6 @@ once the flood leaves, QMP answers again.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import resource
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ..cli_harness import REPO, TIMEOUT, command
+from ..cli_harness import REPO, TIMEOUT, command, qmp
 
 #: The fd limit the server runs with: what the issue's report used.
 FD_LIMIT = 40
@@ -122,17 +121,6 @@ def procs() -> Iterator[list[Proc]]:
         p.stop()
 
 
-def qmp_answers(path: Path) -> dict:
-    """A fresh client's query-version reply (after the greeting and qmp_capabilities)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(TIMEOUT)
-        sock.connect(str(path))
-        f = sock.makefile("rb")
-        assert "QMP" in json.loads(f.readline())
-        sock.sendall(b'{"execute": "qmp_capabilities"}{"execute": "query-version"}')
-        assert json.loads(f.readline()) == {"return": {}}
-        return json.loads(f.readline())
-
 
 def open_clients(path: Path, n: int) -> list[socket.socket]:
     """``n`` connections that never send anything (some may be refused: they stay open here)."""
@@ -155,11 +143,11 @@ def open_clients(path: Path, n: int) -> list[socket.socket]:
 
 def test_300_idle_qmp_clients_under_a_40_fd_limit(tmp_path: Path, image: Path,
                                                   procs: list[Proc]) -> None:
-    qmp = tmp_path / "qmp.sock"
-    p = Proc(command("--socket", tmp_path / "vhost.sock", "--image", image, "--qmp", qmp))
+    qmp_path = tmp_path / "qmp.sock"
+    p = Proc(command("--socket", tmp_path / "vhost.sock", "--image", image, "--qmp", qmp_path))
     procs.append(p)
     p.wait_for(" serving ")
-    clients = open_clients(qmp, 300)
+    clients = open_clients(qmp_path, 300)
     try:
         cpu, lines = p.measure()
         print(f"server CPU {cpu:.3f} s and {lines} log lines in {MEASURE} s")
@@ -168,18 +156,18 @@ def test_300_idle_qmp_clients_under_a_40_fd_limit(tmp_path: Path, image: Path,
     finally:
         for s in clients:
             s.close()
-    assert "qemu" in qmp_answers(qmp)["return"]
+    assert "qemu" in qmp(qmp_path, '{"execute": "query-version"}')[0]["return"]
 
 
 def test_no_fds_left_backs_off_and_serves_when_they_come_back(tmp_path: Path, image: Path,
                                                                procs: list[Proc]) -> None:
-    qmp, vhost = tmp_path / "qmp.sock", tmp_path / "vhost.sock"
-    p = Proc([sys.executable, "-c", HOG, str(qmp), str(vhost),
-              *command("--socket", vhost, "--image", image, "--qmp", qmp)[3:]])
+    qmp_path, vhost = tmp_path / "qmp.sock", tmp_path / "vhost.sock"
+    p = Proc([sys.executable, "-c", HOG, str(qmp_path), str(vhost),
+              *command("--socket", vhost, "--image", image, "--qmp", qmp_path)[3:]])
     procs.append(p)
     p.wait_for("HOG took")
     # Connections queue on both listeners; neither can be accepted (no fd for it).
-    clients = open_clients(qmp, 3) + open_clients(vhost, 3)
+    clients = open_clients(qmp_path, 3) + open_clients(vhost, 3)
     try:
         cpu, lines = p.measure()
         print(f"server CPU {cpu:.3f} s and {lines} log lines in {MEASURE} s")
@@ -191,7 +179,7 @@ def test_no_fds_left_backs_off_and_serves_when_they_come_back(tmp_path: Path, im
     assert p.proc.stdin is not None
     p.proc.stdin.close()  # the fds come back
     p.wait_for("HOG released")
-    assert "qemu" in qmp_answers(qmp)["return"]
+    assert "qemu" in qmp(qmp_path, '{"execute": "query-version"}')[0]["return"]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as fe:
         fe.connect(str(vhost))
         p.wait_for("frontend connected")
