@@ -45,7 +45,7 @@ DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x2000, 0x3000
 TABLE_GPA = (0x4000, 0x4800)  # indirect tables, up to 16 entries each
 HDR_GPA = tuple(0x6000 + 0x20 * k for k in range(8))
 STATUS_GPA = 0x6200
-IMAGE_SECTORS = 256
+IMAGE_SECTORS = 64
 SIZES = (16, 16, 8, 4, 2, 1, 256)
 #: Spots addresses are picked near (plus an offset the input chooses).
 BASES = (0x8000, 0xA000, *HDR_GPA, STATUS_GPA, B_GPA, B_GPA - 0x800, 0xC000, RO_GPA,
@@ -71,13 +71,16 @@ def length(r: Reader) -> int:
     return r.u32() if s >= 0xF0 else LENGTHS[s % len(LENGTHS)]
 
 
-def descriptor(r: Reader, writes: list[tuple[int, int]]) -> bytes:
-    """One descriptor; a writable one's range is added to ``writes``."""
+def descriptor(r: Reader, writes: list[tuple[int, int]], tables: list[tuple[int, int]]) -> bytes:
+    """One descriptor; a writable one's range is added to ``writes``, an indirect one's table
+    to ``tables``."""
     addr, n = address(r) & ((1 << 64) - 1), length(r)
     f = r.u8()
     flags = r.u16() if f & 0x80 else f & 7
     if flags & 2:
         writes.append((addr, n))
+    if flags & 4:
+        tables.append((addr, n))
     return DESC.pack(addr, n, flags, r.u8())
 
 
@@ -97,18 +100,17 @@ class Layout:
         a = bytearray(_A0)
         a[DESC_GPA:USED_GPA + 0x1000] = bytes(USED_GPA + 0x1000 - DESC_GPA)
         writes: list[tuple[int, int]] = []
+        ring = [(DESC_GPA, 16 * self.size), (AVAIL_GPA, 6 + 2 * self.size)]
         for i in range(self.size):
-            a[DESC_GPA + 16 * i : DESC_GPA + 16 * i + 16] = descriptor(r, writes)
+            a[DESC_GPA + 16 * i : DESC_GPA + 16 * i + 16] = descriptor(r, writes, ring)
         for gpa in TABLE_GPA:
             for i in range(r.u8() % 17):
-                a[gpa + 16 * i : gpa + 16 * i + 16] = descriptor(r, writes)
+                a[gpa + 16 * i : gpa + 16 * i + 16] = descriptor(r, writes, [])
         # A request may read disk data into the ring itself.  The generic path reads every
         # chain of a batch before it starts any, the fast path starts each before it reads the
-        # next: where the device writes into descriptors or avail entries it has yet to read,
-        # the two legitimately see different rings (both validate what they see).  Such
-        # inputs are still run -- no exception may escape -- but not compared.
-        ring = ((DESC_GPA, 16 * self.size), (AVAIL_GPA, 6 + 2 * self.size),
-                (TABLE_GPA[0], TABLE_GPA[1] + 0x800 - TABLE_GPA[0]))
+        # next: where the device writes into descriptors, indirect tables or avail entries it
+        # has yet to read, the two legitimately see different rings (both validate what they
+        # see).  Such inputs are still run -- no exception may escape -- but not compared.
         self.self_writing = any(addr < lo + n and lo < addr + length
                                 for addr, length in writes for lo, n in ring)
         for gpa in HDR_GPA:
@@ -151,6 +153,7 @@ class Rig:
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call = Notifier(self.call_fd)
+        self.worker: QueueWorker | None = None
 
     def area(self, size: int) -> InflightArea:
         if size not in self.areas:
@@ -178,7 +181,10 @@ class Rig:
         vq = VirtQueue(self.mem, lay.size, RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA),
                        lay.features, index=0, inflight=tracker)
         handler = self.device.create_handler(0, self.mem)
-        worker = QueueWorker(vq, handler, self.kick_fd, self.call)
+        worker = self.worker
+        if worker is None:  # one worker per rig: only its queue and handler change
+            worker = self.worker = QueueWorker(vq, handler, self.kick_fd, self.call)
+        worker.vq, worker.handler = vq, handler
         try:
             idx = 0
             for i, batch in enumerate(lay.batches):
@@ -195,7 +201,6 @@ class Rig:
                     worker._service(kick=False)
                 seen.append(self.observe(vq, area))
         finally:
-            os.close(worker._wake_fd)
             vq.release()
             handler.close()
         return seen

@@ -14,7 +14,7 @@ import atheris
 
 with atheris.instrument_imports(include=["vhost", "guestmem", "virtio_blk", "scsi_buffers"]):
     from _common import Reader, run
-    from _vhost import VhostRig, open_fds, play, restart, start_session
+    from _vhost import VhostRig, check_no_leak, open_fds, play, restart, start_session
 
 RIG: VhostRig | None = None
 
@@ -36,8 +36,7 @@ def test_one_input(data: bytes) -> None:
         play(rig, handler, r, max_ops=4)
     finally:
         handler.close()
-    after = open_fds()
-    assert after == before, f"{after - before} fds leaked"
+    check_no_leak(before)
 
 
 if __name__ == "__main__":
