@@ -35,6 +35,9 @@ def run(name: str, test_one_input: Callable[[bytes], None]) -> None:
     argv = list(sys.argv)
     if not any(a.startswith("-artifact_prefix=") for a in argv[1:]):
         argv.insert(1, f"-artifact_prefix={tempfile.gettempdir()}/fuzz-{name}-")
+    words = HERE / "dicts" / f"{name}.dict"
+    if words.exists() and not any(a.startswith("-dict=") for a in argv[1:]):
+        argv.insert(1, f"-dict={words}")
     if not [a for a in argv[1:] if not a.startswith("-")]:
         work = tempfile.mkdtemp(prefix=f"fuzz-{name}-corpus-")
         argv += [work, str(HERE / "corpus" / name)]

@@ -37,9 +37,10 @@ with atheris.instrument_imports(include=["virtio_blk", "vhost"]):
 SIZE = 1 << 20
 VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "fuzz"}
 COMMANDS = ("qmp_capabilities", "query-version", "query-commands", "query-block-exports",
-            "query-blockstats", "block_resize", "quit", "system_reset", "", "x" * 300)
+            "query-blockstats", "block_resize", "quit", "system_reset", "", "x" * 300, "disk0",
+            "export0")
 KEYS = ("execute", "arguments", "id", "exec-oob", "enable", "size", "node-name", "device",
-        "query-nodes", "")
+        "query-nodes", "", "size", "node-name")
 NUMBERS = (0, 1, -1, 512, SIZE, SIZE + 512, 2 * SIZE, 513, (1 << 31), (1 << 32), (1 << 53) + 1,
            (1 << 62), (1 << 63) - 512, (1 << 63) - 1, 1 << 63, 1 << 64, -(1 << 63), 10 ** 30,
            -(10 ** 30), 1 << 1000)
