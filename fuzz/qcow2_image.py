@@ -10,11 +10,11 @@ Asserts (the rules of ``virtio_blk.qcow2``): opening either succeeds or raises `
 (``Qcow2OpenError``: the CLI prints it); every operation either succeeds or raises ``OSError``
 (``CorruptImage`` is one: that request fails with an IO error), ``grow`` may also refuse with
 ``DiskError``; closing raises nothing but ``OSError``; and no file outside the image's directory
-is ever opened (every ``os.open`` is recorded), whatever the backing file name says.  Anything
-else -- an ``IndexError`` from a hostile table, a ``struct.error``, a stray ``ValueError`` --
-is a crash: ``Qcow2Disk`` would turn it into EIO with a logged traceback, but it is bad metadata
-nobody validated.  Slow inputs (a refcount search over a hostile table) are found by
-libFuzzer's ``-timeout``.
+(and its subdirectories) is ever opened (every ``os.open`` is recorded), whatever the backing
+file name says.  Anything else -- an ``IndexError`` from a hostile table, a ``struct.error``, a
+stray ``ValueError`` -- is a crash: ``Qcow2Disk`` would turn it into EIO with a logged
+traceback, but it is bad metadata nobody validated.  Slow inputs (a refcount search over a
+hostile table) are found by libFuzzer's ``-timeout``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Jail:
     def check(self) -> None:
         for path in self.opened:
             real = os.path.realpath(path)
-            if os.path.dirname(real) != self.dir:
+            if os.path.commonpath([real, self.dir]) != self.dir:
                 raise AssertionError(f"backing opened outside the image directory: {path!r}")
         self.opened.clear()
 
