@@ -209,6 +209,10 @@ def qcow2_seeds() -> None:
         for name, script in zip("abcdefa", [*scripts, *scripts, scripts[2]], strict=False):
             image = Path(f"{name}.qcow2").read_bytes()
             save("qcow2_image", script.ljust(32, b"\0") + image)
+        # A backing file outside the image's directory (same length as "base.raw"): opening it
+        # must be refused, never done.
+        outside = Path("c.qcow2").read_bytes().replace(b"base.raw", b"../a.raw", 1)
+        save("qcow2_image", scripts[0].ljust(32, b"\0") + outside)
 
 
 if __name__ == "__main__":
