@@ -83,10 +83,10 @@ def vhost_seeds() -> None:
 
     # vhost_inflight: start_session's fields, a script, the restart's kick fd kind.
     def session(area_writes: bytes, n_area: int, ring_writes: list[tuple[int, bytes]],
-                script: bytes) -> bytes:
+                script: bytes, mmap_size: int = INFLIGHT_SIZE, area_fd: str = "inflight") -> bytes:
         out = bytes([0, SIZES.index(16), n_area]) + area_writes
-        out += num(INFLIGHT_SIZE, (0, INFLIGHT_SIZE, 4096, 1 << 63)) + num(0, (0, 4096))
-        out += num(1, (1,)) + num(16, (16,)) + bytes([KINDS.index("inflight")])
+        out += num(mmap_size, (0, INFLIGHT_SIZE, 4096, 1 << 63)) + num(0, (0, 4096))
+        out += num(1, (1,)) + num(16, (16,)) + bytes([KINDS.index(area_fd)])
         out += bytes([len(ring_writes)])
         for gpa, data in ring_writes:
             out += struct.pack("<I", gpa) + bytes([len(data)]) + data
@@ -99,6 +99,11 @@ def vhost_seeds() -> None:
     left = struct.pack("<QHHHH", 0, 1, 16, 0xFFFF, 0) + struct.pack("<B5xHQ", 1, 0, 0)
     save("vhost_inflight", session(struct.pack("<HH", 0, len(left)) + left, 1, rw[:2],
                                    bytes([7]) + area(0, left)))
+    # Known attack shapes: an area whose counter is at its limit (recovery resubmits head 0, the
+    # next pop must not overflow the u64), and an eventfd "area" of 2**63 bytes.
+    worn = struct.pack("<QHHHH", 0, 1, 16, 0xFFFF, 0) + struct.pack("<B5xHQ", 1, 0, (1 << 64) - 1)
+    save("vhost_inflight", session(struct.pack("<HH", 0, len(worn)) + worn, 1, rw[:2], b""))
+    save("vhost_inflight", session(b"", 0, rw, bytes([7]), mmap_size=1 << 63, area_fd="eventfd"))
     del area
 
 
@@ -160,6 +165,10 @@ def qmp_seeds() -> None:
     ]
     text = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
     save("qmp", b"\x01" + struct.pack("<H", len(text)) + text + bytes([7, 1, 63, 0] * 20))
+    # A size of 2**63 (known attack shape: it once overflowed ftruncate's C long).
+    text = b'{"execute": "qmp_capabilities"}\n{"execute": "block_resize", "arguments": ' \
+        b'{"node-name": "disk0", "size": 9223372036854775808}, "id": 2}\n'
+    save("qmp", b"\x01" + struct.pack("<H", len(text)) + text + bytes([60] * 8))
     text = b'{"execute": "qmp_capabilities"}\n{"execute": "block_resize", "arguments": ' \
         b'{"device": "x", "size": -1}}\n[1, 2] "x" nope {"a": [}\n'
     save("qmp", b"\x01" + struct.pack("<H", len(text)) + text + bytes([5, 9, 1, 30] * 20))
