@@ -70,7 +70,7 @@ class FdZoo:
         with open(path, "wb") as f:
             f.write(bytes(8192))
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._peer = b  # kept open so the socket end stays connected
+        self.peer = b  # kept open so the socket end stays connected
         import select
 
         self._epoll = select.epoll()
