@@ -80,7 +80,12 @@ def parse_rbd(text: str) -> RbdSpec:
 
 
 def parse_nbd(text: str) -> NbdSpec:
-    u = urllib.parse.urlsplit(text)
+    try:
+        # urlsplit raises ValueError of its own for an unbalanced IPv6 bracket and for a host
+        # whose NFKC form holds '/?#@:'; the callers only catch SpecError.
+        u = urllib.parse.urlsplit(text)
+    except ValueError as exc:
+        raise SpecError(f"{text}: {exc}") from None
     query = urllib.parse.parse_qs(u.query, keep_blank_values=True)
     if u.scheme == "nbd":
         if not u.hostname:

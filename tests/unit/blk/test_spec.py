@@ -46,3 +46,25 @@ def test_bad_specs_are_one_line_errors(text: str, why: str) -> None:
     with pytest.raises(SpecError, match=why) as info:
         parse_image(text)
     assert "\n" not in str(info.value)
+
+
+# Found by fuzz/image_spec.py: urlsplit's own ValueError (an unbalanced IPv6 bracket) escaped
+# parse_image, so open_storage -- which catches SpecError -- let a traceback end the CLI.
+@pytest.mark.parametrize("text", [
+    "NBD://]#\udc82",  # the fuzzer's input, as os.fsdecode gives its bytes
+    "nbd://[::1/disk",
+    "nbd://]/disk",
+    "nbd+unix://[/disk?socket=/run/nbd.sock",
+])
+def test_malformed_uri_is_a_spec_error(text: str) -> None:
+    with pytest.raises(SpecError, match="IPv6") as info:
+        parse_image(text)
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_uri_is_a_storage_error_for_the_cli() -> None:
+    from virtio_blk.backends import open_storage
+    from virtio_blk.storage import StorageError
+
+    with pytest.raises(StorageError, match="IPv6"):
+        open_storage("nbd://[::1/disk")
