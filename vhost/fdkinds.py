@@ -16,6 +16,13 @@ The protocol says what each one must be (``docs/interop/vhost-user.rst``):
   first touch, which kills the server) and its end must fit 64 bits (mmap raises
   OverflowError for sizes beyond a C long).
 
+An eventfd the backend writes must not block it: a write blocks while the count is at its
+maximum (0xffff_ffff_ffff_fffe), which the frontend can set by writing to its own fd, and a
+worker stuck in that write would hold the queue -- and the control thread waiting for it -- for
+good.  :func:`take_eventfd` therefore also makes the fd non-blocking.  The flag belongs to the
+open file, which the frontend shares: QEMU makes its event notifiers non-blocking itself, and a
+write that finds the count full has nothing to add (the reader will wake anyway).
+
 Checking here, once per message, turns each of these into a refusal of that message with one
 log line, instead of an exception in whatever uses the fd later.
 """
@@ -74,6 +81,16 @@ def check_eventfd(fd: int, what: str) -> None:
         raise FdKindError(f"{what} fd: {exc.strerror}") from None
     if stat.S_IFMT(mode):
         raise FdKindError(f"{what} fd is {describe(fd)}, not an eventfd")
+
+
+def take_eventfd(fd: int, what: str) -> None:
+    """Check that ``fd`` is an eventfd (:func:`check_eventfd`) and make it non-blocking, so a
+    count the frontend left at its maximum cannot block the backend's writes (module doc)."""
+    check_eventfd(fd, what)
+    try:
+        os.set_blocking(fd, False)
+    except OSError as exc:
+        raise FdKindError(f"{what} fd: {exc.strerror}") from None
 
 
 def check_mappable(fd: int, offset: int, size: int, what: str) -> os.stat_result:

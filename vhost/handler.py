@@ -31,7 +31,7 @@ from guestmem.dirty_log import DirtyLog, DirtyLogError
 from .backend_channel import BackendChannel, BackendChannelError
 from .device import RING_FEATURES, Device, QueueHandler
 from .dirty_logging import DirtyLogging
-from .fdkinds import FdKindError, check_eventfd, check_mappable
+from .fdkinds import FdKindError, check_mappable, take_eventfd
 from .inflight import InflightArea, InflightError, create_area
 from .memory import MemoryTable, MemoryTableError
 from .messages import (
@@ -210,8 +210,8 @@ class BackendHandler:
         if nofd:
             return vring, None
         # Kick, call and err fds are eventfds: a worker watches the kick fd with epoll (which
-        # refuses a regular file) and writes counts to the others.
-        check_eventfd(fds[0], f"queue {vring.index} {message.name.removeprefix('SET_VRING_')}")
+        # refuses a regular file) and writes counts to the others, never blocking on them.
+        take_eventfd(fds[0], f"queue {vring.index} {message.name.removeprefix('SET_VRING_')}")
         return vring, fds.pop()
 
     def _protocol_features_on(self) -> bool:
@@ -657,7 +657,7 @@ class BackendHandler:
     def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
         if not self.acked_protocol & ProtocolFeature.LOG_SHMFD:
             raise Refused("LOG_SHMFD was not negotiated")
-        check_eventfd(fds[0], "dirty log call")
+        take_eventfd(fds[0], "dirty log call")
         fd = fds.pop()
         self.dirty_logging.call.replace(fd)
         if self.processes is not None:

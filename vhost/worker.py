@@ -58,6 +58,8 @@ class Notifier:
             try:
                 os.write(self._fd, _EVENT)
                 self.count += 1
+            except BlockingIOError:  # the count is full: the reader wakes all the same
+                pass
             except OSError as exc:  # the frontend's side went away; nothing to wake
                 log.debug("eventfd write failed: %s", exc)
 

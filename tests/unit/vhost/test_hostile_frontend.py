@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,36 @@ def test_invalid_inflight_area_refused_at_queue_start(server: Server, case: str)
     finally:
         area.close()
         os.close(fd)
+    srv.finish()
+
+
+# ---------------------------------------------------------------------------- case 5
+
+#: The largest count an eventfd holds; a write to a blocking eventfd at it waits for a read.
+EVENTFD_FULL = 0xFFFF_FFFF_FFFF_FFFE
+
+
+def test_call_eventfd_left_full_and_blocking(server: Server) -> None:
+    """A frontend hands over a blocking call eventfd whose count it left at the maximum: the
+    server's write to it must not block (found by fuzzing: the worker hung in the write, and
+    the control thread with it at the next GET_VRING_BASE)."""
+    srv, fe, mem = server, server.s.fe, server.s.mem
+    q = srv.driver_queue()
+    os.close(q.call_fd)
+    q.call_fd = os.eventfd(0, os.EFD_CLOEXEC)  # blocking, as a careless frontend makes it
+    os.eventfd_write(q.call_fd, EVENTFD_FULL)
+    fe.restart_queue(q, base=0)
+    src, dst = mem.alloc(16), mem.alloc(16)
+    mem.write(src, b"full-call-fd-ok!")
+    fe.submit(q, [(src, 16, False), (dst, 16, True)])
+    # Not q.wait_used: it reads the call fd, which would unblock a stuck writer.
+    deadline = time.monotonic() + WAIT
+    while q.used_idx() != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert q.used_idx() == 1
+    assert mem.read(dst, 16) == b"FULL-CALL-FD-OK!"
+    assert fe.get_vring_base(0) == 1  # the worker stopped: it is not stuck in the write
+    assert os.eventfd_read(q.call_fd) == EVENTFD_FULL
     srv.finish()
 
 
