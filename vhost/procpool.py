@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from .dirty_logging import RemoteLog
@@ -97,6 +98,9 @@ class QueueProcessWorker:
         self.died = False
         self._reader: threading.Thread | None = None
         self._send_lock = threading.Lock()
+        #: Answers to ring_state queries, kept apart from the replies the handler waits for:
+        #: a late one must never be taken for the answer to a stop or a memory table change.
+        self._ring_states: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
 
     # ------------------------------------------------------------------ lifecycle
     def spawn(self, start: dict[str, Any], fds: list[int]) -> None:
@@ -155,7 +159,9 @@ class QueueProcessWorker:
             if "next_avail" in msg:
                 self.last_avail = msg["next_avail"]
             self._note_dirty(msg)
-            if msg.get("kind") != "counters":
+            if msg.get("kind") == "ring_state":
+                self._ring_states.put(msg)
+            elif msg.get("kind") != "counters":
                 self.replies.put(msg)
         self.replies.put({"kind": "eof"})
         if not self.stopping:
@@ -186,6 +192,38 @@ class QueueProcessWorker:
             except queue.Empty as exc:
                 raise QueueProcessError(f"queue {self.index}: no answer to {msg['kind']} in "
                                         f"{timeout:.0f} s") from exc
+
+    def ring_state(self, timeout: float = 1.0) -> dict[str, int]:
+        """The process's queue's ring state (see :meth:`vhost.virtqueue.VirtQueue.ring_state`).
+
+        QueueProcessError if the process does not answer within ``timeout``: a diagnostics
+        query must not hang on the queue it is there to diagnose.  It never waits on the
+        handler's replies (its answers come on a channel of their own), and takes the send
+        lock -- held while the handler waits for a reply -- for ``timeout`` at most.
+        """
+        if self.died or self.sock is None:
+            raise QueueProcessError(f"queue {self.index}: process not running")
+        deadline = time.monotonic() + timeout
+        while True:  # answers to earlier queries that timed out
+            try:
+                self._ring_states.get_nowait()
+            except queue.Empty:
+                break
+        if not self._send_lock.acquire(timeout=timeout):
+            raise QueueProcessError(f"queue {self.index}: process busy for {timeout} s")
+        try:
+            send(self.sock, {"kind": "ring_state"})
+        except OSError as exc:
+            raise QueueProcessError(f"queue {self.index}: {exc}") from exc
+        finally:
+            self._send_lock.release()
+        try:
+            answer = self._ring_states.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise QueueProcessError(f"queue {self.index}: no ring state in {timeout} s") from None
+        if "state" not in answer:
+            raise QueueProcessError(f"queue {self.index}: {answer.get('why', 'no state')}")
+        return dict(answer["state"])
 
     def stop(self, timeout: float | None = None) -> bool:
         """Drain and stop the process; True if every request finished."""

@@ -200,6 +200,10 @@ class QueueProcess:
             if msg["kind"] == "stop":
                 self.stop()
                 return 0
+            if msg["kind"] == "ring_state":  # a diagnostics query: answered on its own channel
+                _close(fds)
+                self.send_ring_state()
+                continue
             if msg["kind"] == "counters":
                 _close(fds)
                 self._last_counters = None  # answered now, with the counters in the answer
@@ -257,6 +261,18 @@ class QueueProcess:
             with contextlib.suppress(OSError):
                 send(self.sock, {"kind": kind, "counters": counters,
                                  "next_avail": next_avail, "dirty": dirty})
+
+    def send_ring_state(self) -> None:
+        """Answer a ``ring_state`` query: the queue's ring state, or why there is none."""
+        answer: dict[str, Any] = {"kind": "ring_state"}
+        try:
+            if self.worker is None:
+                raise ValueError("no queue")
+            answer["state"] = self.worker.vq.ring_state()
+        except ValueError as exc:
+            answer["why"] = str(exc)
+        with contextlib.suppress(OSError):
+            send(self.sock, answer)
 
     def stop(self) -> None:
         """Drain the queue and report where it stopped."""
