@@ -78,6 +78,10 @@ def test_a_silent_queue_process_fails_the_query_in_time_and_stays_in_step(
     # The late answer arrives now; the stop below must get its own answer, not that one.
     assert env.frontend.get_vring_base(0) == 4
     assert worker.proc.poll() == 0 or worker.proc.wait(5) == 0  # stopped cleanly, not killed
+    assert not handler.vrings[0].broken  # its answer was "stopped", drained, not taken as lost
+    env.frontend.restart_queue(env.queue, 4)  # and the queue starts again where it stopped
+    assert env.drv.read(0, 512).status == Status.OK
+    assert _running(env, 0)["last_avail_idx"] == 5
 
 
 def test_the_export_turns_a_silent_queue_into_a_qmp_error() -> None:
