@@ -163,6 +163,13 @@ def virtio_diagnostics(qmp: Qmp, queues: int) -> str:
     ``x-query-virtio-queue-element`` reads the rings from guest memory only; the
     ``x-query-virtio-queue-status`` command is never sent: on a vhost device in QEMU 7.2 it
     asks the backend for GET_VRING_BASE, which stops the ring.
+
+    Not harmless either, and so read last, on a QEMU that is never used again: on a vhost
+    device QEMU's own ``last_avail_idx`` is stale, the element it decodes by default is whatever
+    the avail ring held there, and a descriptor that fails QEMU's checks ("Desc next is 65535")
+    calls ``virtio_error``, which marks the device broken -- from then on QEMU drops the
+    backend's interrupts (seen: the guest's I/O stopped for good after one such query).  The
+    avail and used indices it reports are read before the descriptors and stay valid.
     """
     lines = []
     try:
@@ -630,6 +637,8 @@ class Scenario:
         out = [f"=== failure in phase {self.phase}"]
         if detail:
             out.append(detail)
+        # The backend's view first: the QEMU queries below may mark QEMU's device broken.
+        backend = self.backend.diagnostics()
         for n, g in sorted(self.guests.items()):
             qmp = self.qmps.get(n)
             state = "running" if g.running() else f"exited ({g.returncode})"
@@ -640,7 +649,7 @@ class Scenario:
                        f"{console_tail(g.console, 60)}")
             if g.stderr.strip():
                 out.append(f"=== QEMU {n} stderr:\n{g.stderr}")
-        out.append(self.backend.diagnostics())
+        out.append(backend)
         return "\n".join(out)
 
     def _teardown(self) -> list[str]:
