@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"seconds a phase may take before it counts as a hang "
                         f"(default {PHASE_TIMEOUT:.0f})")
     p.add_argument("--stop-on-failure", action="store_true")
+    p.add_argument("--no-new-run-after", metavar="HH:MM", default=None,
+                   help="start no run after this time of day (UTC): a series that must end by "
+                        "then (a run takes 2-10 minutes)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = itertools.product(range(args.runs), combos)
     for n, (rnd, (backend, queues)) in enumerate(runs, 1):
         when = datetime.datetime.now(datetime.UTC)
+        if args.no_new_run_after is not None and f"{when:%H:%M}" >= args.no_new_run_after:
+            print(f"{when:%H:%M} UTC: no new run after {args.no_new_run_after}", flush=True)
+            break
         run_dir = root / f"{when:%Y%m%dT%H%M%S}-{backend}-{queues}q"
         out = run_scenario(backend, queues, run_dir, args.phase_timeout)
         results[(backend, queues)].append(out)
