@@ -514,6 +514,22 @@ class Scenario:
                                       f"{status})", json.dumps(info))
             time.sleep(0.2)
 
+    def _wait_running(self, n: int, timeout: float = 60.0) -> None:
+        """QEMU ``n``, the destination of a migration the source reports completed, runs.
+
+        The source says "completed" once it has sent everything; the destination may still be
+        loading the last of it ("inmigrate") for a moment -- seen once, under load.  Any other
+        state, or "inmigrate" for ``timeout`` s, is a failed migration.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmps[n].cmd("query-status")["status"]
+            if status == "running":
+                return
+            if status != "inmigrate" or time.monotonic() > deadline:
+                raise ScenarioFailure(f"migration to QEMU {n} failed: destination {status}")
+            time.sleep(0.1)
+
     def _quit(self, n: int) -> None:
         with contextlib.suppress(Exception):
             self.qmps[n].cmd("quit")
@@ -576,9 +592,7 @@ class Scenario:
         took1 = time.monotonic() - t0
         if "@@RESULT-END write" in self.guests[1].console:
             raise ScenarioFailure("scenario broken: fio finished before the migration")
-        status = self.qmps[2].cmd("query-status")["status"]
-        if status != "running":
-            raise ScenarioFailure(f"migration 1 failed: destination {status}")
+        self._wait_running(2)
         self._quit(1)
 
         # 2. The destination finishes the write and verifies everything: zero errors.
