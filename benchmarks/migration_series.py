@@ -25,6 +25,7 @@ import datetime
 import itertools
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +34,11 @@ from qemu_guest import ensure_guest
 from qemu_guest.migration import BACKENDS, PHASE_TIMEOUT, Outcome, run_scenario
 
 log = logging.getLogger(__name__)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as ^C: the run in progress tears down (its QEMUs and backends) and ends."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def record_line(out: Outcome, when: datetime.datetime, run_dir: Path | None) -> str:
@@ -65,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
+    # A series runs for hours, often in the background (where ^C is ignored): SIGTERM or
+    # SIGINT stops it without leaving QEMUs or backends behind.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     ensure_guest()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="migration-series-"))
     root.mkdir(parents=True, exist_ok=True)
