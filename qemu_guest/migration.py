@@ -381,10 +381,17 @@ class Outcome:
 
 
 def first_oops(console: str) -> str | None:
-    """The first line of a guest kernel crash report on ``console``, if there is one."""
-    for line in console.splitlines():
+    """The first line of a guest kernel crash report on ``console``, if there is one, and the
+    crash's first ``RIP:`` line (a garbage RIP tells a jump through corrupted memory from a
+    fault in a known function)."""
+    lines = console.splitlines()
+    for i, line in enumerate(lines):
         if OOPS.search(line):
-            return line.strip()
+            rip = next((ln.strip() for ln in lines[i:] if "RIP: " in ln), None)
+            first = re.sub(r"^\[\s*[\d.]+\]\s*", "", line.strip())
+            if rip is not None and rip != line.strip():
+                first += " / " + re.sub(r"^\[\s*[\d.]+\]\s*", "", rip)
+            return first
     return None
 
 
@@ -482,7 +489,10 @@ class Scenario:
             time.sleep(0.5)
 
     def _guest_phase(self, n: int) -> str:
-        phases = re.findall(r"^@@PHASE (\S+)", self.guests[n].console, re.M)
+        """The workload's last phase as of QEMU ``n`` (the guest's console is the consoles of
+        the QEMUs it ran on, one after the other)."""
+        console = "\n".join(self.guests[i].console for i in sorted(self.guests) if i <= n)
+        phases = re.findall(r"^@@PHASE (\S+)", console, re.M)
         return phases[-1] if phases else "boot"
 
     def _panic_signature(self, n: int) -> str:
