@@ -395,8 +395,11 @@ def first_oops(console: str) -> str | None:
     return None
 
 
-def check_fio(console: str, name: str) -> None:
-    """fio job ``name`` reported on ``console`` succeeded without a verify error."""
+def check_fio(name: str, *consoles: str) -> None:
+    """fio job ``name`` succeeded without a verify error, as the guest reported it on its
+    console: ``consoles``, those of the QEMUs it ran on in order (a result printed while the
+    guest migrated begins on one and ends on the next)."""
+    console = "\n".join(consoles)
     results = parse_results(console)
     if name not in results:
         raise ScenarioFailure(f"no fio result {name}", console[-3000:])
@@ -609,7 +612,7 @@ class Scenario:
         self.phase = "write+verify after migration 1"
         self._wait(2, r"^@@RESULT-END verify ")
         for name in ("write", "verify"):
-            check_fio(self.guests[2].console, name)
+            check_fio(name, self.guests[2].console)
 
         # 3. Back to the first backend, mid-verify (the backend writes read data into the guest).
         self.phase = "start QEMU 3"
@@ -623,13 +626,13 @@ class Scenario:
         took2 = time.monotonic() - t0
         self._quit(2)
         for name in reverify_passes(self.guests[2].console):  # passes before the migration
-            check_fio(self.guests[2].console, name)
+            check_fio(name, self.guests[2].console)
         # The pass that was running when the guest moved ends on QEMU 3: zero errors.  Its
         # result may have begun on QEMU 2's console (printed while RAM was being copied): the
         # guest's console is QEMU 2's up to the switch-over, then QEMU 3's.
         self.phase = "reverify after migration 2"
         line = self._wait(3, r"^@@RESULT-END reverify\d+ ")
-        check_fio(self.guests[2].console + "\n" + self.guests[3].console, line.split()[1])
+        check_fio(line.split()[1], self.guests[2].console, self.guests[3].console)
         self._check_no_panic()
         self.phase = "done"
         self._quit(3)

@@ -1,0 +1,84 @@
+"""The migration scenario's own judgement (qemu_guest.migration), without QEMU: what counts as
+a verify error, how a guest crash is named, when a destination counts as running.
+
+A wrong judgement here would either hide a backend bug (the old blanket retry did) or blame
+one that is not there; each case below was seen in the migration series.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qemu_guest.migration import Scenario, ScenarioFailure, check_fio, first_oops
+
+
+def fio_result(name: str, error: int = 0, rc: int = 0) -> list[str]:
+    """A ``result`` block as the guest prints it: fio's JSON, base64, 76 columns."""
+    report = {"jobs": [{"jobname": "mig", "error": error,
+                        "read": {"io_bytes": 1 << 20, "iops": 1.0}, "write": {}}]}
+    text = base64.b64encode(json.dumps(report).encode()).decode()
+    lines = [text[i:i + 76] for i in range(0, len(text), 76)]
+    return [f"@@RESULT-BEGIN {name}", *lines, f"@@RESULT-END {name} rc={rc}"]
+
+
+def test_a_result_printed_across_a_migration_is_read_from_both_consoles() -> None:
+    block = fio_result("reverify1")
+    before, after = "\n".join(block[:3]), "\n".join(block[3:])  # the switch-over in between
+    check_fio("reverify1", before, after)
+    with pytest.raises(ScenarioFailure, match="no fio result reverify1"):
+        check_fio("reverify1", after)
+
+
+def test_a_verify_error_is_named() -> None:
+    with pytest.raises(ScenarioFailure, match=r"verify error in verify: \{'mig': 84\}"):
+        check_fio("verify", "\n".join(fio_result("verify", error=84)))
+
+
+CRASH = """\
+@@PHASE reverify1
+[   41.488193] kernel tried to execute NX-protected page - exploit attempt? (uid: 0)
+[   41.488775] BUG: unable to handle page fault for address: ff590c09c0427f58
+[   41.488775] #PF: supervisor instruction fetch in kernel mode
+[   41.488775] Oops: 0011 [#1] PREEMPT SMP NOPTI
+[   41.488775] RIP: 0010:0xff590c09c0427f58
+[   41.488775] Kernel panic - not syncing: Fatal exception
+"""
+
+
+def test_a_guest_crash_is_named_by_its_first_line_and_its_rip() -> None:
+    """The series tells crash kinds apart by this line: a jump to a garbage RIP (seen with
+    qemu-storage-daemon) is not a list corruption in blk-mq."""
+    assert first_oops(CRASH) == ("BUG: unable to handle page fault for address: "
+                                 "ff590c09c0427f58 / RIP: 0010:0xff590c09c0427f58")
+    assert first_oops("@@PHASE write\n@@RESULT-END write rc=0\n") is None
+
+
+class FakeQmp:
+    def __init__(self, states: list[str]) -> None:
+        self.states = states
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        assert name == "query-status"
+        return {"status": self.states.pop(0) if len(self.states) > 1 else self.states[0]}
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_destination_still_loading_is_waited_for(tmp_path: Path) -> None:
+    """The source reports "completed" before the destination has left "inmigrate" (seen once
+    with qemu-storage-daemon under load): not a failed migration."""
+    s = Scenario("builtin", 1, tmp_path)
+    s.qmps[2] = FakeQmp(["inmigrate", "inmigrate", "running"])  # type: ignore[assignment]
+    s._wait_running(2)
+    s.qmps[2] = FakeQmp(["inmigrate", "paused"])  # type: ignore[assignment]
+    with pytest.raises(ScenarioFailure, match="migration to QEMU 2 failed: destination paused"):
+        s._wait_running(2)
+    s.qmps[2] = FakeQmp(["inmigrate"])  # type: ignore[assignment]
+    with pytest.raises(ScenarioFailure, match="destination inmigrate"):
+        s._wait_running(2, timeout=0.3)
