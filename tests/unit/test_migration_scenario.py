@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from qemu_guest.migration import Scenario, ScenarioFailure, check_fio, first_oops
+from qemu_guest.migration import (
+    Scenario,
+    ScenarioFailure,
+    builtin_also_crashes,
+    check_fio,
+    first_oops,
+)
 
 
 def fio_result(name: str, error: int = 0, rc: int = 0) -> list[str]:
@@ -82,3 +88,28 @@ def test_a_destination_still_loading_is_waited_for(tmp_path: Path) -> None:
     s.qmps[2] = FakeQmp(["inmigrate"])  # type: ignore[assignment]
     with pytest.raises(ScenarioFailure, match="destination inmigrate"):
         s._wait_running(2, timeout=0.3)
+
+
+@pytest.mark.parametrize(("signature", "retry"), [
+    # Seen with QEMU's built-in virtio-blk after a migration: may be retried once.
+    ("guest panic on QEMU 3 in phase reverify after migration 2 (guest at reverify1): BUG: "
+     "kernel NULL pointer dereference, address: 0000000000000001 / RIP: 0010:0x1", True),
+    ("guest panic on QEMU 3 in phase reverify after migration 2 (guest at reverify1): BUG: "
+     "kernel NULL pointer dereference, address: 0000000000000008 / RIP: "
+     "0010:rb_insert_color+0x14/0x140", True),
+    # Never: a crash in blk-mq or list code (a duplicated completion looks like that), a hang,
+    # a verify error, a crash before any migration, an oops without a panic.
+    ("guest panic on QEMU 2 in phase write+verify after migration 1 (guest at write): "
+     "list_del corruption. prev->next should be ff11 / RIP: 0010:__list_del_entry_valid+0x7c",
+     False),
+    ("guest panic on QEMU 3 in phase reverify after migration 2 (guest at reverify2): BUG: "
+     "kernel NULL pointer dereference / RIP: 0010:blk_mq_complete_request+0x12/0x40", False),
+    ("hang in phase reverify after migration 2 (QEMU 3, guest at reverify1)", False),
+    ("verify error in verify: {'mig': 84}", False),
+    ("guest panic on QEMU 1 in phase boot (guest at boot): BUG: oops / RIP: 0010:0x1", False),
+    ("guest oops on QEMU 3 in phase reverify after migration 2 (guest at reverify1): "
+     "BUG: x / RIP: 0010:0x1", False),
+])
+def test_only_crashes_the_builtin_device_shows_too_may_be_retried(signature: str,
+                                                                  retry: bool) -> None:
+    assert builtin_also_crashes(signature) is retry
