@@ -113,3 +113,21 @@ def test_a_destination_still_loading_is_waited_for(tmp_path: Path) -> None:
 def test_only_crashes_the_builtin_device_shows_too_may_be_retried(signature: str,
                                                                   retry: bool) -> None:
     assert builtin_also_crashes(signature) is retry
+
+
+def test_a_crashed_fio_is_not_called_a_verify_error() -> None:
+    """Seen with the built-in device after a migration: fio died of SIGSEGV (rc 134) -- the
+    guest's memory went wrong, not the disk's data; the signature must say which."""
+    crashed = ("fio: pid=128, got signal=11\n{\n  \"jobs\" : [\n    {\n      \"error\" : 0,\n"
+               "    }\n  ]\n}\nfree(): double free detected in tcache 2\nAborted\n")
+    block = ["@@RESULT-BEGIN reverify1",
+             base64.b64encode(crashed.encode()).decode(), "@@RESULT-END reverify1 rc=134"]
+    with pytest.raises(ScenarioFailure) as info:
+        check_fio("reverify1", "\n".join(block))
+    assert info.value.signature == ("fio failed in reverify1 (rc=134): fio: pid=128, got "
+                                    "signal=11; free(): double free detected in tcache 2; "
+                                    "Aborted")
+    bad = "verify: bad header rand_seed 1, wanted 2 at file /dev/vda offset 65536\n{\n}\n"
+    block[1] = base64.b64encode(bad.encode()).decode()
+    with pytest.raises(ScenarioFailure, match=r"^verify error in reverify1 \(rc=1\): verify: "):
+        check_fio("reverify1", "\n".join(block).replace("rc=134", "rc=1"))
