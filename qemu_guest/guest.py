@@ -559,6 +559,17 @@ class Guest:
         with self._cond:
             return "\n".join([*self._lines, self._partial])
 
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status (None while it runs or before it started)."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def stderr(self) -> str:
+        """QEMU's stderr so far (its last 200 lines)."""
+        with self._cond:
+            return "\n".join(self._stderr)
+
     def running(self) -> bool:
         """QEMU is still running."""
         return self._proc is not None and self._proc.poll() is None

@@ -22,10 +22,12 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .connection import ConnectionClosed, recv_message, send_message
 from .device import Device
 from .handler import BackendHandler, WorkerFactory
+from .procpool import QueueProcessError
 from .worker import QueueWorker
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 #: How long one message may take to arrive once its first byte has (QEMU sends each message
 #: with one sendmsg; a peer that stalls mid-message is dropped after this).
 MESSAGE_TIMEOUT = 10.0
+
+
+class QueueStateError(Exception):
+    """A queue's state could not be read (its process did not answer in time)."""
 
 
 class DaemonError(Exception):
@@ -278,6 +284,36 @@ class VhostUserDaemon:
             if worker is not None and vring.index < len(counts):
                 counts[vring.index] = worker.vq.in_flight_count
         return counts
+
+    def queue_states(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Each queue's state for a diagnostics query: what the frontend set (enabled, the
+        base to start from) and, for a running queue, its ring state as its worker sees it
+        (:meth:`vhost.virtqueue.VirtQueue.ring_state`).
+
+        Read from another thread without the control thread's help, so a snapshot: a queue
+        that stops meanwhile reports ``stopped meanwhile``.  :class:`QueueStateError` if a
+        queue process does not answer within ``timeout`` (never a hang).
+        """
+        handler = self.handler
+        if handler is None:
+            return []
+        states: list[dict[str, Any]] = []
+        for vring in list(handler.vrings):
+            state: dict[str, Any] = {"index": vring.index, "enabled": vring.enabled,
+                                     "running": vring.worker is not None,
+                                     "broken": vring.broken, "base": vring.base,
+                                     "size": vring.size}
+            worker = vring.worker
+            if worker is not None:
+                try:
+                    state.update(worker.ring_state(timeout))
+                except ValueError:  # released: the queue stopped while we looked
+                    state["running"] = False
+                    state["note"] = "stopped meanwhile"
+                except QueueProcessError as exc:
+                    raise QueueStateError(str(exc)) from exc
+            states.append(state)
+        return states
 
     def notify_config_change(self) -> bool:
         """Tell the connected frontend the device's config space changed.

@@ -243,6 +243,21 @@ class QueueProcessWorker:
                 log.error("queue %d: process %d not gone 5 s after SIGKILL", self.index,
                           self.proc.pid)
 
+    def ring_state(self, timeout: float = 1.0) -> dict[str, int]:
+        """The process's queue's ring state (see :meth:`vhost.virtqueue.VirtQueue.ring_state`).
+
+        A numbered request like any other, so an answer that comes after ``timeout`` is
+        dropped by the reply matcher and never taken for another request's; QueueProcessError
+        if the process does not answer in time: a diagnostics query must not hang on the queue
+        it is there to diagnose (and, being read-only, a late answer is no reason to kill it).
+        """
+        if self.died or self.sock is None:
+            raise QueueProcessError(f"queue {self.index}: process not running")
+        answer = self.request({"kind": "ring_state"}, timeout=timeout)
+        if "state" not in answer:
+            raise QueueProcessError(f"queue {self.index}: {answer.get('why', 'no state')}")
+        return dict(answer["state"])
+
     def stop(self, timeout: float | None = None) -> bool:
         """Drain and stop the process; True if every request finished."""
         self.stopping = True

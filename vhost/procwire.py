@@ -41,7 +41,7 @@ MAX_FDS = 600
 #: Every request kind a queue process answers, in one place (both sides check against it).
 REQUESTS = frozenset({
     "mem_table", "add_region", "remove_region", "notifier", "state", "log_base", "log_fd",
-    "features", "log_addr", "stop",
+    "features", "log_addr", "stop", "ring_state",
 })
 
 

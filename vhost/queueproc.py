@@ -241,6 +241,11 @@ class QueueProcess:
                 log.warning("queue %d: control process gone; stopping", self.index)
                 return 0 if self.stop(None) else _exit_now()
             kind = msg.get("kind") if isinstance(msg, dict) else None
+            if kind == "ring_state":  # a diagnostics query: read-only, answered at once
+                _close(fds)
+                with contextlib.suppress(OSError):
+                    send(self.sock, self.ring_state_reply(msg))
+                continue
             if kind == "stop":
                 _close(fds)
                 return 0 if self.stop(msg) else _exit_now()
@@ -287,6 +292,15 @@ class QueueProcess:
                 raise ValueError(f"unknown message {kind!r}")
         finally:
             _close(fds)
+
+    def ring_state_reply(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a ``ring_state`` query: the queue's ring state, or why there is none."""
+        if self.worker is None:
+            return reply(msg, "error", why="no queue")
+        try:
+            return reply(msg, "ring_state", state=self.worker.vq.ring_state())
+        except ValueError as exc:
+            return reply(msg, "error", why=str(exc))
 
     def stop(self, msg: dict[str, Any] | None) -> bool:
         """Drain the queue and report where it stopped (``msg``: the stop request, None if the

@@ -199,6 +199,21 @@ class VirtQueue:
                 log.info("queue %d: resubmitting %d requests from before the restart; avail "
                          "continues at %d", index, len(self._replay), self.next_avail)
 
+    def ring_state(self) -> dict[str, int]:
+        """Where this queue is, for a diagnostics query from another thread (reads only).
+
+        ``last_avail_idx``: the next avail entry the device takes; ``used_idx``: the used index
+        it last published; ``in_flight``: chains popped and not completed; ``guest_avail_idx``
+        and ``guest_used_idx``: the two indices as guest memory holds them now.  After a
+        migration, a destination whose ``last_avail_idx`` differs from the source's final one,
+        or a ``guest_used_idx`` that is not ``used_idx``, shows where completions went wrong.
+        ValueError once the queue is released (it stopped meanwhile).
+        """
+        return {"last_avail_idx": self.next_avail, "used_idx": self._published_used,
+                "in_flight": self.in_flight_count, "guest_avail_idx": int(self._avail[1]),
+                "guest_used_idx": int(self._used[1]), "size": self.size,
+                "broken": int(self.broken)}
+
     # ------------------------------------------------------------------ avail side
     def avail_idx(self) -> int:
         return self._avail[1]

@@ -101,6 +101,11 @@ class QueueWorker:
     def start(self) -> None:
         self._thread.start()
 
+    def ring_state(self, timeout: float = 1.0) -> dict[str, int]:
+        """The queue's :meth:`~vhost.virtqueue.VirtQueue.ring_state` (a thread's: no waiting;
+        ``timeout`` is for a queue process's look-alike)."""
+        return self.vq.ring_state()
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()

@@ -71,7 +71,8 @@ class Commands:
     """The command table: ``commands(name, args)`` runs one (QmpSession's ``execute``)."""
 
     def __init__(self, export: Export, version: dict[str, Any],
-                 quit: Callable[[], None]) -> None:
+                 quit: Callable[[], None],
+                 queue_states: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.export = export
         self.version = version
         self._quit = quit
@@ -86,6 +87,9 @@ class Commands:
             )),
             "quit": (self._quit_cmd, ()),
         }
+        if queue_states is not None:
+            # Read-only diagnostics (see _x_query_vhost_queues); "x-": not a stable interface.
+            self._table["x-query-vhost-queues"] = (lambda _args: queue_states(), ())
 
     @property
     def names(self) -> list[str]:
@@ -126,6 +130,12 @@ class Commands:
             raise generic_error("Parameter 'size' expects a >0 size")
         self.export.resize(size)
         return {}
+
+    # x-query-vhost-queues: each queue's ring state as this server sees it (enabled, the last
+    # avail index it took, the used index it published, requests in flight, and the avail/used
+    # indices in guest memory) -- what a failed migration test prints next to QEMU's own
+    # x-query-virtio-queue-element.  Reads only; a queue process that does not answer within
+    # 1 s makes it a GenericError, never a hang (BlockExport.queue_states).
 
     def _quit_cmd(self, args: dict[str, Any]) -> Any:
         log.info("quit requested over QMP")

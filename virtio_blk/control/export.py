@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any
 
-from vhost.daemon import VhostUserDaemon
+from vhost.daemon import QueueStateError, VhostUserDaemon
 
 from ..accounting import OP_NAMES
 from ..device import BlkDevice
@@ -59,6 +59,14 @@ class BlockExport:
                 log.info("no frontend connected: the new size is read when one connects")
             elif self.daemon.notify_config_change():
                 log.info("frontend told of the new size")
+
+    def queue_states(self) -> list[dict[str, Any]]:
+        """``x-query-vhost-queues``: every queue's ring state; GenericError rather than a hang
+        if a queue process does not answer within 1 s."""
+        try:
+            return self.daemon.queue_states(timeout=1.0)
+        except QueueStateError as exc:
+            raise generic_error(f"queue state unavailable: {exc}") from exc
 
     def blockstats(self) -> dict[str, Any]:
         """``BlockDeviceStats`` as QEMU's query-blockstats reports it.

@@ -33,7 +33,8 @@ class ControlPlane:
                  metrics_address: tuple[str, int] | None = None,
                  quit: Callable[[], None] | None = None) -> None:
         self.export = BlockExport(export_id, node_name, device, daemon)
-        self.commands = Commands(self.export, version_info(), quit or daemon.shutdown)
+        self.commands = Commands(self.export, version_info(), quit or daemon.shutdown,
+                                 queue_states=self.export.queue_states)
         self.qmp: QmpServer | None = None
         self.metrics: MetricsServer | None = None
         try:
