@@ -16,10 +16,13 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import atheris
+
+T = TypeVar("T")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -143,7 +146,7 @@ class Reader:
     def u64(self) -> int:
         return self.uint(8)
 
-    def pick(self, options: tuple | list):  # type: ignore[no-untyped-def, type-arg]
+    def pick(self, options: Sequence[T]) -> T:
         return options[self.u8() % len(options)]
 
 

@@ -61,7 +61,7 @@ class Jail:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
                             os.path.join(self.dir, "base.qcow2"), "64k"], check=True)
         self.opened: list[str] = []
-        os.open = self._open  # type: ignore[assignment]
+        os.open = self._open
         self.fd = _real_open(self.image, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _open(self, path: object, flags: int, mode: int = 0o777, *, dir_fd: object = None
