@@ -80,6 +80,15 @@ PANIC = r"Kernel panic - not syncing"
 #: is never retried.
 BUILTIN_ALSO_CRASHES = re.compile(r"RIP: 0010:(0x[0-9a-f]+$|rb_insert_color\+|hrtimer_forward\+)")
 
+#: The kind of oops the built-in device showed most (twice in 30 runs): a NULL pointer
+#: dereference in kernel code that has nothing to do with the disk (the scheduler, RCU, timers)
+#: -- guest memory corrupted by the migration itself.  The same kind in the block layer, virtio
+#: or list code (where a duplicated or lost completion from a backend would crash) is never
+#: retried: :data:`DISK_PATH`.
+BUILTIN_ALSO_OOPS = re.compile(r"BUG: kernel NULL pointer dereference")
+DISK_PATH = re.compile(r"RIP: 0010:(blk_|__blk|bio_|virtblk|virtqueue|vring|virtio|"
+                       r"__list|list_|scsi|dma_|sg_)")
+
 QEMU_DIED = re.compile(r"qemu exited")
 
 
@@ -89,7 +98,10 @@ def builtin_also_crashes(signature: str) -> bool:
     if not signature.startswith("guest panic") or " after migration " not in signature:
         return False
     rip = signature.rsplit(" / ", 1)[-1]  # the RIP line, or the first line if it was that
-    return bool(BUILTIN_ALSO_CRASHES.search(rip))
+    if BUILTIN_ALSO_CRASHES.search(rip):
+        return True
+    return bool(BUILTIN_ALSO_OOPS.search(signature)) and " / RIP: " in signature \
+        and not DISK_PATH.search(rip)
 
 
 class ScenarioFailure(Exception):
