@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
 
+from qemu_guest import accepts_connections
 from vhost.virtqueue import (
     DESC_SIZE,
     VIRTQ_DESC_F_INDIRECT,
@@ -93,15 +93,8 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             raise SystemExit(f"the server exited with {proc.returncode} before listening: "
                              f"{err[-2000:] or '(no output)'}")
-        if path.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-                return
-            except OSError:
-                pass
-            finally:
-                probe.close()
+        if accepts_connections(path):
+            return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {path} after {timeout} s")
 

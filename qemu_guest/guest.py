@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -822,3 +823,15 @@ def run_guest(
 def shell_quote(args: Iterable[str]) -> str:
     """Quote arguments for the guest's busybox sh (POSIX single-quote quoting)."""
     return " ".join("'" + a.replace("'", "'\"'\"'") + "'" for a in args)
+
+
+def accepts_connections(path: Path) -> bool:
+    """Something listens on the Unix socket ``path`` (a connect succeeds; closed at once)."""
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True

@@ -37,7 +37,6 @@ import json
 import logging
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .guest import REPO_ROOT, Guest, parse_fio_json, parse_results
+from .guest import REPO_ROOT, Guest, accepts_connections, parse_fio_json, parse_results
 
 log = logging.getLogger(__name__)
 
@@ -226,15 +225,8 @@ def _wait_listening(path: Path, proc: subprocess.Popen[bytes], log_path: Path,
         if proc.poll() is not None:
             raise ScenarioFailure("backend failed to start",
                                   f"exit {proc.returncode}:\n{_tail(log_path, 30)}")
-        if path.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-                return
-            except OSError:
-                pass
-            finally:
-                probe.close()
+        if accepts_connections(path):
+            return
         time.sleep(0.05)
     raise ScenarioFailure("backend failed to start", f"no socket {path} in {timeout} s")
 
