@@ -21,7 +21,7 @@ from pathlib import Path
 from statistics import median
 
 from qemu_guest import accepts_connections
-from vhost.virtqueue import (
+from vhost.queue.split import (
     DESC_SIZE,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -138,7 +138,7 @@ def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool
     ``qsd-ENGINE``, see :func:`qsd_aio`), serving ``image`` in format ``fmt`` (raw or qcow2)."""
     if kind == "python":
         # ``image`` may be an rbd:/nbd:// spec (benchmarks.remote) as well as a file
-        cmd = [sys.executable, "-m", "virtio_blk", "--socket", str(sock), "--image", str(image),
+        cmd = [sys.executable, "-m", "storage_daemon", "--socket", str(sock), "--image", str(image),
                "--num-queues", str(queues), "--log-level", "warning", "--format", fmt, *extra]
         if direct:
             cmd.append("--direct")
@@ -167,7 +167,7 @@ def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool
 def remote_blockdev(spec: str) -> str | None:
     """qemu-storage-daemon's ``--blockdev`` for an rbd:/nbd:// ``--image`` spec (None for a
     file), so both servers serve the very same image or export."""
-    from virtio_blk.spec import NbdSpec, RbdSpec, parse_image
+    from blockdev.spec import NbdSpec, RbdSpec, parse_image
 
     parsed = parse_image(spec)
     if isinstance(parsed, RbdSpec):

@@ -32,9 +32,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from qemu_guest import Guest, ensure_guest
-
-from .common import (
+from benchmarks.common import (
     Measurement,
     cpu_seconds,
     is_reference,
@@ -45,7 +43,8 @@ from .common import (
     rss_bytes,
     running_server,
 )
-from .common import write_json as write_rows
+from benchmarks.common import write_json as write_rows
+from qemu_guest import Guest, ensure_guest
 
 log = logging.getLogger("benchmarks.guest")
 
@@ -225,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from virtio_blk.disk import parse_size
+    from blockdev.disk import parse_size
 
     ensure_guest()
     rows: list[Measurement] = []

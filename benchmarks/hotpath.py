@@ -1,7 +1,7 @@
 """Hot-path benchmark: the Python cost of one request, without sockets, eventfds or a guest.
 
 A split ring in an anonymous mapping, a :class:`virtio_blk.device.BlkDevice` on a page-cached
-image, and the real worker code (:meth:`vhost.worker.QueueWorker._service`) called directly:
+image, and the real worker code (:meth:`vhost.runner.thread.QueueWorker._service`) called directly:
 ``--batch`` 4k reads are made available, serviced and completed per round.  What is left is the
 per-request path -- pop and validate the chain, check the header, build the RequestBuffers,
 lock, issue the IO, reap, write the status, publish -- which is what profiling needs to see.
@@ -37,24 +37,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from guestmem import GuestMemory
-from guestmem.dirty_log import DirtyLog, DirtyMarker
-from vhost.messages import VirtioFeature
-from vhost.virtqueue import DESC_SIZE, RingAddresses, VirtQueue
-from vhost.worker import Notifier, QueueWorker
-from vhost_frontend import DriverRing
-from virtio_blk.device import BlkDevice
-from virtio_blk.disk import Disk
-from virtio_blk.engine import ENGINES
-from virtio_blk.request import HEADER, HEADER_SIZE, ReqType
-
-from .common import (
+from benchmarks.common import (
     SHAPES,
     descriptors_per_request,
     lay_out_request,
     make_image,
     warm_page_cache,
 )
+from blockdev.disk import Disk
+from blockdev.engine import ENGINES
+from guestmem import GuestMemory
+from guestmem.dirty_log import DirtyLog, DirtyMarker
+from vhost.messages import VirtioFeature
+from vhost.queue.split import DESC_SIZE, RingAddresses, VirtQueue
+from vhost.runner.thread import Notifier, QueueWorker
+from vhost_frontend import DriverRing
+from virtio_blk.device import BlkDevice
+from virtio_blk.request import HEADER, HEADER_SIZE, ReqType
 
 SIZE = 256
 DATA = ("filled", "sparse")

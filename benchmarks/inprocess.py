@@ -41,11 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from vhost.messages import ProtocolFeature, Request, VirtioFeature, u64
-from vhost.virtqueue import DESC_SIZE, full_fence
-from vhost_frontend import DriverQueue, Frontend, FrontendMemory
-
-from .common import (
+from benchmarks.common import (
     SHAPES,
     Measurement,
     cpu_seconds,
@@ -61,6 +57,9 @@ from .common import (
     warm_page_cache,
     write_json,
 )
+from vhost.messages import ProtocolFeature, Request, VirtioFeature, u64
+from vhost.queue.split import DESC_SIZE, full_fence
+from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 
 log = logging.getLogger("benchmarks.inprocess")
 
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(read_json(args.table), f"in-process, from {args.table}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from virtio_blk.disk import parse_size
+    from blockdev.disk import parse_size
 
     servers = ["python"] if "python" in args.servers else []
     if "qsd" in args.servers:

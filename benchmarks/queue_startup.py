@@ -20,11 +20,11 @@ import threading
 import time
 from pathlib import Path
 
+from blockdev.disk import Disk
 from vhost.daemon import VhostUserDaemon
 from vhost_frontend import Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
 from virtio_blk.device import BlkDevice
-from virtio_blk.disk import Disk
 from virtio_blk.request import Status
 
 MiB = 1 << 20

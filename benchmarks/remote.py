@@ -23,11 +23,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.common import Measurement, make_image, print_table, round_order
+from benchmarks.common import write_json as write_rows
+from benchmarks.guest import WORKLOADS, run_one
 from qemu_guest import ensure_guest
-
-from .common import Measurement, make_image, print_table, round_order
-from .common import write_json as write_rows
-from .guest import WORKLOADS, run_one
 
 log = logging.getLogger("benchmarks.remote")
 
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the measurements here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from virtio_blk.disk import parse_size
+    from blockdev.disk import parse_size
 
     want = {args.only} if args.only else {"rbd", "nbd"}
     ensure_guest()

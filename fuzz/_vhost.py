@@ -32,6 +32,7 @@ import tempfile
 
 from _common import FD_KINDS, FdZoo, Reader, close_all, number
 
+from blockdev.disk import Disk
 from vhost.handler import BackendHandler
 from vhost.messages import (
     FLAG_NEED_REPLY,
@@ -42,9 +43,8 @@ from vhost.messages import (
     Message,
     Request,
 )
-from vhost.worker import QueueWorker
+from vhost.runner.thread import QueueWorker
 from virtio_blk.device import BlkDevice
-from virtio_blk.disk import Disk
 
 #: Guest RAM (one memfd) and where the frontend says it is mapped.
 RAM_SIZE = 256 << 10

@@ -1,4 +1,4 @@
-"""Fuzz ``--image`` specs (:func:`virtio_blk.spec.parse_image`): rbd:, nbd:// and paths.
+"""Fuzz ``--image`` specs (:func:`blockdev.spec.parse_image`): rbd:, nbd:// and paths.
 
 Input: a prefix choice (``rbd:``, ``nbd://``, ``nbd+unix://``, other schemes, none) and the
 rest of the spec as text (undecodable bytes kept as the surrogates ``os.fsdecode`` makes of
@@ -16,10 +16,10 @@ import urllib.parse
 
 import atheris
 
-with atheris.instrument_imports(include=["virtio_blk.spec", "urllib"]):
+with atheris.instrument_imports(include=["blockdev.spec", "urllib"]):
     from _common import run
 
-    from virtio_blk.spec import FileSpec, NbdSpec, RbdSpec, SpecError, parse_image
+    from blockdev.spec import FileSpec, NbdSpec, RbdSpec, SpecError, parse_image
 
 PREFIXES = ("", "rbd:", "nbd://", "nbd+unix://", "NBD://", "nbd+unix:///", "nbds://",
             "nbd+vsock://", "/", "./rbd:", "rbd:pool/", "nbd://[", "nbd://host:")

@@ -6,7 +6,7 @@ next to two legitimate backing files (``base.raw``, ``base.qcow2``), and opened 
 :class:`Qcow2Image` -- the L1 table, every L2 table the operations reach and, writable, the
 refcount table and blocks they allocate through are the input's.
 
-Asserts (the rules of ``virtio_blk.qcow2``): opening either succeeds or raises ``DiskError``
+Asserts (the rules of ``blockdev.qcow2``): opening either succeeds or raises ``DiskError``
 (``Qcow2OpenError``: the CLI prints it); every operation either succeeds or raises ``OSError``
 (``CorruptImage`` is one: that request fails with an IO error), ``grow`` may also refuse with
 ``DiskError``; closing raises nothing but ``OSError``; and no file outside the image's directory
@@ -27,11 +27,11 @@ import tempfile
 
 import atheris
 
-with atheris.instrument_imports(include=["virtio_blk"]):
+with atheris.instrument_imports(include=["blockdev"]):
     from _common import Reader, run
 
-    from virtio_blk.disk import DiskError
-    from virtio_blk.qcow2.image import Qcow2Image
+    from blockdev.disk import DiskError
+    from blockdev.qcow2.image import Qcow2Image
 
 SCRIPT = 32
 KINDS = ("read", "write", "discard", "zero", "flush", "grow", "read", "write")

@@ -25,14 +25,14 @@ from typing import Any
 
 import atheris
 
-with atheris.instrument_imports(include=["virtio_blk", "vhost"]):
+with atheris.instrument_imports(include=["storage_daemon", "virtio_blk", "blockdev", "vhost"]):
     from _common import Reader, run
 
-    from virtio_blk.control.commands import Commands
-    from virtio_blk.control.export import BlockExport
-    from virtio_blk.control.protocol import JsonStream, QmpSession, encode
+    from blockdev.disk import Disk
+    from storage_daemon.commands import Commands
+    from storage_daemon.export import BlockExport
+    from storage_daemon.qmp_protocol import JsonStream, QmpSession, encode
     from virtio_blk.device import BlkDevice
-    from virtio_blk.disk import Disk
 
 SIZE = 1 << 20
 VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "fuzz"}

@@ -26,15 +26,17 @@ import tempfile
 
 import atheris
 
-with atheris.instrument_imports(include=["vhost", "guestmem", "virtio_blk", "scsi_buffers"]):
+with atheris.instrument_imports(
+    include=["vhost", "guestmem", "blockdev", "virtio_blk", "scsi_buffers"]
+):
     from _common import Reader, run
 
+    from blockdev.disk import Disk
     from guestmem import GuestMemory
-    from vhost.inflight import InflightArea, create_area
-    from vhost.virtqueue import DESC, RingAddresses, VirtQueue
-    from vhost.worker import Notifier, QueueWorker
+    from vhost.queue.inflight import InflightArea, create_area
+    from vhost.queue.split import DESC, RingAddresses, VirtQueue
+    from vhost.runner.thread import Notifier, QueueWorker
     from virtio_blk.device import BlkDevice
-    from virtio_blk.disk import Disk
     from virtio_blk.request import HEADER, T_BARRIER, ReqType
 
 KiB = 1 << 10

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import atheris
 
-with atheris.instrument_imports(include=["vhost", "guestmem", "virtio_blk", "scsi_buffers"]):
+with atheris.instrument_imports(
+    include=["vhost", "guestmem", "blockdev", "virtio_blk", "scsi_buffers"]
+):
     from _common import Reader, run
     from _vhost import VhostRig, check_no_leak, open_fds, play, restart, start_session
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import atheris
 
-with atheris.instrument_imports(include=["vhost", "guestmem", "virtio_blk", "scsi_buffers"]):
+with atheris.instrument_imports(
+    include=["vhost", "guestmem", "blockdev", "virtio_blk", "scsi_buffers"]
+):
     from _common import run
     from _vhost import VhostRig, run_one
 

@@ -11,7 +11,7 @@ Like OpenVMM's ``guestmem`` crate under ``scsi_buffers``, or rust-vmm's ``vm-mem
 uses neither.
 """
 
-from .iovec import (
+from guestmem.iovec import (
     AtomicIoVec,
     IoBuffer,
     LockedIoBuffers,
@@ -19,7 +19,7 @@ from .iovec import (
     iovec_array,
     release_views,
 )
-from .memory import (
+from guestmem.memory import (
     PAGE_SHIFT,
     PAGE_SIZE,
     AccessError,

@@ -17,7 +17,7 @@ import ctypes
 import logging
 from collections.abc import Iterable, Sequence
 
-from .memory import buffer_address
+from guestmem.memory import buffer_address
 
 __all__ = [
     "AtomicIoVec",

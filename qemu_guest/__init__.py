@@ -4,7 +4,7 @@ workload script in it and collect the results from its serial console.
 Used by the end-to-end tests and by ``benchmarks.guest``; see :mod:`.guest` for how it works.
 """
 
-from .guest import (
+from qemu_guest.guest import (
     FioJob,
     FioResult,
     Guest,

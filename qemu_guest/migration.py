@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .guest import REPO_ROOT, Guest, accepts_connections, parse_fio_json, parse_results
+from qemu_guest.guest import REPO_ROOT, Guest, accepts_connections, parse_fio_json, parse_results
 
 log = logging.getLogger(__name__)
 
@@ -294,12 +294,12 @@ class Daemon:
 
 
 class ServerDaemon(Daemon):
-    """``python -m virtio_blk`` (this project), with a QMP socket for its ring state."""
+    """``python -m storage_daemon`` (this project), with a QMP socket for its ring state."""
 
     kind = "server"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "virtio_blk", "--socket", str(self.sock),
+        return [sys.executable, "-m", "storage_daemon", "--socket", str(self.sock),
                 "--image", str(self.image), "--locking", "off",
                 "--num-queues", str(self.queues), "--qmp", str(self.qmp_path)]
 

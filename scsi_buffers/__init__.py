@@ -21,9 +21,13 @@ from guestmem import (
     IoBuffer,
     LockedIoBuffers,
 )
-
-from .bounce import DEFAULT_MAX_PAGES, BounceBuffer, BounceBufferTracker, TrackedBounceBuffer
-from .buffers import (
+from scsi_buffers.bounce import (
+    DEFAULT_MAX_PAGES,
+    BounceBuffer,
+    BounceBufferTracker,
+    TrackedBounceBuffer,
+)
+from scsi_buffers.buffers import (
     OwnedRequestBuffers,
     RequestBuffers,
     RequestReader,
@@ -32,7 +36,7 @@ from .buffers import (
     scatter,
     total_length,
 )
-from .paged_range import MAX_GPN, InvalidGpnError, PagedRange, PagedRanges
+from scsi_buffers.paged_range import MAX_GPN, InvalidGpnError, PagedRange, PagedRanges
 
 __all__ = [
     "DEFAULT_MAX_PAGES",

@@ -33,8 +33,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from guestmem import PAGE_SHIFT, PAGE_SIZE, IoBuffer, buffer_address, iovec_array
-
-from .buffers import RequestBuffers, gather, scatter
+from scsi_buffers.buffers import RequestBuffers, gather, scatter
 
 __all__ = ["DEFAULT_MAX_PAGES", "BounceBuffer", "BounceBufferTracker", "TrackedBounceBuffer"]
 

@@ -38,8 +38,7 @@ from guestmem import (
     iovec_array,
     release_views,
 )
-
-from .paged_range import InvalidGpnError, PagedRange
+from scsi_buffers.paged_range import InvalidGpnError, PagedRange
 
 __all__ = [
     "AtomicIoVec",

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.vhost_devices import EchoDevice
 from vhost.daemon import VhostUserDaemon
-
-from .vhost_devices import EchoDevice
 
 
 class RunningDaemon:
@@ -56,4 +55,4 @@ def _log_level(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
 
 
-from .remote.fixtures import ceph_cluster, make_nbd, rbd_image  # noqa: E402, F401
+from tests.remote.fixtures import ceph_cluster, make_nbd, rbd_image  # noqa: E402, F401

@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 
-from .messages import FLAG_NEED_REPLY, FLAG_REPLY, HEADER, HEADER_SIZE, VERSION, encode
+from vhost.messages import FLAG_NEED_REPLY, FLAG_REPLY, HEADER, HEADER_SIZE, VERSION, encode
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 
-from .messages import HEADER_SIZE, MAX_FDS, Message, ProtocolError, parse_header
+from vhost.messages import HEADER_SIZE, MAX_FDS, Message, ProtocolError, parse_header
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .connection import ConnectionClosed, recv_message, send_message
-from .device import Device
-from .handler import BackendHandler, WorkerFactory
-from .procpool import QueueProcessError
-from .worker import QueueWorker
+from vhost.connection import ConnectionClosed, recv_message, send_message
+from vhost.device import Device
+from vhost.handler import BackendHandler, WorkerFactory
+from vhost.runner.pool import QueueProcessError
+from vhost.runner.thread import QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class AcceptBackoff:
     the same way: a per-connection one (ECONNABORTED) costs one short delay, an unknown
     persistent one cannot spin.
 
-    Logging is limited here rather than by ``virtio_blk.ratelimit`` (vhost/ sits below it):
+    Logging is limited here rather than by ``blockdev.ratelimit`` (vhost/ sits below it):
     one warning when a run of failures starts -- at most one per :attr:`LOG_INTERVAL`, later
     runs are counted into the next -- and one line when accepting works again.
     """
@@ -288,7 +288,7 @@ class VhostUserDaemon:
     def queue_states(self, timeout: float = 1.0) -> list[dict[str, Any]]:
         """Each queue's state for a diagnostics query: what the frontend set (enabled, the
         base to start from) and, for a running queue, its ring state as its worker sees it
-        (:meth:`vhost.virtqueue.VirtQueue.ring_state`).
+        (:meth:`vhost.queue.split.VirtQueue.ring_state`).
 
         Read from another thread without the control thread's help, so a snapshot: a queue
         that stops meanwhile reports ``stopped meanwhile``.  :class:`QueueStateError` if a

@@ -17,9 +17,8 @@ from collections.abc import Callable, Sequence
 
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyMarker
-
-from .messages import ProtocolFeature, VirtioFeature
-from .virtqueue import DescriptorChain, VirtQueue
+from vhost.messages import ProtocolFeature, VirtioFeature
+from vhost.queue.split import DescriptorChain, VirtQueue
 
 #: Most virtqueues a device may have: QEMU's VIRTIO_QUEUE_MAX, so a frontend can use them all.
 MAX_QUEUES = 1024
@@ -127,7 +126,7 @@ class Device(abc.ABC):
         """Make completed writes durable (called on shutdown)."""
 
     # ------------------------------------------------------------------ queue processes
-    # A device that can serve each queue in a process of its own (vhost.procpool) says how to
+    # A device that can serve each queue in a process of its own (vhost.runner.pool) says how to
     # rebuild itself there, and which of its state and counters cross the process boundary.
     #: Serve queues in processes (None: when there is more than one queue).
     queue_processes: bool | None = False
@@ -154,7 +153,7 @@ class Device(abc.ABC):
         """In a queue process: queue ``index``'s statistics as unsigned integers in a fixed
         layout, to be summed by the control process.  Flat, because a queue process writes
         them to shared memory once per batch of completions
-        (:class:`vhost.procwire.CounterBlock`): keep it cheap.  May return a prefix of the
+        (:class:`vhost.runner.ipc.CounterBlock`): keep it cheap.  May return a prefix of the
         layout when the rest has not changed since the last call (the rest then keeps its
         last values); the control side's count is the layout's full length."""
         return ()

@@ -19,8 +19,8 @@ change is published by plain stores, then each worker is made to pass a quiescen
   can go;
 * off: nothing more to guarantee (QEMU no longer reads the log).
 
-A queue served in a process of its own (:mod:`vhost.queueproc`) runs this same class there, on
-the messages the control process forwards to it (:mod:`vhost.procpool`: the log's fd, the
+A queue served in a process of its own (:mod:`vhost.runner.process`) runs this same class there, on
+the messages the control process forwards to it (:mod:`vhost.runner.pool`: the log's fd, the
 features, the used-ring log address -- each acknowledged before the frontend gets its reply).
 The control process's instance then only sums what each process reports (:class:`RemoteLog`):
 whether it logs and how many pages it marked.  Every process maps the same shared bitmap and
@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from guestmem.dirty_log import DirtyLog, DirtyMarker
-
-from .device import Device, QueueHandler
-from .messages import VHOST_F_LOG_ALL
-from .worker import Notifier, QueueWorker
+from vhost.device import Device, QueueHandler
+from vhost.messages import VHOST_F_LOG_ALL
+from vhost.runner.thread import Notifier, QueueWorker
 
 log = logging.getLogger(__name__)
 

@@ -27,14 +27,12 @@ from dataclasses import dataclass, field
 
 from guestmem import AccessError
 from guestmem.dirty_log import DirtyLog, DirtyLogError
-
-from .backend_channel import BackendChannel, BackendChannelError
-from .device import RING_FEATURES, Device, QueueHandler
-from .dirty_logging import DirtyLogging
-from .fdkinds import FdKindError, check_mappable, take_eventfd
-from .inflight import InflightArea, InflightError, create_area
-from .memory import MemoryTable, MemoryTableError
-from .messages import (
+from vhost.backend_channel import BackendChannel, BackendChannelError
+from vhost.device import RING_FEATURES, Device, QueueHandler
+from vhost.dirty_logging import DirtyLogging
+from vhost.fdkinds import FdKindError, check_mappable, take_eventfd
+from vhost.memory import MemoryTable, MemoryTableError
+from vhost.messages import (
     MAX_CONFIG_SIZE,
     MAX_MEM_SLOTS,
     VHOST_F_LOG_ALL,
@@ -53,11 +51,11 @@ from .messages import (
     u64,
     vring_state,
 )
-from .messages import (
+from vhost.messages import (
     inflight as inflight_payload,
 )
-from .procpool import QueueProcessError, QueueProcesses
-from .virtqueue import (
+from vhost.queue.inflight import InflightArea, InflightError, create_area
+from vhost.queue.split import (
     QueueError,
     RingAddresses,
     VirtQueue,
@@ -65,7 +63,8 @@ from .virtqueue import (
     ring_sizes,
     validate_size,
 )
-from .worker import Notifier, QueueWorker
+from vhost.runner.pool import QueueProcessError, QueueProcesses
+from vhost.runner.thread import Notifier, QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ class BackendHandler:
             VirtioFeature.PROTOCOL_FEATURES
         )
         self.offered_protocol = LIBRARY_PROTOCOL_FEATURES | device.protocol_features()
-        #: Queues served in processes of their own (vhost.procpool), or None: threads here.
+        #: Queues served in processes of their own (vhost.runner.pool), or None: threads here.
         self.processes: QueueProcesses | None = None
         wanted = device.queue_processes
         if wanted or (wanted is None and device.num_queues > 1):

@@ -17,9 +17,8 @@ import mmap
 from collections.abc import Sequence
 
 from guestmem import GuestMemory, GuestRegion
-
-from .fdkinds import FdKindError, check_mappable
-from .messages import MAX_MEM_SLOTS, RegionFields
+from vhost.fdkinds import FdKindError, check_mappable
+from vhost.messages import MAX_MEM_SLOTS, RegionFields
 
 log = logging.getLogger(__name__)
 

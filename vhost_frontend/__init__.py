@@ -12,10 +12,10 @@ Linux guest would, or deliberately not: for conformance tests, fuzzing and load 
 The backend never imports this package: it is a tool that stands outside the server.
 """
 
-from .client import Frontend
-from .errors import FrontendError
-from .memory import FrontendMemory, FrontendRegion
-from .ring import DriverQueue, DriverRing, Piece, need_event
+from vhost_frontend.client import Frontend
+from vhost_frontend.errors import FrontendError
+from vhost_frontend.memory import FrontendMemory, FrontendRegion
+from vhost_frontend.ring import DriverQueue, DriverRing, Piece, need_event
 
 __all__ = [
     "DriverQueue",

@@ -25,12 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from guestmem import PAGE_SIZE as PAGE
+from vhost_frontend.client import Frontend
+from vhost_frontend.errors import FrontendError
+from vhost_frontend.memory import FrontendMemory
+from vhost_frontend.ring import DriverQueue
 from virtio_blk.request import HEADER, SEGMENT, ReqType
-
-from .client import Frontend
-from .errors import FrontendError
-from .memory import FrontendMemory
-from .ring import DriverQueue
 
 # The wire format is the device's own (virtio_blk.request): one place declares it.
 T_IN = int(ReqType.IN)

@@ -15,10 +15,9 @@ from collections.abc import Iterable, Sequence
 from vhost import messages as m
 from vhost.connection import recv_exact, send_message
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
-
-from .errors import FrontendError
-from .memory import FrontendMemory, FrontendRegion
-from .ring import DriverQueue
+from vhost_frontend.errors import FrontendError
+from vhost_frontend.memory import FrontendMemory, FrontendRegion
+from vhost_frontend.ring import DriverQueue
 
 
 class Frontend:

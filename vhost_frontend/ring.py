@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from guestmem import GuestMemory
-from vhost.virtqueue import (
+from vhost.queue.split import (
     DESC,
     DESC_SIZE,
     USED_ELEM,
@@ -30,9 +30,8 @@ from vhost.virtqueue import (
     full_fence,
     ring_sizes,
 )
-
-from .errors import FrontendError
-from .memory import FrontendMemory
+from vhost_frontend.errors import FrontendError
+from vhost_frontend.memory import FrontendMemory
 
 #: One piece of a chain as a driver lays it out: (guest address, length, device-writable).
 Piece = tuple[int, int, bool]

@@ -26,18 +26,18 @@ from operator import attrgetter
 from time import monotonic_ns
 from typing import Any, cast
 
+from blockdev.disk import BlockDisk, Disk
+from blockdev.engine import IoOp, OpKind
+from blockdev.ratelimit import RateLimitedLog
+from blockdev.stats import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
+from blockdev.storage import FileStorage, Storage
 from guestmem import AccessError, GuestMemory, IoBuffer, LockedIoBuffers
 from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
 from vhost.device import Device, QueueHandler
-from vhost.virtqueue import DescriptorChain, VirtQueue
-
-from .accounting import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
-from .disk import BlockDisk, Disk
-from .engine import IoOp, OpKind
-from .fastpath import FastPath
-from .layout import DataLayout, plan, skip_start, trim_end
-from .ratelimit import RateLimitedLog
-from .request import (
+from vhost.queue.split import DescriptorChain, VirtQueue
+from virtio_blk.fastpath import FastPath
+from virtio_blk.layout import DataLayout, plan, skip_start, trim_end
+from virtio_blk.request import (
     HEADER,
     HEADER_SIZE,
     ID_BYTES,
@@ -54,7 +54,6 @@ from .request import (
     device_id,
     parse_segments,
 )
-from .storage import FileStorage, Storage
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ class BlkStats:
     bytes_read: int = 0
     bytes_written: int = 0
     bytes_unmapped: int = 0  # discarded or zeroed
-    # Per disk operation kind (OpKind order; see virtio_blk.accounting): IO errors, and -- with
+    # Per disk operation kind (OpKind order; see blockdev.stats): IO errors, and -- with
     # latency accounting on -- total nanoseconds and a latency histogram.
     failed: list[int] = field(default_factory=zeros)
     total_ns: list[int] = field(default_factory=zeros)
@@ -131,7 +130,7 @@ class StatsTotals:
         self._device = device
 
     def _refresh(self) -> None:
-        """Queues served in processes report their counters first (vhost.procpool)."""
+        """Queues served in processes report their counters first (vhost.runner.pool)."""
         refresh = self._device.refresh_counters if self._device is not None else None
         if refresh is not None:
             refresh()
@@ -258,7 +257,7 @@ class BlkDevice(Device):
             if queue_processes:
                 raise ValueError("queue processes serve raw image files only")
             queue_processes = False
-        #: One process per queue (None: when there is more than one queue); see vhost.procpool.
+        #: One process per queue (None: when there is more than one queue); see vhost.runner.pool.
         self.queue_processes = queue_processes
         self._options = {
             "num_queues": num_queues, "max_queue_size": max_queue_size, "serial": serial,

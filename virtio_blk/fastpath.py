@@ -43,24 +43,22 @@ from __future__ import annotations
 from time import monotonic_ns
 from typing import TYPE_CHECKING
 
+from blockdev.engine import OpKind
 from guestmem import AccessError
 from scsi_buffers import RequestBuffers
-from vhost.virtqueue import (
+from vhost.queue.split import (
     DESC,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VirtQueue,
 )
-
-from .engine import OpKind
-from .layout import DataLayout, plan
-from .request import HEADER, HEADER_SIZE, T_BARRIER, ReqType, Status, range_fault
+from virtio_blk.layout import DataLayout, plan
+from virtio_blk.request import HEADER, HEADER_SIZE, T_BARRIER, ReqType, Status, range_fault
 
 if TYPE_CHECKING:
     from guestmem import GuestMemory, GuestRegion, IoBuffer, LockedIoBuffers
-
-    from .device import BlkQueueHandler, BlkRequest
+    from virtio_blk.device import BlkQueueHandler, BlkRequest
 
 #: Most descriptors of a request the fast path takes (header + data runs + status); a longer
 #: chain goes to the generic path.  Linux sends up to seg_max (126) data runs; 1M sequential IO
@@ -86,7 +84,7 @@ class FastPath:
     docstring)."""
 
     def __init__(self, handler: BlkQueueHandler, vq: VirtQueue) -> None:
-        from .device import FastRequest  # device imports this module
+        from virtio_blk.device import FastRequest  # device imports this module
 
         self._request = FastRequest
         self.handler = handler

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 from guestmem import PAGE_SIZE, GuestMemory
 from scsi_buffers import PagedRange, RequestBuffers
-
-from .request import SECTOR_SIZE
+from virtio_blk.request import SECTOR_SIZE
 
 _PAGE_MASK = PAGE_SIZE - 1
 

@@ -12,7 +12,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
-SECTOR_SIZE = 512
+from blockdev.disk import SECTOR_SIZE
+
 SECTOR_SHIFT = 9
 HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
 HEADER_SIZE = HEADER.size

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Server:
-    """``python -m virtio_blk`` on a fresh image, started and stopped like a user would."""
+    """``python -m storage_daemon`` on a fresh image, started and stopped like a user would."""
 
     def __init__(self, workdir: Path, *args: str, size: str = "1G",
                  image: Path | None = None, spec: str | None = None,
@@ -39,7 +39,7 @@ class Server:
     def start(self) -> Server:
         image = ["--image", self.spec] if self.spec else \
             ["--image", str(self.image), "--create", self.size]
-        cmd = [*self.launcher, sys.executable, "-m", "virtio_blk", "--socket", str(self.sock),
+        cmd = [*self.launcher, sys.executable, "-m", "storage_daemon", "--socket", str(self.sock),
                *image, *self.args]
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=self._log)

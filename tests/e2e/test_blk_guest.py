@@ -1,6 +1,7 @@
 """End to end: a real Linux guest in QEMU 7.2 drives this project's server with fio and friends.
 
-Each test starts ``python -m virtio_blk`` on a fresh image (as a user would, stopped with SIGTERM
+Each test starts ``python -m storage_daemon`` on a fresh image (as a user would, stopped with
+SIGTERM
 and required to exit 0), boots the test guest (qemu-configs/build-guest.sh) with
 ``-device vhost-user-blk-pci`` against it under TCG, runs a workload script, and checks what the
 guest reported and what the image file on the host holds afterwards.
@@ -18,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from qemu_guest import Guest, run_guest
-
-from .conftest import image_bytes
-from .workloads import FIO, check_fio, fio_job, kill_and_restart_under_fio
+from tests.e2e.conftest import image_bytes
+from tests.e2e.workloads import FIO, check_fio, fio_job, kill_and_restart_under_fio
 
 pytestmark = pytest.mark.e2e
 

@@ -22,9 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from qemu.qmp import QMPClient
 
 from qemu_guest import Guest
-
-from .conftest import image_bytes
-from .workloads import FIO
+from tests.e2e.conftest import image_bytes
+from tests.e2e.workloads import FIO
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from qemu_guest import run_guest
-
-from .conftest import Server
-from .workloads import FIO, check_fio, kill_and_restart_under_fio
+from tests.e2e.conftest import Server
+from tests.e2e.workloads import FIO, check_fio, kill_and_restart_under_fio
 
 pytestmark = pytest.mark.e2e
 

@@ -1,5 +1,6 @@
 """End to end on remote storage: a Linux guest on an RBD image (one-node Ceph cluster) and on an
-NBD export (qemu-nbd on a raw file), through ``python -m virtio_blk --image rbd:...|nbd+unix:...``.
+NBD export (qemu-nbd on a raw file), through
+``python -m storage_daemon --image rbd:...|nbd+unix:...``.
 
 One guest boot per scenario (TCG is slow): fio write+verify, discard and write-zeroes reading back
 zeroes, a pattern written and an ext4 file system made, then the bytes checked from the host
@@ -20,16 +21,15 @@ import pytest
 
 from qemu_guest import Guest, GuestResult, run_guest
 from remote_testbed.ceph import CephCluster
-from tests.remote.fixtures import MakeNbd
-
-from .conftest import Server, image_bytes
-from .workloads import (
+from tests.e2e.conftest import Server, image_bytes
+from tests.e2e.workloads import (
     FIO,
     SLOW_RBD_WRITES,
     check_fio,
     crash_script,
     kill_and_restart_under_fio,
 )
+from tests.remote.fixtures import MakeNbd
 
 pytestmark = pytest.mark.e2e
 

@@ -22,10 +22,9 @@ from pathlib import Path
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.protocol import ConnectError
 
+from blockdev.disk import parse_size
 from qemu_guest import Guest, GuestResult
-from virtio_blk.disk import parse_size
-
-from .conftest import Server
+from tests.e2e.conftest import Server
 
 FIO = "fio --filename=/dev/vda --ioengine=libaio --direct=1 --output-format=json"
 

@@ -37,11 +37,13 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from blockdev.disk import Disk
+from blockdev.engine import Engine, IoOp, OpKind
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyLog, DirtyMarker
-from vhost.inflight import InflightArea, create_area
 from vhost.messages import VirtioFeature
-from vhost.virtqueue import (
+from vhost.queue.inflight import InflightArea, create_area
+from vhost.queue.split import (
     DESC,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -49,11 +51,9 @@ from vhost.virtqueue import (
     RingAddresses,
     VirtQueue,
 )
-from vhost.worker import Notifier, QueueWorker
+from vhost.runner.thread import Notifier, QueueWorker
 from vhost_frontend import DriverRing
 from virtio_blk.device import BlkDevice, BlkQueueHandler
-from virtio_blk.disk import Disk
-from virtio_blk.engine import Engine, IoOp, OpKind
 from virtio_blk.request import HEADER, T_BARRIER, ReqType
 
 QSIZE = 16

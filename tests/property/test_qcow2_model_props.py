@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blockdev.qcow2 import Qcow2Disk, create
 from tests.unit.qcow2.helpers import check, compare, needs_qemu_img, read, write, write_raw
-from virtio_blk.qcow2 import Qcow2Disk, create
 
 pytestmark = needs_qemu_img
 

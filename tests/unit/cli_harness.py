@@ -1,4 +1,4 @@
-"""Running the ``python -m virtio_blk`` command in tests: to completion, or as a server whose
+"""Running the ``python -m storage_daemon`` command in tests: to completion, or as a server whose
 stderr is read on a thread, and a frontend connected to it (shared by the CLI tests)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ TIMEOUT = 20.0
 
 
 def command(*args: str | os.PathLike[str]) -> list[str]:
-    return [sys.executable, "-m", "virtio_blk", *(os.fspath(arg) for arg in args)]
+    return [sys.executable, "-m", "storage_daemon", *(os.fspath(arg) for arg in args)]
 
 
 def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
@@ -63,7 +63,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
 
 
 class Server:
-    """A running ``python -m virtio_blk``; its stderr lines are collected on a thread."""
+    """A running ``python -m storage_daemon``; its stderr lines are collected on a thread."""
 
     def __init__(self, *args: str | os.PathLike[str], pass_fds: Sequence[int] = (),
                  launcher: Sequence[str] = ()) -> None:

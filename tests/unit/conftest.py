@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .cli_harness import Server
+from tests.unit.cli_harness import Server
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from benchmarks.common import (
 )
 from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
-from vhost.virtqueue import DESC, VIRTQ_DESC_F_INDIRECT, RingAddresses, VirtQueue
+from vhost.queue.split import DESC, VIRTQ_DESC_F_INDIRECT, RingAddresses, VirtQueue
 from vhost_frontend import DriverQueue, DriverRing, FrontendMemory
 
 HAVE_QSD = shutil.which("qemu-storage-daemon") is not None

@@ -47,11 +47,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.unit.cli_harness import REPO, TIMEOUT, Server, qmp
 from vhost_frontend import Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
 from virtio_blk.request import Status
-
-from .cli_harness import REPO, TIMEOUT, Server, qmp
 
 UNITS = REPO / "qemu-configs" / "systemd"
 SERVICE = "vhost-user-blk@.service"
@@ -267,7 +266,7 @@ def status_fields(pid: int) -> dict[str, str]:
 
 
 def launcher(base: Path, fd: int, rw_paths: list[Path], spec: Path) -> list[str]:
-    """argv that takes ``command(...)`` (the harness's ``python -m virtio_blk ...``) and runs it
+    """argv that takes ``command(...)`` (the harness's ``python -m storage_daemon ...``) and runs it
     as the unit would: in a private mount namespace, as UID/GID with no capabilities and no new
     privileges, under the syscall filter; the listening socket as fd 3."""
     python = Path(os.path.realpath(sys.executable))

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from blockdev.disk import Disk
+from blockdev.storage import Storage
 from tests.conftest import RunningDaemon
 from vhost.messages import Request
 from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
 from virtio_blk.device import BlkDevice, BlkQueueHandler
-from virtio_blk.disk import Disk
-from virtio_blk.storage import Storage
 
 MiB = 1 << 20
 ENGINES = ("inline", "threads", "io_uring")

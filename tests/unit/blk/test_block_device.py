@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.blk.conftest import ENGINES, MakeBlk, MiB
 from virtio_blk.request import Status
-
-from .conftest import ENGINES, MakeBlk, MiB
 
 
 @pytest.fixture

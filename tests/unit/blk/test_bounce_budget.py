@@ -13,10 +13,9 @@ import time
 
 import pytest
 
+from tests.unit.blk.conftest import MakeBlk
 from vhost_frontend.blk import T_IN, T_OUT, BlkDriver, Piece
 from virtio_blk.request import Status
-
-from .conftest import MakeBlk
 
 BUDGET = 4  # pages: two 8 KiB bounced requests at a time
 

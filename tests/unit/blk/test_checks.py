@@ -16,6 +16,7 @@ import os
 import pytest
 
 from scsi_buffers import GuestMemory
+from tests.unit.blk.conftest import BlkEnv, MakeBlk, MiB
 from vhost_frontend.blk import (
     POISON,
     T_DISCARD,
@@ -30,8 +31,6 @@ from vhost_frontend.blk import (
     segment,
 )
 from virtio_blk.request import Status
-
-from .conftest import BlkEnv, MakeBlk, MiB
 
 U64 = 2**64
 

@@ -1,4 +1,4 @@
-"""The ``vhost-user-blk`` command (``python -m virtio_blk``), run as a subprocess.
+"""The ``vhost-user-blk`` command (``python -m storage_daemon``), run as a subprocess.
 
 Every user error is one line on stderr and exit status 2 (no traceback); SIGTERM exits 0 with
 the writes made before it in the image.
@@ -21,10 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from virtio_blk.disk import Disk, DiskError
+from blockdev.disk import Disk, DiskError
+from tests.unit.cli_harness import (
+    REPO,
+    TIMEOUT,
+    Server,
+    assert_one_line_error,
+    command,
+    connect,
+    run,
+)
 from virtio_blk.request import Status
-
-from ..cli_harness import REPO, TIMEOUT, Server, assert_one_line_error, command, connect, run
 
 
 # ---------------------------------------------------------------- user errors
@@ -50,7 +57,7 @@ def _as_unprivileged_child(path: Path) -> dict[str, object]:
     """In a forked child that gave up root (when root): can ``path`` be opened read-only, and
     what does the CLI say without --read-only?  Runs ``main()`` in-process: the child cannot
     exec our Python (it lives under /root, mode 0700)."""
-    from virtio_blk.cli import main
+    from storage_daemon.cli import main
 
     r, w = os.pipe()
     pid = os.fork()

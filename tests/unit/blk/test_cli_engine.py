@@ -18,20 +18,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from blockdev.uring import available
+from tests.unit.cli_harness import REPO, TIMEOUT, Server, assert_one_line_error, command, connect
 from virtio_blk.request import Status
-from virtio_blk.uring import available
-
-from ..cli_harness import REPO, TIMEOUT, Server, assert_one_line_error, command, connect
 
 #: Put before ``command(...)``: runs the command's main with io_uring_setup failing.  (argv of
-#: ``python -c CODE python -m virtio_blk ARGS`` is ``['-c', python, '-m', 'virtio_blk', ARGS]``.)
+#: ``python -c CODE python -m storage_daemon ARGS`` is
+#: ``['-c', python, '-m', 'storage_daemon', ARGS]``.)
 NO_URING = [sys.executable, "-c", (
     "import errno, sys\n"
-    "from virtio_blk import uring\n"
+    "from blockdev import uring\n"
     "def refuse(*args, **kwargs):\n"
     "    raise uring.UringError(errno.ENOSYS, 'io_uring_setup: Function not implemented')\n"
     "uring.Uring.__init__ = refuse\n"
-    "from virtio_blk.cli import main\n"
+    "from storage_daemon.cli import main\n"
     "sys.exit(main(sys.argv[4:]))\n")]
 
 

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.qemu_log import PAGE, QemuLog, pages, pieces_pages
+from tests.unit.blk.conftest import ENGINES, BlkEnv, MakeBlk
 from vhost_frontend.blk import T_GET_ID, T_IN, T_OUT, PendingRequest
-
-from .conftest import ENGINES, BlkEnv, MakeBlk
 
 MEM = 32 << 20  # make_blk's default guest memory
 

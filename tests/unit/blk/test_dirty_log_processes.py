@@ -1,5 +1,6 @@
 """Live migration with queues in processes of their own: the dirty log reaches every queue
-process (vhost.procpool forwards it, vhost.queueproc runs vhost.dirty_logging on it), and the
+process (vhost.runner.pool forwards it, vhost.runner.process runs vhost.dirty_logging on it),
+and the
 pages marked are the ones a threaded server marks for the same requests.
 
 Each test drives a real server (daemon thread here, queue processes spawned by it) through the
@@ -17,14 +18,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.qemu_log import PAGE, QemuLog, pages, pieces_pages
+from tests.unit.blk.conftest import BlkEnv, MakeBlk
+from tests.unit.blk.test_dirty_log import MEM
+from tests.unit.blk.test_queue_processes import _proc, _wait
 from vhost.messages import VHOST_F_LOG_ALL, ProtocolFeature, Request, vring_state
-from vhost.procpool import QueueProcessWorker
+from vhost.runner.pool import QueueProcessWorker
 from vhost_frontend import DriverQueue
 from vhost_frontend.blk import T_GET_ID, T_IN, T_OUT, BlkDriver
-
-from .conftest import BlkEnv, MakeBlk
-from .test_dirty_log import MEM
-from .test_queue_processes import _proc, _wait
 
 
 @pytest.fixture

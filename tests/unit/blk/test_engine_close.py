@@ -12,18 +12,17 @@ from typing import Any
 
 import pytest
 
+from blockdev import engine as engine_mod
+from blockdev.disk import Disk
+from blockdev.engine import IoOp, OpKind, ThreadPoolEngine, UringEngine
+from blockdev.uring import available
 from guestmem import IoBuffer
 from tests.qemu_log import QemuLog
+from tests.unit.blk.conftest import MakeBlk
 from vhost.dirty_logging import KEPT_LOGS
 from vhost.memory import KEPT_REGIONS
-from vhost.worker import QueueWorker
+from vhost.runner.thread import QueueWorker
 from vhost_frontend.blk import T_IN
-from virtio_blk import engine as engine_mod
-from virtio_blk.disk import Disk
-from virtio_blk.engine import IoOp, OpKind, ThreadPoolEngine, UringEngine
-from virtio_blk.uring import available
-
-from .conftest import MakeBlk
 
 BLOCK = 4096
 
@@ -210,7 +209,7 @@ class PipeQcow2:
 def test_qcow2_io_uring_close_cancels_waits_and_counts_the_ops_out() -> None:
     """The qcow2 ring engine closed with a read in flight: cancelled and waited for (it used
     to wait for it forever), and counted out of the image's in-flight IO."""
-    from virtio_blk.qcow2.uring_engine import MappedUringEngine
+    from blockdev.qcow2.uring_engine import MappedUringEngine
 
     disk = PipeQcow2()
     engine = MappedUringEngine(disk)  # type: ignore[arg-type]

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from virtio_blk.image_lock import ImageLockError, lock_image
-
-from ..cli_harness import REPO, Server, assert_one_line_error, connect, run
+from blockdev.image_lock import ImageLockError, lock_image
+from tests.unit.cli_harness import REPO, Server, assert_one_line_error, connect, run
 
 requires_qemu_tools = pytest.mark.skipif(
     shutil.which("qemu-io") is None or shutil.which("qemu-storage-daemon") is None,

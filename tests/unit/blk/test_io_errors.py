@@ -8,11 +8,10 @@ import os
 
 import pytest
 
+from blockdev.engine import OpKind
+from tests.unit.blk.conftest import ENGINES, BlkEnv, MakeBlk, inject_uring_results, uring_engine
 from vhost_frontend.blk import POISON
-from virtio_blk.engine import OpKind
 from virtio_blk.request import Status
-
-from .conftest import ENGINES, BlkEnv, MakeBlk, inject_uring_results, uring_engine
 
 _KINDS = {"readv": OpKind.READ, "writev": OpKind.WRITE, "flush": OpKind.FLUSH}
 

@@ -9,14 +9,13 @@ import time
 
 import pytest
 
+from tests.unit.blk.conftest import ENGINES, BlkEnv, MakeBlk, MiB
 from vhost.messages import ProtocolFeature, Request, VirtioFeature, config_space, u64
 from vhost_frontend import Frontend
 from vhost_frontend.blk import T_IN, BlkDriver, Piece
 from virtio_blk.device import WRITEBACK_OFFSET
 from virtio_blk.layout import plan
 from virtio_blk.request import CONFIG, BlkFeature, Status
-
-from .conftest import ENGINES, BlkEnv, MakeBlk, MiB
 
 ALWAYS = (BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH
           | BlkFeature.TOPOLOGY | BlkFeature.CONFIG_WCE | BlkFeature.MQ)
@@ -307,8 +306,8 @@ def test_io_uring_failure_falls_back_to_threads(make_blk: MakeBlk,
     io_uring) runs on the thread pool, and says so."""
     import errno
 
-    from virtio_blk import engine
-    from virtio_blk.uring import UringError
+    from blockdev import engine
+    from blockdev.uring import UringError
 
     def no_ring(*_args: object) -> None:
         raise UringError(errno.EPERM, "io_uring_setup: Operation not permitted")

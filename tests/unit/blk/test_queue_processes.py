@@ -1,4 +1,4 @@
-"""Queues served in processes of their own (vhost.procpool, vhost.queueproc).
+"""Queues served in processes of their own (vhost.runner.pool, vhost.runner.process).
 
 Each test drives a real server (daemon thread in this process, queue processes spawned by it)
 through the project's vhost-user frontend.
@@ -12,13 +12,12 @@ import time
 
 import pytest
 
+from tests.unit.blk.conftest import BlkEnv, MakeBlk, MiB
 from vhost.messages import Request
-from vhost.procpool import QueueProcessWorker
+from vhost.runner.pool import QueueProcessWorker
 from vhost_frontend import Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
 from virtio_blk.request import Status
-
-from .conftest import BlkEnv, MakeBlk, MiB
 
 
 def _proc(env: BlkEnv, index: int) -> QueueProcessWorker:
@@ -137,10 +136,10 @@ def test_fast_path_follows_a_memory_table_change(make_blk: MakeBlk) -> None:
 
 def test_a_qcow2_image_keeps_its_queues_on_threads(tmp_path) -> None:
     """qcow2 allocates clusters in one process: two queue processes would allocate apart."""
-    from virtio_blk.cli import main
+    from blockdev.images import create as create_by_format
+    from blockdev.images import open_image
+    from storage_daemon.cli import main
     from virtio_blk.device import BlkDevice
-    from virtio_blk.images import create as create_by_format
-    from virtio_blk.images import open_image
 
     image = str(tmp_path / "disk.qcow2")
     create_by_format(image, 1 << 20, "qcow2", None, None)
@@ -161,8 +160,8 @@ def test_a_scrape_reads_published_counters_without_asking_the_processes(
     """Counters and the metrics scrape come from what the processes published in shared
     memory: no message to a process (which would wait on it, and on the lock the vhost-user
     control thread needs)."""
-    from vhost import procpool
-    from virtio_blk.control.metrics import BlkCollector
+    from storage_daemon.metrics import BlkCollector
+    from vhost.runner import pool as procpool
 
     env = make_blk(num_queues=2)
     q1 = env.frontend.setup_queue(1, size=64)

@@ -14,15 +14,14 @@ import time
 
 import pytest
 
+from storage_daemon.export import BlockExport
+from storage_daemon.plane import ControlPlane
+from storage_daemon.qmp_protocol import QmpError
+from tests.unit.blk.conftest import BlkEnv, MakeBlk
 from vhost.daemon import QueueStateError
-from vhost.procpool import QueueProcessWorker
+from vhost.runner.pool import QueueProcessWorker
 from vhost_frontend.blk import BlkDriver
-from virtio_blk.control.export import BlockExport
-from virtio_blk.control.plane import ControlPlane
-from virtio_blk.control.protocol import QmpError
 from virtio_blk.request import Status
-
-from .conftest import BlkEnv, MakeBlk
 
 
 def _running(env: BlkEnv, index: int) -> dict:

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from virtio_blk.ratelimit import RateLimitedLog
+from blockdev.ratelimit import RateLimitedLog
 
 
 def test_burst_then_count_then_burst_again(caplog: pytest.LogCaptureFixture) -> None:

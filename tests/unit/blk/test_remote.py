@@ -20,16 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from blockdev.backends import open_storage
+from blockdev.storage import Storage, StorageError
 from remote_testbed.ceph import CephCluster
 from remote_testbed.nbd_servers import free_port
 from tests.remote.fixtures import MakeNbd
+from tests.unit.blk.conftest import BlkEnv, MakeBlk
+from tests.unit.blk.test_modes import set_writeback
 from vhost_frontend.blk import T_FLUSH, T_IN, T_OUT
-from virtio_blk.backends import open_storage
 from virtio_blk.request import SEGMENT_F_UNMAP, BlkFeature, Status
-from virtio_blk.storage import Storage, StorageError
-
-from .conftest import BlkEnv, MakeBlk
-from .test_modes import set_writeback
 
 MiB = 1 << 20
 BACKENDS = ("rbd", "qemu-nbd-unix", "qemu-nbd-tcp", "nbdkit-unix", "nbdkit-tcp")
@@ -300,8 +299,8 @@ def test_rbd_exclusive_lock_of_a_killed_server_is_taken_over(
 _LOCK_HOLDER = """
 import ctypes, mmap, select, sys, time
 from guestmem import IoBuffer
-from virtio_blk.backends import open_storage
-from virtio_blk.engine import IoOp, OpKind
+from blockdev.backends import open_storage
+from blockdev.engine import IoOp, OpKind
 s = open_storage(sys.argv[1])
 e = s.open_engine(0)
 m = mmap.mmap(-1, 4096)
@@ -319,7 +318,7 @@ time.sleep(600)
 # ---------------------------------------------------------------- what cannot be served
 def _serve(image: str, tmp_path: Path, *extra: str) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "virtio_blk", "--socket",
+    proc = subprocess.run([sys.executable, "-m", "storage_daemon", "--socket",
                            str(tmp_path / "s.sock"), "--image", image, *extra],
                           capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parents[3])
@@ -386,7 +385,8 @@ def test_unreachable_ceph_cluster_is_one_line_exit_2_within_30s(ceph_cluster: Ce
 
 def test_a_missing_client_library_names_the_debian_package(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from virtio_blk import libnbd, librbd
+    from blockdev.nbd import libnbd
+    from blockdev.rbd import librbd
 
     def no_library(name: str, *args: object, **kwargs: object) -> None:
         raise OSError(f"{name}: cannot open shared object file")
@@ -499,9 +499,9 @@ def test_rbd_engine_close_waits_for_its_ops_in_librbd(ceph_cluster: CephCluster,
     import mmap
     import signal
 
+    from blockdev.engine import IoOp, OpKind
+    from blockdev.rbd.storage import RbdStorage
     from guestmem import IoBuffer
-    from virtio_blk.engine import IoOp, OpKind
-    from virtio_blk.rbd import RbdStorage
 
     st = open_storage(ceph_cluster.spec(rbd_image), reconnect_delay=2)
     assert isinstance(st, RbdStorage)

@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from blockdev.uring import OP_FSYNC
+from tests.unit.blk.conftest import ENGINES, BlkEnv, MakeBlk, uring_engine
 from vhost_frontend.blk import (
     POISON,
     T_DISCARD,
@@ -22,9 +24,6 @@ from vhost_frontend.blk import (
     segment,
 )
 from virtio_blk.request import Status
-from virtio_blk.uring import OP_FSYNC
-
-from .conftest import ENGINES, BlkEnv, MakeBlk, uring_engine
 
 
 def is_hole(env: BlkEnv, offset: int, length: int) -> bool:

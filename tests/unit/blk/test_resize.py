@@ -19,18 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from blockdev.backends import open_storage
+from blockdev.images import create as create_image_file
+from blockdev.storage import StorageError
+from tests.unit.blk.conftest import BlkEnv, MakeBlk, MiB
+from tests.unit.blk.test_block_device import loop_device  # noqa: F401 (fixture)
 from vhost import messages as m
 from vhost.backend_channel import BackendRequest
 from vhost.messages import ProtocolFeature, Request
 from vhost_frontend import Frontend
 from vhost_frontend.blk import BlkDriver
-from virtio_blk.backends import open_storage
-from virtio_blk.images import create as create_image_file
 from virtio_blk.request import Status
-from virtio_blk.storage import StorageError
-
-from .conftest import BlkEnv, MakeBlk, MiB
-from .test_block_device import loop_device  # noqa: F401 (fixture)
 
 
 def capacity(env: BlkEnv) -> int:

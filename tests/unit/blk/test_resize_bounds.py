@@ -17,16 +17,18 @@ from typing import Any
 
 import pytest
 
+from blockdev import cint
+from blockdev.backends import open_storage
+from blockdev.disk import MAX_IMAGE_SIZE, Disk, DiskError, check_growth
+from blockdev.engine import IoOp, OpKind
+from blockdev.nbd import libnbd
+from blockdev.nbd.storage import NbdEngine, NbdStorage
+from blockdev.nbd.storage import _Pending as NbdPending
+from blockdev.rbd import librbd
+from blockdev.rbd.storage import RbdEngine, RbdStorage, _Pending
+from blockdev.storage import Capabilities, StorageError, remote_info
 from remote_testbed.ceph import CephCluster
-from virtio_blk import cint, libnbd, librbd
-from virtio_blk.backends import open_storage
-from virtio_blk.disk import MAX_IMAGE_SIZE, Disk, DiskError, check_growth
-from virtio_blk.engine import IoOp, OpKind
-from virtio_blk.nbd import NbdEngine, NbdStorage
-from virtio_blk.nbd import _Pending as NbdPending
-from virtio_blk.rbd import RbdEngine, RbdStorage, _Pending
 from virtio_blk.request import Segment
-from virtio_blk.storage import Capabilities, StorageError, remote_info
 
 MiB = 1 << 20
 #: Sizes no storage may be asked to grow to (from 1 MiB, 512-byte blocks).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from virtio_blk.spec import FileSpec, NbdSpec, RbdSpec, SpecError, parse_image
+from blockdev.spec import FileSpec, NbdSpec, RbdSpec, SpecError, parse_image
 
 
 @pytest.mark.parametrize(("text", "want"), [
@@ -63,8 +63,8 @@ def test_malformed_uri_is_a_spec_error(text: str) -> None:
 
 
 def test_malformed_uri_is_a_storage_error_for_the_cli() -> None:
-    from virtio_blk.backends import open_storage
-    from virtio_blk.storage import StorageError
+    from blockdev.backends import open_storage
+    from blockdev.storage import StorageError
 
     with pytest.raises(StorageError, match="IPv6"):
         open_storage("nbd://[::1/disk")

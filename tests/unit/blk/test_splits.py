@@ -16,11 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.blk.conftest import ENGINES, BlkEnv, MakeBlk, MiB
 from vhost_frontend.blk import T_IN, T_OUT, BlkDriver, Piece
 from virtio_blk.layout import plan
 from virtio_blk.request import Status
-
-from .conftest import ENGINES, BlkEnv, MakeBlk, MiB
 
 Layout = Callable[[BlkDriver], list[Piece]]
 

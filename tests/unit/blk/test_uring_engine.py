@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from blockdev.disk import Disk
+from blockdev.engine import IoOp, OpKind, UringEngine
+from blockdev.uring import available
 from guestmem import IoBuffer
-from virtio_blk.disk import Disk
-from virtio_blk.engine import IoOp, OpKind, UringEngine
-from virtio_blk.uring import available
 
 pytestmark = pytest.mark.skipif(not available(), reason="io_uring unavailable here")
 

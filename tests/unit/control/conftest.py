@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from storage_daemon.plane import ControlPlane
 from tests.unit.blk.conftest import BlkEnv, MakeBlk, make_blk  # noqa: F401 (fixture)
-from virtio_blk.control.plane import ControlPlane
 
 
 @dataclass

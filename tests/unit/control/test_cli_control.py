@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.unit.cli_harness import REPO, TIMEOUT, Server, assert_one_line_error, connect, qmp, run
 from virtio_blk.request import Status
-
-from ..cli_harness import REPO, TIMEOUT, Server, assert_one_line_error, connect, qmp, run
 
 UNITS = REPO / "qemu-configs" / "systemd"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ..cli_harness import REPO, TIMEOUT, command, qmp
+from tests.unit.cli_harness import REPO, TIMEOUT, command, qmp
 
 #: The fd limit the server runs with: what the issue's report used.
 FD_LIMIT = 40
@@ -35,7 +35,7 @@ MAX_LINES = 20
 HOG = """
 import os, sys, threading, time
 from pathlib import Path
-from virtio_blk.cli import main
+from storage_daemon.cli import main
 
 def hog() -> None:
     # Once both sockets exist, take every fd left; give them back when stdin closes.

@@ -9,12 +9,11 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from blockdev.stats import LATENCY_BOUNDS_NS
+from storage_daemon.metrics import parse_address
+from tests.unit.control.conftest import MakeOperated, Operated
 from vhost_frontend.blk import BlkDriver
-from virtio_blk.accounting import LATENCY_BOUNDS_NS
-from virtio_blk.control.metrics import parse_address
 from virtio_blk.request import Status
-
-from .conftest import MakeOperated, Operated
 
 MiB = 1 << 20
 
@@ -182,7 +181,7 @@ def test_a_client_that_stalls_is_dropped_and_excess_clients_are_refused(
         make_operated: MakeOperated, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    from virtio_blk.control import metrics
+    from storage_daemon import metrics
 
     monkeypatch.setattr(metrics, "CONNECTION_TIMEOUT", 0.5)
     op = make_operated()

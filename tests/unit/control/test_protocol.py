@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from virtio_blk.control import version_info
-from virtio_blk.control.commands import Commands
-from virtio_blk.control.protocol import (
+from storage_daemon import version_info
+from storage_daemon.commands import Commands
+from storage_daemon.qmp_protocol import (
     JsonStream,
     ParseError,
     QmpError,

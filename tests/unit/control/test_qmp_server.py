@@ -20,13 +20,12 @@ from typing import Any, TypeVar
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
+from storage_daemon import version_info
+from tests.unit.control.conftest import MakeOperated, Operated
 from vhost import messages as m
 from vhost.backend_channel import BackendRequest
 from vhost.messages import Request
-from virtio_blk.control import version_info
 from virtio_blk.request import Status
-
-from .conftest import MakeOperated, Operated
 
 MiB = 1 << 20
 T = TypeVar("T")

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from virtio_blk.control import qmp, version_info
-
-from .conftest import MakeOperated
-from .test_qmp_server import RawClient
+from storage_daemon import qmp, version_info
+from tests.unit.control.conftest import MakeOperated
+from tests.unit.control.test_qmp_server import RawClient
 
 MiB = 1 << 20
 

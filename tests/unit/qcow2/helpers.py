@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from virtio_blk.qcow2 import Qcow2Disk
+from blockdev.qcow2 import Qcow2Disk
 
 KiB = 1 << 10
 MiB = 1 << 20

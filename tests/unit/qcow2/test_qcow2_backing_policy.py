@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from virtio_blk.qcow2 import Qcow2Disk, Qcow2OpenError
-
-from ..cli_harness import Server, assert_one_line_error, connect, run
-from .helpers import KiB, MiB, needs_qemu_img, qemu_img, read
+from blockdev.qcow2 import Qcow2Disk, Qcow2OpenError
+from tests.unit.cli_harness import Server, assert_one_line_error, connect, run
+from tests.unit.qcow2.helpers import KiB, MiB, needs_qemu_img, qemu_img, read
 
 pytestmark = needs_qemu_img
 

@@ -8,11 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from virtio_blk.qcow2.format import OFLAG_COPIED
+from blockdev.qcow2.format import OFLAG_COPIED
+from tests.unit.cli_harness import Server, assert_one_line_error, connect, run
+from tests.unit.qcow2.helpers import (
+    KiB,
+    MiB,
+    check,
+    compare,
+    info,
+    needs_qemu_img,
+    qemu_img,
+    qemu_io,
+    write_raw,
+)
 from virtio_blk.request import Status
-
-from ..cli_harness import Server, assert_one_line_error, connect, run
-from .helpers import KiB, MiB, check, compare, info, needs_qemu_img, qemu_img, qemu_io, write_raw
 
 pytestmark = needs_qemu_img
 

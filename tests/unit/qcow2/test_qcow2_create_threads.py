@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from virtio_blk.disk import DiskError
-from virtio_blk.qcow2 import Qcow2Disk, create
-
-from .helpers import (
+from blockdev.disk import DiskError
+from blockdev.qcow2 import Qcow2Disk, create
+from tests.unit.qcow2.helpers import (
     KiB,
     MiB,
     check,

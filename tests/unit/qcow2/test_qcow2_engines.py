@@ -11,18 +11,27 @@ from types import SimpleNamespace
 
 import pytest
 
+from blockdev.engine import Engine, IoOp, OpKind, UringEngine, make_engine
+from blockdev.qcow2 import Qcow2Disk
+from blockdev.qcow2.uring_engine import MappedUringEngine
+from blockdev.uring import available as uring_available
 from guestmem import IoBuffer
 from tests.conftest import RunningDaemon
+from tests.unit.qcow2.helpers import (
+    KiB,
+    MiB,
+    check,
+    compare,
+    needs_qemu_img,
+    qemu_img,
+    qemu_io,
+    read,
+    write_raw,
+)
 from vhost_frontend import Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
 from virtio_blk.device import BlkDevice, BlkQueueHandler
-from virtio_blk.engine import Engine, IoOp, OpKind, UringEngine, make_engine
-from virtio_blk.qcow2 import Qcow2Disk
-from virtio_blk.qcow2.uring_engine import MappedUringEngine
 from virtio_blk.request import Status
-from virtio_blk.uring import available as uring_available
-
-from .helpers import KiB, MiB, check, compare, needs_qemu_img, qemu_img, qemu_io, read, write_raw
 
 pytestmark = needs_qemu_img
 needs_uring = pytest.mark.skipif(not uring_available(), reason="no io_uring on this kernel")

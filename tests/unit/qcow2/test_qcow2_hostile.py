@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from virtio_blk.disk import DiskError
-from virtio_blk.qcow2 import Qcow2Disk, Qcow2OpenError
-from virtio_blk.qcow2.format import OFLAG_COPIED, OFLAG_ZERO
-
-from .helpers import KiB, MiB, needs_qemu_img, qemu_img, qemu_io, read, run, write
+from blockdev.disk import DiskError
+from blockdev.qcow2 import Qcow2Disk, Qcow2OpenError
+from blockdev.qcow2.format import OFLAG_COPIED, OFLAG_ZERO
+from tests.unit.qcow2.helpers import KiB, MiB, needs_qemu_img, qemu_img, qemu_io, read, run, write
 
 pytestmark = needs_qemu_img
 

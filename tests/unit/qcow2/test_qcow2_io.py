@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from virtio_blk.qcow2 import Qcow2Disk
-
-from .helpers import (
+from blockdev.qcow2 import Qcow2Disk
+from tests.unit.qcow2.helpers import (
     KiB,
     MiB,
     check,

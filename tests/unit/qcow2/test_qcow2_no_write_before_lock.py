@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.cli_harness import REPO, Server, assert_one_line_error, connect, run
+from tests.unit.qcow2.helpers import check, check_rc, needs_qemu_img, qemu_img, qemu_io
 from virtio_blk.request import Status
-
-from ..cli_harness import REPO, Server, assert_one_line_error, connect, run
-from .helpers import check, check_rc, needs_qemu_img, qemu_img, qemu_io
 
 pytestmark = needs_qemu_img
 
@@ -26,7 +25,7 @@ AUTOCLEAR = 88  # header offset of the autoclear feature bits
 
 _HOLDER = """
 import os, sys, time
-from virtio_blk.image_lock import lock_image
+from blockdev.image_lock import lock_image
 fd = os.open(sys.argv[1], os.O_RDONLY)  # never writes: only takes QEMU's lock bytes
 lock_image(fd, sys.argv[1], writable=True)
 print("locked", flush=True)

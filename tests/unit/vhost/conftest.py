@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from vhost import procpool
-
-from .helpers import Session
+from tests.unit.vhost.helpers import Session
+from vhost.runner import pool as procpool
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def open_session(serve: Callable[..., Any]) -> Iterator[Callable[..., Session]]:
 
 @pytest.fixture
 def spawned(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
-    """Every queue process vhost.procpool starts during the test, to check how each exited."""
+    """Every queue process vhost.runner.pool starts during the test, to check how each exited."""
     procs: list[subprocess.Popen[bytes]] = []
     real = subprocess.Popen
 

@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from guestmem import GuestMemory
+from tests.unit.vhost.helpers import WAIT
 from tests.vhost_devices import EchoDevice, EchoHandler
 from vhost.device import QueueHandler
-from vhost.virtqueue import DescriptorChain
-
-from .helpers import WAIT
+from vhost.queue.split import DescriptorChain
 
 
 class GateHandler(EchoHandler):
@@ -87,7 +86,7 @@ class ReverseDevice(EchoDevice):
 
 
 class ProcessEchoDevice(EchoDevice):
-    """An echo device whose queues run in processes of their own (vhost.procpool), as a
+    """An echo device whose queues run in processes of their own (vhost.runner.pool), as a
     multi-queue disk's do: each queue process rebuilds it with :func:`rebuild_echo`."""
 
     queue_processes = True

@@ -1,4 +1,4 @@
-"""A split ring in a bytearray, for testing :class:`vhost.virtqueue.VirtQueue` with no socket, no
+"""A split ring in a bytearray, for testing :class:`vhost.queue.split.VirtQueue` with no socket, no
 thread and no mmap: the test plays the driver through :class:`vhost_frontend.DriverRing` (the
 project's one driver-side ring) and the device through the ``vq`` it is paired with."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
-from vhost.virtqueue import RingAddresses, VirtQueue
+from vhost.queue.split import RingAddresses, VirtQueue
 from vhost_frontend import DriverRing
 
 EVENT_IDX = int(VirtioFeature.RING_EVENT_IDX)

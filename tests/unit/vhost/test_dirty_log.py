@@ -14,14 +14,8 @@ import pytest
 
 from guestmem import GuestMemory
 from tests.qemu_log import PAGE, QemuLog, pages
-from tests.vhost_devices import EchoDevice
-from vhost import messages as m
-from vhost.messages import ProtocolFeature, Request, VirtioFeature
-from vhost.virtqueue import VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
-from vhost_frontend import DriverQueue, DriverRing
-
-from .devices import GateDevice
-from .helpers import (
+from tests.unit.vhost.devices import GateDevice
+from tests.unit.vhost.helpers import (
     WAIT,
     MiB,
     Session,
@@ -31,6 +25,11 @@ from .helpers import (
     session,
     wait_readable,
 )
+from tests.vhost_devices import EchoDevice
+from vhost import messages as m
+from vhost.messages import ProtocolFeature, Request, VirtioFeature
+from vhost.queue.split import VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
+from vhost_frontend import DriverQueue, DriverRing
 
 MEM = 4 * MiB  # the Session's default guest memory
 @pytest.fixture

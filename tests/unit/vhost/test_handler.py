@@ -14,8 +14,8 @@ from vhost import messages as m
 from vhost.device import QueueHandler
 from vhost.handler import LIBRARY_PROTOCOL_FEATURES, BackendHandler, HandlerResult
 from vhost.messages import Message, ProtocolFeature, Request, VirtioFeature
-from vhost.virtqueue import VirtQueue, ring_sizes
-from vhost.worker import Notifier, QueueWorker
+from vhost.queue.split import VirtQueue, ring_sizes
+from vhost.runner.thread import Notifier, QueueWorker
 from vhost_frontend import FrontendMemory
 
 FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX

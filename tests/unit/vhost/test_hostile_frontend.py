@@ -22,15 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.vhost_devices import EchoDevice
-from vhost import inflight as inf
-from vhost import messages as m
-from vhost.messages import Request, VirtioFeature
-from vhost_frontend import DriverQueue
-from vhost_frontend.errors import FrontendError
-
-from .devices import ProcessEchoDevice
-from .helpers import (
+from tests.unit.vhost.devices import ProcessEchoDevice
+from tests.unit.vhost.helpers import (
     WAIT,
     Session,
     assert_fresh_frontend_works,
@@ -40,7 +33,13 @@ from .helpers import (
     wait_err,
     warnings_since,
 )
-from .test_inflight import MAX_COUNTER, RegionFields, write_region
+from tests.unit.vhost.test_inflight import MAX_COUNTER, RegionFields, write_region
+from tests.vhost_devices import EchoDevice
+from vhost import messages as m
+from vhost.messages import Request, VirtioFeature
+from vhost.queue import inflight as inf
+from vhost_frontend import DriverQueue
+from vhost_frontend.errors import FrontendError
 
 SIZE = 8
 MODES = ["threads", "processes"]
@@ -250,7 +249,7 @@ def test_queue_process_refusing_a_start_exits_cleanly() -> None:
     area is shared with the frontend, which may change it in between: the process then
     refuses the start with one line and the reason, and exits 0 (it used to log an
     InflightError traceback and exit 1)."""
-    from vhost.procwire import CounterBlock, receive, send
+    from vhost.runner.ipc import CounterBlock, receive, send
 
     region = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(region, 1 << 16)
@@ -259,7 +258,7 @@ def test_queue_process_refusing_a_start_exits_cleanly() -> None:
         write_region(memoryview(area)[: inf.queue_stride(SIZE)], SIZE, version=9)
     notifiers = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(3)]
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen([sys.executable, "-m", "vhost.queueproc", str(theirs.fileno())],
+    proc = subprocess.Popen([sys.executable, "-m", "vhost.runner.process", str(theirs.fileno())],
                             pass_fds=[theirs.fileno()], stderr=subprocess.PIPE,
                             cwd=Path(__file__).resolve().parents[3],
                             env={**os.environ, "VHOST_QUEUEPROC_LOG_LEVEL": "30"})  # warnings

@@ -20,12 +20,11 @@ from typing import TypedDict
 import pytest
 
 from guestmem import GuestMemory
-from vhost import inflight as inf
+from tests.unit.vhost.helpers import wait_for
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
-from vhost.virtqueue import RingAddresses, VirtQueue
+from vhost.queue import inflight as inf
+from vhost.queue.split import RingAddresses, VirtQueue
 from vhost_frontend import Frontend, FrontendMemory
-
-from .helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 SIZE = 8

@@ -6,14 +6,7 @@ import os
 
 import pytest
 
-from tests.vhost_devices import EchoDevice
-from vhost import messages as m
-from vhost.memory import MemoryTable, MemoryTableError
-from vhost.messages import Request
-from vhost.virtqueue import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from vhost_frontend import FrontendMemory
-
-from .helpers import (
+from tests.unit.vhost.helpers import (
     ODD_LAYOUT,
     WAIT,
     MiB,
@@ -24,6 +17,12 @@ from .helpers import (
     wait_disconnected,
     wait_for,
 )
+from tests.vhost_devices import EchoDevice
+from vhost import messages as m
+from vhost.memory import MemoryTable, MemoryTableError
+from vhost.messages import Request
+from vhost.queue.split import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from vhost_frontend import FrontendMemory
 
 
 def _table(regions) -> bytes:

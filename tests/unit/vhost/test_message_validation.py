@@ -17,13 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.vhost_devices import EchoDevice
-from vhost import inflight as inf
-from vhost import messages as m
-from vhost.messages import ProtocolFeature, Request, VirtioFeature
-from vhost_frontend import Frontend
-
-from .helpers import (
+from tests.unit.vhost.helpers import (
     SOCKET_TIMEOUT,
     MiB,
     Session,
@@ -38,6 +32,11 @@ from .helpers import (
     wait_for,
     warnings_since,
 )
+from tests.vhost_devices import EchoDevice
+from vhost import messages as m
+from vhost.messages import ProtocolFeature, Request, VirtioFeature
+from vhost.queue import inflight as inf
+from vhost_frontend import Frontend
 
 NUM_QUEUES = 2
 

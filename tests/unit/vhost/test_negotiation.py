@@ -5,12 +5,7 @@ from __future__ import annotations
 import os
 import struct
 
-from tests.vhost_devices import EchoDevice
-from vhost import messages as m
-from vhost.messages import MESSAGE_TABLE, ProtocolFeature, Request, VirtioFeature
-from vhost_frontend import FrontendMemory
-
-from .helpers import (
+from tests.unit.vhost.helpers import (
     MiB,
     ack_of,
     fd_count,
@@ -20,6 +15,10 @@ from .helpers import (
     wait_for,
     worker_threads,
 )
+from tests.vhost_devices import EchoDevice
+from vhost import messages as m
+from vhost.messages import MESSAGE_TABLE, ProtocolFeature, Request, VirtioFeature
+from vhost_frontend import FrontendMemory
 
 LIBRARY_PROTOCOL = (
     ProtocolFeature.MQ

@@ -1,4 +1,4 @@
-"""Requests to a queue process and their replies (vhost.procpool, vhost.procwire), against a
+"""Requests to a queue process and their replies (vhost.runner.pool, vhost.runner.ipc), against a
 fake queue process: a thread on the other end of the socketpair that answers late or never."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from vhost.device import Device
-from vhost.procpool import QueueProcessError, QueueProcesses, QueueProcessWorker
-from vhost.procwire import CounterBlock, receive, reply, send
-from vhost.worker import Notifier
+from vhost.runner.ipc import CounterBlock, receive, reply, send
+from vhost.runner.pool import QueueProcessError, QueueProcesses, QueueProcessWorker
+from vhost.runner.thread import Notifier
 
 Answer = Callable[[dict[str, Any], socket.socket], None]
 

@@ -9,14 +9,8 @@ import time
 
 import pytest
 
-from tests.vhost_devices import EchoDevice
-from vhost import messages as m
-from vhost.messages import Request, VirtioFeature
-from vhost.virtqueue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY
-from vhost_frontend import DriverQueue
-
-from .devices import GateDevice, ReverseDevice
-from .helpers import (
+from tests.unit.vhost.devices import GateDevice, ReverseDevice
+from tests.unit.vhost.helpers import (
     WAIT,
     Session,
     all_features_but,
@@ -24,6 +18,11 @@ from .helpers import (
     wait_for,
     worker_threads,
 )
+from tests.vhost_devices import EchoDevice
+from vhost import messages as m
+from vhost.messages import Request, VirtioFeature
+from vhost.queue.split import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY
+from vhost_frontend import DriverQueue
 
 EVENT_IDX = VirtioFeature.RING_EVENT_IDX
 INDIRECT = VirtioFeature.RING_INDIRECT_DESC

@@ -9,10 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.vhost_devices import EchoDevice
-from vhost_frontend import Frontend
-
-from .helpers import (
+from tests.unit.vhost.helpers import (
     SOCKET_TIMEOUT,
     WAIT,
     Session,
@@ -25,6 +22,8 @@ from .helpers import (
     wait_for,
     worker_threads,
 )
+from tests.vhost_devices import EchoDevice
+from vhost_frontend import Frontend
 
 
 def _assert_clean(running, fds_before: int) -> None:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import logging
 import socket
 
+from tests.unit.vhost.helpers import WAIT, session, wait_for
 from tests.vhost_devices import EchoDevice
-
-from .helpers import WAIT, session, wait_for
 
 
 def test_a_flood_of_second_frontends_logs_a_few_lines(serve, caplog) -> None:

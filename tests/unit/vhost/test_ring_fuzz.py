@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
-from vhost.virtqueue import DESC, DESC_SIZE, MAX_CHAIN_BYTES, QueueError, RingAddresses, VirtQueue
+from vhost.queue.split import DESC, DESC_SIZE, MAX_CHAIN_BYTES, QueueError, RingAddresses, VirtQueue
 
 BASE = 0x10000
 #: Two adjacent regions (a piece may span them) and one after a hole.

@@ -13,18 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.vhost_devices import EchoDevice
-from vhost.messages import VirtioFeature
-from vhost.virtqueue import (
-    DESC,
-    DESC_SIZE,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-)
-from vhost_frontend import DriverQueue
-
-from .helpers import (
+from tests.unit.vhost.helpers import (
     ODD_LAYOUT,
     WAIT,
     MiB,
@@ -36,6 +25,16 @@ from .helpers import (
     session,
     wait_err,
 )
+from tests.vhost_devices import EchoDevice
+from vhost.messages import VirtioFeature
+from vhost.queue.split import (
+    DESC,
+    DESC_SIZE,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+)
+from vhost_frontend import DriverQueue
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 SIZE = 8

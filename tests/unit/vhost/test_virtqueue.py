@@ -9,7 +9,8 @@ import struct
 import pytest
 
 from guestmem import GuestMemory
-from vhost.virtqueue import (
+from tests.unit.vhost.ring import BASE, EVENT_IDX, Ring
+from vhost.queue.split import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -21,8 +22,6 @@ from vhost.virtqueue import (
     ring_sizes,
     validate_size,
 )
-
-from .ring import BASE, EVENT_IDX, Ring
 
 W, N, IND = VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT
 

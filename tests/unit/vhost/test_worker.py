@@ -10,14 +10,7 @@ import time
 
 import pytest
 
-from tests.vhost_devices import EchoDevice, EchoHandler
-from vhost import messages as m
-from vhost.device import QueueHandler
-from vhost.messages import Request
-from vhost.virtqueue import DescriptorChain
-from vhost.worker import Notifier, QueueWorker
-
-from .helpers import (
+from tests.unit.vhost.helpers import (
     WAIT,
     assert_fresh_frontend_works,
     backend_vq,
@@ -27,7 +20,13 @@ from .helpers import (
     wait_readable,
     worker_threads,
 )
-from .ring import Ring
+from tests.unit.vhost.ring import Ring
+from tests.vhost_devices import EchoDevice, EchoHandler
+from vhost import messages as m
+from vhost.device import QueueHandler
+from vhost.messages import Request
+from vhost.queue.split import DescriptorChain
+from vhost.runner.thread import Notifier, QueueWorker
 
 # ---------------------------------------------------------------------------- Notifier
 

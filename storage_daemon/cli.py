@@ -1,0 +1,286 @@
+"""``vhost-user-blk`` / ``python -m storage_daemon``: serve a disk image to QEMU over vhost-user.
+
+Option names follow qemu-storage-daemon's vhost-user-blk export where they overlap
+(``num-queues``, ``logical-block-size``, ``addr.path`` -> ``--socket``, ``addr.type=fd`` ->
+``--fd``).  Every user error is one line on stderr and exit status 2; SIGTERM and SIGINT finish
+the requests in flight, flush the image and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from blockdev.backends import open_storage
+from blockdev.disk import Disk, DiskError, parse_size
+from blockdev.engine import ENGINES, EngineUnavailable, choose_engine
+from blockdev.image_lock import ImageLockError, lock_image
+from blockdev.images import FORMATS
+from blockdev.images import create as create_by_format
+from blockdev.spec import FileSpec, SpecError, parse_image
+from blockdev.storage import FileStorage, StorageError
+from storage_daemon.metrics import parse_address
+from storage_daemon.plane import ControlError, ControlPlane
+from vhost.daemon import DaemonError, VhostUserDaemon
+from vhost.device import MAX_QUEUES
+from vhost.queue.split import QueueError, validate_size
+from virtio_blk.device import BlkDevice
+from virtio_blk.request import ID_BYTES, check_serial
+
+log = logging.getLogger("vhost-user-blk")
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + line
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _qmp_name(text: str) -> str:
+    """QEMU's rule for ids and node names: a letter, then letters, digits, '-', '.', '_'."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,30}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must start with a letter and contain only letters, digits, '-', '.' "
+            "and '_' (at most 31 characters)")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="vhost-user-blk",
+        description="Serve a raw disk image to QEMU's vhost-user-blk-pci over a Unix socket.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (mode 0600)")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="an already-listening Unix socket fd (socket activation)")
+    p.add_argument("--image", required=True, metavar="IMG",
+                   help="raw image file or block device, rbd:POOL/IMAGE[@SNAP][:conf=PATH]"
+                   "[:id=USER], nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")
+    p.add_argument("--create", type=_size, metavar="SIZE",
+                   help="create IMG as a sparse raw image of SIZE (e.g. 1G) if it does not exist")
+    p.add_argument("--format", choices=FORMATS, default="raw",
+                   help="image format (default raw; never guessed from the image's bytes)")
+    p.add_argument("--backing", metavar="FILE",
+                   help="with --create --format qcow2: make IMG an overlay of FILE (a relative "
+                        "name is resolved against IMG's directory)")
+    p.add_argument("--backing-format", choices=FORMATS, metavar="FMT",
+                   help="format of --backing: raw or qcow2")
+    p.add_argument("--backing-dir", action="append", default=[], metavar="DIR",
+                   help="qcow2: a directory backing files may also come from (repeatable; "
+                        "by default only IMG's own directory: see virtio_blk/qcow2/README.md)")
+    p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
+                   help=f"number of request queues, up to {MAX_QUEUES} (default 1)")
+    p.add_argument("--read-only", action="store_true", help="export read-only")
+    p.add_argument("--direct", action="store_true",
+                   help="open with O_DIRECT (like cache.direct=on), bypassing the host page cache")
+    p.add_argument("--logical-block-size", type=int, choices=(512, 4096), default=512,
+                   help="logical block size the guest sees (default 512)")
+    p.add_argument("--serial", default="",
+                   help=f"device ID string (GET_ID), up to {ID_BYTES} ASCII characters")
+    p.add_argument("--queue-size", type=_positive, default=1024, metavar="N",
+                   help="largest virtqueue size accepted (default 1024)")
+    p.add_argument("--aio", choices=ENGINES,
+                   help="IO engine (default: io_uring where the kernel allows it, else threads "
+                        "with a warning; io_uring asked for and unavailable is an error)")
+    p.add_argument("--io-threads", type=_positive, default=16, metavar="N",
+                   help="IO threads per queue for --aio threads (default 16)")
+    p.add_argument("--bounce-pages", type=_positive, default=2048, metavar="N",
+                   help="bounce buffer budget per queue, in 4 KiB pages (default 2048 = 8 MiB)")
+    p.add_argument("--qmp", metavar="PATH",
+                   help="QMP control socket to listen on (mode 0600): query-blockstats, "
+                   "block_resize, quit...")
+    p.add_argument("--metrics", type=_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--node-name", type=_qmp_name, default="disk0", metavar="NAME",
+                   help="the disk's node name in QMP (block_resize, query-blockstats; "
+                   "default disk0)")
+    p.add_argument("--export-id", type=_qmp_name, default="export0", metavar="ID",
+                   help="the export's id in QMP (query-block-exports; default export0)")
+    p.add_argument("--locking", choices=("auto", "on", "off"), default="auto",
+                   help="lock the image as QEMU does (file.locking): a second server, QEMU or "
+                        "qemu-storage-daemon on it is refused; 'off' lets a migration source "
+                        "and destination share it; 'auto' (default) is 'on' where the file "
+                        "system has OFD locks")
+    p.add_argument("--fast-path", choices=("on", "off"), default="on",
+                   help="start reads and writes in the shapes Linux sends without the generic "
+                        "request machinery (default on; off: every request takes the generic "
+                        "path)")
+    p.add_argument("--queue-processes", choices=("auto", "on", "off"), default="auto",
+                   help="serve each queue in a process of its own (default auto: when there "
+                        "is more than one queue); off: one thread per queue (needed for live "
+                        "migration, which queue processes do not support yet)")
+    p.add_argument("--reconnect-delay", type=float, default=30.0, metavar="SECONDS",
+                   help="RBD/NBD: how long requests wait for a lost connection to come back "
+                   "before failing (default 30)")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error", "critical"),
+                   help="log level (default info)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with options argparse cannot judge alone, by the rules of the layers that
+    enforce them (so the command line and the running server never disagree)."""
+    if args.num_queues > MAX_QUEUES:
+        return f"--num-queues {args.num_queues}: at most {MAX_QUEUES} queues"
+    try:
+        validate_size(args.queue_size)
+    except QueueError as exc:
+        return f"--queue-size: {exc}"
+    try:
+        check_serial(args.serial)
+    except ValueError as exc:
+        return f"--serial: {exc}"
+    if args.fd is not None and args.fd < 0:
+        return f"--fd {args.fd} is not a file descriptor"
+    if args.backing is not None and (args.create is None or args.format != "qcow2"):
+        return "--backing needs --create SIZE --format qcow2"
+    if (args.backing is None) != (args.backing_format is None):
+        return "--backing and --backing-format go together"
+    if not 0 <= args.reconnect_delay <= 24 * 3600:
+        return f"--reconnect-delay {args.reconnect_delay}: want 0 to 86400 seconds"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    prog = "vhost-user-blk"
+
+    def fail(message: str) -> int:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    problem = check_args(args)
+    if problem:
+        return fail(problem)
+    try:
+        args.aio = choose_engine(args.aio)
+    except EngineUnavailable as exc:
+        return fail(str(exc))
+    try:
+        if args.create is not None:
+            if not isinstance(parse_image(args.image), FileSpec):
+                return fail(f"--create makes image files; {args.image} is not one")
+            if create_by_format(args.image, args.create, args.format, args.backing,
+                                args.backing_format, args.backing_dir):
+                log.info("created %s (%s, %d bytes)", args.image, args.format, args.create)
+        storage = open_storage(args.image, fmt=args.format, read_only=args.read_only,
+                               direct=args.direct, logical_block_size=args.logical_block_size,
+                               engine=args.aio, io_threads=args.io_threads,
+                               reconnect_delay=args.reconnect_delay,
+                               backing_dirs=args.backing_dir)
+    except (DiskError, SpecError, StorageError) as exc:
+        return fail(str(exc))
+    # Files are locked as QEMU locks them; an RBD image has its own exclusive lock, an NBD
+    # server decides who may connect.
+    if args.locking != "off" and isinstance(storage, FileStorage):
+        try:
+            lock_image(storage.disk.fd, args.image, writable=not args.read_only)
+        except ImageLockError as exc:
+            if not (exc.unsupported and args.locking == "auto"):
+                storage.close()
+                return fail(str(exc))
+            log.warning("%s; serving it unlocked", exc)
+    if args.queue_processes == "on" and not (
+            isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)):
+        storage.close()
+        return fail("--queue-processes on serves raw image files only")
+    device = BlkDevice(
+        storage,
+        num_queues=args.num_queues,
+        max_queue_size=args.queue_size,
+        serial=args.serial,
+        engine=args.aio,
+        io_threads=args.io_threads,
+        bounce_pages=args.bounce_pages,
+        fast_path=args.fast_path == "on",
+        queue_processes={"auto": None, "on": True, "off": False}[args.queue_processes],
+        # Two clock reads per request, only when someone can read the result.
+        latency_accounting=bool(args.qmp or args.metrics),
+    )
+    try:
+        daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)
+    except DaemonError as exc:
+        storage.close()
+        return fail(str(exc))
+    try:
+        control = ControlPlane(device, daemon, export_id=args.export_id,
+                               node_name=args.node_name, qmp_path=args.qmp,
+                               metrics_address=args.metrics)
+    except ControlError as exc:
+        daemon.close()
+        storage.close()
+        return fail(str(exc))
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: finishing requests in flight and exiting", signal.Signals(signum).name)
+        daemon.shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    info = storage.info
+    log.info(
+        "serving %s (%d bytes, %s, %d-byte blocks, %s%s) on %s: %d queue(s), aio=%s, features %s",
+        args.image, info.size, args.format, info.logical_block_size,
+        "read-only" if info.read_only else "read-write", ", O_DIRECT" if info.direct else "",
+        args.socket or f"fd {args.fd}", args.num_queues, args.aio,
+        "|".join(device.feature_names()),
+    )
+    try:
+        control.start()
+        daemon.serve_forever()
+    finally:
+        control.stop()
+        daemon.close()
+        try:
+            device.flush()
+        except OSError as exc:
+            log.error("final flush failed: %s", exc)
+            return 1
+        finally:
+            storage.close()
+            device.errlog.close()
+        s = device.stats
+        log.info("stopped: %d requests (%d reads, %d writes, %d flushes), %d errors, "
+                 "%d bounced", s.requests, s.reads, s.writes, s.flushes, s.errors,
+                 s.bounced_requests)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

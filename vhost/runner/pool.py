@@ -1,0 +1,507 @@
+"""Queue processes, the control side: start one per queue, keep them in step, notice deaths.
+
+:class:`QueueProcesses` belongs to one frontend connection (:class:`vhost.handler.
+BackendHandler` makes it when the device serves queues in processes).  It keeps what a queue
+process will need that the handler itself closes once used -- duplicates of the guest memory fds
+and of the in-flight area fd -- and forwards every change to the processes running:
+
+* a memory table change (SET_MEM_TABLE, ADD/REM_MEM_REG) is sent to every queue process and
+  acknowledged by each *before* the handler replies to the frontend, so no queue ever reads a
+  ring through a table the frontend believes gone;
+* a new call/err eventfd for a running queue, and device state (the cache mode), likewise;
+* the dirty-page log of a live migration (SET_LOG_BASE's memfd, SET_LOG_FD's eventfd, the
+  features that switch VHOST_F_LOG_ALL, a ring's used-ring log address): each process maps the
+  log itself and runs :class:`vhost.dirty_logging.DirtyLogging` on its queue, acknowledging
+  before the frontend gets its reply; it reports whether it logs and the pages it marked with
+  its counters and in every answer (the worker's ``remote_log``), which the handler sums.
+
+A queue is started by spawning ``python -m vhost.runner.process`` (fork+exec through
+:mod:`subprocess`, safe with the control process's threads: nothing runs between fork and exec
+but the C code of ``_posixsubprocess``) on one end of a ``SOCK_SEQPACKET`` socketpair
+(:mod:`vhost.runner.ipc` declares what crosses it).  Each process has a reader thread here that
+hands each reply to the request with the same number (a late reply, whose request timed out
+and was reported failed, is dropped with a log line); an EOF while the queue is meant to run is
+a death: logged, the queue marked broken and the driver told through the err eventfd -- the
+other queues and the control socket go on, and the next connection starts fresh processes.
+
+A process that does not answer a request in time is killed: a request it may or may not have
+applied (a memory table, a dirty log) cannot be left in doubt, and a dead process touches no
+memory.  Its queue is then broken like after any death.
+
+Counters are not asked for: each process writes them into a shared
+:class:`~vhost.runner.ipc.CounterBlock` after each batch, and :meth:`QueueProcesses.
+refresh_counters` (what a scrape calls) only copies those blocks into the device's per-queue
+statistics -- no message, no lock the vhost-user control thread takes.
+
+GET_VRING_BASE stops a queue's process cleanly: it drains the queue and answers with its next
+avail index, which the handler returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from vhost.dirty_logging import RemoteLog
+from vhost.runner.ipc import CounterBlock, Replies, receive, request, send
+
+if TYPE_CHECKING:
+    from vhost.device import Device
+    from vhost.messages import RegionFields
+    from vhost.runner.thread import Notifier
+
+log = logging.getLogger(__name__)
+
+#: How long a queue process may take to start, or to answer a memory table change.
+REPLY_TIMEOUT = 30.0
+
+
+class QueueProcessError(Exception):
+    """A queue process could not be started or did not answer."""
+
+
+class RemoteQueue:
+    """A queue a process runs, as the handler sees it: where it stopped (after ``stop``)."""
+
+    def __init__(self, next_avail: int = 0, broken: bool = False) -> None:
+        self.next_avail = next_avail
+        self.broken = broken
+        self.in_flight_count = 0
+
+    def release(self) -> None:
+        """Nothing to unmap here: the process mapped the rings."""
+
+
+def _raw_region(region: RegionFields) -> tuple[int, int, int, int]:
+    return (region.guest_phys_addr, region.memory_size, region.userspace_addr,
+            region.mmap_offset)
+
+
+class QueueProcessWorker:
+    """A running queue process, seen from the control process (a QueueWorker look-alike)."""
+
+    drain_timeout = 30.0
+    #: How long a request may wait for its reply (the process is killed after that).
+    reply_timeout = REPLY_TIMEOUT
+
+    def __init__(self, index: int, call: Notifier, err: Notifier, device: Device,
+                 counters: CounterBlock | None = None) -> None:
+        self.index = index
+        self.call = call
+        self.err = err
+        self.device = device
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.replies = Replies(f"queue {index}")
+        #: Where the process publishes its counters (None: a test's fake process).
+        self.counters = counters
+        self.vq = RemoteQueue()
+        #: The process's dirty logging, as it last reported (vhost.dirty_logging sums these).
+        self.remote_log = RemoteLog()
+        self.kicks = self.batches = self.completed = 0
+        self._last_avail = 0
+        self.stopping = False
+        self.died = False
+        self._reader: threading.Thread | None = None
+        self._send_lock = threading.Lock()
+        self._frozen = False  # after the stop answer: the block no longer overrides it
+        self._block_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def spawn(self, start: dict[str, Any], fds: list[int]) -> None:
+        """Start the process and hand it the queue; QueueProcessError if it does not start."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vhost.runner.process", str(theirs.fileno()),
+                 str(os.getpid())],
+                pass_fds=[theirs.fileno()],
+                env={**os.environ,
+                     "VHOST_QUEUEPROC_LOG_LEVEL": str(logging.getLogger().getEffectiveLevel())},
+            )
+        finally:
+            theirs.close()
+        self.attach(ours)
+        send(ours, start, fds)
+        reply = self._read_one(REPLY_TIMEOUT)
+        if reply.get("kind") != "started":
+            self._reap()
+            raise QueueProcessError(reply.get("why", "no answer"))
+        self.start_reader()
+        log.info("queue %d: serving in process %d", self.index, self.proc.pid)
+
+    def attach(self, sock: socket.socket) -> None:
+        """Talk to the process over ``sock`` (ours; a test may attach a fake's)."""
+        self.sock = sock
+
+    def start_reader(self) -> None:
+        self._reader = threading.Thread(target=self._read_loop, name=f"vq{self.index}-proc",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read_one(self, timeout: float) -> dict[str, Any]:
+        """The start answer, read directly (before the reader thread runs)."""
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            msg, fds = receive(self.sock)
+            for fd in fds:
+                os.close(fd)
+            return dict(msg)
+        except (EOFError, OSError) as exc:
+            return {"kind": "error", "why": f"queue process gone before starting ({exc})"}
+        finally:
+            self.sock.settimeout(None)
+
+    def _read_loop(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                msg, fds = receive(self.sock)
+            except (EOFError, OSError):
+                break
+            for fd in fds:
+                os.close(fd)
+            if not isinstance(msg, dict):
+                log.warning("queue %d: dropped a malformed message from its process",
+                            self.index)
+                continue
+            # (the dirty-log state a reply reports is taken before its waiter goes on)
+            self.replies.deliver(msg, self._note_dirty)
+        self.replies.close({"kind": "eof"})
+        if not self.stopping:
+            self.died = True
+            code = self.proc.wait() if self.proc is not None else None
+            log.error("queue %d: its process died (exit status %s); the queue is stopped",
+                      self.index, code)
+            self.err.signal()
+
+    def _note_dirty(self, msg: dict[str, Any]) -> None:
+        """Take the dirty-log state a reply reports."""
+        dirty = msg.get("dirty")
+        if dirty is not None:
+            self.remote_log.logging, self.remote_log.pages = bool(dirty[0]), int(dirty[1])
+
+    def refresh(self, dirty: bool = True) -> None:
+        """Copy what the process last published (counters, avail index, and with ``dirty``
+        its dirty-log state) -- shared memory only, nothing asked of the process."""
+        with self._block_lock:  # (_reap may be closing it on the control thread)
+            block = self.counters
+            if block is None or self._frozen:
+                return
+            snap = block.read()
+        if snap is None:
+            return
+        self.device.set_queue_counter_values(self.index, snap.values)
+        self._last_avail = snap.next_avail
+        self.vq.in_flight_count = snap.in_flight  # (the in-flight gauge a scrape reads)
+        if dirty:
+            self.remote_log.logging, self.remote_log.pages = snap.dirty_logging, snap.dirty_pages
+
+    @property
+    def last_avail(self) -> int:
+        """The avail index the process last published (a dead process cannot say where it
+        stopped)."""
+        self.refresh()
+        return self._last_avail
+
+    def request(self, msg: dict[str, Any], fds: list[int] | None = None,
+                timeout: float | None = None) -> dict[str, Any]:
+        """Send ``msg`` (a kind and its fields; numbered here) and wait for *its* reply:
+        ``{"kind": "eof"}`` if the process is gone, QueueProcessError if it did not answer in
+        ``timeout`` (a reply coming later is dropped, never taken for another request's)."""
+        if self.died or self.sock is None:
+            return {"kind": "eof"}
+        fields = {k: v for k, v in msg.items() if k != "kind"}
+        seq = self.replies.expect()
+        with self._send_lock:
+            try:
+                send(self.sock, request(seq, msg["kind"], **fields), fds or [])
+            except OSError:
+                self.replies.forget(seq)
+                return {"kind": "eof"}
+        timeout = self.reply_timeout if timeout is None else timeout
+        reply = self.replies.wait(seq, timeout)
+        if reply is None:
+            raise QueueProcessError(f"queue {self.index}: no answer to {msg['kind']} "
+                                    f"(request {seq}) in {timeout:g} s")
+        return reply
+
+    def kill(self, why: str) -> None:
+        """End a process that cannot be trusted to have applied a request (logged)."""
+        log.error("%s; killing the queue process", why)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            try:  # gone (and its memory with it) before the caller replies to the frontend
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.error("queue %d: process %d not gone 5 s after SIGKILL", self.index,
+                          self.proc.pid)
+
+    def ring_state(self, timeout: float = 1.0) -> dict[str, int]:
+        """The process's queue's ring state (see :meth:`vhost.queue.split.VirtQueue.ring_state`).
+
+        A numbered request like any other, so an answer that comes after ``timeout`` is
+        dropped by the reply matcher and never taken for another request's; QueueProcessError
+        if the process does not answer in time: a diagnostics query must not hang on the queue
+        it is there to diagnose (and, being read-only, a late answer is no reason to kill it).
+        """
+        if self.died or self.sock is None:
+            raise QueueProcessError(f"queue {self.index}: process not running")
+        answer = self.request({"kind": "ring_state"}, timeout=timeout)
+        if "state" not in answer:
+            raise QueueProcessError(f"queue {self.index}: {answer.get('why', 'no state')}")
+        return dict(answer["state"])
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Drain and stop the process; True if every request finished."""
+        self.stopping = True
+        reply: dict[str, Any] = {"kind": "eof"}
+        if not self.died:
+            try:
+                reply = self.request({"kind": "stop"},
+                                     timeout=self.drain_timeout + 5 if timeout is None else timeout)
+            except QueueProcessError as exc:
+                self.kill(str(exc))
+        # Its final counters (published before its answer; the answer's dirty-log state, which
+        # says whether it was logging until it stopped, stays).
+        self.refresh(dirty=False)
+        self._frozen = True
+        if reply.get("kind") == "stopped":
+            self.vq = RemoteQueue(reply["next_avail"], reply["broken"])
+            self.kicks, self.batches = reply["kicks"], reply["batches"]
+            self.completed = reply["completed"]
+            self.call.count += reply["calls"]  # the process signalled through its own copy
+            drained = bool(reply["drained"])
+            if not drained and self.proc is not None:
+                # Requests may still run in it: only its end stops them touching guest memory.
+                self.kill(f"queue {self.index}: requests still in flight at stop")
+        else:
+            # Dead or silent: its in-flight requests are lost to it.  The avail index it last
+            # reported is the best restart point we have (with an in-flight area, a restart
+            # resubmits what was popped and not completed; without, the driver must reset).
+            self.vq = RemoteQueue(self.last_avail, True)
+            drained = False
+        self._reap()
+        return drained
+
+    def _reap(self) -> None:
+        proc = self.proc
+        if proc is not None:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(5)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        with self._block_lock:
+            if self.counters is not None:
+                self.counters.close()
+                self.counters = None
+
+    def quiesce(self, timeout: float = 5.0) -> bool:
+        """Nothing of the control process's is used by a queue process between passes."""
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class QueueProcesses:
+    """Every queue process of one connection, and what a new one needs."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self._regions: list[tuple[int, int, int, int]] = []
+        self._region_fds: list[int] = []
+        self._inflight: tuple[int, tuple[int, int, int, int]] | None = None
+        #: The dirty log (a duplicate of SET_LOG_BASE's fd, its size and offset) and
+        #: SET_LOG_FD's eventfd (a duplicate), for processes started later.
+        self._log: tuple[int, int, int] | None = None
+        self._log_call: int | None = None
+        self.workers: dict[int, QueueProcessWorker] = {}
+        device.refresh_counters = self.refresh_counters
+        device.process_state_changed = self.device_changed
+
+    def refresh_counters(self) -> None:
+        """Every running process's counters as it last published them (shared memory: no
+        message to any process, so a scrape never waits for one or for the control thread)."""
+        for worker in list(self.workers.values()):
+            worker.refresh()
+
+    # ------------------------------------------------------------------ queues
+    def start(self, index: int, size: int, addresses: tuple[int, int, int], features: int,
+              base: int, kick_fd: int, call: Notifier, err: Notifier,
+              log_addr: int | None = None) -> QueueProcessWorker:
+        """Start queue ``index`` in a process of its own (``log_addr``: VHOST_VRING_F_LOG's
+        used-ring log address, if the frontend gave one)."""
+        target, kwargs, device_fds = self.device.process_recipe()
+        start: dict[str, Any] = {
+            "kind": "start", "index": index, "size": size, "addresses": addresses,
+            "features": features, "base": base, "regions": self._regions,
+            "inflight": self._inflight[1] if self._inflight else None,
+            "recipe": (target, kwargs), "state": self.device.process_state(),
+            "log": self._log[1:] if self._log is not None else None,
+            "log_call": self._log_call is not None, "log_addr": log_addr,
+            "counter_slots": self.device.counter_slots(),
+        }
+        counters, counters_fd = CounterBlock.create(start["counter_slots"])
+        call_fd = call.fd if call.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
+        err_fd = err.fd if err.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
+        fds = [kick_fd, call_fd, err_fd, counters_fd, *self._region_fds]
+        if self._inflight is not None:
+            fds.append(self._inflight[0])
+        if self._log is not None:
+            fds.append(self._log[0])
+        if self._log_call is not None:
+            fds.append(self._log_call)
+        fds.extend(device_fds)
+        worker = QueueProcessWorker(index, call, err, self.device, counters)
+        try:
+            worker.spawn(start, fds)
+        except BaseException:
+            counters.close()
+            raise
+        finally:
+            os.close(counters_fd)
+            for fd, mine in ((call_fd, call.fd), (err_fd, err.fd)):
+                if mine is None:
+                    os.close(fd)
+        self.workers[index] = worker
+        return worker
+
+    def stopped(self, index: int) -> None:
+        self.workers.pop(index, None)
+
+    def _broadcast(self, msg: dict[str, Any], fds: list[int] | None = None) -> list[int]:
+        """Send to every running process; wait for each to acknowledge.  The queues whose
+        process refused or did not answer in time (logged here; a silent one is killed: it
+        may or may not have applied the change, and only a dead process surely does not act
+        on the old state)."""
+        failed = []
+        for worker in list(self.workers.values()):
+            reply = self._ask(worker, msg, fds)
+            if reply.get("kind") not in ("ack", "eof"):
+                failed.append(worker.index)
+        return failed
+
+    @staticmethod
+    def _ask(worker: QueueProcessWorker, msg: dict[str, Any],
+             fds: list[int] | None = None) -> dict[str, Any]:
+        """One request; a refusal is logged, a timeout kills the process (both are failures:
+        the reply is never an acknowledgement)."""
+        try:
+            reply = worker.request(msg, fds)
+        except QueueProcessError as exc:
+            worker.kill(str(exc))
+            return {"kind": "timeout", "why": str(exc)}
+        if reply.get("kind") == "error":
+            log.error("queue %d: %s refused: %s", worker.index, msg["kind"], reply.get("why"))
+        return reply
+
+    # ------------------------------------------------------------------ what processes need
+    def set_mem_table(self, regions: list[RegionFields], fds: list[int]) -> None:
+        """The table the handler just mapped (``fds`` are the caller's, still open)."""
+        self._close_region_fds()
+        self._regions = [_raw_region(r) for r in regions]
+        self._region_fds = [os.dup(fd) for fd in fds]
+        self._broadcast({"kind": "mem_table", "regions": self._regions}, fds)
+
+    def add_region(self, region: RegionFields, fd: int) -> None:
+        self._regions.append(_raw_region(region))
+        self._region_fds.append(os.dup(fd))
+        self._broadcast({"kind": "add_region", "region": _raw_region(region)}, [fd])
+
+    def remove_region(self, region: RegionFields) -> None:
+        raw = _raw_region(region)
+        for i, known in enumerate(self._regions):
+            if known[:3] == raw[:3]:
+                del self._regions[i]
+                os.close(self._region_fds.pop(i))
+                break
+        self._broadcast({"kind": "remove_region", "region": raw})
+
+    def set_inflight(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
+                     queue_size: int) -> None:
+        if self._inflight is not None:
+            os.close(self._inflight[0])
+        self._inflight = (os.dup(fd), (mmap_size, mmap_offset, num_queues, queue_size))
+
+    def notifier_changed(self, index: int, which: str, fd: int | None) -> None:
+        worker = self.workers.get(index)
+        if worker is not None:
+            self._ask(worker, {"kind": "notifier", "which": which}, [fd] if fd is not None else [])
+
+    def device_changed(self) -> None:
+        self._broadcast({"kind": "state", "state": self.device.process_state()})
+
+    # ------------------------------------------------------------------ dirty log
+    def set_log_base(self, fd: int, size: int, offset: int) -> None:
+        """SET_LOG_BASE (``fd`` is the caller's, still open; the handler mapped it already):
+        every process maps the new log and stops marking the old one before this returns.
+        QueueProcessError if a process could not: its marks would be lost."""
+        self._close_log()
+        self._log = (os.dup(fd), size, offset)
+        failed = self._broadcast({"kind": "log_base", "size": size, "offset": offset}, [fd])
+        if failed:
+            raise QueueProcessError(f"queue process(es) of queue(s) {failed} did not map the "
+                                    f"dirty log")
+
+    def set_log_fd(self, fd: int | None) -> None:
+        """SET_LOG_FD's eventfd (the caller's, still open), signalled after marks."""
+        if self._log_call is not None:
+            os.close(self._log_call)
+        self._log_call = os.dup(fd) if fd is not None else None
+        self._broadcast({"kind": "log_fd"}, [fd] if fd is not None else [])
+
+    def set_features(self, features: int) -> None:
+        """SET_FEATURES (VHOST_F_LOG_ALL on or off, with the queues running)."""
+        self._broadcast({"kind": "features", "features": features})
+
+    def set_log_addr(self, index: int, log_addr: int | None) -> None:
+        """SET_VRING_ADDR of a running queue: its used-ring log address."""
+        worker = self.workers.get(index)
+        if worker is not None:
+            self._ask(worker, {"kind": "log_addr", "log_addr": log_addr})
+
+    def drop_log(self) -> None:
+        """The log is gone (device reset, end of the connection): later processes get none."""
+        self._close_log()
+        if self._log_call is not None:
+            os.close(self._log_call)
+            self._log_call = None
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            os.close(self._log[0])
+            self._log = None
+
+    def _close_region_fds(self) -> None:
+        for fd in self._region_fds:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.debug("closing a kept region fd: %s", exc)
+        self._region_fds = []
+
+    def close(self) -> None:
+        """After every queue stopped: drop the kept fds."""
+        if self.device.refresh_counters == self.refresh_counters:
+            self.device.refresh_counters = None
+        if self.device.process_state_changed == self.device_changed:
+            self.device.process_state_changed = None
+        self._close_region_fds()
+        self.drop_log()
+        if self._inflight is not None:
+            os.close(self._inflight[0])
+            self._inflight = None

@@ -1,0 +1,404 @@
+"""One virtqueue served in a process of its own: the child side of :mod:`vhost.runner.pool`.
+
+Why processes: queue workers are Python threads, and two of them share one interpreter lock --
+a second queue made the server slower, not faster.  A process per queue uses every core.
+
+The control process (which keeps the vhost-user socket) starts ``python -m vhost.runner.process FD``
+with one end of a ``SOCK_SEQPACKET`` socketpair.  Everything this process needs arrives over it
+with SCM_RIGHTS: the guest memory fds (mapped here, by this process), the kick/call/err eventfds,
+the in-flight area, and the device's own fds (the image).  The device is rebuilt from its
+recipe (:meth:`vhost.device.Device.process_recipe`); then the ordinary :class:`QueueWorker` runs
+the queue on a thread, exactly as in the single-process server, while the main thread answers
+the control process:
+
+* ``mem_table`` / ``add_region`` / ``remove_region``: the same memory table changes the control
+  process made, acknowledged once done (the frontend gets its reply only after every queue
+  process has acknowledged);
+* ``notifier``: a new call or err eventfd (SET_VRING_CALL/ERR while the queue runs);
+* ``state``: device state that can change while queues run (the cache mode);
+* ``stop``: drain the queue, answer with the next avail index (GET_VRING_BASE) and exit.
+
+Each request carries a number and gets exactly one reply with the same number
+(:mod:`vhost.runner.ipc` declares the wire).  This queue's counters are not sent at all: the
+worker writes them into a shared :class:`~vhost.runner.ipc.CounterBlock` once per pass that
+completed or took requests (just before it publishes the used index, so a driver that saw a
+completion finds it counted; a few microseconds, a prefix when latency is not accounted),
+where the control process reads them when scraped.  An idle queue process sleeps: nothing here
+runs on a timer.  If the control
+process dies (kill -9), the kernel kills this one too (PR_SET_PDEATHSIG), so a restarted server
+never races a leftover worker on the same rings; an EOF on the socket stops the queue as well.
+
+The dirty-page log of a live migration reaches a queue process the way a memory table does:
+``log_base`` (SET_LOG_BASE's memfd, mapped here), ``log_fd`` (SET_LOG_FD's eventfd),
+``features`` (SET_FEATURES: VHOST_F_LOG_ALL on or off while the queue runs) and ``log_addr``
+(VHOST_VRING_F_LOG's used-ring address), each acknowledged once done.  They drive the same
+:class:`vhost.dirty_logging.DirtyLogging` a threaded server runs, on this process's one queue:
+it sets the :class:`~guestmem.dirty_log.DirtyMarker` on the VirtQueue and the device handler
+and makes the worker pass a quiescent point before the answer.  Whether it logs and how many
+pages it marked go into the counter block and every answer; the control process sums them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from guestmem.dirty_log import DirtyLog, DirtyLogError
+from vhost.device import QueueHandler
+from vhost.dirty_logging import DirtyLogging
+from vhost.fdkinds import FdKindError
+from vhost.memory import MemoryTable, MemoryTableError
+from vhost.queue.inflight import InflightArea, InflightError
+from vhost.queue.split import QueueError, RingAddresses, VirtQueue
+from vhost.runner.ipc import REQUESTS, CounterBlock, receive, reply, send
+from vhost.runner.thread import Notifier, QueueWorker
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+#: Errors that mean the frontend's input cannot be used (refused), not that this process failed.
+REFUSALS = (QueueError, InflightError, MemoryTableError, DirtyLogError, FdKindError)
+
+
+def resolve(target: str) -> Any:
+    """``"package.module:Name.attr"`` -> the object."""
+    module, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def regions_of(raw: list[tuple[int, int, int, int]]) -> list[Any]:
+    """Region descriptions as :class:`MemoryTable` reads them."""
+    return [types.SimpleNamespace(guest_phys_addr=g, memory_size=s, userspace_addr=u,
+                                  mmap_offset=o) for g, s, u, o in raw]
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@dataclass
+class ProcessQueue:
+    """This process's one queue, as :class:`~vhost.dirty_logging.DirtyLogging` sees a vring."""
+
+    index: int
+    log_addr: int | None = None
+    worker: QueueWorker | None = None
+    queue_handler: QueueHandler | None = None
+
+
+class PublishingQueue(VirtQueue):
+    """The queue, telling this process when its counters changed: just before a used-index
+    store that moves (the batch's requests are counted by then, and no driver has seen them
+    complete yet), or when the avail index moved.  Nothing runs while the queue is idle."""
+
+    changed: Callable[[], None] | None = None
+    _seen_avail = -1
+
+    def flush(self) -> bool:
+        changed = self.changed
+        if changed is not None and (self.next_used != self._published_used
+                                    or self.next_avail != self._seen_avail):
+            self._seen_avail = self.next_avail
+            changed()
+        return super().flush()
+
+
+class ProcessWorker(QueueWorker):
+    """The ordinary worker, which also says when its thread ends (the main thread exits then)."""
+
+    def __init__(self, *args: Any, ended_fd: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ended_fd = ended_fd
+
+    def _run(self) -> None:
+        try:
+            super()._run()
+        finally:
+            os.eventfd_write(self._ended_fd, 1)
+
+
+class QueueProcess:
+    """The state of this process: one device, one queue, its worker."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.memory = MemoryTable()
+        self.worker: QueueWorker | None = None
+        self.device: Any = None
+        self.inflight: InflightArea | None = None
+        self.index = -1
+        self.queue = ProcessQueue(-1)
+        self.features = 0
+        self.dirty_logging = DirtyLogging()
+        self.dirty_logging.on_marks = self.publish  # the pages marked, once committed
+        self.counters: CounterBlock | None = None
+        self._publish_lock = threading.Lock()
+        #: Readable once the worker thread ended (serve() returns then).
+        self.ended_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def dirty_state(self) -> tuple[bool, int]:
+        """(logging now, pages marked so far) as the control process sums them."""
+        queues = [self.queue]
+        return self.dirty_logging.logging(queues), self.dirty_logging.pages_marked(queues)
+
+    def publish(self) -> None:
+        """This queue's counters, its avail index, its requests in flight and its dirty-log
+        state into the block (the worker thread just before it publishes a batch, or as it
+        commits dirty-log marks; the main thread after a request it answered)."""
+        block = self.counters
+        if block is None or self.device is None:
+            return
+        with self._publish_lock:  # one writer at a time (the block's sequence lock needs it)
+            logging_, pages = self.dirty_state()
+            vq = self.worker.vq if self.worker is not None else None
+            block.publish(vq.next_avail if vq is not None else 0,
+                          vq.in_flight_count if vq is not None else 0, logging_, pages,
+                          self.device.queue_counter_values(self.index))
+
+    # ------------------------------------------------------------------ start
+    def start(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """Map memory, rebuild the device, make the queue and start its worker."""
+        fds = list(fds)
+        kick, call, err, counters = fds[0:4]
+        n_regions = len(msg["regions"])
+        region_fds = fds[4 : 4 + n_regions]
+        rest = fds[4 + n_regions :]
+        try:
+            self.counters = CounterBlock(counters, msg["counter_slots"])
+        finally:
+            os.close(counters)
+        try:
+            self.memory.set_table(regions_of(msg["regions"]), region_fds)
+        finally:
+            _close(region_fds)
+        inflight = msg["inflight"]
+        if inflight is not None:
+            fd = rest.pop(0)
+            try:
+                self.inflight = InflightArea.map(fd, *inflight)
+            finally:
+                os.close(fd)
+        self.features = msg["features"]
+        if msg["log"] is not None:
+            fd = rest.pop(0)
+            try:
+                self.dirty_logging.set_base(DirtyLog(fd, *msg["log"]), [], self.features)
+            finally:
+                os.close(fd)
+        if msg["log_call"]:
+            self.dirty_logging.call.replace(rest.pop(0))
+        target, kwargs = msg["recipe"]
+        self.device = resolve(target)(kwargs, rest)
+        self.device.apply_process_state(msg["state"])
+        self.index = index = msg["index"]
+        size = msg["size"]
+        tracker = self.inflight.queue(index, size) if self.inflight is not None else None
+        vq = PublishingQueue(self.memory.guest, size, RingAddresses(*msg["addresses"]),
+                             msg["features"], msg["base"], index=index, inflight=tracker)
+        vq.changed = self.publish
+        handler = self.device.create_handler(index, self.memory.guest)
+        self.worker = ProcessWorker(vq, handler, kick,
+                                    Notifier(call), Notifier(err), name=f"vq{index}",
+                                    ended_fd=self.ended_fd)
+        self.queue = ProcessQueue(index, msg["log_addr"], self.worker, handler)
+        self.dirty_logging.queue_starting(self.queue, self.features)
+        self.publish()
+        self.worker.start()
+
+    # ------------------------------------------------------------------ serving
+    def serve(self) -> int:
+        """Answer the control process until it says stop (or goes away); the exit status.
+
+        Sleeps until a request comes or the worker thread ends: no timer, so an idle queue
+        costs nothing."""
+        sock = self.sock.fileno()
+        while True:
+            ready, _, _ = select.select([sock, self.ended_fd], [], [])
+            if sock not in ready:
+                log.error("queue %d: worker thread ended; exiting", self.index)
+                return 1
+            try:
+                msg, fds = receive(self.sock)
+            except (EOFError, OSError):
+                log.warning("queue %d: control process gone; stopping", self.index)
+                return 0 if self.stop(None) else _exit_now()
+            kind = msg.get("kind") if isinstance(msg, dict) else None
+            if kind == "ring_state":  # a diagnostics query: read-only, answered at once
+                _close(fds)
+                with contextlib.suppress(OSError):
+                    send(self.sock, self.ring_state_reply(msg))
+                continue
+            if kind == "stop":
+                _close(fds)
+                return 0 if self.stop(msg) else _exit_now()
+            try:
+                if kind not in REQUESTS:
+                    raise ValueError(f"unknown message {kind!r}")
+                self._dispatch(msg, fds)
+                fds = []
+                answer = reply(msg, "ack", dirty=self.dirty_state())
+            except Exception as exc:
+                log.exception("queue %d: %s failed", self.index, kind)
+                _close(fds)
+                answer = reply(msg, "error", why=str(exc))
+            self.publish()
+            send(self.sock, answer)
+
+    def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
+        kind = msg["kind"]
+        try:
+            if kind == "mem_table":
+                self.memory.set_table(regions_of(msg["regions"]), fds)
+            elif kind == "add_region":
+                self.memory.add(regions_of([msg["region"]])[0], fds[0])
+            elif kind == "remove_region":
+                self.memory.remove(regions_of([msg["region"]])[0])
+            elif kind == "notifier":
+                assert self.worker is not None
+                notifier = self.worker.call if msg["which"] == "call" else self.worker.err
+                if notifier is not None:
+                    notifier.replace(os.dup(fds[0]) if fds else None)
+            elif kind == "state":
+                self.device.apply_process_state(msg["state"])
+            elif kind == "log_base":
+                new = DirtyLog(fds[0], msg["size"], msg["offset"])  # outlives the fd
+                self.dirty_logging.set_base(new, [self.queue], self.features)
+            elif kind == "log_fd":
+                self.dirty_logging.call.replace(os.dup(fds[0]) if fds else None)
+            elif kind == "features":
+                self.features = msg["features"]
+                self.dirty_logging.update([self.queue], self.features)
+            elif kind == "log_addr":
+                self.dirty_logging.set_log_addr(self.queue, msg["log_addr"])
+            else:
+                raise ValueError(f"unknown message {kind!r}")
+        finally:
+            _close(fds)
+
+    def ring_state_reply(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a ``ring_state`` query: the queue's ring state, or why there is none."""
+        if self.worker is None:
+            return reply(msg, "error", why="no queue")
+        try:
+            return reply(msg, "ring_state", state=self.worker.vq.ring_state())
+        except ValueError as exc:
+            return reply(msg, "error", why=str(exc))
+
+    def stop(self, msg: dict[str, Any] | None) -> bool:
+        """Drain the queue and report where it stopped (``msg``: the stop request, None if the
+        control process is gone); False if requests may still be in flight (then nothing is
+        unmapped or closed: the caller must end the process at once)."""
+        worker = self.worker
+        answer = reply(msg or {}, "stopped", next_avail=0, broken=False, drained=True, kicks=0,
+                       batches=0, completed=0, calls=0)
+        if worker is not None:
+            answer["drained"] = worker.stop()
+            # Its last flush committed its marks: count them, and say whether it was logging
+            # (the end of a migration, for the control process, if it was the last queue).
+            logging_ = self.dirty_logging.queue_stopped(self.queue)
+            answer["dirty"] = (logging_, self.dirty_logging.pages_marked([self.queue]))
+            vq = worker.vq
+            answer.update(next_avail=vq.next_avail, broken=vq.broken, kicks=worker.kicks,
+                          batches=worker.batches, completed=worker.completed,
+                          calls=worker.call.count)
+        if worker is not None and answer["drained"] and worker.alive:
+            answer["drained"] = False
+        if worker is not None and answer["drained"]:
+            worker.vq.release()
+            # Engine ops the drain gave up on may still be running: the engine says.
+            answer["drained"] = worker.handler.close()
+        self.publish()  # the final counters, read by the control process with this answer
+        if msg is not None:
+            with contextlib.suppress(OSError):
+                send(self.sock, answer)
+        if not answer["drained"]:
+            # Requests (IO threads, librbd, the kernel) may still write guest memory: do not
+            # unmap it or the log, or close the engine's fds under them.  The control process
+            # kills this process on this answer (the caller exits at once too); the kernel
+            # takes everything down with it.
+            log.error("queue %d: not drained; leaving memory mapped until the process ends",
+                      self.index)
+            return False
+        if worker is not None:
+            worker.call.close()
+            if worker.err is not None:
+                worker.err.close()
+            with contextlib.suppress(OSError):
+                os.close(worker.kick_fd)
+        if self.inflight is not None:
+            self.inflight.close()
+        self.dirty_logging.close([self.queue], report=False)  # the control process reports
+        self.memory.close()
+        return True
+
+
+def _exit_now() -> NoReturn:
+    """End the process without the interpreter's cleanup, which would unmap guest memory and
+    the dirty log (by freeing their objects) under IO that may still be running."""
+    logging.shutdown()
+    os._exit(2)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the control process dies (Linux PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    fd = int(argv[0])
+    parent = int(argv[1]) if len(argv) > 1 else None
+    _die_with_parent()
+    if parent is not None and os.getppid() != parent:
+        return 1  # the control process died before we could ask to die with it
+    # Signals for the server go to the control process, which stops its queues in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    level = int(os.environ.get("VHOST_QUEUEPROC_LOG_LEVEL", str(logging.INFO)))
+    logging.basicConfig(level=level,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    sock = socket.socket(fileno=fd)
+    proc = QueueProcess(sock)
+    try:
+        msg, fds = receive(sock)
+    except (EOFError, OSError):
+        return 1
+    try:
+        proc.start(msg, fds)
+    except REFUSALS as exc:
+        # What the frontend handed over (a ring, a memory table, an in-flight area) cannot be
+        # used: a refusal, not a failure of this process -- one line, the reason to the control
+        # process (which refuses the queue's start), exit status 0.
+        log.error("queue %s refused to start: %s", msg.get("index"), exc)
+        with contextlib.suppress(OSError):
+            send(sock, {"kind": "error", "why": str(exc)})
+        return 0
+    except Exception as exc:
+        log.exception("queue process could not start")
+        with contextlib.suppress(OSError):
+            send(sock, {"kind": "error", "why": str(exc)})
+        return 1
+    send(sock, {"kind": "started"})
+    return proc.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
