@@ -1,0 +1,200 @@
+"""The queue interface: what a worker, a device and the protocol handler use of a virtqueue.
+
+Two layouts implement it -- the split ring (:mod:`vhost.queue.split`, virtio 1.x 2.7) and the
+packed ring (:mod:`vhost.queue.packed`, 2.8) -- the way rust-vmm's ``virtio-queue`` has
+``QueueT``.  Nothing above ``vhost.queue`` reads a ring's memory: a device sees chains
+(:class:`DescriptorChain` from the generic pop, :class:`SimpleChain` from the bounded pop the
+fast path uses) and completes them by their head; the worker asks the queue whether the driver
+wants a notification; the handler asks it for the value GET_VRING_BASE returns.
+
+Chain rules are stated once per layout, in that layout's module, and both pops share them.
+Every value read from a ring is hostile: a violation raises :class:`QueueError` from the pop,
+the queue is marked ``broken`` and stays so until the driver resets it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from guestmem import GuestMemory
+from guestmem.dirty_log import DirtyMarker
+
+#: Longest chain in bytes (virtio: a descriptor's length is 32 bits, a chain's total too).
+MAX_CHAIN_BYTES = 1 << 32
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A store->load barrier: a locked instruction (uncontended lock acquire/release).
+
+    x86 keeps stores in order and loads in order; the one reordering the rings care about is a
+    load passing an earlier store (publishing an index, then reading the driver's event field).
+    """
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class QueueError(Exception):
+    """The driver broke a ring rule; the queue must stop."""
+
+
+@dataclass(frozen=True)
+class RingAddresses:
+    """Guest physical addresses of a ring's three parts.
+
+    Split ring: descriptor table, avail ring, used ring.  Packed ring: descriptor ring, driver
+    event suppression area, device event suppression area (vhost-user's SET_VRING_ADDR carries
+    them in the same three fields).
+    """
+
+    desc: int
+    avail: int
+    used: int
+
+
+class DescriptorChain:
+    """One request as the driver laid it out: readable pieces, then writable pieces.
+
+    ``readable``/``writable`` are lists of ``(gpa, length)``; every piece has been checked to lie
+    in guest memory when the chain was popped.  Zero-length descriptors are dropped.  ``head``
+    is what completes the chain (:meth:`Queue.add_used_many`): the head index of a split ring,
+    the buffer id of a packed one.
+    """
+
+    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len")
+
+    def __init__(
+        self,
+        head: int,
+        readable: list[tuple[int, int]],
+        writable: list[tuple[int, int]],
+        readable_len: int,
+        writable_len: int,
+    ) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+
+    @property
+    def pieces(self) -> list[tuple[int, int, bool]]:
+        """Every piece as ``(gpa, length, writable)``, readable ones first."""
+        return [(a, n, False) for a, n in self.readable] + [(a, n, True) for a, n in self.writable]
+
+    def __repr__(self) -> str:
+        return (
+            f"DescriptorChain(head={self.head}, readable={self.readable}, "
+            f"writable={self.writable})"
+        )
+
+
+class SimpleChain:
+    """A chain in the shape Linux's block drivers send: a readable header, data runs that are
+    all readable or all writable, and one writable trailer (virtio-blk's status byte).
+
+    Found by :meth:`Queue.peek_simple`, which checked every chain rule of its layout and that
+    each piece lies inside one guest memory region; nothing is claimed until
+    :meth:`Queue.claim` -- so a device that declines the request (its own checks failed) leaves
+    the queue untouched and the generic pop reports it.
+    """
+
+    __slots__ = ("data", "data_len", "head", "header", "header_len", "into_guest", "trailer",
+                 "trailer_len", "token")
+
+    def __init__(self, head: int, header: int, header_len: int, data: list[tuple[int, int]],
+                 data_len: int, into_guest: bool, trailer: int, trailer_len: int,
+                 token: int) -> None:
+        self.head = head
+        #: Guest address and length of the header piece.
+        self.header = header
+        self.header_len = header_len
+        #: The data runs ``(gpa, length)``, none empty; ``into_guest``: they are writable.
+        self.data = data
+        self.data_len = data_len
+        self.into_guest = into_guest
+        #: Guest address and length of the last (writable) piece.
+        self.trailer = trailer
+        self.trailer_len = trailer_len
+        #: What :meth:`Queue.claim` needs besides ``head`` (the layout's own: how many ring
+        #: slots the chain takes, say).
+        self.token = token
+
+
+class Queue(Protocol):
+    """One started virtqueue, owned by one worker (thread or process): no method is
+    thread-safe except where it says so."""
+
+    #: The queue's index in its device, its size, the features that shape its behaviour.
+    index: int
+    size: int
+    event_idx: bool
+    indirect: bool
+    #: "split" or "packed" (for logs and ring_state).
+    layout: str
+    #: A ring rule was broken: the queue pops nothing more; ``error`` says which rule.
+    broken: bool
+    error: QueueError | None
+    #: Chains popped and not yet completed.
+    in_flight_count: int
+    #: Live migration: the dirty-log marker, set and cleared by the control thread with one
+    #: store (None costs the hot path one check), and the guest address the ring's used side
+    #: is logged at (VHOST_VRING_F_LOG's log_guest_addr).
+    dirty: DirtyMarker | None
+    used_log_addr: int
+    addresses: RingAddresses
+    memory: GuestMemory
+
+    # -- the driver's side
+    def has_avail(self) -> bool:
+        """The driver made a chain available that has not been popped (a cheap look)."""
+
+    @property
+    def replay_pending(self) -> bool:
+        """Chains from before a backend restart are still to be resubmitted (they come first,
+        through :meth:`pop_batch`)."""
+
+    def pop_batch(self, limit: int | None = None) -> list[DescriptorChain]:
+        """Every chain available (up to ``limit``), in ring order.  A ring violation marks the
+        queue broken and records :attr:`error`; the chains popped before it are returned (they
+        are in flight and must be completed), nothing after."""
+
+    def peek_simple(self, max_pieces: int) -> SimpleChain | None:
+        """The next available chain if it has the simple shape (see :class:`SimpleChain`) and
+        at most ``max_pieces`` pieces, else None -- also when the next chain breaks a rule, when
+        chains wait to be resubmitted, or when the queue is broken: the generic pop then takes
+        it and reports what is wrong.  Changes nothing."""
+
+    def claim(self, chain: SimpleChain) -> None:
+        """Take ``chain``, the one :meth:`peek_simple` just returned: it is in flight now (in the
+        in-flight area too) and the next peek looks past it."""
+
+    # -- the device's side
+    def add_used_many(self, done: list[tuple[int, int]]) -> None:
+        """Return each ``(head, bytes written)`` to the driver, in order; not yet visible.
+        ValueError for a head not in flight (the entries before it are added)."""
+
+    def publish_used(self) -> bool:
+        """Make the entries added since the last call visible to the driver (one index store
+        per batch; their dirty-log marks first); True if the driver wants a notification."""
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick while the worker drains the ring anyway."""
+
+    def enable_notifications(self) -> bool:
+        """Ask for a kick on the next chain; True if chains arrived meanwhile (drain again)."""
+
+    # -- the handler's side
+    def vring_base(self) -> int:
+        """What GET_VRING_BASE returns for this queue once it is stopped (split: the next avail
+        index; packed: next avail index and wrap counter in bits 0-15, used index and wrap
+        counter in bits 16-31)."""
+
+    def ring_state(self) -> dict[str, int]:
+        """Where this queue is, for a diagnostics query (reads only)."""
+
+    def release(self) -> None:
+        """Drop every view of guest memory so it can be unmapped."""
