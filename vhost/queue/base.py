@@ -102,8 +102,8 @@ class SimpleChain:
     the queue untouched and the generic pop reports it.
     """
 
-    __slots__ = ("data", "data_len", "head", "header", "header_len", "into_guest", "trailer",
-                 "trailer_len", "token")
+    __slots__ = ("data", "data_len", "head", "header", "header_len", "into_guest", "token",
+                 "trailer", "trailer_len")
 
     def __init__(self, head: int, header: int, header_len: int, data: list[tuple[int, int]],
                  data_len: int, into_guest: bool, trailer: int, trailer_len: int,
