@@ -353,8 +353,7 @@ class ProcessRunner:
         self._log: tuple[int, int, int] | None = None
         self._log_call: int | None = None
         self.workers: dict[QueueKey, QueueProcessWorker] = {}
-        device.refresh_counters = self.refresh_counters
-        device.process_state_changed = self._state_changed
+        device.attach_runner(self)
 
     def refresh_counters(self) -> None:
         """Every running process's counters as it last published them (shared memory: no
@@ -486,7 +485,7 @@ class ProcessRunner:
     def device_changed(self, conn: int) -> None:
         self._broadcast(conn, ipc.DeviceState(key=_ANY, state=self.device.process_state()))
 
-    def _state_changed(self) -> None:
+    def state_changed(self) -> None:
         """The device's process state changed outside a vhost-user message (a resize)."""
         self.device_changed(self.conn)
 
@@ -541,10 +540,7 @@ class ProcessRunner:
 
     def close(self) -> None:
         """After every queue stopped: drop the kept fds."""
-        if self.device.refresh_counters == self.refresh_counters:
-            self.device.refresh_counters = None
-        if self.device.process_state_changed == self._state_changed:
-            self.device.process_state_changed = None
+        self.device.detach_runner(self)
         self._close_region_fds()
         self.drop_log(self.conn)
         if self._inflight is not None:

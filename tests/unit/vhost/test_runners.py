@@ -162,3 +162,34 @@ def test_the_handler_hands_every_change_to_its_runner() -> None:
         assert "drop_log" in _names(recorder.calls)
     finally:
         hx.close()
+
+
+def test_a_device_tells_every_runner_serving_it() -> None:
+    """A device's counters and state changes reach each runner attached to it (a daemon may
+    serve one device to several connections), and none once it is detached."""
+    seen: list[str] = []
+
+    class Remote:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def refresh_counters(self) -> None:
+            seen.append(f"{self.name} refresh")
+
+        def state_changed(self) -> None:
+            seen.append(f"{self.name} state")
+
+    device = EchoDevice()
+    device.refresh_counters()
+    device.process_state_changed()  # no runner: nothing to do
+    a, b = Remote("a"), Remote("b")
+    device.attach_runner(a)
+    device.attach_runner(b)
+    device.refresh_counters()
+    device.process_state_changed()
+    assert seen == ["a refresh", "b refresh", "a state", "b state"]
+    seen.clear()
+    device.detach_runner(a)
+    device.process_state_changed()
+    assert seen == ["b state"]
+    assert EchoDevice()._remote_runners == ()  # per device, not shared through the class
