@@ -165,7 +165,7 @@ class RingState(Request):
 
 @dataclass(frozen=True, kw_only=True)
 class Stop(Request):
-    """Drain the queue and exit; answered with :class:`Stopped`."""
+    """Drain the queue and exit; answered with :class:`StopReply`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,7 +193,7 @@ class Error(Reply):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Stopped(Reply):
+class StopReply(Reply):
     """The answer to :class:`Stop`: where the queue ended and what it did."""
 
     next_avail: int = 0

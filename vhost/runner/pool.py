@@ -199,7 +199,7 @@ class QueueProcessWorker:
 
     def _note_dirty(self, msg: ipc.Reply) -> None:
         """Take the dirty-log state a reply reports."""
-        dirty = msg.dirty if isinstance(msg, (ipc.Ack, ipc.Stopped)) else None
+        dirty = msg.dirty if isinstance(msg, (ipc.Ack, ipc.StopReply)) else None
         if dirty is not None:
             self.remote_log.logging, self.remote_log.pages = bool(dirty[0]), int(dirty[1])
 
@@ -290,7 +290,7 @@ class QueueProcessWorker:
         # says whether it was logging until it stopped, stays).
         self.refresh(dirty=False)
         self._frozen = True
-        if isinstance(reply, ipc.Stopped):
+        if isinstance(reply, ipc.StopReply):
             self.vq = RemoteQueue(reply.next_avail, reply.broken)
             self.kicks, self.batches = reply.kicks, reply.batches
             self.completed = reply.completed

@@ -354,7 +354,7 @@ class QueueProcess:
         control process is gone); False if requests may still be in flight (then nothing is
         unmapped or closed: the caller must end the process at once)."""
         worker = self.worker
-        answer = ipc.Stopped(seq=msg.seq if msg is not None else 0)
+        answer = ipc.StopReply(seq=msg.seq if msg is not None else 0)
         if worker is not None:
             drained = worker.stop()
             # Its last flush committed its marks: count them, and say whether it was logging
@@ -367,7 +367,7 @@ class QueueProcess:
                 worker.vq.release()
                 # Engine ops the drain gave up on may still be running: the engine says.
                 drained = worker.handler.close()
-            answer = ipc.Stopped(
+            answer = ipc.StopReply(
                 seq=answer.seq, next_avail=vq.next_avail, broken=vq.broken, drained=drained,
                 kicks=worker.kicks, batches=worker.batches, completed=worker.completed,
                 calls=worker.call.count,
