@@ -57,8 +57,14 @@ class ThreadRunner:
         worker = assemble(state.memory, state.inflight, self.device, spec, self.worker_factory)
         self.dirty_logging.queue_starting(LocalQueue(spec.key.index, spec.log_addr, worker),
                                           spec.features)
+        try:
+            worker.start()
+        except RuntimeError as exc:  # no thread can be started (a process or memory limit)
+            worker.vq.release()
+            if not worker.handler.close():
+                state.memory.pin(f"queue {spec.key.index}'s handler did not close")
+            raise RunnerError(f"queue {spec.key.index}: no worker thread: {exc}") from exc
         self.workers[spec.key] = worker
-        worker.start()
         log.info("queue %d started: size %d, avail from %d%s", spec.key.index, spec.size,
                  spec.base, ", event idx" if worker.vq.event_idx else "")
         return worker

@@ -193,3 +193,36 @@ def test_a_device_tells_every_runner_serving_it() -> None:
     device.process_state_changed()
     assert seen == ["b state"]
     assert EchoDevice()._remote_runners == ()  # per device, not shared through the class
+
+
+def test_a_worker_thread_that_cannot_start_refuses_the_queue() -> None:
+    """No thread left (a process limit): the queue is refused and marked broken, the driver
+    told through its err eventfd, and the connection goes on -- not an exception out of the
+    handler."""
+    hx = Harness()
+    try:
+        def no_thread() -> None:
+            raise RuntimeError("can't start new thread")
+
+        def factory(*args: Any) -> QueueWorker:
+            worker = hx._factory(*args)
+            worker.start = no_thread  # type: ignore[method-assign]
+            return worker
+
+        assert isinstance(hx.h.runner, ThreadRunner)
+        hx.h.runner.worker_factory = factory
+        hx.negotiate()
+        err = hx.eventfd()
+        hx.ok(Request.SET_VRING_ERR, m.u64(0), [err])
+        steps = hx.steps(0)
+        for name in ("memory", "size", "base", "addr", "call", "kick"):
+            hx.do(steps[name])
+        refused = hx.h.refused
+        hx.send(*steps["enable"])  # the queue starts now
+        assert hx.h.refused == refused + 1
+        assert hx.h.vrings[0].broken and not hx.h.vrings[0].running
+        assert os.eventfd_read(err) == 1
+        assert hx.h.runner.workers == {}
+        assert hx.ack(Request.GET_QUEUE_NUM) == 2  # the connection goes on
+    finally:
+        hx.close()
