@@ -21,7 +21,7 @@ guest: the buffers they get are host memoryviews (guest memory or a bounce buffe
   page cache.  Errors are the same either way (an ``OSError`` in the op's result).
 
 Engines with ``batched = True`` only queue in ``submit``; the caller ends a batch with
-``flush()`` and then collects with ``reap()`` whatever already finished.
+``submit_batch()`` and then collects with ``reap()`` whatever already finished.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class IoOp:
         self.length = length
         self.ctx = ctx
         self.segments: list[Any] = []
-        self.sync = False  # flush after a write (write-through mode)
+        self.sync = False  # made durable before it is reported (write-through mode)
         self.result: int | OSError | None = None
         self.iov: Any = None  # keeps an iovec array alive while the kernel uses it
 
@@ -98,7 +98,7 @@ def sync_if_write_through(disk: BlockDisk, op: IoOp) -> None:
     elif op.kind != OpKind.WRITE_ZEROES:
         return  # reads, flushes and discards change nothing a flush would make durable
     try:
-        disk.flush()
+        disk.make_durable()
     except OSError as exc:
         op.result = exc
 
@@ -112,7 +112,7 @@ def execute(disk: BlockDisk, op: IoOp) -> None:
         elif kind == OpKind.WRITE:
             op.result = disk.writev([b.view for b in op.buffers], op.offset)
         elif kind == OpKind.FLUSH:
-            disk.flush()
+            disk.make_durable()
             op.result = 0
         elif kind == OpKind.DISCARD:
             for seg in op.segments:
@@ -138,7 +138,7 @@ class Engine(abc.ABC):
     def submit(self, op: IoOp) -> bool:
         """Start ``op``; True if it already finished (its result is set)."""
 
-    def flush(self) -> None:
+    def submit_batch(self) -> None:
         """End of a batch of submissions: hand them to the kernel (batched engines)."""
 
     def reap(self) -> list[IoOp]:
@@ -258,7 +258,7 @@ class UringEngine(Engine):
     """Reads, writes and flushes through an io_uring; discard and write-zeroes run inline.
 
     Reads and writes are queued by :meth:`submit` and prepared as one batch of submission
-    entries by :meth:`flush`, which enters the kernel once.  ``bypass`` (a raw image without
+    entries by :meth:`submit_batch`, which enters the kernel once.  ``bypass`` (a raw image without
     O_DIRECT) lets writes and lone reads skip the ring (see the module docstring).
     """
 
@@ -273,7 +273,7 @@ class UringEngine(Engine):
         self.completion_fd = self.ring.fd
         self._ops: dict[int, IoOp] = {}
         self._next = 0
-        self._queued: list[IoOp] = []  # reads and writes for the next flush
+        self._queued: list[IoOp] = []  # reads and writes for the next submit_batch
         self._done: list[IoOp] = []  # finished without the ring, handed back by reap
         #: Buffered writes as plain pwritev, a lone read tried with preadv(RWF_NOWAIT) first:
         #: only for a raw image in the page cache (a format translates offsets in its own
@@ -298,7 +298,7 @@ class UringEngine(Engine):
         execute(self.disk, op)
         return True
 
-    def flush(self) -> None:
+    def submit_batch(self) -> None:
         queued = self._queued
         if queued:
             if (len(queued) == 1 and self._nowait and queued[0].kind == OpKind.READ

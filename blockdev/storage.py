@@ -49,8 +49,12 @@ class Storage(abc.ABC):
     def open_engine(self, queue_index: int) -> Engine:
         """A fresh engine serving queue ``queue_index`` (closed by its queue)."""
 
-    def flush(self) -> None:
-        """Make every completed write durable (at shutdown).  OSError on failure."""
+    def make_durable(self) -> None:
+        """Make every completed write durable (at shutdown).  OSError on failure.
+
+        Named for what it guarantees, not ``flush``: that word also meant ending an engine's
+        batch (now ``Engine.submit_batch``) and publishing a virtqueue's used ring; and not
+        ``sync``, which already names an op's write-through flag (``IoOp.sync``)."""
 
     def grow(self, size: int) -> None:
         """Make the storage ``size`` bytes (live resize); :attr:`info` follows.
@@ -85,9 +89,9 @@ class FileStorage(Storage):
     def open_engine(self, queue_index: int) -> Engine:
         return make_engine(self.engine_kind, self.disk, queue_index, self.io_threads)
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         if not self.info.read_only:
-            self.disk.flush()
+            self.disk.make_durable()
 
     def grow(self, size: int) -> None:
         try:

@@ -398,9 +398,9 @@ class BlkDevice(Device):
         self.writeback_chosen = False
         self.acked = 0
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         if not self.limits.read_only:
-            self.storage.flush()
+            self.storage.make_durable()
 
     # ------------------------------------------------------------------ queue processes
     def _raw_disk(self) -> Disk | None:
@@ -503,7 +503,7 @@ class BlkQueueHandler(QueueHandler):
             if used is not None:
                 done.append((chain.head, used))
         if self.engine.batched:
-            self.engine.flush()
+            self.engine.submit_batch()
             done += self.complete_reaped()
         return done
 
@@ -532,8 +532,8 @@ class BlkQueueHandler(QueueHandler):
             if used is not None:
                 done.append((chain.head, used))
         if self.engine.batched:
-            self.engine.flush()
-            # What the flush finished already (page-cached IO, a read served without the
+            self.engine.submit_batch()
+            # What submitting finished already (page-cached IO, a read served without the
             # ring) gives no completion event to wait for: finish it now.
             done += self.complete_reaped()
         return done

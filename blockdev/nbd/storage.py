@@ -102,7 +102,7 @@ class NbdStorage(Storage):
             handle, self._spare = self._spare, None
         return NbdEngine(self, queue_index, handle)
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         """Queues flush their connection when they close; a connection no queue took yet is
         flushed here."""
         with self._lock:
@@ -220,7 +220,7 @@ class NbdEngine(Engine):
             self._tick()
         return False
 
-    def flush(self) -> None:
+    def submit_batch(self) -> None:
         self._update_mask()
 
     def reap(self) -> list[IoOp]:

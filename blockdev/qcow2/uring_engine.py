@@ -58,7 +58,7 @@ class MappedUringEngine(UringEngine):
         """Wait until none of this queue's IO is in the ring (see the module docstring)."""
         if not self._ops and not self._queued:
             return
-        self.flush()  # the reads and writes queued for this batch go to the ring first
+        self.submit_batch()  # the reads and writes queued for this batch go to the ring first
         while self._ops:
             self.ring.submit(wait=1)
             self._early.extend(self._reap_ring())

@@ -165,7 +165,7 @@ class RbdStorage(Storage):
     def open_engine(self, queue_index: int) -> Engine:
         return RbdEngine(self, queue_index)
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         if not self.info.read_only:
             check(self.rbd.rbd_flush(self.image), "flush")
 
