@@ -12,27 +12,14 @@ alone (:mod:`.spec`), never by guessing from file contents.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 
 from blockdev.disk import BlockDisk, DiskError, DiskInfo, check_growth
 from blockdev.engine import Engine, make_engine
+from blockdev.ops import Capabilities
 
 
 class StorageError(Exception):
     """The storage cannot be opened or used as asked; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """The request types a storage carries out (beyond read, and write when writable).
-
-    ``flush``: it has a volatile cache a flush makes durable (FLUSH and CONFIG_WCE are offered).
-    ``discard`` / ``write_zeroes``: DISCARD / WRITE_ZEROES are offered on writable exports.
-    """
-
-    flush: bool = True
-    discard: bool = True
-    write_zeroes: bool = True
 
 
 class Storage(abc.ABC):
