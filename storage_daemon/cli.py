@@ -268,9 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         control.stop()
         daemon.close()
         try:
-            device.flush()
+            device.make_durable()
         except OSError as exc:
-            log.error("final flush failed: %s", exc)
+            log.error("making the disk durable at exit failed: %s", exc)
             return 1
         finally:
             storage.close()
