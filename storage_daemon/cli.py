@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of --backing: raw or qcow2")
     p.add_argument("--backing-dir", action="append", default=[], metavar="DIR",
                    help="qcow2: a directory backing files may also come from (repeatable; "
-                        "by default only IMG's own directory: see virtio_blk/qcow2/README.md)")
+                        "by default only IMG's own directory: see blockdev/qcow2/README.md)")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
                    help=f"number of request queues, up to {MAX_QUEUES} (default 1)")
     p.add_argument("--read-only", action="store_true", help="export read-only")
@@ -268,9 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         control.stop()
         daemon.close()
         try:
-            device.flush()
+            device.make_durable()
         except OSError as exc:
-            log.error("final flush failed: %s", exc)
+            log.error("making the disk durable at exit failed: %s", exc)
             return 1
         finally:
             storage.close()

@@ -134,8 +134,11 @@ class Device(abc.ABC):
     def reset(self) -> None:
         """Back to the state after construction (RESET_DEVICE, disconnect)."""
 
-    def flush(self) -> None:
-        """Make completed writes durable (called on shutdown)."""
+    def make_durable(self) -> None:
+        """Make completed writes durable (called on shutdown and at the end of a migration).
+
+        Not ``flush``: that word also names publishing a virtqueue's used ring and ending an
+        IO engine's batch; this is the one that reaches stable storage."""
 
     # ------------------------------------------------------------------ queue processes
     # A device that can serve each queue in a process of its own (vhost.runner.pool) says how to

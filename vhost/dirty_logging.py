@@ -250,14 +250,14 @@ class DirtyLogging:
             old.close()
 
     @staticmethod
-    def flush_at_stop(device: Device) -> None:
+    def make_durable_at_stop(device: Device) -> None:
         """The source VM stops at the end of a migration (its last logged queue stopped): make
         what the device completed durable before the destination, on other storage caches
         perhaps, can run the guest -- QEMU's own block layer flushes at this point too."""
         try:
-            device.flush()
+            device.make_durable()
         except OSError as exc:
-            log.error("flush at the end of the migration failed: %s", exc)
+            log.error("making the disk durable at the end of the migration failed: %s", exc)
         else:
             log.info("queues stopped while logging (end of a migration): device flushed")
 

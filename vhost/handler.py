@@ -278,7 +278,7 @@ class BackendHandler:
         disables the rings before it asks for their bases); if it was the last queue marking
         the dirty log, the source VM stopped: the end of a migration."""
         if self._stop(vring) and not any(v.running for v in self.vrings):
-            self.dirty_logging.flush_at_stop(self.device)
+            self.dirty_logging.make_durable_at_stop(self.device)
 
     def stop_all(self) -> None:
         for vring in self.vrings:

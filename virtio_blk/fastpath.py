@@ -167,7 +167,7 @@ class FastPath:
                 handler.stats.requests += started
                 self.taken += started
         if started and engine.batched:
-            engine.flush()
+            engine.submit_batch()
             done += handler.complete_reaped()
         return done
 

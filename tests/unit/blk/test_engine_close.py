@@ -105,7 +105,7 @@ def test_io_uring_close_cancels_ops_in_flight_and_waits_for_them() -> None:
     op = IoOp(OpKind.READ, 0, [IoBuffer(memoryview(buf))], BLOCK)
     try:
         assert engine.submit(op) is False
-        engine.flush()
+        engine.submit_batch()
         assert engine.reap() == []  # waiting on the pipe
         result: list[bool] = []
         closer = threading.Thread(target=lambda: result.append(engine.close(timeout=5)),
@@ -219,7 +219,7 @@ def test_qcow2_io_uring_close_cancels_waits_and_counts_the_ops_out() -> None:
                               daemon=True)
     try:
         assert engine.submit(IoOp(OpKind.READ, 0, [IoBuffer(memoryview(buf))], BLOCK)) is False
-        engine.flush()
+        engine.submit_batch()
         assert disk.in_flight == 1
         closer.start()
         closer.join(8)

@@ -50,7 +50,7 @@ def _run(engine: Engine, ops: list[IoOp]) -> None:
     for op in ops:
         if not engine.submit(op):
             pending += 1
-    engine.flush()
+    engine.submit_batch()
     done = len(engine.reap())
     while done < pending:
         engine.ring.submit(wait=1)
@@ -70,7 +70,7 @@ def test_uring_engine_maps_and_falls_back(tmp_path: Path) -> None:
         buf = bytearray(4096)
         first = IoOp(OpKind.READ, 8192, [IoBuffer(memoryview(buf))], 4096)
         assert not engine.submit(first)  # an allocated cluster: into the ring
-        engine.flush()
+        engine.submit_batch()
         got = engine.reap()
         while not got:
             engine.ring.submit(wait=1)
