@@ -194,7 +194,10 @@ class Queue(Protocol):
         counter in bits 16-31)."""
 
     def ring_state(self) -> dict[str, int]:
-        """Where this queue is, for a diagnostics query (reads only)."""
+        """Where this queue is, for a diagnostics query (reads only).  Every layout gives at
+        least ``used_idx`` (the used index published last: non-zero once the ring completed
+        something, which the worker answers with a call when it starts), ``in_flight``,
+        ``size`` and ``broken``."""
 
     def release(self) -> None:
         """Drop every view of guest memory so it can be unmapped."""
