@@ -237,59 +237,37 @@ class FastPath:
         """
         if chain.header_len != HEADER_SIZE or chain.trailer_len != 1:
             return None
-        hdr_addr = chain.header
         into_guest = chain.into_guest
-        # (The remembered region's bounds are tested inline: most pieces lie in it.)
-        if self._lo <= hdr_addr and hdr_addr + HEADER_SIZE <= self._hi:
-            region = self._region
+        region = chain.region
+        if region is not None and not region.readonly:
+            # The usual request: every piece in one writable region, which the queue found.
+            try:
+                req_type, _, sector = _unpack_header(region.view, chain.header - region.gpa)
+            except ValueError:  # the region went away meanwhile
+                return None
         else:
-            region = self._find(hdr_addr, HEADER_SIZE)
-        if region is None:
-            return None
-        try:
-            req_type, _, sector = _unpack_header(region.view, hdr_addr - region.gpa)
-        except ValueError:  # the region went away meanwhile
-            return None
-        req_type &= _TYPE_MASK
-        if req_type != (_IN if into_guest else _OUT):
+            found = self._look_up(chain)
+            if found is None:
+                return None
+            req_type, sector, region = found
+        if req_type & _TYPE_MASK != (_IN if into_guest else _OUT):
             return None
         handler = self.handler
         limits = handler.limits
         if not into_guest and limits.read_only:
             return None
-        status_gpa = chain.trailer
-        lo = self._lo
-        hi = self._hi
-        if lo <= status_gpa < hi:
-            region = self._region
-        else:
-            region = self._find(status_gpa, 1)
-            lo = self._lo
-            hi = self._hi
-        if region is None or region.readonly:
-            return None
-        data = chain.data
-        for addr, n in data:
-            if not (lo <= addr and addr + n <= hi):  # not in the last region: look it up
-                region = self._find(addr, n)
-                if region is None:
-                    return None
-                lo = self._lo
-                hi = self._hi
-            if into_guest and self._region.readonly:  # type: ignore[union-attr]
-                return None
         length = chain.data_len
         if range_fault(sector, length, limits) is not None:
             return None
         memory = self.memory
-        head = chain.head
+        data = chain.data
         if len(data) == 1:
             buffers = RequestBuffers.linear(memory, data[0][0], length, into_guest)
-            try:  # the data's region was just looked up: it is the remembered one
-                lock = buffers.lock_in(self._region, into_guest)  # type: ignore[arg-type]
+            try:
+                lock = buffers.lock_in(region, into_guest)
             except AccessError:  # a region removed meanwhile: let the generic path report it
                 return None
-            return self._locked_request(head, status_gpa, sector, length,
+            return self._locked_request(chain.head, chain.trailer, sector, length,
                                         DataLayout([buffers], length, False), [lock], into_guest)
         layout = plan(memory, data, guest_writable=into_guest)
         if layout.bounce:
@@ -302,7 +280,30 @@ class FastPath:
             for lock in locks:
                 lock.close()
             return None
-        return self._locked_request(head, status_gpa, sector, length, layout, locks, into_guest)
+        return self._locked_request(chain.head, chain.trailer, sector, length, layout, locks,
+                                    into_guest)
+
+    def _look_up(self, chain: SimpleChain) -> tuple[int, int, GuestRegion] | None:
+        """For pieces in several regions (or a read-only one): each looked up, the status and
+        an IN's data writable; ``(header type, sector, the last data piece's region)`` or
+        None."""
+        hdr_addr = chain.header
+        region = self._find(hdr_addr, HEADER_SIZE)
+        if region is None:
+            return None
+        try:
+            req_type, _, sector = _unpack_header(region.view, hdr_addr - region.gpa)
+        except ValueError:  # the region went away meanwhile
+            return None
+        region = self._find(chain.trailer, 1)
+        if region is None or region.readonly:
+            return None
+        into_guest = chain.into_guest
+        for addr, n in chain.data:
+            region = self._find(addr, n)
+            if region is None or (into_guest and region.readonly):
+                return None
+        return req_type, sector, region  # (data is never empty)
 
     def _locked_request(self, head: int, status_gpa: int, sector: int, length: int,
                         layout: DataLayout, locks: list[LockedIoBuffers],

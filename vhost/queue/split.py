@@ -8,7 +8,7 @@ caller writes the call eventfd.  That keeps every ring rule testable with a byte
 memory.
 
 Two pops share one statement of the chain rules (:meth:`SplitQueue._check_head`,
-:meth:`SplitQueue._walk`, :meth:`SplitQueue._indirect_table`): the generic
+:meth:`SplitQueue._walk`): the generic
 :meth:`SplitQueue.pop_batch`, and :meth:`SplitQueue.peek_simple`, the bounded look the device's
 fast path takes requests in Linux's shape with, claimed by :meth:`SplitQueue.claim`.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from typing import NoReturn
 
 from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
@@ -58,6 +59,8 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
 MAX_QUEUE_SIZE = 32768
+#: An indirect table holds at most a queue's worth of descriptors.
+MAX_INDIRECT_BYTES = MAX_QUEUE_SIZE * DESC_SIZE
 
 
 class _NotSimple(Exception):
@@ -289,25 +292,25 @@ class SplitQueue:
         if head >= self.size or self._in_flight[head]:  # _check_head's rules, without a raise
             return None
         try:
-            readable, writable, rlen, wlen, whole = self._walk(head, max_pieces)
+            readable, writable, rlen, wlen, spread = self._walk(head, max_pieces)
         except (QueueError, _NotSimple):
             return None
-        if not whole:
+        if spread & 2:
             return None
+        region = None if spread else self._region
         if len(readable) == 1:  # [header] [data, writable...] [trailer]
             if len(writable) < 2:
                 return None
             header, header_len = readable[0]
-            trailer, trailer_len = writable[-1]
-            return SimpleChain(head, header, header_len, writable[:-1], wlen - trailer_len, True,
-                               trailer, trailer_len, next_avail)
+            trailer, trailer_len = writable.pop()
+            return SimpleChain(head, header, header_len, writable, wlen - trailer_len, True,
+                               trailer, trailer_len, next_avail, region)
         if len(writable) != 1 or not readable:  # [header] [data, readable...] [trailer]
             return None
-        header, header_len = readable[0]
+        header, header_len = readable.pop(0)
         trailer, trailer_len = writable[0]
-        del readable[0]
         return SimpleChain(head, header, header_len, readable, rlen - header_len, False,
-                           trailer, trailer_len, next_avail)
+                           trailer, trailer_len, next_avail, region)
 
     def claim(self, chain: SimpleChain) -> None:
         """Take ``chain``, the one :meth:`peek_simple` just returned: in flight (in the in-flight
@@ -332,19 +335,20 @@ class SplitQueue:
             raise QueueError(f"{source} head {head} made available again while still in flight")
 
     def _walk(self, head: int, max_pieces: int
-              ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int, int, bool]:
+              ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int, int, int]:
         """The chain at ``head`` with every descriptor rule checked: ``(readable, writable,
-        readable bytes, writable bytes, each piece within one memory region)``.
+        readable bytes, writable bytes, spread)``; ``spread`` 0: every piece lies in the
+        remembered region (``self._region``), 1: each lies in one region, 2: some piece spans
+        adjacent regions.
 
         QueueError on a broken rule; :class:`_NotSimple` (for :meth:`peek_simple`) once more
         than ``max_pieces`` descriptors were read.  The region the last piece lay in is
         remembered across chains (most requests' pieces share one); a change of the memory
-        table forgets it.
+        table forgets it.  (The hot path of every request: kept to the fewest steps.)
         """
         memory = self.memory
-        regions = memory.regions
-        if regions is not self._regions:
-            self._regions = regions
+        if memory.regions is not self._regions:
+            self._regions = memory.regions
             self._region = None
             self._lo = self._hi = 0
         table: memoryview | bytes = self._desc
@@ -353,59 +357,74 @@ class SplitQueue:
         unpack = DESC.unpack_from
         lo = self._lo  # bounds of the region the last piece was found in
         hi = self._hi
-        whole = True
+        spread = 0
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         rlen = wlen = 0
         idx = head
-        count = 0
         in_indirect = False
-        while True:
-            addr, length, flags, nxt = unpack(table, base + (idx << 4))
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                table, base, table_len = self._indirect_table(addr, length, flags, in_indirect)
+        while True:  # once for the descriptor table, once more for an indirect table
+            # A chain has at most as many descriptors as its table: more is a loop.
+            for _ in range(max_pieces if max_pieces < table_len else table_len):
+                addr, length, flags, nxt = unpack(table, base + (idx << 4))
+                if flags & VIRTQ_DESC_F_INDIRECT:
+                    break
+                if length:
+                    if not (lo <= addr and addr + length <= hi):  # most pieces share a region
+                        region = memory.region_at(addr)
+                        if region is not None and addr + length <= region.gpa + region.size:
+                            lo, hi = self._remember(region)
+                            if readable or writable:  # the pieces before lie elsewhere
+                                spread |= 1
+                        elif memory.is_mapped(addr, length):  # spans adjacent regions
+                            spread = 2
+                        else:
+                            raise QueueError(
+                                f"descriptor {idx} of head {head}: buffer {addr:#x}+{length:#x} "
+                                "is not in guest memory"
+                            )
+                    if flags & VIRTQ_DESC_F_WRITE:
+                        writable.append((addr, length))
+                        wlen += length
+                    elif writable:
+                        raise QueueError(
+                            f"chain at head {head}: readable descriptor after writable")
+                    else:
+                        readable.append((addr, length))
+                        rlen += length
+                elif not flags & VIRTQ_DESC_F_WRITE and writable:
+                    raise QueueError(f"chain at head {head}: readable descriptor after writable")
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    # (Checked once at the end: no descriptor is 2**32 bytes, the count is
+                    # bounded.)
+                    if rlen + wlen >= MAX_CHAIN_BYTES:
+                        raise QueueError(f"chain at head {head} is 2**32 bytes or longer")
+                    return readable, writable, rlen, wlen, spread
+                idx = nxt
+                if idx >= table_len:
+                    raise QueueError(
+                        f"chain at head {head}: next {idx} >= table size {table_len}")
+            else:
+                if max_pieces < table_len:
+                    raise _NotSimple
+                raise QueueError(f"chain at head {head} loops (more than {table_len} descriptors)")
+            # An indirect descriptor: its rules (stated here, in the loop: every request of a
+            # driver with INDIRECT_DESC passes them), then its table.
+            if (in_indirect or flags & VIRTQ_DESC_F_NEXT or length & (DESC_SIZE - 1)
+                    or not 0 < length <= MAX_INDIRECT_BYTES or not self.indirect):
+                self._indirect_fault(length, flags, in_indirect)
+            if lo <= addr and addr + length <= hi:
+                table = self._region.view  # type: ignore[union-attr]
+                base = addr - lo
+            else:
+                table, base = self._indirect_table(addr, length)
                 lo = self._lo
                 hi = self._hi
-                in_indirect = True
-                idx = 0
-                count = 0
-                continue
-            count += 1
-            if count > table_len:
-                raise QueueError(f"chain at head {head} loops (more than {table_len} descriptors)")
-            if count > max_pieces:
-                raise _NotSimple
-            if length:
-                if not (lo <= addr and addr + length <= hi):  # most pieces share one region
-                    region = memory.region_at(addr)
-                    if region is not None and addr + length <= region.gpa + region.size:
-                        lo, hi = self._remember(region)
-                    elif memory.is_mapped(addr, length):  # spans adjacent regions
-                        whole = False
-                    else:
-                        raise QueueError(
-                            f"descriptor {idx} of head {head}: buffer {addr:#x}+{length:#x} is "
-                            "not in guest memory"
-                        )
-                if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append((addr, length))
-                    wlen += length
-                else:
-                    if writable:
-                        raise QueueError(
-                            f"chain at head {head}: readable descriptor after writable"
-                        )
-                    readable.append((addr, length))
-                    rlen += length
-                if rlen + wlen >= MAX_CHAIN_BYTES:
-                    raise QueueError(f"chain at head {head} is 2**32 bytes or longer")
-            elif flags & VIRTQ_DESC_F_WRITE == 0 and writable:
-                raise QueueError(f"chain at head {head}: readable descriptor after writable")
-            if not flags & VIRTQ_DESC_F_NEXT:
-                return readable, writable, rlen, wlen, whole
-            idx = nxt
-            if idx >= table_len:
-                raise QueueError(f"chain at head {head}: next {idx} >= table size {table_len}")
+                if readable or writable:  # direct pieces before it may lie elsewhere
+                    spread |= 1
+            table_len = length >> 4
+            in_indirect = True
+            idx = 0
 
     def _remember(self, region: GuestRegion) -> tuple[int, int]:
         """Remember ``region`` as the one the next pieces are looked for in first."""
@@ -414,10 +433,20 @@ class SplitQueue:
         self._hi = hi = region.gpa + region.size
         return lo, hi
 
-    def _indirect_table(
-        self, addr: int, length: int, flags: int, in_indirect: bool
-    ) -> tuple[memoryview | bytes, int, int]:
-        """The rules of an indirect descriptor; ``(table, its offset in it, entries)``."""
+    def _indirect_table(self, addr: int, length: int) -> tuple[memoryview | bytes, int]:
+        """An indirect table not in the remembered region: ``(table, its offset in it)``."""
+        region = self.memory.region_at(addr)
+        if region is not None and addr + length <= region.gpa + region.size:
+            self._remember(region)
+            return region.view, addr - region.gpa
+        try:
+            views = self.memory.views(addr, length)
+        except AccessError as exc:
+            raise QueueError(f"indirect table {addr:#x}+{length:#x}: {exc}") from exc
+        return b"".join(views), 0
+
+    def _indirect_fault(self, length: int, flags: int, in_indirect: bool) -> NoReturn:
+        """Which rule of an indirect descriptor was broken (see :meth:`_walk`)."""
         if not self.indirect:
             raise QueueError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
         if in_indirect:
@@ -426,19 +455,7 @@ class SplitQueue:
             raise QueueError("indirect descriptor with NEXT set")
         if length == 0 or length % DESC_SIZE:
             raise QueueError(f"indirect table of {length} bytes (not a non-zero multiple of 16)")
-        if length // DESC_SIZE > MAX_QUEUE_SIZE:
-            raise QueueError(f"indirect table of {length // DESC_SIZE} descriptors")
-        region = self._region
-        if region is None or not (self._lo <= addr and addr + length <= self._hi):
-            region = self.memory.region_at(addr)
-        if region is not None and addr + length <= region.gpa + region.size:
-            self._remember(region)
-            return region.view, addr - region.gpa, length // DESC_SIZE
-        try:
-            views = self.memory.views(addr, length)
-        except AccessError as exc:
-            raise QueueError(f"indirect table {addr:#x}+{length:#x}: {exc}") from exc
-        return b"".join(views), 0, length // DESC_SIZE
+        raise QueueError(f"indirect table of {length // DESC_SIZE} descriptors")
 
     # ------------------------------------------------------------------ used side
     def add_used(self, head: int, length: int) -> None:
