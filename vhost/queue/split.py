@@ -7,7 +7,7 @@ means, and :meth:`SplitQueue.publish_used` says whether the driver wants an inte
 caller writes the call eventfd.  That keeps every ring rule testable with a bytearray for guest
 memory.
 
-Two pops share one statement of the chain rules (:meth:`SplitQueue._check_head`,
+Two pops share one statement of the ring rules (:meth:`SplitQueue._pending`,
 :meth:`SplitQueue._walk`): the generic
 :meth:`SplitQueue.pop_batch`, and :meth:`SplitQueue.peek_simple`, the bounded look the device's
 fast path takes requests in Linux's shape with, claimed by :meth:`SplitQueue.claim`.
@@ -214,16 +214,8 @@ class SplitQueue:
             self._pop_replay(out)
             if self.broken:
                 return out
-        avail_idx = self._avail[1]
-        pending = (avail_idx - self.next_avail) & 0xFFFF
-        if pending == 0:
-            return out
         try:
-            if pending > self.size:
-                raise QueueError(
-                    f"avail.idx {avail_idx} is {pending} ahead of last_avail {self.next_avail}, "
-                    f"more than the queue size {self.size}"
-                )
+            pending = self._pending()
             if limit is not None and pending > limit:
                 pending = limit
             avail = self._avail
@@ -259,8 +251,7 @@ class SplitQueue:
     def _take(self, head: int, source: str, tracked: bool = False) -> DescriptorChain:
         """Validate ``head`` (from ``source``) and its chain, and mark it in flight (in the
         in-flight area too, unless ``tracked``: it is marked there already)."""
-        self._check_head(head, source)
-        readable, writable, rlen, wlen, _ = self._walk(head, MAX_QUEUE_SIZE)
+        readable, writable, rlen, wlen, _ = self._walk(head, MAX_QUEUE_SIZE, source)
         self._in_flight[head] = 1
         self.in_flight_count += 1
         if self._inflight is not None and not tracked:
@@ -277,22 +268,18 @@ class SplitQueue:
         """The next available chain if it is a simple one (see :class:`SimpleChain`) of at most
         ``max_pieces`` descriptors, else None.  Changes nothing.
 
-        It walks the chain with the generic pop's rules (:meth:`_check_head`, :meth:`_walk`), so
+        It looks at the ring with the generic pop's rules (:meth:`_pending`, :meth:`_walk`), so
         whatever it returns the generic pop would have accepted with the same pieces; a chain
         that breaks a rule gives None here and is reported by the generic pop.
         """
         if self.broken or self._replay:
             return None
         next_avail = self.next_avail
-        avail = self._avail
-        pending = (avail[1] - next_avail) & 0xFFFF
-        if not pending or pending > self.size:
-            return None
-        head = avail[2 + (next_avail & self._mask)]
-        if head >= self.size or self._in_flight[head]:  # _check_head's rules, without a raise
-            return None
         try:
-            readable, writable, rlen, wlen, spread = self._walk(head, max_pieces)
+            if not self._pending():
+                return None
+            head = self._avail[2 + (next_avail & self._mask)]
+            readable, writable, rlen, wlen, spread = self._walk(head, max_pieces, "avail ring")
         except (QueueError, _NotSimple):
             return None
         if spread & 2:
@@ -327,16 +314,21 @@ class SplitQueue:
 
     # ------------------------------------------------------------------ chain rules
     # Stated once, here; both pops call them.
-    def _check_head(self, head: int, source: str) -> None:
-        """A head must index the descriptor table and not be in flight already."""
-        if head >= self.size:
-            raise QueueError(f"{source} head {head} >= queue size {self.size}")
-        if self._in_flight[head]:
-            raise QueueError(f"{source} head {head} made available again while still in flight")
+    def _pending(self) -> int:
+        """How many chains the driver made available that were not popped: never more than
+        the queue size."""
+        avail_idx = self._avail[1]
+        pending = (avail_idx - self.next_avail) & 0xFFFF
+        if pending > self.size:
+            raise QueueError(
+                f"avail.idx {avail_idx} is {pending} ahead of last_avail {self.next_avail}, "
+                f"more than the queue size {self.size}"
+            )
+        return pending
 
-    def _walk(self, head: int, max_pieces: int
+    def _walk(self, head: int, max_pieces: int, source: str
               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int, int, int]:
-        """The chain at ``head`` with every descriptor rule checked: ``(readable, writable,
+        """The chain at ``head`` (from ``source``) with every rule checked: ``(readable, writable,
         readable bytes, writable bytes, spread)``; ``spread`` 0: every piece lies in the
         remembered region (``self._region``), 1: each lies in one region, 2: some piece spans
         adjacent regions.
@@ -346,6 +338,11 @@ class SplitQueue:
         remembered across chains (most requests' pieces share one); a change of the memory
         table forgets it.  (The hot path of every request: kept to the fewest steps.)
         """
+        # The head: it indexes the descriptor table, and is not in flight already.
+        if head >= self.size:
+            raise QueueError(f"{source} head {head} >= queue size {self.size}")
+        if self._in_flight[head]:
+            raise QueueError(f"{source} head {head} made available again while still in flight")
         memory = self.memory
         if memory.regions is not self._regions:
             self._regions = memory.regions
