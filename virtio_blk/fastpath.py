@@ -267,8 +267,13 @@ class FastPath:
                 lock = buffers.lock_in(region, into_guest)
             except AccessError:  # a region removed meanwhile: let the generic path report it
                 return None
-            return self._locked_request(chain.head, chain.trailer, sector, length,
-                                        DataLayout([buffers], length, False), [lock], into_guest)
+            # (_locked_request for one lock, inline: the commonest request.)
+            if handler.direct and not lock.is_aligned(handler.mem_align):
+                lock.close()
+                return None
+            return FastRequest(_READ if into_guest else _WRITE_OP, chain.head, chain.trailer,
+                               sector, length, DataLayout([buffers], length, False), [lock],
+                               lock.io_buffers, not into_guest and not handler.writeback)
         layout = plan(memory, data, guest_writable=into_guest)
         if layout.bounce:
             return None
