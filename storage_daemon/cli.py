@@ -28,7 +28,8 @@ from storage_daemon.metrics import parse_address
 from storage_daemon.plane import ControlError, ControlPlane
 from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
-from vhost.queue.split import QueueError, validate_size
+from vhost.queue.base import QueueError
+from vhost.queue.split import validate_size
 from virtio_blk.device import BlkDevice
 from virtio_blk.request import ID_BYTES, check_serial
 

@@ -19,7 +19,7 @@ from typing import Protocol
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyMarker
 from vhost.messages import ProtocolFeature, VirtioFeature
-from vhost.queue.split import DescriptorChain, VirtQueue
+from vhost.queue.base import DescriptorChain, Queue
 
 #: Most virtqueues a device may have: QEMU's VIRTIO_QUEUE_MAX, so a frontend can use them all.
 MAX_QUEUES = 1024
@@ -64,11 +64,11 @@ class QueueHandler(abc.ABC):
                 done.append((chain.head, used))
         return done
 
-    def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
+    def submit_from_ring(self, vq: Queue) -> list[tuple[int, int]]:
         """Pop and start requests straight from ``vq`` (a device's fast path); ``(head,
         used_len)`` of those finished at once.
 
-        Called before every :meth:`VirtQueue.pop_batch`; it takes heads in ring order and stops
+        Called before every :meth:`Queue.pop_batch`; it takes heads in ring order and stops
         at the first it does not handle, which the generic pop then gets.  Default: none.
         """
         return []

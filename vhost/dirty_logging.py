@@ -8,7 +8,7 @@ same without the flags.  A new ``SET_LOG_BASE`` may come at any time (the log gr
 memory hot-plug).
 
 Logging is on while ``VHOST_F_LOG_ALL`` is acked and a log is mapped.  Each running queue then
-has a :class:`~guestmem.dirty_log.DirtyMarker`, stored in its ``VirtQueue`` and its
+has a :class:`~guestmem.dirty_log.DirtyMarker`, stored in its ``SplitQueue`` and its
 ``QueueHandler`` (the only thing their hot paths check: one attribute, None when off).  Every
 change is published by plain stores, then each worker is made to pass a quiescent point
 (:meth:`QueueWorker.quiesce`) before the message is answered:

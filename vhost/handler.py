@@ -54,8 +54,9 @@ from vhost.messages import (
 from vhost.messages import (
     inflight as inflight_payload,
 )
+from vhost.queue.base import QueueError
 from vhost.queue.inflight import InflightArea, InflightError, create_area
-from vhost.queue.split import QueueError, validate_size
+from vhost.queue.split import validate_size
 from vhost.runner.assembly import WorkerFactory, ring_addresses
 from vhost.runner.base import (
     Notifier,
@@ -262,7 +263,7 @@ class BackendHandler:
         if stopped is not None:
             if not stopped.drained:
                 log.error("queue %d: in-flight requests did not finish", vring.index)
-            vring.base = stopped.next_avail
+            vring.base = stopped.base
             if stopped.broken:
                 vring.broken = True
         logging_ = self.dirty_logging.queue_stopped(vring)  # (keeps the log if it still runs)
@@ -446,7 +447,7 @@ class BackendHandler:
             # Alignment is a rule on guest physical addresses (virtio 2.7): a region whose mmap
             # offset is not 16-byte aligned puts an aligned ring at an unaligned frontend
             # address, so translate first and check the result.
-            ring_addresses(self.memory, uaddrs, vring.size)
+            ring_addresses(self.memory, uaddrs, vring.size, self.acked_features)
         vring.ring_uaddrs = uaddrs
         vring.log_addr = log_addr
         vring.broken = False

@@ -27,15 +27,15 @@ from time import monotonic_ns
 from typing import TYPE_CHECKING, Any, cast
 
 from blockdev.disk import BlockDisk, Disk
-from blockdev.engine import IoOp
 from blockdev.ops import OpKind
 from blockdev.ratelimit import RateLimitedLog
 from blockdev.stats import LATENCY_BOUNDS_NS, Totals, new_histograms, totals
 from blockdev.storage import FileStorage, Storage
-from guestmem import AccessError, GuestMemory, IoBuffer, LockedIoBuffers
-from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
+from guestmem import AccessError, GuestMemory
+from scsi_buffers import BounceBufferTracker
 from vhost.device import Device, QueueHandler
-from vhost.queue.split import DescriptorChain, VirtQueue
+from vhost.queue.base import DescriptorChain, Queue
+from virtio_blk.blk_request import BlkRequest
 from virtio_blk.fastpath import FastPath
 from virtio_blk.layout import DataLayout, plan, skip_start, trim_end
 from virtio_blk.ops import DEVICE_OPS, GET_ID, OPS, DeviceOp
@@ -169,76 +169,6 @@ class StatsTotals:
 
 
 _STAT_NAMES = frozenset(_SCALARS)
-
-
-class BlkRequest(IoOp):
-    """A request in flight: its disk operation, where its status goes, what to release after.
-
-    One object per request (the engine's op *is* the request) keeps the hot path to a single
-    allocation.
-    """
-
-    __slots__ = ("bounce", "head", "layout", "locks", "sector", "start_ns", "status_gpa")
-
-    #: Started by the fast path, finished by :meth:`FastPath.complete` (see :class:`FastRequest`).
-    fast = False
-
-    def __init__(self, kind: OpKind, head: int, status_gpa: int, sector: int,
-                 length: int) -> None:
-        super().__init__(kind, sector << SECTOR_SHIFT, None, length)
-        self.head = head
-        self.status_gpa = status_gpa
-        self.sector = sector
-        self.locks: list[LockedIoBuffers] = []
-        self.bounce: TrackedBounceBuffer | None = None
-        self.layout: DataLayout | None = None
-        self.start_ns = 0
-
-    def release(self) -> None:
-        for lock in self.locks:
-            lock.close()
-        self.locks = []
-        if self.bounce is not None:
-            self.bounce.release()
-            self.bounce = None
-
-
-#: The (never filled) segment list of every fast-path request: reads and writes have none, and
-#: nothing appends to ``segments`` (discards assign a new list), so one is shared.
-_NO_SEGMENTS: list[Any] = []
-
-
-class FastRequest(BlkRequest):
-    """A read or write started by the fast path (:mod:`.fastpath`), built in one call.
-
-    ``fast`` routes its completion to :meth:`FastPath.complete`; the slots are the same as a
-    :class:`BlkRequest`'s, so the generic ``_finish`` (which handles its failures) sees no
-    difference.
-    """
-
-    __slots__ = ()
-    fast = True
-
-    def __init__(self, kind: OpKind, head: int, status_gpa: int, sector: int, length: int,
-                 layout: DataLayout, locks: list[LockedIoBuffers], buffers: list[IoBuffer],
-                 sync: bool) -> None:
-        # Every slot of IoOp and BlkRequest, set here without the two-level __init__ chain.
-        self.kind = kind
-        self.offset = sector << SECTOR_SHIFT
-        self.buffers = buffers
-        self.length = length
-        self.ctx = None
-        self.segments = _NO_SEGMENTS
-        self.sync = sync
-        self.result = None
-        self.iov = None
-        self.head = head
-        self.status_gpa = status_gpa
-        self.sector = sector
-        self.locks = locks
-        self.bounce = None
-        self.layout = layout
-        self.start_ns = 0
 
 
 class _Deferred(Exception):
@@ -494,7 +424,12 @@ class BlkQueueHandler(QueueHandler):
         self._starters: dict[int, tuple[_Starter, DeviceOp]] = {
             op.req_type: (getattr(self, op.start), op) for op in DEVICE_OPS}
 
-    def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
+    @property
+    def writeback(self) -> bool:
+        """The device caches writes (a write needs no flush of its own before it completes)."""
+        return self.device.writeback
+
+    def submit_from_ring(self, vq: Queue) -> list[tuple[int, int]]:
         """The fast path (:mod:`.fastpath`) when the device has it on."""
         fast = self._fast
         if fast is None or fast.vq is not vq:
@@ -528,9 +463,9 @@ class BlkQueueHandler(QueueHandler):
         """Finish every op the engine has finished: ``(head, used length)`` of each.
 
         Fast-path requests are finished by :meth:`FastPath.complete`, the rest by
-        :meth:`_finish`.
+        :meth:`finish`.
         """
-        finish = self._finish
+        finish = self.finish
         fast = self._fast
         if fast is None:
             return [(req.head, finish(req)) for req in self._reap()]
@@ -605,9 +540,11 @@ class BlkQueueHandler(QueueHandler):
         else:
             self.stats.errors += 1
         log.debug("queue %d: request %d -> %s: %s", self.index, chain.head, status.name, why)
-        return self._put_status(status_gpa, status, 1)
+        return self.put_status(status_gpa, status, 1)
 
-    def _put_status(self, status_gpa: int, status: int, used: int) -> int:
+    def put_status(self, status_gpa: int, status: int, used: int) -> int:
+        """Write ``status`` to the status byte at ``status_gpa``: ``used`` (the used length to
+        return), or 0 when guest memory there is gone (nothing can be reported)."""
         where = self.memory.locate(status_gpa, 1)
         if where is not None:
             try:
@@ -627,7 +564,7 @@ class BlkQueueHandler(QueueHandler):
             self.dirty.record(status_gpa, 1)
         return used
 
-    def _record_read(self, req: BlkRequest) -> None:
+    def record_read(self, req: BlkRequest) -> None:
         """Record the guest pages a READ's data went to (zero-copy or scattered)."""
         dirty = self.dirty
         if dirty is not None and req.layout is not None:
@@ -660,7 +597,7 @@ class BlkQueueHandler(QueueHandler):
         length = chain.writable_len - 1
         check_range(sector, length, self.limits)
         if length == 0:
-            return self._put_status(status_gpa, Status.OK, 1)
+            return self.put_status(status_gpa, Status.OK, 1)
         layout = plan(self.memory, trim_end(chain.writable, 1), guest_writable=True)
         req = BlkRequest(OpKind.READ, chain.head, status_gpa, sector, length)
         self._attach_buffers(req, layout, into_guest=True)
@@ -675,7 +612,7 @@ class BlkQueueHandler(QueueHandler):
         length = chain.readable_len - HEADER_SIZE
         check_range(sector, length, self.limits)
         if length == 0:
-            return self._put_status(status_gpa, Status.OK, 1)
+            return self.put_status(status_gpa, Status.OK, 1)
         layout = plan(self.memory, skip_start(chain.readable, HEADER_SIZE), guest_writable=False)
         req = BlkRequest(OpKind.WRITE, chain.head, status_gpa, sector, length)
         req.sync = not self.device.writeback
@@ -752,7 +689,7 @@ class BlkQueueHandler(QueueHandler):
             if self.dirty is not None:
                 self.dirty.record(gpa, take)
             pos += take
-        return self._put_status(status_gpa, Status.OK, pos + 1)
+        return self.put_status(status_gpa, Status.OK, pos + 1)
 
     def _discard_or_zeroes(self, chain: DescriptorChain, status_gpa: int, sector: int,
                            op: DeviceOp) -> int | None:
@@ -781,10 +718,13 @@ class BlkQueueHandler(QueueHandler):
         if self.timing:
             req.start_ns = monotonic_ns()
         if self.engine.submit(req):
-            return self._finish(req)
+            return self.finish(req)
         return None
 
-    def _finish(self, req: BlkRequest) -> int:
+    def finish(self, req: BlkRequest) -> int:
+        """Complete a request the engine finished (any kind, any result): release, account,
+        write the status; the used length.  The reference the fast path's fused completion
+        defers to for anything but full success."""
         result = req.result
         kind = req.kind
         row = OPS[kind]
@@ -808,17 +748,17 @@ class BlkQueueHandler(QueueHandler):
         if self.timing:
             stats.add_latency(kind, req.start_ns)
         if self.dirty is not None and kind == OpKind.READ:
-            self._record_read(req)  # even a failed read may have written part of the buffers
+            self.record_read(req)  # even a failed read may have written part of the buffers
         if ok:
             setattr(stats, row.counter, getattr(stats, row.counter) + 1)
             nbytes = row.bytes_counter
             if nbytes is not None:
                 n = req.length if row.moves_data else sum(seg.length for seg in req.segments)
                 setattr(stats, nbytes, getattr(stats, nbytes) + n)
-            return self._put_status(req.status_gpa, Status.OK, used)
+            return self.put_status(req.status_gpa, Status.OK, used)
         stats.errors += 1
         stats.failed[kind] += 1
         why = result if isinstance(result, BaseException) else f"{result} of {req.length} bytes"
         self.errlog.log(logging.ERROR, "queue %d: %s at sector %d failed: %s", self.index,
                         kind.name, req.sector, why)
-        return self._put_status(req.status_gpa, Status.IOERR, 1)
+        return self.put_status(req.status_gpa, Status.IOERR, 1)

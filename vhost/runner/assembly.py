@@ -20,39 +20,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
 
-from guestmem import AccessError, GuestMemory
+from guestmem import AccessError
 from vhost.device import Device, QueueHandler
 from vhost.memory import MemoryTable, MemoryTableError
-from vhost.queue.inflight import InflightArea, InflightQueue
-from vhost.queue.split import RingAddresses, VirtQueue, check_ring_alignment, ring_sizes
+from vhost.queue.base import Queue, RingAddresses
+from vhost.queue.factory import check_alignment, is_packed, open_queue, ring_sizes
+from vhost.queue.inflight import InflightArea
+from vhost.queue.split import SplitQueue
 from vhost.runner.base import QueueSpec, RunnerError
 from vhost.runner.thread import Notifier, QueueWorker
 
 log = logging.getLogger(__name__)
 
 
-class QueueFactory(Protocol):
-    """Opens a queue over a ring (:class:`VirtQueue`, or a subclass a queue process uses)."""
-
-    def __call__(self, memory: GuestMemory, size: int, addresses: RingAddresses, features: int,
-                 next_avail: int, *, index: int,
-                 inflight: InflightQueue | None) -> VirtQueue: ...
-
-
 #: Makes the worker of a starting queue (tests substitute one that records or delays).
-WorkerFactory = Callable[[VirtQueue, QueueHandler, int, Notifier, Notifier], QueueWorker]
+WorkerFactory = Callable[[Queue, QueueHandler, int, Notifier, Notifier], QueueWorker]
 
 
-def ring_addresses(memory: MemoryTable, uaddrs: tuple[int, int, int],
-                   size: int) -> RingAddresses:
-    """Step 1: the ring's guest physical addresses (MemoryTableError, QueueError)."""
+def ring_addresses(memory: MemoryTable, uaddrs: tuple[int, int, int], size: int,
+                   features: int) -> RingAddresses:
+    """Step 1: the ring's guest physical addresses, in the layout ``features`` negotiated
+    (MemoryTableError, QueueError)."""
+    packed = is_packed(features)
     addrs = RingAddresses(*(
         memory.uva_to_gpa(addr, length)
-        for addr, length in zip(uaddrs, ring_sizes(size), strict=True)
+        for addr, length in zip(uaddrs, ring_sizes(size, packed), strict=True)
     ))
-    check_ring_alignment(addrs)
+    check_alignment(addrs, packed)
     return addrs
 
 
@@ -60,7 +55,7 @@ def preflight(memory: MemoryTable, inflight: InflightArea | None,
               spec: QueueSpec) -> RingAddresses:
     """Steps 1-2 without opening anything: QueueError, MemoryTableError or InflightError if
     the queue cannot start."""
-    addrs = ring_addresses(memory, spec.ring_uaddrs, spec.size)
+    addrs = ring_addresses(memory, spec.ring_uaddrs, spec.size, spec.features)
     if inflight is not None:
         try:
             used_idx = int.from_bytes(memory.guest.read(addrs.used + 2, 2), "little")
@@ -76,15 +71,16 @@ def preflight(memory: MemoryTable, inflight: InflightArea | None,
 
 def assemble(memory: MemoryTable, inflight: InflightArea | None, device: Device,
              spec: QueueSpec, make_worker: WorkerFactory,
-             open_queue: QueueFactory = VirtQueue) -> QueueWorker:
+             split_class: type[SplitQueue] = SplitQueue) -> QueueWorker:
     """Steps 1-5: the queue's worker, ready to start.  QueueError, MemoryTableError or
     InflightError if the frontend's input cannot be used; RunnerError if the device could not
-    make the handler (no io_uring or threads left, say)."""
+    make the handler (no io_uring or threads left, say).  ``split_class``: a subclass of the
+    split queue (a queue process hooks the used-index publication)."""
     index = spec.key.index
-    addrs = ring_addresses(memory, spec.ring_uaddrs, spec.size)
+    addrs = ring_addresses(memory, spec.ring_uaddrs, spec.size, spec.features)
     tracker = inflight.queue(index, spec.size) if inflight is not None else None
-    vq = open_queue(memory.guest, spec.size, addrs, spec.features, spec.base, index=index,
-                    inflight=tracker)
+    vq = open_queue(memory.guest, spec.size, addrs, spec.features, spec.base, index, tracker,
+                    split_class=split_class)
     try:
         handler = device.create_handler(index, memory.guest)
     except Exception as exc:

@@ -125,9 +125,10 @@ class QueueSpec:
 
 @dataclass(frozen=True)
 class Stopped:
-    """Where a stopped queue ended (GET_VRING_BASE answers ``next_avail``)."""
+    """Where a stopped queue ended."""
 
-    next_avail: int
+    #: GET_VRING_BASE's value (:meth:`vhost.queue.base.Queue.vring_base`).
+    base: int
     broken: bool
     #: Every request finished (False: some were abandoned; memory may be pinned).
     drained: bool
@@ -138,9 +139,6 @@ class Stopped:
 
 class QueuePosition(Protocol):
     """What is read of a running queue's ring from outside its worker (a snapshot)."""
-
-    @property
-    def next_avail(self) -> int: ...
 
     @property
     def broken(self) -> bool: ...

@@ -196,7 +196,8 @@ class Error(Reply):
 class StopReply(Reply):
     """The answer to :class:`Stop`: where the queue ended and what it did."""
 
-    next_avail: int = 0
+    #: GET_VRING_BASE's value (:meth:`vhost.queue.base.Queue.vring_base`).
+    base: int = 0
     broken: bool = False
     drained: bool = True
     kicks: int = 0

@@ -80,8 +80,9 @@ class QueueProcessError(RunnerError):
 class RemoteQueue:
     """A queue a process runs, as the handler sees it: where it stopped (after ``stop``)."""
 
-    def __init__(self, next_avail: int = 0, broken: bool = False) -> None:
-        self.next_avail = next_avail
+    def __init__(self, base: int = 0, broken: bool = False) -> None:
+        #: GET_VRING_BASE's value, as the process answered ``stop`` with it.
+        self.base = base
         self.broken = broken
         self.in_flight_count = 0
 
@@ -261,7 +262,7 @@ class QueueProcessWorker:
                           self.proc.pid)
 
     def ring_state(self, timeout: float = 1.0) -> dict[str, int]:
-        """The process's queue's ring state (see :meth:`vhost.queue.split.VirtQueue.ring_state`).
+        """The process's queue's ring state (see :meth:`vhost.queue.split.SplitQueue.ring_state`).
 
         A numbered request like any other, so an answer that comes after ``timeout`` is
         dropped by the reply matcher and never taken for another request's; QueueProcessError
@@ -291,7 +292,7 @@ class QueueProcessWorker:
         self.refresh(dirty=False)
         self._frozen = True
         if isinstance(reply, ipc.StopReply):
-            self.vq = RemoteQueue(reply.next_avail, reply.broken)
+            self.vq = RemoteQueue(reply.base, reply.broken)
             self.kicks, self.batches = reply.kicks, reply.batches
             self.completed = reply.completed
             self.call.count += reply.calls  # the process signalled through its own copy
@@ -410,7 +411,7 @@ class ProcessRunner:
         if worker is None:
             return None
         drained = worker.stop()
-        return Stopped(worker.vq.next_avail, worker.vq.broken, drained, worker.kicks,
+        return Stopped(worker.vq.base, worker.vq.broken, drained, worker.kicks,
                        worker.batches, worker.completed)
 
     def ring_state(self, key: QueueKey, timeout: float = 1.0) -> dict[str, int]:

@@ -36,7 +36,7 @@ The dirty-page log of a live migration reaches a queue process the way a memory 
 ``Features`` (SET_FEATURES: VHOST_F_LOG_ALL on or off while the queue runs) and ``LogAddr``
 (VHOST_VRING_F_LOG's used-ring address), each acknowledged once done.  They drive the same
 :class:`vhost.dirty_logging.DirtyLogging` a threaded server runs, on this process's one queue:
-it sets the :class:`~guestmem.dirty_log.DirtyMarker` on the VirtQueue and the device handler
+it sets the :class:`~guestmem.dirty_log.DirtyMarker` on the queue and the device handler
 and makes the worker pass a quiescent point before the answer.  Whether it logs and how many
 pages it marked go into the counter block and every answer; the control process sums them.
 """
@@ -61,8 +61,9 @@ from guestmem.dirty_log import DirtyLog, DirtyLogError
 from vhost.dirty_logging import DirtyLogging
 from vhost.fdkinds import FdKindError
 from vhost.memory import MemoryTable, MemoryTableError
+from vhost.queue.base import QueueError
 from vhost.queue.inflight import InflightArea, InflightError
-from vhost.queue.split import QueueError, VirtQueue
+from vhost.queue.split import SplitQueue
 from vhost.runner import ipc
 from vhost.runner.assembly import assemble
 from vhost.runner.base import Notifier, QueueKey, QueueSpec
@@ -97,7 +98,7 @@ def _close(fds: list[int]) -> None:
             os.close(fd)
 
 
-class PublishingQueue(VirtQueue):
+class PublishingQueue(SplitQueue):
     """The queue, telling this process when its counters changed: just before a used-index
     store that moves (the batch's requests are counted by then, and no driver has seen them
     complete yet), or when the avail index moved.  Nothing runs while the queue is idle."""
@@ -105,13 +106,13 @@ class PublishingQueue(VirtQueue):
     changed: Callable[[], None] | None = None
     _seen_avail = -1
 
-    def flush(self) -> bool:
+    def publish_used(self) -> bool:
         changed = self.changed
         if changed is not None and (self.next_used != self._published_used
                                     or self.next_avail != self._seen_avail):
             self._seen_avail = self.next_avail
             changed()
-        return super().flush()
+        return super().publish_used()
 
 
 class ProcessWorker(QueueWorker):
@@ -170,7 +171,7 @@ class QueueProcess:
         with self._publish_lock:  # one writer at a time (the block's sequence lock needs it)
             logging_, pages = self.dirty_state()
             vq = self.worker.vq if self.worker is not None else None
-            block.publish(vq.next_avail if vq is not None else 0,
+            block.publish(vq.vring_base() if vq is not None else 0,
                           vq.in_flight_count if vq is not None else 0, logging_, pages,
                           self.device.queue_counter_values(self.index))
 
@@ -216,9 +217,9 @@ class QueueProcess:
             return ProcessWorker(*args, name=f"vq{key.index}", ended_fd=self.ended_fd)
 
         worker = assemble(self.memory, self.inflight, self.device, spec, make_worker,
-                          open_queue=PublishingQueue)
-        assert isinstance(worker.vq, PublishingQueue)
-        worker.vq.changed = self.publish
+                          split_class=PublishingQueue)
+        if isinstance(worker.vq, PublishingQueue):  # (a packed ring publishes nothing yet)
+            worker.vq.changed = self.publish
         self.worker = worker
         self.queue = LocalQueue(key.index, msg.log_addr, worker)
         self.dirty_logging.queue_starting(self.queue, self.features)
@@ -368,7 +369,7 @@ class QueueProcess:
                 # Engine ops the drain gave up on may still be running: the engine says.
                 drained = worker.handler.close()
             answer = ipc.StopReply(
-                seq=answer.seq, next_avail=vq.next_avail, broken=vq.broken, drained=drained,
+                seq=answer.seq, base=vq.vring_base(), broken=vq.broken, drained=drained,
                 kicks=worker.kicks, batches=worker.batches, completed=worker.completed,
                 calls=worker.call.count,
                 dirty=(logging_, self.dirty_logging.pages_marked([self.queue])))

@@ -82,7 +82,7 @@ class ThreadRunner:
             vq.release()
             if not worker.handler.close():
                 memory.pin(f"queue {key.index} has disk IO that did not finish")
-        return Stopped(vq.next_avail, vq.broken, drained, worker.kicks, worker.batches,
+        return Stopped(vq.vring_base(), vq.broken, drained, worker.kicks, worker.batches,
                        worker.completed)
 
     def ring_state(self, key: QueueKey, timeout: float = 1.0) -> dict[str, int]:

@@ -14,7 +14,8 @@ import pytest
 
 from blockdev import engine as engine_mod
 from blockdev.disk import Disk
-from blockdev.engine import IoOp, OpKind, ThreadPoolEngine, UringEngine
+from blockdev.engine import IoOp, ThreadPoolEngine, UringEngine
+from blockdev.ops import OpKind
 from blockdev.uring import available
 from guestmem import IoBuffer
 from tests.qemu_log import QemuLog

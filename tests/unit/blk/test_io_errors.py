@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from blockdev.engine import OpKind
+from blockdev.ops import OpKind
 from tests.unit.blk.conftest import ENGINES, BlkEnv, MakeBlk, inject_uring_results, uring_engine
 from vhost_frontend.blk import POISON
 from virtio_blk.request import Status

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from blockdev.disk import Disk
-from blockdev.engine import IoOp, OpKind, UringEngine
+from blockdev.engine import IoOp, UringEngine
+from blockdev.ops import OpKind
 from blockdev.uring import available
 from guestmem import IoBuffer
 

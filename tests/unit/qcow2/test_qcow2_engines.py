@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from blockdev.engine import Engine, IoOp, OpKind, UringEngine, make_engine
+from blockdev.engine import Engine, IoOp, UringEngine, make_engine
+from blockdev.ops import OpKind
 from blockdev.qcow2 import Qcow2Disk
 from blockdev.qcow2.uring_engine import MappedUringEngine
 from blockdev.uring import available as uring_available
