@@ -101,7 +101,7 @@ def _flatten(opts: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _str(opts: dict[str, Any], key: str, required: bool = False) -> str | None:
+def opt_str(opts: dict[str, Any], key: str, required: bool = False) -> str | None:
     value = opts.pop(key, None)
     if value is None:
         if required:
@@ -116,7 +116,7 @@ _BOOLS = {"on": True, "yes": True, "true": True, "y": True,
           "off": False, "no": False, "false": False, "n": False}
 
 
-def _bool(opts: dict[str, Any], key: str, default: bool) -> bool:
+def opt_bool(opts: dict[str, Any], key: str, default: bool) -> bool:
     value = opts.pop(key, None)
     if value is None:
         return default
@@ -127,7 +127,7 @@ def _bool(opts: dict[str, Any], key: str, default: bool) -> bool:
     raise NodeError(f"Parameter '{key}' expects 'on' or 'off'")
 
 
-def _enum(opts: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
+def opt_enum(opts: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
     value = opts.pop(key, None)
     if value is None:
         return default
@@ -136,7 +136,7 @@ def _enum(opts: dict[str, Any], key: str, choices: tuple[str, ...], default: str
     return str(value)
 
 
-def _int(opts: dict[str, Any], key: str, low: int, high: int) -> int | None:
+def opt_int(opts: dict[str, Any], key: str, low: int, high: int) -> int | None:
     value = opts.pop(key, None)
     if value is None:
         return None
@@ -167,9 +167,9 @@ class BlockGraph:
         if not isinstance(options, Mapping):
             raise NodeError("Invalid parameter type for 'file', expected: object or string")
         opts = _flatten(options)
-        driver = _str(opts, "driver", required=True)
+        driver = opt_str(opts, "driver", required=True)
         assert driver is not None
-        name = _str(opts, "node-name", required=top)
+        name = opt_str(opts, "node-name", required=top)
         if name is None:
             name = f"#block{next(self._auto)}"
         elif not NODE_NAME.fullmatch(name):
@@ -180,12 +180,12 @@ class BlockGraph:
         if driver not in DRIVER_KEYS:
             plugin_class = _registered(driver)
         spec = NodeSpec(name, driver, {}, plugin_class=plugin_class)
-        spec.read_only = _bool(opts, "read-only", False)
-        spec.discard = _enum(opts, "discard", ("ignore", "off", "unmap", "on"),
+        spec.read_only = opt_bool(opts, "read-only", False)
+        spec.discard = opt_enum(opts, "discard", ("ignore", "off", "unmap", "on"),
                              "unmap") in ("unmap", "on")
-        _bool(opts, "auto-read-only", False)  # accepted; a read-only export opens read-only
-        _bool(opts, "force-share", False)
-        if _enum(opts, "detect-zeroes", ("off", "on", "unmap"), "off") != "off":
+        opt_bool(opts, "auto-read-only", False)  # accepted; a read-only export opens read-only
+        opt_bool(opts, "force-share", False)
+        if opt_enum(opts, "detect-zeroes", ("off", "on", "unmap"), "off") != "off":
             raise NodeError("detect-zeroes is not supported (only 'off')")
         if "file" in opts and "file" in DRIVER_KEYS.get(driver, set()):
             spec.children["file"] = self._child(opts.pop("file"))
@@ -218,8 +218,8 @@ class BlockGraph:
 
     def _plugin_options(self, spec: NodeSpec, opts: dict[str, Any]) -> None:
         if spec.driver == "python":
-            module = _str(opts, "module", required=True)
-            cls = _str(opts, "class", required=True)
+            module = opt_str(opts, "module", required=True)
+            cls = opt_str(opts, "class", required=True)
             assert module is not None and cls is not None
             spec.options["module"], spec.options["class"] = module, cls
         spec.options["args"] = opts.copy()  # checked by the class itself, as strings
@@ -230,15 +230,15 @@ class BlockGraph:
         o = spec.options
         d = spec.driver
         if d == "file":
-            _str(dict(o), "filename", required=True)
-            direct = _bool(dict(o), "cache.direct", False)
-            if _bool(dict(o), "cache.no-flush", False):
+            opt_str(dict(o), "filename", required=True)
+            direct = opt_bool(dict(o), "cache.direct", False)
+            if opt_bool(dict(o), "cache.no-flush", False):
                 raise NodeError("cache.no-flush=on is not supported")
-            aio = _enum(dict(o), "aio", ("threads", "native", "io_uring"), "threads")
+            aio = opt_enum(dict(o), "aio", ("threads", "native", "io_uring"), "threads")
             if aio == "native" and not direct:
                 raise NodeError("aio=native was specified, but it requires cache.direct=on, "
                                 "which was not specified.")
-            _enum(dict(o), "locking", ("auto", "on", "off"), "auto")
+            opt_enum(dict(o), "locking", ("auto", "on", "off"), "auto")
         elif d in ("raw", "qcow2") or d in FILTERS:
             if "file" not in spec.children:
                 raise NodeError("Parameter 'file' is missing")
@@ -250,30 +250,30 @@ class BlockGraph:
                                     "image names is used")
         elif d == "rbd":
             for key in ("pool", "image"):
-                _str(dict(o), key, required=True)
+                opt_str(dict(o), key, required=True)
             for key in ("snapshot", "conf", "user"):
-                _str(dict(o), key)
+                opt_str(dict(o), key)
         elif d == "nbd":
             self._nbd_uri(spec)
-            _int(dict(o), "reconnect-delay", 0, MAX_RECONNECT_DELAY)
+            opt_int(dict(o), "reconnect-delay", 0, MAX_RECONNECT_DELAY)
 
     @staticmethod
     def _nbd_uri(spec: NodeSpec) -> str:
         o = dict(spec.options)
-        kind = _enum(o, "server.type", ("unix", "inet"), "")
+        kind = opt_enum(o, "server.type", ("unix", "inet"), "")
         if not kind:
             raise NodeError("Parameter 'server.type' is missing")
-        export = urllib.parse.quote(_str(o, "export") or "", safe="")
+        export = urllib.parse.quote(opt_str(o, "export") or "", safe="")
         if kind == "unix":
-            path = _str(o, "server.path", required=True)
+            path = opt_str(o, "server.path", required=True)
             assert path is not None
             if "server.host" in o or "server.port" in o:
                 raise NodeError("Parameter 'server.host' is unexpected")
             uri = f"nbd+unix:///{export}?socket={urllib.parse.quote(path, safe='/')}"
         else:
-            host = _str(o, "server.host", required=True)
+            host = opt_str(o, "server.host", required=True)
             assert host is not None
-            port = _int(o, "server.port", 1, 65535)
+            port = opt_int(o, "server.port", 1, 65535)
             if "server.path" in o:
                 raise NodeError("Parameter 'server.path' is unexpected")
             netloc = f"[{host}]" if ":" in host else host
@@ -318,7 +318,7 @@ class BlockGraph:
             elif d == "nbd":
                 from blockdev.nbd.storage import NbdStorage
 
-                delay = _int(dict(o), "reconnect-delay", 0, MAX_RECONNECT_DELAY)
+                delay = opt_int(dict(o), "reconnect-delay", 0, MAX_RECONNECT_DELAY)
                 st = NbdStorage(self._nbd_uri(spec), read_only=read_only,
                                 logical_block_size=lbs,
                                 reconnect_delay=30.0 if delay is None else float(delay))
@@ -344,12 +344,12 @@ class BlockGraph:
                    io_threads: int) -> FileStorage:
         o = dict(spec.options)
         path = str(o["filename"])
-        direct = _bool(o, "cache.direct", False)
-        aio = _enum(o, "aio", ("threads", "native", "io_uring"), "threads")
+        direct = opt_bool(o, "cache.direct", False)
+        aio = opt_enum(o, "aio", ("threads", "native", "io_uring"), "threads")
         engine = choose_engine("io_uring" if aio == "native" else aio)
         disk = open_image(path, "raw", read_only=read_only, direct=direct,
                           logical_block_size=lbs)
-        self._lock(disk.fd, path, read_only, _enum(o, "locking", ("auto", "on", "off"), "auto"),
+        self._lock(disk.fd, path, read_only, opt_enum(o, "locking", ("auto", "on", "off"), "auto"),
                    disk.close)
         return FileStorage(disk, engine, io_threads)
 
@@ -359,12 +359,12 @@ class BlockGraph:
         f = dict(file.options)
         read_only = read_only or file.read_only
         path = str(f["filename"])
-        if _bool(f, "cache.direct", False):
+        if opt_bool(f, "cache.direct", False):
             raise StorageError(f"{spec.name}: cache.direct=on is not supported under qcow2")
-        aio = _enum(f, "aio", ("threads", "native", "io_uring"), "threads")
+        aio = opt_enum(f, "aio", ("threads", "native", "io_uring"), "threads")
         engine = choose_engine("io_uring" if aio == "native" else aio)
         disk = open_image(path, "qcow2", read_only=read_only, logical_block_size=lbs)
-        self._lock(disk.fd, path, read_only, _enum(f, "locking", ("auto", "on", "off"), "auto"),
+        self._lock(disk.fd, path, read_only, opt_enum(f, "locking", ("auto", "on", "off"), "auto"),
                    disk.close)
         return FileStorage(disk, engine, io_threads)
 
