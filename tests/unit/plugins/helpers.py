@@ -49,9 +49,11 @@ def run(engine: Engine, *ops: IoOp, timeout: float = TIMEOUT) -> list[IoOp]:
 
 
 def read(engine: Engine, offset: int, length: int, pieces: int = 1) -> bytes | OSError:
-    """Read through ``engine`` into ``pieces`` separate buffers (several: a bounce)."""
+    """Read through ``engine`` into ``pieces`` separate buffers (several: a bounce).  The
+    buffers start as 0xA5 bytes, as guest memory holds stale data: zeros must be read."""
     size = length // pieces
-    bufs = [bytearray(size) for _ in range(pieces - 1)] + [bytearray(length - size * (pieces - 1))]
+    sizes = [size] * (pieces - 1) + [length - size * (pieces - 1)]
+    bufs = [bytearray(b"\xa5" * n) for n in sizes]
     op = IoOp(OpKind.READ, offset, [IoBuffer(memoryview(b)) for b in bufs], length)
     run(engine, op)
     if isinstance(op.result, OSError):
