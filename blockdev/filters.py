@@ -13,7 +13,8 @@ thread, so no engine needs to know it is filtered.
 * ``error``: fail requests with ``error=ERRNO`` (EIO by default; nbdkit's spelling) -- a fraction
   ``error-rate`` (0..1) of each kind (``error-read-rate``, ``error-write-rate``,
   ``error-flush-rate``, ``error-trim-rate``, ``error-zero-rate`` override it per kind), or every
-  read/write/trim/zero touching ``error-start``/``error-length`` (whose default rate is then 1).
+  read/write/trim/zero touching ``error-start``/``error-length`` (whose default rate is then 1;
+  flushes, which have no range, then fail only if ``error-rate``/``error-flush-rate`` says so).
   ``error-file=PATH``: only while PATH exists (switch errors on and off from outside, as
   nbdkit's ``error-file``).  ``seed``: the random choices repeat.  A failed request never
   reaches the child.
@@ -244,8 +245,11 @@ class ErrorStorage(FilterStorage):
         rate = _number(opts, "error-rate", 0.0 if self.range is None else 1.0, 0.0, 1.0)
         self.rules: dict[OpKind, ErrorRule] = {}
         for kind, word in KIND_NAMES.items():
+            # A flush has no byte range: a range alone leaves flushes alone.
+            default = 0.0 if kind == OpKind.FLUSH and self.range is not None and \
+                "error-rate" not in options else rate
             self.rules[kind] = ErrorRule(_errno(opts, f"error-{word}", code),
-                                         _number(opts, f"error-{word}-rate", rate, 0.0, 1.0))
+                                         _number(opts, f"error-{word}-rate", default, 0.0, 1.0))
         self.trigger = opts.pop("error-file", None)
         seed = opts.pop("seed", None)
         _reject_rest(opts, "error")
@@ -257,11 +261,10 @@ class ErrorStorage(FilterStorage):
         rule = self.rules[op.kind]
         if rule.rate <= 0.0:
             return None
-        if self.range is not None:
-            if op.kind == OpKind.FLUSH:
-                pass  # a flush has no range: only its rate applies
-            elif not any(a < self.range[1] and self.range[0] < b for a, b in _extents(op)):
-                return None
+        span = self.range
+        if span is not None and op.kind != OpKind.FLUSH and not any(  # (a flush: its rate)
+                a < span[1] and span[0] < b for a, b in _extents(op)):
+            return None
         if self.trigger is not None and not os.path.exists(self.trigger):
             return None
         if rule.rate < 1.0:

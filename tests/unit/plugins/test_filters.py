@@ -113,6 +113,12 @@ def test_error_byte_range():
     assert read(q, 12288, 512) == bytes(512)
     assert isinstance(ranged(q, OpKind.DISCARD, 8192, 512), OSError)
     assert ranged(q, OpKind.DISCARD, 0, 512) == 0
+    assert flush(q) == 0  # a range alone leaves flushes alone
+    q.close()
+    st = ErrorStorage(ram(), "e", {"error-start": "0", "error-length": "512",
+                                   "error-flush-rate": "1"})
+    (q,) = engines(st, 1)
+    assert isinstance(flush(q), OSError)
     q.close()
 
 
