@@ -18,8 +18,8 @@ thread, so no engine needs to know it is filtered.
   ``error-file=PATH``: only while PATH exists (switch errors on and off from outside, as
   nbdkit's ``error-file``).  ``seed``: the random choices repeat.  A failed request never
   reaches the child.
-* ``log``: ``logfile=PATH`` gets one line per request: time, queue, kind, offset, length,
-  result (``ok`` or the errno name).
+* ``log``: ``logfile=PATH`` gets one line per request as it completes: time, queue, kind,
+  offset, length, result (``ok`` or the errno name) and the microseconds since it was submitted.
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ class LogStorage(FilterStorage):
             raise StorageError(f"{name}: cannot open logfile {path}: {exc.strerror}") from None
         self._lock = threading.Lock()
 
-    def record(self, queue_index: int, op: IoOp) -> None:
+    def record(self, queue_index: int, op: IoOp, took_ns: int) -> None:
         result = op.result
         if isinstance(result, OSError):
             what = errno.errorcode.get(result.errno or 0, "error")
@@ -329,7 +329,7 @@ class LogStorage(FilterStorage):
         else:
             where = "offset=0 length=0"
         line = (f"{time.time():.6f} queue={queue_index} {KIND_NAMES[op.kind]} {where} "
-                f"result={what}\n")
+                f"result={what} us={took_ns // 1000}\n")
         with self._lock, contextlib.suppress(OSError, ValueError):  # a full disk: no IO error
             self.file.write(line)
 
@@ -346,22 +346,26 @@ class LogStorage(FilterStorage):
 
 class LogEngine(FilterEngine):
     def __init__(self, child: Engine, queue_index: int,
-                 record: Callable[[int, IoOp], None]) -> None:
+                 record: Callable[[int, IoOp, int], None]) -> None:
         super().__init__(child)
         self.index = queue_index
         self.record = record
         self.name = f"{child.name}+log"
+        self._started: dict[int, int] = {}  # id(op) -> submit time (ns) while in flight
 
     def submit(self, op: IoOp) -> bool:
+        t0 = time.monotonic_ns()
         if self.child.submit(op):
-            self.record(self.index, op)
+            self.record(self.index, op, time.monotonic_ns() - t0)
             return True
+        self._started[id(op)] = t0
         return False
 
     def reap(self) -> list[IoOp]:
         done = self.child.reap()
+        now = time.monotonic_ns()
         for op in done:
-            self.record(self.index, op)
+            self.record(self.index, op, now - self._started.pop(id(op), now))
         return done
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import select
 import time
 from pathlib import Path
@@ -165,11 +166,12 @@ def test_log_one_line_per_request(tmp_path):
         q.close()
     st.close()
     lines = logfile.read_text().splitlines()
-    assert [line.split(" ", 1)[1] for line in lines] == [
+    assert [line.split(" ", 1)[1].rsplit(" ", 1)[0] for line in lines] == [
         "queue=0 write offset=0 length=1024 result=ok",
         "queue=1 read offset=4096 length=512 result=EIO",
         "queue=1 zero offset=512 length=512 result=ok",
     ]
+    assert all(re.fullmatch(r"us=\d+", line.rsplit(" ", 1)[1]) for line in lines)
     with pytest.raises(FilterError, match="'logfile' is missing"):
         LogStorage(ram(), "l", {})
 
