@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of --backing: raw or qcow2")
     p.add_argument("--backing-dir", action="append", default=[], metavar="DIR",
                    help="qcow2: a directory backing files may also come from (repeatable; "
-                        "by default only IMG's own directory: see virtio_blk/qcow2/README.md)")
+                        "by default only IMG's own directory: see blockdev/qcow2/README.md)")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
                    help=f"number of request queues, up to {MAX_QUEUES} (default 1)")
     p.add_argument("--read-only", action="store_true", help="export read-only")
