@@ -29,7 +29,8 @@ from storage_daemon.plane import ControlError, ControlPlane
 from storage_daemon.qsd_options import UsageError, declare, open_export
 from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
-from vhost.queue.split import QueueError, validate_size
+from vhost.queue.base import QueueError
+from vhost.queue.split import validate_size
 from virtio_blk.device import BlkDevice
 from virtio_blk.request import ID_BYTES, check_serial
 
@@ -292,9 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         control.stop()
         daemon.close()
         try:
-            device.flush()
+            device.make_durable()
         except OSError as exc:
-            log.error("final flush failed: %s", exc)
+            log.error("making the disk durable at exit failed: %s", exc)
             return 1
         finally:
             storage.close()
