@@ -37,28 +37,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from blockdev.engine import Engine, IoOp, OpKind
+from blockdev.engine import Engine, IoOp
 from blockdev.libc import timerfd_arm, timerfd_create
+from blockdev.ops import OpKind, by_kind
 from blockdev.storage import Storage, StorageError
 
 #: The kinds as the filters' option names call them (nbdkit's words).
-KIND_NAMES = {OpKind.READ: "read", OpKind.WRITE: "write", OpKind.FLUSH: "flush",
-              OpKind.DISCARD: "trim", OpKind.WRITE_ZEROES: "zero"}
+#: (by_kind: a kind added to the operation table and not named here fails at import.)
+KIND_NAMES = dict(zip(OpKind, by_kind(
+    {OpKind.READ: "read", OpKind.WRITE: "write", OpKind.FLUSH: "flush",
+     OpKind.DISCARD: "trim", OpKind.WRITE_ZEROES: "zero"}, "filter option names"), strict=True))
 #: Longest delay accepted (a typo of a few zeros should not park requests for days).
 MAX_DELAY_MS = 3_600_000
 
 
 class FilterError(ValueError):
     """A filter option is wrong; the message is one line for the user."""
-
-
-def _end_batch(engine: Engine) -> None:
-    """End a batch on ``engine`` (the call is being renamed; whichever it has)."""
-    end = getattr(engine, "submit_batch", None)
-    if callable(end):
-        end()
-    else:
-        engine.flush()
 
 
 class FilterStorage(Storage):
@@ -76,8 +70,8 @@ class FilterStorage(Storage):
     def wrap(self, engine: Engine, queue_index: int) -> Engine:
         return FilterEngine(engine)
 
-    def flush(self) -> None:
-        self.child.flush()
+    def make_durable(self) -> None:
+        self.child.make_durable()
 
     def grow(self, size: int) -> None:
         self.child.grow(size)
@@ -99,11 +93,8 @@ class FilterEngine(Engine):
     def submit(self, op: IoOp) -> bool:
         return self.child.submit(op)
 
-    def flush(self) -> None:
-        _end_batch(self.child)
-
     def submit_batch(self) -> None:
-        _end_batch(self.child)
+        self.child.submit_batch()
 
     def reap(self) -> list[IoOp]:
         return self.child.reap()
@@ -205,7 +196,7 @@ class DelayEngine(FilterEngine):
             else:
                 sent = True
         if sent:
-            _end_batch(self.child)
+            self.child.submit_batch()
         if held:
             timerfd_arm(self._timer, held[0][0] - time.monotonic())
         out.extend(self.child.reap())

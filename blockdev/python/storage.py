@@ -124,7 +124,7 @@ class PluginStorage(Storage):
     def open_engine(self, queue_index: int) -> Engine:
         return ThreadPoolEngine(self._disk, self.threads, name=f"plugin{queue_index}")
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         if not self.info.read_only and self.has("flush"):
             self.call("flush")
 
@@ -172,7 +172,7 @@ class _PluginDisk:
     def resume(self, write: bool, buffers: Sequence[memoryview], offset: int, done: int) -> int:
         raise OSError(errno.EIO, "a plugin's IO is never partial")
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         if self.storage.has("flush"):
             self.storage.call("flush")
 

@@ -8,7 +8,8 @@ import select
 import time
 from dataclasses import dataclass
 
-from blockdev.engine import Engine, IoOp, OpKind
+from blockdev.engine import Engine, IoOp
+from blockdev.ops import OpKind
 from blockdev.storage import Storage
 from guestmem import IoBuffer
 
@@ -26,8 +27,7 @@ class Seg:
 
 def end_batch(engine: Engine) -> None:
     """What the worker calls after a batch of submissions (batched engines hand it on)."""
-    end = getattr(engine, "submit_batch", None) or engine.flush
-    end()
+    engine.submit_batch()
 
 
 def run(engine: Engine, *ops: IoOp, timeout: float = TIMEOUT) -> list[IoOp]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from blockdev.engine import OpKind
+from blockdev.ops import OpKind
 from blockdev.python.storage import PluginStorage, load_class, open_plugin
 from examples.chunkdir import ChunkDir
 from examples.ramdisk import RamDisk

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from blockdev.disk import Disk
-from blockdev.engine import IoOp, OpKind
+from blockdev.engine import IoOp
 from blockdev.filters import DelayStorage, ErrorStorage, FilterError, LogStorage
+from blockdev.ops import OpKind
 from blockdev.python.storage import PluginStorage
 from blockdev.storage import FileStorage, Storage
 from examples.ramdisk import RamDisk

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from blockdev.engine import OpKind
+from blockdev.ops import OpKind
 from blockdev.python.storage import PluginStorage, load_class, open_plugin
 from blockdev.storage import StorageError
 from tests.unit.plugins.helpers import engines, flush, ranged, read, run, write
