@@ -43,10 +43,10 @@ from blockdev.ops import OpKind, by_kind
 from blockdev.storage import Storage, StorageError
 
 #: The kinds as the filters' option names call them (nbdkit's words).
-#: (by_kind: a kind added to the operation table and not named here fails at import.)
-KIND_NAMES = dict(zip(OpKind, by_kind(
-    {OpKind.READ: "read", OpKind.WRITE: "write", OpKind.FLUSH: "flush",
-     OpKind.DISCARD: "trim", OpKind.WRITE_ZEROES: "zero"}, "filter option names"), strict=True))
+KIND_NAMES: dict[OpKind, str] = {OpKind.READ: "read", OpKind.WRITE: "write",
+                                 OpKind.FLUSH: "flush", OpKind.DISCARD: "trim",
+                                 OpKind.WRITE_ZEROES: "zero"}
+by_kind(KIND_NAMES, "filter option names")  # a kind added to the table must be named here
 #: Longest delay accepted (a typo of a few zeros should not park requests for days).
 MAX_DELAY_MS = 3_600_000
 
