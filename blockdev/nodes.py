@@ -160,8 +160,14 @@ class BlockGraph:
         self._auto = itertools.count(1)
 
     def add(self, options: Mapping[str, Any]) -> NodeSpec:
-        """Declare a node (``--blockdev``); NodeError (one line) for anything wrong."""
-        return self._declare(options, top=True)
+        """Declare a node (``--blockdev``); NodeError (one line) for anything wrong, and then
+        nothing is declared (not even the nested children checked before the error)."""
+        before = dict(self.nodes)
+        try:
+            return self._declare(options, top=True)
+        except NodeError:
+            self.nodes = before
+            raise
 
     def _declare(self, options: Mapping[str, Any], top: bool) -> NodeSpec:
         if not isinstance(options, Mapping):
@@ -182,7 +188,7 @@ class BlockGraph:
         spec = NodeSpec(name, driver, {}, plugin_class=plugin_class)
         spec.read_only = opt_bool(opts, "read-only", False)
         spec.discard = opt_enum(opts, "discard", ("ignore", "off", "unmap", "on"),
-                             "unmap") in ("unmap", "on")
+                                "unmap") in ("unmap", "on")
         opt_bool(opts, "auto-read-only", False)  # accepted; a read-only export opens read-only
         opt_bool(opts, "force-share", False)
         if opt_enum(opts, "detect-zeroes", ("off", "on", "unmap"), "off") != "off":

@@ -196,6 +196,13 @@ def test_declaration_errors(blockdevs, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_failed_declaration_leaves_no_nested_node_behind():
+    g = BlockGraph()
+    with pytest.raises(NodeError, match="'bogus' is unexpected"):
+        g.add(keyval.parse("driver=raw,node-name=r,file.driver=file,file.filename=/x,bogus=1"))
+    assert g.nodes == {}
+
+
 def test_open_errors_are_one_line(tmp_path):
     g = graph(f"driver=file,node-name=f,filename={tmp_path}/missing.img",
               "driver=python,node-name=p,module=nosuch_module,class=C")
