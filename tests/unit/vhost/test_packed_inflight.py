@@ -165,6 +165,9 @@ def test_crash_before_a_pop_commits_pops_it_again() -> None:
     ring2 = restart(ring, area)
     assert ring2.vq.vring_base() == encode_base(6, 1, 2, 1)  # d is not in flight
     finish(ring2, [a, c, d])  # a, c resubmitted; d popped from the ring, once
+    # The entries the cut-short pop had written are free again: a full ring fits.
+    finish(ring2, chains(SIZE // 2, ring2))
+    assert not ring2.vq.broken
 
 
 def test_crash_before_the_ring_is_written_resubmits_the_batch() -> None:
