@@ -52,13 +52,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vhost.queue import inflight
 from vhost.queue.inflight import InflightError
 
 HEADER = struct.Struct("<QHHHHHHBB7s")
-HEADER_SIZE = 32
+HEADER_SIZE = inflight.PACKED_HEADER_SIZE
 # inflight, pad, next, last, num, counter, id, flags, len, addr
 ENTRY = struct.Struct("<BBHHHQHHIQ")
-ENTRY_SIZE = 32
+ENTRY_SIZE = inflight.PACKED_ENTRY_SIZE
 VERSION = 1
 NO_ENTRY = 0xFFFF
 
@@ -91,11 +92,18 @@ RawDesc = tuple[int, int, int, int]
 
 def queue_stride(queue_size: int) -> int:
     """Bytes per queue region: header plus entries, rounded up to 64."""
-    return (ENTRY_SIZE * queue_size + HEADER_SIZE + 63) & ~63
+    return inflight.queue_stride(queue_size, packed=True)
 
 
 def area_size(num_queues: int, queue_size: int) -> int:
-    return num_queues * queue_stride(queue_size)
+    return inflight.area_size(num_queues, queue_size, packed=True)
+
+
+def tracker(area: inflight.InflightArea, index: int, ring_size: int) -> PackedInflightQueue:
+    """The packed tracker of queue ``index`` in ``area`` (mapped for packed rings)."""
+    if not area.packed:
+        raise InflightError("the inflight area was made for split rings")
+    return PackedInflightQueue(area.view(index, ring_size), ring_size)
 
 
 @dataclass

@@ -9,12 +9,15 @@ restarted backend sees."""
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 
 import pytest
 
 from tests.unit.vhost.ring import PackedRing
+from vhost.queue import inflight as inf
+from vhost.queue import inflight_packed as infp
 from vhost.queue.base import QueueError
 from vhost.queue.inflight_packed import (
     ENTRY_SIZE,
@@ -278,3 +281,38 @@ def test_huge_counters_are_renumbered() -> None:
     ring2 = restart(ring, area)
     assert [c.head for c in ring2.vq.pop_batch()] == [b, a]
     assert [struct.unpack_from("<Q", area, entry(i, 8))[0] for i in (2, 0)] == [0, 1]
+
+
+# ---------------------------------------------------------------------------- the shared area
+
+
+def test_area_made_and_mapped_for_packed_rings() -> None:
+    """GET_INFLIGHT_FD after SET_FEATURES with RING_PACKED: the area has packed regions (32-byte
+    header and entries), each queue's tracker sees its own, and a split tracker is refused."""
+    fd, size = inf.create_area(2, SIZE, packed=True)
+    try:
+        assert size == 2 * queue_stride(SIZE) == 2 * ((32 * SIZE + 32 + 63) & ~63)
+        with pytest.raises(inf.InflightError, match=r"bytes, .* needed"):
+            inf.InflightArea.map(fd, inf.area_size(2, SIZE), 0, 2, SIZE, packed=True)
+        area = inf.InflightArea.map(fd, size, 0, 2, SIZE, packed=True)
+        split_area = inf.InflightArea.map(fd, size, 0, 2, SIZE)
+    finally:
+        os.close(fd)
+    try:
+        first = infp.tracker(area, 0, SIZE)
+        second = infp.tracker(area, 1, SIZE)
+        second.recover(lambda slot: 0, 5, 0)
+        first.recover(lambda slot: 0, 0, 1)
+        assert struct.unpack_from("<H", area.mapping, queue_stride(SIZE) + 16)[0] == 5
+        assert struct.unpack_from("<H", area.mapping, 16)[0] == 0
+        with pytest.raises(inf.InflightError, match="made for packed rings"):
+            area.queue(0, SIZE)
+        with pytest.raises(inf.InflightError, match="made for split rings"):
+            infp.tracker(split_area, 0, SIZE)
+        with pytest.raises(inf.InflightError, match="beyond the 2"):
+            infp.tracker(area, 2, SIZE)
+        first.release()
+        second.release()
+    finally:
+        area.close()
+        split_area.close()
