@@ -1,4 +1,4 @@
-"""A split ring in a bytearray, for testing :class:`vhost.queue.split.VirtQueue` with no socket, no
+"""A split ring in a bytearray, for testing :class:`vhost.queue.split.SplitQueue` with no socket, no
 thread and no mmap: the test plays the driver through :class:`vhost_frontend.DriverRing` (the
 project's one driver-side ring) and the device through the ``vq`` it is paired with."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
-from vhost.queue import base as base_mod
+from vhost.queue.base import RingAddresses
 from vhost.queue.inflight_packed import PackedInflightQueue
 from vhost.queue.packed import F_NEXT, F_WRITE, FRESH_BASE, PackedQueue
-from vhost.queue.split import RingAddresses, VirtQueue
+from vhost.queue.split import SplitQueue
 from vhost_frontend import DriverRing
 from vhost_frontend.packed import PackedDriverRing
 
@@ -37,7 +37,7 @@ class Ring(DriverRing):
         self.set_avail_idx(next_avail)
         self.set_used_event(0)
         self._used_h[1] = used_idx  # the device's field: a ring handed over mid-life
-        self.vq = VirtQueue(self.mem, size, self.addresses, features, next_avail, next_used)
+        self.vq = SplitQueue(self.mem, size, self.addresses, features, next_avail, next_used)
 
     def write(self, gpa: int, data: bytes) -> None:
         self.mem.write(gpa, data)
@@ -64,7 +64,7 @@ class PackedRing(PackedDriverRing):
         device = driver + 4
         self.data = BASE + MEM_SIZE // 2
         self._next_table = BASE + MEM_SIZE - 4096
-        super().__init__(mem, size, base_mod.RingAddresses(desc, driver, device),
+        super().__init__(mem, size, RingAddresses(desc, driver, device),
                          bool(features & EVENT_IDX), alloc=self._take_table)
         self.mem = mem
         self.features = features
