@@ -36,7 +36,7 @@ import logging
 import struct
 from collections.abc import Sequence
 
-from guestmem import AccessError, GuestMemory
+from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
 from vhost.messages import VirtioFeature
 from vhost.queue.base import (
@@ -51,6 +51,14 @@ from vhost.queue.inflight import InflightError
 from vhost.queue.inflight_packed import PackedInflightQueue, RawDesc
 
 log = logging.getLogger(__name__)
+
+#: A walked chain: readable pieces, writable pieces, their byte counts, the one region holding
+#: them all (or None), whether a piece runs through adjacent regions.
+Walk = tuple[list[tuple[int, int]], list[tuple[int, int]], int, int, "GuestRegion | None", bool]
+
+
+class _NotSimple(Exception):
+    """A chain longer than :meth:`PackedQueue.peek_simple` was asked to take."""
 
 DESC = struct.Struct("<QIHH")  # addr, len, id, flags
 DESC_SIZE = 16
@@ -187,6 +195,10 @@ class PackedQueue:
         self._since_signal = 0
         self._signalled = False
         self._peeked: tuple[SimpleChain, list[RawDesc]] | None = None
+        # The guest memory region the last piece lay in, and the table it was found in.
+        self._regions: tuple[GuestRegion, ...] | None = None
+        self._region: GuestRegion | None = None
+        self._lo = self._hi = 0
         self._published = 0  # used elements published (ring_state)
 
     # ------------------------------------------------------------------ state
@@ -194,8 +206,13 @@ class PackedQueue:
         return encode_base(self.next_avail, self.avail_wrap, self.next_used, self.used_wrap)
 
     def ring_state(self) -> dict[str, int]:
+        """Positions as ``last_avail_idx``/``avail_wrap`` and ``used_pos``/``used_wrap``;
+        ``used_idx`` is the used half of the vring base counted from a fresh ring (position 0
+        in lap 1 gives 0), so it is non-zero once the ring completed something (but for a
+        multiple of two whole laps, when the worker's start-up call is spared: harmless)."""
         return {"last_avail_idx": self.next_avail, "avail_wrap": self.avail_wrap,
-                "used_idx": self.next_used, "used_wrap": self.used_wrap,
+                "used_pos": self.next_used, "used_wrap": self.used_wrap,
+                "used_idx": (self.next_used | self.used_wrap << 15) ^ 0x8000,
                 "in_flight": self.in_flight_count, "size": self.size,
                 "broken": int(self.broken)}
 
@@ -227,10 +244,10 @@ class PackedQueue:
         try:
             while self._replay and (limit is None or len(out) < limit):
                 entry, descs = self._replay[0]
-                buf_id, pieces = self._parse(descs, "inflight area")
+                buf_id, walk = self._parse(descs, "inflight area")
                 self._replay.pop(0)
                 self._mark(buf_id, len(descs), entry)
-                out.append(self._chain(buf_id, pieces))
+                out.append(DescriptorChain(buf_id, *walk[:4]))
                 if not self._replay:
                     log.info("queue %d: resubmitted the in-flight requests", self.index)
             if self._replay:
@@ -239,9 +256,9 @@ class PackedQueue:
                 ring_descs = self._gather()
                 if ring_descs is None:
                     break
-                buf_id, pieces = self._parse(ring_descs, "ring")
+                buf_id, walk = self._parse(ring_descs, "ring")
                 self._take(buf_id, ring_descs)
-                out.append(self._chain(buf_id, pieces))
+                out.append(DescriptorChain(buf_id, *walk[:4]))
         except QueueError as exc:
             self.broken = True
             self.error = exc
@@ -279,71 +296,106 @@ class PackedQueue:
             if not out[-1][3] & F_NEXT:
                 return out
 
-    def _parse(self, descs: Sequence[RawDesc], source: str
-               ) -> tuple[int, list[tuple[int, int, bool]]]:
-        """(buffer id, pieces ``(gpa, length, writable)`` with zero-length ones kept) of a
-        chain's ring descriptors; QueueError for any rule broken (module docstring)."""
+    def _parse(self, descs: Sequence[RawDesc], source: str, max_pieces: int = MAX_QUEUE_SIZE
+               ) -> tuple[int, Walk]:
+        """(buffer id, the chain walked: see :meth:`_walk`) of a chain's ring descriptors;
+        QueueError for any rule broken (module docstring).  Over ``max_pieces`` descriptors
+        (in the ring or the table): :class:`_NotSimple` before reading them."""
         buf_id = descs[-1][2]
         if buf_id >= self.size:
             raise QueueError(f"{source}: buffer id {buf_id} >= queue size {self.size}")
         if self._slots[buf_id]:
             raise QueueError(f"{source}: buffer id {buf_id} made available again while in flight")
-        if descs[0][3] & F_INDIRECT:
+        first = descs[0]
+        if first[3] & F_INDIRECT:
             if len(descs) != 1:
                 raise QueueError(f"{source}: indirect descriptor in a chain (buffer id {buf_id})")
             if not self.indirect:
                 raise QueueError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
-            table = self._indirect_table(descs[0][0], descs[0][1])
-            return buf_id, self._pieces(table, buf_id, indirect=True)
-        return buf_id, self._pieces(descs, buf_id, indirect=False)
+            addr, length = first[0], first[1]
+            if length == 0 or length % DESC_SIZE:
+                raise QueueError(f"indirect table of {length} bytes (not a non-zero multiple of "
+                                 "16)")
+            count = length // DESC_SIZE
+            if count > MAX_QUEUE_SIZE:
+                raise QueueError(f"indirect table of {count} descriptors")
+            if count > max_pieces:
+                raise _NotSimple
+            table: memoryview | bytes
+            region = self._region
+            if (region is not None and self._lo <= addr and addr + length <= self._hi
+                    and self.memory.regions is self._regions):
+                table, base = region.view, addr - self._lo  # (in the region of the last piece)
+            else:
+                try:
+                    views = self.memory.views(addr, length)
+                except AccessError as exc:
+                    raise QueueError(f"indirect table {addr:#x}+{length:#x}: {exc}") from exc
+                table, base = views[0] if len(views) == 1 else b"".join(views), 0
+            unpack = DESC.unpack_from
+            return buf_id, self._walk(
+                [unpack(table, base + DESC_SIZE * i) for i in range(count)], buf_id,
+                "nested indirect descriptor")
+        if len(descs) > max_pieces:
+            raise _NotSimple
+        return buf_id, self._walk(descs, buf_id, "indirect descriptor in a chain")
 
-    def _indirect_table(self, addr: int, length: int) -> list[RawDesc]:
-        if length == 0 or length % DESC_SIZE:
-            raise QueueError(f"indirect table of {length} bytes (not a non-zero multiple of 16)")
-        if length // DESC_SIZE > MAX_QUEUE_SIZE:
-            raise QueueError(f"indirect table of {length // DESC_SIZE} descriptors")
-        try:
-            data = self.memory.read(addr, length)
-        except AccessError as exc:
-            raise QueueError(f"indirect table {addr:#x}+{length:#x}: {exc}") from exc
-        return list(DESC.iter_unpack(data))
+    def _walk(self, descs: Sequence[RawDesc], buf_id: int, indirect_rule: str) -> Walk:
+        """``(readable, writable, readable bytes, writable bytes, region, spans)`` of the pieces
+        ``descs`` (from the ring or an indirect table) -- zero-length ones dropped, every piece
+        checked to lie in guest memory, no readable piece after a writable one, less than 2**32
+        bytes; ``region``: the one guest memory region holding every piece, or None; ``spans``:
+        a piece runs through adjacent regions.
 
-    def _pieces(self, descs: Sequence[RawDesc], buf_id: int, indirect: bool
-                ) -> list[tuple[int, int, bool]]:
+        The region the last piece lay in is remembered across chains (most requests' pieces
+        share one); a change of the memory table forgets it.
+        """
         memory = self.memory
-        lo = hi = 0
-        pieces: list[tuple[int, int, bool]] = []
-        total = 0
-        seen_write = False
+        regions = memory.regions
+        if regions is not self._regions:
+            self._regions = regions
+            self._region = None
+            self._lo = self._hi = 0
+        region = self._region
+        lo, hi = self._lo, self._hi
+        whole = True
+        spans = False
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        rlen = wlen = 0
         for k, (addr, length, _, flags) in enumerate(descs):
             if flags & F_INDIRECT:
-                raise QueueError(f"buffer id {buf_id}: "
-                                 + ("nested indirect descriptor" if indirect else
-                                    "indirect descriptor in a chain"))
-            writable = bool(flags & F_WRITE)
-            if not writable and seen_write:
-                raise QueueError(f"buffer id {buf_id}: readable descriptor after writable")
-            seen_write |= writable
-            if length:
-                if not (lo <= addr and addr + length <= hi):
-                    region = memory.region_at(addr)
-                    if region is not None and addr + length <= region.gpa + region.size:
-                        lo, hi = region.gpa, region.gpa + region.size
-                    elif not memory.is_mapped(addr, length):
-                        raise QueueError(f"descriptor {k} of buffer id {buf_id}: buffer "
-                                         f"{addr:#x}+{length:#x} is not in guest memory")
-                total += length
-                if total >= MAX_CHAIN_BYTES:
-                    raise QueueError(f"buffer id {buf_id}: chain of 2**32 bytes or longer")
-            pieces.append((addr, length, writable))
-        return pieces
-
-    @staticmethod
-    def _chain(buf_id: int, pieces: list[tuple[int, int, bool]]) -> DescriptorChain:
-        readable = [(a, n) for a, n, w in pieces if n and not w]
-        writable = [(a, n) for a, n, w in pieces if n and w]
-        return DescriptorChain(buf_id, readable, writable, sum(n for _, n in readable),
-                               sum(n for _, n in writable))
+                raise QueueError(f"buffer id {buf_id}: {indirect_rule}")
+            if flags & F_WRITE:
+                if not length:
+                    continue
+                writable.append((addr, length))
+                wlen += length
+            else:
+                if writable:
+                    raise QueueError(f"buffer id {buf_id}: readable descriptor after writable")
+                if not length:
+                    continue
+                readable.append((addr, length))
+                rlen += length
+            if not (lo <= addr and addr + length <= hi):
+                found = memory.region_at(addr)
+                if found is not None and addr + length <= found.gpa + found.size:
+                    if len(readable) + len(writable) > 1:
+                        whole = False  # (an earlier piece lay in another region)
+                    region = found
+                    lo, hi = found.gpa, found.gpa + found.size
+                elif memory.is_mapped(addr, length):  # spans adjacent regions
+                    whole = False
+                    spans = True
+                else:
+                    raise QueueError(f"descriptor {k} of buffer id {buf_id}: buffer "
+                                     f"{addr:#x}+{length:#x} is not in guest memory")
+            if rlen + wlen >= MAX_CHAIN_BYTES:
+                raise QueueError(f"buffer id {buf_id}: chain of 2**32 bytes or longer")
+        self._region = region
+        self._lo, self._hi = lo, hi
+        return readable, writable, rlen, wlen, region if whole else None, spans
 
     def _take(self, buf_id: int, descs: list[RawDesc]) -> None:
         """Mark the chain ``descs`` (at the avail position) in flight and move past it."""
@@ -377,31 +429,29 @@ class PackedQueue:
             descs = self._gather()
             if descs is None:
                 return None
-            buf_id, pieces = self._parse(descs, "ring")
-        except QueueError:
-            return None  # the generic pop reports it
-        n = len(pieces)
-        if not 3 <= n <= max_pieces:
+            buf_id, (readable, writable, rlen, wlen, region, spans) = self._parse(
+                descs, "ring", max_pieces)
+        except (QueueError, _NotSimple):
+            return None  # the generic pop reports it (or takes a long chain)
+        if spans:
+            return None  # a piece runs through two regions: the generic path handles it
+        # The split ring's shapes (vhost.queue.split.SplitQueue.peek_simple).
+        if len(readable) == 1 and len(writable) >= 2:  # [header] [data, writable...] [trailer]
+            into_guest = True
+            data = writable[:-1]
+            trailer, trailer_len = writable[-1]
+            data_len = wlen - trailer_len
+        elif len(writable) == 1 and len(readable) >= 2:  # [header] [data, readable...] [trailer]
+            into_guest = False
+            data = readable[1:]
+            trailer, trailer_len = writable[0]
+            data_len = rlen - readable[0][1]
+        else:
             return None
-        hdr, hdr_len, hdr_w = pieces[0]
-        trailer, trailer_len, trailer_w = pieces[-1]
-        if hdr_w or not trailer_w or not hdr_len or not trailer_len:
-            return None
-        into_guest = pieces[1][2]
-        data = []
-        data_len = 0
-        for addr, length, writable in pieces[1:-1]:
-            if writable != into_guest or not length:
-                return None
-            data.append((addr, length))
-            data_len += length
-        memory = self.memory
-        for addr, length, _ in pieces:
-            region = memory.region_at(addr)
-            if region is None or addr + length > region.gpa + region.size:
-                return None  # spans regions: the generic path handles it
+        hdr, hdr_len = readable[0]
+        # (region: the one holding every piece, or None: the device looks each one up)
         chain = SimpleChain(buf_id, hdr, hdr_len, data, data_len, into_guest, trailer,
-                            trailer_len, len(descs))
+                            trailer_len, len(descs), region)
         self._peeked = (chain, descs)
         return chain
 
