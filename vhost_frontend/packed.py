@@ -27,7 +27,8 @@ from vhost.queue.packed import (
     decode_base,
 )
 from vhost_frontend.errors import FrontendError
-from vhost_frontend.ring import Piece, need_event
+from vhost_frontend.memory import FrontendMemory
+from vhost_frontend.ring import Piece, QueueFds, need_event
 
 
 class PackedDriverRing:
@@ -39,6 +40,8 @@ class PackedDriverRing:
         self.memory = memory
         self.size = size
         self.addresses = addresses
+        #: SET_VRING_ADDR's three fields: descriptor ring, driver area, device area.
+        self.desc, self.avail, self.used = addresses.desc, addresses.avail, addresses.used
         self.event_idx = event_idx
         self._alloc = alloc
         self._desc = memory.view(addresses.desc, DESC_SIZE * size, for_write=True)
@@ -142,9 +145,16 @@ class PackedDriverRing:
         """(off_wrap, flags) as the device wrote them."""
         return self._device_event[0], self._device_event[1]
 
-    def kick_needed(self) -> bool:
+    @property
+    def avail_idx(self) -> int:
+        """The avail position and wrap counter (bit 15): what a split ring's avail.idx is to
+        :meth:`kick_needed`'s callers."""
+        return self.avail_pos | self.avail_wrap << 15
+
+    def kick_needed(self, old_avail: int | None = None) -> bool:
         """Whether the device asked for a kick for the chains added since the last call
-        (Linux's virtqueue_kick_prepare_packed)."""
+        (Linux's virtqueue_kick_prepare_packed).  ``old_avail`` is not needed: the ring counts
+        the slots it made available since (the argument keeps the split ring's call shape)."""
         full_fence()  # the descriptors' flags before the event area's load
         added = self._added_slots
         self._added_slots = 0
@@ -158,9 +168,10 @@ class PackedDriverRing:
         return need_event(event & 0xFFFF, new, (new - added) & 0xFFFF)
 
     # -- what the device wrote
-    def take_used(self) -> list[tuple[int, int]]:
-        """Used elements not seen yet, as (id, len); their ids and slots are freed.  With
-        EVENT_IDX the driver event area then asks for a notification on the next one."""
+    def take_used(self, free_ids: bool = True) -> list[tuple[int, int]]:
+        """Used elements not seen yet, as (id, len); their slots are freed, and their ids
+        unless the caller keeps fixed ids of its own (``free_ids=False``, a load generator).
+        With EVENT_IDX the driver event area then asks for a notification on the next one."""
         out = []
         while self.slots:  # (with nothing in flight, whatever the slot holds is stale)
             flags = self._desc_h[8 * self.used_pos + 7]
@@ -172,7 +183,8 @@ class PackedDriverRing:
             if slots is None:
                 raise FrontendError(f"the device used buffer id {buf_id}, not in flight")
             out.append((buf_id, length))
-            self.free_ids.append(buf_id)
+            if free_ids:
+                self.free_ids.append(buf_id)
             self.free_slots += slots
             self.used_pos += slots
             if self.used_pos >= self.size:
@@ -185,3 +197,22 @@ class PackedDriverRing:
     def release(self) -> None:
         for view in (self._desc_h, self._driver_event, self._device_event, self._desc):
             view.release()
+
+
+class PackedDriverQueue(PackedDriverRing, QueueFds):
+    """A :class:`PackedDriverRing` in :class:`FrontendMemory` with its kick, call and err
+    eventfds (the packed twin of :class:`~vhost_frontend.ring.DriverQueue`)."""
+
+    def __init__(self, mem: FrontendMemory, index: int, size: int, event_idx: bool,
+                 region: int | None = None) -> None:
+        addresses = RingAddresses(mem.alloc(DESC_SIZE * size, 16, region),
+                                  mem.alloc(EVENT_SIZE, 4, region),
+                                  mem.alloc(EVENT_SIZE, 4, region))
+        super().__init__(mem.guest, size, addresses, event_idx,
+                         alloc=lambda n: mem.alloc(n, 16))
+        self.mem = mem
+        self.open_fds(index)
+
+    def where(self) -> str:
+        return (f"used position {self.used_pos}/{self.used_wrap}, avail position "
+                f"{self.avail_pos}/{self.avail_wrap}")
