@@ -332,10 +332,8 @@ class PackedQueue:
                 except AccessError as exc:
                     raise QueueError(f"indirect table {addr:#x}+{length:#x}: {exc}") from exc
                 table, base = views[0] if len(views) == 1 else b"".join(views), 0
-            unpack = DESC.unpack_from
-            return buf_id, self._walk(
-                [unpack(table, base + DESC_SIZE * i) for i in range(count)], buf_id,
-                "nested indirect descriptor")
+            return buf_id, self._walk(list(DESC.iter_unpack(table[base : base + length])),
+                                      buf_id, "nested indirect descriptor")
         if len(descs) > max_pieces:
             raise _NotSimple
         return buf_id, self._walk(descs, buf_id, "indirect descriptor in a chain")
@@ -399,19 +397,20 @@ class PackedQueue:
 
     def _take(self, buf_id: int, descs: list[RawDesc]) -> None:
         """Mark the chain ``descs`` (at the avail position) in flight and move past it."""
-        entry = 0
+        slots = len(descs)
         if self._inflight is not None:
             try:
-                entry = self._inflight.popped(descs)
+                self._entry[buf_id] = self._inflight.popped(descs)
             except InflightError as exc:
                 raise QueueError(f"inflight area: {exc}") from exc
-        self._mark(buf_id, len(descs), entry)
-        pos = self.next_avail + len(descs)
+        self._slots[buf_id] = slots
+        self.in_flight_count += 1
+        pos = self.next_avail + slots
         if pos >= self.size:
             pos -= self.size
             self.avail_wrap ^= 1
         self.next_avail = pos
-        self._held += len(descs)
+        self._held += slots
 
     def _mark(self, buf_id: int, slots: int, entry: int) -> None:
         self._slots[buf_id] = slots
