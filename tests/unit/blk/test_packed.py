@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from tests.qemu_log import PAGE, QemuLog, pages, pieces_pages
 from tests.unit.blk.conftest import MakeBlk
 from vhost.messages import Request, VirtioFeature
 from vhost.queue.packed import encode_base
@@ -82,3 +83,29 @@ def test_many_requests_in_flight_complete_out_of_order(make_blk: MakeBlk) -> Non
     results = drv.wait(pending)
     assert [r.status for r in results] == [STATUS_OK] * 16
     assert [r.data for r in results] == [env.file(4096 * i, 4096) for i in range(16)]
+
+
+@pytest.mark.parametrize("queue_processes", [False, True])
+def test_dirty_log_marks_used_elements_in_the_descriptor_ring(make_blk: MakeBlk,
+                                                              queue_processes: bool) -> None:
+    """While QEMU migrates: the read's data and status, and the used element -- written over
+    the chain's first slot in the descriptor ring, which QEMU's used-ring log address (the
+    device event area) does not cover -- are marked; nothing else."""
+    qlog = QemuLog(32 << 20)
+    try:
+        env = make_blk(packed=True, queue_processes=queue_processes)
+        assert env.frontend.set_log_base(qlog.fd, qlog.size) == b"\0" * 8
+        env.frontend.set_logging(True)  # log address: the device event area, as QEMU's
+        qlog.take()
+        q = env.queue
+        assert isinstance(q, PackedDriverQueue)
+        slot = q.avail_pos
+        pending = env.drv.start(T_IN, 8, in_len=2 * PAGE)
+        assert env.drv.wait([pending])[0].status == STATUS_OK
+        marked = qlog.take()
+        assert pieces_pages(pending.writable) <= marked
+        assert pages(q.desc + 16 * slot, 16) <= marked
+        assert marked <= (pieces_pages(pending.writable) | pages(q.desc, 16 * q.size)
+                          | pages(q.used, 4))
+    finally:
+        qlog.close()
