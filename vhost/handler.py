@@ -256,7 +256,7 @@ class BackendHandler:
         self.dirty_logging.queue_starting(vring, self.acked_features)
         worker.start()
         log.info("queue %d started: size %d, %s ring, avail from %s%s", vring.index, vring.size,
-                 vq.layout, self._base_text(vring.base), ", event idx" if vq.event_idx else "")
+                 vq.layout, self._base_text(vq.vring_base()), ", event idx" if vq.event_idx else "")
 
     def _start_process(self, vring: Vring) -> None:
         """Start ``vring`` in a queue process (which validates the ring as a thread would)."""
