@@ -94,8 +94,13 @@ class Rig:
         self.call = Notifier(self.call_fd)
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
         self.worker = QueueWorker(self.vq, self.handler, self.kick, self.call)
-        self.driver = DriverRing(self.mem, SIZE, addresses, event_idx=True)
-        self.pdriver = PackedDriverRing(self.mem, SIZE, addresses, event_idx=True)
+        # The driver side of the rig's layout (the other one's is never made: it would write
+        # its own fields into the rings).
+        self.driver: DriverRing | PackedDriverRing
+        if self.packed:
+            self.driver = PackedDriverRing(self.mem, SIZE, addresses, event_idx=True)
+        else:
+            self.driver = DriverRing(self.mem, SIZE, addresses, event_idx=True)
         self.per_slot = descriptors_per_request(shape)
         self.statuses = []
         self.data = []
@@ -106,7 +111,7 @@ class Rig:
             hdr, data, status = 0x100000 + 16 * slot, 0x200000 + 4096 * slot, 0x300000 + slot
             table = TABLE_GPA + 3 * DESC_SIZE * slot if shape == "indirect" else None
             pieces = [(hdr, HEADER_SIZE, False), (data, 4096, True), (status, 1, True)]
-            if not self.packed:
+            if isinstance(self.driver, DriverRing):
                 lay_out_request(self.driver, slot, pieces, table)
             elif table is not None:
                 self.mem.write(table, b"".join(PACKED_DESC.pack(a, n, 0, F_WRITE if w else 0)
@@ -125,19 +130,19 @@ class Rig:
     def round(self, batch: int) -> None:
         """Make ``batch`` requests available and service them to completion."""
         first = self.next_slot
-        if self.packed:
+        driver = self.driver
+        if isinstance(driver, PackedDriverRing):
             for i in range(batch):
                 slot = (first + i) % self.slots
-                self.pdriver.add_raw(self.chains[slot], slot)
+                driver.add_raw(self.chains[slot], slot)
         else:
-            self.driver.publish(*(self.per_slot * ((first + i) % self.slots)
-                                  for i in range(batch)))
+            driver.publish(*(self.per_slot * ((first + i) % self.slots) for i in range(batch)))
         self.next_slot = (first + batch) % self.slots
         self.worker._service(kick=True)
         while self.vq.in_flight_count:
             self.worker._service(kick=False)
-        if self.packed:
-            self.pdriver.take_used(free_ids=False)  # (the slots' ids are fixed)
+        if isinstance(driver, PackedDriverRing):
+            driver.take_used(free_ids=False)  # (the slots' ids are fixed)
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.call_fd)
 
@@ -172,7 +177,6 @@ class Rig:
     def close(self) -> None:
         self.log_dirty_pages(False)
         self.driver.release()
-        self.pdriver.release()
         self.vq.release()
         self.handler.close()
         self.call.close()
