@@ -353,3 +353,63 @@ def test_peek_simple_agrees_with_the_generic_pop(example: tuple[str, dict]) -> N
     else:
         assert popped_vq.broken or not popped or not _is_simple(popped[0], regions), (
             f"peek_simple declined a simple chain the generic pop accepts: {popped[0]}")
+
+
+# ---------------------------------------------------------------------- the two walkers agree
+@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(rings, st.sampled_from([130, 4, 3]))
+def test_the_simple_walker_takes_only_what_the_full_walk_accepts(example: tuple[str, dict],
+                                                                 max_pieces: int) -> None:
+    """Both pops try ``_simple`` first and walk with ``_walk`` only what it does not take; so
+    ``_simple`` must never accept what ``_walk`` (which states every rule) refuses, nor give
+    other pieces or another region.  (The test above cannot see that: it compares two pops that
+    both take the chain through ``_simple``.)  Its None is not checked here -- the full walk
+    then decides -- but the test above holds that a simple chain is still found."""
+    kind, spec = example
+    vq, _ = (build_plausible(spec) if kind == "plausible" else
+             (build_fuzz(spec)[1], FUZZ_REGIONS))
+    if not vq.has_avail():
+        return
+    head = vq._avail[2 + (vq.next_avail & vq._mask)]
+    chain = vq._simple(head, max_pieces)
+    event(f"{kind} max {max_pieces}: {'simple' if chain else 'None'}")
+    if chain is None:
+        return
+    try:
+        readable, writable, rlen, wlen, spread = vq._walk(head, max_pieces, "avail ring")
+    except Exception as exc:  # any refusal of the full walk is the failure
+        raise AssertionError(f"_simple took a chain the full walk refuses: {exc!r}") from exc
+    assert (readable, writable) == _pieces(chain)
+    assert (rlen, wlen) == (
+        chain.header_len + (0 if chain.into_guest else chain.data_len),
+        chain.trailer_len + (chain.data_len if chain.into_guest else 0))
+    assert spread != 2 and (chain.region is None) == bool(spread)
+    if chain.region is not None:
+        assert all(chain.region.gpa <= a and a + n <= chain.region.gpa + chain.region.size
+                   for a, n in readable + writable)
+
+
+EMPTY_PIECES = {
+    "empty trailer": [(HDR, 16, False), (DATA, 512, True), (STATUS, 0, True)],
+    "empty header": [(HDR, 0, False), (DATA, 512, False), (DATA + 512, 512, False),
+                     (STATUS, 1, True)],
+    "an empty run": [(HDR, 16, False), (DATA, 0, True), (DATA + 512, 512, True),
+                     (STATUS, 1, True)],
+    "only an empty run": [(HDR, 16, False), (DATA, 0, True), (STATUS, 1, True)],
+}
+
+
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+@pytest.mark.parametrize("pieces", list(EMPTY_PIECES.values()), ids=list(EMPTY_PIECES))
+def test_the_simple_walker_never_keeps_an_empty_piece(pieces: list[tuple[int, int, bool]],
+                                                      indirect: bool) -> None:
+    """The full walk drops zero-length descriptors, so a chain with one is not what it looks
+    like by its descriptors: ``_simple`` leaves it to the full walk (None), or gives what that
+    walk gives."""
+    rig = Rig()
+    (rig.indirect if indirect else rig.direct)(pieces)
+    rig.publish(0)
+    chain = rig.vq._simple(0, 130)
+    readable, writable, *_ = rig.vq._walk(0, 130, "avail ring")
+    assert chain is None or _pieces(chain) == (readable, writable)
