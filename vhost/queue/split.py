@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Iterator
 from typing import NoReturn
 
 from guestmem import AccessError, GuestMemory, GuestRegion
@@ -297,6 +298,35 @@ class SplitQueue:
             return None
         head = self._avail[2 + (next_avail & self._mask)]
         return self._simple(head, max_pieces) or self._peek_walked(head, max_pieces)
+
+    def simple_chains(self, max_pieces: int) -> Iterator[SimpleChain]:
+        """:meth:`peek_simple` for a whole pass (see :func:`vhost.queue.base.simple_chains`):
+        each chain available now while it is simple, in ring order.  The consumer claims each
+        chain it keeps before asking for the next; one left unclaimed ends the iteration.
+
+        The same looks as :meth:`peek_simple`, without its per-chain call and count of the
+        pending chains: they are counted once (:meth:`_pending`); those made available later
+        wait for the next pass.  (Nothing in between breaks the queue or adds heads to
+        resubmit: only the generic pop does.)
+        """
+        if self.broken or self._replay:
+            return
+        try:
+            pending = self._pending()
+        except QueueError:
+            return
+        avail = self._avail
+        mask = self._mask
+        simple = self._simple
+        for _ in range(pending):
+            next_avail = self.next_avail
+            head = avail[2 + (next_avail & mask)]
+            chain = simple(head, max_pieces) or self._peek_walked(head, max_pieces)
+            if chain is None:
+                return
+            yield chain
+            if self.next_avail == next_avail:  # not claimed
+                return
 
     def _peek_walked(self, head: int, max_pieces: int) -> SimpleChain | None:
         """:meth:`peek_simple` for a chain :meth:`_simple` does not take (zero-length or

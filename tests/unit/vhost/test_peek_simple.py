@@ -23,7 +23,7 @@ from tests.unit.vhost.test_ring_fuzz import build as build_fuzz
 from tests.unit.vhost.test_ring_fuzz import rings as fuzz_rings
 from vhost.messages import VirtioFeature
 from vhost.queue import inflight as inf
-from vhost.queue.base import DescriptorChain, RingAddresses, SimpleChain
+from vhost.queue.base import DescriptorChain, RingAddresses, SimpleChain, simple_chains
 from vhost.queue.split import (
     DESC,
     VIRTQ_DESC_F_INDIRECT,
@@ -413,3 +413,42 @@ def test_the_simple_walker_never_keeps_an_empty_piece(pieces: list[tuple[int, in
     chain = rig.vq._simple(0, 130)
     readable, writable, *_ = rig.vq._walk(0, 130, "avail ring")
     assert chain is None or _pieces(chain) == (readable, writable)
+
+
+# ---------------------------------------------------------------------- a pass of simple chains
+class _PeekOnly:
+    """A queue with peek_simple/claim and no simple_chains of its own (as a layout may be)."""
+
+    def __init__(self, vq: SplitQueue) -> None:
+        self.peek_simple = vq.peek_simple
+        self.claim = vq.claim
+
+
+def _two_chains() -> Rig:
+    rig = Rig()
+    rig.direct(READ_IN, head=0)
+    rig.indirect(WRITE_OUT, head=3)
+    rig.publish(0, 3)
+    return rig
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["split's own", "built on peek_simple"])
+def test_simple_chains_gives_each_chain_claimed_and_stops_at_one_left(own: bool) -> None:
+    """The fast path's pass: chains in ring order while it claims them; one it leaves
+    unclaimed ends the pass, the queue untouched (not handed out twice, not skipped)."""
+    rig = _two_chains()
+    queue = rig.vq if own else _PeekOnly(rig.vq)
+    heads = []
+    for chain in simple_chains(queue, 130):  # type: ignore[arg-type]
+        heads.append(chain.head)
+        rig.vq.claim(chain)
+    assert heads == [0, 3] and rig.vq.next_avail == 2
+
+    rig = _two_chains()
+    queue = rig.vq if own else _PeekOnly(rig.vq)
+    before = rig.state()
+    chains = simple_chains(queue, 130)  # type: ignore[arg-type]
+    assert next(chains).head == 0
+    assert next(chains, None) is None, "a chain left unclaimed was handed out again"
+    assert rig.state() == before
+    assert [c.head for c in rig.vq.pop_batch()] == [0, 3]
