@@ -59,6 +59,10 @@ VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
+_new_chain = object.__new__
+_unpack_desc = DESC.unpack_from
+_NEXT_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+
 MAX_QUEUE_SIZE = 32768
 #: An indirect table holds at most a queue's worth of descriptors.
 MAX_INDIRECT_BYTES = MAX_QUEUE_SIZE * DESC_SIZE
@@ -405,7 +409,7 @@ class SplitQueue:
         memory = self.memory
         if memory.regions is not self._regions:
             self._new_table()
-        unpack = DESC.unpack_from
+        unpack = _unpack_desc
         table: memoryview = self._desc
         base = 0
         count = self.size
@@ -440,7 +444,7 @@ class SplitQueue:
         spread = False
         # The data: one direction, each run non-empty and in memory.
         addr, length, data_flags, nxt = unpack(table, base + (nxt << 4))
-        if data_flags != VIRTQ_DESC_F_NEXT and data_flags != VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE:
+        if data_flags != VIRTQ_DESC_F_NEXT and data_flags != _NEXT_WRITE:
             return None
         data: list[tuple[int, int]] = []
         data_len = 0
@@ -470,9 +474,20 @@ class SplitQueue:
             spread = True
         if header_len + data_len + length >= MAX_CHAIN_BYTES:
             return None
-        return SimpleChain(head, header, header_len, data, data_len,
-                           data_flags != VIRTQ_DESC_F_NEXT, addr, length, self.next_avail,
-                           None if spread else self._region)
+        # (SimpleChain's fields set here rather than through its __init__: a third of the
+        # cost of making it, on every request.)
+        chain = _new_chain(SimpleChain)
+        chain.head = head
+        chain.header = header
+        chain.header_len = header_len
+        chain.data = data
+        chain.data_len = data_len
+        chain.into_guest = data_flags != VIRTQ_DESC_F_NEXT
+        chain.trailer = addr
+        chain.trailer_len = length
+        chain.token = self.next_avail
+        chain.region = None if spread else self._region
+        return chain
 
     def _walk(self, head: int, max_pieces: int, source: str
               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int, int, int]:
