@@ -22,6 +22,13 @@ Requests have Linux's shape (one indirect descriptor to a table of header, data 
     python -m benchmarks.hotpath --layout packed     # a packed ring (VIRTIO_F_RING_PACKED)
     python -m benchmarks.hotpath --layout both       # split and packed, alternately
 
+Instructions per request, repeatable on a busy machine (one shape, batch and mode per run;
+callgrind counts only inside the ``any()`` that runs the ``--requests`` measured requests):
+
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect=builtin_any \
+        python -m benchmarks.hotpath --instructions --fast-path on --shape direct \
+        --batches 32 --requests 1024        # "Collected" / 1024
+
 With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
 median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
 other load on the machine; the spread of the runs says how much it was disturbed).
@@ -37,6 +44,7 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import (
@@ -200,6 +208,26 @@ def measure(rig: Rig, batch: int, requests: int) -> float:
     return us
 
 
+def _none(fn: Callable[[int], None], arg: int) -> bool:
+    fn(arg)
+    return False
+
+
+def count_instructions(rig: Rig, batch: int, requests: int) -> None:
+    """Run ``requests`` requests (after a warm-up) inside one ``any()`` -- the only call of it
+    in the process once set up, so callgrind's ``--toggle-collect=builtin_any`` counts exactly
+    them: instruction counts do not move with the load of a shared machine as seconds do."""
+    for _ in range(max(1, 200 // batch)):
+        rig.round(batch)
+    rig.poison_statuses()
+    rounds = max(1, requests // batch)
+    # (A generator expression of rig.round(batch) -- None, so every round runs; mypy will
+    # not take the value of a function that returns None.)
+    any(_none(rig.round, batch) for _ in range(rounds))
+    rig.check_statuses()
+    print(f"{rounds * batch} requests of batch {batch} counted")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.hotpath", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                    "alternately in one process, with the ratio")
     p.add_argument("--dirty-log", action="store_true",
                    help="also measure with dirty-page logging on (as during a live migration)")
+    p.add_argument("--instructions", action="store_true",
+                   help="run --requests requests of one shape, batch and mode inside any(), "
+                   "for callgrind --collect-atstart=no --toggle-collect=builtin_any (see above)")
     args = p.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.fast_path]
     shapes = SHAPES if args.shape == "both" else (args.shape,)
@@ -245,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                                                  layout=layout)
                 for layout in layouts for shape, data in variants for fast in modes}
         try:
+            if args.instructions:
+                if len(rigs) != 1 or len(args.batches) != 1:
+                    p.error("--instructions measures one layout, shape, data, batch and "
+                            "fast-path mode")
+                count_instructions(next(iter(rigs.values())), args.batches[0], args.requests)
+                return 0
             runs: dict[tuple[str, str, str, bool, int], list[float]] = {}
             for _ in range(args.repeat):
                 for batch in args.batches:
