@@ -9,14 +9,7 @@ import os
 import pytest
 
 from blockdev.ops import OpKind
-from tests.unit.blk.conftest import (
-    ENGINES,
-    BlkEnv,
-    MakeBlk,
-    MiB,
-    inject_uring_results,
-    uring_engine,
-)
+from tests.unit.blk.conftest import ENGINES, BlkEnv, MakeBlk, inject_uring_results, uring_engine
 from vhost_frontend.blk import POISON
 from virtio_blk.request import Status
 
@@ -158,8 +151,9 @@ def test_short_read_after_the_image_shrank(make_blk: MakeBlk, caplog: pytest.Log
 
 
 def test_many_errors_do_not_stop_the_queue(make_blk: MakeBlk) -> None:
-    # Every read from 4 KiB on fails (the error filter); still_serving reads the first 4 KiB.
-    env = make_blk(filters=[("error", {"error-start": "4096", "error-length": str(MiB - 4096)})])
+    # The error filter fails every request touching the 32 blocks after the first 4 KiB;
+    # still_serving reads the first 4 KiB.
+    env = make_blk(filters=[("error", {"error-start": "4096", "error-length": str(32 * 4096)})])
     pending = [env.drv.start(0, 8 * (i + 1), in_len=4096) for i in range(32)]
     assert all(r.status == Status.IOERR for r in env.drv.wait(pending))
     assert env.device.stats.errors == 32
