@@ -8,14 +8,17 @@ one that is not there; each case below was seen in the migration series.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.migration_series import record_line
 from qemu_guest import features_command
 from qemu_guest.migration import (
+    Outcome,
     Scenario,
     ScenarioFailure,
     builtin_also_crashes,
@@ -212,3 +215,13 @@ def test_packed_reaches_every_qemu_of_the_scenario(tmp_path: Path, monkeypatch: 
     builtin._start_qemu(1, incoming=False)
     args = RecordingGuest.made[-1]["extra_qemu_args"]
     assert args[args.index("-device") + 1].endswith(",num-queues=2" + ",packed=on" * packed)
+
+
+def test_a_packed_series_run_says_so_in_its_record(tmp_path: Path) -> None:
+    """``migration_series --packed`` rows must not pass for split-ring runs."""
+    when = datetime.datetime(2026, 12, 7, 12, 0)
+    packed = Outcome("server", 1, ok=True, signature="ok", duration=40.0, packed=True)
+    split = Outcome("server", 1, ok=True, signature="ok", duration=40.0)
+    assert record_line(packed, when, None) == ("| 2026-12-07 12:00 | server | 1 packed | ok | "
+                                               "ok | 40 s |")
+    assert record_line(split, when, None) == "| 2026-12-07 12:00 | server | 1 | ok | ok | 40 s |"
