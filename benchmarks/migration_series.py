@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = [o for o in outs if not o.ok]
         sigs = collections.Counter(o.signature.split(":")[0] for o in failed)
         sig_text = "; ".join(f"{k} x{v}" for k, v in sigs.items()) or "-"
-        print(f"| {backend} | {queues} | {len(outs)} | {len(outs) - len(failed)} | "
+        layout = " packed" if args.packed else ""
+        print(f"| {backend} | {queues}{layout} | {len(outs)} | {len(outs) - len(failed)} | "
               f"{len(failed)} | {sig_text} |")
     return 0 if all(o.ok for outs in results.values() for o in outs) else 1
 
