@@ -17,6 +17,7 @@ in ``test_migration.py``.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def test_packed_ring_fio_verify_and_ext4(server, queues: int) -> None:
     for q in range(queues):
         in_process = f"queue {q}: serving in process" in srv.log
         assert in_process == (processes == "on"), srv.log
+        # Every queue carried the workload's requests (its stop lines count completions).
+        done = [int(n) for n in re.findall(rf"queue {q} stopped .*?(\d+) completions", srv.log)]
+        assert max(done, default=0) > 100, (q, done, srv.log)
     check_packed(res)
 
 
