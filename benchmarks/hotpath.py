@@ -49,7 +49,8 @@ from blockdev.engine import ENGINES
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyLog, DirtyMarker
 from vhost.messages import VirtioFeature
-from vhost.queue.split import DESC_SIZE, RingAddresses, VirtQueue
+from vhost.queue.base import RingAddresses
+from vhost.queue.split import DESC_SIZE, SplitQueue
 from vhost.runner.thread import Notifier, QueueWorker
 from vhost_frontend import DriverRing
 from virtio_blk.device import BlkDevice
@@ -71,7 +72,7 @@ class Rig:
         features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1
                        | VirtioFeature.RING_INDIRECT_DESC)
         addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
-        self.vq = VirtQueue(self.mem, SIZE, addresses, features)
+        self.vq = SplitQueue(self.mem, SIZE, addresses, features)
         self.disk = Disk(image)
         self.device = BlkDevice(self.disk, engine=engine, fast_path=fast_path,
                                 latency_accounting=accounting)

@@ -58,7 +58,8 @@ from benchmarks.common import (
     write_json,
 )
 from vhost.messages import ProtocolFeature, Request, VirtioFeature, u64
-from vhost.queue.split import DESC_SIZE, full_fence
+from vhost.queue.base import full_fence
+from vhost.queue.split import DESC_SIZE
 from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 
 log = logging.getLogger("benchmarks.inprocess")

@@ -21,7 +21,10 @@ guest: the buffers they get are host memoryviews (guest memory or a bounce buffe
   page cache.  Errors are the same either way (an ``OSError`` in the op's result).
 
 Engines with ``batched = True`` only queue in ``submit``; the caller ends a batch with
-``flush()`` and then collects with ``reap()`` whatever already finished.
+``submit_batch()`` and then collects with ``reap()`` whatever already finished.
+
+Each engine dispatches on the op's kind through a tuple built by :func:`blockdev.ops.by_kind`
+(a kind of :mod:`blockdev.ops` without a handler fails when the module is imported).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from __future__ import annotations
 import abc
 import collections
 import ctypes
-import enum
 import errno
 import logging
 import os
@@ -40,6 +42,7 @@ import time
 from typing import Any
 
 from blockdev.disk import BlockDisk, Disk
+from blockdev.ops import DATA_KINDS, WRITE_THROUGH_KINDS, OpKind, by_kind
 from blockdev.uring import (
     IORING_FSYNC_DATASYNC,
     OP_ASYNC_CANCEL,
@@ -53,14 +56,6 @@ from blockdev.uring import (
 from guestmem import IoBuffer, iovec_array
 
 log = logging.getLogger(__name__)
-
-
-class OpKind(enum.IntEnum):
-    READ = 0
-    WRITE = 1
-    FLUSH = 2
-    DISCARD = 3
-    WRITE_ZEROES = 4
 
 
 class IoOp:
@@ -81,47 +76,67 @@ class IoOp:
         self.length = length
         self.ctx = ctx
         self.segments: list[Any] = []
-        self.sync = False  # flush after a write (write-through mode)
+        self.sync = False  # made durable before it is reported (write-through mode)
         self.result: int | OSError | None = None
         self.iov: Any = None  # keeps an iovec array alive while the kernel uses it
 
 
 def sync_if_write_through(disk: BlockDisk, op: IoOp) -> None:
-    """The one place write-through is kept: a write (or write-zeroes) made in write-through mode
-    (``op.sync``) is complete only once flushed, so a successful one is flushed before it is
-    reported; a flush failure becomes the op's result."""
+    """The one place write-through is kept: an op of a write-through kind (write,
+    write-zeroes) made in write-through mode (``op.sync``) is complete only once durable, so a
+    successful one is made durable before it is reported; a failure to do so becomes the op's
+    result."""
     if not op.sync or isinstance(op.result, BaseException):
         return
-    if op.kind == OpKind.WRITE:
-        if op.result != op.length:
-            return  # short: reported as a failure anyway
-    elif op.kind != OpKind.WRITE_ZEROES:
-        return  # reads, flushes and discards change nothing a flush would make durable
+    if op.kind not in WRITE_THROUGH_KINDS:
+        return  # reads, flushes and discards change nothing that must be made durable
+    if op.kind in DATA_KINDS and op.result != op.length:
+        return  # short: reported as a failure anyway
     try:
-        disk.flush()
+        disk.make_durable()
     except OSError as exc:
         op.result = exc
+
+
+def _read(disk: BlockDisk, op: IoOp) -> None:
+    op.result = disk.readv([b.view for b in op.buffers], op.offset)
+
+
+def _write(disk: BlockDisk, op: IoOp) -> None:
+    op.result = disk.writev([b.view for b in op.buffers], op.offset)
+
+
+def _make_durable(disk: BlockDisk, op: IoOp) -> None:
+    disk.make_durable()
+    op.result = 0
+
+
+def _discard(disk: BlockDisk, op: IoOp) -> None:
+    for seg in op.segments:
+        disk.discard(seg.offset, seg.length)
+    op.result = 0
+
+
+def _write_zeroes(disk: BlockDisk, op: IoOp) -> None:
+    for seg in op.segments:
+        disk.write_zeroes(seg.offset, seg.length, seg.unmap)
+    op.result = 0
+
+
+#: How :func:`execute` carries out each kind on a :class:`BlockDisk`.
+_EXECUTE = by_kind({
+    OpKind.READ: _read,
+    OpKind.WRITE: _write,
+    OpKind.FLUSH: _make_durable,
+    OpKind.DISCARD: _discard,
+    OpKind.WRITE_ZEROES: _write_zeroes,
+}, "execute")
 
 
 def execute(disk: BlockDisk, op: IoOp) -> None:
     """Run ``op`` against ``disk`` in the calling thread, storing its result."""
     try:
-        kind = op.kind
-        if kind == OpKind.READ:
-            op.result = disk.readv([b.view for b in op.buffers], op.offset)
-        elif kind == OpKind.WRITE:
-            op.result = disk.writev([b.view for b in op.buffers], op.offset)
-        elif kind == OpKind.FLUSH:
-            disk.flush()
-            op.result = 0
-        elif kind == OpKind.DISCARD:
-            for seg in op.segments:
-                disk.discard(seg.offset, seg.length)
-            op.result = 0
-        else:
-            for seg in op.segments:
-                disk.write_zeroes(seg.offset, seg.length, seg.unmap)
-            op.result = 0
+        _EXECUTE[op.kind](disk, op)
     except OSError as exc:
         op.result = exc
     sync_if_write_through(disk, op)
@@ -138,7 +153,7 @@ class Engine(abc.ABC):
     def submit(self, op: IoOp) -> bool:
         """Start ``op``; True if it already finished (its result is set)."""
 
-    def flush(self) -> None:
+    def submit_batch(self) -> None:
         """End of a batch of submissions: hand them to the kernel (batched engines)."""
 
     def reap(self) -> list[IoOp]:
@@ -258,7 +273,7 @@ class UringEngine(Engine):
     """Reads, writes and flushes through an io_uring; discard and write-zeroes run inline.
 
     Reads and writes are queued by :meth:`submit` and prepared as one batch of submission
-    entries by :meth:`flush`, which enters the kernel once.  ``bypass`` (a raw image without
+    entries by :meth:`submit_batch`, which enters the kernel once.  ``bypass`` (a raw image without
     O_DIRECT) lets writes and lone reads skip the ring (see the module docstring).
     """
 
@@ -273,7 +288,7 @@ class UringEngine(Engine):
         self.completion_fd = self.ring.fd
         self._ops: dict[int, IoOp] = {}
         self._next = 0
-        self._queued: list[IoOp] = []  # reads and writes for the next flush
+        self._queued: list[IoOp] = []  # reads and writes for the next submit_batch
         self._done: list[IoOp] = []  # finished without the ring, handed back by reap
         #: Buffered writes as plain pwritev, a lone read tried with preadv(RWF_NOWAIT) first:
         #: only for a raw image in the page cache (a format translates offsets in its own
@@ -281,24 +296,44 @@ class UringEngine(Engine):
         self.bypass = isinstance(disk, Disk) and not disk.info.direct
         self._nowait = self.bypass
 
+
     def submit(self, op: IoOp) -> bool:
-        kind = op.kind
-        if kind == OpKind.READ or kind == OpKind.WRITE:
-            if kind == OpKind.WRITE and self.bypass:
-                execute(self.disk, op)  # pwritev, then the write-through flush if asked
-                return True
-            self._queued.append(op)
-            return False
-        if kind == OpKind.FLUSH:  # rare: one entry of its own, ahead of the batch's reads/writes
-            self._next = ud = (self._next + 1) & 0xFFFFFFFFFFFF
-            self._ops[ud] = op
-            self.ring.prep(OP_FSYNC, self.disk.fd, 0, 0, 0, ud, IORING_FSYNC_DATASYNC)
-            return False
-        # discard / write-zeroes: rare, and fallocate is quick
+        return self._SUBMIT[op.kind](self, op)
+
+    def _queue(self, op: IoOp) -> bool:
+        """A read or write: one entry of the next :meth:`submit_batch`."""
+        self._queued.append(op)
+        return False
+
+    def _submit_write(self, op: IoOp) -> bool:
+        if self.bypass:
+            execute(self.disk, op)  # pwritev, then the write-through flush if asked
+            return True
+        self._queued.append(op)
+        return False
+
+    def _submit_fsync(self, op: IoOp) -> bool:
+        """Rare: one entry of its own, ahead of the batch's reads/writes."""
+        self._next = ud = (self._next + 1) & 0xFFFFFFFFFFFF
+        self._ops[ud] = op
+        self.ring.prep(OP_FSYNC, self.disk.fd, 0, 0, 0, ud, IORING_FSYNC_DATASYNC)
+        return False
+
+    def _submit_inline(self, op: IoOp) -> bool:
         execute(self.disk, op)
         return True
 
-    def flush(self) -> None:
+    #: How each kind of op is submitted (a kind without an entry fails at import).
+    _SUBMIT = by_kind({
+        OpKind.READ: _queue,
+        OpKind.WRITE: _submit_write,
+        OpKind.FLUSH: _submit_fsync,
+        # discard / write-zeroes: rare, and fallocate is quick
+        OpKind.DISCARD: _submit_inline,
+        OpKind.WRITE_ZEROES: _submit_inline,
+    }, "UringEngine")
+
+    def submit_batch(self) -> None:
         queued = self._queued
         if queued:
             if (len(queued) == 1 and self._nowait and queued[0].kind == OpKind.READ
@@ -359,7 +394,7 @@ class UringEngine(Engine):
             op = ops.pop(ud)
             if res < 0:
                 op.result = OSError(-res, os.strerror(-res))
-            elif 0 < res < op.length and op.kind in (OpKind.READ, OpKind.WRITE):
+            elif 0 < res < op.length and op.kind in DATA_KINDS:
                 # Short: finish it the plain way.
                 try:
                     op.result = self.disk.resume(op.kind == OpKind.WRITE,

@@ -12,27 +12,14 @@ alone (:mod:`.spec`), never by guessing from file contents.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 
 from blockdev.disk import BlockDisk, DiskError, DiskInfo, check_growth
 from blockdev.engine import Engine, make_engine
+from blockdev.ops import Capabilities
 
 
 class StorageError(Exception):
     """The storage cannot be opened or used as asked; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """The request types a storage carries out (beyond read, and write when writable).
-
-    ``flush``: it has a volatile cache a flush makes durable (FLUSH and CONFIG_WCE are offered).
-    ``discard`` / ``write_zeroes``: DISCARD / WRITE_ZEROES are offered on writable exports.
-    """
-
-    flush: bool = True
-    discard: bool = True
-    write_zeroes: bool = True
 
 
 class Storage(abc.ABC):
@@ -49,8 +36,12 @@ class Storage(abc.ABC):
     def open_engine(self, queue_index: int) -> Engine:
         """A fresh engine serving queue ``queue_index`` (closed by its queue)."""
 
-    def flush(self) -> None:
-        """Make every completed write durable (at shutdown).  OSError on failure."""
+    def make_durable(self) -> None:
+        """Make every completed write durable (at shutdown).  OSError on failure.
+
+        Named for what it guarantees, not ``flush``: that word also meant ending an engine's
+        batch (now ``Engine.submit_batch``) and publishing a virtqueue's used ring; and not
+        ``sync``, which already names an op's write-through flag (``IoOp.sync``)."""
 
     def grow(self, size: int) -> None:
         """Make the storage ``size`` bytes (live resize); :attr:`info` follows.
@@ -85,9 +76,9 @@ class FileStorage(Storage):
     def open_engine(self, queue_index: int) -> Engine:
         return make_engine(self.engine_kind, self.disk, queue_index, self.io_threads)
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         if not self.info.read_only:
-            self.disk.flush()
+            self.disk.make_durable()
 
     def grow(self, size: int) -> None:
         try:

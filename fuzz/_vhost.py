@@ -125,7 +125,7 @@ class SyncWorker(QueueWorker):
             if not vq.in_flight_count:
                 break
             vq.add_used_many(self.handler.reap())
-        if vq.flush():
+        if vq.publish_used():
             self.call.signal()
         if self._wake_fd >= 0:
             os.close(self._wake_fd)

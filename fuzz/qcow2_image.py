@@ -103,7 +103,7 @@ def operate(img: Qcow2Image, kind: str, offset: int, length: int) -> None:
     elif kind in ("discard", "zero") and not img.read_only:
         img.discard(offset, length & ~511, zero=kind == "zero")
     elif kind == "flush":
-        img.flush()
+        img.make_durable()
     elif kind == "grow" and not img.read_only:
         img.grow(img.size + (length & ~511))
 

@@ -33,8 +33,9 @@ with atheris.instrument_imports(
 
     from blockdev.disk import Disk
     from guestmem import GuestMemory
+    from vhost.queue.base import RingAddresses
     from vhost.queue.inflight import InflightArea, create_area
-    from vhost.queue.split import DESC, RingAddresses, VirtQueue
+    from vhost.queue.split import DESC, SplitQueue
     from vhost.runner.thread import Notifier, QueueWorker
     from virtio_blk.device import BlkDevice
     from virtio_blk.request import HEADER, T_BARRIER, ReqType
@@ -180,7 +181,7 @@ class Rig:
         # Counters of this input only (a skipped comparison must not poison the next one).
         self.stats0 = self.device.stats.as_dict()
         self.failed0 = [list(q.failed) for q in self.device.queue_stats]
-        vq = VirtQueue(self.mem, lay.size, RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA),
+        vq = SplitQueue(self.mem, lay.size, RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA),
                        lay.features, index=0, inflight=tracker)
         handler = self.device.create_handler(0, self.mem)
         worker = self.worker
@@ -207,7 +208,7 @@ class Rig:
             handler.close()
         return seen
 
-    def observe(self, vq: VirtQueue, area: InflightArea) -> dict[str, object]:
+    def observe(self, vq: SplitQueue, area: InflightArea) -> dict[str, object]:
         return {
             "memory": [bytes(m) for m in self.maps],
             "image": os.pread(self.disk.fd, IMAGE_SECTORS * 512, 0),

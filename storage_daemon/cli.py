@@ -28,7 +28,8 @@ from storage_daemon.metrics import parse_address
 from storage_daemon.plane import ControlError, ControlPlane
 from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
-from vhost.queue.split import QueueError, validate_size
+from vhost.queue.base import QueueError
+from vhost.queue.split import validate_size
 from virtio_blk.device import BlkDevice
 from virtio_blk.request import ID_BYTES, check_serial
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of --backing: raw or qcow2")
     p.add_argument("--backing-dir", action="append", default=[], metavar="DIR",
                    help="qcow2: a directory backing files may also come from (repeatable; "
-                        "by default only IMG's own directory: see virtio_blk/qcow2/README.md)")
+                        "by default only IMG's own directory: see blockdev/qcow2/README.md)")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
                    help=f"number of request queues, up to {MAX_QUEUES} (default 1)")
     p.add_argument("--read-only", action="store_true", help="export read-only")
@@ -268,9 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         control.stop()
         daemon.close()
         try:
-            device.flush()
+            device.make_durable()
         except OSError as exc:
-            log.error("final flush failed: %s", exc)
+            log.error("making the disk durable at exit failed: %s", exc)
             return 1
         finally:
             storage.close()

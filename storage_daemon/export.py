@@ -12,16 +12,23 @@ import logging
 import threading
 from typing import Any
 
-from blockdev.stats import OP_NAMES
 from blockdev.storage import StorageError
 from storage_daemon.qmp_protocol import generic_error
 from vhost.daemon import QueueStateError, VhostUserDaemon
 from virtio_blk.device import BlkDevice
+from virtio_blk.ops import OPS
 
 log = logging.getLogger(__name__)
 
-_READ, _WRITE, _FLUSH, _DISCARD, _WZ = (OP_NAMES.index(n) for n in
-                                        ("read", "write", "flush", "discard", "write_zeroes"))
+#: QEMU's BlockDeviceStats families (rd, wr, flush, unmap), in table order, with their rows.
+_FAMILIES = {family: [row for row in OPS if row.qmp == family]
+             for family in dict.fromkeys(row.qmp for row in OPS if row.qmp is not None)}
+#: The families that move bytes (QEMU has no flush_bytes or flush_merged), with their
+#: byte counters (discard and write-zeroes share ``bytes_unmapped``).
+_BYTES = {family: list(dict.fromkeys(row.bytes_counter for row in rows
+                                     if row.bytes_counter is not None))
+          for family, rows in _FAMILIES.items()
+          if any(row.bytes_counter is not None for row in rows)}
 
 
 class BlockExport:
@@ -76,26 +83,16 @@ class BlockExport:
         """
         t = self.device.totals()
         c = t.counters
-        return {
-            "rd_bytes": c["bytes_read"],
-            "wr_bytes": c["bytes_written"],
-            "unmap_bytes": c["bytes_unmapped"],
-            "rd_operations": c["reads"],
-            "wr_operations": c["writes"],
-            "flush_operations": c["flushes"],
-            "unmap_operations": c["discards"] + c["write_zeroes"],
-            "rd_merged": 0,
-            "wr_merged": 0,
-            "unmap_merged": 0,
-            "failed_rd_operations": t.failed[_READ],
-            "failed_wr_operations": t.failed[_WRITE],
-            "failed_flush_operations": t.failed[_FLUSH],
-            "failed_unmap_operations": t.failed[_DISCARD] + t.failed[_WZ],
-            "rd_total_time_ns": t.total_ns[_READ],
-            "wr_total_time_ns": t.total_ns[_WRITE],
-            "flush_total_time_ns": t.total_ns[_FLUSH],
-            "unmap_total_time_ns": t.total_ns[_DISCARD] + t.total_ns[_WZ],
-            "account_invalid": False,
-            "account_failed": True,
-            "timed_stats": [],
-        }
+        stats: dict[str, Any] = {}
+        for family, counters in _BYTES.items():
+            stats[f"{family}_bytes"] = sum(c[name] for name in counters)
+        for family, rows in _FAMILIES.items():
+            stats[f"{family}_operations"] = sum(c[row.counter] for row in rows)
+        for family in _BYTES:
+            stats[f"{family}_merged"] = 0
+        for family, rows in _FAMILIES.items():
+            stats[f"failed_{family}_operations"] = sum(t.failed[row.index] for row in rows)
+        for family, rows in _FAMILIES.items():
+            stats[f"{family}_total_time_ns"] = sum(t.total_ns[row.index] for row in rows)
+        stats.update(account_invalid=False, account_failed=True, timed_stats=[])
+        return stats

@@ -6,11 +6,14 @@ on each scrape (see :mod:`blockdev.stats` for why the lock-free reads are sound)
 
 Exposed (``queue`` is the virtqueue index, ``op`` the request type):
 
-* ``vhost_user_blk_requests_total{queue,op}`` -- requests completed successfully
-  (op: read, write, flush, discard, write_zeroes, get_id);
-* ``vhost_user_blk_bytes_total{queue,op}`` -- bytes read and written;
+* ``vhost_user_blk_requests_total{queue,op}`` -- requests completed successfully, one ``op``
+  per row of the operation table (:data:`virtio_blk.ops.OPS`: read, write, flush, discard,
+  write_zeroes, get_id);
+* ``vhost_user_blk_bytes_total{queue,op}`` -- bytes of each op with a byte counter of its own
+  (read, write; discard and write-zeroes share one, ``unmap_bytes`` in query-blockstats);
 * ``vhost_user_blk_errors_total{queue}`` -- requests answered IOERR or UNSUPP;
-* ``vhost_user_blk_request_seconds{op}`` -- histogram of disk operation latency (all queues);
+* ``vhost_user_blk_request_seconds{op}`` -- histogram of operation latency (all queues), every
+  op of the table;
 * ``vhost_user_blk_requests_in_flight{queue}``, ``vhost_user_blk_bounced_requests_total{queue}``;
 * ``vhost_user_blk_frontend_connected``, ``vhost_user_blk_frontend_connections_total``;
 * ``vhost_user_blk_capacity_bytes`` -- the disk's size (changes with block_resize).
@@ -40,16 +43,19 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from blockdev.stats import LATENCY_BOUNDS_NS, OP_NAMES
+from blockdev.stats import LATENCY_BOUNDS_NS
 from vhost.daemon import VhostUserDaemon
 from virtio_blk.device import BlkDevice
+from virtio_blk.ops import OPS
 
 log = logging.getLogger(__name__)
 
 PREFIX = "vhost_user_blk"
-_REQUEST_COUNTERS = (
-    ("read", "reads"), ("write", "writes"), ("flush", "flushes"), ("discard", "discards"),
-    ("write_zeroes", "write_zeroes"), ("get_id", "get_ids"),
+#: (op label, counter) of the ops whose bytes are counted apart from any other op's.
+_BYTE_COUNTERS = tuple(
+    (row.name, row.bytes_counter) for row in OPS
+    if row.bytes_counter is not None
+    and sum(other.bytes_counter == row.bytes_counter for other in OPS) == 1
 )
 _BUCKET_LABELS = [f"{b / 1e9:g}" for b in LATENCY_BOUNDS_NS] + ["+Inf"]
 
@@ -74,10 +80,10 @@ class BlkCollector(Collector):
                                       labels=["queue"])
         for q, st in enumerate(self.device.fresh_queue_stats()):
             queue = str(q)
-            for op, counter in _REQUEST_COUNTERS:
-                requests.add_metric([queue, op], getattr(st, counter))
-            nbytes.add_metric([queue, "read"], st.bytes_read)
-            nbytes.add_metric([queue, "write"], st.bytes_written)
+            for row in OPS:
+                requests.add_metric([queue, row.name], getattr(st, row.counter))
+            for op, counter in _BYTE_COUNTERS:
+                nbytes.add_metric([queue, op], getattr(st, counter))
             errors.add_metric([queue], st.errors + st.unsupported)
             bounced.add_metric([queue], st.bounced_requests)
         yield requests
@@ -87,15 +93,16 @@ class BlkCollector(Collector):
 
         totals = self.device.totals()
         latency = HistogramMetricFamily(f"{PREFIX}_request_seconds",
-                                        "Latency of disk operations, submit to completion",
+                                        "Latency of operations, submit to completion",
                                         labels=["op"])
-        for k, op in enumerate(OP_NAMES):
+        for row in OPS:
+            k = row.index
             running = 0
             buckets = []
             for label, n in zip(_BUCKET_LABELS, totals.latency[k], strict=True):
                 running += n
                 buckets.append((label, running))
-            latency.add_metric([op], buckets, sum_value=totals.total_ns[k] / 1e9)
+            latency.add_metric([row.name], buckets, sum_value=totals.total_ns[k] / 1e9)
         yield latency
 
         in_flight = GaugeMetricFamily(f"{PREFIX}_requests_in_flight",

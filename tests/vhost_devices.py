@@ -9,7 +9,7 @@ import threading
 
 from guestmem import GuestMemory
 from vhost.device import Device, QueueHandler
-from vhost.queue.split import DescriptorChain
+from vhost.queue.base import DescriptorChain
 
 
 def _read_readable(memory: GuestMemory, chain: DescriptorChain) -> bytes:

@@ -288,7 +288,7 @@ class VhostUserDaemon:
     def queue_states(self, timeout: float = 1.0) -> list[dict[str, Any]]:
         """Each queue's state for a diagnostics query: what the frontend set (enabled, the
         base to start from) and, for a running queue, its ring state as its worker sees it
-        (:meth:`vhost.queue.split.VirtQueue.ring_state`).
+        (:meth:`vhost.queue.split.SplitQueue.ring_state`).
 
         Read from another thread without the control thread's help, so a snapshot: a queue
         that stops meanwhile reports ``stopped meanwhile``.  :class:`QueueStateError` if a

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyMarker
 from vhost.messages import ProtocolFeature, VirtioFeature
-from vhost.queue.split import DescriptorChain, VirtQueue
+from vhost.queue.base import DescriptorChain, Queue
 
 #: Most virtqueues a device may have: QEMU's VIRTIO_QUEUE_MAX, so a frontend can use them all.
 MAX_QUEUES = 1024
@@ -63,11 +63,11 @@ class QueueHandler(abc.ABC):
                 done.append((chain.head, used))
         return done
 
-    def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
+    def submit_from_ring(self, vq: Queue) -> list[tuple[int, int]]:
         """Pop and start requests straight from ``vq`` (a device's fast path); ``(head,
         used_len)`` of those finished at once.
 
-        Called before every :meth:`VirtQueue.pop_batch`; it takes heads in ring order and stops
+        Called before every :meth:`Queue.pop_batch`; it takes heads in ring order and stops
         at the first it does not handle, which the generic pop then gets.  Default: none.
         """
         return []
@@ -122,8 +122,11 @@ class Device(abc.ABC):
     def reset(self) -> None:
         """Back to the state after construction (RESET_DEVICE, disconnect)."""
 
-    def flush(self) -> None:
-        """Make completed writes durable (called on shutdown)."""
+    def make_durable(self) -> None:
+        """Make completed writes durable (called on shutdown and at the end of a migration).
+
+        Not ``flush``: that word also names publishing a virtqueue's used ring and ending an
+        IO engine's batch; this is the one that reaches stable storage."""
 
     # ------------------------------------------------------------------ queue processes
     # A device that can serve each queue in a process of its own (vhost.runner.pool) says how to

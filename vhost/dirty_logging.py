@@ -8,7 +8,7 @@ same without the flags.  A new ``SET_LOG_BASE`` may come at any time (the log gr
 memory hot-plug).
 
 Logging is on while ``VHOST_F_LOG_ALL`` is acked and a log is mapped.  Each running queue then
-has a :class:`~guestmem.dirty_log.DirtyMarker`, stored in its ``VirtQueue`` and its
+has a :class:`~guestmem.dirty_log.DirtyMarker`, stored in its ``SplitQueue`` and its
 ``QueueHandler`` (the only thing their hot paths check: one attribute, None when off).  Every
 change is published by plain stores, then each worker is made to pass a quiescent point
 (:meth:`QueueWorker.quiesce`) before the message is answered:
@@ -243,14 +243,14 @@ class DirtyLogging:
             old.close()
 
     @staticmethod
-    def flush_at_stop(device: Device) -> None:
+    def make_durable_at_stop(device: Device) -> None:
         """The source VM stops at the end of a migration (its last logged queue stopped): make
         what the device completed durable before the destination, on other storage caches
         perhaps, can run the guest -- QEMU's own block layer flushes at this point too."""
         try:
-            device.flush()
+            device.make_durable()
         except OSError as exc:
-            log.error("flush at the end of the migration failed: %s", exc)
+            log.error("making the disk durable at the end of the migration failed: %s", exc)
         else:
             log.info("queues stopped while logging (end of a migration): device flushed")
 

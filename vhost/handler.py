@@ -54,15 +54,10 @@ from vhost.messages import (
 from vhost.messages import (
     inflight as inflight_payload,
 )
+from vhost.queue.base import Queue, QueueError, RingAddresses
+from vhost.queue.factory import check_alignment, is_packed, open_queue, ring_sizes
 from vhost.queue.inflight import InflightArea, InflightError, create_area
-from vhost.queue.split import (
-    QueueError,
-    RingAddresses,
-    VirtQueue,
-    check_ring_alignment,
-    ring_sizes,
-    validate_size,
-)
+from vhost.queue.split import validate_size
 from vhost.runner.pool import QueueProcessError, QueueProcesses
 from vhost.runner.thread import Notifier, QueueWorker
 
@@ -81,7 +76,7 @@ LIBRARY_PROTOCOL_FEATURES = (
 )
 
 #: Makes the worker of a starting queue (tests substitute one that records or delays).
-WorkerFactory = Callable[[VirtQueue, QueueHandler, int, Notifier, Notifier], QueueWorker]
+WorkerFactory = Callable[[Queue, QueueHandler, int, Notifier, Notifier], QueueWorker]
 
 
 class Refused(Exception):
@@ -231,12 +226,14 @@ class BackendHandler:
         try:
             addrs = RingAddresses(*(
                 mem.uva_to_gpa(addr, length)
-                for addr, length in zip(vring.ring_uaddrs, ring_sizes(vring.size), strict=True)
+                for addr, length in zip(vring.ring_uaddrs,
+                                        ring_sizes(vring.size, is_packed(self.acked_features)),
+                                        strict=True)
             ))
             tracker = (self.inflight.queue(vring.index, vring.size)
                        if self.inflight is not None else None)
-            vq = VirtQueue(mem.guest, vring.size, addrs, self.acked_features, vring.base,
-                           index=vring.index, inflight=tracker)
+            vq = open_queue(mem.guest, vring.size, addrs, self.acked_features, vring.base,
+                            vring.index, tracker)
         except (QueueError, MemoryTableError, InflightError) as exc:
             raise self._cannot_start(vring, exc) from exc
         try:
@@ -260,9 +257,11 @@ class BackendHandler:
         try:
             addrs = tuple(
                 self.memory.uva_to_gpa(addr, length)
-                for addr, length in zip(vring.ring_uaddrs, ring_sizes(vring.size), strict=True)
+                for addr, length in zip(vring.ring_uaddrs,
+                                        ring_sizes(vring.size, is_packed(self.acked_features)),
+                                        strict=True)
             )
-            check_ring_alignment(RingAddresses(*addrs))
+            check_alignment(RingAddresses(*addrs), is_packed(self.acked_features))
             self._check_inflight_region(vring, addrs[2])
             worker = self.processes.start(vring.index, vring.size, (addrs[0], addrs[1], addrs[2]),
                                           self.acked_features, vring.base, vring.kick_fd,
@@ -307,7 +306,7 @@ class BackendHandler:
         if not worker.stop():
             log.error("queue %d: in-flight requests did not finish", vring.index)
         vq = worker.vq
-        vring.base = vq.next_avail
+        vring.base = vq.vring_base()
         if vq.broken:
             vring.broken = True
         logging_ = self.dirty_logging.queue_stopped(vring)  # (keeps the log if it still runs)
@@ -331,7 +330,7 @@ class BackendHandler:
         disables the rings before it asks for their bases); if it was the last queue marking
         the dirty log, the source VM stopped: the end of a migration."""
         if self._stop(vring) and not any(v.running for v in self.vrings):
-            self.dirty_logging.flush_at_stop(self.device)
+            self.dirty_logging.make_durable_at_stop(self.device)
 
     def stop_all(self) -> None:
         for vring in self.vrings:
@@ -505,10 +504,11 @@ class BackendHandler:
             # Alignment is a rule on guest physical addresses (virtio 2.7): a region whose mmap
             # offset is not 16-byte aligned puts an aligned ring at an unaligned frontend
             # address, so translate first and check the result.
-            check_ring_alignment(RingAddresses(*(
+            packed = is_packed(self.acked_features)
+            check_alignment(RingAddresses(*(
                 self.memory.uva_to_gpa(addr, length)
-                for addr, length in zip(uaddrs, ring_sizes(vring.size), strict=True)
-            )))
+                for addr, length in zip(uaddrs, ring_sizes(vring.size, packed), strict=True)
+            )), packed)
         vring.ring_uaddrs = uaddrs
         vring.log_addr = log_addr
         vring.broken = False

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from guestmem import GuestMemory
+from vhost.queue.base import RingAddresses, full_fence
 from vhost.queue.split import (
     DESC,
     DESC_SIZE,
@@ -26,8 +27,6 @@ from vhost.queue.split import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
-    RingAddresses,
-    full_fence,
     ring_sizes,
 )
 from vhost_frontend.errors import FrontendError

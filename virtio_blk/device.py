@@ -20,23 +20,25 @@ import collections
 import logging
 import os
 from bisect import bisect_left
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from operator import attrgetter
 from time import monotonic_ns
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from blockdev.disk import BlockDisk, Disk
-from blockdev.engine import IoOp, OpKind
+from blockdev.ops import OpKind
 from blockdev.ratelimit import RateLimitedLog
-from blockdev.stats import LATENCY_BOUNDS_NS, Totals, new_histograms, totals, zeros
+from blockdev.stats import LATENCY_BOUNDS_NS, Totals, new_histograms, totals
 from blockdev.storage import FileStorage, Storage
-from guestmem import AccessError, GuestMemory, IoBuffer, LockedIoBuffers
-from scsi_buffers import BounceBufferTracker, TrackedBounceBuffer
+from guestmem import AccessError, GuestMemory
+from scsi_buffers import BounceBufferTracker
 from vhost.device import Device, QueueHandler
-from vhost.queue.split import DescriptorChain, VirtQueue
+from vhost.queue.base import DescriptorChain, Queue
+from virtio_blk.blk_request import BlkRequest
 from virtio_blk.fastpath import FastPath
 from virtio_blk.layout import DataLayout, plan, skip_start, trim_end
+from virtio_blk.ops import DEVICE_OPS, GET_ID, OPS, DeviceOp
 from virtio_blk.request import (
     HEADER,
     HEADER_SIZE,
@@ -46,7 +48,6 @@ from virtio_blk.request import (
     WRITEBACK_OFFSET,
     BlkFeature,
     Limits,
-    ReqType,
     RequestError,
     Status,
     check_range,
@@ -62,30 +63,49 @@ log = logging.getLogger(__name__)
 MAX_SEGMENT_PAYLOAD = 64 * 1024
 
 
-@dataclass
-class BlkStats:
-    """Counters a user (and the tests) can read."""
+#: Counters of the device itself, not of one kind of operation.
+_DEVICE_COUNTERS = ("requests", "errors", "unsupported", "bounced_requests", "bounced_bytes",
+                    "deferred")
+#: Every integer counter of :class:`BlkStats`: the device's, then from the operation table
+#: (:data:`virtio_blk.ops.OPS`) each kind's successes and the byte counters (discard and
+#: write-zeroes share ``bytes_unmapped``).
+_SCALARS = (
+    _DEVICE_COUNTERS
+    + tuple(row.counter for row in OPS)
+    + tuple(dict.fromkeys(row.bytes_counter for row in OPS if row.bytes_counter is not None))
+)
+_get_scalars = attrgetter(*_SCALARS)
 
-    requests: int = 0
-    reads: int = 0
-    writes: int = 0
-    flushes: int = 0
-    discards: int = 0
-    write_zeroes: int = 0
-    get_ids: int = 0
-    errors: int = 0
-    unsupported: int = 0
-    bounced_requests: int = 0
-    bounced_bytes: int = 0
-    deferred: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    bytes_unmapped: int = 0  # discarded or zeroed
-    # Per disk operation kind (OpKind order; see blockdev.stats): IO errors, and -- with
-    # latency accounting on -- total nanoseconds and a latency histogram.
-    failed: list[int] = field(default_factory=zeros)
-    total_ns: list[int] = field(default_factory=zeros)
-    latency: list[list[int]] = field(default_factory=new_histograms)
+
+class BlkStats:
+    """Counters a user (and the tests) can read.
+
+    The integer counters (:data:`_SCALARS`) are generated from the operation table, so a kind
+    added there is counted, published by queue processes and summed without an edit here.  Per
+    operation kind (:data:`virtio_blk.ops.OPS` order): IO errors, and -- with latency accounting
+    on -- total nanoseconds and a latency histogram.
+    """
+
+    __slots__ = (*_SCALARS, "failed", "latency", "total_ns")
+
+    failed: list[int]
+    total_ns: list[int]
+    latency: list[list[int]]
+
+    if TYPE_CHECKING:  # the generated counters, each an int
+        def __getattr__(self, name: str) -> int: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
+
+    def __init__(self) -> None:
+        for name in _SCALARS:
+            setattr(self, name, 0)
+        self.failed = [0] * len(OPS)
+        self.total_ns = [0] * len(OPS)
+        self.latency = new_histograms(len(OPS))
+
+    def __repr__(self) -> str:
+        counters = ", ".join(f"{name}={getattr(self, name)}" for name in _SCALARS)
+        return f"BlkStats({counters}, failed={self.failed})"
 
     def values(self, full: bool = True) -> list[int]:
         """Every counter, flat, in a fixed order.  ``full=False`` (what a queue process
@@ -149,79 +169,7 @@ class StatsTotals:
         return f"StatsTotals({self.as_dict()})"
 
 
-_STAT_NAMES = frozenset(f.name for f in fields(BlkStats) if f.type == "int")
-_SCALARS = tuple(f.name for f in fields(BlkStats) if f.type == "int")
-_get_scalars = attrgetter(*_SCALARS)
-
-
-class BlkRequest(IoOp):
-    """A request in flight: its disk operation, where its status goes, what to release after.
-
-    One object per request (the engine's op *is* the request) keeps the hot path to a single
-    allocation.
-    """
-
-    __slots__ = ("bounce", "head", "layout", "locks", "sector", "start_ns", "status_gpa")
-
-    #: Started by the fast path, finished by :meth:`FastPath.complete` (see :class:`FastRequest`).
-    fast = False
-
-    def __init__(self, kind: OpKind, head: int, status_gpa: int, sector: int,
-                 length: int) -> None:
-        super().__init__(kind, sector << SECTOR_SHIFT, None, length)
-        self.head = head
-        self.status_gpa = status_gpa
-        self.sector = sector
-        self.locks: list[LockedIoBuffers] = []
-        self.bounce: TrackedBounceBuffer | None = None
-        self.layout: DataLayout | None = None
-        self.start_ns = 0
-
-    def release(self) -> None:
-        for lock in self.locks:
-            lock.close()
-        self.locks = []
-        if self.bounce is not None:
-            self.bounce.release()
-            self.bounce = None
-
-
-#: The (never filled) segment list of every fast-path request: reads and writes have none, and
-#: nothing appends to ``segments`` (discards assign a new list), so one is shared.
-_NO_SEGMENTS: list[Any] = []
-
-
-class FastRequest(BlkRequest):
-    """A read or write started by the fast path (:mod:`.fastpath`), built in one call.
-
-    ``fast`` routes its completion to :meth:`FastPath.complete`; the slots are the same as a
-    :class:`BlkRequest`'s, so the generic ``_finish`` (which handles its failures) sees no
-    difference.
-    """
-
-    __slots__ = ()
-    fast = True
-
-    def __init__(self, kind: OpKind, head: int, status_gpa: int, sector: int, length: int,
-                 layout: DataLayout, locks: list[LockedIoBuffers], buffers: list[IoBuffer],
-                 sync: bool) -> None:
-        # Every slot of IoOp and BlkRequest, set here without the two-level __init__ chain.
-        self.kind = kind
-        self.offset = sector << SECTOR_SHIFT
-        self.buffers = buffers
-        self.length = length
-        self.ctx = None
-        self.segments = _NO_SEGMENTS
-        self.sync = sync
-        self.result = None
-        self.iov = None
-        self.head = head
-        self.status_gpa = status_gpa
-        self.sector = sector
-        self.locks = locks
-        self.bounce = None
-        self.layout = layout
-        self.start_ns = 0
+_STAT_NAMES = frozenset(_SCALARS)
 
 
 class _Deferred(Exception):
@@ -335,24 +283,21 @@ class BlkDevice(Device):
         """All queues' counters summed, with failures, times and latency histograms."""
         if self.refresh_counters is not None:
             self.refresh_counters()
-        return totals(self.queue_stats, sorted(_STAT_NAMES))
+        return totals(self.queue_stats, sorted(_STAT_NAMES), len(OPS))
 
     # ------------------------------------------------------------------ Device interface
     def features(self) -> int:
         caps = self.storage.caps
+        read_only = self.limits.read_only
         f = (
             BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE
             | BlkFeature.TOPOLOGY | BlkFeature.MQ
         )
-        if caps.flush:
-            f |= BlkFeature.FLUSH | BlkFeature.CONFIG_WCE
-        if self.limits.read_only:
+        if read_only:
             f |= BlkFeature.RO
-        else:
-            if caps.discard:
-                f |= BlkFeature.DISCARD
-            if caps.write_zeroes:
-                f |= BlkFeature.WRITE_ZEROES
+        for op in DEVICE_OPS:  # each request type's bits, where the storage can do it
+            if op.row.supported(caps, read_only):
+                f |= op.features
         return int(f)
 
     def feature_names(self) -> list[str]:
@@ -398,9 +343,9 @@ class BlkDevice(Device):
         self.writeback_chosen = False
         self.acked = 0
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         if not self.limits.read_only:
-            self.storage.flush()
+            self.storage.make_durable()
 
     # ------------------------------------------------------------------ queue processes
     def _raw_disk(self) -> Disk | None:
@@ -458,6 +403,10 @@ class BlkDevice(Device):
         self.queue_stats[index].set_values(values)
 
 
+#: A handler method that checks and starts one type of request (see :data:`DEVICE_OPS`).
+_Starter = Callable[[DescriptorChain, int, int, DeviceOp], "int | None"]
+
+
 class BlkQueueHandler(QueueHandler):
     """Serves one queue of a :class:`BlkDevice`."""
 
@@ -476,8 +425,16 @@ class BlkQueueHandler(QueueHandler):
         self.timing = device.latency_accounting
         self.pending: collections.deque[DescriptorChain] = collections.deque()
         self._fast: FastPath | None = None
+        #: Request type -> the method that checks and starts it, and its table row.
+        self._starters: dict[int, tuple[_Starter, DeviceOp]] = {
+            op.req_type: (getattr(self, op.start), op) for op in DEVICE_OPS}
 
-    def submit_from_ring(self, vq: VirtQueue) -> list[tuple[int, int]]:
+    @property
+    def writeback(self) -> bool:
+        """The device caches writes (a write needs no flush of its own before it completes)."""
+        return self.device.writeback
+
+    def submit_from_ring(self, vq: Queue) -> list[tuple[int, int]]:
         """The fast path (:mod:`.fastpath`) when the device has it on."""
         fast = self._fast
         if fast is None or fast.vq is not vq:
@@ -503,7 +460,7 @@ class BlkQueueHandler(QueueHandler):
             if used is not None:
                 done.append((chain.head, used))
         if self.engine.batched:
-            self.engine.flush()
+            self.engine.submit_batch()
             done += self.complete_reaped()
         return done
 
@@ -511,9 +468,9 @@ class BlkQueueHandler(QueueHandler):
         """Finish every op the engine has finished: ``(head, used length)`` of each.
 
         Fast-path requests are finished by :meth:`FastPath.complete`, the rest by
-        :meth:`_finish`.
+        :meth:`finish`.
         """
-        finish = self._finish
+        finish = self.finish
         fast = self._fast
         if fast is None:
             return [(req.head, finish(req)) for req in self._reap()]
@@ -532,8 +489,8 @@ class BlkQueueHandler(QueueHandler):
             if used is not None:
                 done.append((chain.head, used))
         if self.engine.batched:
-            self.engine.flush()
-            # What the flush finished already (page-cached IO, a read served without the
+            self.engine.submit_batch()
+            # What submitting finished already (page-cached IO, a read served without the
             # ring) gives no completion event to wait for: finish it now.
             done += self.complete_reaped()
         return done
@@ -565,17 +522,11 @@ class BlkQueueHandler(QueueHandler):
         status_gpa = gpa + n - 1
         try:
             req_type, sector = self._header(chain)
-            if req_type == ReqType.IN:
-                return self._read(chain, status_gpa, sector)
-            if req_type == ReqType.OUT:
-                return self._write(chain, status_gpa, sector)
-            if req_type == ReqType.FLUSH:
-                return self._flush(chain, status_gpa, sector)
-            if req_type == ReqType.GET_ID:
-                return self._get_id(chain, status_gpa)
-            if req_type in (ReqType.DISCARD, ReqType.WRITE_ZEROES):
-                return self._discard_or_zeroes(chain, status_gpa, ReqType(req_type))
-            raise RequestError(Status.UNSUPP, f"request type {req_type}")
+            starter = self._starters.get(req_type)
+            if starter is None:
+                raise RequestError(Status.UNSUPP, f"request type {req_type}")
+            start, op = starter
+            return start(chain, status_gpa, sector, op)
         except _Deferred:
             if retry:
                 self.pending.appendleft(chain)
@@ -594,9 +545,11 @@ class BlkQueueHandler(QueueHandler):
         else:
             self.stats.errors += 1
         log.debug("queue %d: request %d -> %s: %s", self.index, chain.head, status.name, why)
-        return self._put_status(status_gpa, status, 1)
+        return self.put_status(status_gpa, status, 1)
 
-    def _put_status(self, status_gpa: int, status: int, used: int) -> int:
+    def put_status(self, status_gpa: int, status: int, used: int) -> int:
+        """Write ``status`` to the status byte at ``status_gpa``: ``used`` (the used length to
+        return), or 0 when guest memory there is gone (nothing can be reported)."""
         where = self.memory.locate(status_gpa, 1)
         if where is not None:
             try:
@@ -616,7 +569,7 @@ class BlkQueueHandler(QueueHandler):
             self.dirty.record(status_gpa, 1)
         return used
 
-    def _record_read(self, req: BlkRequest) -> None:
+    def record_read(self, req: BlkRequest) -> None:
         """Record the guest pages a READ's data went to (zero-copy or scattered)."""
         dirty = self.dirty
         if dirty is not None and req.layout is not None:
@@ -642,19 +595,21 @@ class BlkQueueHandler(QueueHandler):
         return req_type & ~T_BARRIER, sector
 
     # ------------------------------------------------------------------ IN / OUT
-    def _read(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:
+    def _read(self, chain: DescriptorChain, status_gpa: int, sector: int,
+              op: DeviceOp) -> int | None:
         if chain.readable_len != HEADER_SIZE:
             raise RequestError(Status.IOERR, "IN with data in readable descriptors")
         length = chain.writable_len - 1
         check_range(sector, length, self.limits)
         if length == 0:
-            return self._put_status(status_gpa, Status.OK, 1)
+            return self.put_status(status_gpa, Status.OK, 1)
         layout = plan(self.memory, trim_end(chain.writable, 1), guest_writable=True)
         req = BlkRequest(OpKind.READ, chain.head, status_gpa, sector, length)
         self._attach_buffers(req, layout, into_guest=True)
         return self._submit(req)
 
-    def _write(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:
+    def _write(self, chain: DescriptorChain, status_gpa: int, sector: int,
+               op: DeviceOp) -> int | None:
         if self.limits.read_only:
             raise RequestError(Status.IOERR, "write to a read-only disk")
         if chain.writable_len != 1:
@@ -662,7 +617,7 @@ class BlkQueueHandler(QueueHandler):
         length = chain.readable_len - HEADER_SIZE
         check_range(sector, length, self.limits)
         if length == 0:
-            return self._put_status(status_gpa, Status.OK, 1)
+            return self.put_status(status_gpa, Status.OK, 1)
         layout = plan(self.memory, skip_start(chain.readable, HEADER_SIZE), guest_writable=False)
         req = BlkRequest(OpKind.WRITE, chain.head, status_gpa, sector, length)
         req.sync = not self.device.writeback
@@ -704,18 +659,30 @@ class BlkQueueHandler(QueueHandler):
         req.buffers = bounce.buffer.io_buffers()
 
     # ------------------------------------------------------------------ the other types
-    def _flush(self, chain: DescriptorChain, status_gpa: int, sector: int) -> int | None:
+    def _flush(self, chain: DescriptorChain, status_gpa: int, sector: int,
+               op: DeviceOp) -> int | None:
         if sector != 0 or chain.readable_len != HEADER_SIZE or chain.writable_len != 1:
             # The spec makes these driver errors; IOERR is its status for driver errors.
             raise RequestError(Status.IOERR, "FLUSH with a sector or with data")
-        if not self.caps.flush:
+        if not op.row.supported(self.caps, self.limits.read_only):
             raise RequestError(Status.UNSUPP, "FLUSH: the storage has no cache to flush")
         return self._submit(BlkRequest(OpKind.FLUSH, chain.head, status_gpa, 0, 0))
 
-    def _get_id(self, chain: DescriptorChain, status_gpa: int) -> int:
+    def _get_id(self, chain: DescriptorChain, status_gpa: int, sector: int,
+                op: DeviceOp) -> int:
         if chain.readable_len != HEADER_SIZE:
             raise RequestError(Status.IOERR, "GET_ID with data in readable descriptors")
+        start_ns = monotonic_ns() if self.timing else 0
+        try:
+            used = self._put_id(chain, status_gpa)
+        finally:
+            if self.timing:  # timed like a disk operation: it is one to the user
+                self.stats.add_latency(GET_ID, start_ns)
         self.stats.get_ids += 1
+        return used
+
+    def _put_id(self, chain: DescriptorChain, status_gpa: int) -> int:
+        """Write the device's id string (as much as fits) and the OK status."""
         ident = device_id(self.device.serial)
         room = min(ID_BYTES, chain.writable_len - 1)
         pos = 0
@@ -727,15 +694,16 @@ class BlkQueueHandler(QueueHandler):
             if self.dirty is not None:
                 self.dirty.record(gpa, take)
             pos += take
-        return self._put_status(status_gpa, Status.OK, pos + 1)
+        return self.put_status(status_gpa, Status.OK, pos + 1)
 
-    def _discard_or_zeroes(self, chain: DescriptorChain, status_gpa: int,
-                           req_type: ReqType) -> int | None:
+    def _discard_or_zeroes(self, chain: DescriptorChain, status_gpa: int, sector: int,
+                           op: DeviceOp) -> int | None:
+        req_type = op.req_type
         if self.limits.read_only:
             raise RequestError(Status.IOERR, f"{req_type.name} on a read-only disk")
         if chain.writable_len != 1:
             raise RequestError(Status.IOERR, f"{req_type.name} with writable data")
-        if not (self.caps.discard if req_type == ReqType.DISCARD else self.caps.write_zeroes):
+        if not op.row.supported(self.caps, read_only=False):
             raise RequestError(Status.UNSUPP, f"{req_type.name}: not offered by the storage")
         if chain.readable_len - HEADER_SIZE > MAX_SEGMENT_PAYLOAD:  # never copy gigabytes
             raise RequestError(Status.IOERR, f"{req_type.name} payload of "
@@ -743,8 +711,8 @@ class BlkQueueHandler(QueueHandler):
         pieces = skip_start(chain.readable, HEADER_SIZE)
         data = b"".join(self.memory.read(a, n) for a, n in pieces)
         segments = parse_segments(req_type, data, self.limits)
-        kind = OpKind.DISCARD if req_type == ReqType.DISCARD else OpKind.WRITE_ZEROES
-        req = BlkRequest(kind, chain.head, status_gpa, segments[0].offset >> SECTOR_SHIFT, 0)
+        req = BlkRequest(OpKind(op.row.index), chain.head, status_gpa,
+                         segments[0].offset >> SECTOR_SHIFT, 0)
         req.offset = 0
         req.segments = segments
         req.sync = not self.device.writeback
@@ -755,15 +723,19 @@ class BlkQueueHandler(QueueHandler):
         if self.timing:
             req.start_ns = monotonic_ns()
         if self.engine.submit(req):
-            return self._finish(req)
+            return self.finish(req)
         return None
 
-    def _finish(self, req: BlkRequest) -> int:
+    def finish(self, req: BlkRequest) -> int:
+        """Complete a request the engine finished (any kind, any result): release, account,
+        write the status; the used length.  The reference the fast path's fused completion
+        defers to for anything but full success."""
         result = req.result
         kind = req.kind
+        row = OPS[kind]
         stats = self.stats
         ok = not isinstance(result, BaseException) and (
-            kind not in (OpKind.READ, OpKind.WRITE) or result == req.length
+            not row.moves_data or result == req.length
         )
         used = 1
         try:
@@ -781,26 +753,17 @@ class BlkQueueHandler(QueueHandler):
         if self.timing:
             stats.add_latency(kind, req.start_ns)
         if self.dirty is not None and kind == OpKind.READ:
-            self._record_read(req)  # even a failed read may have written part of the buffers
+            self.record_read(req)  # even a failed read may have written part of the buffers
         if ok:
-            if kind == OpKind.READ:
-                stats.reads += 1
-                stats.bytes_read += req.length
-            elif kind == OpKind.WRITE:
-                stats.writes += 1
-                stats.bytes_written += req.length
-            elif kind == OpKind.FLUSH:
-                stats.flushes += 1
-            elif kind == OpKind.DISCARD:
-                stats.discards += 1
-                stats.bytes_unmapped += sum(seg.length for seg in req.segments)
-            else:
-                stats.write_zeroes += 1
-                stats.bytes_unmapped += sum(seg.length for seg in req.segments)
-            return self._put_status(req.status_gpa, Status.OK, used)
+            setattr(stats, row.counter, getattr(stats, row.counter) + 1)
+            nbytes = row.bytes_counter
+            if nbytes is not None:
+                n = req.length if row.moves_data else sum(seg.length for seg in req.segments)
+                setattr(stats, nbytes, getattr(stats, nbytes) + n)
+            return self.put_status(req.status_gpa, Status.OK, used)
         stats.errors += 1
         stats.failed[kind] += 1
         why = result if isinstance(result, BaseException) else f"{result} of {req.length} bytes"
         self.errlog.log(logging.ERROR, "queue %d: %s at sector %d failed: %s", self.index,
                         kind.name, req.sector, why)
-        return self._put_status(req.status_gpa, Status.IOERR, 1)
+        return self.put_status(req.status_gpa, Status.IOERR, 1)

@@ -29,11 +29,13 @@ import os
 import select
 import threading
 import time
+from typing import Any
 
-from blockdev.engine import Engine, IoOp, OpKind
+from blockdev.engine import Engine, IoOp
 from blockdev.libc import timerfd_arm, timerfd_create
 from blockdev.nbd import libnbd
 from blockdev.nbd.libnbd import CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, NO_CALLBACK, Handle
+from blockdev.ops import DATA_KINDS, WRITE_THROUGH_KINDS, OpKind, by_kind
 from blockdev.storage import Capabilities, Storage, StorageError, remote_info
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class NbdStorage(Storage):
             handle, self._spare = self._spare, None
         return NbdEngine(self, queue_index, handle)
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         """Queues flush their connection when they close; a connection no queue took yet is
         flushed here."""
         with self._lock:
@@ -199,7 +201,7 @@ class NbdEngine(Engine):
     # ------------------------------------------------------------------ Engine
     def submit(self, op: IoOp) -> bool:
         st = self.storage
-        p = _Pending(op, op.sync and op.kind in (OpKind.WRITE, OpKind.WRITE_ZEROES)
+        p = _Pending(op, op.sync and op.kind in WRITE_THROUGH_KINDS
                      and not st.can_fua and st.caps.flush)
         h = self.handle
         if h is not None and not h.connecting:
@@ -220,7 +222,7 @@ class NbdEngine(Engine):
             self._tick()
         return False
 
-    def flush(self) -> None:
+    def submit_batch(self) -> None:
         self._update_mask()
 
     def reap(self) -> list[IoOp]:
@@ -429,7 +431,7 @@ class NbdEngine(Engine):
         self._active.pop(id(op), None)
         if p.error is not None:
             op.result = p.error
-        elif op.kind in (OpKind.READ, OpKind.WRITE):
+        elif op.kind in DATA_KINDS:
             op.result = op.length
         else:
             op.result = 0
@@ -440,46 +442,12 @@ class NbdEngine(Engine):
         """Send ``p``'s commands; True if it is already complete (nothing to send, or refused
         at once while the connection is alive)."""
         st = self.storage
-        lib = h.lib
         op = p.op
         kind = op.kind
-        hh = h.h
         cmds = self._cmds
         cookies: list[int] = []
         try:
-            if kind == OpKind.READ or kind == OpKind.WRITE:
-                call = lib.nbd_aio_pread if kind == OpKind.READ else lib.nbd_aio_pwrite
-                flags = CMD_FLAG_FUA if kind == OpKind.WRITE and op.sync and st.can_fua else 0
-                offset = op.offset
-                chunk = st.max_payload
-                for buf in op.buffers or ():
-                    n = buf.view.nbytes
-                    addr = buf.address
-                    while n:
-                        take = min(n, chunk)
-                        cookies.append(call(hh, addr, take, offset, NO_CALLBACK, flags))
-                        addr += take
-                        offset += take
-                        n -= take
-            elif kind == OpKind.FLUSH:
-                if st.caps.flush:
-                    cookies.append(lib.nbd_aio_flush(hh, NO_CALLBACK, 0))
-            else:
-                zero = kind == OpKind.WRITE_ZEROES
-                if zero or st.caps.discard:
-                    call = lib.nbd_aio_zero if zero else lib.nbd_aio_trim
-                    for seg in op.segments:
-                        flags = 0
-                        if zero:
-                            flags = 0 if seg.unmap else CMD_FLAG_NO_HOLE
-                            if op.sync and st.can_fua:
-                                flags |= CMD_FLAG_FUA
-                        off, n = seg.offset, seg.length
-                        while n:
-                            take = min(n, MAX_RANGE_COMMAND)
-                            cookies.append(call(hh, take, off, NO_CALLBACK, flags))
-                            off += take
-                            n -= take
+            self._COMMANDS[kind](self, h, op, cookies)
         except ctypes.ArgumentError as exc:  # a value out of the C type's range: not sent
             log.error("%s: %s refused: %s", st.uri, kind.name.lower(), exc)
             if p.error is None:
@@ -495,6 +463,66 @@ class NbdEngine(Engine):
         if p.left:
             return False
         return not (p.error is not None and h.dead)  # dead: requeued with the others
+
+    def _read(self, h: Handle, op: IoOp, cookies: list[int]) -> None:
+        self._rw(h.lib.nbd_aio_pread, 0, h, op, cookies)
+
+    def _write(self, h: Handle, op: IoOp, cookies: list[int]) -> None:
+        st = self.storage
+        self._rw(h.lib.nbd_aio_pwrite, CMD_FLAG_FUA if op.sync and st.can_fua else 0,
+                 h, op, cookies)
+
+    def _rw(self, call: Any, flags: int, h: Handle, op: IoOp, cookies: list[int]) -> None:
+        """One command per ``max_payload`` piece of each buffer."""
+        hh = h.h
+        offset = op.offset
+        chunk = self.storage.max_payload
+        for buf in op.buffers or ():
+            n = buf.view.nbytes
+            addr = buf.address
+            while n:
+                take = min(n, chunk)
+                cookies.append(call(hh, addr, take, offset, NO_CALLBACK, flags))
+                addr += take
+                offset += take
+                n -= take
+
+    def _flush(self, h: Handle, op: IoOp, cookies: list[int]) -> None:
+        if self.storage.caps.flush:
+            cookies.append(h.lib.nbd_aio_flush(h.h, NO_CALLBACK, 0))
+
+    def _discard(self, h: Handle, op: IoOp, cookies: list[int]) -> None:
+        if self.storage.caps.discard:
+            self._ranges(h.lib.nbd_aio_trim, False, h, op, cookies)
+
+    def _write_zeroes(self, h: Handle, op: IoOp, cookies: list[int]) -> None:
+        self._ranges(h.lib.nbd_aio_zero, True, h, op, cookies)
+
+    def _ranges(self, call: Any, zero: bool, h: Handle, op: IoOp, cookies: list[int]) -> None:
+        """Trim or zero commands for each segment, at most ``MAX_RANGE_COMMAND`` each."""
+        st = self.storage
+        hh = h.h
+        for seg in op.segments:
+            flags = 0
+            if zero:
+                flags = 0 if seg.unmap else CMD_FLAG_NO_HOLE
+                if op.sync and st.can_fua:
+                    flags |= CMD_FLAG_FUA
+            off, n = seg.offset, seg.length
+            while n:
+                take = min(n, MAX_RANGE_COMMAND)
+                cookies.append(call(hh, take, off, NO_CALLBACK, flags))
+                off += take
+                n -= take
+
+    #: How each kind of op is sent (a kind without an entry fails at import).
+    _COMMANDS = by_kind({
+        OpKind.READ: _read,
+        OpKind.WRITE: _write,
+        OpKind.FLUSH: _flush,
+        OpKind.DISCARD: _discard,
+        OpKind.WRITE_ZEROES: _write_zeroes,
+    }, "NbdEngine")
 
     def _retire(self, h: Handle) -> None:
         lib = h.lib

@@ -87,8 +87,8 @@ class Qcow2Disk:
             raise OSError(errno.EIO, str(exc)) from exc
         return sum(v.nbytes for v in views)
 
-    def flush(self) -> None:
-        self._guard(self.image.flush)
+    def make_durable(self) -> None:
+        self._guard(self.image.make_durable)
 
     def discard(self, offset: int, length: int) -> None:
         self._guard(self.image.discard, offset, length)

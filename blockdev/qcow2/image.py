@@ -1,8 +1,8 @@
 """A qcow2 image: guest offsets mapped to host clusters, read-write, with a backing chain.
 
 :class:`Qcow2Disk` (:mod:`.disk`) presents the interface of :class:`blockdev.disk.Disk`
-(``readv``, ``writev``, ``flush``, ``discard``, ``write_zeroes``, ``info``, ``close``), so the
-device and the ``inline``/``threads`` engines use it unchanged; the io_uring engine
+(``readv``, ``writev``, ``make_durable``, ``discard``, ``write_zeroes``, ``info``, ``close``),
+so the device and the ``inline``/``threads`` engines use it unchanged; the io_uring engine
 (:mod:`.uring_engine`) asks :meth:`Qcow2Image.fast_target` for the host offset of IO inside one
 allocated cluster.  Data of allocated clusters moves with ``preadv``/``pwritev`` (or the ring) at
 the translated host offset, on the caller's buffers (guest memory): zero copy.
@@ -749,7 +749,7 @@ class Qcow2Image:
         log.info("%s: L1 table moved to %#x (%d entries) for %d bytes", self.path, new_off,
                  entries, size)
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         """Every metadata change is already in the file (write-through): sync it.  Then drop
         the refcounts of clusters whose last reference was cleared before the sync -- if no IO
         is in flight that may still aim at them (else a later flush or discard does)."""

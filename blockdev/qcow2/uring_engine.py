@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from blockdev.disk import BlockDisk
-from blockdev.engine import IoOp, OpKind, UringEngine, execute
+from blockdev.engine import IoOp, UringEngine, execute
+from blockdev.ops import DATA_KINDS, OpKind
 
 
 class MappedDisk(BlockDisk, Protocol):
@@ -44,7 +45,7 @@ class MappedUringEngine(UringEngine):
 
     def submit(self, op: IoOp) -> bool:
         kind = op.kind
-        if kind == OpKind.READ or kind == OpKind.WRITE:
+        if kind in DATA_KINDS:  # the rest has no single host offset: the general path
             host = self.qcow2.map_io(op.offset, op.length, kind == OpKind.WRITE)
             if host >= 0:
                 self._guest[id(op)] = op.offset
@@ -58,7 +59,7 @@ class MappedUringEngine(UringEngine):
         """Wait until none of this queue's IO is in the ring (see the module docstring)."""
         if not self._ops and not self._queued:
             return
-        self.flush()  # the reads and writes queued for this batch go to the ring first
+        self.submit_batch()  # the reads and writes queued for this batch go to the ring first
         while self._ops:
             self.ring.submit(wait=1)
             self._early.extend(self._reap_ring())

@@ -38,7 +38,8 @@ from dataclasses import replace
 from typing import Any
 
 from blockdev.disk import DiskError, check_growth
-from blockdev.engine import UNFINISHED, Engine, IoOp, OpKind
+from blockdev.engine import UNFINISHED, Engine, IoOp
+from blockdev.ops import DATA_KINDS, WRITE_THROUGH_KINDS, OpKind, by_kind
 from blockdev.rbd.librbd import EVENT_TYPE_EVENTFD, check, libs
 from blockdev.spec import RbdSpec
 from blockdev.storage import Capabilities, Storage, StorageError, remote_info
@@ -165,7 +166,7 @@ class RbdStorage(Storage):
     def open_engine(self, queue_index: int) -> Engine:
         return RbdEngine(self, queue_index)
 
-    def flush(self) -> None:
+    def make_durable(self) -> None:
         if not self.info.read_only:
             check(self.rbd.rbd_flush(self.image), "flush")
 
@@ -282,38 +283,56 @@ class RbdEngine(Engine):
             return self._submit_locked(op)
 
     def _submit_locked(self, op: IoOp) -> bool:
-        st = self.storage
-        rbd = st.rbd
-        kind = op.kind
-        p = _Pending(self, op, op.sync and kind in (OpKind.WRITE, OpKind.WRITE_ZEROES))
-        if kind == OpKind.READ or kind == OpKind.WRITE:
-            bufs = op.buffers or []
-            op.iov = iov = iovec_array(bufs)
-            call = rbd.rbd_aio_readv if kind == OpKind.READ else rbd.rbd_aio_writev
-            st.aio(p, call, ctypes.addressof(iov), len(bufs), op.offset)
-        elif kind == OpKind.FLUSH:
-            p.flush_after = False
-            st.aio(p, rbd.rbd_aio_flush)
-        elif kind == OpKind.DISCARD:
-            for seg in op.segments:
-                st.aio(p, rbd.rbd_aio_discard, seg.offset, seg.length)
-        else:
-            for seg in op.segments:
-                flags = 0 if seg.unmap else RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
-                st.aio(p, rbd.rbd_aio_write_zeroes, seg.offset, seg.length, COMP,
-                       flags, 0)
+        p = _Pending(self, op, op.sync and op.kind in WRITE_THROUGH_KINDS)
+        self._ISSUE[op.kind](self, p)
         if p.left == 0:  # every call refused at once
             self._set_result(p)
             return True
         self._in_flight += 1
         return False
 
+    def _issue_read(self, p: _Pending) -> None:
+        self._issue_rw(p, self.storage.rbd.rbd_aio_readv)
+
+    def _issue_write(self, p: _Pending) -> None:
+        self._issue_rw(p, self.storage.rbd.rbd_aio_writev)
+
+    def _issue_rw(self, p: _Pending, call: Any) -> None:
+        op = p.op
+        bufs = op.buffers or []
+        op.iov = iov = iovec_array(bufs)
+        self.storage.aio(p, call, ctypes.addressof(iov), len(bufs), op.offset)
+
+    def _issue_flush(self, p: _Pending) -> None:
+        p.flush_after = False
+        self.storage.aio(p, self.storage.rbd.rbd_aio_flush)
+
+    def _issue_discard(self, p: _Pending) -> None:
+        st = self.storage
+        for seg in p.op.segments:
+            st.aio(p, st.rbd.rbd_aio_discard, seg.offset, seg.length)
+
+    def _issue_write_zeroes(self, p: _Pending) -> None:
+        st = self.storage
+        for seg in p.op.segments:
+            flags = 0 if seg.unmap else RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
+            st.aio(p, st.rbd.rbd_aio_write_zeroes, seg.offset, seg.length, COMP, flags, 0)
+
+    #: How each kind of op is issued (a kind without an entry fails at import).
+    _ISSUE = by_kind({
+        OpKind.READ: _issue_read,
+        OpKind.WRITE: _issue_write,
+        OpKind.FLUSH: _issue_flush,
+        OpKind.DISCARD: _issue_discard,
+        OpKind.WRITE_ZEROES: _issue_write_zeroes,
+    }, "RbdEngine")
+
     def _set_result(self, p: _Pending) -> None:
         op = p.op
         op.iov = None
         if p.error is not None:
             op.result = p.error
-        elif op.kind in (OpKind.READ, OpKind.WRITE):
+        elif op.kind in DATA_KINDS:
             op.result = op.length
         else:
             op.result = 0

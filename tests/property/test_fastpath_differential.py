@@ -38,18 +38,19 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from blockdev.disk import Disk
-from blockdev.engine import Engine, IoOp, OpKind
+from blockdev.engine import Engine, IoOp
+from blockdev.ops import OpKind
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyLog, DirtyMarker
 from vhost.messages import VirtioFeature
+from vhost.queue.base import RingAddresses
 from vhost.queue.inflight import InflightArea, create_area
 from vhost.queue.split import (
     DESC,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
-    RingAddresses,
-    VirtQueue,
+    SplitQueue,
 )
 from vhost.runner.thread import Notifier, QueueWorker
 from vhost_frontend import DriverRing
@@ -367,7 +368,7 @@ class Rig:
         fd, size = create_area(1, QSIZE)
         self.inflight = InflightArea.map(fd, size, 0, 1, QSIZE)
         os.close(fd)
-        self.vq = VirtQueue(self.mem, QSIZE, addresses, FEATURES, index=0,
+        self.vq = SplitQueue(self.mem, QSIZE, addresses, FEATURES, index=0,
                             inflight=self.inflight.queue(0, QSIZE))
         handler = self.device.create_handler(0, self.mem)
         assert isinstance(handler, BlkQueueHandler)

@@ -76,7 +76,7 @@ def test_qcow2_behaves_like_raw(cluster_bits: int, backing: bool, ops: list) -> 
                     disk.write_zeroes(off, n, unmap=bool(arg))
                     model[off:off + n] = bytes(n)
                 else:
-                    disk.flush()
+                    disk.make_durable()
             assert read(disk, 0, SIZE) == model
         finally:
             disk.close()

@@ -24,7 +24,8 @@ from benchmarks.common import (
 )
 from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
-from vhost.queue.split import DESC, VIRTQ_DESC_F_INDIRECT, RingAddresses, VirtQueue
+from vhost.queue.base import RingAddresses
+from vhost.queue.split import DESC, VIRTQ_DESC_F_INDIRECT, SplitQueue
 from vhost_frontend import DriverQueue, DriverRing, FrontendMemory
 
 HAVE_QSD = shutil.which("qemu-storage-daemon") is not None
@@ -102,7 +103,7 @@ def test_requests_have_the_shape_asked_for(shape: str) -> None:
     mem = GuestMemory.anonymous(1 << 20)
     addresses = RingAddresses(0x1000, 0x3000, 0x4000)
     ring = DriverRing(mem, 16, addresses, event_idx=False)
-    vq = VirtQueue(mem, 16, addresses, int(VirtioFeature.RING_INDIRECT_DESC))
+    vq = SplitQueue(mem, 16, addresses, int(VirtioFeature.RING_INDIRECT_DESC))
     try:
         pieces = [(0x10000, 16, False), (0x11000, 4096, True), (0x12000, 1, True)]
         head = lay_out_request(ring, 2, pieces, 0x20000 if shape == "indirect" else None)

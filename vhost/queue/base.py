@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from guestmem import GuestMemory
+from guestmem import GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
 
 #: Longest chain in bytes (virtio: a descriptor's length is 32 bits, a chain's total too).
@@ -102,12 +102,12 @@ class SimpleChain:
     the queue untouched and the generic pop reports it.
     """
 
-    __slots__ = ("data", "data_len", "head", "header", "header_len", "into_guest", "token",
-                 "trailer", "trailer_len")
+    __slots__ = ("data", "data_len", "head", "header", "header_len", "into_guest", "region",
+                 "token", "trailer", "trailer_len")
 
     def __init__(self, head: int, header: int, header_len: int, data: list[tuple[int, int]],
                  data_len: int, into_guest: bool, trailer: int, trailer_len: int,
-                 token: int) -> None:
+                 token: int, region: GuestRegion | None = None) -> None:
         self.head = head
         #: Guest address and length of the header piece.
         self.header = header
@@ -122,6 +122,10 @@ class SimpleChain:
         #: What :meth:`Queue.claim` needs besides ``head`` (the layout's own: how many ring
         #: slots the chain takes, say).
         self.token = token
+        #: The guest memory region every piece lies in, when one holds them all (the usual
+        #: case; None: the device looks each piece up).  The queue found it while checking
+        #: the pieces; handing it over spares the device a second lookup of each.
+        self.region = region
 
 
 class Queue(Protocol):
@@ -194,7 +198,10 @@ class Queue(Protocol):
         counter in bits 16-31)."""
 
     def ring_state(self) -> dict[str, int]:
-        """Where this queue is, for a diagnostics query (reads only)."""
+        """Where this queue is, for a diagnostics query (reads only).  Every layout gives at
+        least ``used_idx`` (the used index published last: non-zero once the ring completed
+        something, which the worker answers with a call when it starts), ``in_flight``,
+        ``size`` and ``broken``."""
 
     def release(self) -> None:
         """Drop every view of guest memory so it can be unmapped."""

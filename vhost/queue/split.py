@@ -1,10 +1,16 @@
 """The split virtqueue (virtio 1.x, 2.7), sans-IO: ring state, descriptor chains, used ring, events.
 
-:class:`VirtQueue` owns one queue's ring state and reads/writes the rings in guest memory through
-memoryviews made once when the queue starts.  It does no IO of its own: the worker decides when to
-pop, the device decides what a chain means, and :meth:`VirtQueue.flush` says whether the driver
-wants an interrupt -- the caller writes the call eventfd.  That keeps every ring rule testable
-with a bytearray for guest memory.
+:class:`SplitQueue` (the split layout of :class:`vhost.queue.base.Queue`) owns one queue's ring
+state and reads/writes the rings in guest memory through memoryviews made once when the queue
+starts.  It does no IO of its own: the worker decides when to pop, the device decides what a chain
+means, and :meth:`SplitQueue.publish_used` says whether the driver wants an interrupt -- the
+caller writes the call eventfd.  That keeps every ring rule testable with a bytearray for guest
+memory.
+
+Two pops share one statement of the ring rules (:meth:`SplitQueue._pending`,
+:meth:`SplitQueue._walk`): the generic
+:meth:`SplitQueue.pop_batch`, and :meth:`SplitQueue.peek_simple`, the bounded look the device's
+fast path takes requests in Linux's shape with, claimed by :meth:`SplitQueue.claim`.
 
 The guest is hostile.  Everything read from the rings is validated before use and a violation
 raises :class:`QueueError`; the worker then stops this queue with a log line (the device is
@@ -25,12 +31,19 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
-from dataclasses import dataclass
+from typing import NoReturn
 
-from guestmem import AccessError, GuestMemory
+from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
 from vhost.messages import VirtioFeature
+from vhost.queue.base import (
+    MAX_CHAIN_BYTES,
+    DescriptorChain,
+    QueueError,
+    RingAddresses,
+    SimpleChain,
+    full_fence,
+)
 from vhost.queue.inflight import InflightError, InflightQueue
 
 log = logging.getLogger(__name__)
@@ -46,63 +59,12 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
 MAX_QUEUE_SIZE = 32768
-MAX_CHAIN_BYTES = 1 << 32
-
-_fence_lock = threading.Lock()
-
-
-def full_fence() -> None:
-    """A store->load barrier: a locked instruction (uncontended lock acquire/release)."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+#: An indirect table holds at most a queue's worth of descriptors.
+MAX_INDIRECT_BYTES = MAX_QUEUE_SIZE * DESC_SIZE
 
 
-class QueueError(Exception):
-    """The driver broke a ring rule; the queue must stop."""
-
-
-@dataclass(frozen=True)
-class RingAddresses:
-    """Guest physical addresses of the three ring parts."""
-
-    desc: int
-    avail: int
-    used: int
-
-
-class DescriptorChain:
-    """One request as the driver laid it out: readable pieces, then writable pieces.
-
-    ``readable``/``writable`` are lists of ``(gpa, length)``; every piece has been checked to lie
-    in guest memory when the chain was popped.  Zero-length descriptors are dropped.
-    """
-
-    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len")
-
-    def __init__(
-        self,
-        head: int,
-        readable: list[tuple[int, int]],
-        writable: list[tuple[int, int]],
-        readable_len: int,
-        writable_len: int,
-    ) -> None:
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.readable_len = readable_len
-        self.writable_len = writable_len
-
-    @property
-    def pieces(self) -> list[tuple[int, int, bool]]:
-        """Every piece as ``(gpa, length, writable)``, readable ones first."""
-        return [(a, n, False) for a, n in self.readable] + [(a, n, True) for a, n in self.writable]
-
-    def __repr__(self) -> str:
-        return (
-            f"DescriptorChain(head={self.head}, readable={self.readable}, "
-            f"writable={self.writable})"
-        )
+class _NotSimple(Exception):
+    """The chain has more descriptors than :meth:`SplitQueue.peek_simple` may take."""
 
 
 def validate_size(size: int) -> None:
@@ -131,8 +93,10 @@ def check_ring_alignment(addresses: RingAddresses) -> None:
             raise QueueError(f"{name} at {gpa:#x} is not {align}-byte aligned")
 
 
-class VirtQueue:
-    """State of one split virtqueue and the operations a device side performs on it."""
+class SplitQueue:
+    """One split virtqueue: the :class:`vhost.queue.base.Queue` of the split layout."""
+
+    layout = "split"
 
     def __init__(
         self,
@@ -183,6 +147,11 @@ class VirtQueue:
         # cleared by the control thread with one store; None costs the hot path one check) and
         # the guest address the used ring is logged at (VHOST_VRING_F_LOG's log_guest_addr).
         self.dirty: DirtyMarker | None = None
+        # The region the last piece of a chain lay in (see _walk), and the memory table it is
+        # from: a new table forgets it.
+        self._regions: tuple[GuestRegion, ...] = ()
+        self._region: GuestRegion | None = None
+        self._lo = self._hi = 0
         self.used_log_addr = addresses.used
         # Crash recovery (INFLIGHT_SHMFD): heads a previous backend popped and never completed
         # come back first, oldest first; the avail ring continues after all of them.
@@ -218,7 +187,12 @@ class VirtQueue:
         return self._avail[1]
 
     def has_avail(self) -> bool:
+        """The driver made a chain available that was not popped yet."""
         return self._avail[1] != self.next_avail
+
+    def vring_base(self) -> int:
+        """GET_VRING_BASE's value: the next avail index."""
+        return self.next_avail
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None; raises QueueError on a ring violation."""
@@ -240,16 +214,8 @@ class VirtQueue:
             self._pop_replay(out)
             if self.broken:
                 return out
-        avail_idx = self._avail[1]
-        pending = (avail_idx - self.next_avail) & 0xFFFF
-        if pending == 0:
-            return out
         try:
-            if pending > self.size:
-                raise QueueError(
-                    f"avail.idx {avail_idx} is {pending} ahead of last_avail {self.next_avail}, "
-                    f"more than the queue size {self.size}"
-                )
+            pending = self._pending()
             if limit is not None and pending > limit:
                 pending = limit
             avail = self._avail
@@ -285,98 +251,199 @@ class VirtQueue:
     def _take(self, head: int, source: str, tracked: bool = False) -> DescriptorChain:
         """Validate ``head`` (from ``source``) and its chain, and mark it in flight (in the
         in-flight area too, unless ``tracked``: it is marked there already)."""
-        if head >= self.size:
-            raise QueueError(f"{source} head {head} >= queue size {self.size}")
-        if self._in_flight[head]:
-            raise QueueError(f"{source} head {head} made available again while still in flight")
-        chain = self._read_chain(head)
+        readable, writable, rlen, wlen, _ = self._walk(head, MAX_QUEUE_SIZE, source)
         self._in_flight[head] = 1
         self.in_flight_count += 1
         if self._inflight is not None and not tracked:
             self._inflight.popped(head)
-        return chain
-
-    # ------------------------------------------------------------------ a device's fused pop
-    # A device may pop the next avail entries itself (virtio_blk.fastpath), after validating the
-    # chain at least as strictly as _read_chain does: it reads the tables through ring_tables(),
-    # and claims each head it takes, in ring order, with claim().
-    def ring_tables(self) -> tuple[memoryview, memoryview, bytearray]:
-        """(the descriptor table as bytes, the avail ring as u16: flags, idx, ring..., the
-        in-flight flag of each head) -- to read; heads are taken with :meth:`claim`."""
-        return self._desc, self._avail, self._in_flight
+        return DescriptorChain(head, readable, writable, rlen, wlen)
 
     @property
     def replay_pending(self) -> bool:
         """Heads from before a restart are still to be resubmitted (they come first)."""
         return bool(self._replay)
 
-    def claim(self, head: int) -> None:
-        """Take ``head``, the next avail entry, already validated: in flight, avail advanced.
+    # ------------------------------------------------------------------ the bounded simple pop
+    def peek_simple(self, max_pieces: int) -> SimpleChain | None:
+        """The next available chain if it is a simple one (see :class:`SimpleChain`) of at most
+        ``max_pieces`` descriptors, else None.  Changes nothing.
 
-        (:meth:`_take`'s marking: this runs once per fast-path request.)
+        It looks at the ring with the generic pop's rules (:meth:`_pending`, :meth:`_walk`), so
+        whatever it returns the generic pop would have accepted with the same pieces; a chain
+        that breaks a rule gives None here and is reported by the generic pop.
         """
+        if self.broken or self._replay:
+            return None
+        next_avail = self.next_avail
+        try:
+            if not self._pending():
+                return None
+            head = self._avail[2 + (next_avail & self._mask)]
+            readable, writable, rlen, wlen, spread = self._walk(head, max_pieces, "avail ring")
+        except (QueueError, _NotSimple):
+            return None
+        if spread & 2:
+            return None
+        region = None if spread else self._region
+        if len(readable) == 1:  # [header] [data, writable...] [trailer]
+            if len(writable) < 2:
+                return None
+            header, header_len = readable[0]
+            trailer, trailer_len = writable.pop()
+            return SimpleChain(head, header, header_len, writable, wlen - trailer_len, True,
+                               trailer, trailer_len, next_avail, region)
+        if len(writable) != 1 or not readable:  # [header] [data, readable...] [trailer]
+            return None
+        header, header_len = readable.pop(0)
+        trailer, trailer_len = writable[0]
+        return SimpleChain(head, header, header_len, readable, rlen - header_len, False,
+                           trailer, trailer_len, next_avail, region)
+
+    def claim(self, chain: SimpleChain) -> None:
+        """Take ``chain``, the one :meth:`peek_simple` just returned: in flight (in the in-flight
+        area too), avail advanced.  ValueError if it is not the next avail entry (``token``
+        holds the avail index it was found at)."""
+        head = chain.head
+        if chain.token != self.next_avail or self._in_flight[head]:
+            raise ValueError(f"chain at head {head} is not the one peek_simple found next")
         self._in_flight[head] = 1
         self.in_flight_count += 1
         if self._inflight is not None:
             self._inflight.popped(head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
 
-    def _read_chain(self, head: int) -> DescriptorChain:
+    # ------------------------------------------------------------------ chain rules
+    # Stated once, here; both pops call them.
+    def _pending(self) -> int:
+        """How many chains the driver made available that were not popped: never more than
+        the queue size."""
+        avail_idx = self._avail[1]
+        pending = (avail_idx - self.next_avail) & 0xFFFF
+        if pending > self.size:
+            raise QueueError(
+                f"avail.idx {avail_idx} is {pending} ahead of last_avail {self.next_avail}, "
+                f"more than the queue size {self.size}"
+            )
+        return pending
+
+    def _walk(self, head: int, max_pieces: int, source: str
+              ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int, int, int]:
+        """The chain at ``head`` (from ``source``) with every rule checked: ``(readable, writable,
+        readable bytes, writable bytes, spread)``; ``spread`` 0: every piece lies in the
+        remembered region (``self._region``), 1: each lies in one region, 2: some piece spans
+        adjacent regions.
+
+        QueueError on a broken rule; :class:`_NotSimple` (for :meth:`peek_simple`) once more
+        than ``max_pieces`` descriptors were read.  The region the last piece lay in is
+        remembered across chains (most requests' pieces share one); a change of the memory
+        table forgets it.  (The hot path of every request: kept to the fewest steps.)
+        """
+        # The head: it indexes the descriptor table, and is not in flight already.
+        if head >= self.size:
+            raise QueueError(f"{source} head {head} >= queue size {self.size}")
+        if self._in_flight[head]:
+            raise QueueError(f"{source} head {head} made available again while still in flight")
+        memory = self.memory
+        if memory.regions is not self._regions:
+            self._regions = memory.regions
+            self._region = None
+            self._lo = self._hi = 0
         table: memoryview | bytes = self._desc
+        base = 0
         table_len = self.size
         unpack = DESC.unpack_from
-        memory = self.memory
-        lo = hi = 0  # bounds of the region the last descriptor was found in
+        lo = self._lo  # bounds of the region the last piece was found in
+        hi = self._hi
+        spread = 0
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         rlen = wlen = 0
         idx = head
-        count = 0
         in_indirect = False
-        while True:
-            addr, length, flags, nxt = unpack(table, idx * DESC_SIZE)
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                table, table_len = self._indirect_table(addr, length, flags, in_indirect)
-                in_indirect = True
-                idx = 0
-                count = 0
-                continue
-            count += 1
-            if count > table_len:
+        while True:  # once for the descriptor table, once more for an indirect table
+            # A chain has at most as many descriptors as its table: more is a loop.
+            for _ in range(max_pieces if max_pieces < table_len else table_len):
+                addr, length, flags, nxt = unpack(table, base + (idx << 4))
+                if flags & VIRTQ_DESC_F_INDIRECT:
+                    break
+                if length:
+                    if not (lo <= addr and addr + length <= hi):  # most pieces share a region
+                        region = memory.region_at(addr)
+                        if region is not None and addr + length <= region.gpa + region.size:
+                            lo, hi = self._remember(region)
+                            if readable or writable:  # the pieces before lie elsewhere
+                                spread |= 1
+                        elif memory.is_mapped(addr, length):  # spans adjacent regions
+                            spread = 2
+                        else:
+                            raise QueueError(
+                                f"descriptor {idx} of head {head}: buffer {addr:#x}+{length:#x} "
+                                "is not in guest memory"
+                            )
+                    if flags & VIRTQ_DESC_F_WRITE:
+                        writable.append((addr, length))
+                        wlen += length
+                    elif writable:
+                        raise QueueError(
+                            f"chain at head {head}: readable descriptor after writable")
+                    else:
+                        readable.append((addr, length))
+                        rlen += length
+                elif not flags & VIRTQ_DESC_F_WRITE and writable:
+                    raise QueueError(f"chain at head {head}: readable descriptor after writable")
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    # (Checked once at the end: no descriptor is 2**32 bytes, the count is
+                    # bounded.)
+                    if rlen + wlen >= MAX_CHAIN_BYTES:
+                        raise QueueError(f"chain at head {head} is 2**32 bytes or longer")
+                    return readable, writable, rlen, wlen, spread
+                idx = nxt
+                if idx >= table_len:
+                    raise QueueError(
+                        f"chain at head {head}: next {idx} >= table size {table_len}")
+            else:
+                if max_pieces < table_len:
+                    raise _NotSimple
                 raise QueueError(f"chain at head {head} loops (more than {table_len} descriptors)")
-            if length:
-                if not (lo <= addr and addr + length <= hi):  # most pieces share one region
-                    region = memory.region_at(addr)
-                    if region is not None and addr + length <= region.gpa + region.size:
-                        lo, hi = region.gpa, region.gpa + region.size
-                    elif not memory.is_mapped(addr, length):  # spans adjacent regions?
-                        raise QueueError(
-                            f"descriptor {idx} of head {head}: buffer {addr:#x}+{length:#x} is "
-                            "not in guest memory"
-                        )
-                if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append((addr, length))
-                    wlen += length
-                else:
-                    if writable:
-                        raise QueueError(
-                            f"chain at head {head}: readable descriptor after writable"
-                        )
-                    readable.append((addr, length))
-                    rlen += length
-                if rlen + wlen >= MAX_CHAIN_BYTES:
-                    raise QueueError(f"chain at head {head} is 2**32 bytes or longer")
-            elif flags & VIRTQ_DESC_F_WRITE == 0 and writable:
-                raise QueueError(f"chain at head {head}: readable descriptor after writable")
-            if not flags & VIRTQ_DESC_F_NEXT:
-                return DescriptorChain(head, readable, writable, rlen, wlen)
-            idx = nxt
-            if idx >= table_len:
-                raise QueueError(f"chain at head {head}: next {idx} >= table size {table_len}")
+            # An indirect descriptor: its rules (stated here, in the loop: every request of a
+            # driver with INDIRECT_DESC passes them), then its table.
+            if (in_indirect or flags & VIRTQ_DESC_F_NEXT or length & (DESC_SIZE - 1)
+                    or not 0 < length <= MAX_INDIRECT_BYTES or not self.indirect):
+                self._indirect_fault(length, flags, in_indirect)
+            if lo <= addr and addr + length <= hi:
+                table = self._region.view  # type: ignore[union-attr]
+                base = addr - lo
+            else:
+                table, base = self._indirect_table(addr, length)
+                lo = self._lo
+                hi = self._hi
+                if readable or writable:  # direct pieces before it may lie elsewhere
+                    spread |= 1
+            table_len = length >> 4
+            in_indirect = True
+            idx = 0
 
-    def _indirect_table(
-        self, addr: int, length: int, flags: int, in_indirect: bool
-    ) -> tuple[memoryview | bytes, int]:
+    def _remember(self, region: GuestRegion) -> tuple[int, int]:
+        """Remember ``region`` as the one the next pieces are looked for in first."""
+        self._region = region
+        self._lo = lo = region.gpa
+        self._hi = hi = region.gpa + region.size
+        return lo, hi
+
+    def _indirect_table(self, addr: int, length: int) -> tuple[memoryview | bytes, int]:
+        """An indirect table not in the remembered region: ``(table, its offset in it)``."""
+        region = self.memory.region_at(addr)
+        if region is not None and addr + length <= region.gpa + region.size:
+            self._remember(region)
+            return region.view, addr - region.gpa
+        try:
+            views = self.memory.views(addr, length)
+        except AccessError as exc:
+            raise QueueError(f"indirect table {addr:#x}+{length:#x}: {exc}") from exc
+        return b"".join(views), 0
+
+    def _indirect_fault(self, length: int, flags: int, in_indirect: bool) -> NoReturn:
+        """Which rule of an indirect descriptor was broken (see :meth:`_walk`)."""
         if not self.indirect:
             raise QueueError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
         if in_indirect:
@@ -385,14 +452,7 @@ class VirtQueue:
             raise QueueError("indirect descriptor with NEXT set")
         if length == 0 or length % DESC_SIZE:
             raise QueueError(f"indirect table of {length} bytes (not a non-zero multiple of 16)")
-        if length // DESC_SIZE > MAX_QUEUE_SIZE:
-            raise QueueError(f"indirect table of {length // DESC_SIZE} descriptors")
-        try:
-            views = self.memory.views(addr, length)
-        except AccessError as exc:
-            raise QueueError(f"indirect table {addr:#x}+{length:#x}: {exc}") from exc
-        table: memoryview | bytes = views[0] if len(views) == 1 else b"".join(views)
-        return table, length // DESC_SIZE
+        raise QueueError(f"indirect table of {length // DESC_SIZE} descriptors")
 
     # ------------------------------------------------------------------ used side
     def add_used(self, head: int, length: int) -> None:
@@ -404,7 +464,7 @@ class VirtQueue:
         published).
 
         One call per worker pass instead of one per request; the batch is then published by
-        :meth:`flush` with one used.idx store, one dirty-log pass over the entries and one
+        :meth:`publish_used` with one used.idx store, one dirty-log pass over the entries and one
         notify decision, as any batch is.  A head not in flight raises ValueError, the entries
         before it added.
         """
@@ -425,8 +485,8 @@ class VirtQueue:
             if inflight is not None:
                 inflight.used(head)
 
-    def flush(self) -> bool:
-        """Publish used entries added since the last flush; True if the driver wants a call.
+    def publish_used(self) -> bool:
+        """Publish used entries added since the last call; True if the driver wants a call.
 
         One used.idx store per batch; with EVENT_IDX the interrupt is suppressed unless used_event
         lies in the batch just published (virtio 2.7.10).
@@ -436,7 +496,7 @@ class VirtQueue:
         dirty = self.dirty
         if new == old:
             if dirty is not None:
-                dirty.commit()  # used flags / avail_event written since the last flush
+                dirty.commit()  # used flags / avail_event written since the last publish
             return False
         if dirty is not None:  # the entries and everything the device wrote, before used.idx
             self._record_used(dirty, old, new)
@@ -479,7 +539,7 @@ class VirtQueue:
         """Ask for a kick on the next buffer; True if buffers arrived meanwhile (drain again)."""
         if self.event_idx:
             self._used[self._avail_event_slot] = self.next_avail
-            if self.dirty is not None:  # committed by the flush that ends every worker pass
+            if self.dirty is not None:  # committed by the publish that ends every worker pass
                 self.dirty.record(self.used_log_addr + 2 * self._avail_event_slot, 2)
         else:
             self._used[0] = 0

@@ -73,6 +73,10 @@ class RemoteQueue:
         self.broken = broken
         self.in_flight_count = 0
 
+    def vring_base(self) -> int:
+        """GET_VRING_BASE's value, as the process answered ``stop`` with it."""
+        return self.next_avail
+
     def release(self) -> None:
         """Nothing to unmap here: the process mapped the rings."""
 
@@ -244,7 +248,7 @@ class QueueProcessWorker:
                           self.proc.pid)
 
     def ring_state(self, timeout: float = 1.0) -> dict[str, int]:
-        """The process's queue's ring state (see :meth:`vhost.queue.split.VirtQueue.ring_state`).
+        """The process's queue's ring state (see :meth:`vhost.queue.split.SplitQueue.ring_state`).
 
         A numbered request like any other, so an answer that comes after ``timeout`` is
         dropped by the reply matcher and never taken for another request's; QueueProcessError

@@ -33,7 +33,7 @@ The dirty-page log of a live migration reaches a queue process the way a memory 
 ``features`` (SET_FEATURES: VHOST_F_LOG_ALL on or off while the queue runs) and ``log_addr``
 (VHOST_VRING_F_LOG's used-ring address), each acknowledged once done.  They drive the same
 :class:`vhost.dirty_logging.DirtyLogging` a threaded server runs, on this process's one queue:
-it sets the :class:`~guestmem.dirty_log.DirtyMarker` on the VirtQueue and the device handler
+it sets the :class:`~guestmem.dirty_log.DirtyMarker` on the queue and the device handler
 and makes the worker pass a quiescent point before the answer.  Whether it logs and how many
 pages it marked go into the counter block and every answer; the control process sums them.
 """
@@ -60,8 +60,10 @@ from vhost.device import QueueHandler
 from vhost.dirty_logging import DirtyLogging
 from vhost.fdkinds import FdKindError
 from vhost.memory import MemoryTable, MemoryTableError
+from vhost.queue.base import QueueError, RingAddresses
+from vhost.queue.factory import open_queue
 from vhost.queue.inflight import InflightArea, InflightError
-from vhost.queue.split import QueueError, RingAddresses, VirtQueue
+from vhost.queue.split import SplitQueue
 from vhost.runner.ipc import REQUESTS, CounterBlock, receive, reply, send
 from vhost.runner.thread import Notifier, QueueWorker
 
@@ -103,7 +105,7 @@ class ProcessQueue:
     queue_handler: QueueHandler | None = None
 
 
-class PublishingQueue(VirtQueue):
+class PublishingQueue(SplitQueue):
     """The queue, telling this process when its counters changed: just before a used-index
     store that moves (the batch's requests are counted by then, and no driver has seen them
     complete yet), or when the avail index moved.  Nothing runs while the queue is idle."""
@@ -111,13 +113,13 @@ class PublishingQueue(VirtQueue):
     changed: Callable[[], None] | None = None
     _seen_avail = -1
 
-    def flush(self) -> bool:
+    def publish_used(self) -> bool:
         changed = self.changed
         if changed is not None and (self.next_used != self._published_used
                                     or self.next_avail != self._seen_avail):
             self._seen_avail = self.next_avail
             changed()
-        return super().flush()
+        return super().publish_used()
 
 
 class ProcessWorker(QueueWorker):
@@ -168,7 +170,7 @@ class QueueProcess:
         with self._publish_lock:  # one writer at a time (the block's sequence lock needs it)
             logging_, pages = self.dirty_state()
             vq = self.worker.vq if self.worker is not None else None
-            block.publish(vq.next_avail if vq is not None else 0,
+            block.publish(vq.vring_base() if vq is not None else 0,
                           vq.in_flight_count if vq is not None else 0, logging_, pages,
                           self.device.queue_counter_values(self.index))
 
@@ -210,9 +212,10 @@ class QueueProcess:
         self.index = index = msg["index"]
         size = msg["size"]
         tracker = self.inflight.queue(index, size) if self.inflight is not None else None
-        vq = PublishingQueue(self.memory.guest, size, RingAddresses(*msg["addresses"]),
-                             msg["features"], msg["base"], index=index, inflight=tracker)
-        vq.changed = self.publish
+        vq = open_queue(self.memory.guest, size, RingAddresses(*msg["addresses"]),
+                        msg["features"], msg["base"], index, tracker, split_class=PublishingQueue)
+        if isinstance(vq, PublishingQueue):
+            vq.changed = self.publish
         handler = self.device.create_handler(index, self.memory.guest)
         self.worker = ProcessWorker(vq, handler, kick,
                                     Notifier(call), Notifier(err), name=f"vq{index}",
@@ -315,7 +318,7 @@ class QueueProcess:
             logging_ = self.dirty_logging.queue_stopped(self.queue)
             answer["dirty"] = (logging_, self.dirty_logging.pages_marked([self.queue]))
             vq = worker.vq
-            answer.update(next_avail=vq.next_avail, broken=vq.broken, kicks=worker.kicks,
+            answer.update(next_avail=vq.vring_base(), broken=vq.broken, kicks=worker.kicks,
                           batches=worker.batches, completed=worker.completed,
                           calls=worker.call.count)
         if worker is not None and answer["drained"] and worker.alive:

@@ -21,7 +21,7 @@ import threading
 import time
 
 from vhost.device import QueueHandler
-from vhost.queue.split import QueueError, VirtQueue
+from vhost.queue.base import Queue, QueueError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class QueueWorker:
 
     def __init__(
         self,
-        vq: VirtQueue,
+        vq: Queue,
         handler: QueueHandler,
         kick_fd: int,
         call: Notifier,
@@ -102,7 +102,7 @@ class QueueWorker:
         self._thread.start()
 
     def ring_state(self, timeout: float = 1.0) -> dict[str, int]:
-        """The queue's :meth:`~vhost.queue.split.VirtQueue.ring_state` (a thread's: no waiting;
+        """The queue's :meth:`~vhost.queue.base.Queue.ring_state` (a thread's: no waiting;
         ``timeout`` is for a queue process's look-alike)."""
         return self.vq.ring_state()
 
@@ -165,7 +165,7 @@ class QueueWorker:
             # call eventfd leaves the driver waiting for an interrupt that never comes.  A ring
             # that already has used entries (a restarted or resumed queue) gets one call; a
             # spurious one is harmless (the driver finds nothing new).
-            if vq.next_used:
+            if vq.ring_state()["used_idx"]:
                 self.call.signal()
             self._service(kick=True)
             self.passes += 1
@@ -232,7 +232,7 @@ class QueueWorker:
                     break
                 if not vq.enable_notifications():
                     break
-        if vq.flush():
+        if vq.publish_used():
             self.call.signal()
 
     def _report_broken(self) -> None:
@@ -256,9 +256,8 @@ class QueueWorker:
                 log.error("queue %d: %d requests still in flight after %.0f s; abandoning them",
                           vq.index, vq.in_flight_count, timeout)
                 break
-            for head, used in self.handler.reap():
-                vq.add_used(head, used)
+            vq.add_used_many(self.handler.reap())
             if vq.in_flight_count:
                 ep.poll(min(remaining, 0.1))
-        if vq.flush():
+        if vq.publish_used():
             self.call.signal()

@@ -14,7 +14,8 @@ import pytest
 
 from blockdev import engine as engine_mod
 from blockdev.disk import Disk
-from blockdev.engine import IoOp, OpKind, ThreadPoolEngine, UringEngine
+from blockdev.engine import IoOp, ThreadPoolEngine, UringEngine
+from blockdev.ops import OpKind
 from blockdev.uring import available
 from guestmem import IoBuffer
 from tests.qemu_log import QemuLog
@@ -105,7 +106,7 @@ def test_io_uring_close_cancels_ops_in_flight_and_waits_for_them() -> None:
     op = IoOp(OpKind.READ, 0, [IoBuffer(memoryview(buf))], BLOCK)
     try:
         assert engine.submit(op) is False
-        engine.flush()
+        engine.submit_batch()
         assert engine.reap() == []  # waiting on the pipe
         result: list[bool] = []
         closer = threading.Thread(target=lambda: result.append(engine.close(timeout=5)),
@@ -219,7 +220,7 @@ def test_qcow2_io_uring_close_cancels_waits_and_counts_the_ops_out() -> None:
                               daemon=True)
     try:
         assert engine.submit(IoOp(OpKind.READ, 0, [IoBuffer(memoryview(buf))], BLOCK)) is False
-        engine.flush()
+        engine.submit_batch()
         assert disk.in_flight == 1
         closer.start()
         closer.join(8)

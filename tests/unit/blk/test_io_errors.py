@@ -8,12 +8,12 @@ import os
 
 import pytest
 
-from blockdev.engine import OpKind
+from blockdev.ops import OpKind
 from tests.unit.blk.conftest import ENGINES, BlkEnv, MakeBlk, inject_uring_results, uring_engine
 from vhost_frontend.blk import POISON
 from virtio_blk.request import Status
 
-_KINDS = {"readv": OpKind.READ, "writev": OpKind.WRITE, "flush": OpKind.FLUSH}
+_KINDS = {"readv": OpKind.READ, "writev": OpKind.WRITE, "make_durable": OpKind.FLUSH}
 
 
 def fail_disk(env: BlkEnv, monkeypatch: pytest.MonkeyPatch, engine: str, what: str,
@@ -106,12 +106,12 @@ def test_uring_short_completion_is_finished(make_blk: MakeBlk,
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("what", ["flush", "discard", "write_zeroes"])
+@pytest.mark.parametrize("what", ["make_durable", "discard", "write_zeroes"])
 def test_other_op_errors(make_blk: MakeBlk, monkeypatch: pytest.MonkeyPatch,
                          caplog: pytest.LogCaptureFixture, engine: str, what: str) -> None:
     env = make_blk(engine=engine)
     fail_disk(env, monkeypatch, engine, what)
-    if what == "flush":
+    if what == "make_durable":
         res = env.drv.flush()
     elif what == "discard":
         res = env.drv.discard((32, 8))
@@ -126,7 +126,7 @@ def test_other_op_errors(make_blk: MakeBlk, monkeypatch: pytest.MonkeyPatch,
 def test_write_through_sync_failure_is_ioerr(make_blk: MakeBlk,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     env = make_blk(writeback=False)
-    monkeypatch.setattr(env.disk, "flush", failing())
+    monkeypatch.setattr(env.disk, "make_durable", failing())
     res = env.drv.write(0, b"s" * 512)
     assert (res.status, res.used) == (Status.IOERR, 1)
 

@@ -300,7 +300,8 @@ _LOCK_HOLDER = """
 import ctypes, mmap, select, sys, time
 from guestmem import IoBuffer
 from blockdev.backends import open_storage
-from blockdev.engine import IoOp, OpKind
+from blockdev.engine import IoOp
+from blockdev.ops import OpKind
 s = open_storage(sys.argv[1])
 e = s.open_engine(0)
 m = mmap.mmap(-1, 4096)
@@ -499,7 +500,8 @@ def test_rbd_engine_close_waits_for_its_ops_in_librbd(ceph_cluster: CephCluster,
     import mmap
     import signal
 
-    from blockdev.engine import IoOp, OpKind
+    from blockdev.engine import IoOp
+    from blockdev.ops import OpKind
     from blockdev.rbd.storage import RbdStorage
     from guestmem import IoBuffer
 

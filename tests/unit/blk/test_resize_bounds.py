@@ -20,10 +20,11 @@ import pytest
 from blockdev import cint
 from blockdev.backends import open_storage
 from blockdev.disk import MAX_IMAGE_SIZE, Disk, DiskError, check_growth
-from blockdev.engine import IoOp, OpKind
+from blockdev.engine import IoOp
 from blockdev.nbd import libnbd
 from blockdev.nbd.storage import NbdEngine, NbdStorage
 from blockdev.nbd.storage import _Pending as NbdPending
+from blockdev.ops import OpKind
 from blockdev.rbd import librbd
 from blockdev.rbd.storage import RbdEngine, RbdStorage, _Pending
 from blockdev.storage import Capabilities, StorageError, remote_info

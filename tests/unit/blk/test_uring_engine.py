@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from blockdev.disk import Disk
-from blockdev.engine import IoOp, OpKind, UringEngine
+from blockdev.engine import IoOp, UringEngine
+from blockdev.ops import OpKind
 from blockdev.uring import available
 from guestmem import IoBuffer
 
@@ -40,7 +41,7 @@ def op(kind: OpKind, block: int, buf: bytearray) -> IoOp:
 def run(engine: UringEngine, ops: list[IoOp]) -> list[IoOp]:
     """Submit ``ops`` as one batch and collect every one of them."""
     done = [o for o in ops if engine.submit(o)]
-    engine.flush()
+    engine.submit_batch()
     done += engine.reap()
     while len(done) < len(ops):
         engine.ring.submit(wait=1)
@@ -84,7 +85,7 @@ def test_lone_read_without_the_ring_and_its_fallbacks(disk: Disk,
     try:
         r = op(OpKind.READ, 5, buf)
         assert not engine.submit(r)
-        engine.flush()
+        engine.submit_batch()
         assert not engine._ops, "served from the page cache, not the ring"
         assert engine.reap() == [r] and r.result == BLOCK
         assert bytes(buf) == os.pread(disk.fd, BLOCK, 5 * BLOCK)

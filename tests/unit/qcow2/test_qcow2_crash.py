@@ -229,7 +229,7 @@ def test_host_crash_between_syncs_keeps_metadata_consistent(
             elif op < 0.85:
                 disk.write_zeroes(off, 32 * KiB, unmap=bool(i % 2))
             else:
-                disk.flush()
+                disk.make_durable()
     finally:
         disk.close()
     writes, syncs = rec.log, rec.syncs
@@ -271,7 +271,7 @@ def test_live_growth_that_moves_the_l1_table_is_crash_safe(tmp_path: Path,
         disk.grow(8 * MiB)
         moved = rec.log[start:]
         assert disk.writev([memoryview(after)], 7 * MiB) == len(after)
-        disk.flush()
+        disk.make_durable()
     finally:
         disk.close()
     header = [k for k, (off, data) in enumerate(rec.log) if off == 24 and len(data) == 24]

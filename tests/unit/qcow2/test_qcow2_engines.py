@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from blockdev.engine import Engine, IoOp, OpKind, UringEngine, make_engine
+from blockdev.engine import Engine, IoOp, UringEngine, make_engine
+from blockdev.ops import OpKind
 from blockdev.qcow2 import Qcow2Disk
 from blockdev.qcow2.uring_engine import MappedUringEngine
 from blockdev.uring import available as uring_available
@@ -50,7 +51,7 @@ def _run(engine: Engine, ops: list[IoOp]) -> None:
     for op in ops:
         if not engine.submit(op):
             pending += 1
-    engine.flush()
+    engine.submit_batch()
     done = len(engine.reap())
     while done < pending:
         engine.ring.submit(wait=1)
@@ -70,7 +71,7 @@ def test_uring_engine_maps_and_falls_back(tmp_path: Path) -> None:
         buf = bytearray(4096)
         first = IoOp(OpKind.READ, 8192, [IoBuffer(memoryview(buf))], 4096)
         assert not engine.submit(first)  # an allocated cluster: into the ring
-        engine.flush()
+        engine.submit_batch()
         got = engine.reap()
         while not got:
             engine.ring.submit(wait=1)

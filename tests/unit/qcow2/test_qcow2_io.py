@@ -72,7 +72,7 @@ def test_qemu_img_compares_what_we_wrote(tmp_path: Path, cs: int) -> None:
             write(disk, off, data, pieces=rng.randrange(1, 5))
             model[off:off + n] = data
         assert read(disk, 0, size, pieces=3) == model
-        disk.flush()
+        disk.make_durable()
     finally:
         disk.close()
     check(img)

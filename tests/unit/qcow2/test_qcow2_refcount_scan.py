@@ -129,7 +129,7 @@ def test_every_refcount_width_allocates_and_reuses_exactly(tmp_path: Path, bits:
             model[i:i + len(data)] = data
         disk.discard(MiB, MiB)
         model[MiB:2 * MiB] = bytes(MiB)
-        disk.flush()
+        disk.make_durable()
         size_before = os.path.getsize(img)
         for i in range(4 * MiB, 5 * MiB, 64 * KiB):
             data = rng.randbytes(64 * KiB)
@@ -152,9 +152,9 @@ def test_flush_failure_leaves_as_oserror(tmp_path: Path) -> None:
     try:
         def broken() -> None:
             raise ValueError("bad metadata")
-        disk.image.flush = broken  # type: ignore[method-assign]
+        disk.image.make_durable = broken  # type: ignore[method-assign]
         with pytest.raises(OSError) as info:
-            disk.flush()
+            disk.make_durable()
         assert info.value.errno == errno.EIO
     finally:
         disk.close()

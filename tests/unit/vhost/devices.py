@@ -17,7 +17,7 @@ from guestmem import GuestMemory
 from tests.unit.vhost.helpers import WAIT
 from tests.vhost_devices import EchoDevice, EchoHandler
 from vhost.device import QueueHandler
-from vhost.queue.split import DescriptorChain
+from vhost.queue.base import DescriptorChain
 
 
 class GateHandler(EchoHandler):

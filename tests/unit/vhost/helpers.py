@@ -166,7 +166,7 @@ def assert_fresh_frontend_works(running: Any, num_queues: int = 1) -> None:
 
 
 def backend_vq(running: Any, index: int) -> Any:
-    """The backend's VirtQueue of queue ``index`` while it runs (None otherwise)."""
+    """The backend's SplitQueue of queue ``index`` while it runs (None otherwise)."""
     handler = running.daemon.handler
     if handler is None:
         return None

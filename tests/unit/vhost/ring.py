@@ -1,4 +1,4 @@
-"""A split ring in a bytearray, for testing :class:`vhost.queue.split.VirtQueue` with no socket, no
+"""A split ring in a bytearray, for testing :class:`vhost.queue.split.SplitQueue` with no socket, no
 thread and no mmap: the test plays the driver through :class:`vhost_frontend.DriverRing` (the
 project's one driver-side ring) and the device through the ``vq`` it is paired with."""
 
@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
-from vhost.queue.split import RingAddresses, VirtQueue
+from vhost.queue.base import RingAddresses
+from vhost.queue.split import SplitQueue
 from vhost_frontend import DriverRing
 
 EVENT_IDX = int(VirtioFeature.RING_EVENT_IDX)
@@ -33,7 +34,7 @@ class Ring(DriverRing):
         self.set_avail_idx(next_avail)
         self.set_used_event(0)
         self._used_h[1] = used_idx  # the device's field: a ring handed over mid-life
-        self.vq = VirtQueue(self.mem, size, self.addresses, features, next_avail, next_used)
+        self.vq = SplitQueue(self.mem, size, self.addresses, features, next_avail, next_used)
 
     def write(self, gpa: int, data: bytes) -> None:
         self.mem.write(gpa, data)

@@ -28,7 +28,8 @@ from tests.unit.vhost.helpers import (
 from tests.vhost_devices import EchoDevice
 from vhost import messages as m
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
-from vhost.queue.split import VIRTQ_DESC_F_WRITE, RingAddresses, VirtQueue
+from vhost.queue.base import RingAddresses
+from vhost.queue.split import VIRTQ_DESC_F_WRITE, SplitQueue
 from vhost_frontend import DriverQueue, DriverRing
 
 MEM = 4 * MiB  # the Session's default guest memory
@@ -291,7 +292,7 @@ def test_used_entries_across_the_ring_end_are_recorded_before_used_idx() -> None
     addrs = RingAddresses(0x1000, 0x2000, 0x3000)
     drv = DriverRing(mem, 8, addrs, event_idx=True)
     drv.start_at(6)
-    vq = VirtQueue(mem, 8, addrs, int(VirtioFeature.RING_EVENT_IDX), next_avail=6)
+    vq = SplitQueue(mem, 8, addrs, int(VirtioFeature.RING_EVENT_IDX), next_avail=6)
     try:
         for i in range(4):
             drv.write_desc(i, 0x10000 + i * PAGE, 1, VIRTQ_DESC_F_WRITE)
@@ -309,7 +310,7 @@ def test_used_entries_across_the_ring_end_are_recorded_before_used_idx() -> None
             real_commit()
 
         recorder.commit = commit  # type: ignore[method-assign]
-        vq.flush()
+        vq.publish_used()
         assert recorder.events == [
             ("record", 0x3000 + 4 + 8 * 6, 16),  # slots 6, 7
             ("record", 0x3000 + 4, 16),  # slots 0, 1

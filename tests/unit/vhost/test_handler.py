@@ -14,7 +14,8 @@ from vhost import messages as m
 from vhost.device import QueueHandler
 from vhost.handler import LIBRARY_PROTOCOL_FEATURES, BackendHandler, HandlerResult
 from vhost.messages import Message, ProtocolFeature, Request, VirtioFeature
-from vhost.queue.split import VirtQueue, ring_sizes
+from vhost.queue.base import Queue
+from vhost.queue.split import ring_sizes
 from vhost.runner.thread import Notifier, QueueWorker
 from vhost_frontend import FrontendMemory
 
@@ -29,7 +30,7 @@ class FakeWorker(QueueWorker):
     A subclass so that it is a worker to the handler's factory type, but QueueWorker.__init__
     is not called: no thread, no eventfd."""
 
-    def __init__(self, events: list[tuple[str, int]], vq: VirtQueue, handler: QueueHandler,
+    def __init__(self, events: list[tuple[str, int]], vq: Queue, handler: QueueHandler,
                  kick_fd: int, call: Notifier, err: Notifier | None) -> None:
         self.events = events
         self.vq = vq
@@ -63,7 +64,7 @@ class Harness:
         self.rings: dict[int, tuple[int, int, int]] = {}
         self.fds: list[int] = []
 
-    def _factory(self, vq: VirtQueue, handler: QueueHandler, kick_fd: int, call: Notifier,
+    def _factory(self, vq: Queue, handler: QueueHandler, kick_fd: int, call: Notifier,
                  err: Notifier | None) -> FakeWorker:
         worker = FakeWorker(self.events, vq, handler, kick_fd, call, err)
         self.workers.append(worker)

@@ -23,7 +23,8 @@ from guestmem import GuestMemory
 from tests.unit.vhost.helpers import wait_for
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
 from vhost.queue import inflight as inf
-from vhost.queue.split import RingAddresses, VirtQueue
+from vhost.queue.base import RingAddresses
+from vhost.queue.split import SplitQueue
 from vhost_frontend import Frontend, FrontendMemory
 
 REPO = Path(__file__).resolve().parents[3]
@@ -123,7 +124,7 @@ def test_map_checks_sizes() -> None:
 
 
 def test_virtqueue_resubmits_before_new_requests() -> None:
-    """VirtQueue over a bytearray: replayed heads first, then the avail ring from used+n."""
+    """SplitQueue over a bytearray: replayed heads first, then the avail ring from used+n."""
     mem = GuestMemory.from_buffer(bytearray(1 << 16))
     size = SIZE
     addrs = RingAddresses(0x1000, 0x2000, 0x3000)
@@ -135,13 +136,13 @@ def test_virtqueue_resubmits_before_new_requests() -> None:
         avail[2 + i] = head
     avail[1] = 4  # the driver made 4 requests available
     area = bytearray(inf.queue_stride(size))
-    first = VirtQueue(mem, size, addrs, int(VirtioFeature.VERSION_1), 0,
+    first = SplitQueue(mem, size, addrs, int(VirtioFeature.VERSION_1), 0,
                       inflight=inf.InflightQueue(memoryview(area), size))
     chains = first.pop_batch()
     assert [c.head for c in chains] == [3, 6, 1, 2]
     first.add_used(6, 16)
-    first.flush()  # 6 is done; 3, 1 and 2 are in flight when the backend "dies"
-    restarted = VirtQueue(mem, size, addrs, int(VirtioFeature.VERSION_1), 1,
+    first.publish_used()  # 6 is done; 3, 1 and 2 are in flight when the backend "dies"
+    restarted = SplitQueue(mem, size, addrs, int(VirtioFeature.VERSION_1), 1,
                           inflight=inf.InflightQueue(memoryview(area), size))
     assert restarted.next_avail == 4  # used.idx 1 + 3 resubmitted
     assert [c.head for c in restarted.pop_batch()] == [3, 1, 2]
@@ -423,10 +424,10 @@ def test_resubmission_keeps_the_order_if_interrupted() -> None:
     write_region(area, entries={5: (1, inf.NO_HEAD, 10, bytes(5)),
                                 2: (1, inf.NO_HEAD, 20, bytes(5))})
     features = int(VirtioFeature.VERSION_1)
-    first = VirtQueue(mem, SIZE, addrs, features, 0, inflight=inf.InflightQueue(area[:], SIZE))
+    first = SplitQueue(mem, SIZE, addrs, features, 0, inflight=inf.InflightQueue(area[:], SIZE))
     assert [c.head for c in first.pop_batch()] == [5]
     assert first.broken and "head 2" in str(first.error)
     first.release()
     struct.pack_into("<QIHH", view, 0x1000 + 16 * 2, 0x8000 + 32, 16, 2, 0)  # fixed
-    again = VirtQueue(mem, SIZE, addrs, features, 0, inflight=inf.InflightQueue(area[:], SIZE))
+    again = SplitQueue(mem, SIZE, addrs, features, 0, inflight=inf.InflightQueue(area[:], SIZE))
     assert [c.head for c in again.pop_batch()] == [5, 2]

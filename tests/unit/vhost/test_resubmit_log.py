@@ -14,7 +14,8 @@ import pytest
 from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
 from vhost.queue import inflight as inf
-from vhost.queue.split import RingAddresses, VirtQueue
+from vhost.queue.base import RingAddresses
+from vhost.queue.split import SplitQueue
 
 SIZE = 8
 ADDRS = RingAddresses(0x1000, 0x2000, 0x3000)
@@ -36,13 +37,13 @@ def test_resubmitted_count_is_logged_after_the_heads_are_handed_over(
         caplog: pytest.LogCaptureFixture) -> None:
     mem = ring((3, 6, 1, 2))
     area = bytearray(inf.queue_stride(SIZE))
-    first = VirtQueue(mem, SIZE, ADDRS, int(VirtioFeature.VERSION_1), 0, index=2,
+    first = SplitQueue(mem, SIZE, ADDRS, int(VirtioFeature.VERSION_1), 0, index=2,
                       inflight=inf.InflightQueue(memoryview(area), SIZE))
     first.pop_batch()
     first.add_used(6, 16)
-    first.flush()  # 3, 1 and 2 are in flight when the backend "dies"
+    first.publish_used()  # 3, 1 and 2 are in flight when the backend "dies"
     caplog.set_level(logging.INFO, logger="vhost.queue.split")
-    restarted = VirtQueue(mem, SIZE, ADDRS, int(VirtioFeature.VERSION_1), 1, index=2,
+    restarted = SplitQueue(mem, SIZE, ADDRS, int(VirtioFeature.VERSION_1), 1, index=2,
                           inflight=inf.InflightQueue(memoryview(area), SIZE))
     assert "resubmitted" not in caplog.text  # not before they are handed to the device
     assert [c.head for c in restarted.pop_batch()] == [3, 1, 2]
@@ -55,7 +56,7 @@ def test_nothing_in_flight_logs_no_resubmission(caplog: pytest.LogCaptureFixture
     mem = ring((0, 1))
     area = bytearray(inf.queue_stride(SIZE))
     caplog.set_level(logging.INFO, logger="vhost.queue.split")
-    vq = VirtQueue(mem, SIZE, ADDRS, int(VirtioFeature.VERSION_1), 0,
+    vq = SplitQueue(mem, SIZE, ADDRS, int(VirtioFeature.VERSION_1), 0,
                    inflight=inf.InflightQueue(memoryview(area), SIZE))
     assert [c.head for c in vq.pop_batch()] == [0, 1]
     assert "resubmitted" not in caplog.text

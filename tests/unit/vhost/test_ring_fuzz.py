@@ -2,7 +2,7 @@
 
 Hypothesis writes random descriptor tables, indirect tables and avail entries (biased towards
 the edges: sizes, region boundaries, huge lengths, every flag combination) into guest memory made
-of bytearrays, then checks what :meth:`VirtQueue.pop_batch` promises whatever the driver wrote:
+of bytearrays, then checks what :meth:`SplitQueue.pop_batch` promises whatever the driver wrote:
 it never raises (a violation is recorded as a QueueError in ``vq.error``), every piece it returns
 lies in guest memory, and it never returns more chains than the queue size.  Derandomized, so CI
 runs the same 200 examples every time; to hunt for new failures locally, drop ``derandomize``.
@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
-from vhost.queue.split import DESC, DESC_SIZE, MAX_CHAIN_BYTES, QueueError, RingAddresses, VirtQueue
+from vhost.queue.base import MAX_CHAIN_BYTES, QueueError, RingAddresses
+from vhost.queue.split import DESC, DESC_SIZE, SplitQueue
 
 BASE = 0x10000
 #: Two adjacent regions (a piece may span them) and one after a hole.
@@ -85,7 +86,7 @@ def rings(draw: st.DrawFn) -> dict:
     }
 
 
-def build(ring: dict) -> tuple[GuestMemory, VirtQueue]:
+def build(ring: dict) -> tuple[GuestMemory, SplitQueue]:
     size = ring["size"]
     buffers = [bytearray(n) for _, n in REGIONS]
     mem = GuestMemory()
@@ -100,7 +101,7 @@ def build(ring: dict) -> tuple[GuestMemory, VirtQueue]:
     struct.pack_into("<H", main, avail - BASE + 2, (ring["next_avail"] + ring["ahead"]) & 0xFFFF)
     scratch = b"".join(DESC.pack(*d) for d in ring["scratch"]) + ring["noise"]
     main[SCRATCH - BASE : SCRATCH - BASE + len(scratch)] = scratch
-    vq = VirtQueue(mem, size, RingAddresses(desc, avail, used), ring["features"],
+    vq = SplitQueue(mem, size, RingAddresses(desc, avail, used), ring["features"],
                    ring["next_avail"])
     return mem, vq
 
@@ -134,7 +135,7 @@ def test_pop_batch_survives_any_ring(ring: dict) -> None:
         # Whatever was popped can be completed, and popping again never raises either.
         for chain in chains:
             vq.add_used(chain.head, 0)
-        vq.flush()
+        vq.publish_used()
         assert vq.in_flight_count == 0
         again = vq.pop_batch()
         assert len(again) <= size

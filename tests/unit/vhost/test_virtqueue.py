@@ -1,4 +1,4 @@
-"""Point 6: VirtQueue without IO -- popping, completing, and the notification decisions, over a
+"""Point 6: SplitQueue without IO -- popping, completing, and the notification decisions, over a
 bytearray made guest memory (see :mod:`.ring`)."""
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ import pytest
 
 from guestmem import GuestMemory
 from tests.unit.vhost.ring import BASE, EVENT_IDX, Ring
+from vhost.queue.base import QueueError, RingAddresses
 from vhost.queue.split import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
-    QueueError,
-    RingAddresses,
-    VirtQueue,
+    SplitQueue,
     ring_sizes,
     validate_size,
 )
@@ -60,13 +59,13 @@ def test_valid_sizes(size) -> None:
 def test_ring_addresses_checked(desc, avail, used, why) -> None:
     mem = GuestMemory.from_buffer(bytearray(1 << 16), gpa=BASE)
     with pytest.raises(QueueError, match=why.replace("+", r"\+")):
-        VirtQueue(mem, 8, RingAddresses(desc, avail, used), EVENT_IDX)
+        SplitQueue(mem, 8, RingAddresses(desc, avail, used), EVENT_IDX)
 
 
 def test_read_only_memory_cannot_hold_the_used_ring() -> None:
     mem = GuestMemory.from_buffer(bytes(1 << 16), gpa=BASE)
     with pytest.raises(QueueError, match="used ring"):
-        VirtQueue(mem, 8, RingAddresses(BASE, BASE + 256, BASE + 512), 0)
+        SplitQueue(mem, 8, RingAddresses(BASE, BASE + 256, BASE + 512), 0)
 
 
 def test_next_used_starts_from_the_ring() -> None:
@@ -78,7 +77,7 @@ def test_next_used_starts_from_the_ring() -> None:
 def test_release_lets_the_memory_be_unmapped() -> None:
     mm = mmap.mmap(-1, 1 << 16)
     mem = GuestMemory.from_buffer(mm, gpa=BASE)
-    vq = VirtQueue(mem, 8, RingAddresses(BASE, BASE + 256, BASE + 512), EVENT_IDX)
+    vq = SplitQueue(mem, 8, RingAddresses(BASE, BASE + 256, BASE + 512), EVENT_IDX)
     with pytest.raises(BufferError):
         mm.close()  # the ring views pin the mapping while the queue runs
     vq.release()
@@ -166,7 +165,7 @@ def test_error_keeps_chains_popped_before_it_and_breaks_the_queue() -> None:
         ring.vq.pop()
     # The chain popped before the error is still completed normally.
     ring.vq.add_used(0, 4)
-    assert ring.vq.flush()
+    assert ring.vq.publish_used()
     assert ring.used_idx() == 1
 
 
@@ -218,7 +217,7 @@ def test_chain_of_2_pow_32_bytes_with_a_wrapping_view() -> None:
     mm = mmap.mmap(-1, (1 << 31) + (1 << 16))  # untouched pages cost nothing
     try:
         mem = GuestMemory.from_buffer(mm, gpa=0)
-        vq = VirtQueue(mem, 4, RingAddresses(0, 64, 128), 0)
+        vq = SplitQueue(mem, 4, RingAddresses(0, 64, 128), 0)
         ring = memoryview(mm)
         struct.pack_into("<QIHH", ring, 0, 4096, 1 << 31, W | N, 1)
         struct.pack_into("<QIHH", ring, 16, 4096, (1 << 31) - 1, W | N, 2)
@@ -226,7 +225,7 @@ def test_chain_of_2_pow_32_bytes_with_a_wrapping_view() -> None:
         struct.pack_into("<HHH", ring, 64, 0, 1, 0)
         assert vq.pop_batch() == [] and "2**32 bytes" in str(vq.error)
         struct.pack_into("<QIHH", ring, 32, 4096, 0, W, 0)  # now 2**32 - 1: fine
-        vq2 = VirtQueue(mem, 4, RingAddresses(0, 64, 128), 0)
+        vq2 = SplitQueue(mem, 4, RingAddresses(0, 64, 128), 0)
         (chain,) = vq2.pop_batch()
         assert chain.writable_len == (1 << 32) - 1
         ring.release()
@@ -249,9 +248,9 @@ def test_add_used_is_published_by_flush() -> None:
     ring.vq.add_used(0, 3)
     assert ring.used_idx() == 0, "published before flush"
     assert ring.used_elem(0) == (2, 7) and ring.used_elem(1) == (0, 3)
-    assert ring.vq.flush()
+    assert ring.vq.publish_used()
     assert ring.used_idx() == 2 and ring.vq.in_flight_count == 0
-    assert not ring.vq.flush(), "nothing new: no notification"
+    assert not ring.vq.publish_used(), "nothing new: no notification"
 
 
 def test_add_used_many_is_add_used_in_order() -> None:
@@ -269,7 +268,7 @@ def test_add_used_many_is_add_used_in_order() -> None:
     with pytest.raises(ValueError, match="not in flight"):
         ring.vq.add_used_many([(1, 5), (1, 5), (3, 1)])
     assert ring.used_elem(2) == (1, 5) and ring.vq.in_flight_count == 1
-    assert ring.vq.flush()
+    assert ring.vq.publish_used()
     assert ring.used_idx() == 3
 
 
@@ -293,14 +292,14 @@ def test_flush_without_event_idx_follows_no_interrupt() -> None:
     ring.publish(0, 1, 2, 3)
     ring.vq.pop_batch()
     ring.vq.add_used(0, 0)
-    assert ring.vq.flush()
+    assert ring.vq.publish_used()
     ring.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
     ring.vq.add_used(1, 0)
-    assert not ring.vq.flush()
+    assert not ring.vq.publish_used()
     assert ring.used_idx() == 2, "published even without an interrupt"
     ring.set_avail_flags(0)
     ring.vq.add_used(2, 0)
-    assert ring.vq.flush()
+    assert ring.vq.publish_used()
 
 
 def _completed(ring: Ring, count: int) -> bool:
@@ -313,7 +312,7 @@ def _completed(ring: Ring, count: int) -> bool:
     assert len(chains) == count and not ring.vq.broken
     for chain in chains:
         ring.vq.add_used(chain.head, 4)
-    return ring.vq.flush()
+    return ring.vq.publish_used()
 
 
 @pytest.mark.parametrize("start", [0, 100, 0xFFFC, 0xFFFF])
@@ -397,7 +396,7 @@ def test_wrap_around_of_next_avail() -> None:
     assert ring.vq.next_avail == 2
     for head in (3, 1, 0, 2):
         ring.vq.add_used(head, 1)
-    assert ring.vq.flush()
+    assert ring.vq.publish_used()
     assert ring.used_idx() == 2
     assert [ring.used_elem(i)[0] for i in (0xFFFE, 0xFFFF, 0, 1)] == [3, 1, 0, 2]
     # A full queue's worth more after the wrap is fine; one more is not.

@@ -25,7 +25,7 @@ from tests.vhost_devices import EchoDevice, EchoHandler
 from vhost import messages as m
 from vhost.device import QueueHandler
 from vhost.messages import Request
-from vhost.queue.split import DescriptorChain
+from vhost.queue.base import DescriptorChain
 from vhost.runner.thread import Notifier, QueueWorker
 
 # ---------------------------------------------------------------------------- Notifier
