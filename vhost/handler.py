@@ -55,8 +55,16 @@ from vhost.messages import (
     inflight as inflight_payload,
 )
 from vhost.queue.base import Queue, QueueError, RingAddresses
-from vhost.queue.factory import check_alignment, is_packed, open_queue, ring_sizes
+from vhost.queue.factory import (
+    check_alignment,
+    inflight_tracker,
+    is_packed,
+    open_queue,
+    ring_sizes,
+)
 from vhost.queue.inflight import InflightArea, InflightError, create_area
+from vhost.queue.inflight_packed import PackedInflightQueue
+from vhost.queue.packed import decode_base
 from vhost.queue.split import validate_size
 from vhost.runner.pool import QueueProcessError, QueueProcesses
 from vhost.runner.thread import Notifier, QueueWorker
@@ -230,7 +238,7 @@ class BackendHandler:
                                         ring_sizes(vring.size, is_packed(self.acked_features)),
                                         strict=True)
             ))
-            tracker = (self.inflight.queue(vring.index, vring.size)
+            tracker = (inflight_tracker(self.inflight, vring.index, vring.size)
                        if self.inflight is not None else None)
             vq = open_queue(mem.guest, vring.size, addrs, self.acked_features, vring.base,
                             vring.index, tracker)
@@ -247,8 +255,8 @@ class BackendHandler:
         vring.worker = worker
         self.dirty_logging.queue_starting(vring, self.acked_features)
         worker.start()
-        log.info("queue %d started: size %d, avail from %d%s", vring.index, vring.size,
-                 vring.base, ", event idx" if vq.event_idx else "")
+        log.info("queue %d started: size %d, %s ring, avail from %s%s", vring.index, vring.size,
+                 vq.layout, self._base_text(vq.vring_base()), ", event idx" if vq.event_idx else "")
 
     def _start_process(self, vring: Vring) -> None:
         """Start ``vring`` in a queue process (which validates the ring as a thread would)."""
@@ -262,17 +270,17 @@ class BackendHandler:
                                         strict=True)
             )
             check_alignment(RingAddresses(*addrs), is_packed(self.acked_features))
-            self._check_inflight_region(vring, addrs[2])
+            self._check_inflight_region(vring, addrs[0], addrs[2])
             worker = self.processes.start(vring.index, vring.size, (addrs[0], addrs[1], addrs[2]),
                                           self.acked_features, vring.base, vring.kick_fd,
                                           vring.call, vring.err, vring.log_addr)
         except (QueueError, MemoryTableError, QueueProcessError, InflightError, OSError) as exc:
             raise self._cannot_start(vring, exc) from exc
         vring.worker = worker  # type: ignore[assignment]  # a QueueWorker look-alike
-        log.info("queue %d started in a process: size %d, avail from %d", vring.index,
-                 vring.size, vring.base)
+        log.info("queue %d started in a process: size %d, avail from %s", vring.index,
+                 vring.size, self._base_text(vring.base))
 
-    def _check_inflight_region(self, vring: Vring, used_gpa: int) -> None:
+    def _check_inflight_region(self, vring: Vring, desc_gpa: int, used_gpa: int) -> None:
         """Validate ``vring``'s in-flight region here, before a queue process is spawned for it.
 
         The process would refuse a bad region too, but only after its start-up (a fraction of a
@@ -280,6 +288,21 @@ class BackendHandler:
         InflightError or MemoryTableError if it cannot be used.
         """
         if self.inflight is None:
+            return
+        if self.inflight.packed:
+            packed = inflight_tracker(self.inflight, vring.index, vring.size)
+            assert isinstance(packed, PackedInflightQueue)
+            guest = self.memory.guest
+
+            def ring_flags(slot: int) -> int:
+                return int.from_bytes(guest.read(desc_gpa + 16 * slot + 14, 2), "little")
+
+            try:
+                packed.plan(ring_flags)
+            except AccessError as exc:
+                raise MemoryTableError(f"descriptor ring at {desc_gpa:#x}: {exc}") from exc
+            finally:
+                packed.release()
             return
         try:
             used_idx = int.from_bytes(self.memory.guest.read(used_gpa + 2, 2), "little")
@@ -290,6 +313,14 @@ class BackendHandler:
             tracker.check(used_idx)
         finally:
             tracker.release()
+
+    def _base_text(self, base: int) -> str:
+        """A vring base for a log line: the split ring's avail index, or the packed ring's
+        positions and wrap counters (avail/wrap, used/wrap)."""
+        if not is_packed(self.acked_features):
+            return str(base)
+        avail, avail_wrap, used, used_wrap = decode_base(base)
+        return f"{avail}/{avail_wrap} (used {used}/{used_wrap})"
 
     @staticmethod
     def _cannot_start(vring: Vring, exc: Exception) -> Refused:
@@ -320,9 +351,9 @@ class BackendHandler:
         vring.worker = None
         if self.processes is not None:
             self.processes.stopped(vring.index)
-        log.info("queue %d stopped at avail %d (%d kicks, %d batches, %d completions, %d calls)",
-                 vring.index, vring.base, worker.kicks, worker.batches, worker.completed,
-                 vring.call.count)
+        log.info("queue %d stopped at avail %s (%d kicks, %d batches, %d completions, %d calls)",
+                 vring.index, self._base_text(vring.base), worker.kicks, worker.batches,
+                 worker.completed, vring.call.count)
         return logging_
 
     def _stop_and_flush_if_last_logged(self, vring: Vring) -> None:
@@ -369,6 +400,10 @@ class BackendHandler:
         unknown = features & ~self.offered_features
         if unknown:
             raise Refused(f"features {unknown:#x} were never offered")
+        if (features ^ self.acked_features) & VirtioFeature.RING_PACKED and any(
+                v.running for v in self.vrings):
+            # The running queues' rings are laid out as negotiated when they started.
+            raise Refused("VIRTIO_F_RING_PACKED changed while queues run")
         self.acked_features = features
         self.device.set_features(features & ~int(VirtioFeature.PROTOCOL_FEATURES))
         if self.processes is not None:
@@ -517,7 +552,9 @@ class BackendHandler:
         vring = self._vring(message.fields.index)
         if vring.running:
             raise Refused(f"queue {vring.index} is running")
-        if message.fields.num > 0xFFFF:
+        # (a packed ring's base carries both positions and wrap counters in 32 bits; they are
+        # checked against the ring when it starts)
+        if message.fields.num > 0xFFFF and not is_packed(self.acked_features):
             raise Refused(f"split ring base {message.fields.num} > 65535")
         vring.base = message.fields.num
 
@@ -605,7 +642,7 @@ class BackendHandler:
         # "N/A"); a zero mmap_size would switch tracking off.
         self._check_inflight(message)
         f = message.fields
-        fd, size = create_area(f.num_queues, f.queue_size)
+        fd, size = create_area(f.num_queues, f.queue_size, is_packed(self.acked_features))
         payload = inflight_payload(size, 0, f.num_queues, f.queue_size)
         return HandlerResult(reply=encode_reply(message.request, payload), reply_fds=[fd])
 
@@ -615,7 +652,7 @@ class BackendHandler:
         f = message.fields
         try:
             area = InflightArea.map(fds[0], f.mmap_size, f.mmap_offset, f.num_queues,
-                                    f.queue_size)
+                                    f.queue_size, is_packed(self.acked_features))
         except InflightError as exc:
             raise Refused(str(exc)) from exc
         if self.inflight is not None:
@@ -623,7 +660,7 @@ class BackendHandler:
         self.inflight = area
         if self.processes is not None:
             self.processes.set_inflight(fds[0], f.mmap_size, f.mmap_offset, f.num_queues,
-                                        f.queue_size)
+                                        f.queue_size, area.packed)
 
     # ------------------------------------------------------------------ dirty log (migration)
     @property

@@ -27,6 +27,7 @@ from vhost.messages import VirtioFeature
 from vhost.queue.base import RingAddresses
 from vhost.queue.split import DESC, VIRTQ_DESC_F_INDIRECT, SplitQueue
 from vhost_frontend import DriverQueue, DriverRing, FrontendMemory
+from virtio_blk.device import BlkQueueHandler
 
 HAVE_QSD = shutil.which("qemu-storage-daemon") is not None
 
@@ -188,6 +189,28 @@ def test_hotpath_compares_shapes_and_data_in_one_process(
     out = capsys.readouterr().out
     assert "filled indirect/direct" in out and "indirect filled/sparse" in out
     assert "inline    direct   sparse batch  32" in out
+
+
+def test_hotpath_compares_split_and_packed_rings(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``--layout both``: a split and a packed rig, each serving real reads, and the ratio."""
+    made: list[hotpath.Rig] = []
+
+    class Spy(hotpath.Rig):
+        def __init__(self, engine: str, image: str, **kw: object) -> None:
+            super().__init__(engine, image, **kw)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(hotpath, "Rig", Spy)
+    hotpath.main(["--engine", "inline", "--requests", "64", "--repeat", "1", "--batches", "32",
+                  "--fast-path", "on", "--layout", "both"])
+    assert sorted(type(rig.vq).__name__ for rig in made) == ["PackedQueue", "SplitQueue"]
+    for rig in made:
+        assert isinstance(rig.handler, BlkQueueHandler)
+        assert rig.handler._fast is not None and rig.handler._fast.taken, type(rig.vq)
+    out = capsys.readouterr().out
+    assert "inline    packed indirect filled batch  32" in out
+    assert "packed/split: indirect filled" in out
 
 
 @pytest.mark.parametrize("direct", [False, True])

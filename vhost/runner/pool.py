@@ -328,7 +328,7 @@ class QueueProcesses:
         self.device = device
         self._regions: list[tuple[int, int, int, int]] = []
         self._region_fds: list[int] = []
-        self._inflight: tuple[int, tuple[int, int, int, int]] | None = None
+        self._inflight: tuple[int, tuple[int, int, int, int, bool]] | None = None
         #: The dirty log (a duplicate of SET_LOG_BASE's fd, its size and offset) and
         #: SET_LOG_FD's eventfd (a duplicate), for processes started later.
         self._log: tuple[int, int, int] | None = None
@@ -436,10 +436,10 @@ class QueueProcesses:
         self._broadcast({"kind": "remove_region", "region": raw})
 
     def set_inflight(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
-                     queue_size: int) -> None:
+                     queue_size: int, packed: bool = False) -> None:
         if self._inflight is not None:
             os.close(self._inflight[0])
-        self._inflight = (os.dup(fd), (mmap_size, mmap_offset, num_queues, queue_size))
+        self._inflight = (os.dup(fd), (mmap_size, mmap_offset, num_queues, queue_size, packed))
 
     def notifier_changed(self, index: int, which: str, fd: int | None) -> None:
         worker = self.workers.get(index)

@@ -61,8 +61,9 @@ from vhost.dirty_logging import DirtyLogging
 from vhost.fdkinds import FdKindError
 from vhost.memory import MemoryTable, MemoryTableError
 from vhost.queue.base import QueueError, RingAddresses
-from vhost.queue.factory import open_queue
+from vhost.queue.factory import inflight_tracker, open_queue
 from vhost.queue.inflight import InflightArea, InflightError
+from vhost.queue.packed import PackedQueue
 from vhost.queue.split import SplitQueue
 from vhost.runner.ipc import REQUESTS, CounterBlock, receive, reply, send
 from vhost.runner.thread import Notifier, QueueWorker
@@ -119,6 +120,23 @@ class PublishingQueue(SplitQueue):
                                     or self.next_avail != self._seen_avail):
             self._seen_avail = self.next_avail
             changed()
+        return super().publish_used()
+
+
+class PublishingPackedQueue(PackedQueue):
+    """:class:`PublishingQueue` for a packed ring: the same moments, told by the packed ring's
+    own state (completions waiting to be published; the avail position with its wrap)."""
+
+    changed: Callable[[], None] | None = None
+    _seen_avail = -1
+
+    def publish_used(self) -> bool:
+        changed = self.changed
+        if changed is not None:
+            avail = self.next_avail | self.avail_wrap << 15
+            if self._pending or avail != self._seen_avail:
+                self._seen_avail = avail
+                changed()
         return super().publish_used()
 
 
@@ -211,10 +229,12 @@ class QueueProcess:
         self.device.apply_process_state(msg["state"])
         self.index = index = msg["index"]
         size = msg["size"]
-        tracker = self.inflight.queue(index, size) if self.inflight is not None else None
+        tracker = (inflight_tracker(self.inflight, index, size)
+                   if self.inflight is not None else None)
         vq = open_queue(self.memory.guest, size, RingAddresses(*msg["addresses"]),
-                        msg["features"], msg["base"], index, tracker, split_class=PublishingQueue)
-        if isinstance(vq, PublishingQueue):
+                        msg["features"], msg["base"], index, tracker, split_class=PublishingQueue,
+                        packed_class=PublishingPackedQueue)
+        if isinstance(vq, PublishingQueue | PublishingPackedQueue):
             vq.changed = self.publish
         handler = self.device.create_handler(index, self.memory.guest)
         self.worker = ProcessWorker(vq, handler, kick,

@@ -16,6 +16,7 @@ from tests.conftest import RunningDaemon
 from vhost.messages import Request
 from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
+from vhost_frontend.packed import PackedDriverQueue
 from virtio_blk.device import BlkDevice, BlkQueueHandler
 
 MiB = 1 << 20
@@ -32,7 +33,7 @@ class BlkEnv:
     daemon: RunningDaemon
     frontend: Frontend
     mem: FrontendMemory
-    queue: DriverQueue
+    queue: DriverQueue | PackedDriverQueue
     drv: BlkDriver
 
     def file(self, offset: int, length: int) -> bytes:
@@ -90,7 +91,7 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
              drop_features: int = 0, queue_size: int = 128,
              image: Path | None = None, queue_processes: bool | None = None,
              fast_path: bool = True, storage: Storage | None = None,
-             engine_ran: str | None = None) -> BlkEnv:
+             engine_ran: str | None = None, packed: bool = False) -> BlkEnv:
         """``storage``: serve that (closed after the test) instead of an image file.
 
         The engine serving queue 0 (on a thread) must be ``engine_ran`` (default: ``engine``):
@@ -116,9 +117,10 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
         fe = Frontend(daemon.path, timeout=10.0)
         cleanups.append(fe.close)
         fe.negotiate(fe.get_u64(Request.GET_FEATURES) & ~int(drop_features) if drop_features
-                     else None)
+                     else None, packed=packed)
         fe.set_mem_table(mem)
-        q = fe.setup_queue(0, size=queue_size)
+        q = (fe.setup_packed_queue(0, size=queue_size) if packed
+             else fe.setup_queue(0, size=queue_size))
         assert daemon.daemon.handler is not None
         served_by = daemon.daemon.handler.vrings[0].queue_handler
         if storage is None and served_by is not None:  # (None: in a queue process)

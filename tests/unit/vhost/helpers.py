@@ -22,6 +22,7 @@ import pytest
 from vhost import messages as m
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
 from vhost_frontend import DriverQueue, Frontend, FrontendMemory
+from vhost_frontend.packed import PackedDriverQueue
 
 #: Socket timeout of every test frontend: a reply that does not come fails the test.
 SOCKET_TIMEOUT = 5.0
@@ -124,8 +125,8 @@ class Session:
     def queue(self, index: int = 0, size: int = 16, **kw: Any) -> DriverQueue:
         return self.fe.setup_queue(index, size, **kw)
 
-    def echo(self, q: DriverQueue, data: bytes = b"hello, vhost", *, indirect: bool = False,
-             region: int | None = None) -> None:
+    def echo(self, q: DriverQueue | PackedDriverQueue, data: bytes = b"hello, vhost", *,
+             indirect: bool = False, region: int | None = None) -> None:
         """One request through the echo device; checks the completion and the echoed bytes."""
         mem = self.mem
         src = mem.alloc(len(data), region=region)
