@@ -133,9 +133,21 @@ def round_order(servers: Sequence[str], rnd: int) -> list[str]:
 
 
 def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool,
-                   extra: Sequence[str] = (), fmt: str = "raw") -> list[str]:
+                   extra: Sequence[str] = (), fmt: str = "raw",
+                   blockdev: Sequence[str] = ()) -> list[str]:
     """The command line of our server (``python``) or qemu-storage-daemon (``qsd`` or
-    ``qsd-ENGINE``, see :func:`qsd_aio`), serving ``image`` in format ``fmt`` (raw or qcow2)."""
+    ``qsd-ENGINE``, see :func:`qsd_aio`), serving ``image`` in format ``fmt`` (raw or qcow2).
+    ``blockdev``: our server serves the last of these ``--blockdev`` nodes instead of ``image``
+    (a plugin, a filter stack), exported writable in QSD's syntax."""
+    if kind == "python" and blockdev:
+        from blockdev.keyval import parse_option
+
+        node = parse_option(blockdev[-1])["node-name"]
+        return [sys.executable, "-m", "storage_daemon",
+                *[arg for b in blockdev for arg in ("--blockdev", b)],
+                "--export", f"type=vhost-user-blk,id=bench,node-name={node},addr.type=unix,"
+                f"addr.path={sock},writable=on,num-queues={queues}",
+                "--log-level", "warning", *extra]
     if kind == "python":
         # ``image`` may be an rbd:/nbd:// spec (benchmarks.remote) as well as a file
         cmd = [sys.executable, "-m", "storage_daemon", "--socket", str(sock), "--image", str(image),
@@ -229,10 +241,12 @@ def lay_out_request(ring: DriverRing, slot: int, pieces: Sequence[tuple[int, int
 
 @contextlib.contextmanager
 def running_server(kind: str, image: Path, sock: Path, queues: int, direct: bool,
-                   extra: Sequence[str] = (), fmt: str = "raw") -> Iterator[subprocess.Popen]:
+                   extra: Sequence[str] = (), fmt: str = "raw",
+                   blockdev: Sequence[str] = ()) -> Iterator[subprocess.Popen]:
     """Start a server, wait until it listens, stop it (SIGTERM, then SIGKILL) afterwards."""
     sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(server_command(kind, image, sock, queues, direct, extra, fmt),
+    proc = subprocess.Popen(server_command(kind, image, sock, queues, direct, extra, fmt,
+                                           blockdev),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_socket(sock, proc)

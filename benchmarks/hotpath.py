@@ -22,6 +22,13 @@ Requests have Linux's shape (one indirect descriptor to a table of header, data 
     python -m benchmarks.hotpath --layout packed     # a packed ring (VIRTIO_F_RING_PACKED)
     python -m benchmarks.hotpath --layout both       # split and packed, alternately
 
+Instructions per request, repeatable on a busy machine (one shape, batch and mode per run;
+callgrind counts only inside the ``any()`` that runs the ``--requests`` measured requests):
+
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect=builtin_any \
+        python -m benchmarks.hotpath --instructions --fast-path on --shape direct \
+        --batches 32 --requests 1024        # "Collected" / 1024
+
 With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
 median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
 other load on the machine; the spread of the runs says how much it was disturbed).
@@ -37,6 +44,7 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import (
@@ -94,8 +102,13 @@ class Rig:
         self.call = Notifier(self.call_fd)
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
         self.worker = QueueWorker(self.vq, self.handler, self.kick, self.call)
-        self.driver = DriverRing(self.mem, SIZE, addresses, event_idx=True)
-        self.pdriver = PackedDriverRing(self.mem, SIZE, addresses, event_idx=True)
+        # The driver side of the rig's layout (the other one's is never made: it would write
+        # its own fields into the rings).
+        self.driver: DriverRing | PackedDriverRing
+        if self.packed:
+            self.driver = PackedDriverRing(self.mem, SIZE, addresses, event_idx=True)
+        else:
+            self.driver = DriverRing(self.mem, SIZE, addresses, event_idx=True)
         self.per_slot = descriptors_per_request(shape)
         self.statuses = []
         self.data = []
@@ -106,7 +119,7 @@ class Rig:
             hdr, data, status = 0x100000 + 16 * slot, 0x200000 + 4096 * slot, 0x300000 + slot
             table = TABLE_GPA + 3 * DESC_SIZE * slot if shape == "indirect" else None
             pieces = [(hdr, HEADER_SIZE, False), (data, 4096, True), (status, 1, True)]
-            if not self.packed:
+            if isinstance(self.driver, DriverRing):
                 lay_out_request(self.driver, slot, pieces, table)
             elif table is not None:
                 self.mem.write(table, b"".join(PACKED_DESC.pack(a, n, 0, F_WRITE if w else 0)
@@ -125,19 +138,19 @@ class Rig:
     def round(self, batch: int) -> None:
         """Make ``batch`` requests available and service them to completion."""
         first = self.next_slot
-        if self.packed:
+        driver = self.driver
+        if isinstance(driver, PackedDriverRing):
             for i in range(batch):
                 slot = (first + i) % self.slots
-                self.pdriver.add_raw(self.chains[slot], slot)
+                driver.add_raw(self.chains[slot], slot)
         else:
-            self.driver.publish(*(self.per_slot * ((first + i) % self.slots)
-                                  for i in range(batch)))
+            driver.publish(*(self.per_slot * ((first + i) % self.slots) for i in range(batch)))
         self.next_slot = (first + batch) % self.slots
         self.worker._service(kick=True)
         while self.vq.in_flight_count:
             self.worker._service(kick=False)
-        if self.packed:
-            self.pdriver.take_used(free_ids=False)  # (the slots' ids are fixed)
+        if isinstance(driver, PackedDriverRing):
+            driver.take_used(free_ids=False)  # (the slots' ids are fixed)
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.call_fd)
 
@@ -172,7 +185,6 @@ class Rig:
     def close(self) -> None:
         self.log_dirty_pages(False)
         self.driver.release()
-        self.pdriver.release()
         self.vq.release()
         self.handler.close()
         self.call.close()
@@ -194,6 +206,26 @@ def measure(rig: Rig, batch: int, requests: int) -> float:
     if rounds * batch >= rig.slots:
         rig.check_statuses()
     return us
+
+
+def _none(fn: Callable[[int], None], arg: int) -> bool:
+    fn(arg)
+    return False
+
+
+def count_instructions(rig: Rig, batch: int, requests: int) -> None:
+    """Run ``requests`` requests (after a warm-up) inside one ``any()`` -- the only call of it
+    in the process once set up, so callgrind's ``--toggle-collect=builtin_any`` counts exactly
+    them: instruction counts do not move with the load of a shared machine as seconds do."""
+    for _ in range(max(1, 200 // batch)):
+        rig.round(batch)
+    rig.poison_statuses()
+    rounds = max(1, requests // batch)
+    # (A generator expression of rig.round(batch) -- None, so every round runs; mypy will
+    # not take the value of a function that returns None.)
+    any(_none(rig.round, batch) for _ in range(rounds))
+    rig.check_statuses()
+    print(f"{rounds * batch} requests of batch {batch} counted")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                    "alternately in one process, with the ratio")
     p.add_argument("--dirty-log", action="store_true",
                    help="also measure with dirty-page logging on (as during a live migration)")
+    p.add_argument("--instructions", action="store_true",
+                   help="run --requests requests of one shape, batch and mode inside any(), "
+                   "for callgrind --collect-atstart=no --toggle-collect=builtin_any (see above)")
     args = p.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.fast_path]
     shapes = SHAPES if args.shape == "both" else (args.shape,)
@@ -241,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                                                  layout=layout)
                 for layout in layouts for shape, data in variants for fast in modes}
         try:
+            if args.instructions:
+                if len(rigs) != 1 or len(args.batches) != 1:
+                    p.error("--instructions measures one layout, shape, data, batch and "
+                            "fast-path mode")
+                count_instructions(next(iter(rigs.values())), args.batches[0], args.requests)
+                return 0
             runs: dict[tuple[str, str, str, bool, int], list[float]] = {}
             for _ in range(args.repeat):
                 for batch in args.batches:

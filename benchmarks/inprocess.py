@@ -21,6 +21,8 @@ What keeps it honest:
     python -m benchmarks.inprocess --direct --rounds 5   # O_DIRECT
     python -m benchmarks.inprocess --queues 1 --workloads randread --json out.json
     python -m benchmarks.inprocess --format qcow2        # a fully allocated qcow2
+    python -m benchmarks.inprocess --servers python --blockdev \
+        driver=python,node-name=ram,module=examples.ramdisk,class=RamDisk,size=1G  # a plugin
 
 The driver itself is Python and is the bottleneck for requests/s well before qsd is (both
 servers see the same driver, so the IOPS ratio understates qsd's lead); the CPU-per-request
@@ -148,11 +150,13 @@ class QueueLoad:
 
 def measure(server: str, image: Path, tmp: Path, queues: int, direct: bool, workload: str,
             depth: int, seconds: float, warmup: float, extra: list[str],
-            fmt: str = "raw", shape: str = "indirect") -> Measurement:
+            fmt: str = "raw", shape: str = "indirect",
+            blockdev: list[str] | None = None) -> Measurement:
     write = workload.endswith("write")
     bs = 4096
     sock = tmp / f"{server}.sock"
-    with running_server(server, image, sock, queues, direct, extra, fmt) as proc:
+    with running_server(server, image, sock, queues, direct, extra, fmt,
+                        blockdev or ()) as proc:
         fe = Frontend(sock)
         mem = FrontendMemory([(0, 256 << 20, 0)])
         try:
@@ -241,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                    "and io_uring with --direct)")
     p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
                    help="serve the image as raw, or converted to a fully allocated qcow2")
+    p.add_argument("--blockdev", action="append", default=[], metavar="OPTIONS",
+                   help="our server serves these --blockdev nodes (the last one, exported "
+                   "writable) instead of the image: e.g. driver=python,node-name=ram,"
+                   "module=examples.ramdisk,class=RamDisk,size=1G (repeatable)")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.add_argument("--table", type=Path, metavar="JSON",
                    help="measure nothing: print the table of measurements saved with --json")
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     for server in round_order(servers, rnd):
                         m = measure(server, image, tmp, queues, args.direct, wl, args.depth,
                                     args.seconds, args.warmup, args.server_args.split(),
-                                    args.format, args.shape)
+                                    args.format, args.shape, args.blockdev)
                         m.extra["round"] = rnd + 1
                         log.info("round %d %-12s %-9s q=%d: %8.0f req/s, %6.1f us CPU/req, "
                                  "RSS %.0f MiB", rnd + 1, server, wl, queues, m.ops,

@@ -23,9 +23,10 @@ from blockdev.image_lock import ImageLockError, lock_image
 from blockdev.images import FORMATS
 from blockdev.images import create as create_by_format
 from blockdev.spec import FileSpec, SpecError, parse_image
-from blockdev.storage import FileStorage, StorageError
+from blockdev.storage import FileStorage, Storage, StorageError
 from storage_daemon.metrics import parse_address
 from storage_daemon.plane import ControlError, ControlPlane
+from storage_daemon.qsd_options import UsageError, declare, open_export
 from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
 from vhost.queue.base import QueueError
@@ -81,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vhost-user-blk",
         description="Serve a raw disk image to QEMU's vhost-user-blk-pci over a Unix socket.",
     )
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (mode 0600)")
     where.add_argument("--fd", type=int, metavar="N",
                        help="an already-listening Unix socket fd (socket activation)")
-    p.add_argument("--image", required=True, metavar="IMG",
+    p.add_argument("--image", metavar="IMG",
                    help="raw image file or block device, rbd:POOL/IMAGE[@SNAP][:conf=PATH]"
                    "[:id=USER], nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")
     p.add_argument("--create", type=_size, metavar="SIZE",
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconnect-delay", type=float, default=30.0, metavar="SECONDS",
                    help="RBD/NBD: how long requests wait for a lost connection to come back "
                    "before failing (default 30)")
+    # qemu-storage-daemon's form (storage_daemon.qsd_options), instead of --socket/--image.
+    p.add_argument("--blockdev", action="append", default=[], metavar="OPTIONS",
+                   help="a block node, QSD's syntax: driver=file|raw|qcow2|rbd|nbd|python|"
+                   "delay|error|log,node-name=N,... or JSON (repeatable)")
+    p.add_argument("--export", action="append", default=[], metavar="OPTIONS",
+                   help="type=vhost-user-blk,id=E,node-name=N,addr.type=unix,addr.path=SOCK"
+                   "[,writable=on][,num-queues=K][,logical-block-size=B] (one per server)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info)")
@@ -153,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with options argparse cannot judge alone, by the rules of the layers that
     enforce them (so the command line and the running server never disagree)."""
+    if args.blockdev or args.export:
+        if args.socket is not None or args.fd is not None or args.image is not None:
+            return "--blockdev/--export replace --socket/--fd/--image: use one form or the other"
+        if args.create is not None:
+            return "--create makes the --image of the short form; create it first (qemu-img)"
+    else:
+        if args.socket is None and args.fd is None:
+            return "one of the arguments --socket --fd is required"
+        if args.image is None:
+            return "the following arguments are required: --image"
     if args.num_queues > MAX_QUEUES:
         return f"--num-queues {args.num_queues}: at most {MAX_QUEUES} queues"
     try:
@@ -193,23 +211,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.aio = choose_engine(args.aio)
     except EngineUnavailable as exc:
         return fail(str(exc))
+    qsd_form = bool(args.blockdev or args.export)
     try:
-        if args.create is not None:
+        if qsd_form:
+            storage = _open_qsd_form(args)
+        elif args.create is not None:
             if not isinstance(parse_image(args.image), FileSpec):
                 return fail(f"--create makes image files; {args.image} is not one")
             if create_by_format(args.image, args.create, args.format, args.backing,
                                 args.backing_format, args.backing_dir):
                 log.info("created %s (%s, %d bytes)", args.image, args.format, args.create)
-        storage = open_storage(args.image, fmt=args.format, read_only=args.read_only,
-                               direct=args.direct, logical_block_size=args.logical_block_size,
-                               engine=args.aio, io_threads=args.io_threads,
-                               reconnect_delay=args.reconnect_delay,
-                               backing_dirs=args.backing_dir)
-    except (DiskError, SpecError, StorageError) as exc:
+        if not qsd_form:
+            storage = open_storage(args.image, fmt=args.format, read_only=args.read_only,
+                                   direct=args.direct,
+                                   logical_block_size=args.logical_block_size,
+                                   engine=args.aio, io_threads=args.io_threads,
+                                   reconnect_delay=args.reconnect_delay,
+                                   backing_dirs=args.backing_dir)
+    except (DiskError, SpecError, StorageError, UsageError) as exc:
         return fail(str(exc))
     # Files are locked as QEMU locks them; an RBD image has its own exclusive lock, an NBD
     # server decides who may connect.
-    if args.locking != "off" and isinstance(storage, FileStorage):
+    # (--blockdev nodes lock their files themselves: the node's locking option.)
+    if not qsd_form and args.locking != "off" and isinstance(storage, FileStorage):
         try:
             lock_image(storage.disk.fd, args.image, writable=not args.read_only)
         except ImageLockError as exc:
@@ -281,6 +305,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "%d bounced", s.requests, s.reads, s.writes, s.flushes, s.errors,
                  s.bounced_requests)
     return 0
+
+
+def _open_qsd_form(args: argparse.Namespace) -> Storage:
+    """The hook for qemu-storage-daemon's options: check every --blockdev and the --export,
+    open the exported node, and put the export's settings where the short form keeps them."""
+    graph, export = declare(args.blockdev, args.export, MAX_QUEUES)
+    storage = open_export(graph, export, args.io_threads)
+    args.socket, args.fd = export.socket, export.fd
+    args.num_queues = export.num_queues
+    args.logical_block_size = export.logical_block_size
+    args.read_only = storage.info.read_only
+    args.node_name, args.export_id = export.node_name, export.export_id
+    args.image, args.format = f"node {export.node_name}", graph.nodes[export.node_name].driver
+    return storage
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,8 @@ can have many requests in flight per queue without the worker ever blocking on I
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyMarker
@@ -87,6 +88,17 @@ class QueueHandler(abc.ABC):
         return True
 
 
+class RemoteQueues(Protocol):
+    """What a device asks of a runner serving its queues in other processes
+    (:class:`vhost.runner.pool.ProcessRunner`)."""
+
+    def refresh_counters(self) -> None:
+        """Copy what each queue process last published into the device's counters."""
+
+    def state_changed(self) -> None:
+        """Send :meth:`Device.process_state` to every queue process."""
+
+
 class Device(abc.ABC):
     """A virtio device served over vhost-user."""
 
@@ -135,12 +147,30 @@ class Device(abc.ABC):
     # rebuild itself there, and which of its state and counters cross the process boundary.
     #: Serve queues in processes (None: when there is more than one queue).
     queue_processes: bool | None = False
-    #: Set by the control side while queue processes run: brings every process's counters
-    #: (:meth:`set_queue_counter_values`) up to date before they are read.
-    refresh_counters: Callable[[], None] | None = None
-    #: Set by the control side while queue processes run: the device calls it when
-    #: :meth:`process_state` changes outside a vhost-user message (a resize, say).
-    process_state_changed: Callable[[], None] | None = None
+    #: The runners whose queue processes serve this device now (see :meth:`attach_runner`);
+    #: a tuple, replaced whole, so a scrape on another thread reads it without a lock.
+    _remote_runners: tuple[RemoteQueues, ...] = ()
+
+    def attach_runner(self, runner: RemoteQueues) -> None:
+        """``runner`` serves queues of this device in other processes from now on: its
+        counters are gathered and its processes told of state changes.  Several may be
+        attached (a daemon serving one device to several connections)."""
+        self._remote_runners = (*self._remote_runners, runner)
+
+    def detach_runner(self, runner: RemoteQueues) -> None:
+        self._remote_runners = tuple(r for r in self._remote_runners if r is not runner)
+
+    def refresh_counters(self) -> None:
+        """Bring the counters of queues served in processes (:meth:`set_queue_counter_values`)
+        up to date; call before reading them.  Nothing to do without queue processes."""
+        for runner in self._remote_runners:
+            runner.refresh_counters()
+
+    def process_state_changed(self) -> None:
+        """The device calls this when :meth:`process_state` changed outside a vhost-user
+        message (a resize, say): every queue process follows before it returns."""
+        for runner in self._remote_runners:
+            runner.state_changed()
 
     def process_recipe(self) -> tuple[str, dict[str, object], list[int]]:
         """``("module:callable", kwargs, fds)``: ``callable(kwargs, fds)`` in a queue process

@@ -32,44 +32,46 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from guestmem.dirty_log import DirtyLog, DirtyMarker
-from vhost.device import Device, QueueHandler
+from vhost.device import Device
 from vhost.messages import VHOST_F_LOG_ALL
-from vhost.runner.thread import Notifier, QueueWorker
+from vhost.runner.base import Notifier, RemoteLog, RunningQueue
+from vhost.runner.thread import QueueWorker
 
 log = logging.getLogger(__name__)
 
 
 class LoggedQueue(Protocol):
-    """What this module needs of a queue (:class:`vhost.handler.Vring`, or a queue process's
-    own record of its one queue)."""
+    """What this module needs of a queue (:class:`vhost.handler.Vring`, or the runner's own
+    record of a queue it runs: :class:`vhost.runner.thread_runner.LocalQueue`, a queue
+    process's)."""
 
-    index: int
+    @property
+    def index(self) -> int: ...
+
     log_addr: int | None
-    worker: QueueWorker | None
-    queue_handler: QueueHandler | None
+
+    @property
+    def worker(self) -> RunningQueue | None: ...
 
 
 #: Logs that could not be unmapped (see :meth:`DirtyLogging._unmap`).
 KEPT_LOGS: list[DirtyLog] = []
 
-
-@dataclass
-class RemoteLog:
-    """The dirty-log state a queue process last reported (its worker's ``remote_log``)."""
-
-    logging: bool = False
-    #: Pages that process marked, over its life (it counts them with this module's code).
-    pages: int = 0
+__all__ = ["KEPT_LOGS", "DirtyLogging", "LoggedQueue", "RemoteLog"]
 
 
 def _remote(vring: LoggedQueue) -> RemoteLog | None:
     """The reported state of a queue that logs in a process of its own; None for a thread."""
-    state: RemoteLog | None = getattr(vring.worker, "remote_log", None)
-    return state
+    return vring.worker.remote_log if vring.worker is not None else None
+
+
+def _local(vring: LoggedQueue) -> QueueWorker | None:
+    """The worker of a queue that marks the log in this process (None: none, or elsewhere)."""
+    worker = vring.worker
+    return worker if isinstance(worker, QueueWorker) else None
 
 
 class DirtyLogging:
@@ -99,7 +101,7 @@ class DirtyLogging:
             if remote is not None:
                 if remote.logging:
                     return True
-            elif v.worker is not None and v.worker.vq.dirty is not None:
+            elif (local := _local(v)) is not None and local.vq.dirty is not None:
                 return True
         return False
 
@@ -112,7 +114,8 @@ class DirtyLogging:
             if remote is not None:
                 live += remote.pages
                 continue
-            marker = v.worker.vq.dirty if v.worker is not None else None
+            local = _local(v)
+            marker = local.vq.dirty if local is not None else None
             if marker is not None:
                 live += marker.pages
         return self._pages_done + live
@@ -120,11 +123,12 @@ class DirtyLogging:
     # ------------------------------------------------------------------ queues
     def queue_starting(self, vring: LoggedQueue, acked_features: int) -> None:
         """A queue's worker is made but not started: its used-ring log address, its marker."""
-        assert vring.worker is not None
+        local = _local(vring)
+        assert local is not None, "a queue process attaches its own"
         if vring.log_addr is not None:
-            vring.worker.vq.used_log_addr = vring.log_addr
+            local.vq.used_log_addr = vring.log_addr
         if self.wanted(acked_features):
-            self._attach(vring)
+            self._attach(local)
 
     def queue_stopped(self, vring: LoggedQueue) -> bool:
         """Count a stopped queue's marks (its last flush committed them); True if it was
@@ -141,7 +145,10 @@ class DirtyLogging:
             self._pages_done += remote.pages
             was, remote.logging, remote.pages = remote.logging, False, 0
             return was
-        vq = vring.worker.vq
+        local = _local(vring)
+        if local is None:
+            return False
+        vq = local.vq
         marker = vq.dirty
         if marker is None:
             return False
@@ -152,29 +159,27 @@ class DirtyLogging:
     def set_log_addr(self, vring: LoggedQueue, log_addr: int | None) -> None:
         """VHOST_VRING_F_LOG's used-ring log address, also for a running queue."""
         vring.log_addr = log_addr
-        if vring.worker is not None and _remote(vring) is None:  # (a process is told apart)
-            vq = vring.worker.vq
+        local = _local(vring)
+        if local is not None:  # (a queue process is told by its runner)
+            vq = local.vq
             vq.used_log_addr = vq.addresses.used if log_addr is None else log_addr
 
-    def _attach(self, vring: LoggedQueue) -> None:
-        assert vring.worker is not None and self.log is not None
+    def _attach(self, worker: QueueWorker) -> None:
+        assert self.log is not None
         marker = DirtyMarker(self.log, self._marked)
         # The ring first: whatever the device records is then committed by the ring's flush.
-        vring.worker.vq.dirty = marker
-        if vring.queue_handler is not None:
-            vring.queue_handler.dirty = marker
+        worker.vq.dirty = marker
+        worker.handler.dirty = marker
 
     def _marked(self) -> None:
         self.call.signal()
         if self.on_marks is not None:
             self.on_marks()
 
-    def _detach(self, vring: LoggedQueue) -> None:
-        assert vring.worker is not None
-        vq = vring.worker.vq
+    def _detach(self, worker: QueueWorker) -> None:
+        vq = worker.vq
         marker = vq.dirty
-        if vring.queue_handler is not None:
-            vring.queue_handler.dirty = None
+        worker.handler.dirty = None
         vq.dirty = None
         if marker is not None:
             self._pages_done += marker.pages
@@ -188,17 +193,19 @@ class DirtyLogging:
         changed = force_quiesce
         switched = False
         for vring in vrings:
-            if vring.worker is None or _remote(vring) is not None:
-                continue  # a queue process runs this same code on the forwarded message
-            marker = vring.worker.vq.dirty
+            local = _local(vring)
+            if local is None:
+                continue  # not running, or a queue process, which runs this same code on the
+                # message its runner forwards
+            marker = local.vq.dirty
             if want and marker is None:
-                self._attach(vring)
+                self._attach(local)
                 changed = switched = True
             elif want and marker is not None and current is not None and marker.log is not current:
                 marker.log = current  # a new log (resize): pending marks go to it
                 changed = True
             elif not want and marker is not None:
-                self._detach(vring)
+                self._detach(local)
                 changed = switched = True
         if not changed:
             return

@@ -3,8 +3,10 @@
 :class:`BackendHandler` holds one connection's state (features, memory table, per-queue vring
 state) and turns each decoded message into a reply.  It never reads or writes a socket, so every
 transition is a unit test; :mod:`vhost.connection` frames bytes and fds around it.  The only side
-effects it has are the ones the protocol is about: mapping memory and starting/stopping queue
-workers (through an injectable factory, so tests can watch them).
+effects it has are the ones the protocol is about: mapping memory, and starting, stopping and
+updating queues through its one :class:`~vhost.runner.base.QueueRunner` -- threads here or a
+process per queue, called the same way (no branch here asks which); tests can watch the thread
+runner's workers through an injectable factory.
 
 Error policy (the frontend is trusted no more than the guest):
 * a message that breaks a rule is *refused*: logged, and answered with a failure ack when the
@@ -22,10 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from guestmem import AccessError
 from guestmem.dirty_log import DirtyLog, DirtyLogError
 from vhost.backend_channel import BackendChannel, BackendChannelError
 from vhost.device import RING_FEATURES, Device, QueueHandler
@@ -54,20 +54,22 @@ from vhost.messages import (
 from vhost.messages import (
     inflight as inflight_payload,
 )
-from vhost.queue.base import Queue, QueueError, RingAddresses
-from vhost.queue.factory import (
-    check_alignment,
-    inflight_tracker,
-    is_packed,
-    open_queue,
-    ring_sizes,
-)
+from vhost.queue.base import QueueError
+from vhost.queue.factory import base_text, is_packed
 from vhost.queue.inflight import InflightArea, InflightError, create_area
-from vhost.queue.inflight_packed import PackedInflightQueue
-from vhost.queue.packed import decode_base
 from vhost.queue.split import validate_size
-from vhost.runner.pool import QueueProcessError, QueueProcesses
-from vhost.runner.thread import Notifier, QueueWorker
+from vhost.runner.assembly import WorkerFactory, ring_addresses
+from vhost.runner.base import (
+    Notifier,
+    QueueKey,
+    QueueRunner,
+    QueueSpec,
+    RunnerError,
+    RunningQueue,
+)
+from vhost.runner.pool import ProcessRunner
+from vhost.runner.thread import QueueWorker
+from vhost.runner.thread_runner import ThreadRunner
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,7 @@ LIBRARY_PROTOCOL_FEATURES = (
     | ProtocolFeature.BACKEND_REQ
 )
 
-#: Makes the worker of a starting queue (tests substitute one that records or delays).
-WorkerFactory = Callable[[Queue, QueueHandler, int, Notifier, Notifier], QueueWorker]
+__all__ = ["BackendHandler", "HandlerResult", "Refused", "Vring", "WorkerFactory"]
 
 
 class Refused(Exception):
@@ -115,12 +116,18 @@ class Vring:
     err: Notifier = field(default_factory=Notifier)
     enabled: bool = False
     broken: bool = False
-    worker: QueueWorker | None = None
-    queue_handler: QueueHandler | None = None
+    #: The queue while it runs (on a thread here or in a queue process: see self.runner).
+    worker: RunningQueue | None = None
 
     @property
     def running(self) -> bool:
         return self.worker is not None
+
+    @property
+    def queue_handler(self) -> QueueHandler | None:
+        """The device's handler of this queue, if it runs on a thread of this process."""
+        worker = self.worker
+        return worker.handler if isinstance(worker, QueueWorker) else None
 
     def close_fds(self) -> None:
         if self.kick_fd is not None:
@@ -133,20 +140,18 @@ class Vring:
 class BackendHandler:
     """Protocol state of one frontend connection."""
 
-    def __init__(self, device: Device, worker_factory: WorkerFactory = QueueWorker) -> None:
+    def __init__(self, device: Device, worker_factory: WorkerFactory = QueueWorker,
+                 conn: int = 0) -> None:
+        """``worker_factory`` makes the workers of queues run on threads; ``conn`` names this
+        connection's queues to the runner (:class:`vhost.runner.base.QueueKey`)."""
         self.device = device
-        self.worker_factory = worker_factory
+        self.conn = conn
         self.memory = MemoryTable(MAX_MEM_SLOTS)
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.offered_features = int(device.features()) | int(RING_FEATURES) | int(
             VirtioFeature.PROTOCOL_FEATURES
         )
         self.offered_protocol = LIBRARY_PROTOCOL_FEATURES | device.protocol_features()
-        #: Queues served in processes of their own (vhost.runner.pool), or None: threads here.
-        self.processes: QueueProcesses | None = None
-        wanted = device.queue_processes
-        if wanted or (wanted is None and device.num_queues > 1):
-            self.processes = QueueProcesses(device)
         # Live migration (see vhost.dirty_logging; queue processes get the log forwarded).
         if device.logs_guest_writes:
             self.offered_features |= VHOST_F_LOG_ALL
@@ -160,6 +165,13 @@ class BackendHandler:
         self.inflight: InflightArea | None = None
         self.refused = 0
         self.dirty_logging = DirtyLogging()
+        #: What runs the started queues: threads here, or a process each (vhost.runner.base).
+        self.runner: QueueRunner
+        wanted = device.queue_processes
+        if wanted or (wanted is None and device.num_queues > 1):
+            self.runner = ProcessRunner(device, self, conn)
+        else:
+            self.runner = ThreadRunner(device, self, self.dirty_logging, conn, worker_factory)
 
     # ------------------------------------------------------------------ entry point
     def handle(self, message: Message, fds: list[int]) -> HandlerResult:
@@ -227,100 +239,15 @@ class BackendHandler:
         if not vring.size or vring.ring_uaddrs is None or not len(self.memory):
             log.warning("queue %d kicked before size, addresses and memory were set", vring.index)
             return
-        mem = self.memory
-        if self.processes is not None:
-            self._start_process(vring)
-            return
+        spec = QueueSpec(self._key(vring), vring.size, vring.ring_uaddrs, self.acked_features,
+                         vring.base, vring.kick_fd, vring.call, vring.err, vring.log_addr)
         try:
-            addrs = RingAddresses(*(
-                mem.uva_to_gpa(addr, length)
-                for addr, length in zip(vring.ring_uaddrs,
-                                        ring_sizes(vring.size, is_packed(self.acked_features)),
-                                        strict=True)
-            ))
-            tracker = (inflight_tracker(self.inflight, vring.index, vring.size)
-                       if self.inflight is not None else None)
-            vq = open_queue(mem.guest, vring.size, addrs, self.acked_features, vring.base,
-                            vring.index, tracker)
-        except (QueueError, MemoryTableError, InflightError) as exc:
+            vring.worker = self.runner.start(spec)
+        except (QueueError, MemoryTableError, InflightError, RunnerError, OSError) as exc:
             raise self._cannot_start(vring, exc) from exc
-        try:
-            handler = self.device.create_handler(vring.index, mem.guest)
-        except Exception as exc:  # e.g. no io_uring or threads left: this queue cannot run
-            log.exception("queue %d: the device could not set up its handler", vring.index)
-            vq.release()
-            raise self._cannot_start(vring, exc) from exc
-        worker = self.worker_factory(vq, handler, vring.kick_fd, vring.call, vring.err)
-        vring.queue_handler = handler
-        vring.worker = worker
-        self.dirty_logging.queue_starting(vring, self.acked_features)
-        worker.start()
-        log.info("queue %d started: size %d, %s ring, avail from %s%s", vring.index, vring.size,
-                 vq.layout, self._base_text(vq.vring_base()), ", event idx" if vq.event_idx else "")
 
-    def _start_process(self, vring: Vring) -> None:
-        """Start ``vring`` in a queue process (which validates the ring as a thread would)."""
-        assert self.processes is not None and vring.ring_uaddrs is not None
-        assert vring.kick_fd is not None
-        try:
-            addrs = tuple(
-                self.memory.uva_to_gpa(addr, length)
-                for addr, length in zip(vring.ring_uaddrs,
-                                        ring_sizes(vring.size, is_packed(self.acked_features)),
-                                        strict=True)
-            )
-            check_alignment(RingAddresses(*addrs), is_packed(self.acked_features))
-            self._check_inflight_region(vring, addrs[0], addrs[2])
-            worker = self.processes.start(vring.index, vring.size, (addrs[0], addrs[1], addrs[2]),
-                                          self.acked_features, vring.base, vring.kick_fd,
-                                          vring.call, vring.err, vring.log_addr)
-        except (QueueError, MemoryTableError, QueueProcessError, InflightError, OSError) as exc:
-            raise self._cannot_start(vring, exc) from exc
-        vring.worker = worker  # type: ignore[assignment]  # a QueueWorker look-alike
-        log.info("queue %d started in a process: size %d, avail from %s", vring.index,
-                 vring.size, self._base_text(vring.base))
-
-    def _check_inflight_region(self, vring: Vring, desc_gpa: int, used_gpa: int) -> None:
-        """Validate ``vring``'s in-flight region here, before a queue process is spawned for it.
-
-        The process would refuse a bad region too, but only after its start-up (a fraction of a
-        second) and from another process; checking here refuses the start with one log line.
-        InflightError or MemoryTableError if it cannot be used.
-        """
-        if self.inflight is None:
-            return
-        if self.inflight.packed:
-            packed = inflight_tracker(self.inflight, vring.index, vring.size)
-            assert isinstance(packed, PackedInflightQueue)
-            guest = self.memory.guest
-
-            def ring_flags(slot: int) -> int:
-                return int.from_bytes(guest.read(desc_gpa + 16 * slot + 14, 2), "little")
-
-            try:
-                packed.plan(ring_flags)
-            except AccessError as exc:
-                raise MemoryTableError(f"descriptor ring at {desc_gpa:#x}: {exc}") from exc
-            finally:
-                packed.release()
-            return
-        try:
-            used_idx = int.from_bytes(self.memory.guest.read(used_gpa + 2, 2), "little")
-        except AccessError as exc:
-            raise MemoryTableError(f"used ring at {used_gpa:#x}: {exc}") from exc
-        tracker = self.inflight.queue(vring.index, vring.size)
-        try:
-            tracker.check(used_idx)
-        finally:
-            tracker.release()
-
-    def _base_text(self, base: int) -> str:
-        """A vring base for a log line: the split ring's avail index, or the packed ring's
-        positions and wrap counters (avail/wrap, used/wrap)."""
-        if not is_packed(self.acked_features):
-            return str(base)
-        avail, avail_wrap, used, used_wrap = decode_base(base)
-        return f"{avail}/{avail_wrap} (used {used}/{used_wrap})"
+    def _key(self, vring: Vring) -> QueueKey:
+        return QueueKey(self.conn, vring.index)
 
     @staticmethod
     def _cannot_start(vring: Vring, exc: Exception) -> Refused:
@@ -330,30 +257,22 @@ class BackendHandler:
         return Refused(f"queue {vring.index} cannot start: {exc}")
 
     def _stop(self, vring: Vring) -> bool:
-        """Stop ``vring``'s worker; True if it was marking the dirty log."""
-        worker = vring.worker
-        if worker is None:
+        """Stop ``vring``'s queue; True if it was marking the dirty log."""
+        if vring.worker is None:
             return False
-        if not worker.stop():
-            log.error("queue %d: in-flight requests did not finish", vring.index)
-        vq = worker.vq
-        vring.base = vq.vring_base()
-        if vq.broken:
-            vring.broken = True
+        stopped = self.runner.stop(self._key(vring))
+        if stopped is not None:
+            if not stopped.drained:
+                log.error("queue %d: in-flight requests did not finish", vring.index)
+            vring.base = stopped.base
+            if stopped.broken:
+                vring.broken = True
         logging_ = self.dirty_logging.queue_stopped(vring)  # (keeps the log if it still runs)
-        if worker.alive:  # its thread may still use its ring, its engine and guest memory
-            self.memory.pin(f"queue {vring.index}'s worker thread did not stop")
-        else:
-            vq.release()
-            if vring.queue_handler is not None and not vring.queue_handler.close():
-                self.memory.pin(f"queue {vring.index} has disk IO that did not finish")
-        vring.queue_handler = None
         vring.worker = None
-        if self.processes is not None:
-            self.processes.stopped(vring.index)
-        log.info("queue %d stopped at avail %s (%d kicks, %d batches, %d completions, %d calls)",
-                 vring.index, self._base_text(vring.base), worker.kicks, worker.batches,
-                 worker.completed, vring.call.count)
+        if stopped is not None:
+            log.info("queue %d stopped at avail %s (%d kicks, %d batches, %d completions, "
+                     "%d calls)", vring.index, base_text(vring.base, self.acked_features),
+                     stopped.kicks, stopped.batches, stopped.completed, vring.call.count)
         return logging_
 
     def _stop_and_flush_if_last_logged(self, vring: Vring) -> None:
@@ -381,8 +300,7 @@ class BackendHandler:
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
-        if self.processes is not None:
-            self.processes.close()
+        self.runner.close()
         self.dirty_logging.close(self.vrings)
         self.memory.close()
         self.device.reset()
@@ -406,9 +324,8 @@ class BackendHandler:
             raise Refused("VIRTIO_F_RING_PACKED changed while queues run")
         self.acked_features = features
         self.device.set_features(features & ~int(VirtioFeature.PROTOCOL_FEATURES))
-        if self.processes is not None:
-            self.processes.device_changed()
-            self.processes.set_features(self.acked_features)  # VHOST_F_LOG_ALL, say
+        self.runner.device_changed(self.conn)
+        self.runner.set_features(self.conn, self.acked_features)  # VHOST_F_LOG_ALL, say
         if not self._protocol_features_on():
             # Without protocol features a ring is enabled as soon as it starts.
             for vring in self.vrings:
@@ -452,8 +369,7 @@ class BackendHandler:
         self.acked_features = 0
         self.status = 0
         self.dirty_logging.drop(self.vrings)
-        if self.processes is not None:
-            self.processes.drop_log()
+        self.runner.drop_log(self.conn)
         self.device.reset()
 
     def _on_set_backend_req_fd(self, message: Message, fds: list[int]) -> None:
@@ -493,21 +409,19 @@ class BackendHandler:
     # ------------------------------------------------------------------ memory
     def _on_set_mem_table(self, message: Message, fds: list[int]) -> None:
         self.memory.set_table(message.fields.regions, fds)
-        if self.processes is not None:  # every queue process has it before the reply
-            self.processes.set_mem_table(list(message.fields.regions), fds)
+        # (every queue process has it before the reply)
+        self.runner.set_mem_table(self.conn, list(message.fields.regions), fds)
 
     def _on_get_max_mem_slots(self, message: Message, fds: list[int]) -> bytes:
         return u64(self.memory.max_slots)
 
     def _on_add_mem_reg(self, message: Message, fds: list[int]) -> None:
         self.memory.add(message.fields.region, fds[0])
-        if self.processes is not None:
-            self.processes.add_region(message.fields.region, fds[0])
+        self.runner.add_region(self.conn, message.fields.region, fds[0])
 
     def _on_rem_mem_reg(self, message: Message, fds: list[int]) -> None:
         self.memory.remove(message.fields.region)
-        if self.processes is not None:
-            self.processes.remove_region(message.fields.region)
+        self.runner.remove_region(self.conn, message.fields.region)
 
     # ------------------------------------------------------------------ vrings
     def _on_set_vring_num(self, message: Message, fds: list[int]) -> None:
@@ -531,19 +445,14 @@ class BackendHandler:
             if uaddrs == vring.ring_uaddrs:
                 # QEMU resends the addresses of a running ring to switch used-ring logging.
                 self.dirty_logging.set_log_addr(vring, log_addr)
-                if self.processes is not None:
-                    self.processes.set_log_addr(vring.index, log_addr)
+                self.runner.set_log_addr(self._key(vring), log_addr)
                 return
             raise Refused(f"queue {vring.index} is running")
         if vring.size:
             # Alignment is a rule on guest physical addresses (virtio 2.7): a region whose mmap
             # offset is not 16-byte aligned puts an aligned ring at an unaligned frontend
             # address, so translate first and check the result.
-            packed = is_packed(self.acked_features)
-            check_alignment(RingAddresses(*(
-                self.memory.uva_to_gpa(addr, length)
-                for addr, length in zip(uaddrs, ring_sizes(vring.size, packed), strict=True)
-            )), packed)
+            ring_addresses(self.memory, uaddrs, vring.size, self.acked_features)
         vring.ring_uaddrs = uaddrs
         vring.log_addr = log_addr
         vring.broken = False
@@ -583,14 +492,12 @@ class BackendHandler:
     def _on_set_vring_call(self, message: Message, fds: list[int]) -> None:
         vring, fd = self._vring_fd(message, fds)
         vring.call.replace(fd)
-        if self.processes is not None:
-            self.processes.notifier_changed(vring.index, "call", fd)
+        self.runner.notifier_changed(self._key(vring), "call", fd)
 
     def _on_set_vring_err(self, message: Message, fds: list[int]) -> None:
         vring, fd = self._vring_fd(message, fds)
         vring.err.replace(fd)
-        if self.processes is not None:
-            self.processes.notifier_changed(vring.index, "err", fd)
+        self.runner.notifier_changed(self._key(vring), "err", fd)
 
     def _on_set_vring_enable(self, message: Message, fds: list[int]) -> None:
         vring = self._vring(message.fields.index)
@@ -616,8 +523,7 @@ class BackendHandler:
             self.device.write_config(cfg.offset, cfg.payload, cfg.flags)
         except ValueError as exc:
             raise Refused(str(exc)) from exc
-        if self.processes is not None:
-            self.processes.device_changed()
+        self.runner.device_changed(self.conn)
 
     # ------------------------------------------------------------------ inflight tracking
     def _check_inflight(self, message: Message) -> None:
@@ -658,9 +564,8 @@ class BackendHandler:
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = area
-        if self.processes is not None:
-            self.processes.set_inflight(fds[0], f.mmap_size, f.mmap_offset, f.num_queues,
-                                        f.queue_size, area.packed)
+        self.runner.set_inflight(self.conn, fds[0], f.mmap_size, f.mmap_offset, f.num_queues,
+                                 f.queue_size)
 
     # ------------------------------------------------------------------ dirty log (migration)
     @property
@@ -683,11 +588,10 @@ class BackendHandler:
         except DirtyLogError as exc:
             raise Refused(str(exc)) from exc
         self.dirty_logging.set_base(new, self.vrings, self.acked_features)
-        if self.processes is not None:  # every queue process has it before the reply
-            try:
-                self.processes.set_log_base(fds[0], f.mmap_size, f.mmap_offset)
-            except QueueProcessError as exc:
-                raise Refused(str(exc)) from exc
+        try:  # every queue process has it before the reply
+            self.runner.set_log_base(self.conn, fds[0], f.mmap_size, f.mmap_offset)
+        except RunnerError as exc:
+            raise Refused(str(exc)) from exc
         return u64(0)
 
     def _on_set_log_fd(self, message: Message, fds: list[int]) -> None:
@@ -696,5 +600,4 @@ class BackendHandler:
         take_eventfd(fds[0], "dirty log call")
         fd = fds.pop()
         self.dirty_logging.call.replace(fd)
-        if self.processes is not None:
-            self.processes.set_log_fd(fd)
+        self.runner.set_log_fd(self.conn, fd)

@@ -151,9 +151,8 @@ class StatsTotals:
 
     def _refresh(self) -> None:
         """Queues served in processes report their counters first (vhost.runner.pool)."""
-        refresh = self._device.refresh_counters if self._device is not None else None
-        if refresh is not None:
-            refresh()
+        if self._device is not None:
+            self._device.refresh_counters()
 
     def __getattr__(self, name: str) -> int:
         if name.startswith("_") or name not in _STAT_NAMES:
@@ -269,20 +268,16 @@ class BlkDevice(Device):
         self.limits = replace(self.limits, capacity=sectors)
         for handler in list(self._handlers):
             handler.limits = self.limits
-        changed = self.process_state_changed  # queue processes check against it too
-        if changed is not None:
-            changed()
+        self.process_state_changed()  # queue processes check against it too
 
     def fresh_queue_stats(self) -> list[BlkStats]:
         """Each queue's counters, brought up to date first where queues run in processes."""
-        if self.refresh_counters is not None:
-            self.refresh_counters()
+        self.refresh_counters()
         return self.queue_stats
 
     def totals(self) -> Totals:
         """All queues' counters summed, with failures, times and latency histograms."""
-        if self.refresh_counters is not None:
-            self.refresh_counters()
+        self.refresh_counters()
         return totals(self.queue_stats, sorted(_STAT_NAMES), len(OPS))
 
     # ------------------------------------------------------------------ Device interface

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,34 @@ def test_inprocess_refuses_a_figure_of_failed_requests(tmp_path: Path) -> None:
             "--server-args=--read-only"]
     with pytest.raises(RuntimeError, match="error status"):
         inprocess.main(argv)
+
+
+def test_hotpath_counts_one_configuration_inside_any(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--instructions runs exactly --requests requests inside the one any() callgrind counts
+    (every round: any() must not stop early), and refuses two configurations at once (their
+    counts would be summed)."""
+    rounds: list[int] = []
+
+    class Spy(hotpath.Rig):
+        def round(self, batch: int) -> None:
+            rounds.append(batch)
+            super().round(batch)
+
+    monkeypatch.setattr(hotpath, "Rig", Spy)
+    calls: list[int] = []
+    real_any = any
+
+    def counting_any(it: Iterable[object]) -> bool:
+        before = len(rounds)
+        result = real_any(it)
+        calls.append(len(rounds) - before)
+        return result
+
+    monkeypatch.setattr(hotpath, "any", counting_any, raising=False)
+    assert hotpath.main(["--engine", "inline", "--instructions", "--fast-path", "on",
+                         "--batches", "8", "--requests", "64"]) == 0
+    assert calls == [8] and "64 requests of batch 8 counted" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        hotpath.main(["--engine", "inline", "--instructions", "--fast-path", "both",
+                      "--batches", "8", "--requests", "64"])

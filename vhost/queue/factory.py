@@ -13,7 +13,7 @@ from vhost.queue import inflight_packed, split
 from vhost.queue.base import Queue, QueueError, RingAddresses
 from vhost.queue.inflight import InflightArea, InflightQueue
 from vhost.queue.inflight_packed import PackedInflightQueue
-from vhost.queue.packed import PackedQueue
+from vhost.queue.packed import PackedQueue, decode_base
 from vhost.queue.split import SplitQueue
 
 #: Packed ring (virtio 2.8): descriptor ring 16 bytes an entry, driver and device event
@@ -36,6 +36,15 @@ def ring_sizes(size: int, packed: bool = False) -> tuple[int, int, int]:
 def ring_alignment(packed: bool = False) -> tuple[int, int, int]:
     """Alignment virtio requires of the three parts' guest physical addresses."""
     return PACKED_ALIGNMENT if packed else split.RING_ALIGNMENT
+
+
+def base_text(base: int, features: int) -> str:
+    """A vring base for a log line: the split ring's avail index, or the packed ring's
+    positions with their wrap counters (avail/wrap, used/wrap)."""
+    if not is_packed(features):
+        return str(base)
+    avail, avail_wrap, used, used_wrap = decode_base(base)
+    return f"{avail}/{avail_wrap} (used {used}/{used_wrap})"
 
 
 def inflight_tracker(area: InflightArea, index: int, size: int

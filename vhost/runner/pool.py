@@ -1,6 +1,7 @@
 """Queue processes, the control side: start one per queue, keep them in step, notice deaths.
 
-:class:`QueueProcesses` belongs to one frontend connection (:class:`vhost.handler.
+:class:`ProcessRunner` is the :class:`~vhost.runner.base.QueueRunner` that serves each queue in
+a process of its own; it belongs to one frontend connection (:class:`vhost.handler.
 BackendHandler` makes it when the device serves queues in processes).  It keeps what a queue
 process will need that the handler itself closes once used -- duplicates of the guest memory fds
 and of the in-flight area fd -- and forwards every change to the processes running:
@@ -29,7 +30,7 @@ applied (a memory table, a dirty log) cannot be left in doubt, and a dead proces
 memory.  Its queue is then broken like after any death.
 
 Counters are not asked for: each process writes them into a shared
-:class:`~vhost.runner.ipc.CounterBlock` after each batch, and :meth:`QueueProcesses.
+:class:`~vhost.runner.ipc.CounterBlock` after each batch, and :meth:`ProcessRunner.
 refresh_counters` (what a scrape calls) only copies those blocks into the device's per-queue
 statistics -- no message, no lock the vhost-user control thread takes.
 
@@ -39,21 +40,33 @@ avail index, which the handler returns.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from vhost.dirty_logging import RemoteLog
-from vhost.runner.ipc import CounterBlock, Replies, receive, request, send
+from vhost.queue.factory import base_text
+from vhost.runner import ipc
+from vhost.runner.assembly import preflight
+from vhost.runner.base import (
+    ConnectionState,
+    QueueKey,
+    QueueSpec,
+    RemoteLog,
+    RunnerError,
+    RunningQueue,
+    Stopped,
+)
 
 if TYPE_CHECKING:
     from vhost.device import Device
     from vhost.messages import RegionFields
-    from vhost.runner.thread import Notifier
+    from vhost.runner.base import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -61,47 +74,43 @@ log = logging.getLogger(__name__)
 REPLY_TIMEOUT = 30.0
 
 
-class QueueProcessError(Exception):
+class QueueProcessError(RunnerError):
     """A queue process could not be started or did not answer."""
 
 
 class RemoteQueue:
     """A queue a process runs, as the handler sees it: where it stopped (after ``stop``)."""
 
-    def __init__(self, next_avail: int = 0, broken: bool = False) -> None:
-        self.next_avail = next_avail
+    def __init__(self, base: int = 0, broken: bool = False) -> None:
+        #: GET_VRING_BASE's value, as the process answered ``stop`` with it.
+        self.base = base
         self.broken = broken
         self.in_flight_count = 0
 
-    def vring_base(self) -> int:
-        """GET_VRING_BASE's value, as the process answered ``stop`` with it."""
-        return self.next_avail
 
-    def release(self) -> None:
-        """Nothing to unmap here: the process mapped the rings."""
-
-
-def _raw_region(region: RegionFields) -> tuple[int, int, int, int]:
+def _raw_region(region: RegionFields) -> ipc.RawRegion:
     return (region.guest_phys_addr, region.memory_size, region.userspace_addr,
             region.mmap_offset)
 
 
 class QueueProcessWorker:
-    """A running queue process, seen from the control process (a QueueWorker look-alike)."""
+    """A running queue process, seen from the control process (a
+    :class:`~vhost.runner.base.RunningQueue`)."""
 
     drain_timeout = 30.0
     #: How long a request may wait for its reply (the process is killed after that).
     reply_timeout = REPLY_TIMEOUT
 
-    def __init__(self, index: int, call: Notifier, err: Notifier, device: Device,
-                 counters: CounterBlock | None = None) -> None:
-        self.index = index
+    def __init__(self, key: QueueKey, call: Notifier, err: Notifier, device: Device,
+                 counters: ipc.CounterBlock | None = None) -> None:
+        self.key = key
+        self.index = key.index
         self.call = call
         self.err = err
         self.device = device
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
-        self.replies = Replies(f"queue {index}")
+        self.replies = ipc.Replies(f"queue {key.index}")
         #: Where the process publishes its counters (None: a test's fake process).
         self.counters = counters
         self.vq = RemoteQueue()
@@ -117,7 +126,7 @@ class QueueProcessWorker:
         self._block_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
-    def spawn(self, start: dict[str, Any], fds: list[int]) -> None:
+    def spawn(self, start: ipc.Start, fds: list[int]) -> None:
         """Start the process and hand it the queue; QueueProcessError if it does not start."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -131,11 +140,12 @@ class QueueProcessWorker:
         finally:
             theirs.close()
         self.attach(ours)
-        send(ours, start, fds)
+        ipc.send(ours, start, fds)
         reply = self._read_one(REPLY_TIMEOUT)
-        if reply.get("kind") != "started":
+        if not isinstance(reply, ipc.Started):
             self._reap()
-            raise QueueProcessError(reply.get("why", "no answer"))
+            raise QueueProcessError(reply.why if isinstance(reply, ipc.Error) else
+                                    f"unexpected answer {type(reply).__name__}")
         self.start_reader()
         log.info("queue %d: serving in process %d", self.index, self.proc.pid)
 
@@ -148,17 +158,17 @@ class QueueProcessWorker:
                                         daemon=True)
         self._reader.start()
 
-    def _read_one(self, timeout: float) -> dict[str, Any]:
+    def _read_one(self, timeout: float) -> ipc.Message:
         """The start answer, read directly (before the reader thread runs)."""
         assert self.sock is not None
         self.sock.settimeout(timeout)
         try:
-            msg, fds = receive(self.sock)
+            msg, fds = ipc.receive(self.sock)
             for fd in fds:
                 os.close(fd)
-            return dict(msg)
-        except (EOFError, OSError) as exc:
-            return {"kind": "error", "why": f"queue process gone before starting ({exc})"}
+            return msg
+        except (EOFError, OSError, ValueError) as exc:
+            return ipc.Error(why=f"queue process gone before starting ({exc})")
         finally:
             self.sock.settimeout(None)
 
@@ -166,18 +176,22 @@ class QueueProcessWorker:
         assert self.sock is not None
         while True:
             try:
-                msg, fds = receive(self.sock)
+                msg, fds = ipc.receive(self.sock)
+            except ValueError as exc:
+                log.warning("queue %d: dropped a malformed message from its process: %s",
+                            self.index, exc)
+                continue
             except (EOFError, OSError):
                 break
             for fd in fds:
                 os.close(fd)
-            if not isinstance(msg, dict):
-                log.warning("queue %d: dropped a malformed message from its process",
-                            self.index)
+            if not isinstance(msg, ipc.Reply):
+                log.warning("queue %d: dropped a %s from its process (not a reply)",
+                            self.index, type(msg).__name__)
                 continue
             # (the dirty-log state a reply reports is taken before its waiter goes on)
             self.replies.deliver(msg, self._note_dirty)
-        self.replies.close({"kind": "eof"})
+        self.replies.close(ipc.Gone())
         if not self.stopping:
             self.died = True
             code = self.proc.wait() if self.proc is not None else None
@@ -185,9 +199,9 @@ class QueueProcessWorker:
                       self.index, code)
             self.err.signal()
 
-    def _note_dirty(self, msg: dict[str, Any]) -> None:
+    def _note_dirty(self, msg: ipc.Reply) -> None:
         """Take the dirty-log state a reply reports."""
-        dirty = msg.get("dirty")
+        dirty = msg.dirty if isinstance(msg, (ipc.Ack, ipc.StopReply)) else None
         if dirty is not None:
             self.remote_log.logging, self.remote_log.pages = bool(dirty[0]), int(dirty[1])
 
@@ -214,25 +228,26 @@ class QueueProcessWorker:
         self.refresh()
         return self._last_avail
 
-    def request(self, msg: dict[str, Any], fds: list[int] | None = None,
-                timeout: float | None = None) -> dict[str, Any]:
-        """Send ``msg`` (a kind and its fields; numbered here) and wait for *its* reply:
-        ``{"kind": "eof"}`` if the process is gone, QueueProcessError if it did not answer in
-        ``timeout`` (a reply coming later is dropped, never taken for another request's)."""
+    def request(self, msg: ipc.Request, fds: Sequence[int] = (),
+                timeout: float | None = None) -> ipc.Reply:
+        """Send ``msg`` (numbered here) and wait for *its* reply: :class:`~vhost.runner.ipc.
+        Gone` if the process is gone, QueueProcessError if it did not answer in ``timeout`` (a
+        reply coming later is dropped, never taken for another request's)."""
+        if not isinstance(msg, ipc.Request) or isinstance(msg, ipc.Start):
+            raise TypeError(f"not a request to a running queue process: {msg!r}")
         if self.died or self.sock is None:
-            return {"kind": "eof"}
-        fields = {k: v for k, v in msg.items() if k != "kind"}
+            return ipc.Gone()
         seq = self.replies.expect()
         with self._send_lock:
             try:
-                send(self.sock, request(seq, msg["kind"], **fields), fds or [])
+                ipc.send(self.sock, ipc.numbered(msg, seq), fds)
             except OSError:
                 self.replies.forget(seq)
-                return {"kind": "eof"}
+                return ipc.Gone()
         timeout = self.reply_timeout if timeout is None else timeout
         reply = self.replies.wait(seq, timeout)
         if reply is None:
-            raise QueueProcessError(f"queue {self.index}: no answer to {msg['kind']} "
+            raise QueueProcessError(f"queue {self.index}: no answer to {msg.kind} "
                                     f"(request {seq}) in {timeout:g} s")
         return reply
 
@@ -257,18 +272,19 @@ class QueueProcessWorker:
         """
         if self.died or self.sock is None:
             raise QueueProcessError(f"queue {self.index}: process not running")
-        answer = self.request({"kind": "ring_state"}, timeout=timeout)
-        if "state" not in answer:
-            raise QueueProcessError(f"queue {self.index}: {answer.get('why', 'no state')}")
-        return dict(answer["state"])
+        answer = self.request(ipc.RingState(key=self.key), timeout=timeout)
+        if not isinstance(answer, ipc.RingStateReply):
+            why = answer.why if isinstance(answer, ipc.Error) else "no state"
+            raise QueueProcessError(f"queue {self.index}: {why}")
+        return dict(answer.state)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Drain and stop the process; True if every request finished."""
         self.stopping = True
-        reply: dict[str, Any] = {"kind": "eof"}
+        reply: ipc.Reply = ipc.Gone()
         if not self.died:
             try:
-                reply = self.request({"kind": "stop"},
+                reply = self.request(ipc.Stop(key=self.key),
                                      timeout=self.drain_timeout + 5 if timeout is None else timeout)
             except QueueProcessError as exc:
                 self.kill(str(exc))
@@ -276,12 +292,12 @@ class QueueProcessWorker:
         # says whether it was logging until it stopped, stays).
         self.refresh(dirty=False)
         self._frozen = True
-        if reply.get("kind") == "stopped":
-            self.vq = RemoteQueue(reply["next_avail"], reply["broken"])
-            self.kicks, self.batches = reply["kicks"], reply["batches"]
-            self.completed = reply["completed"]
-            self.call.count += reply["calls"]  # the process signalled through its own copy
-            drained = bool(reply["drained"])
+        if isinstance(reply, ipc.StopReply):
+            self.vq = RemoteQueue(reply.base, reply.broken)
+            self.kicks, self.batches = reply.kicks, reply.batches
+            self.completed = reply.completed
+            self.call.count += reply.calls  # the process signalled through its own copy
+            drained = reply.drained
             if not drained and self.proc is not None:
                 # Requests may still run in it: only its end stops them touching guest memory.
                 self.kill(f"queue {self.index}: requests still in flight at stop")
@@ -321,21 +337,25 @@ class QueueProcessWorker:
         return self.proc is not None and self.proc.poll() is None
 
 
-class QueueProcesses:
-    """Every queue process of one connection, and what a new one needs."""
+class ProcessRunner:
+    """Every queue process of one connection (``conn``), and what a new one needs."""
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, state: ConnectionState | None = None,
+                 conn: int = 0) -> None:
         self.device = device
-        self._regions: list[tuple[int, int, int, int]] = []
+        #: The connection's own memory table and in-flight area: a ring is checked against
+        #: them before a process is spawned for it (None: a test's runner, no checks).
+        self.state = state
+        self.conn = conn
+        self._regions: list[ipc.RawRegion] = []
         self._region_fds: list[int] = []
-        self._inflight: tuple[int, tuple[int, int, int, int, bool]] | None = None
+        self._inflight: tuple[int, tuple[int, int, int, int]] | None = None
         #: The dirty log (a duplicate of SET_LOG_BASE's fd, its size and offset) and
         #: SET_LOG_FD's eventfd (a duplicate), for processes started later.
         self._log: tuple[int, int, int] | None = None
         self._log_call: int | None = None
-        self.workers: dict[int, QueueProcessWorker] = {}
-        device.refresh_counters = self.refresh_counters
-        device.process_state_changed = self.device_changed
+        self.workers: dict[QueueKey, QueueProcessWorker] = {}
+        device.attach_runner(self)
 
     def refresh_counters(self) -> None:
         """Every running process's counters as it last published them (shared memory: no
@@ -344,25 +364,26 @@ class QueueProcesses:
             worker.refresh()
 
     # ------------------------------------------------------------------ queues
-    def start(self, index: int, size: int, addresses: tuple[int, int, int], features: int,
-              base: int, kick_fd: int, call: Notifier, err: Notifier,
-              log_addr: int | None = None) -> QueueProcessWorker:
-        """Start queue ``index`` in a process of its own (``log_addr``: VHOST_VRING_F_LOG's
-        used-ring log address, if the frontend gave one)."""
+    def start(self, spec: QueueSpec) -> RunningQueue:
+        """Start ``spec``'s queue in a process of its own (which validates the ring as a
+        thread would; it is checked here first, so a bad one is refused without a spawn)."""
+        if self.state is not None:
+            preflight(self.state.memory, self.state.inflight, spec)
         target, kwargs, device_fds = self.device.process_recipe()
-        start: dict[str, Any] = {
-            "kind": "start", "index": index, "size": size, "addresses": addresses,
-            "features": features, "base": base, "regions": self._regions,
-            "inflight": self._inflight[1] if self._inflight else None,
-            "recipe": (target, kwargs), "state": self.device.process_state(),
-            "log": self._log[1:] if self._log is not None else None,
-            "log_call": self._log_call is not None, "log_addr": log_addr,
-            "counter_slots": self.device.counter_slots(),
-        }
-        counters, counters_fd = CounterBlock.create(start["counter_slots"])
+        start = ipc.Start(
+            key=spec.key, size=spec.size, ring_uaddrs=spec.ring_uaddrs,
+            features=spec.features, base=spec.base, regions=list(self._regions),
+            inflight=self._inflight[1] if self._inflight else None,
+            recipe=(target, kwargs), state=self.device.process_state(),
+            log=self._log[1:] if self._log is not None else None,
+            log_call=self._log_call is not None, log_addr=spec.log_addr,
+            counter_slots=self.device.counter_slots(),
+        )
+        call, err = spec.call, spec.err
+        counters, counters_fd = ipc.CounterBlock.create(start.counter_slots)
         call_fd = call.fd if call.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
         err_fd = err.fd if err.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
-        fds = [kick_fd, call_fd, err_fd, counters_fd, *self._region_fds]
+        fds = [spec.kick_fd, call_fd, err_fd, counters_fd, *self._region_fds]
         if self._inflight is not None:
             fds.append(self._inflight[0])
         if self._log is not None:
@@ -370,7 +391,7 @@ class QueueProcesses:
         if self._log_call is not None:
             fds.append(self._log_call)
         fds.extend(device_fds)
-        worker = QueueProcessWorker(index, call, err, self.device, counters)
+        worker = QueueProcessWorker(spec.key, call, err, self.device, counters)
         try:
             worker.spawn(start, fds)
         except BaseException:
@@ -381,104 +402,125 @@ class QueueProcesses:
             for fd, mine in ((call_fd, call.fd), (err_fd, err.fd)):
                 if mine is None:
                     os.close(fd)
-        self.workers[index] = worker
+        self.workers[spec.key] = worker
+        log.info("queue %d started in a process: size %d, avail from %s", spec.key.index,
+                 spec.size, base_text(spec.base, spec.features))
         return worker
 
-    def stopped(self, index: int) -> None:
-        self.workers.pop(index, None)
+    def stop(self, key: QueueKey) -> Stopped | None:
+        worker = self.workers.pop(key, None)
+        if worker is None:
+            return None
+        drained = worker.stop()
+        return Stopped(worker.vq.base, worker.vq.broken, drained, worker.kicks,
+                       worker.batches, worker.completed)
 
-    def _broadcast(self, msg: dict[str, Any], fds: list[int] | None = None) -> list[int]:
-        """Send to every running process; wait for each to acknowledge.  The queues whose
-        process refused or did not answer in time (logged here; a silent one is killed: it
-        may or may not have applied the change, and only a dead process surely does not act
-        on the old state)."""
+    def ring_state(self, key: QueueKey, timeout: float = 1.0) -> dict[str, int]:
+        worker = self.workers.get(key)
+        if worker is None:
+            raise QueueProcessError(f"queue {key.index} is not running")
+        return worker.ring_state(timeout)
+
+    def _broadcast(self, conn: int, msg: ipc.Request, fds: Sequence[int] = ()) -> list[int]:
+        """Send to every running process of connection ``conn`` (``msg``'s key is set per
+        process); wait for each to acknowledge.  The queues whose process refused or did not
+        answer in time (logged here; a silent one is killed: it may or may not have applied
+        the change, and only a dead process surely does not act on the old state)."""
         failed = []
-        for worker in list(self.workers.values()):
-            reply = self._ask(worker, msg, fds)
-            if reply.get("kind") not in ("ack", "eof"):
+        for key, worker in list(self.workers.items()):
+            if key.conn != conn:
+                continue
+            reply = self._ask(worker, dataclasses.replace(msg, key=key), fds)
+            if not isinstance(reply, (ipc.Ack, ipc.Gone)):
                 failed.append(worker.index)
         return failed
 
     @staticmethod
-    def _ask(worker: QueueProcessWorker, msg: dict[str, Any],
-             fds: list[int] | None = None) -> dict[str, Any]:
+    def _ask(worker: QueueProcessWorker, msg: ipc.Request,
+             fds: Sequence[int] = ()) -> ipc.Reply | None:
         """One request; a refusal is logged, a timeout kills the process (both are failures:
-        the reply is never an acknowledgement)."""
+        the answer is never an acknowledgement; None for a timeout)."""
         try:
             reply = worker.request(msg, fds)
         except QueueProcessError as exc:
             worker.kill(str(exc))
-            return {"kind": "timeout", "why": str(exc)}
-        if reply.get("kind") == "error":
-            log.error("queue %d: %s refused: %s", worker.index, msg["kind"], reply.get("why"))
+            return None
+        if isinstance(reply, ipc.Error):
+            log.error("queue %d: %s refused: %s", worker.index, msg.kind, reply.why)
         return reply
 
     # ------------------------------------------------------------------ what processes need
-    def set_mem_table(self, regions: list[RegionFields], fds: list[int]) -> None:
+    def set_mem_table(self, conn: int, regions: Sequence[RegionFields],
+                      fds: Sequence[int]) -> None:
         """The table the handler just mapped (``fds`` are the caller's, still open)."""
         self._close_region_fds()
         self._regions = [_raw_region(r) for r in regions]
         self._region_fds = [os.dup(fd) for fd in fds]
-        self._broadcast({"kind": "mem_table", "regions": self._regions}, fds)
+        self._broadcast(conn, ipc.MemTable(key=_ANY, regions=self._regions), fds)
 
-    def add_region(self, region: RegionFields, fd: int) -> None:
+    def add_region(self, conn: int, region: RegionFields, fd: int) -> None:
         self._regions.append(_raw_region(region))
         self._region_fds.append(os.dup(fd))
-        self._broadcast({"kind": "add_region", "region": _raw_region(region)}, [fd])
+        self._broadcast(conn, ipc.AddRegion(key=_ANY, region=_raw_region(region)), [fd])
 
-    def remove_region(self, region: RegionFields) -> None:
+    def remove_region(self, conn: int, region: RegionFields) -> None:
         raw = _raw_region(region)
         for i, known in enumerate(self._regions):
             if known[:3] == raw[:3]:
                 del self._regions[i]
                 os.close(self._region_fds.pop(i))
                 break
-        self._broadcast({"kind": "remove_region", "region": raw})
+        self._broadcast(conn, ipc.RemoveRegion(key=_ANY, region=raw))
 
-    def set_inflight(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
-                     queue_size: int, packed: bool = False) -> None:
+    def set_inflight(self, conn: int, fd: int, mmap_size: int, mmap_offset: int,
+                     num_queues: int, queue_size: int) -> None:
         if self._inflight is not None:
             os.close(self._inflight[0])
-        self._inflight = (os.dup(fd), (mmap_size, mmap_offset, num_queues, queue_size, packed))
+        self._inflight = (os.dup(fd), (mmap_size, mmap_offset, num_queues, queue_size))
 
-    def notifier_changed(self, index: int, which: str, fd: int | None) -> None:
-        worker = self.workers.get(index)
+    def notifier_changed(self, key: QueueKey, which: str, fd: int | None) -> None:
+        worker = self.workers.get(key)
         if worker is not None:
-            self._ask(worker, {"kind": "notifier", "which": which}, [fd] if fd is not None else [])
+            self._ask(worker, ipc.SetNotifier(key=key, which=which),
+                      [fd] if fd is not None else [])
 
-    def device_changed(self) -> None:
-        self._broadcast({"kind": "state", "state": self.device.process_state()})
+    def device_changed(self, conn: int) -> None:
+        self._broadcast(conn, ipc.DeviceState(key=_ANY, state=self.device.process_state()))
+
+    def state_changed(self) -> None:
+        """The device's process state changed outside a vhost-user message (a resize)."""
+        self.device_changed(self.conn)
 
     # ------------------------------------------------------------------ dirty log
-    def set_log_base(self, fd: int, size: int, offset: int) -> None:
+    def set_log_base(self, conn: int, fd: int, size: int, offset: int) -> None:
         """SET_LOG_BASE (``fd`` is the caller's, still open; the handler mapped it already):
         every process maps the new log and stops marking the old one before this returns.
         QueueProcessError if a process could not: its marks would be lost."""
         self._close_log()
         self._log = (os.dup(fd), size, offset)
-        failed = self._broadcast({"kind": "log_base", "size": size, "offset": offset}, [fd])
+        failed = self._broadcast(conn, ipc.LogBase(key=_ANY, size=size, offset=offset), [fd])
         if failed:
             raise QueueProcessError(f"queue process(es) of queue(s) {failed} did not map the "
                                     f"dirty log")
 
-    def set_log_fd(self, fd: int | None) -> None:
+    def set_log_fd(self, conn: int, fd: int | None) -> None:
         """SET_LOG_FD's eventfd (the caller's, still open), signalled after marks."""
         if self._log_call is not None:
             os.close(self._log_call)
         self._log_call = os.dup(fd) if fd is not None else None
-        self._broadcast({"kind": "log_fd"}, [fd] if fd is not None else [])
+        self._broadcast(conn, ipc.LogFd(key=_ANY), [fd] if fd is not None else [])
 
-    def set_features(self, features: int) -> None:
+    def set_features(self, conn: int, features: int) -> None:
         """SET_FEATURES (VHOST_F_LOG_ALL on or off, with the queues running)."""
-        self._broadcast({"kind": "features", "features": features})
+        self._broadcast(conn, ipc.Features(key=_ANY, features=features))
 
-    def set_log_addr(self, index: int, log_addr: int | None) -> None:
+    def set_log_addr(self, key: QueueKey, log_addr: int | None) -> None:
         """SET_VRING_ADDR of a running queue: its used-ring log address."""
-        worker = self.workers.get(index)
+        worker = self.workers.get(key)
         if worker is not None:
-            self._ask(worker, {"kind": "log_addr", "log_addr": log_addr})
+            self._ask(worker, ipc.LogAddr(key=key, log_addr=log_addr))
 
-    def drop_log(self) -> None:
+    def drop_log(self, conn: int) -> None:
         """The log is gone (device reset, end of the connection): later processes get none."""
         self._close_log()
         if self._log_call is not None:
@@ -500,12 +542,13 @@ class QueueProcesses:
 
     def close(self) -> None:
         """After every queue stopped: drop the kept fds."""
-        if self.device.refresh_counters == self.refresh_counters:
-            self.device.refresh_counters = None
-        if self.device.process_state_changed == self.device_changed:
-            self.device.process_state_changed = None
+        self.device.detach_runner(self)
         self._close_region_fds()
-        self.drop_log()
+        self.drop_log(self.conn)
         if self._inflight is not None:
             os.close(self._inflight[0])
             self._inflight = None
+
+
+#: The key of a message sent to every process of a connection (each gets its own key).
+_ANY = QueueKey(-1, -1)

@@ -11,26 +11,29 @@ recipe (:meth:`vhost.device.Device.process_recipe`); then the ordinary :class:`Q
 the queue on a thread, exactly as in the single-process server, while the main thread answers
 the control process:
 
-* ``mem_table`` / ``add_region`` / ``remove_region``: the same memory table changes the control
+* ``MemTable`` / ``AddRegion`` / ``RemoveRegion``: the same memory table changes the control
   process made, acknowledged once done (the frontend gets its reply only after every queue
   process has acknowledged);
-* ``notifier``: a new call or err eventfd (SET_VRING_CALL/ERR while the queue runs);
-* ``state``: device state that can change while queues run (the cache mode);
-* ``stop``: drain the queue, answer with the next avail index (GET_VRING_BASE) and exit.
+* ``SetNotifier``: a new call or err eventfd (SET_VRING_CALL/ERR while the queue runs);
+* ``DeviceState``: device state that can change while queues run (the cache mode);
+* ``Stop``: drain the queue, answer with the next avail index (GET_VRING_BASE) and exit.
 
 Each request carries a number and gets exactly one reply with the same number
-(:mod:`vhost.runner.ipc` declares the wire).  This queue's counters are not sent at all: the
-worker writes them into a shared :class:`~vhost.runner.ipc.CounterBlock` once per pass that
-completed or took requests (just before it publishes the used index, so a driver that saw a
-completion finds it counted; a few microseconds, a prefix when latency is not accounted),
-where the control process reads them when scraped.  An idle queue process sleeps: nothing here
-runs on a timer.  If the control
+(:mod:`vhost.runner.ipc` declares the wire; :data:`DISPATCH` maps each request type to the
+method here that serves it).  The queue is put together by :func:`vhost.runner.assembly.
+assemble`, the same code that starts a queue on a thread.
+
+This queue's counters are not sent at all: the worker writes them into a shared
+:class:`~vhost.runner.ipc.CounterBlock` once per pass that completed or took requests (just
+before it publishes the used index, so a driver that saw a completion finds it counted; a few
+microseconds, a prefix when latency is not accounted), where the control process reads them
+when scraped.  An idle queue process sleeps: nothing here runs on a timer.  If the control
 process dies (kill -9), the kernel kills this one too (PR_SET_PDEATHSIG), so a restarted server
 never races a leftover worker on the same rings; an EOF on the socket stops the queue as well.
 
 The dirty-page log of a live migration reaches a queue process the way a memory table does:
-``log_base`` (SET_LOG_BASE's memfd, mapped here), ``log_fd`` (SET_LOG_FD's eventfd),
-``features`` (SET_FEATURES: VHOST_F_LOG_ALL on or off while the queue runs) and ``log_addr``
+``LogBase`` (SET_LOG_BASE's memfd, mapped here), ``LogFd`` (SET_LOG_FD's eventfd),
+``Features`` (SET_FEATURES: VHOST_F_LOG_ALL on or off while the queue runs) and ``LogAddr``
 (VHOST_VRING_F_LOG's used-ring address), each acknowledged once done.  They drive the same
 :class:`vhost.dirty_logging.DirtyLogging` a threaded server runs, on this process's one queue:
 it sets the :class:`~guestmem.dirty_log.DirtyMarker` on the queue and the device handler
@@ -52,21 +55,22 @@ import sys
 import threading
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from guestmem.dirty_log import DirtyLog, DirtyLogError
-from vhost.device import QueueHandler
 from vhost.dirty_logging import DirtyLogging
 from vhost.fdkinds import FdKindError
 from vhost.memory import MemoryTable, MemoryTableError
-from vhost.queue.base import QueueError, RingAddresses
-from vhost.queue.factory import inflight_tracker, open_queue
+from vhost.queue.base import QueueError
+from vhost.queue.factory import is_packed
 from vhost.queue.inflight import InflightArea, InflightError
 from vhost.queue.packed import PackedQueue
 from vhost.queue.split import SplitQueue
-from vhost.runner.ipc import REQUESTS, CounterBlock, receive, reply, send
-from vhost.runner.thread import Notifier, QueueWorker
+from vhost.runner import ipc
+from vhost.runner.assembly import assemble
+from vhost.runner.base import Notifier, QueueKey, QueueSpec
+from vhost.runner.thread import QueueWorker
+from vhost.runner.thread_runner import LocalQueue
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +88,7 @@ def resolve(target: str) -> Any:
     return obj
 
 
-def regions_of(raw: list[tuple[int, int, int, int]]) -> list[Any]:
+def regions_of(raw: list[ipc.RawRegion]) -> list[Any]:
     """Region descriptions as :class:`MemoryTable` reads them."""
     return [types.SimpleNamespace(guest_phys_addr=g, memory_size=s, userspace_addr=u,
                                   mmap_offset=o) for g, s, u, o in raw]
@@ -94,16 +98,6 @@ def _close(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-@dataclass
-class ProcessQueue:
-    """This process's one queue, as :class:`~vhost.dirty_logging.DirtyLogging` sees a vring."""
-
-    index: int
-    log_addr: int | None = None
-    worker: QueueWorker | None = None
-    queue_handler: QueueHandler | None = None
 
 
 class PublishingQueue(SplitQueue):
@@ -123,6 +117,7 @@ class PublishingQueue(SplitQueue):
         return super().publish_used()
 
 
+
 class PublishingPackedQueue(PackedQueue):
     """:class:`PublishingQueue` for a packed ring: the same moments, told by the packed ring's
     own state (completions waiting to be published; the avail position with its wrap)."""
@@ -139,7 +134,6 @@ class PublishingPackedQueue(PackedQueue):
                 changed()
         return super().publish_used()
 
-
 class ProcessWorker(QueueWorker):
     """The ordinary worker, which also says when its thread ends (the main thread exits then)."""
 
@@ -154,6 +148,10 @@ class ProcessWorker(QueueWorker):
             os.eventfd_write(self._ended_fd, 1)
 
 
+#: Request type -> the :class:`QueueProcess` method that serves it.
+DISPATCH: ipc.DispatchTable[QueueProcess] = ipc.DispatchTable()
+
+
 class QueueProcess:
     """The state of this process: one device, one queue, its worker."""
 
@@ -163,15 +161,19 @@ class QueueProcess:
         self.worker: QueueWorker | None = None
         self.device: Any = None
         self.inflight: InflightArea | None = None
-        self.index = -1
-        self.queue = ProcessQueue(-1)
+        self.key = QueueKey(-1, -1)
+        self.queue = LocalQueue(-1, None, None)
         self.features = 0
         self.dirty_logging = DirtyLogging()
         self.dirty_logging.on_marks = self.publish  # the pages marked, once committed
-        self.counters: CounterBlock | None = None
+        self.counters: ipc.CounterBlock | None = None
         self._publish_lock = threading.Lock()
         #: Readable once the worker thread ended (serve() returns then).
         self.ended_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    @property
+    def index(self) -> int:
+        return self.key.index
 
     def dirty_state(self) -> tuple[bool, int]:
         """(logging now, pages marked so far) as the control process sums them."""
@@ -193,57 +195,56 @@ class QueueProcess:
                           self.device.queue_counter_values(self.index))
 
     # ------------------------------------------------------------------ start
-    def start(self, msg: dict[str, Any], fds: list[int]) -> None:
+    def start(self, msg: ipc.Start, fds: list[int]) -> None:
         """Map memory, rebuild the device, make the queue and start its worker."""
         fds = list(fds)
         kick, call, err, counters = fds[0:4]
-        n_regions = len(msg["regions"])
+        n_regions = len(msg.regions)
         region_fds = fds[4 : 4 + n_regions]
         rest = fds[4 + n_regions :]
         try:
-            self.counters = CounterBlock(counters, msg["counter_slots"])
+            self.counters = ipc.CounterBlock(counters, msg.counter_slots)
         finally:
             os.close(counters)
         try:
-            self.memory.set_table(regions_of(msg["regions"]), region_fds)
+            self.memory.set_table(regions_of(msg.regions), region_fds)
         finally:
             _close(region_fds)
-        inflight = msg["inflight"]
-        if inflight is not None:
+        if msg.inflight is not None:
             fd = rest.pop(0)
             try:
-                self.inflight = InflightArea.map(fd, *inflight)
+                # (made for the layout negotiated before GET_INFLIGHT_FD, which the queue has)
+                self.inflight = InflightArea.map(fd, *msg.inflight, packed=is_packed(msg.features))
             finally:
                 os.close(fd)
-        self.features = msg["features"]
-        if msg["log"] is not None:
+        self.features = msg.features
+        if msg.log is not None:
             fd = rest.pop(0)
             try:
-                self.dirty_logging.set_base(DirtyLog(fd, *msg["log"]), [], self.features)
+                self.dirty_logging.set_base(DirtyLog(fd, *msg.log), [], self.features)
             finally:
                 os.close(fd)
-        if msg["log_call"]:
+        if msg.log_call:
             self.dirty_logging.call.replace(rest.pop(0))
-        target, kwargs = msg["recipe"]
+        target, kwargs = msg.recipe
         self.device = resolve(target)(kwargs, rest)
-        self.device.apply_process_state(msg["state"])
-        self.index = index = msg["index"]
-        size = msg["size"]
-        tracker = (inflight_tracker(self.inflight, index, size)
-                   if self.inflight is not None else None)
-        vq = open_queue(self.memory.guest, size, RingAddresses(*msg["addresses"]),
-                        msg["features"], msg["base"], index, tracker, split_class=PublishingQueue,
-                        packed_class=PublishingPackedQueue)
-        if isinstance(vq, PublishingQueue | PublishingPackedQueue):
-            vq.changed = self.publish
-        handler = self.device.create_handler(index, self.memory.guest)
-        self.worker = ProcessWorker(vq, handler, kick,
-                                    Notifier(call), Notifier(err), name=f"vq{index}",
-                                    ended_fd=self.ended_fd)
-        self.queue = ProcessQueue(index, msg["log_addr"], self.worker, handler)
+        self.device.apply_process_state(msg.state)
+        self.key = key = msg.key
+        spec = QueueSpec(key, msg.size, msg.ring_uaddrs, msg.features, msg.base, kick,
+                         Notifier(call), Notifier(err), msg.log_addr)
+
+        def make_worker(*args: Any) -> QueueWorker:
+            return ProcessWorker(*args, name=f"vq{key.index}", ended_fd=self.ended_fd)
+
+        worker = assemble(self.memory, self.inflight, self.device, spec, make_worker,
+                          split_class=PublishingQueue, packed_class=PublishingPackedQueue)
+        if isinstance(worker.vq, PublishingQueue | PublishingPackedQueue):
+            worker.vq.changed = self.publish
+        self.worker = worker
+        self.queue = LocalQueue(key.index, msg.log_addr, worker)
         self.dirty_logging.queue_starting(self.queue, self.features)
         self.publish()
-        self.worker.start()
+        worker.start()
 
     # ------------------------------------------------------------------ serving
     def serve(self) -> int:
@@ -258,100 +259,145 @@ class QueueProcess:
                 log.error("queue %d: worker thread ended; exiting", self.index)
                 return 1
             try:
-                msg, fds = receive(self.sock)
+                msg, fds = ipc.receive(self.sock)
+            except ValueError as exc:
+                log.error("queue %d: %s; ignored", self.index, exc)
+                continue
             except (EOFError, OSError):
                 log.warning("queue %d: control process gone; stopping", self.index)
                 return 0 if self.stop(None) else _exit_now()
-            kind = msg.get("kind") if isinstance(msg, dict) else None
-            if kind == "ring_state":  # a diagnostics query: read-only, answered at once
-                _close(fds)
-                with contextlib.suppress(OSError):
-                    send(self.sock, self.ring_state_reply(msg))
-                continue
-            if kind == "stop":
+            if isinstance(msg, ipc.Stop) and msg.key == self.key:
                 _close(fds)
                 return 0 if self.stop(msg) else _exit_now()
-            try:
-                if kind not in REQUESTS:
-                    raise ValueError(f"unknown message {kind!r}")
-                self._dispatch(msg, fds)
-                fds = []
-                answer = reply(msg, "ack", dirty=self.dirty_state())
-            except Exception as exc:
-                log.exception("queue %d: %s failed", self.index, kind)
-                _close(fds)
-                answer = reply(msg, "error", why=str(exc))
-            self.publish()
-            send(self.sock, answer)
+            answer = self.answer(msg, fds)
+            with contextlib.suppress(OSError):
+                ipc.send(self.sock, answer)
 
-    def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
-        kind = msg["kind"]
+    def answer(self, msg: ipc.Message, fds: list[int]) -> ipc.Reply:
+        """The reply to one request (``fds`` are its, owned here): its handler's in
+        :data:`DISPATCH`, an :class:`~vhost.runner.ipc.Ack` if it returned none, an
+        :class:`~vhost.runner.ipc.Error` if it failed, is not for this queue or has no
+        handler."""
+        seq = msg.seq
         try:
-            if kind == "mem_table":
-                self.memory.set_table(regions_of(msg["regions"]), fds)
-            elif kind == "add_region":
-                self.memory.add(regions_of([msg["region"]])[0], fds[0])
-            elif kind == "remove_region":
-                self.memory.remove(regions_of([msg["region"]])[0])
-            elif kind == "notifier":
-                assert self.worker is not None
-                notifier = self.worker.call if msg["which"] == "call" else self.worker.err
-                if notifier is not None:
-                    notifier.replace(os.dup(fds[0]) if fds else None)
-            elif kind == "state":
-                self.device.apply_process_state(msg["state"])
-            elif kind == "log_base":
-                new = DirtyLog(fds[0], msg["size"], msg["offset"])  # outlives the fd
-                self.dirty_logging.set_base(new, [self.queue], self.features)
-            elif kind == "log_fd":
-                self.dirty_logging.call.replace(os.dup(fds[0]) if fds else None)
-            elif kind == "features":
-                self.features = msg["features"]
-                self.dirty_logging.update([self.queue], self.features)
-            elif kind == "log_addr":
-                self.dirty_logging.set_log_addr(self.queue, msg["log_addr"])
-            else:
-                raise ValueError(f"unknown message {kind!r}")
+            if not isinstance(msg, ipc.Request):
+                raise TypeError(f"{type(msg).__name__} is not a request")
+            if msg.key != self.key:
+                raise KeyError(f"{msg.key} is not this process's queue {self.key}")
+            reply = DISPATCH.dispatch(self, msg, fds)
+            fds = []
+        except Exception as exc:
+            log.exception("queue %d: %s failed", self.index, msg.kind)
+            _close(fds)
+            return ipc.Error(seq=seq, why=str(exc))
+        self.publish()
+        return reply if reply is not None else ipc.Ack(seq=seq, dirty=self.dirty_state())
+
+    @DISPATCH.on(ipc.MemTable)
+    def _mem_table(self, msg: ipc.MemTable, fds: list[int]) -> None:
+        try:
+            self.memory.set_table(regions_of(msg.regions), fds)
         finally:
             _close(fds)
 
-    def ring_state_reply(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """The answer to a ``ring_state`` query: the queue's ring state, or why there is none."""
-        if self.worker is None:
-            return reply(msg, "error", why="no queue")
+    @DISPATCH.on(ipc.AddRegion)
+    def _add_region(self, msg: ipc.AddRegion, fds: list[int]) -> None:
         try:
-            return reply(msg, "ring_state", state=self.worker.vq.ring_state())
-        except ValueError as exc:
-            return reply(msg, "error", why=str(exc))
+            if not fds:
+                raise ValueError("a region without its fd")
+            self.memory.add(regions_of([msg.region])[0], fds[0])
+        finally:
+            _close(fds)
 
-    def stop(self, msg: dict[str, Any] | None) -> bool:
+    @DISPATCH.on(ipc.RemoveRegion)
+    def _remove_region(self, msg: ipc.RemoveRegion, fds: list[int]) -> None:
+        _close(fds)
+        self.memory.remove(regions_of([msg.region])[0])
+
+    @DISPATCH.on(ipc.SetNotifier)
+    def _notifier(self, msg: ipc.SetNotifier, fds: list[int]) -> None:
+        try:
+            if msg.which not in ("call", "err"):
+                raise ValueError(f"no notifier {msg.which!r}")
+            assert self.worker is not None
+            notifier = self.worker.call if msg.which == "call" else self.worker.err
+            if notifier is not None:
+                notifier.replace(os.dup(fds[0]) if fds else None)
+        finally:
+            _close(fds)
+
+    @DISPATCH.on(ipc.DeviceState)
+    def _state(self, msg: ipc.DeviceState, fds: list[int]) -> None:
+        _close(fds)
+        self.device.apply_process_state(msg.state)
+
+    @DISPATCH.on(ipc.LogBase)
+    def _log_base(self, msg: ipc.LogBase, fds: list[int]) -> None:
+        try:
+            if not fds:
+                raise ValueError("a dirty log without its fd")
+            new = DirtyLog(fds[0], msg.size, msg.offset)  # outlives the fd
+            self.dirty_logging.set_base(new, [self.queue], self.features)
+        finally:
+            _close(fds)
+
+    @DISPATCH.on(ipc.LogFd)
+    def _log_fd(self, msg: ipc.LogFd, fds: list[int]) -> None:
+        try:
+            self.dirty_logging.call.replace(os.dup(fds[0]) if fds else None)
+        finally:
+            _close(fds)
+
+    @DISPATCH.on(ipc.Features)
+    def _features(self, msg: ipc.Features, fds: list[int]) -> None:
+        _close(fds)
+        self.features = msg.features
+        self.dirty_logging.update([self.queue], self.features)
+
+    @DISPATCH.on(ipc.LogAddr)
+    def _log_addr(self, msg: ipc.LogAddr, fds: list[int]) -> None:
+        _close(fds)
+        self.dirty_logging.set_log_addr(self.queue, msg.log_addr)
+
+    @DISPATCH.on(ipc.RingState)
+    def _ring_state(self, msg: ipc.RingState, fds: list[int]) -> ipc.Reply:
+        """A diagnostics query: the queue's ring state, or why there is none."""
+        _close(fds)
+        if self.worker is None:
+            return ipc.Error(seq=msg.seq, why="no queue")
+        try:
+            return ipc.RingStateReply(seq=msg.seq, state=self.worker.vq.ring_state())
+        except ValueError as exc:
+            return ipc.Error(seq=msg.seq, why=str(exc))
+
+    def stop(self, msg: ipc.Stop | None) -> bool:
         """Drain the queue and report where it stopped (``msg``: the stop request, None if the
         control process is gone); False if requests may still be in flight (then nothing is
         unmapped or closed: the caller must end the process at once)."""
         worker = self.worker
-        answer = reply(msg or {}, "stopped", next_avail=0, broken=False, drained=True, kicks=0,
-                       batches=0, completed=0, calls=0)
+        answer = ipc.StopReply(seq=msg.seq if msg is not None else 0)
         if worker is not None:
-            answer["drained"] = worker.stop()
+            drained = worker.stop()
             # Its last flush committed its marks: count them, and say whether it was logging
             # (the end of a migration, for the control process, if it was the last queue).
             logging_ = self.dirty_logging.queue_stopped(self.queue)
-            answer["dirty"] = (logging_, self.dirty_logging.pages_marked([self.queue]))
             vq = worker.vq
-            answer.update(next_avail=vq.vring_base(), broken=vq.broken, kicks=worker.kicks,
-                          batches=worker.batches, completed=worker.completed,
-                          calls=worker.call.count)
-        if worker is not None and answer["drained"] and worker.alive:
-            answer["drained"] = False
-        if worker is not None and answer["drained"]:
-            worker.vq.release()
-            # Engine ops the drain gave up on may still be running: the engine says.
-            answer["drained"] = worker.handler.close()
+            if drained and worker.alive:
+                drained = False
+            if drained:
+                worker.vq.release()
+                # Engine ops the drain gave up on may still be running: the engine says.
+                drained = worker.handler.close()
+            answer = ipc.StopReply(
+                seq=answer.seq, base=vq.vring_base(), broken=vq.broken, drained=drained,
+                kicks=worker.kicks, batches=worker.batches, completed=worker.completed,
+                calls=worker.call.count,
+                dirty=(logging_, self.dirty_logging.pages_marked([self.queue])))
         self.publish()  # the final counters, read by the control process with this answer
         if msg is not None:
             with contextlib.suppress(OSError):
-                send(self.sock, answer)
-        if not answer["drained"]:
+                ipc.send(self.sock, answer)
+        if not answer.drained:
             # Requests (IO threads, librbd, the kernel) may still write guest memory: do not
             # unmap it or the log, or close the engine's fds under them.  The control process
             # kills this process on this answer (the caller exits at once too); the kernel
@@ -401,8 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=fd)
     proc = QueueProcess(sock)
     try:
-        msg, fds = receive(sock)
-    except (EOFError, OSError):
+        msg, fds = ipc.receive(sock)
+    except (EOFError, OSError, ValueError):
+        return 1
+    if not isinstance(msg, ipc.Start):
+        log.error("queue process: the first message is %s, not Start", type(msg).__name__)
+        _close(fds)
         return 1
     try:
         proc.start(msg, fds)
@@ -410,16 +460,16 @@ def main(argv: list[str] | None = None) -> int:
         # What the frontend handed over (a ring, a memory table, an in-flight area) cannot be
         # used: a refusal, not a failure of this process -- one line, the reason to the control
         # process (which refuses the queue's start), exit status 0.
-        log.error("queue %s refused to start: %s", msg.get("index"), exc)
+        log.error("queue %s refused to start: %s", msg.key.index, exc)
         with contextlib.suppress(OSError):
-            send(sock, {"kind": "error", "why": str(exc)})
+            ipc.send(sock, ipc.Error(seq=msg.seq, why=str(exc)))
         return 0
     except Exception as exc:
         log.exception("queue process could not start")
         with contextlib.suppress(OSError):
-            send(sock, {"kind": "error", "why": str(exc)})
+            ipc.send(sock, ipc.Error(seq=msg.seq, why=str(exc)))
         return 1
-    send(sock, {"kind": "started"})
+    ipc.send(sock, ipc.Started(seq=msg.seq))
     return proc.serve()
 
 

@@ -22,49 +22,11 @@ import time
 
 from vhost.device import QueueHandler
 from vhost.queue.base import Queue, QueueError
+from vhost.runner.base import Notifier, RemoteLog
+
+__all__ = ["Notifier", "QueueWorker"]
 
 log = logging.getLogger(__name__)
-
-_EVENT = (1).to_bytes(8, "little")
-
-
-class Notifier:
-    """An eventfd the backend writes (call or err), replaceable while the worker uses it.
-
-    The lock makes ``replace`` wait for a ``signal`` in progress: closing an fd under a writer
-    could let the number be reused by an unrelated file the write would then hit.
-    """
-
-    def __init__(self, fd: int | None = None) -> None:
-        self._lock = threading.Lock()
-        self._fd = fd
-        self.count = 0
-
-    @property
-    def fd(self) -> int | None:
-        return self._fd
-
-    def replace(self, fd: int | None) -> None:
-        """Use ``fd`` from now on (None: nobody listens) and close the previous one."""
-        with self._lock:
-            old, self._fd = self._fd, fd
-        if old is not None and old != fd:
-            os.close(old)
-
-    def signal(self) -> None:
-        with self._lock:
-            if self._fd is None:
-                return
-            try:
-                os.write(self._fd, _EVENT)
-                self.count += 1
-            except BlockingIOError:  # the count is full: the reader wakes all the same
-                pass
-            except OSError as exc:  # the frontend's side went away; nothing to wake
-                log.debug("eventfd write failed: %s", exc)
-
-    def close(self) -> None:
-        self.replace(None)
 
 
 class QueueWorker:
@@ -72,6 +34,8 @@ class QueueWorker:
 
     #: How long stop() waits for in-flight requests before giving up on them.
     drain_timeout = 30.0
+    #: A thread marks the dirty log in this process (vhost.runner.base.RunningQueue).
+    remote_log: RemoteLog | None = None
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ from tests.unit.blk.conftest import BlkEnv, MakeBlk
 from tests.unit.blk.test_dirty_log import MEM
 from tests.unit.blk.test_queue_processes import _proc, _wait
 from vhost.messages import VHOST_F_LOG_ALL, ProtocolFeature, Request, vring_state
-from vhost.runner.pool import QueueProcessWorker
+from vhost.runner.pool import ProcessRunner, QueueProcessWorker
 from vhost_frontend import DriverQueue
 from vhost_frontend.blk import T_GET_ID, T_IN, T_OUT, BlkDriver
 from vhost_frontend.packed import PackedDriverQueue
@@ -81,8 +81,8 @@ def refresh(env: BlkEnv) -> None:
     """Read what every queue process published (its counters and marks, written to shared
     memory as they are made)."""
     handler = env.daemon.daemon.handler
-    assert handler is not None and handler.processes is not None
-    handler.processes.refresh_counters()
+    assert handler is not None and isinstance(handler.runner, ProcessRunner)
+    handler.runner.refresh_counters()
 
 
 def test_migration_is_offered_with_queue_processes(make_blk: MakeBlk) -> None:

@@ -137,7 +137,7 @@ def test_a_worker_that_does_not_stop_keeps_the_dirty_log_and_guest_memory_mapped
     handler = env.daemon.daemon.handler
     assert handler is not None
     worker = handler.vrings[0].worker
-    assert worker is not None
+    assert isinstance(worker, QueueWorker)
     try:
         assert env.frontend.set_log_base(qlog.fd, qlog.size) == b"\0" * 8
         env.frontend.set_logging(True)

@@ -6,15 +6,20 @@ position from the area."""
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 
 import pytest
 
 from tests.qemu_log import PAGE, QemuLog, pages, pieces_pages
 from tests.unit.blk.conftest import MakeBlk
+from tests.unit.vhost.helpers import wait_err
 from vhost.messages import Request, VirtioFeature
+from vhost.queue import inflight_packed as infp
 from vhost.queue.packed import encode_base
 from vhost_frontend.blk import T_IN
+from vhost_frontend.errors import FrontendError
 from vhost_frontend.packed import PackedDriverQueue
 from virtio_blk.request import Status
 
@@ -113,3 +118,32 @@ def test_dirty_log_marks_used_elements_in_the_descriptor_ring(make_blk: MakeBlk,
                           | pages(q.used, 4))
     finally:
         qlog.close()
+
+
+@pytest.mark.parametrize("queue_processes", [False, True])
+def test_hostile_packed_inflight_region_refused_at_start(make_blk: MakeBlk,
+                                                         queue_processes: bool) -> None:
+    """A packed region the frontend scribbled on (here: a chain in flight of 0 descriptors)
+    stops that queue at start -- err eventfd, nothing resubmitted -- in a thread and before a
+    queue process is spawned; the device's other queue keeps serving."""
+    env = make_blk(packed=True, num_queues=2, queue_processes=queue_processes)
+    fe = env.frontend
+    fd, size = fe.get_inflight_fd(2, 128)
+    area = mmap.mmap(fd, size)
+    try:
+        stride = infp.queue_stride(128)
+        tracker = infp.PackedInflightQueue(memoryview(area)[stride : 2 * stride], 128)
+        tracker.recover(lambda slot: 0, 0, 1)
+        tracker.popped([(0x1000, 16, 3, 0)])  # a chain in flight at entry 0 ...
+        struct.pack_into("<H", area, stride + infp.HEADER_SIZE + 6, 0)  # ... of 0 descriptors
+        tracker.release()
+        fe.set_inflight_fd(fd, size, 2, 128)
+        with pytest.raises(FrontendError, match="SET_VRING_ENABLE failed"):
+            fe.setup_packed_queue(1, size=128)  # (the start it triggers is refused)
+        q1 = fe.queues[1]
+        wait_err(q1)
+        assert q1.take_used() == []  # nothing resubmitted
+        assert env.drv.read(0, 512).status == STATUS_OK  # queue 0 is untouched
+    finally:
+        area.close()
+        os.close(fd)

@@ -161,7 +161,7 @@ def test_a_scrape_reads_published_counters_without_asking_the_processes(
     memory: no message to a process (which would wait on it, and on the lock the vhost-user
     control thread needs)."""
     from storage_daemon.metrics import BlkCollector
-    from vhost.runner import pool as procpool
+    from vhost.runner import ipc
 
     env = make_blk(num_queues=2)
     q1 = env.frontend.setup_queue(1, size=64)
@@ -173,7 +173,7 @@ def test_a_scrape_reads_published_counters_without_asking_the_processes(
     def no_ipc(*args: object, **kwargs: object) -> None:
         raise AssertionError("a scrape sent a message to a queue process")
 
-    monkeypatch.setattr(procpool, "send", no_ipc)
+    monkeypatch.setattr(ipc, "send", no_ipc)
     monkeypatch.setattr(QueueProcessWorker, "request", no_ipc)
     stats = env.device.stats
     assert (stats.writes, stats.reads) == (1, 3)

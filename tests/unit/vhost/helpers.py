@@ -69,7 +69,7 @@ def wait_readable(fd: int, timeout: float = WAIT) -> bool:
     return bool(ready)
 
 
-def wait_err(q: DriverQueue, timeout: float = WAIT) -> None:
+def wait_err(q: DriverQueue | PackedDriverQueue, timeout: float = WAIT) -> None:
     """Wait for the backend to signal the queue's err eventfd."""
     if not wait_readable(q.err_fd, timeout):
         pytest.fail(f"queue {q.index}: err eventfd not signalled within {timeout} s")

@@ -249,7 +249,8 @@ def test_queue_process_refusing_a_start_exits_cleanly() -> None:
     area is shared with the frontend, which may change it in between: the process then
     refuses the start with one line and the reason, and exits 0 (it used to log an
     InflightError traceback and exit 1)."""
-    from vhost.runner.ipc import CounterBlock, receive, send
+    from vhost.runner.base import QueueKey
+    from vhost.runner.ipc import CounterBlock, Error, Start, receive, send
 
     region = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(region, 1 << 16)
@@ -264,13 +265,13 @@ def test_queue_process_refusing_a_start_exits_cleanly() -> None:
                             env={**os.environ, "VHOST_QUEUEPROC_LOG_LEVEL": "30"})  # warnings
     try:
         theirs.close()
-        start = {"kind": "start", "index": 0, "size": SIZE, "addresses": (0x1000, 0x2000, 0x3000),
-                 "features": int(VirtioFeature.VERSION_1), "base": 0,
-                 "regions": [(0, 1 << 16, 0x7000_0000, 0)],
-                 "inflight": (area_size, 0, 1, SIZE), "recipe": (
-                     "tests.unit.vhost.devices:rebuild_echo", {"num_queues": 1}),
-                 "state": {}, "log": None, "log_call": False, "log_addr": None,
-                 "counter_slots": 0}
+        start = Start(key=QueueKey(0, 0), size=SIZE,
+                      ring_uaddrs=(0x7000_1000, 0x7000_2000, 0x7000_3000),
+                      features=int(VirtioFeature.VERSION_1), base=0,
+                      regions=[(0, 1 << 16, 0x7000_0000, 0)],
+                      inflight=(area_size, 0, 1, SIZE),
+                      recipe=("tests.unit.vhost.devices:rebuild_echo", {"num_queues": 1}),
+                      state={}, log=None, log_call=False, log_addr=None, counter_slots=0)
         counters, counters_fd = CounterBlock.create(0)
         send(ours, start, [*notifiers, counters_fd, region, area_fd])
         os.close(counters_fd)
@@ -278,7 +279,7 @@ def test_queue_process_refusing_a_start_exits_cleanly() -> None:
         ours.settimeout(20)
         reply, fds = receive(ours)
         assert not fds
-        assert reply["kind"] == "error" and "version 9" in reply["why"]
+        assert isinstance(reply, Error) and "version 9" in reply.why
         assert proc.wait(20) == 0
         assert proc.stderr is not None
         lines = proc.stderr.read().decode().splitlines()
