@@ -153,6 +153,9 @@ class PackedQueue:
         self.used_log_addr = addresses.used
         self._inflight = inflight
         self._replay: list[tuple[int, list[RawDesc]]] = []
+        #: Chains resubmitted from the in-flight area so far (logged once all are: the count the
+        #: kill -9 tests and operators read, the same line as the split ring's).
+        self._replayed = 0
         if inflight is not None:
             try:
                 rec = inflight.recover(self._ring_flags, used, used_wrap)
@@ -248,8 +251,10 @@ class PackedQueue:
                 self._replay.pop(0)
                 self._mark(buf_id, len(descs), entry)
                 out.append(DescriptorChain(buf_id, *walk[:4]))
+                self._replayed += 1
                 if not self._replay:
-                    log.info("queue %d: resubmitted the in-flight requests", self.index)
+                    log.info("queue %d: resubmitted %d in-flight requests", self.index,
+                             self._replayed)
             if self._replay:
                 return out
             while limit is None or len(out) < limit:
