@@ -70,7 +70,7 @@ class BlockExport:
     def begin_shutdown(self) -> None:
         self._shutting_down.set()
 
-    def close(self) -> bool:
+    def close(self, report: bool = True) -> bool:
         """Stop serving: drop the frontend (its queues drained), close the socket, make the
         disk durable and close the storage.  False if making it durable failed (logged)."""
         ok = True
@@ -91,6 +91,8 @@ class BlockExport:
                     log.exception("export %s: closing its storage failed", self.export_id)
                     ok = False
             self.device.errlog.close()
+        if not report:  # never served (start-up failed): nothing to report
+            return ok
         s = self.device.stats
         log.info("export %s stopped: %d requests (%d reads, %d writes, %d flushes), "
                  "%d errors, %d bounced", self.export_id, s.requests, s.reads, s.writes,

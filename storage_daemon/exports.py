@@ -246,7 +246,7 @@ class ExportSet:
         with self._lock:
             going = [e for e in self._exports.values() if e.shutting_down]
         for export in going:
-            if not export.close():
+            if not export.close(report=self._running):
                 self.failed_close = True
             with self._lock:
                 self._exports.pop(export.export_id, None)
