@@ -26,10 +26,12 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from blockdev.nodes import BlockGraph, NodeError, NodeSpec
+from blockdev.ratelimit import RateLimitedLog
 from blockdev.storage import Storage, StorageError
 from storage_daemon.export import BlockExport
 from storage_daemon.qmp_protocol import QmpError, generic_error
@@ -39,6 +41,9 @@ from vhost.device import MAX_QUEUES
 from virtio_blk.device import BlkDevice
 
 log = logging.getLogger(__name__)
+
+#: How long an export whose serving raised is left unwatched.
+PAUSE_AFTER_ERROR = 0.5
 
 #: Makes an export's device from its opened storage and options (the command line's settings:
 #: engine, IO threads, queue processes...), so QMP-added exports get the same as --export ones.
@@ -69,6 +74,8 @@ class ExportSet:
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.failed_close = False
+        self._paused: dict[str, float] = {}  # export id -> when to watch it again
+        self._errors = RateLimitedLog(log, burst=5, interval=60.0)
         self._running = False
 
     # ------------------------------------------------------------------ exports
@@ -207,12 +214,16 @@ class ExportSet:
         try:
             while True:
                 self._reap()
-                serving = [e for e in self.exports() if not e.shutting_down]
+                now = time.monotonic()
+                self._paused = {k: t for k, t in self._paused.items() if t > now}
+                serving = [e for e in self.exports()
+                           if not e.shutting_down and e.export_id not in self._paused]
                 owned = {e.export_id: _fd_set(e.daemon.watched()) for e in serving}
                 watch = [self._stop_r, self._wake_r]
                 for fds in owned.values():
                     watch.extend(fds)
                 timeouts = [t for e in serving if (t := e.daemon.timeout()) is not None]
+                timeouts += [t - now for t in self._paused.values()]
                 try:
                     ready, _, _ = select.select(watch, [], [],
                                                 min(timeouts) if timeouts else None)
@@ -231,15 +242,18 @@ class ExportSet:
         finally:
             self.close_all()
 
-    @staticmethod
-    def _serve(export: BlockExport, ready: set[int]) -> None:
-        """One export's ready fds; whatever goes wrong drops that export's frontend only."""
+    def _serve(self, export: BlockExport, ready: set[int]) -> None:
+        """One export's ready fds; whatever goes wrong drops that export's frontend only, and
+        the export is left unwatched for :data:`PAUSE_AFTER_ERROR` seconds: an error that
+        recurs (its listener stays readable) costs a line per pause, not a spinning loop."""
         try:
             export.daemon.handle_ready(ready)
         except Exception:
-            log.exception("export %s: internal error; dropping its frontend", export.export_id)
+            self._errors.log(logging.ERROR, "export %s: internal error; dropping its frontend",
+                             export.export_id, exc_info=True)
             with contextlib.suppress(Exception):
                 export.daemon.disconnect("internal error")
+            self._paused[export.export_id] = time.monotonic() + PAUSE_AFTER_ERROR
 
     def _reap(self) -> None:
         """Close the exports block-export-del asked to remove, then report them gone."""
