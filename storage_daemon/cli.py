@@ -31,6 +31,7 @@ from blockdev.storage import FileStorage, Storage, StorageError
 from storage_daemon.export import BlockExport
 from storage_daemon.exports import ExportError, ExportSet
 from storage_daemon.metrics import parse_address
+from storage_daemon.objects import ObjectRegistry
 from storage_daemon.plane import ControlError, ControlPlane
 from storage_daemon.qsd_options import ExportOptions, UsageError, declare, parse_monitors
 from vhost.daemon import DaemonError, VhostUserDaemon
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="type=vhost-user-blk,id=E,node-name=N,addr.type=unix,addr.path=SOCK"
                    "[,writable=on][,num-queues=K][,logical-block-size=B] (repeatable: one "
                    "socket each)")
+    p.add_argument("--object", action="append", default=[], metavar="OPTIONS",
+                   help="qom-type,id=ID,...: an object (QEMU's --object; the types this "
+                   "server knows are listed by object-add's error)")
     p.add_argument("--chardev", action="append", default=[], metavar="OPTIONS",
                    help="socket,id=ID,path=PATH,server=on,wait=off: a QMP socket for "
                    "--monitor (repeatable)")
@@ -282,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             latency_accounting=bool(args.qmp or monitors or args.metrics),
         )
 
+    objects = ObjectRegistry()
+    try:
+        for text in args.object:
+            objects.add_option(text)
+    except ValueError as exc:
+        return fail(str(exc))
     exports = ExportSet(make_device, graph, io_threads=args.io_threads)
     try:
         if qsd_form:
@@ -297,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     qmp_paths += [(f"--chardev id={m.chardev}", m.path) for m in monitors]
     try:
         control = ControlPlane(exports, qmp_paths=qmp_paths, metrics_address=args.metrics,
-                               quit=exports.shutdown)
+                               quit=exports.shutdown, objects=objects)
     except ControlError as exc:
         exports.close()
         return fail(str(exc))

@@ -30,9 +30,16 @@ class QomType(Protocol):
     def __call__(self, object_id: str, props: dict[str, Any]) -> QomObject: ...
 
 
+#: The object types every server knows, by qom-type: a subsystem adds its own here (at import
+#: of the module that defines it), and each new registry starts with them.
+TYPES: dict[str, QomType] = {}
+
+
 class ObjectRegistry:
+    """The server's objects by id (``--object`` and ``object-add``), typed by ``TYPES``."""
+
     def __init__(self) -> None:
-        self._types: dict[str, QomType] = {}
+        self._types: dict[str, QomType] = dict(TYPES)
         self._objects: dict[str, tuple[str, QomObject]] = {}
         self._lock = threading.Lock()
 
@@ -53,6 +60,24 @@ class ObjectRegistry:
                 raise generic_error(f"attempt to add duplicate property '{object_id}' to "
                                     "object (type 'container')")
             self._objects[object_id] = (qom_type, factory(object_id, props))
+
+    def add_option(self, text: str) -> None:
+        """``--object qom-type,id=ID,...`` (QEMU's keyval or JSON); ValueError, one line."""
+        from blockdev import keyval
+
+        try:
+            props = keyval.parse_option(text, implied_key="qom-type")
+        except keyval.KeyvalError as exc:
+            raise ValueError(f"--object {text}: {exc}") from None
+        qom_type, object_id = props.pop("qom-type", None), props.pop("id", None)
+        if not isinstance(qom_type, str) or not isinstance(object_id, str):
+            raise ValueError(f"--object {text}: Parameter "
+                             f"'{'qom-type' if not isinstance(qom_type, str) else 'id'}' "
+                             "is missing")
+        try:
+            self.add(qom_type, object_id, props)
+        except QmpError as exc:
+            raise ValueError(f"--object {text}: {exc.desc}") from None
 
     def delete(self, object_id: str) -> None:
         with self._lock:

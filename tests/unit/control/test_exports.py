@@ -21,6 +21,7 @@ from blockdev.nodes import BlockGraph
 from blockdev.storage import Storage
 from storage_daemon.exports import ExportSet
 from storage_daemon.plane import ControlPlane
+from storage_daemon.qmp_protocol import QmpError
 from storage_daemon.qsd_options import ExportOptions
 from tests.unit.cli_harness import connect
 from virtio_blk.device import BlkDevice
@@ -274,3 +275,45 @@ def test_one_export_failing_leaves_the_other_serving(served: Served,
         fe_b.close()
     assert served.thread.is_alive()
     assert [e["id"] for e in served.qmp.ok("query-block-exports")] == ["ea", "eb"]
+
+
+class _Box:
+    """A QOM object type for the test: one property, ``limits``."""
+
+    def __init__(self, object_id: str, props: dict[str, Any]) -> None:
+        self.limits = props.get("limits", {})
+        self.closed = False
+        _Box.made.append(self)
+
+    made: list[_Box] = []
+
+    def get(self, prop: str) -> Any:
+        if prop != "limits":
+            raise QmpError("GenericError", f"Property '{prop}' not found")
+        return self.limits
+
+    def set(self, prop: str, value: Any) -> None:
+        self.get(prop)
+        self.limits = value
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_objects_through_the_registry(served: Served) -> None:
+    """object-add/-del and qom-get/-set reach the type registered for the qom-type (the hook
+    throttle groups use); QEMU's error classes for the rest."""
+    q = served.qmp
+    assert "Invalid parameter type for 'qom-type'" in q.error("object-add", **{"qom-type": "box"},
+                                                              id="b0")
+    served.plane.objects.register_type("box", _Box)
+    assert q.ok("object-add", **{"qom-type": "box"}, id="b0", limits={"iops-total": 100}) == {}
+    assert "duplicate" in q.error("object-add", **{"qom-type": "box"}, id="b0")
+    assert q.ok("qom-get", path="/objects/b0", property="limits") == {"iops-total": 100}
+    assert q.ok("qom-set", path="b0", property="limits", value={"iops-total": 5}) == {}
+    assert q.ok("qom-get", path="b0", property="limits") == {"iops-total": 5}
+    assert q.cmd("qom-get", path="/objects/zz", property="limits")["error"] == {
+        "class": "DeviceNotFound", "desc": "Device '/objects/zz' not found"}
+    assert q.error("qom-set", path="b0", property="limits") == "Parameter 'value' is missing"
+    assert q.ok("object-del", id="b0") == {} and _Box.made[-1].closed
+    assert q.error("object-del", id="b0") == "object 'b0' not found"
