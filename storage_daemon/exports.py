@@ -157,11 +157,18 @@ class ExportSet:
 
     # ------------------------------------------------------------------ nodes
     def blockdev_add(self, options: Mapping[str, Any]) -> None:
+        """Declare a node; as QSD, a file that cannot be opened is the command's error (the
+        node itself opens when an export asks, so only the file's existence is checked)."""
         with self._lock:
             try:
-                self.graph.add(options)
+                spec = self.graph.add(options)
             except NodeError as exc:
                 raise generic_error(str(exc)) from None
+            try:
+                _check_files(spec)
+            except QmpError:
+                self._forget(spec)
+                raise
 
     def blockdev_del(self, node_name: str) -> None:
         """QSD's refusals, in its order: unknown, exported, a child of another node."""
@@ -283,6 +290,19 @@ class ExportSet:
         for fd in (self._stop_r, self._stop_w, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _check_files(spec: NodeSpec) -> None:
+    """Every ``file`` node's file can be opened for reading, in QEMU's words if not."""
+    if spec.driver == "file":
+        filename = str(spec.options.get("filename", ""))
+        try:
+            fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise generic_error(f"Could not open '{filename}': {exc.strerror}") from None
+        os.close(fd)
+    for child in spec.children.values():
+        _check_files(child)
 
 
 def add_from_qmp(exports: ExportSet, args: dict[str, Any]) -> None:

@@ -193,6 +193,11 @@ def test_export_lifecycle_and_the_deleted_event(served: Served) -> None:
                    **{"node-name": "zz"}) == "Cannot find device='' nor node-name='zz'"
     assert q.error("blockdev-add", driver="file", filename="/x",
                    **{"node-name": "n1"}) == "Duplicate nodes with node-name='n1'"
+    missing = served.tmp / "missing.img"
+    assert q.error("blockdev-add", driver="raw", file={"driver": "file", "filename": str(missing)},
+                   **{"node-name": "n2"}) == \
+        f"Could not open '{missing}': No such file or directory"
+    assert [n["node-name"] for n in q.ok("query-named-block-nodes")] == ["n1"]  # none left
     assert q.error("blockdev-del", **{"node-name": "n1"}) == "Node n1 is in use"
     assert q.error("blockdev-del", **{"node-name": "zz"}) == \
         "Failed to find node with node-name='zz'"
