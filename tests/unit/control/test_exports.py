@@ -322,3 +322,30 @@ def test_objects_through_the_registry(served: Served) -> None:
     assert q.error("qom-set", path="b0", property="limits") == "Parameter 'value' is missing"
     assert q.ok("object-del", id="b0") == {} and _Box.made[-1].closed
     assert q.error("object-del", id="b0") == "object 'b0' not found"
+
+
+def test_an_export_whose_storage_fails_leaves_the_other_serving(served: Served) -> None:
+    """Export a's image fails every request (an error filter): its requests get IOERR and
+    are counted failed; b, in the same server, serves normally."""
+    q = served.qmp
+    q.ok("blockdev-add", driver="file", filename=str(served.image("fa.img")),
+         **{"node-name": "fa"})
+    q.ok("blockdev-add", driver="error", file="fa", **{"node-name": "na", "error-rate": "1"})
+    sock_a = served.tmp / "a.sock"
+    q.ok("block-export-add", type="vhost-user-blk", id="ea", writable=True,
+         addr={"type": "unix", "path": str(sock_a)}, **{"node-name": "na"})
+    sock_b = served.add("eb", "nb")
+    fe_a, _, drv_a = connect(sock_a)
+    fe_b, _, drv_b = connect(sock_b)
+    try:
+        for i in range(5):
+            assert drv_a.write(i, b"\x0a" * 512).status == Status.IOERR
+            assert drv_b.write(i, b"\x0b" * 512).status == Status.OK
+            assert drv_a.read(i, 512).status == Status.IOERR
+            assert drv_b.read(i, 512).data == b"\x0b" * 512
+    finally:
+        fe_a.close()
+        fe_b.close()
+    stats = {s["node-name"]: s["stats"] for s in q.ok("query-blockstats")}
+    assert stats["na"]["failed_wr_operations"] == 5 and stats["na"]["wr_operations"] == 0
+    assert stats["nb"]["wr_operations"] == 5 and stats["nb"]["failed_wr_operations"] == 0
