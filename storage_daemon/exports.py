@@ -305,8 +305,30 @@ def _check_files(spec: NodeSpec) -> None:
         _check_files(child)
 
 
+#: block-export-add's members as QAPI types them.
+_QMP_TYPES: tuple[tuple[str, type, str], ...] = (
+    ("type", str, "string"), ("id", str, "string"), ("node-name", str, "string"),
+    ("writable", bool, "boolean"), ("num-queues", int, "integer"),
+    ("logical-block-size", int, "integer"), ("addr.type", str, "string"),
+    ("addr.path", str, "string"), ("addr.str", str, "string"),
+)
+
+
 def add_from_qmp(exports: ExportSet, args: dict[str, Any]) -> None:
-    """``block-export-add``: BlockExportOptions -> an export, errors as QSD words them."""
+    """``block-export-add``: BlockExportOptions -> an export, errors as QSD words them.
+
+    QMP's arguments are typed JSON: ``"writable": "on"`` is a type error there, where the
+    command line's keyval takes it (QAPI's wording)."""
+    for key, kind, name in _QMP_TYPES:
+        value = args.get(key)
+        if key.startswith("addr."):
+            addr = args.get("addr")
+            value = addr.get(key[5:]) if isinstance(addr, dict) else None
+        if value is not None and (not isinstance(value, kind) or
+                                  (kind is int and isinstance(value, bool))):
+            raise generic_error(f"Invalid parameter type for '{key}', expected: {name}")
+    if "addr" in args and not isinstance(args["addr"], dict):
+        raise generic_error("Invalid parameter type for 'addr', expected: object")
     try:
         opts = export_from_dict(dict(args), MAX_QUEUES)
     except NodeError as exc:

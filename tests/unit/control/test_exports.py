@@ -191,6 +191,13 @@ def test_export_lifecycle_and_the_deleted_event(served: Served) -> None:
     assert q.error("block-export-add", type="vhost-user-blk", id="e2",
                    addr={"type": "unix", "path": str(served.tmp / "x.sock")},
                    **{"node-name": "zz"}) == "Cannot find device='' nor node-name='zz'"
+    assert q.error("block-export-add", type="vhost-user-blk", id="e2", writable="on",
+                   addr={"type": "unix", "path": str(served.tmp / "x.sock")},
+                   **{"node-name": "n1"}) == \
+        "Invalid parameter type for 'writable', expected: boolean"
+    assert q.error("block-export-add", type="vhost-user-blk", id="e2", addr="x",
+                   **{"node-name": "n1"}) == \
+        "Invalid parameter type for 'addr', expected: object"
     assert q.error("blockdev-add", driver="file", filename="/x",
                    **{"node-name": "n1"}) == "Duplicate nodes with node-name='n1'"
     missing = served.tmp / "missing.img"
