@@ -90,7 +90,7 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
              drop_features: int = 0, queue_size: int = 128,
              image: Path | None = None, queue_processes: bool | None = None,
              fast_path: bool = True, storage: Storage | None = None,
-             engine_ran: str | None = None) -> BlkEnv:
+             engine_ran: str | None = None, queue_pool: object = None) -> BlkEnv:
         """``storage``: serve that (closed after the test) instead of an image file.
 
         The engine serving queue 0 (on a thread) must be ``engine_ran`` (default: ``engine``):
@@ -109,6 +109,7 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
                            io_threads=io_threads, bounce_pages=bounce_pages,
                            writeback=writeback, queue_processes=queue_processes,
                            fast_path=fast_path)
+        device.queue_pool = queue_pool  # (a PoolRunner the test shares between devices)
         daemon = RunningDaemon(device, tmp_path / f"blk{n}.sock")
         cleanups.append(daemon.stop)
         mem = FrontendMemory(mem_layout)

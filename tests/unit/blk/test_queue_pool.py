@@ -1,0 +1,212 @@
+"""Queues of several devices served by one shared pool of worker processes
+(vhost.runner.workerpool, vhost.runner.poolworker).
+
+Each test runs several servers (daemon threads in this process, one device each) whose devices
+share one :class:`PoolRunner`, driven through the project's vhost-user frontend.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.unit.blk.conftest import BlkEnv, MakeBlk, MiB
+from vhost.messages import Request
+from vhost.runner.base import QueueKey
+from vhost.runner.workerpool import PooledQueue, PoolRunner
+from vhost_frontend import Frontend, FrontendMemory
+from vhost_frontend.blk import BlkDriver
+from virtio_blk.request import Status
+
+
+@pytest.fixture
+def pool(make_blk: MakeBlk) -> Iterator[PoolRunner]:
+    """Ended after the servers using it (make_blk's teardown runs later than this)."""
+    runner = PoolRunner(workers=2)
+    yield runner
+    runner.close()
+
+
+def _queue(env: BlkEnv, index: int) -> PooledQueue:
+    handler = env.daemon.daemon.handler
+    assert handler is not None
+    worker = handler.vrings[index].worker
+    assert isinstance(worker, PooledQueue), worker
+    return worker
+
+
+def _key(env: BlkEnv, index: int) -> QueueKey:
+    return _queue(env, index).key
+
+
+def _wait(cond, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _two_queues(make_blk: MakeBlk, pool: PoolRunner, **kw: object) -> tuple[BlkEnv, BlkDriver]:
+    env = make_blk(num_queues=2, queue_pool=pool, **kw)
+    q1 = env.frontend.setup_queue(1, size=64)
+    return env, BlkDriver(env.frontend, q1, env.mem)
+
+
+def test_queues_of_several_devices_share_the_pool_processes(make_blk: MakeBlk,
+                                                            pool: PoolRunner) -> None:
+    envs = [_two_queues(make_blk, pool) for _ in range(3)]
+    pids = {_queue(env, i).proc.pid for env, _ in envs for i in (0, 1)}
+    assert len(pids) == 2 and os.getpid() not in pids  # 6 queues, 2 processes
+    # Placement spreads each device's queues (the least-loaded worker gets the next one).
+    assert all(_queue(env, 0).proc.pid != _queue(env, 1).proc.pid for env, _ in envs)
+    for n, (env, drv1) in enumerate(envs):
+        data = os.urandom(4096) + bytes([n]) * 4096
+        assert env.drv.write(8, data).status == Status.OK
+        assert drv1.read(8, 8192).data == data
+        assert env.file(8 * 512, 8192) == data
+        for i in range(n + 1):
+            assert drv1.read(i * 8, 512).status == Status.OK
+    for n, (env, _) in enumerate(envs):  # each device's counters are its own
+        env.device.refresh_counters()
+        assert (env.device.stats.writes, env.device.stats.reads) == (1, n + 2)
+        assert env.device.queue_stats[1].reads == n + 2
+
+
+def test_get_vring_base_stops_one_queue_and_the_worker_serves_on(make_blk: MakeBlk,
+                                                                 pool: PoolRunner) -> None:
+    a, a1 = _two_queues(make_blk, pool)
+    b, b1 = _two_queues(make_blk, pool)
+    assert _queue(a, 1).proc.pid == _queue(b, 1).proc.pid
+    for i in range(7):
+        assert a1.read(i, 512).status == Status.OK
+    worker = _queue(a, 1).worker
+    assert a.frontend.get_vring_base(1) == 7
+    assert worker.alive  # the worker stays: it serves other queues
+    assert b1.read(0, 512).status == Status.OK  # the other device's queue there serves on
+    a.frontend.restart_queue(a1.queue, 7)  # placed again; continues where it stopped
+    assert a1.read(0, 512).status == Status.OK
+    assert a.frontend.get_vring_base(1) == 8
+
+
+def test_a_dead_worker_stops_only_its_queues(make_blk: MakeBlk, pool: PoolRunner) -> None:
+    a, a1 = _two_queues(make_blk, pool)
+    b, b1 = _two_queues(make_blk, pool)
+    assert a1.read(0, 512).status == Status.OK
+    victim = _queue(a, 1).worker
+    assert _queue(b, 1).worker is victim and _queue(a, 0).worker is not victim
+    os.kill(victim.pid, signal.SIGKILL)
+    # Both devices' queues on it are told (err eventfd), and only those.
+    _wait(a1.queue.err_signalled, "the err eventfd of device a's queue 1")
+    _wait(b1.queue.err_signalled, "the err eventfd of device b's queue 1")
+    assert not a.queue.err_signalled() and not b.queue.err_signalled()
+    assert a.drv.read(0, 4096).status == Status.OK
+    assert b.drv.read(8, 4096).data == b.file(8 * 512, 4096)
+    assert a.frontend.get_u64(Request.GET_QUEUE_NUM) == 2
+    assert a.frontend.get_vring_base(1) == 1  # where it was last seen
+    # Restarted, the queue goes to a fresh worker; the pool stays at its size.
+    a.frontend.restart_queue(a1.queue, 1)
+    assert _queue(a, 1).proc.pid != victim.pid
+    assert a1.read(8, 4096).data == a.file(8 * 512, 4096)
+    assert len({q.worker for q in pool.queues()}) <= pool.size
+
+
+def test_memory_added_later_reaches_every_worker_of_the_connection(
+        make_blk: MakeBlk, pool: PoolRunner) -> None:
+    env, drv1 = _two_queues(make_blk, pool)
+    region = env.mem.add_region(64 * MiB, 4 * MiB)
+    env.mem._cursor.append((region.gpa, region.gpa + region.size))  # let alloc() use it
+    assert env.frontend.add_mem_reg(region) in (None, 0)
+    for drv in (env.drv, drv1):
+        buf = drv.alloc(4096, region=len(env.mem.regions) - 1)
+        assert buf >= 64 * MiB
+        res = drv.read(0, 4096, pieces=[(buf, 4096)])
+        assert res.status == Status.OK and res.data == env.file(0, 4096)
+
+
+def test_move_queue_continues_where_it_stopped(make_blk: MakeBlk, pool: PoolRunner) -> None:
+    env, drv1 = _two_queues(make_blk, pool)
+    for i in range(5):
+        assert drv1.read(i, 512).status == Status.OK
+    queue = _queue(env, 1)
+    source = queue.worker
+    target = pool.move_queue(queue.key)
+    assert target is not source and queue.worker is target  # the handler's object follows
+    assert _queue(env, 1).proc.pid == target.pid
+    assert queue.key not in source.queues
+    data = os.urandom(4096)
+    assert drv1.write(16, data).status == Status.OK  # no request lost or repeated
+    assert drv1.read(16, 4096).data == data
+    assert env.frontend.get_vring_base(1) == 7
+    env.device.refresh_counters()
+    assert env.device.queue_stats[1].reads == 5 + 1
+    assert pool.moves == 1
+
+
+def test_rebalance_moves_a_busy_queue_to_an_idle_worker(make_blk: MakeBlk,
+                                                        pool: PoolRunner) -> None:
+    a, _ = _two_queues(make_blk, pool)
+    b, _ = _two_queues(make_blk, pool)
+    busy = _queue(a, 0).worker
+    assert _queue(b, 0).worker is busy  # both queue 0s on one worker, both queue 1s idle
+    pool.rates(sample=True)
+    for i in range(200):
+        assert a.drv.read(i % 64, 512).status == Status.OK
+        assert b.drv.read(i % 64, 512).status == Status.OK
+    moved = pool.rebalance(min_rate=1.0)
+    assert moved in (_key(a, 0), _key(b, 0))
+    assert {_queue(a, 0).worker, _queue(b, 0).worker} == set(pool.workers)
+    assert a.drv.read(0, 4096).data == a.file(0, 4096)
+    assert b.drv.read(0, 4096).data == b.file(0, 4096)
+    # Even now: nothing more to move.
+    for i in range(100):
+        assert a.drv.read(i % 64, 512).status == Status.OK
+        assert b.drv.read(i % 64, 512).status == Status.OK
+    assert pool.rebalance(min_rate=1.0) is None
+
+
+def _voluntary_switches(pid: int) -> int:
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def test_idle_queues_cost_a_worker_no_wake_ups(make_blk: MakeBlk, pool: PoolRunner) -> None:
+    envs = [_two_queues(make_blk, pool) for _ in range(3)]
+    for env, drv1 in envs:
+        assert env.drv.read(0, 512).status == Status.OK
+        assert drv1.read(0, 512).status == Status.OK
+    time.sleep(0.3)
+    before = {w.pid: _voluntary_switches(w.pid) for w in pool.workers}
+    time.sleep(1.0)
+    after = {pid: _voluntary_switches(pid) for pid in before}
+    assert all(after[pid] - before[pid] <= 1 for pid in before), (before, after)
+
+
+def test_a_new_connection_after_a_disconnect_is_served(make_blk: MakeBlk,
+                                                       pool: PoolRunner) -> None:
+    env, _ = _two_queues(make_blk, pool)
+    other, other1 = _two_queues(make_blk, pool)
+    env.frontend.close()
+    _wait(lambda: env.daemon.daemon.handler is None, "the disconnect")
+    # The other device's queues were on the same workers and serve on.
+    assert other1.read(0, 4096).data == other.file(0, 4096)
+    mem = FrontendMemory(((0, 32 * MiB, 0),))
+    fe = Frontend(env.daemon.path, timeout=10.0)
+    try:
+        fe.negotiate()
+        fe.set_mem_table(mem)
+        for index in (0, 1):
+            drv = BlkDriver(fe, fe.setup_queue(index, size=64), mem)
+            assert drv.read(8, 4096).data == env.file(8 * 512, 4096)
+    finally:
+        fe.close()
+        mem.close()
+    assert len(pool.workers) == 2
