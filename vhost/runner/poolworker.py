@@ -315,7 +315,9 @@ class PoolWorker:
             log.error("pool worker: %s; ignored", exc)
             return True
         except (EOFError, OSError):
-            log.warning("pool worker: control process gone; stopping every queue")
+            # (the pool closing ends an idle worker this way too)
+            log.log(logging.WARNING if self.queues else logging.INFO,
+                    "pool worker: control process gone; stopping %d queue(s)", len(self.queues))
             return False
         answer = self.answer(msg, fds)
         with contextlib.suppress(OSError):

@@ -35,12 +35,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue as jobqueue
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from vhost.runner import ipc
@@ -74,7 +76,10 @@ class WorkerProcess:
     reply_timeout = REPLY_TIMEOUT
     drain_timeout = 30.0
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, spawn: Callable[[list[str], int],
+                                                   subprocess.Popen[bytes]]) -> None:
+        """``spawn(argv, fd)`` starts the process with ``fd`` passed (on the pool's spawner
+        thread: see :class:`Spawner`)."""
         self.number = number
         self.queues: dict[QueueKey, PooledQueue] = {}
         #: Connections whose state this worker has (a queue of theirs runs there).
@@ -85,13 +90,8 @@ class WorkerProcess:
         self.closing = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vhost.runner.poolworker", str(theirs.fileno()),
-                 str(os.getpid())],
-                pass_fds=[theirs.fileno()],
-                env={**os.environ,
-                     "VHOST_QUEUEPROC_LOG_LEVEL": str(logging.getLogger().getEffectiveLevel())},
-            )
+            self.proc = spawn([sys.executable, "-m", "vhost.runner.poolworker",
+                               str(theirs.fileno()), str(os.getpid())], theirs.fileno())
         finally:
             theirs.close()
         self.sock: socket.socket | None = ours
@@ -198,6 +198,9 @@ class PooledQueue:
         self.kicks = self.batches = self.completed = 0
         self.last_avail = spec.base
         self.dead = False
+        #: Dirty pages it marked on the workers it ran on before a move (a worker counts its
+        #: own from zero).
+        self.pages_before = 0
         self._lock = threading.Lock()
         #: (time, avail index) at the last rebalancing look, for the request rate.
         self.sample: tuple[float, int] = (time.monotonic(), spec.base)
@@ -225,7 +228,8 @@ class PooledQueue:
         self.last_avail = snap.next_avail
         self.vq.in_flight_count = snap.in_flight
         if dirty:
-            self.remote_log.logging, self.remote_log.pages = snap.dirty_logging, snap.dirty_pages
+            self.remote_log.logging = snap.dirty_logging
+            self.remote_log.pages = self.pages_before + snap.dirty_pages
 
     def ring_state(self, timeout: float = 1.0) -> dict[str, int]:
         if self.dead:
@@ -250,6 +254,44 @@ class PooledQueue:
                 self.counters = None
 
 
+class Spawner:
+    """Starts the worker processes from one thread that lives as long as the pool.
+
+    Why: a worker asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG, so a
+    kill -9 of the server leaves no worker on the rings), and the kernel takes the *thread*
+    that forked it as the parent.  Spawned from a connection's control thread, a worker
+    serving every export would be killed when that one connection's thread ends.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: jobqueue.SimpleQueue[tuple[list[str], int, Future[subprocess.Popen[bytes]]]
+                                      | None] = jobqueue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pool-spawner", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            argv, fd, future = job
+            try:
+                proc = subprocess.Popen(argv, pass_fds=[fd], env={
+                    **os.environ,
+                    "VHOST_QUEUEPROC_LOG_LEVEL": str(logging.getLogger().getEffectiveLevel())})
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(proc)
+
+    def spawn(self, argv: list[str], fd: int) -> subprocess.Popen[bytes]:
+        future: Future[subprocess.Popen[bytes]] = Future()
+        self._jobs.put((argv, fd, future))
+        return future.result()
+
+    def close(self) -> None:
+        """After every worker ended (the thread's end would kill them)."""
+        self._jobs.put(None)
+        self._thread.join(5)
+
+
 class PoolRunner:
     """The daemon's pool of queue worker processes (see the module docstring)."""
 
@@ -266,6 +308,7 @@ class PoolRunner:
         self._stop_rebalancing = threading.Event()
         #: Queues moved so far (by rebalance or move_queue).
         self.moves = 0
+        self._spawner: Spawner | None = None
 
     def connection(self, device: Device, state: ConnectionState | None = None) -> PoolConnection:
         """The runner of one new frontend connection to ``device``."""
@@ -287,7 +330,9 @@ class PoolRunner:
             workers = [w for w in self._live_workers() if w is not exclude]
             if len(self.workers) < self.size:
                 self._spawned += 1
-                worker = WorkerProcess(self._spawned)
+                if self._spawner is None:
+                    self._spawner = Spawner()
+                worker = WorkerProcess(self._spawned, self._spawner.spawn)
                 self.workers.append(worker)
                 return worker
             if not workers:
@@ -384,6 +429,9 @@ class PoolRunner:
             for worker in self.workers:
                 worker.close()
             self.workers = []
+            if self._spawner is not None:
+                self._spawner.close()
+                self._spawner = None
 
     def _drop_if_empty(self, worker: WorkerProcess) -> None:
         """A dead worker leaves the pool once its queues are stopped."""
@@ -504,7 +552,8 @@ class PoolConnection:
         queue.close_counters()
         if isinstance(reply, ipc.StopReply):
             if reply.dirty is not None:
-                queue.remote_log.logging, queue.remote_log.pages = reply.dirty
+                queue.remote_log.logging = reply.dirty[0]
+                queue.remote_log.pages = queue.pages_before + reply.dirty[1]
             queue.vq = RemoteQueue(reply.base, reply.broken)
             queue.kicks, queue.batches = reply.kicks, reply.batches
             queue.completed = reply.completed
@@ -553,7 +602,9 @@ class PoolConnection:
                 queue.spec.err.signal()
                 raise
             # The handler's vring keeps the object it got at start: carry it over.
-            queue.__dict__.update({k: v for k, v in moved.__dict__.items()})
+            carried = queue.remote_log.pages
+            queue.__dict__.update(moved.__dict__)
+            queue.pages_before = queue.remote_log.pages = carried
             self.queues[key] = queue
             target.queues[key] = queue
             self.pool.moves += 1

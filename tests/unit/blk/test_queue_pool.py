@@ -210,3 +210,63 @@ def test_a_new_connection_after_a_disconnect_is_served(make_blk: MakeBlk,
         fe.close()
         mem.close()
     assert len(pool.workers) == 2
+
+
+def test_dirty_log_reaches_the_workers_and_marks_are_counted_per_queue(
+        make_blk: MakeBlk, pool: PoolRunner) -> None:
+    from tests.qemu_log import QemuLog
+    from tests.unit.blk.test_dirty_log import MEM
+    from tests.unit.blk.test_dirty_log_processes import ring_pages, workload
+
+    other, other1 = _two_queues(make_blk, pool)  # shares the workers, does not log
+    qlog = QemuLog(MEM)
+    try:
+        env = make_blk(num_queues=2, queue_pool=pool, serial="migrate-me")
+        assert env.frontend.set_log_base(qlog.fd, qlog.size) == b"\0" * 8
+        env.frontend.set_logging(True)
+        q1 = env.frontend.setup_queue(1, size=64)  # started with the log on: gets it at start
+        drv1 = BlkDriver(env.frontend, q1, env.mem)
+        qlog.take()
+        expected = workload([env.drv, drv1])
+        got = qlog.take()
+        assert expected <= got, f"pages written but not marked: {expected - got}"
+        assert got <= expected | ring_pages(env.queue, q1)
+        handler = env.daemon.daemon.handler
+        assert handler is not None
+        env.device.refresh_counters()
+        assert all(_queue(env, i).remote_log.logging for i in (0, 1))
+        per_queue = [_queue(env, i).remote_log.pages for i in (0, 1)]
+        assert all(per_queue) and handler.pages_marked >= len(got)
+        assert handler.pages_marked == sum(per_queue)  # each queue's own, never summed twice
+        # A queue moved while logging keeps marking on its new worker, and its count goes on.
+        marked = handler.pages_marked
+        pool.move_queue(_key(env, 1))
+        qlog.take()
+        expected = workload([drv1])
+        assert expected <= qlog.take()
+        env.device.refresh_counters()
+        assert handler.pages_marked >= marked + len(expected)
+        # The other connection on the same workers never logged.
+        assert other1.read(0, 512).status == Status.OK
+        other.device.refresh_counters()
+        assert not any(_queue(other, i).remote_log.logging for i in (0, 1))
+        env.frontend.set_logging(False)
+        env.device.refresh_counters()
+        assert not any(_queue(env, i).remote_log.logging for i in (0, 1))
+    finally:
+        qlog.close()
+
+
+def test_a_worker_outlives_the_connection_thread_that_started_it(make_blk: MakeBlk,
+                                                                 pool: PoolRunner) -> None:
+    """Workers die with the server (PR_SET_PDEATHSIG), whose 'parent' is the thread that
+    forked them: they must not die with the export whose queue happened to start them."""
+    first, _ = _two_queues(make_blk, pool)
+    other, other1 = _two_queues(make_blk, pool)
+    workers = {_queue(other, i).worker for i in (0, 1)}
+    first.frontend.close()
+    first.daemon.stop()  # its control thread, which placed the first queues, ends
+    time.sleep(0.3)
+    assert all(w.alive for w in workers)
+    assert other.drv.read(0, 4096).data == other.file(0, 4096)
+    assert other1.read(8, 4096).data == other.file(8 * 512, 4096)
