@@ -31,6 +31,7 @@ from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
 from vhost.queue.base import QueueError
 from vhost.queue.split import validate_size
+from vhost.runner.workerpool import PoolRunner
 from virtio_blk.device import BlkDevice
 from virtio_blk.request import ID_BYTES, check_serial
 
@@ -138,10 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start reads and writes in the shapes Linux sends without the generic "
                         "request machinery (default on; off: every request takes the generic "
                         "path)")
-    p.add_argument("--queue-processes", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--queue-processes", choices=("auto", "on", "off", "pool"), default="auto",
                    help="serve each queue in a process of its own (default auto: when there "
                         "is more than one queue); off: one thread per queue (needed for live "
-                        "migration, which queue processes do not support yet)")
+                        "migration, which queue processes do not support yet); pool: every "
+                        "queue on a fixed pool of worker processes (--workers)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --queue-processes pool: how many worker processes serve the "
+                        "queues (default: one per core this process may use)")
     p.add_argument("--reconnect-delay", type=float, default=30.0, metavar="SECONDS",
                    help="RBD/NBD: how long requests wait for a lost connection to come back "
                    "before failing (default 30)")
@@ -241,10 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 storage.close()
                 return fail(str(exc))
             log.warning("%s; serving it unlocked", exc)
-    if args.queue_processes == "on" and not (
+    if args.workers is not None and not 1 <= args.workers <= 1024:
+        storage.close()
+        return fail(f"--workers {args.workers}: must be 1 to 1024")
+    if args.queue_processes in ("on", "pool") and not (
             isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)):
         storage.close()
-        return fail("--queue-processes on serves raw image files only")
+        return fail(f"--queue-processes {args.queue_processes} serves raw image files only")
     device = BlkDevice(
         storage,
         num_queues=args.num_queues,
@@ -254,10 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         io_threads=args.io_threads,
         bounce_pages=args.bounce_pages,
         fast_path=args.fast_path == "on",
-        queue_processes={"auto": None, "on": True, "off": False}[args.queue_processes],
+        queue_processes={"auto": None, "on": True, "off": False,
+                         "pool": True}[args.queue_processes],
         # Two clock reads per request, only when someone can read the result.
         latency_accounting=bool(args.qmp or args.metrics),
     )
+    pool = PoolRunner(args.workers) if args.queue_processes == "pool" else None
+    device.queue_pool = pool
     try:
         daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)
     except DaemonError as exc:
@@ -292,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         control.stop()
         daemon.close()
+        if pool is not None:
+            pool.close()
         try:
             device.make_durable()
         except OSError as exc:
