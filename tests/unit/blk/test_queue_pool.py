@@ -270,3 +270,74 @@ def test_a_worker_outlives_the_connection_thread_that_started_it(make_blk: MakeB
     assert all(w.alive for w in workers)
     assert other.drv.read(0, 4096).data == other.file(0, 4096)
     assert other1.read(8, 4096).data == other.file(8 * 512, 4096)
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.add(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_of_a_pool_server_ends_its_workers_and_a_new_one_resumes(tmp_path) -> None:
+    """The command line's pool (--queue-processes pool): kill -9 of the server leaves no
+    worker on the rings, and a new server takes over the same rings and in-flight area."""
+    from tests.unit.blk.conftest import make_image
+    from tests.unit.cli_harness import Server
+
+    image, sock = tmp_path / "disk.img", tmp_path / "s.sock"
+    make_image(image, MiB)
+    args = ("--socket", sock, "--image", image, "--num-queues", "2",
+            "--queue-processes", "pool", "--workers", "2")
+    server = Server(*args)
+    mem = FrontendMemory(((0, 32 * MiB, 0),))
+    try:
+        server.started()
+        fe = Frontend(sock, timeout=10.0)
+        fe.negotiate()
+        inflight_fd, inflight_size = fe.get_inflight_fd(2, 64)
+        fe.set_inflight_fd(inflight_fd, inflight_size, 2, 64)
+        fe.set_mem_table(mem)
+        queues = [fe.setup_queue(i, size=64) for i in (0, 1)]
+        drivers = [BlkDriver(fe, q, mem) for q in queues]
+        data = [os.urandom(4096), os.urandom(4096)]
+        for i, drv in enumerate(drivers):
+            assert drv.write(8 * i, data[i]).status == Status.OK
+        workers = _children(server.proc.pid)
+        assert len(workers) == 2
+        server.proc.kill()
+        server.proc.wait(10)
+        _wait(lambda: not any(_running(pid) for pid in workers),
+              "the workers to die with the server")
+        fe.close(queues=False)
+        sock.unlink()
+        server = Server(*args)
+        server.started()
+        fe2 = Frontend(sock, timeout=10.0)
+        fe2.negotiate()
+        fe2.set_inflight_fd(inflight_fd, inflight_size, 2, 64)
+        fe2.set_mem_table(mem)
+        for i, q in enumerate(queues):
+            fe2.restart_queue(q, base=q.used_idx())
+            drv = BlkDriver(fe2, q, mem)
+            assert drv.read(8 * i, 4096).data == data[i]
+        assert fe2.get_vring_base(1) == 2
+        fe2.close()
+        os.close(inflight_fd)
+    finally:
+        server.kill()
+        mem.close()
