@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="with --queue-processes pool: how many worker processes serve the "
                         "queues (default: one per core this process may use)")
+    p.add_argument("--rebalance-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="with --queue-processes pool: how often the load of the workers is "
+                        "compared and a busy worker's queue moved to an idle one (default 2; "
+                        "0: never -- the check is the daemon's one timer)")
     p.add_argument("--reconnect-delay", type=float, default=30.0, metavar="SECONDS",
                    help="RBD/NBD: how long requests wait for a lost connection to come back "
                    "before failing (default 30)")
@@ -249,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers is not None and not 1 <= args.workers <= 1024:
         storage.close()
         return fail(f"--workers {args.workers}: must be 1 to 1024")
+    if not 0 <= args.rebalance_interval <= 3600:
+        storage.close()
+        return fail(f"--rebalance-interval {args.rebalance_interval}: must be 0 to 3600")
     if args.queue_processes in ("on", "pool") and not (
             isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)):
         storage.close()
@@ -297,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.socket or f"fd {args.fd}", args.num_queues, args.aio,
         "|".join(device.feature_names()),
     )
+    if pool is not None and args.rebalance_interval > 0:
+        pool.start_rebalancing(args.rebalance_interval)
     try:
         control.start()
         daemon.serve_forever()

@@ -410,8 +410,11 @@ class PoolRunner:
             while not self._stop_rebalancing.wait(interval):
                 try:
                     moved = self.rebalance()
-                except RunnerError as exc:
+                except RunnerError as exc:  # (the queue stopped meanwhile, say)
                     log.error("rebalancing: %s", exc)
+                    continue
+                except Exception:  # never the end of rebalancing
+                    log.exception("rebalancing failed")
                     continue
                 if moved is not None:
                     log.info("rebalancing: moved queue %s", moved)

@@ -341,3 +341,44 @@ def test_kill_9_of_a_pool_server_ends_its_workers_and_a_new_one_resumes(tmp_path
     finally:
         server.kill()
         mem.close()
+
+
+def test_queues_of_one_connection_on_one_worker_stop_and_restart_apart(
+        make_blk: MakeBlk) -> None:
+    """One worker hosts both queues of a connection (its memory mapped once): stopping one
+    leaves the other serving; once both stopped, the connection's state is gone there and a
+    restart brings it again."""
+    pool = PoolRunner(workers=1)
+    try:
+        env, drv1 = _two_queues(make_blk, pool)
+        assert _queue(env, 0).worker is _queue(env, 1).worker
+        assert drv1.read(0, 512).status == Status.OK
+        assert env.frontend.get_vring_base(1) == 1
+        assert env.drv.read(8, 4096).data == env.file(8 * 512, 4096)  # still mapped for it
+        base0 = env.frontend.get_vring_base(0)
+        assert not pool.workers[0].conns
+        env.frontend.restart_queue(env.queue, base0)
+        env.frontend.restart_queue(drv1.queue, 1)
+        assert env.drv.read(16, 4096).data == env.file(16 * 512, 4096)
+        assert drv1.read(24, 4096).data == env.file(24 * 512, 4096)
+        env.frontend.close()
+        _wait(lambda: env.daemon.daemon.handler is None, "the disconnect")
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize(("option", "value", "said"), [
+    ("--workers", "0", "--workers 0: must be 1 to 1024"),
+    ("--rebalance-interval", "-1", "--rebalance-interval -1.0: must be 0 to 3600"),
+    ("--rebalance-interval", "nan", "--rebalance-interval nan: must be 0 to 3600"),
+])
+def test_pool_options_out_of_range_are_usage_errors(tmp_path, option: str, value: str,
+                                                    said: str) -> None:
+    from tests.unit.blk.conftest import make_image
+    from tests.unit.cli_harness import assert_one_line_error, run
+
+    image = tmp_path / "disk.img"
+    make_image(image, MiB)
+    proc = run("--socket", tmp_path / "s.sock", "--image", image, "--queue-processes", "pool",
+               option, value)
+    assert_one_line_error(proc, said)
