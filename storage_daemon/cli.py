@@ -140,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "request machinery (default on; off: every request takes the generic "
                         "path)")
     p.add_argument("--queue-processes", choices=("auto", "on", "off", "pool"), default="auto",
-                   help="serve each queue in a process of its own (default auto: when there "
-                        "is more than one queue); off: one thread per queue (needed for live "
-                        "migration, which queue processes do not support yet); pool: every "
-                        "queue on a fixed pool of worker processes (--workers)")
+                   help="on: serve each queue in a process of its own; pool: every queue "
+                        "on a fixed pool of worker processes (--workers); off: one thread per "
+                        "queue; auto (default): the pool when there is more than one queue "
+                        "(of a raw image file), threads otherwise")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="with --queue-processes pool: how many worker processes serve the "
                         "queues (default: one per core this process may use)")
@@ -256,10 +256,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.rebalance_interval <= 3600:
         storage.close()
         return fail(f"--rebalance-interval {args.rebalance_interval}: must be 0 to 3600")
-    if args.queue_processes in ("on", "pool") and not (
-            isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)):
+    raw_file = isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)
+    if args.queue_processes in ("on", "pool") and not raw_file:
         storage.close()
         return fail(f"--queue-processes {args.queue_processes} serves raw image files only")
+    # More than one queue: the pool, which served 2 queues faster and with less CPU per
+    # request than a process per queue (benchmarks.inprocess, README), in fewer processes.
+    mode = args.queue_processes
+    if mode == "auto" and args.num_queues > 1 and raw_file:
+        mode = "pool"
     device = BlkDevice(
         storage,
         num_queues=args.num_queues,
@@ -269,12 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         io_threads=args.io_threads,
         bounce_pages=args.bounce_pages,
         fast_path=args.fast_path == "on",
-        queue_processes={"auto": None, "on": True, "off": False,
-                         "pool": True}[args.queue_processes],
+        queue_processes={"auto": None, "on": True, "off": False, "pool": True}[mode],
         # Two clock reads per request, only when someone can read the result.
         latency_accounting=bool(args.qmp or args.metrics),
     )
-    pool = PoolRunner(args.workers) if args.queue_processes == "pool" else None
+    pool = PoolRunner(args.workers) if mode == "pool" else None
     device.queue_pool = pool
     try:
         daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)
