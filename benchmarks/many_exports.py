@@ -44,8 +44,10 @@ GUEST_MAPPING = "guest-ram"
 
 
 # ---------------------------------------------------------------------- the server (child)
-def serve(count: int, directory: Path, mode: str, workers: int | None) -> int:
-    """Serve ``count`` exports from ``directory`` until stdin closes."""
+def serve(count: int, directory: Path, mode: str, workers: int | None,
+          rebalance: float) -> int:
+    """Serve ``count`` exports from ``directory`` until stdin closes (``rebalance``: the
+    pool's rebalancing interval, 0 for none, as the command line's --rebalance-interval)."""
     from blockdev.disk import Disk
     from vhost.daemon import VhostUserDaemon
     from vhost.runner.workerpool import PoolRunner
@@ -70,6 +72,8 @@ def serve(count: int, directory: Path, mode: str, workers: int | None) -> int:
         thread.start()
         daemons.append(daemon)
         threads.append(thread)
+    if pool is not None and rebalance > 0:
+        pool.start_rebalancing(rebalance)
     print("ready", flush=True)
     sys.stdin.read()
     for daemon in daemons:
@@ -184,11 +188,11 @@ class ExportLoad:
 
 
 def measure(count: int, mode: str, workers: int | None, seconds: float,
-            idle: float) -> Row:
+            idle: float, rebalance: float) -> Row:
     with tempfile.TemporaryDirectory(prefix="many-exports-") as td:
         directory = Path(td)
         cmd = [sys.executable, "-m", "benchmarks.many_exports", "--serve", str(count),
-               "--dir", td, "--mode", mode]
+               "--dir", td, "--mode", mode, "--rebalance-interval", str(rebalance)]
         if workers is not None:
             cmd += ["--workers", str(workers)]
         server = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -244,16 +248,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="pool size (default: one per core)")
     p.add_argument("--seconds", type=float, default=6.0, help="IO phase")
     p.add_argument("--idle", type=float, default=10.0, help="idle phase")
+    p.add_argument("--rebalance-interval", type=float, default=2.0,
+                   help="the pool's rebalancing interval (default 2 s as the command line's; "
+                   "0: none): its check is the one timer of the server")
     p.add_argument("--json", type=Path)
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve is not None:
-        return serve(args.serve, args.dir, args.mode, args.workers)
+        return serve(args.serve, args.dir, args.mode, args.workers, args.rebalance_interval)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     for count in args.exports:
-        row = measure(count, args.mode, args.workers, args.seconds, args.idle)
+        row = measure(count, args.mode, args.workers, args.seconds, args.idle,
+                      args.rebalance_interval)
         log.info("%s", row)
         rows.append(row)
     print(f"{'mode':9} {'exports':>7} {'procs':>5} {'RSS MiB':>8} {'PSS MiB':>8} "

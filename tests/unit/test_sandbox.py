@@ -393,7 +393,7 @@ def test_server_runs_as_the_unit_runs_it(analyze: str, sandbox_dir: Path, server
             assert drv.read(8 * i, 4096).data == data
         if num_queues > 1:
             # (the default for more than one queue: the pool, one worker per core)
-            assert server.wait_for(r"queue 1 of connection \d+: on pool worker \d+")
+            assert server.wait_for(r"queue 1 started on pool worker \d+")
             kids = children_of(server.proc.pid)
             assert 1 <= len(kids) <= num_queues
             for kid in kids:

@@ -527,8 +527,9 @@ class PoolConnection:
         worker.conns.add(self.conn)
         worker.queues[spec.key] = queue
         self.queues[spec.key] = queue
-        log.info("queue %d of connection %d: on pool worker %d (process %d), avail from %d",
-                 spec.key.index, self.conn, worker.number, worker.pid, spec.base)
+        log.info("queue %d started on pool worker %d (process %d): size %d, avail from %d "
+                 "(connection %d)", spec.key.index, worker.number, worker.pid, spec.size,
+                 spec.base, self.conn)
         return queue
 
     def _counts(self, index: int) -> list[int]:
