@@ -41,6 +41,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,8 +134,14 @@ DISPATCH: ipc.DispatchTable[PoolWorker] = ipc.DispatchTable()
 class PoolWorker:
     """The queues of any number of connections on one event loop."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    #: A wake-up after this long asleep is reported on the activity eventfd.
+    IDLE_SECONDS = 1.0
+
+    def __init__(self, sock: socket.socket, activity_fd: int | None = None) -> None:
         self.sock = sock
+        #: Written when a queue wakes this worker after IDLE_SECONDS or more of sleep (the
+        #: pool's rebalancing sleeps while every worker is idle).
+        self.activity_fd = activity_fd
         self.ep = select.epoll()
         self.conns: dict[int, HostedConn] = {}
         self.queues: dict[QueueKey, HostedQueue] = {}
@@ -256,9 +263,9 @@ class PoolWorker:
             for fd in watched:
                 self.ep.register(fd, _EDGE)
                 self.by_fd[fd] = hosted
+                hosted.fds += (fd,)  # (so a stop unregisters exactly what was registered)
         except OSError as exc:
             worker._cannot_watch_kick(exc)
-        hosted.fds = tuple(watched)
         self.publish(hosted)
         if worker.vq.broken:
             return
@@ -293,11 +300,16 @@ class PoolWorker:
     def serve(self) -> int:
         """Run until the control process goes away; the exit status."""
         sock_fd = self.sock.fileno()
+        activity = self.activity_fd
         while True:
+            slept = time.monotonic()
             try:
                 events = self.ep.poll()
             except InterruptedError:
                 continue
+            if activity is not None and time.monotonic() - slept >= self.IDLE_SECONDS:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(activity, 1)
             for fd, _ in events:
                 if fd == sock_fd:
                     if not self._control():
@@ -511,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     level = int(os.environ.get("VHOST_QUEUEPROC_LOG_LEVEL", str(logging.INFO)))
     logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    return PoolWorker(socket.socket(fileno=fd)).serve()
+    activity = int(argv[2]) if len(argv) > 2 else None
+    return PoolWorker(socket.socket(fileno=fd), activity).serve()
 
 
 if __name__ == "__main__":

@@ -32,10 +32,12 @@ which live in the frontend's memory, let the next server resubmit what was in fl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import queue as jobqueue
+import select
 import socket
 import subprocess
 import sys
@@ -76,10 +78,13 @@ class WorkerProcess:
     reply_timeout = REPLY_TIMEOUT
     drain_timeout = 30.0
 
-    def __init__(self, number: int, spawn: Callable[[list[str], int],
-                                                   subprocess.Popen[bytes]]) -> None:
-        """``spawn(argv, fd)`` starts the process with ``fd`` passed (on the pool's spawner
-        thread: see :class:`Spawner`)."""
+    def __init__(self, number: int, spawn: Callable[[list[str], list[int]],
+                                                   subprocess.Popen[bytes]],
+                 activity_fd: int) -> None:
+        """``spawn(argv, fds)`` starts the process with ``fds`` passed (on the pool's
+        spawner thread: see :class:`Spawner`); ``activity_fd``: the eventfd it writes when a
+        queue wakes it after a second or more of sleep (see :meth:`PoolRunner.
+        start_rebalancing`)."""
         self.number = number
         self.queues: dict[QueueKey, PooledQueue] = {}
         #: Connections whose state this worker has (a queue of theirs runs there).
@@ -91,7 +96,8 @@ class WorkerProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = spawn([sys.executable, "-m", "vhost.runner.poolworker",
-                               str(theirs.fileno()), str(os.getpid())], theirs.fileno())
+                               str(theirs.fileno()), str(os.getpid()), str(activity_fd)],
+                              [theirs.fileno(), activity_fd])
         finally:
             theirs.close()
         self.sock: socket.socket | None = ours
@@ -264,16 +270,17 @@ class Spawner:
     """
 
     def __init__(self) -> None:
-        self._jobs: jobqueue.SimpleQueue[tuple[list[str], int, Future[subprocess.Popen[bytes]]]
-                                      | None] = jobqueue.SimpleQueue()
+        self._jobs: jobqueue.SimpleQueue[
+            tuple[list[str], list[int], Future[subprocess.Popen[bytes]]] | None
+        ] = jobqueue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="pool-spawner", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            argv, fd, future = job
+            argv, fds, future = job
             try:
-                proc = subprocess.Popen(argv, pass_fds=[fd], env={
+                proc = subprocess.Popen(argv, pass_fds=fds, env={
                     **os.environ,
                     "VHOST_QUEUEPROC_LOG_LEVEL": str(logging.getLogger().getEffectiveLevel())})
             except BaseException as exc:
@@ -281,9 +288,9 @@ class Spawner:
             else:
                 future.set_result(proc)
 
-    def spawn(self, argv: list[str], fd: int) -> subprocess.Popen[bytes]:
+    def spawn(self, argv: list[str], fds: list[int]) -> subprocess.Popen[bytes]:
         future: Future[subprocess.Popen[bytes]] = Future()
-        self._jobs.put((argv, fd, future))
+        self._jobs.put((argv, fds, future))
         return future.result()
 
     def close(self) -> None:
@@ -309,6 +316,12 @@ class PoolRunner:
         #: Queues moved so far (by rebalance or move_queue).
         self.moves = 0
         self._spawner: Spawner | None = None
+        #: Written by a worker when a queue wakes it after a second or more of sleep.
+        self._activity = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: Wakes the rebalancing thread to end.
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: Requests per second over every worker at the last rebalancing look.
+        self.last_rate = 0.0
 
     def connection(self, device: Device, state: ConnectionState | None = None) -> PoolConnection:
         """The runner of one new frontend connection to ``device``."""
@@ -332,7 +345,7 @@ class PoolRunner:
                 self._spawned += 1
                 if self._spawner is None:
                     self._spawner = Spawner()
-                worker = WorkerProcess(self._spawned, self._spawner.spawn)
+                worker = WorkerProcess(self._spawned, self._spawner.spawn, self._activity)
                 self.workers.append(worker)
                 return worker
             if not workers:
@@ -388,6 +401,7 @@ class PoolRunner:
                 for queue in list(worker.queues.values()):
                     per_queue[queue] = self._rate(queue, now, sample=True)
                     loads[worker] += per_queue[queue]
+            self.last_rate = sum(loads.values())
             if len(loads) < 2:
                 return None
             busy = max(loads, key=lambda w: loads[w])
@@ -405,9 +419,26 @@ class PoolRunner:
         return key
 
     def start_rebalancing(self, interval: float = 1.0) -> None:
-        """Call :meth:`rebalance` every ``interval`` seconds on a thread of its own."""
+        """Call :meth:`rebalance` every ``interval`` seconds on a thread of its own -- while
+        any queue takes requests: after a look that found every queue idle, the thread sleeps
+        until a worker says a queue woke it after a second or more of sleep (an eventfd each
+        worker writes then, and only then), so an idle server has no timer at all.  (A worker
+        that woke just before a look and had not published its first batch yet is taken for
+        idle; it says so again after its next second of sleep.)"""
+        def idle_wait() -> bool:
+            """Sleep until a worker is active again; False if rebalancing is to end."""
+            ready, _, _ = select.select([self._activity, self._wake], [], [])
+            if self._wake in ready:
+                return False
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._activity)
+            self.rates(sample=True)  # the rate from now on, not over the idle time
+            return True
+
         def loop() -> None:
             while not self._stop_rebalancing.wait(interval):
+                with contextlib.suppress(BlockingIOError):  # activity from now on counts
+                    os.eventfd_read(self._activity)
                 try:
                     moved = self.rebalance()
                 except RunnerError as exc:  # (the queue stopped meanwhile, say)
@@ -418,6 +449,8 @@ class PoolRunner:
                     continue
                 if moved is not None:
                     log.info("rebalancing: moved queue %s", moved)
+                elif self.last_rate == 0.0 and not idle_wait():
+                    return
 
         self._stop_rebalancing.clear()
         self._rebalancer = threading.Thread(target=loop, name="pool-rebalance", daemon=True)
@@ -426,6 +459,8 @@ class PoolRunner:
     def close(self) -> None:
         """End every worker process (the daemon is stopping; its queues stopped first)."""
         self._stop_rebalancing.set()
+        if self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
         if self._rebalancer is not None:
             self._rebalancer.join(5)
         with self._lock:
@@ -435,6 +470,10 @@ class PoolRunner:
             if self._spawner is not None:
                 self._spawner.close()
                 self._spawner = None
+            for fd in (self._activity, self._wake):
+                if fd >= 0:
+                    os.close(fd)
+            self._activity = self._wake = -1
 
     def _drop_if_empty(self, worker: WorkerProcess) -> None:
         """A dead worker leaves the pool once its queues are stopped."""

@@ -382,3 +382,32 @@ def test_pool_options_out_of_range_are_usage_errors(tmp_path, option: str, value
     proc = run("--socket", tmp_path / "s.sock", "--image", image, "--queue-processes", "pool",
                option, value)
     assert_one_line_error(proc, said)
+
+
+def test_rebalancing_sleeps_while_idle_and_wakes_with_the_load(make_blk: MakeBlk,
+                                                               pool: PoolRunner) -> None:
+    a, _ = _two_queues(make_blk, pool)
+    b, _ = _two_queues(make_blk, pool)
+    assert _queue(a, 0).worker is _queue(b, 0).worker
+    pool.start_rebalancing(interval=0.05)
+    thread = pool._rebalancer
+    assert thread is not None and thread.native_id is not None
+
+    def switches() -> int:
+        with open(f"/proc/self/task/{thread.native_id}/status") as f:
+            return next(int(line.split()[1]) for line in f
+                        if line.startswith("voluntary_ctxt_switches:"))
+
+    time.sleep(1.5)  # a look finds everything idle; the workers sleep past IDLE_SECONDS
+    before = switches()
+    time.sleep(1.0)
+    assert switches() - before <= 1  # no timer while idle (0.05 s would be ~20)
+    deadline = time.monotonic() + 10
+    i = 0
+    while pool.moves == 0:  # both queue 0s busy on one worker: woken, it moves one
+        assert time.monotonic() < deadline, "rebalancing did not wake up with the load"
+        assert a.drv.read(i % 64, 512).status == Status.OK
+        assert b.drv.read(i % 64, 512).status == Status.OK
+        i += 1
+    assert {_queue(a, 0).worker, _queue(b, 0).worker} == set(pool.workers)
+    assert a.drv.read(0, 4096).data == a.file(0, 4096)
