@@ -220,7 +220,9 @@ def measure(count: int, mode: str, workers: int | None, seconds: float,
                 raise RuntimeError(f"{errors} requests completed with an error status")
             if any(ld.done == 0 for ld in loads):
                 raise RuntimeError("an export served no request")
-            time.sleep(1.0)  # the last completions settle
+            # The last completions settle, and rebalancing takes its last look (which finds
+            # every queue idle: it then sleeps until a queue is busy again).
+            time.sleep(1.0 + 2 * rebalance)
             pids = [server.pid, *_children(server.pid)]
             before = sum(voluntary_switches(pid) for pid in pids)
             time.sleep(idle)
