@@ -589,7 +589,7 @@ class PoolConnection:
             except QueueProcessError as exc:
                 worker.kill(str(exc))
         queue.refresh(dirty=False)
-        del worker.queues[queue.key]
+        worker.queues.pop(queue.key, None)
         if not any(k.conn == self.conn for k in worker.queues):
             worker.conns.discard(self.conn)
         queue.close_counters()
@@ -632,18 +632,18 @@ class PoolConnection:
             del self.queues[key]
             stopped, drained = self._stop_queue(queue)
             if not drained or stopped.broken:
-                queue.spec.err.signal()
+                self._moved_broken(queue, stopped.base)
                 raise RunnerError(f"queue {key} did not stop cleanly on pool worker "
                                   f"{source.number}; not moved")
-            spec = dataclasses.replace(queue.spec, base=stopped.base,
-                                       log_addr=queue.spec.log_addr)
+            spec = dataclasses.replace(queue.spec, base=stopped.base)
             try:
                 moved = self._start_on(spec, target)
-            except RunnerError as exc:
+            except Exception as exc:
                 log.error("queue %s: could not restart on pool worker %d: %s", key,
                           target.number, exc)
-                queue.spec.err.signal()
-                raise
+                self._moved_broken(queue, stopped.base)
+                raise RunnerError(f"queue {key} could not restart on pool worker "
+                                  f"{target.number}: {exc}") from exc
             # The handler's vring keeps the object it got at start: carry it over.
             carried = queue.remote_log.pages
             queue.__dict__.update(moved.__dict__)
@@ -654,6 +654,15 @@ class PoolConnection:
             log.info("queue %s moved from pool worker %d to %d at avail %d", key,
                      source.number, target.number, stopped.base)
             return target
+
+    def _moved_broken(self, queue: PooledQueue, base: int) -> None:
+        """A move failed: the queue stays known, stopped and broken at ``base`` (what the
+        handler's GET_VRING_BASE then answers), and the driver is told."""
+        queue.dead = True
+        queue.last_avail = base
+        queue.vq = RemoteQueue(base, True)
+        self.queues[queue.key] = queue
+        queue.spec.err.signal()
 
     def ring_state(self, key: QueueKey, timeout: float = 1.0) -> dict[str, int]:
         queue = self.queues.get(key)

@@ -441,3 +441,22 @@ def test_many_exports_measures_a_server(monkeypatch: pytest.MonkeyPatch) -> None
     assert row.processes == 2  # the server and its one worker
     assert row.iops > 0 and row.pss_mib > row.pss_without_guest_mib > 10
     assert row.idle_wakeups_per_s <= 1
+
+
+def test_a_failed_move_leaves_the_queue_broken_where_it_stopped(make_blk: MakeBlk,
+                                                                pool: PoolRunner) -> None:
+    from vhost.runner.base import RunnerError
+
+    env, drv1 = _two_queues(make_blk, pool)
+    for i in range(3):
+        assert drv1.read(i, 512).status == Status.OK
+    dead = _queue(env, 0).worker
+    assert _queue(env, 1).worker is not dead
+    os.kill(dead.pid, signal.SIGKILL)
+    _wait(lambda: dead.died, "the worker's death to be noticed")
+    with pytest.raises(RunnerError):
+        pool.move_queue(_key(env, 1), target=dead)
+    _wait(drv1.queue.err_signalled, "the err eventfd of queue 1")
+    assert env.frontend.get_vring_base(1) == 3  # where it stopped, for a restart
+    env.frontend.restart_queue(drv1.queue, 3)
+    assert drv1.read(8, 4096).data == env.file(8 * 512, 4096)
