@@ -201,6 +201,15 @@ def packed_seeds() -> None:
     ring4 = [desc(0x8000, 0, 0, 0, mark=4)] * 3 + [desc(p.TABLE_GPA[0], 48, 1, 4)]
     save("packed_ring", bytes([3, 5, 3]) + b"".join(ring4) + tables + hs + events + area
          + bytes([0]))
+    # An area with nothing in flight and entry 3 on no list (free list 0 -> 1 -> 2): refused at
+    # the start.  (Accepted once: the second chain ran the free list dry and the fast path's
+    # claim raised QueueError out of the worker pass.)
+    leaky = bytes([0x84, 0, 0, 0, 0, 1, 1, 0, 0])
+    leaky += (bytes([0x80, 0xC5, 0, 0, 0]) + desc(0x8000, 0, 0, 0, mark=None)) * 2
+    ring4 = [desc(hdr[0], 16, 1, nxt), desc(0x8000, 4096, 1, nxt | wr), desc(st, 1, 1, wr),
+             desc(p.TABLE_GPA[0], 48, 2, 4)]
+    save("packed_ring", bytes([3, 5, 0]) + b"".join(ring4) + tables + hs + events + leaky
+         + bytes([0]))
     # A ring of 3 (no in-flight area), an id out of range in the second chain.
     ring3 = [desc(hdr[0], 16, 0, nxt), desc(st, 1, 0, wr), desc(p.TABLE_GPA[0], 48, 7, 4)]
     save("packed_ring", bytes([6, 1, 0]) + b"".join(ring3) + tables + hs + events + bytes([0]))
