@@ -15,7 +15,7 @@ the queue is marked ``broken`` and stays so until the driver resets it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -208,7 +208,7 @@ class Queue(Protocol):
         """Drop every view of guest memory so it can be unmapped."""
 
 
-def simple_chains(queue: Queue, max_pieces: int) -> Iterator[SimpleChain]:
+def simple_chains(queue: Queue, max_pieces: int) -> Generator[SimpleChain, None, None]:
     """The simple chains available now, in ring order, for one pass of a fast path: what
     :meth:`Queue.peek_simple` returns, one after the other.  Asking for the next chain claims
     the one before (as :meth:`Queue.claim` does): the consumer keeps a chain by asking for the
@@ -226,7 +226,7 @@ def simple_chains(queue: Queue, max_pieces: int) -> Iterator[SimpleChain]:
     return _peeked(queue, max_pieces)
 
 
-def _peeked(queue: Queue, max_pieces: int) -> Iterator[SimpleChain]:
+def _peeked(queue: Queue, max_pieces: int) -> Generator[SimpleChain, None, None]:
     """:func:`simple_chains` built on :meth:`Queue.peek_simple` and :meth:`Queue.claim`."""
     while (chain := queue.peek_simple(max_pieces)) is not None:
         yield chain

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import NoReturn
 
 from guestmem import AccessError, GuestMemory, GuestRegion
@@ -303,7 +303,7 @@ class SplitQueue:
         head = self._avail[2 + (next_avail & self._mask)]
         return self._simple(head, max_pieces) or self._peek_walked(head, max_pieces)
 
-    def simple_chains(self, max_pieces: int) -> Iterator[SimpleChain]:
+    def simple_chains(self, max_pieces: int) -> Generator[SimpleChain, None, None]:
         """:meth:`peek_simple` for a whole pass (see :func:`vhost.queue.base.simple_chains`):
         each chain available now while it is simple, in ring order; asking for the next one
         claims the one before (what :meth:`claim` does, inline: a call per request spared).
