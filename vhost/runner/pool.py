@@ -93,6 +93,27 @@ def _raw_region(region: RegionFields) -> ipc.RawRegion:
             region.mmap_offset)
 
 
+def send_and_wait(sock: socket.socket, send_lock: threading.Lock, replies: ipc.Replies,
+                  msg: ipc.Request, fds: Sequence[int], timeout: float,
+                  who: str) -> ipc.Reply:
+    """Send ``msg`` numbered by ``replies`` and wait for *its* reply: Gone if the send fails
+    (the process is gone), QueueProcessError naming ``who`` if no answer comes in ``timeout``
+    (a reply coming later is dropped, never taken for another request's).  One copy for a
+    queue process and a pool worker."""
+    seq = replies.expect()
+    with send_lock:
+        try:
+            ipc.send(sock, ipc.numbered(msg, seq), fds)
+        except OSError:
+            replies.forget(seq)
+            return ipc.Gone()
+    reply = replies.wait(seq, timeout)
+    if reply is None:
+        raise QueueProcessError(f"{who}: no answer to {msg.kind} (request {seq}) in "
+                                f"{timeout:g} s")
+    return reply
+
+
 class StartFields(TypedDict):
     """The part of :class:`~vhost.runner.ipc.Start` that :class:`KeptState` describes."""
 
@@ -346,19 +367,9 @@ class QueueProcessWorker:
             raise TypeError(f"not a request to a running queue process: {msg!r}")
         if self.died or self.sock is None:
             return ipc.Gone()
-        seq = self.replies.expect()
-        with self._send_lock:
-            try:
-                ipc.send(self.sock, ipc.numbered(msg, seq), fds)
-            except OSError:
-                self.replies.forget(seq)
-                return ipc.Gone()
-        timeout = self.reply_timeout if timeout is None else timeout
-        reply = self.replies.wait(seq, timeout)
-        if reply is None:
-            raise QueueProcessError(f"queue {self.index}: no answer to {msg.kind} "
-                                    f"(request {seq}) in {timeout:g} s")
-        return reply
+        return send_and_wait(self.sock, self._send_lock, self.replies, msg, fds,
+                             self.reply_timeout if timeout is None else timeout,
+                             f"queue {self.index}")
 
     def kill(self, why: str) -> None:
         """End a process that cannot be trusted to have applied a request (logged)."""

@@ -64,6 +64,7 @@ from vhost.runner.pool import (
     QueueProcessError,
     RemoteQueue,
     StartFields,
+    send_and_wait,
 )
 
 if TYPE_CHECKING:
@@ -127,19 +128,9 @@ class WorkerProcess:
         sock = self.sock
         if self.died or sock is None:
             return ipc.Gone()
-        seq = self.replies.expect()
-        with self._send_lock:
-            try:
-                ipc.send(sock, ipc.numbered(msg, seq), fds)
-            except OSError:
-                self.replies.forget(seq)
-                return ipc.Gone()
-        timeout = self.reply_timeout if timeout is None else timeout
-        reply = self.replies.wait(seq, timeout)
-        if reply is None:
-            raise QueueProcessError(f"pool worker {self.number}: no answer to {msg.kind} "
-                                    f"(request {seq}) in {timeout:g} s")
-        return reply
+        return send_and_wait(sock, self._send_lock, self.replies, msg, fds,
+                             self.reply_timeout if timeout is None else timeout,
+                             f"pool worker {self.number}")
 
     def _read_loop(self) -> None:
         sock = self.sock
