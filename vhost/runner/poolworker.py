@@ -38,7 +38,6 @@ import contextlib
 import logging
 import os
 import select
-import signal
 import socket
 import sys
 import time
@@ -57,7 +56,6 @@ from vhost.runner.process import (
     REFUSALS,
     PublishingQueue,
     _close,
-    _die_with_parent,
     _exit_now,
     apply_add_region,
     apply_log_base,
@@ -65,6 +63,7 @@ from vhost.runner.process import (
     apply_mem_table,
     apply_notifier,
     apply_remove_region,
+    child_socket,
     map_connection,
     resolve,
 )
@@ -472,18 +471,11 @@ class PoolWorker:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    fd = int(argv[0])
-    parent = int(argv[1]) if len(argv) > 1 else None
-    _die_with_parent()
-    if parent is not None and os.getppid() != parent:
+    sock = child_socket(argv)
+    if sock is None:
         return 1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    level = int(os.environ.get("VHOST_QUEUEPROC_LOG_LEVEL", str(logging.INFO)))
-    logging.basicConfig(level=level,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     activity = int(argv[2]) if len(argv) > 2 else None
-    return PoolWorker(socket.socket(fileno=fd), activity).serve()
+    return PoolWorker(sock, activity).serve()
 
 
 if __name__ == "__main__":

@@ -486,20 +486,29 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def child_socket(argv: list[str]) -> socket.socket | None:
+    """A child's start (a queue process's or a pool worker's): ``argv`` is its control socket's
+    fd and the control process's pid; die with that process, leave SIGINT/SIGTERM to it, log
+    at ``VHOST_QUEUEPROC_LOG_LEVEL``.  The control socket, None if the control process died
+    before this one could ask to die with it."""
     fd = int(argv[0])
     parent = int(argv[1]) if len(argv) > 1 else None
     _die_with_parent()
     if parent is not None and os.getppid() != parent:
-        return 1  # the control process died before we could ask to die with it
+        return None  # the control process died before we could ask to die with it
     # Signals for the server go to the control process, which stops its queues in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     level = int(os.environ.get("VHOST_QUEUEPROC_LOG_LEVEL", str(logging.INFO)))
     logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    sock = socket.socket(fileno=fd)
+    return socket.socket(fileno=fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    sock = child_socket(sys.argv[1:] if argv is None else argv)
+    if sock is None:
+        return 1
     proc = QueueProcess(sock)
     try:
         msg, fds = ipc.receive(sock)
