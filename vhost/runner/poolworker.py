@@ -177,7 +177,7 @@ class PoolWorker:
         ``rest``: the fds after the queue's own (consumed)."""
         conn = HostedConn(MemoryTable(), None, None, msg.features, DirtyLogging())
         try:
-            map_connection(conn, msg, rest, packed=False)
+            map_connection(conn, msg, rest)
             target, kwargs = msg.recipe
             device_fds, rest[:] = list(rest), []
             conn.device = resolve(target)(kwargs, device_fds)

@@ -110,8 +110,7 @@ class ConnectionSide(Protocol):
     dirty_logging: DirtyLogging
 
 
-def map_connection(side: ConnectionSide, msg: ipc.Start, rest: list[int], *,
-                   packed: bool) -> None:
+def map_connection(side: ConnectionSide, msg: ipc.Start, rest: list[int]) -> None:
     """Map ``msg``'s memory table, in-flight area and dirty log into ``side`` and take its
     log-call fd, consuming their fds from the front of ``rest`` (in place, in the order the
     control process sends them); the device's fds are what is left.  ``side.inflight`` is set
@@ -126,7 +125,7 @@ def map_connection(side: ConnectionSide, msg: ipc.Start, rest: list[int], *,
         fd = rest.pop(0)
         try:
             # (made for the layout negotiated before GET_INFLIGHT_FD, which the queue has)
-            side.inflight = InflightArea.map(fd, *msg.inflight, packed=packed)
+            side.inflight = InflightArea.map(fd, *msg.inflight, packed=is_packed(msg.features))
         finally:
             os.close(fd)
     if msg.log is not None:
@@ -302,7 +301,7 @@ class QueueProcess:
         finally:
             os.close(counters)
         self.features = msg.features
-        map_connection(self, msg, rest, packed=is_packed(msg.features))
+        map_connection(self, msg, rest)
         target, kwargs = msg.recipe
         self.device = resolve(target)(kwargs, rest)
         self.device.apply_process_state(msg.state)
