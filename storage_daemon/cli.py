@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     # qemu-storage-daemon's form (storage_daemon.qsd_options), instead of --socket/--image.
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTIONS",
                    help="a block node, QSD's syntax: driver=file|raw|qcow2|rbd|nbd|python|"
-                   "delay|error|log,node-name=N,... or JSON (repeatable)")
+                   "delay|error|log|throttle,node-name=N,... or JSON (repeatable)")
+    p.add_argument("--object", action="append", default=[], metavar="OPTIONS",
+                   help="throttle-group,id=G,limits.iops-total=N,... (QEMU's ThrottleLimits; "
+                   "repeatable): a group for driver=throttle nodes")
     p.add_argument("--export", action="append", default=[], metavar="OPTIONS",
                    help="type=vhost-user-blk,id=E,node-name=N,addr.type=unix,addr.path=SOCK"
                    "[,writable=on][,num-queues=K][,logical-block-size=B] (one per server)")
@@ -161,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with options argparse cannot judge alone, by the rules of the layers that
     enforce them (so the command line and the running server never disagree)."""
+    if args.object and not (args.blockdev or args.export):
+        return "--object goes with --blockdev/--export"
     if args.blockdev or args.export:
         if args.socket is not None or args.fd is not None or args.image is not None:
             return "--blockdev/--export replace --socket/--fd/--image: use one form or the other"
@@ -266,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         control = ControlPlane(device, daemon, export_id=args.export_id,
                                node_name=args.node_name, qmp_path=args.qmp,
-                               metrics_address=args.metrics)
+                               metrics_address=args.metrics,
+                               graph=getattr(args, "graph", None))
     except ControlError as exc:
         daemon.close()
         storage.close()
@@ -310,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _open_qsd_form(args: argparse.Namespace) -> Storage:
     """The hook for qemu-storage-daemon's options: check every --blockdev and the --export,
     open the exported node, and put the export's settings where the short form keeps them."""
-    graph, export = declare(args.blockdev, args.export, MAX_QUEUES)
+    graph, export = declare(args.blockdev, args.export, MAX_QUEUES, args.object)
+    args.graph = graph
     storage = open_export(graph, export, args.io_threads)
     args.socket, args.fd = export.socket, export.fd
     args.num_queues = export.num_queues

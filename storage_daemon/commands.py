@@ -33,8 +33,9 @@ class Export(Protocol):
 
 
 #: Argument types as QAPI names them in errors.
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "str": (str,), "bool": (bool,)}
-_TYPE_NAMES = {"int": "integer", "str": "string", "bool": "boolean"}
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "str": (str,), "bool": (bool,),
+                                       "any": (object,)}
+_TYPE_NAMES = {"int": "integer", "str": "string", "bool": "boolean", "any": "any"}
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
@@ -76,7 +77,8 @@ class Commands:
         self.export = export
         self.version = version
         self._quit = quit
-        self._table: dict[str, tuple[Callable[[dict[str, Any]], Any], tuple[Param, ...]]] = {
+        self._table: dict[str, tuple[Callable[[dict[str, Any]], Any],
+                                     tuple[Param, ...] | None]] = {
             "query-version": (self._query_version, ()),
             "query-commands": (self._query_commands, ()),
             "query-block-exports": (self._query_block_exports, ()),
@@ -91,6 +93,18 @@ class Commands:
             # Read-only diagnostics (see _x_query_vhost_queues); "x-": not a stable interface.
             self._table["x-query-vhost-queues"] = (lambda _args: queue_states(), ())
 
+    def register(self, name: str, func: Callable[[dict[str, Any]], Any],
+                 params: tuple[Param, ...] | None) -> None:
+        """Add (or replace) command ``name``; ``params`` None: ``func`` checks its arguments
+        itself (object-add, whose arguments depend on ``qom-type``)."""
+        self._table[name] = (func, params)
+
+    def handler(self, name: str) -> Callable[[dict[str, Any]], Any]:
+        return self._table[name][0]
+
+    def params(self, name: str) -> tuple[Param, ...] | None:
+        return self._table[name][1]
+
     @property
     def names(self) -> list[str]:
         return ["qmp_capabilities", *self._table]
@@ -100,7 +114,8 @@ class Commands:
         if entry is None:
             raise QmpError("CommandNotFound", f"The command {name} has not been found")
         func, params = entry
-        check_arguments(args, params)
+        if params is not None:
+            check_arguments(args, params)
         return func(args)
 
     # ------------------------------------------------------------------ the commands

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from storage_daemon import version_info
+from blockdev.nodes import BlockGraph
+from storage_daemon import throttle_qmp, version_info
 from storage_daemon.commands import Commands
 from storage_daemon.export import BlockExport
 from storage_daemon.metrics import BlkCollector, MetricsServer
@@ -30,10 +31,13 @@ class ControlPlane:
     def __init__(self, device: BlkDevice, daemon: VhostUserDaemon, *, export_id: str,
                  node_name: str, qmp_path: str | None = None,
                  metrics_address: tuple[str, int] | None = None,
-                 quit: Callable[[], None] | None = None) -> None:
+                 quit: Callable[[], None] | None = None,
+                 graph: BlockGraph | None = None) -> None:
         self.export = BlockExport(export_id, node_name, device, daemon)
         self.commands = Commands(self.export, version_info(), quit or daemon.shutdown,
                                  queue_states=self.export.queue_states)
+        if graph is not None:  # the QSD form: its throttle groups (storage_daemon.throttle_qmp)
+            throttle_qmp.register(self.commands, graph, lambda: device.storage)
         self.qmp: QmpServer | None = None
         self.metrics: MetricsServer | None = None
         try:
@@ -46,6 +50,8 @@ class ControlPlane:
                 host, port = metrics_address
                 try:
                     self.metrics = MetricsServer(host, port, BlkCollector(device, daemon))
+                    self.metrics.registry.register(
+                        throttle_qmp.ThrottleCollector(lambda: device.storage))
                 except OSError as exc:
                     raise ControlError(f"--metrics {host}:{port}: "
                                        f"{exc.strerror or exc}") from exc

@@ -6,6 +6,8 @@ type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=SOCK,writable=on``
 are QSD's: ``type`` (``vhost-user-blk``), ``id``, ``node-name``, ``addr.type`` (``unix`` with
 ``addr.path``, ``fd`` with ``addr.str``: an inherited listening socket's number), ``writable``
 (default off, as in QSD), ``num-queues`` (default 1), ``logical-block-size`` (512 or 4096).
+``--object throttle-group,id=G,limits.iops-total=N,...`` (or QSD's ``x-iops-total=N``) declares
+a throttle group for ``driver=throttle`` nodes (:mod:`blockdev.throttle`).
 One export per server so far.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 from blockdev import keyval
 from blockdev.nodes import NODE_NAME, BlockGraph, NodeError, opt_bool, opt_enum, opt_int, opt_str
 from blockdev.storage import Storage
+from blockdev.throttle import ThrottleError
 
 
 class UsageError(ValueError):
@@ -82,14 +85,31 @@ def _flat(opts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def declare_object(graph: BlockGraph, text: str) -> None:
+    """One ``--object`` (QSD's syntax; ``throttle-group`` is the type served) into ``graph``."""
+    try:
+        opts: dict[str, Any] = _flat(keyval.parse_option(text, implied_key="qom-type"))
+        kind = opt_str(opts, "qom-type", required=True)
+        if kind != "throttle-group":
+            raise NodeError(f"Parameter 'qom-type' does not accept value '{kind}'")
+        object_id = opt_str(opts, "id", required=True)
+        assert object_id is not None
+        graph.groups.add(object_id, opts)
+    except (keyval.KeyvalError, NodeError, ThrottleError) as exc:
+        raise UsageError(f"--object {text}: {exc}") from None
+
+
 def declare(blockdevs: Sequence[str], exports: Sequence[str],
-            max_queues: int) -> tuple[BlockGraph, ExportOptions]:
-    """Check every ``--blockdev`` and the ``--export`` (nothing is opened yet)."""
+            max_queues: int, objects: Sequence[str] = ()) -> tuple[BlockGraph, ExportOptions]:
+    """Check every ``--object``, ``--blockdev`` and the ``--export`` (nothing is opened yet;
+    objects first, as QSD creates them first: a throttle node names its group)."""
     if len(exports) > 1:
         raise UsageError("only one export per server so far")
     if not exports:
         raise UsageError("--blockdev needs an --export to serve")
     graph = BlockGraph()
+    for text in objects:
+        declare_object(graph, text)
     for text in blockdevs:
         try:
             graph.add(keyval.parse_option(text))
