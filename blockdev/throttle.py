@@ -192,6 +192,11 @@ class Cells(Protocol):
     def __setitem__(self, index: int, value: float, /) -> None: ...
 
 
+def _slack(size: float) -> float:
+    """What a level may exceed ``size`` by through float rounding alone."""
+    return 1e-9 + size * 1e-12
+
+
 class Buckets:
     """The leaky buckets over ``cells`` (a list in tests, a shared mapping in a group).
 
@@ -250,13 +255,15 @@ class Buckets:
         # both levels only fall meanwhile, so the later of the two is when the request goes:
         # one wake-up instead of two.  (+1: a wait truncated to 0 ns would let an over-full
         # bucket through.)
+        # The levels are floats: a bucket leaked for exactly the wait it was told may be
+        # over by a rounding error, which must not cost another wake-up (hence the slack).
         wait = 0
         extra = c[o + LEVEL] - size
-        if extra > 0:
+        if extra > _slack(size):
             wait = int(extra * NS / avg) + 1
         if c[o + LEN] > 1:
             extra = c[o + BURST] - burst_size
-            if extra > 0:
+            if extra > _slack(burst_size):
                 wait = max(wait, int(extra * NS / top) + 1)
         return wait
 
