@@ -143,7 +143,10 @@ def test_group_limit_with_two_queues_busy_and_qom_set(tmp_path: Path,
 def test_object_add_and_del_over_qmp(tmp_path: Path, servers: list[Server]) -> None:
     img, sock, mon = tmp_path / "d.img", tmp_path / "s.sock", tmp_path / "qmp.sock"
     img.write_bytes(bytes(1 << 20))
-    server = Server("--blockdev", f"driver=file,node-name=f0,filename={img}",
+    # t1 names g1 but is not exported (never opened): g1 is in use all the same, as in QEMU.
+    server = Server("--object", "throttle-group,id=g1,x-iops-total=10",
+                    "--blockdev", f"driver=file,node-name=f0,filename={img}",
+                    "--blockdev", "driver=throttle,node-name=t1,throttle-group=g1,file=f0",
                     "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
                     f"addr.path={sock}", "--qmp", str(mon))
     servers.append(server)
@@ -161,7 +164,8 @@ def test_object_add_and_del_over_qmp(tmp_path: Path, servers: list[Server]) -> N
                                                                   "property": "limits"}}),
                   json.dumps({"execute": "object-add", "arguments": {
                       "qom-type": "throttle-group", "id": "g4",
-                      "limits": {"iops-total-max": 10}}}))
+                      "limits": {"iops-total-max": 10}}}),
+                  json.dumps({"execute": "object-del", "arguments": {"id": "g1"}}))
     assert replies[0] == {"return": {}}
     assert replies[1]["error"]["desc"] == ("attempt to add duplicate property 'g2' to object "
                                            "(type 'container')")
@@ -172,6 +176,7 @@ def test_object_add_and_del_over_qmp(tmp_path: Path, servers: list[Server]) -> N
     assert replies[6]["error"]["class"] == "DeviceNotFound"
     assert replies[7]["error"]["desc"] == ("bps_max/iops_max require corresponding bps/iops "
                                            "values")
+    assert replies[8]["error"]["desc"] == "object 'g1' is in use, can not be deleted"
     assert server.terminate()[0] == 0
 
 
