@@ -262,7 +262,7 @@ class BlockGraph:
                 raise NodeError("Parameter 'file' is missing")
             group = o.get("throttle-group")
             if not group:
-                raise NodeError("Please specify a throttle group")
+                raise NodeError("Parameter 'throttle-group' is missing")
             if not isinstance(group, str):
                 raise NodeError("Invalid parameter type for 'throttle-group', expected: string")
             if self.groups.get(group) is None:

@@ -405,7 +405,7 @@ class _GroupLock:
 def parse_group_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The limits of ``--object throttle-group``'s options (``id`` and ``qom-type`` removed by
     the caller): ``limits.KEY=N`` (or a ``limits`` dict, as JSON/QMP give it) and QSD's flat
-    ``x-KEY=N`` form; not both for one key."""
+    ``x-KEY=N`` form.  QSD accepts both for one key; here the later one wins."""
     limits: dict[str, Any] = {}
     for key, value in options.items():
         if key == "limits" and isinstance(value, Mapping):
@@ -419,8 +419,6 @@ def parse_group_options(options: Mapping[str, Any]) -> dict[str, Any]:
         for name, v in items:
             if name not in LIMIT_KEYS:
                 raise ThrottleError(f"Property 'throttle-group.limits.{name}' not found")
-            if name in limits:
-                raise ThrottleError(f"Property '{name}' is set twice")
             limits[name] = v
     return limits
 

@@ -196,4 +196,4 @@ def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(proc, "Parameter 'qom-type' does not accept value 'iothread'")
     proc = run("--blockdev", file, "--blockdev", "driver=throttle,node-name=t0,file=f0",
                "--export", export)
-    assert_one_line_error(proc, "Please specify a throttle group")
+    assert_one_line_error(proc, "Parameter 'throttle-group' is missing")
