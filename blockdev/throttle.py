@@ -344,10 +344,13 @@ class ThrottleGroup:
         with self._locked():
             return self.buckets.request(is_write, size, self.clock())
 
-    def add_held(self, ns: int) -> None:
-        """Time requests of this group spent held (the group's total, all processes)."""
+    def add_held(self, ns: int, node: Cells | None = None) -> None:
+        """Time a request of this group spent held: to the group's total and to ``node``'s
+        counter (cell 0), all processes."""
         with self._locked():
             self._cells[HELD_NS] += ns
+            if node is not None:
+                node[0] += ns
 
     @property
     def held_ns(self) -> int:

@@ -12,24 +12,25 @@ limits had them wait for.  Flushes are not throttled (as in QEMU); reads count a
 writes, discards and write-zeroes as writes.
 
 The time each request spent held is added up per node (``throttled_ns``, shown in
-query-blockstats and the metrics) and per group.
+query-blockstats and the metrics) and per group, both in shared memory: a throttle node over a
+raw file is served by queue processes too (:meth:`virtio_blk.device.BlkDevice.process_recipe`
+passes the group's and the node's fds), and they all draw on the one budget.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import select
-import threading
 from collections import deque
-from typing import Any
 
 from blockdev.engine import Engine, IoOp
 from blockdev.filters import FilterEngine, FilterStorage
 from blockdev.libc import timerfd_arm, timerfd_create
 from blockdev.ops import OpKind
 from blockdev.storage import Storage
-from blockdev.throttle import ThrottleGroup
+from blockdev.throttle import Cells, ThrottleGroup
 
 #: The longest a held request waits before asking its group again (seconds).
 RECHECK = 0.2
@@ -38,44 +39,47 @@ RECHECK = 0.2
 class ThrottleStorage(FilterStorage):
     """A throttle node over ``child``, in ``group`` (which it does not own)."""
 
-    def __init__(self, child: Storage, name: str, group: ThrottleGroup) -> None:
+    def __init__(self, child: Storage, name: str, group: ThrottleGroup,
+                 held_fd: int | None = None) -> None:
+        """``held_fd``: in a queue process, the node's held-time counter the control process
+        made (:attr:`held_fd`); taken."""
         super().__init__(child, name)
         self.group = group
-        self._engines: list[ThrottleEngine] = []
-        self._lock = threading.Lock()
-        self._closed_held_ns = 0
+        if held_fd is None:
+            held_fd = os.memfd_create(f"throttle-held-{name}", os.MFD_CLOEXEC)
+            os.ftruncate(held_fd, 8)
+        #: The node's held time (ns, one float64) in shared memory: queue processes add to it
+        #: under the group's lock, and the control process reads it for query-blockstats.
+        self.held_fd = held_fd
+        self._held_map = mmap.mmap(held_fd, 8, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        self._held = memoryview(self._held_map).cast("d")
         group.users.add(name)
 
     def wrap(self, engine: Engine, queue_index: int) -> Engine:
-        wrapped = ThrottleEngine(engine, self.group, self._retire)
-        with self._lock:
-            self._engines.append(wrapped)
-        return wrapped
-
-    def _retire(self, engine: ThrottleEngine) -> None:
-        with self._lock:
-            if engine in self._engines:
-                self._engines.remove(engine)
-                self._closed_held_ns += engine.held_ns
+        return ThrottleEngine(engine, self.group, self._held)
 
     @property
     def throttled_ns(self) -> int:
-        """Nanoseconds requests of this node spent held, all queues (closed ones included)."""
-        with self._lock:
-            return self._closed_held_ns + sum(e.held_ns for e in self._engines)
+        """Nanoseconds requests of this node spent held, every queue of every process."""
+        return int(self._held[0])
 
     def close(self) -> None:
         self.group.users.discard(self.name)
-        super().close()
+        try:
+            super().close()
+        finally:
+            self._held.release()
+            self._held_map.close()
+            os.close(self.held_fd)
 
 
 class ThrottleEngine(FilterEngine):
-    def __init__(self, child: Engine, group: ThrottleGroup,
-                 retire: Any = None) -> None:
+    def __init__(self, child: Engine, group: ThrottleGroup, node_held: Cells) -> None:
         super().__init__(child)
         self.group = group
         self.name = f"{child.name}+throttle"
-        self._retire = retire
+        self._node_held = node_held
         #: (op, when it was held (ns), is_write, size), in arrival order.
         self._held: deque[tuple[IoOp, int, bool, int]] = deque()
         self.held_ns = 0
@@ -126,7 +130,7 @@ class ThrottleEngine(FilterEngine):
             held.popleft()
             took = self.group.clock() - since
             self.held_ns += took
-            self.group.add_held(took)
+            self.group.add_held(took, self._node_held)
             if self.child.submit(op):
                 out.append(op)
             else:
@@ -142,6 +146,4 @@ class ThrottleEngine(FilterEngine):
         done = super().close(timeout)
         self._ep.close()
         os.close(self._timer)
-        if self._retire is not None:
-            self._retire(self)
         return done

@@ -24,6 +24,7 @@ from blockdev.images import FORMATS
 from blockdev.images import create as create_by_format
 from blockdev.spec import FileSpec, SpecError, parse_image
 from blockdev.storage import FileStorage, Storage, StorageError
+from blockdev.throttle_filter import ThrottleStorage
 from storage_daemon.metrics import parse_address
 from storage_daemon.plane import ControlError, ControlPlane
 from storage_daemon.qsd_options import UsageError, declare, open_export
@@ -246,10 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 storage.close()
                 return fail(str(exc))
             log.warning("%s; serving it unlocked", exc)
+    raw = storage.child if isinstance(storage, ThrottleStorage) else storage
     if args.queue_processes == "on" and not (
-            isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)):
+            isinstance(raw, FileStorage) and isinstance(raw.disk, Disk)):
         storage.close()
-        return fail("--queue-processes on serves raw image files only")
+        return fail("--queue-processes on serves raw image files only (or a throttle node "
+                    "over one)")
     device = BlkDevice(
         storage,
         num_queues=args.num_queues,

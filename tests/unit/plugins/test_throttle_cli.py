@@ -5,10 +5,13 @@ query-blockstats and the metrics show the time requests were held."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tests.unit.cli_harness import Server, assert_one_line_error, qmp, run
 from vhost_frontend import Frontend, FrontendMemory
@@ -77,8 +80,11 @@ class Load:
             t.join(10)
 
 
-def test_group_limit_with_two_queues_busy_and_qom_set(tmp_path: Path,
-                                                      servers: list[Server]) -> None:
+@pytest.mark.parametrize("processes", ["off", "on"])
+def test_group_limit_with_two_queues_busy_and_qom_set(tmp_path: Path, servers: list[Server],
+                                                      processes: str) -> None:
+    """Queue threads, then queue processes (one per queue, sharing the group's budget and the
+    node's held time through shared memory)."""
     img, sock, mon = tmp_path / "d.img", tmp_path / "s.sock", tmp_path / "qmp.sock"
     img.write_bytes(bytes(1 << 20))
     port = _free_port()
@@ -88,7 +94,7 @@ def test_group_limit_with_two_queues_busy_and_qom_set(tmp_path: Path,
         "--blockdev", "driver=throttle,node-name=t0,throttle-group=tg0,file=f0",
         "--export", f"type=vhost-user-blk,id=e0,node-name=t0,addr.type=unix,addr.path={sock},"
                     "num-queues=2",
-        "--qmp", str(mon), "--metrics", f"127.0.0.1:{port}")
+        "--qmp", str(mon), "--metrics", f"127.0.0.1:{port}", "--queue-processes", processes)
     servers.append(server)
     server.started()
     fe = Frontend(sock)
@@ -100,6 +106,9 @@ def test_group_limit_with_two_queues_busy_and_qom_set(tmp_path: Path,
         drivers = [BlkDriver(fe, fe.setup_queue(i, size=64), mem) for i in range(2)]
         load = Load(drivers)
         time.sleep(0.5)  # past the group's initial burst (avg/10)
+        children = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
+                                  text=True, check=False).stdout.split()
+        assert len(children) == (2 if processes == "on" else 0)
         before = load.rate(2.5)
         (reply,) = qmp(mon, json.dumps({"execute": "qom-set", "arguments": {
             "path": "tg0", "property": "limits", "value": {"iops-total": 400}}}))
@@ -108,7 +117,8 @@ def test_group_limit_with_two_queues_busy_and_qom_set(tmp_path: Path,
         after = load.rate(2.5)
         load.stop()
         assert load.failed == 0
-        print(f"limit 200: {before:.1f} IOPS; after qom-set to 400: {after:.1f} IOPS")
+        print(f"queue processes {processes}: limit 200: {before:.1f} IOPS; after qom-set to "
+              f"400: {after:.1f} IOPS")
         assert 200 * 0.85 <= before <= 200 * 1.15, before
         assert 400 * 0.85 <= after <= 400 * 1.15, after
         got, stats = qmp(mon, json.dumps({"execute": "qom-get", "arguments": {
