@@ -34,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -426,6 +427,11 @@ def parse_group_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return limits
 
 
+#: QEMU's id_wellformed() (a letter, then letters, digits, '-', '.', '_'), with a length cap:
+#: the id names the group's memfd, whose name the kernel limits to 249 bytes.
+OBJECT_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
+
+
 class ThrottleGroups:
     """The throttle-group objects of one server, by id (``--object``, ``object-add``)."""
 
@@ -436,6 +442,8 @@ class ThrottleGroups:
     def add(self, group_id: str, options: Mapping[str, Any]) -> ThrottleGroup:
         """A new group from ``--object throttle-group``'s options without ``id``/``qom-type``
         (ThrottleError, QEMU's words, for a duplicate id or wrong limits)."""
+        if not isinstance(group_id, str) or not OBJECT_ID.fullmatch(group_id):
+            raise ThrottleError("Parameter 'id' expects an identifier")
         if group_id in self.groups:
             raise ThrottleError(f"attempt to add duplicate property '{group_id}' to object "
                                 "(type 'container')")

@@ -181,6 +181,10 @@ def test_groups_registry_duplicate_and_in_use():
         groups.delete("h", in_use=False)
     groups.delete("g", in_use=False)
     assert groups.get("g") is None
+    for bad in ("", "9g", "a\x00b", "a/b", "x" * 200):
+        with pytest.raises(ThrottleError, match="Parameter 'id' expects an identifier"):
+            groups.add(bad, {})
+    assert groups.groups == {}
 
 
 # ---------------------------------------------------------------------- properties
