@@ -168,11 +168,10 @@ def _integer(key: str, raw: Any) -> int:
         raise ThrottleError(f"Invalid parameter type for '{key}', expected: integer")
     if isinstance(raw, int):
         return raw
-    if isinstance(raw, str):
-        try:
-            return int(raw.strip(), 10)
-        except ValueError:
-            pass
+    if isinstance(raw, str):  # the command line's text (QMP gives numbers)
+        text = raw.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 20:
+            return int(text, 10)
         raise ThrottleError(f"Parameter '{key}' expects an integer")
     raise ThrottleError(f"Invalid parameter type for '{key}', expected: integer")
 
@@ -412,7 +411,9 @@ def parse_group_options(options: Mapping[str, Any]) -> dict[str, Any]:
     ``x-KEY=N`` form.  QSD accepts both for one key; here the later one wins."""
     limits: dict[str, Any] = {}
     for key, value in options.items():
-        if key == "limits" and isinstance(value, Mapping):
+        if key == "limits":
+            if not isinstance(value, Mapping):
+                raise ThrottleError("Invalid parameter type for 'limits', expected: object")
             items = list(value.items())
         elif key.startswith("limits."):
             items = [(key.removeprefix("limits."), value)]

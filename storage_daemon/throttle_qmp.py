@@ -51,6 +51,14 @@ def throttle_nodes(storage: Storage | None) -> list[ThrottleStorage]:
     return found
 
 
+def _numbers_only(limits: dict[str, Any], prefix: str) -> None:
+    """QMP's visitor: a limit is a JSON integer (text is the command line's form only)."""
+    for key, value in limits.items():
+        if isinstance(value, str):
+            raise generic_error(f"Invalid parameter type for '{prefix}{key}', expected: "
+                                "integer")
+
+
 class ThrottleCommands:
     """The handlers; ``storage()`` gives the exported storage (for its throttled time)."""
 
@@ -72,6 +80,9 @@ class ThrottleCommands:
                                 "Invalid parameter type for 'id', expected: string")
         if kind != "throttle-group":
             raise generic_error(f"Parameter 'qom-type' does not accept value '{kind}'")
+        limits = opts.get("limits")
+        _numbers_only(limits if isinstance(limits, dict) else {}, "")
+        _numbers_only({k: v for k, v in opts.items() if k != "limits"}, "")
         try:
             self.graph.groups.add(group_id, opts)
         except ThrottleError as exc:
@@ -107,6 +118,7 @@ class ThrottleCommands:
         value = args["value"]
         if not isinstance(value, dict):
             raise generic_error("Invalid parameter type for 'limits', expected: object")
+        _numbers_only(value, "")
         try:
             group.set_limits(value)
         except ThrottleError as exc:

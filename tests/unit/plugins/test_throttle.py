@@ -121,6 +121,8 @@ def test_unlimited_never_waits():
     ({"iops-read-max-length": 1 << 32},
      "iops-read-max-length value must be in the range [0, 4294967295]"),
     ({"iops-total": "ten"}, "Parameter 'iops-total' expects an integer"),
+    ({"iops-total": "\u0663"}, "Parameter 'iops-total' expects an integer"),  # not ASCII
+    ({"iops-total": "-5"}, "Parameter 'iops-total' expects an integer"),
     ({"iops-total": 1.5}, "Invalid parameter type for 'iops-total', expected: integer"),
     ({"iops": 1}, "Parameter 'limits.iops' is unexpected"),
 ])

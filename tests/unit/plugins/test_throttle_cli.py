@@ -175,7 +175,11 @@ def test_object_add_and_del_over_qmp(tmp_path: Path, servers: list[Server]) -> N
                   json.dumps({"execute": "object-add", "arguments": {
                       "qom-type": "throttle-group", "id": "g4",
                       "limits": {"iops-total-max": 10}}}),
-                  json.dumps({"execute": "object-del", "arguments": {"id": "g1"}}))
+                  json.dumps({"execute": "object-del", "arguments": {"id": "g1"}}),
+                  json.dumps({"execute": "qom-set", "arguments": {
+                      "path": "g1", "property": "limits", "value": {"iops-total": "5"}}}),
+                  json.dumps({"execute": "object-add", "arguments": {
+                      "qom-type": "throttle-group", "id": "g5", "limits": [1]}}))
     assert replies[0] == {"return": {}}
     assert replies[1]["error"]["desc"] == ("attempt to add duplicate property 'g2' to object "
                                            "(type 'container')")
@@ -187,6 +191,10 @@ def test_object_add_and_del_over_qmp(tmp_path: Path, servers: list[Server]) -> N
     assert replies[7]["error"]["desc"] == ("bps_max/iops_max require corresponding bps/iops "
                                            "values")
     assert replies[8]["error"]["desc"] == "object 'g1' is in use, can not be deleted"
+    assert replies[9]["error"]["desc"] == ("Invalid parameter type for 'iops-total', "
+                                           "expected: integer")  # QMP gives numbers
+    assert replies[10]["error"]["desc"] == ("Invalid parameter type for 'limits', expected: "
+                                            "object")
     assert server.terminate()[0] == 0
 
 
