@@ -206,6 +206,22 @@ class Buckets:
 
     def __init__(self, cells: Cells) -> None:
         self.c = cells
+        # The buckets with a limit (all, read, write), for the configuration generation
+        # ``_gen``: a request walks only those (most groups limit one or two of six).
+        self._gen = -1.0
+        self._active: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = ((), (), ())
+
+    def active(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(every limited bucket, a read's, a write's), recomputed when the limits changed
+        (in any process: the generation is in the shared cells)."""
+        c = self.c
+        if c[GEN] != self._gen:
+            limited = [i for i in range(len(BUCKETS)) if c[HEADER + 5 * i + AVG]]
+            self._active = (tuple(limited),
+                            tuple(i for i in DIRECTION_BUCKETS[False] if i in limited),
+                            tuple(i for i in DIRECTION_BUCKETS[True] if i in limited))
+            self._gen = c[GEN]
+        return self._active
 
     def configure(self, cfg: ThrottleConfig, now_ns: int) -> None:
         """New limits; the buckets start empty (QEMU's throttle_config)."""
@@ -230,11 +246,9 @@ class Buckets:
         if delta <= 0:  # another process's clock read a hair later: nothing to leak
             return
         c[PREV_LEAK] = now_ns
-        for i in range(len(BUCKETS)):
+        for i in self.active()[0]:
             o = HEADER + 5 * i
             avg = c[o + AVG]
-            if not avg:
-                continue
             c[o + LEVEL] = max(c[o + LEVEL] - avg * delta / NS, 0.0)
             if c[o + LEN] > 1:
                 c[o + BURST] = max(c[o + BURST] - c[o + MAX] * delta / NS, 0.0)
@@ -268,16 +282,17 @@ class Buckets:
         return wait
 
     def wait(self, is_write: bool) -> int:
-        return max(self.bucket_wait(i) for i in DIRECTION_BUCKETS[is_write])
+        wait = 0
+        for i in self.active()[2 if is_write else 1]:
+            wait = max(wait, self.bucket_wait(i))
+        return wait
 
     def account(self, is_write: bool, size: int) -> None:
         c = self.c
         op_size = c[OP_SIZE]
         units = size / op_size if op_size and size > op_size else 1.0
-        for i in DIRECTION_BUCKETS[is_write]:
+        for i in self.active()[2 if is_write else 1]:
             o = HEADER + 5 * i
-            if not c[o + AVG]:
-                continue
             amount = float(size) if i < OPS_TOTAL else units
             c[o + LEVEL] += amount
             if c[o + LEN] > 1:

@@ -44,6 +44,7 @@ def count_allowed(b: Buckets, seconds: float, is_write: bool = False, size: int 
     while t <= start_ns + seconds * S:
         while b.request(is_write, size, t) == 0:
             n += 1
+            assert n < 100_000, "never refused"
         t += step_ns
     return n
 
@@ -159,6 +160,18 @@ def test_new_limits_take_effect_at_once():
         assert g.request(False, 512) == 0  # the buckets restart under the new limits
     finally:
         g.close()
+
+
+def test_a_change_of_which_buckets_are_limited_reaches_every_process():
+    """Two Buckets over one set of cells (a queue process and the control process): new
+    limits that limit other buckets are enforced by both at once."""
+    cells = [0.0] * CELLS
+    worker, control = Buckets(cells), Buckets(cells)
+    control.configure(ThrottleConfig.empty().apply_limits({"iops-total": 1000}), 0)
+    assert count_allowed(worker, 1) > 900
+    control.configure(ThrottleConfig.empty().apply_limits({"iops-read": 10}), 2 * S)
+    assert 10 <= count_allowed(worker, 1, start_ns=2 * S) <= 12
+    assert all(worker.request(True, 4096, 3 * S) == 0 for _ in range(5000))  # writes: free
 
 
 def test_group_options_both_spellings_and_errors():
