@@ -36,7 +36,8 @@ def run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
 
 def qmp(path: Path, *commands: str) -> list[dict[str, Any]]:
     """Replies to ``commands`` (JSON texts) on a fresh QMP connection, after the greeting and
-    ``qmp_capabilities``."""
+    ``qmp_capabilities``.  Events that arrive meanwhile (BLOCK_EXPORT_DELETED of an export
+    still closing, say) are skipped: each reply is the next line that is not an event."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(TIMEOUT)
         sock.connect(str(path))
@@ -47,7 +48,9 @@ def qmp(path: Path, *commands: str) -> list[dict[str, Any]]:
         replies = []
         for cmd in commands:
             sock.sendall(cmd.encode())
-            replies.append(json.loads(f.readline()))
+            while "event" in (reply := json.loads(f.readline())):
+                pass
+            replies.append(reply)
         return replies
 
 

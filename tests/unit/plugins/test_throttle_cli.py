@@ -279,7 +279,13 @@ def test_two_exports_share_one_group(tmp_path: Path, servers: list[Server],
         assert replies[:2] == [{"return": {}}] * 2, replies
         assert replies[2]["error"]["desc"] == "object 'tg' is in use, can not be deleted"
         assert replies[3]["return"]["iops-total"] == 300
-        time.sleep(1.0)  # the exports finish closing
+        # The exports finish closing (their frontends dropped, queues drained) before their
+        # nodes can go.
+        exports_query = json.dumps({"execute": "query-block-exports"})
+        deadline = time.monotonic() + 30
+        while qmp(mon, exports_query)[0]["return"]:
+            assert time.monotonic() < deadline, "the exports did not close"
+            time.sleep(0.05)
         # A node added over QMP names the group too; object-del waits for it as well.
         add = json.dumps({"execute": "blockdev-add", "arguments": {
             "driver": "throttle", "node-name": "t9", "throttle-group": "tg", "file": "f0"}})
