@@ -37,6 +37,7 @@ The allow-list (:data:`ALLOWED`) masks lines that are allowed to differ, each wi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import difflib
 import json
@@ -224,7 +225,10 @@ class Session:
         """Wait for event ``name``; write it down without its timestamp."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            ev = self.qmp.pull_event(wait=max(deadline - time.monotonic(), 0.01))
+            try:
+                ev = self.qmp.pull_event(wait=max(deadline - time.monotonic(), 0.01))
+            except (TimeoutError, asyncio.TimeoutError):  # qemu.qmp's way of saying "none"
+                break
             if ev is None:
                 break
             if ev.get("event") == name:
