@@ -37,7 +37,6 @@ The allow-list (:data:`ALLOWED`) masks lines that are allowed to differ, each wi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import difflib
 import json
@@ -227,7 +226,7 @@ class Session:
         while time.monotonic() < deadline:
             try:
                 ev = self.qmp.pull_event(wait=max(deadline - time.monotonic(), 0.01))
-            except (TimeoutError, asyncio.TimeoutError):  # qemu.qmp's way of saying "none"
+            except TimeoutError:  # qemu.qmp's way of saying "none"
                 break
             if ev is None:
                 break
