@@ -14,9 +14,10 @@ The scenario: query-version, query-named-block-nodes, query-block-exports; IO on
 blockdev-add + block-export-add of a third export, IO on it and the bytes read back from the
 host file; the error cases (a duplicate node-name, deleting a node an export uses, an unknown
 driver, an unknown export type, a duplicate export id, deleting an unknown export / node);
-qom-get / qom-set of the throttle group's ``limits``; block-export-del and its
-BLOCK_EXPORT_DELETED event, blockdev-del; the queries and IO on the other exports again; quit
-and the exit status; ``qemu-img check`` of the qcow2 image.
+qom-get / qom-set of the throttle group's ``limits``; block-export-del with a frontend still
+connected, its BLOCK_EXPORT_DELETED event and whether the frontend was hung up; blockdev-del;
+the queries and IO on the other exports again; quit and the exit status; ``qemu-img check`` of
+the qcow2 image.
 
 Normalisation (what the transcript leaves out on purpose, for both daemons alike):
 
@@ -336,9 +337,16 @@ class Session:
         self.cmd("qom-get", path="tg0", property="limits")
         self.cmd("qom-set", path="tg0", property="limits", value={"iops-total": -1})
         self.cmd("qom-get", path="no-such-object", property="limits")
-        # The third export goes, as it came.
-        self.cmd("block-export-del", id="exp2")
-        self.event("BLOCK_EXPORT_DELETED")
+        # The third export goes, as it came -- with a frontend still connected (what a too-early
+        # block-export-del does to a guest): QSD drops the connection in the default mode "safe".
+        fe = Frontend(w / "exp2.sock", timeout=5.0)
+        try:
+            fe.negotiate()
+            self.cmd("block-export-del", id="exp2")
+            self.event("BLOCK_EXPORT_DELETED")
+            self.out.add(f"frontend of exp2 after block-export-del: {hung_up(fe)}")
+        finally:
+            fe.close()
         self.cmd("blockdev-del", **{"node-name": "hot0"})
         self.cmd("query-named-block-nodes")
         self.cmd("query-block-exports")
@@ -351,6 +359,16 @@ class Session:
             self.out.add("exit: still running 20 s after quit")
             return
         self.out.add(f"exit status {rc}")
+
+
+def hung_up(fe: Frontend) -> str:
+    """Whether the daemon closed ``fe``'s connection (within 5 s)."""
+    try:
+        return "disconnected" if fe.sock.recv(1) == b"" else "sent data"
+    except TimeoutError:
+        return "still connected"
+    except OSError as exc:
+        return f"disconnected ({type(exc).__name__})"
 
 
 def run_daemon(daemon: str, keep: bool = False) -> list[str]:
