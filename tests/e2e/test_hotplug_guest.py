@@ -17,10 +17,6 @@ device on pci.0 (ACPI hot-plug); q35 needs a spare pcie-root-port from boot.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,65 +24,16 @@ import pytest
 
 from qemu_guest import Guest
 from qemu_guest.hotplug import Monitor, plug, unplug
+from tests.e2e.daemons import DAEMONS, Daemon
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 TOKEN = "hotplug-e2e"
 PATTERN = (TOKEN + "\n").encode() * (65536 // (len(TOKEN) + 1) + 1)
 PATTERN = PATTERN[:65536]
 HOT_OFFSET = 16 * 65536  # where the guest writes on vdb (dd bs=64k seek=16)
 GO_BLOCK = 100  # the 4 KiB block of vda's image the host writes its "go on" token into
 GO = b"GO-ON-" + TOKEN.encode()
-
-
-class Daemon:
-    """A storage daemon started with QSD's options, with a QMP monitor on a --chardev."""
-
-    def __init__(self, kind: str, work: Path) -> None:
-        self.kind = kind
-        self.work = work
-        self.qmp_path = work / "daemon.qmp"
-        self.log_path = work / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.mon: Monitor | None = None
-
-    def start(self, *options: str) -> Monitor:
-        monitor = ["--chardev", f"socket,id=mon0,path={self.qmp_path},server=on,wait=off",
-                   "--monitor", "chardev=mon0"]
-        if self.kind == "qsd":
-            binary = shutil.which("qemu-storage-daemon")
-            assert binary, "qemu-storage-daemon not installed (qemu-system-common)"
-            cmd = [binary, *options, *monitor]
-        else:
-            cmd = [sys.executable, "-m", "storage_daemon", *options, *monitor]
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 20
-        while not self.qmp_path.exists():
-            assert self.proc.poll() is None, f"{self.kind} exited: {self.log}"
-            assert time.monotonic() < deadline, f"{self.kind} has no QMP socket: {self.log}"
-            time.sleep(0.05)
-        self.mon = Monitor(self.qmp_path)
-        return self.mon
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def quit(self) -> int:
-        assert self.mon is not None and self.proc is not None
-        self.mon.cmd("quit")
-        self.mon.close()
-        return self.proc.wait(20)
-
-    def kill(self) -> None:
-        if self.mon is not None:
-            self.mon.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -126,12 +73,7 @@ MACHINES = {
 }
 
 
-@pytest.mark.parametrize("daemon", [
-    "qsd",
-    pytest.param("server", marks=pytest.mark.xfail(
-        strict=True, reason="several exports, --chardev/--monitor and QMP blockdev-add land "
-        "with H8 (branch daemon); strict: this marker goes when they do")),
-], indirect=True)
+@pytest.mark.parametrize("daemon", DAEMONS, indirect=True)
 @pytest.mark.parametrize("machine", ["pc", "q35"])
 def test_hotplug_add_use_and_remove_an_export(daemon: Daemon, machine: str,
                                               tmp_path: Path) -> None:
