@@ -99,3 +99,11 @@ def test_main_exits_non_zero_on_a_diff(monkeypatch: pytest.MonkeyPatch,
 def test_the_server_behaves_as_qsd(qsd_transcript: list[str]) -> None:
     diff = compare(qsd_transcript, qsd_compat.run_daemon("server"))
     assert diff == [], "\n".join(diff)
+
+
+def test_the_server_command_can_be_another(capsys: pytest.CaptureFixture[str]) -> None:
+    """--server-command starts what it says (here ``false``: a daemon that exits at once, status
+    1), and a daemon that does not start is a transcript line, not a crash of the script."""
+    assert qsd_compat.main(["--daemon", "server", "--server-command", "false"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "scenario stopped: the daemon exited with status 1", out
