@@ -86,7 +86,7 @@ def test_node_lists_keep_only_the_documented_fields_in_a_stable_order() -> None:
 def test_main_exits_non_zero_on_a_diff(monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     runs = {"qsd": ["quit -> {}", "exit status 0"], "server": ["quit -> {}", "exit status 1"]}
-    monkeypatch.setattr(qsd_compat, "run_daemon", lambda daemon, keep=False: runs[daemon])
+    monkeypatch.setattr(qsd_compat, "run_daemon", lambda daemon, *_, **__: runs[daemon])
     assert qsd_compat.main([]) == 1
     assert "+exit status 1" in capsys.readouterr().out
     runs["server"] = list(runs["qsd"])
