@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -108,14 +109,19 @@ def qsd_options(work: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def daemon_command(daemon: str, work: Path) -> list[str]:
+#: How the server is started (``--server-command`` overrides it, e.g. another checkout's).
+SERVER_COMMAND = (sys.executable, "-m", "storage_daemon")
+
+
+def daemon_command(daemon: str, work: Path,
+                   server_command: Sequence[str] = SERVER_COMMAND) -> list[str]:
     if daemon == "qsd":
         qsd = shutil.which("qemu-storage-daemon")
         if qsd is None:
             raise ScenarioError("qemu-storage-daemon not found (apt-get install "
                                 "qemu-system-common)")
         return [qsd, *qsd_options(work)]
-    return [sys.executable, "-m", "storage_daemon", *qsd_options(work)]
+    return [*server_command, *qsd_options(work)]
 
 
 def make_images(work: Path) -> None:
@@ -128,11 +134,12 @@ def make_images(work: Path) -> None:
 
 
 @contextlib.contextmanager
-def running(daemon: str, work: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running(daemon: str, work: Path, server_command: Sequence[str] = SERVER_COMMAND,
+            cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
     """The daemon, started; killed on the way out if it is still there."""
     errlog = (work / "daemon.log").open("wb")
-    proc = subprocess.Popen(daemon_command(daemon, work), cwd=REPO, stdin=subprocess.DEVNULL,
-                            stdout=errlog, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(daemon_command(daemon, work, server_command), cwd=cwd,
+                            stdin=subprocess.DEVNULL, stdout=errlog, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
@@ -191,9 +198,12 @@ def normalise(name: str, value: Any) -> Any:
 class Session:
     """One daemon's run of the scenario."""
 
-    def __init__(self, daemon: str, work: Path) -> None:
+    def __init__(self, daemon: str, work: Path, server_command: Sequence[str] = SERVER_COMMAND,
+                 cwd: Path = REPO) -> None:
         self.daemon = daemon
         self.work = work
+        self.server_command = server_command
+        self.cwd = cwd
         self.out = Transcript(work, [])
         self.qmp: Any = None
 
@@ -285,7 +295,7 @@ class Session:
     # -- the scenario
     def run(self) -> list[str]:
         make_images(self.work)
-        with running(self.daemon, self.work) as proc:
+        with running(self.daemon, self.work, self.server_command, self.cwd) as proc:
             try:
                 wait_listening(proc, [self.work / n for n in ("qmp.sock", "exp0.sock",
                                                                "exp1.sock")])
@@ -371,11 +381,12 @@ def hung_up(fe: Frontend) -> str:
         return f"disconnected ({type(exc).__name__})"
 
 
-def run_daemon(daemon: str, keep: bool = False) -> list[str]:
+def run_daemon(daemon: str, keep: bool = False, server_command: Sequence[str] = SERVER_COMMAND,
+               cwd: Path = REPO) -> list[str]:
     """The normalised transcript of ``daemon`` (qsd or server) running the scenario."""
     work = Path(tempfile.mkdtemp(prefix=f"qsd-compat-{daemon}-"))
     try:
-        return Session(daemon, work).run()
+        return Session(daemon, work, server_command, cwd).run()
     finally:
         if keep:
             log.warning("%s run kept in %s", daemon, work)
@@ -406,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--daemon", choices=("qsd", "server", "both"), default="both",
                    help="run one daemon and print its transcript, or both and diff them")
     p.add_argument("--keep", action="store_true", help="keep each run's directory")
+    p.add_argument("--server-command", type=shlex.split, default=list(SERVER_COMMAND),
+                   metavar="CMD", help="how to start the server (default: %(default)s), "
+                   "e.g. 'vhost-user-blk'; QSD's options are appended")
+    p.add_argument("--server-cwd", type=Path, default=REPO, metavar="DIR",
+                   help="its working directory (default: this checkout)")
     p.add_argument("--explain", action="store_true", help="print the allow-list and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -414,11 +430,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{pattern}\n    {why}")
         return 0
     try:
+        server_run = {"server_command": args.server_command, "cwd": args.server_cwd}
         if args.daemon != "both":
-            print("\n".join(run_daemon(args.daemon, args.keep)))
+            print("\n".join(run_daemon(args.daemon, args.keep, **server_run)))
             return 0
         qsd = run_daemon("qsd", args.keep)
-        server = run_daemon("server", args.keep)
+        server = run_daemon("server", args.keep, **server_run)
     except (ScenarioError, OSError, subprocess.CalledProcessError) as exc:
         print(f"qsd_compat: {exc}", file=sys.stderr)
         return 2
