@@ -19,6 +19,15 @@ Requests have Linux's shape (one indirect descriptor to a table of header, data 
     python -m benchmarks.hotpath --dirty-log         # also with migration dirty logging on
     python -m benchmarks.hotpath --shape both        # what indirect costs, in one process
     python -m benchmarks.hotpath --data both         # what real data costs over holes
+    python -m benchmarks.hotpath --layout packed     # a packed ring (VIRTIO_F_RING_PACKED)
+    python -m benchmarks.hotpath --layout both       # split and packed, alternately
+
+Instructions per request, repeatable on a busy machine (one shape, batch and mode per run;
+callgrind counts only inside the ``any()`` that runs the ``--requests`` measured requests):
+
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect=builtin_any \
+        python -m benchmarks.hotpath --instructions --fast-path on --shape direct \
+        --batches 32 --requests 1024        # "Collected" / 1024
 
 With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
 median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
@@ -35,6 +44,7 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import (
@@ -49,15 +59,19 @@ from blockdev.engine import ENGINES
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyLog, DirtyMarker
 from vhost.messages import VirtioFeature
-from vhost.queue.base import RingAddresses
+from vhost.queue.base import Queue, RingAddresses
+from vhost.queue.packed import DESC as PACKED_DESC
+from vhost.queue.packed import F_INDIRECT, F_NEXT, F_WRITE, PackedQueue
 from vhost.queue.split import DESC_SIZE, SplitQueue
 from vhost.runner.thread import Notifier, QueueWorker
 from vhost_frontend import DriverRing
+from vhost_frontend.packed import PackedDriverRing
 from virtio_blk.device import BlkDevice
 from virtio_blk.request import HEADER, HEADER_SIZE, ReqType
 
 SIZE = 256
 DATA = ("filled", "sparse")
+LAYOUTS = ("split", "packed")
 DESC_GPA, AVAIL_GPA, USED_GPA, TABLE_GPA = 0x1000, 0x10000, 0x20000, 0x400000
 
 
@@ -67,12 +81,19 @@ class Rig:
     once the device offers VIRTIO_F_RING_INDIRECT_DESC) or a 3-descriptor direct chain."""
 
     def __init__(self, engine: str, image: str, slots: int = 32, fast_path: bool = True,
-                 accounting: bool = True, shape: str = "indirect") -> None:
+                 accounting: bool = True, shape: str = "indirect",
+                 layout: str = "split") -> None:
         self.mem = GuestMemory.anonymous(64 << 20)
         features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1
                        | VirtioFeature.RING_INDIRECT_DESC)
         addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
-        self.vq = SplitQueue(self.mem, SIZE, addresses, features)
+        self.packed = layout == "packed"
+        self.vq: Queue
+        if self.packed:
+            self.vq = PackedQueue(self.mem, SIZE, addresses,
+                                  features | int(VirtioFeature.RING_PACKED))
+        else:
+            self.vq = SplitQueue(self.mem, SIZE, addresses, features)
         self.disk = Disk(image)
         self.device = BlkDevice(self.disk, engine=engine, fast_path=fast_path,
                                 latency_accounting=accounting)
@@ -81,16 +102,32 @@ class Rig:
         self.call = Notifier(self.call_fd)
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
         self.worker = QueueWorker(self.vq, self.handler, self.kick, self.call)
-        self.driver = DriverRing(self.mem, SIZE, addresses, event_idx=True)
+        # The driver side of the rig's layout (the other one's is never made: it would write
+        # its own fields into the rings).
+        self.driver: DriverRing | PackedDriverRing
+        if self.packed:
+            self.driver = PackedDriverRing(self.mem, SIZE, addresses, event_idx=True)
+        else:
+            self.driver = DriverRing(self.mem, SIZE, addresses, event_idx=True)
         self.per_slot = descriptors_per_request(shape)
         self.statuses = []
         self.data = []
+        #: Packed: each slot's ring descriptors (addr, len, flags), made available per round
+        #: (a packed ring has no table to leave them in).
+        self.chains: list[list[tuple[int, int, int]]] = []
         for slot in range(slots):
             hdr, data, status = 0x100000 + 16 * slot, 0x200000 + 4096 * slot, 0x300000 + slot
             table = TABLE_GPA + 3 * DESC_SIZE * slot if shape == "indirect" else None
-            lay_out_request(self.driver, slot,
-                            [(hdr, HEADER_SIZE, False), (data, 4096, True), (status, 1, True)],
-                            table)
+            pieces = [(hdr, HEADER_SIZE, False), (data, 4096, True), (status, 1, True)]
+            if isinstance(self.driver, DriverRing):
+                lay_out_request(self.driver, slot, pieces, table)
+            elif table is not None:
+                self.mem.write(table, b"".join(PACKED_DESC.pack(a, n, 0, F_WRITE if w else 0)
+                                               for a, n, w in pieces))
+                self.chains.append([(table, DESC_SIZE * len(pieces), F_INDIRECT)])
+            else:
+                self.chains.append([(a, n, (F_WRITE if w else 0) | (F_NEXT if i < 2 else 0))
+                                    for i, (a, n, w) in enumerate(pieces)])
             # 4k blocks spread over the first 32 MiB of the image, not 32 neighbours
             self.mem.write(hdr, HEADER.pack(ReqType.IN, 0, 8 * 257 * slot % (64 << 10)))
             self.statuses.append(status)
@@ -101,11 +138,19 @@ class Rig:
     def round(self, batch: int) -> None:
         """Make ``batch`` requests available and service them to completion."""
         first = self.next_slot
-        self.driver.publish(*(self.per_slot * ((first + i) % self.slots) for i in range(batch)))
+        driver = self.driver
+        if isinstance(driver, PackedDriverRing):
+            for i in range(batch):
+                slot = (first + i) % self.slots
+                driver.add_raw(self.chains[slot], slot)
+        else:
+            driver.publish(*(self.per_slot * ((first + i) % self.slots) for i in range(batch)))
         self.next_slot = (first + batch) % self.slots
         self.worker._service(kick=True)
         while self.vq.in_flight_count:
             self.worker._service(kick=False)
+        if isinstance(driver, PackedDriverRing):
+            driver.take_used(free_ids=False)  # (the slots' ids are fixed)
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.call_fd)
 
@@ -163,6 +208,26 @@ def measure(rig: Rig, batch: int, requests: int) -> float:
     return us
 
 
+def _none(fn: Callable[[int], None], arg: int) -> bool:
+    fn(arg)
+    return False
+
+
+def count_instructions(rig: Rig, batch: int, requests: int) -> None:
+    """Run ``requests`` requests (after a warm-up) inside one ``any()`` -- the only call of it
+    in the process once set up, so callgrind's ``--toggle-collect=builtin_any`` counts exactly
+    them: instruction counts do not move with the load of a shared machine as seconds do."""
+    for _ in range(max(1, 200 // batch)):
+        rig.round(batch)
+    rig.poison_statuses()
+    rounds = max(1, requests // batch)
+    # (A generator expression of rig.round(batch) -- None, so every round runs; mypy will
+    # not take the value of a function that returns None.)
+    any(_none(rig.round, batch) for _ in range(rounds))
+    rig.check_statuses()
+    print(f"{rounds * batch} requests of batch {batch} counted")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.hotpath", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,12 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", choices=(*DATA, "both"), default="filled",
                    help="filled (default): the image holds data, read once into the page cache "
                    "before measuring; sparse: reads hit holes; both: each, alternately")
+    p.add_argument("--layout", choices=(*LAYOUTS, "both"), default="split",
+                   help="split (default) or packed ring (VIRTIO_F_RING_PACKED); both: each, "
+                   "alternately in one process, with the ratio")
     p.add_argument("--dirty-log", action="store_true",
                    help="also measure with dirty-page logging on (as during a live migration)")
+    p.add_argument("--instructions", action="store_true",
+                   help="run --requests requests of one shape, batch and mode inside any(), "
+                   "for callgrind --collect-atstart=no --toggle-collect=builtin_any (see above)")
     args = p.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.fast_path]
     shapes = SHAPES if args.shape == "both" else (args.shape,)
     datas = DATA if args.data == "both" else (args.data,)
+    layouts = LAYOUTS if args.layout == "both" else (args.layout,)
     variants = [(shape, data) for data in datas for shape in shapes]
     with tempfile.TemporaryDirectory() as td:
         images = {}
@@ -199,61 +271,83 @@ def main(argv: list[str] | None = None) -> int:
             make_image(images[data], 32 << 20, fill=data == "filled")
             warm_page_cache(images[data])
         accounting = args.accounting == "on"
-        rigs = {(shape, data, fast): Rig(args.engine, str(images[data]), fast_path=fast,
-                                         accounting=accounting, shape=shape)
-                for shape, data in variants for fast in modes}
+        rigs = {(layout, shape, data, fast): Rig(args.engine, str(images[data]), fast_path=fast,
+                                                 accounting=accounting, shape=shape,
+                                                 layout=layout)
+                for layout in layouts for shape, data in variants for fast in modes}
         try:
-            runs: dict[tuple[str, str, bool, int], list[float]] = {}
+            if args.instructions:
+                if len(rigs) != 1 or len(args.batches) != 1:
+                    p.error("--instructions measures one layout, shape, data, batch and "
+                            "fast-path mode")
+                count_instructions(next(iter(rigs.values())), args.batches[0], args.requests)
+                return 0
+            runs: dict[tuple[str, str, str, bool, int], list[float]] = {}
             for _ in range(args.repeat):
                 for batch in args.batches:
                     for key, rig in rigs.items():
                         runs.setdefault((*key, batch), []).append(
                             measure(rig, batch, args.requests // max(1, 32 // batch)))
 
-            def us(shape: str, data: str, fast: bool, batch: int) -> float:
-                return statistics.median(runs[shape, data, fast, batch])
+            def label(layout: str) -> str:
+                """The layout column, left out when only the default (split) runs."""
+                return "" if layouts == ("split",) else f"{layout:6s} "
+
+            def us(layout: str, shape: str, data: str, fast: bool, batch: int) -> float:
+                return statistics.median(runs[layout, shape, data, fast, batch])
 
             for batch in args.batches:
-                for shape, data in variants:
-                    line = (f"{args.engine:9s} {shape:8s} {data:6s} batch {batch:3d} "
-                            f"accounting {args.accounting:3s}:")
+                for layout in layouts:
+                    for shape, data in variants:
+                        line = (f"{args.engine:9s} {label(layout)}{shape:8s} {data:6s} batch "
+                                f"{batch:3d} accounting {args.accounting:3s}:")
+                        for fast in modes:
+                            vals = runs[layout, shape, data, fast, batch]
+                            line += (f"  fast path {'on ' if fast else 'off'} "
+                                     f"{us(layout, shape, data, fast, batch):6.1f} us CPU per 4k "
+                                     f"read (runs {min(vals):.1f}..{max(vals):.1f})")
+                        if len(modes) == 2:
+                            on_off = (us(layout, shape, data, True, batch)
+                                      / us(layout, shape, data, False, batch))
+                            line += f"  on/off {on_off:.2f}"
+                        print(line)
                     for fast in modes:
-                        vals = runs[shape, data, fast, batch]
-                        line += (f"  fast path {'on ' if fast else 'off'} "
-                                 f"{us(shape, data, fast, batch):6.1f} us CPU per 4k read "
-                                 f"(runs {min(vals):.1f}..{max(vals):.1f})")
-                    if len(modes) == 2:
-                        on_off = us(shape, data, True, batch) / us(shape, data, False, batch)
-                        line += f"  on/off {on_off:.2f}"
-                    print(line)
-                for fast in modes:
-                    cmp = []
-                    if len(shapes) == 2:
-                        cmp += [f"{data} indirect/direct {ind / dr:.2f}" for data in datas
-                                for ind, dr in [(us("indirect", data, fast, batch),
-                                                 us("direct", data, fast, batch))]]
-                    if len(datas) == 2:
-                        cmp += [f"{shape} filled/sparse {fi / sp:.2f}" for shape in shapes
-                                for fi, sp in [(us(shape, "filled", fast, batch),
-                                                us(shape, "sparse", fast, batch))]]
-                    if cmp:
-                        print(f"{'':9s} batch {batch:3d} fast path {'on ' if fast else 'off'}: "
-                              + ", ".join(cmp))
+                        cmp = []
+                        if len(shapes) == 2:
+                            cmp += [f"{data} indirect/direct {ind / dr:.2f}" for data in datas
+                                    for ind, dr in [(us(layout, "indirect", data, fast, batch),
+                                                     us(layout, "direct", data, fast, batch))]]
+                        if len(datas) == 2:
+                            cmp += [f"{shape} filled/sparse {fi / sp:.2f}" for shape in shapes
+                                    for fi, sp in [(us(layout, shape, "filled", fast, batch),
+                                                    us(layout, shape, "sparse", fast, batch))]]
+                        if cmp:
+                            print(f"{'':9s} {label(layout)}batch {batch:3d} fast path "
+                                  f"{'on ' if fast else 'off'}: " + ", ".join(cmp))
+                if len(layouts) == 2:
+                    for fast in modes:
+                        cmp = [f"{shape} {data} {pk / sp:.2f}" for shape, data in variants
+                               for pk, sp in [(us("packed", shape, data, fast, batch),
+                                               us("split", shape, data, fast, batch))]]
+                        print(f"{'':9s} batch {batch:3d} fast path {'on ' if fast else 'off'} "
+                              "packed/split: " + ", ".join(cmp))
                 if args.dirty_log:
                     shape, data = variants[0]
-                    rig = rigs[shape, data, modes[-1]]
-                    rig.log_dirty_pages(True)
-                    dirty = statistics.median(
-                        measure(rig, batch, args.requests // max(1, 32 // batch))
-                        for _ in range(args.repeat))
-                    rig.log_dirty_pages(False)
-                    print(f"{args.engine:9s} {shape:8s} {data:6s} batch {batch:3d} "
-                          f"accounting {args.accounting:3s}:"
-                          f"  fast path {'on ' if modes[-1] else 'off'} {dirty:6.1f} us CPU per "
-                          "4k read, dirty log on")
+                    for layout in layouts:
+                        rig = rigs[layout, shape, data, modes[-1]]
+                        rig.log_dirty_pages(True)
+                        dirty = statistics.median(
+                            measure(rig, batch, args.requests // max(1, 32 // batch))
+                            for _ in range(args.repeat))
+                        rig.log_dirty_pages(False)
+                        print(f"{args.engine:9s} {label(layout)}{shape:8s} {data:6s} batch "
+                              f"{batch:3d} accounting {args.accounting:3s}:"
+                              f"  fast path {'on ' if modes[-1] else 'off'} {dirty:6.1f} us CPU "
+                              "per 4k read, dirty log on")
             if args.profile:
                 prof = cProfile.Profile()
-                prof.runcall(measure, rigs[(*variants[0], modes[-1])], args.batches[0], 5000)
+                prof.runcall(measure, rigs[(layouts[0], *variants[0], modes[-1])],
+                             args.batches[0], 5000)
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         finally:
             for rig in rigs.values():

@@ -3,6 +3,7 @@ in a backend: the same scenario with QEMU's built-in virtio-blk, qemu-storage-da
 server, no retries, one line per run and a table at the end.
 
     python -m benchmarks.migration_series --backend server --queues 2 --runs 5
+    python -m benchmarks.migration_series --backend builtin server --queues 1 --packed --runs 3
     python -m benchmarks.migration_series --backend builtin qsd server --queues 1 2 --runs 3 \\
         --record /work/notes/migration-series.md
 
@@ -45,7 +46,8 @@ def record_line(out: Outcome, when: datetime.datetime, run_dir: Path | None) -> 
     """One markdown table row: date, backend, queues, outcome, signature, duration."""
     where = f" ({run_dir})" if run_dir is not None else ""
     sig = out.signature.replace("|", "/")
-    return (f"| {when:%Y-%m-%d %H:%M} | {out.backend} | {out.queues} | "
+    queues = f"{out.queues} packed" if out.packed else str(out.queues)
+    return (f"| {when:%Y-%m-%d %H:%M} | {out.backend} | {queues} | "
             f"{'ok' if out.ok else 'FAIL'} | {sig}{where if not out.ok else ''} | "
             f"{out.duration:.0f} s |")
 
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--queues", nargs="+", type=int, choices=(1, 2), default=[1, 2])
+    p.add_argument("--packed", action="store_true",
+                   help="packed=on on every QEMU: the guest must drive packed virtqueues")
     p.add_argument("--runs", type=int, default=1, help="runs per backend and queue count")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where runs go (default: a new temporary directory)")
@@ -87,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_new_run_after is not None and f"{when:%H:%M}" >= args.no_new_run_after:
             print(f"{when:%H:%M} UTC: no new run after {args.no_new_run_after}", flush=True)
             break
-        run_dir = root / f"{when:%Y%m%dT%H%M%S}-{backend}-{queues}q"
-        out = run_scenario(backend, queues, run_dir, args.phase_timeout)
+        layout = "p" if args.packed else ""
+        run_dir = root / f"{when:%Y%m%dT%H%M%S}-{backend}-{queues}q{layout}"
+        out = run_scenario(backend, queues, run_dir, args.phase_timeout, packed=args.packed)
         results[(backend, queues)].append(out)
         if not out.ok:
             (run_dir / "diagnostics.txt").write_text(out.diagnostics + "\n")
-        line = (f"run {n} [{backend} {queues}q #{rnd + 1}] {out.duration:.0f} s: "
+        line = (f"run {n} [{backend} {queues}q{layout} #{rnd + 1}] {out.duration:.0f} s: "
                 f"{'ok' if out.ok else 'FAIL ' + out.signature}")
         if out.ok:
             line += f" -- {out.summary}"
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = [o for o in outs if not o.ok]
         sigs = collections.Counter(o.signature.split(":")[0] for o in failed)
         sig_text = "; ".join(f"{k} x{v}" for k, v in sigs.items()) or "-"
-        print(f"| {backend} | {queues} | {len(outs)} | {len(outs) - len(failed)} | "
+        layout = " packed" if args.packed else ""
+        print(f"| {backend} | {queues}{layout} | {len(outs)} | {len(outs) - len(failed)} | "
               f"{len(failed)} | {sig_text} |")
     return 0 if all(o.ok for outs in results.values() for o in outs) else 1
 

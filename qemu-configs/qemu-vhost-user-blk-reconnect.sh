@@ -12,11 +12,14 @@
 # Boots the e2e test guest (qemu-configs/build-guest.sh) with an interactive busybox shell
 # on this terminal (exit the shell, or Ctrl-A X, to quit); the disk is /dev/vda. To boot
 # your own OS instead, replace -kernel/-initrd/-append with its boot disk.
-# Extra arguments are appended to the QEMU command line.
+# PACKED=on adds packed=on to the device (the packed virtqueue; the guest falls back to split
+# rings if the server does not offer it: character 34 of /sys/block/vda/device/features
+# says which). Extra arguments are appended to the QEMU command line.
 set -euo pipefail
 SOCK=${SOCK:-/tmp/vhost-user-blk.sock}
 MEM=${MEM:-1G}                          # guest RAM; vhost-user needs it shared (see README)
 ACCEL=${ACCEL:-tcg,thread=multi}        # ACCEL=kvm where KVM works
+PACKED=${PACKED:-off}                   # PACKED=on: offer the guest the packed virtqueue
 GUEST=${GUEST:-${VUB_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-blk/guest}}
 
 exec qemu-system-x86_64 \
@@ -28,5 +31,5 @@ exec qemu-system-x86_64 \
     -append "console=ttyS0 quiet loglevel=1 panic=-1 vub.shell" \
     -display none -nodefaults -no-reboot -serial mon:stdio \
     -chardev socket,id=vub0,path="$SOCK",reconnect=1 \
-    -device vhost-user-blk-pci,chardev=vub0,num-queues=1 \
+    -device vhost-user-blk-pci,chardev=vub0,num-queues=1,packed="$PACKED" \
     "$@"

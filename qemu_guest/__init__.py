@@ -5,6 +5,8 @@ Used by the end-to-end tests and by ``benchmarks.guest``; see :mod:`.guest` for 
 """
 
 from qemu_guest.guest import (
+    FEATURES_PATH,
+    VIRTIO_F_RING_PACKED,
     FioJob,
     FioResult,
     Guest,
@@ -13,9 +15,11 @@ from qemu_guest.guest import (
     GuestTimeout,
     accepts_connections,
     ensure_guest,
+    features_command,
     guest_dir,
     make_initrd,
     newc_archive,
+    parse_features,
     parse_fio_json,
     parse_results,
     run_guest,
@@ -23,6 +27,8 @@ from qemu_guest.guest import (
 )
 
 __all__ = [
+    "FEATURES_PATH",
+    "VIRTIO_F_RING_PACKED",
     "FioJob",
     "FioResult",
     "Guest",
@@ -31,9 +37,11 @@ __all__ = [
     "GuestTimeout",
     "accepts_connections",
     "ensure_guest",
+    "features_command",
     "guest_dir",
     "make_initrd",
     "newc_archive",
+    "parse_features",
     "parse_fio_json",
     "parse_results",
     "run_guest",

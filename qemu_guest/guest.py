@@ -67,6 +67,14 @@ DEFAULT_KERNEL_ARGS: tuple[str, ...] = (
 MARKER = "@@"
 """Prefix of every protocol line printed by the guest."""
 
+FEATURES_PATH = "/sys/block/vda/device/features"
+"""The guest's view of the virtio features the driver negotiated with the device: one ``0``/``1``
+character per feature bit, bit 0 first (Linux's ``virtio_bus`` ``features`` attribute)."""
+
+VIRTIO_F_RING_PACKED = 34
+"""Feature bit of the packed virtqueue layout (virtio 1.1+, 2.8): character 34 of
+:data:`FEATURES_PATH` is ``1`` when the guest drives packed rings."""
+
 _B64_LINE = re.compile(r"^[A-Za-z0-9+/=]+$")
 _RESULT_END = re.compile(r"^@@RESULT-END (\S+) rc=(-?\d+)\s*$")
 _RC = re.compile(r"rc=(-?\d+)")
@@ -280,6 +288,30 @@ def parse_fio_json(output: bytes | str) -> FioResult:
     return FioResult(jobs=jobs, raw=data)
 
 
+# --------------------------------------------------------------------------- negotiated features
+
+
+def features_command(name: str = "features") -> str:
+    """A workload line that reports the disk's negotiated feature bits as result ``name``
+    (read them back with :meth:`GuestResult.features`)."""
+    return f"result {name} cat {FEATURES_PATH}"
+
+
+def parse_features(text: str) -> frozenset[int]:
+    """The set bits of a ``features`` string (``0``/``1`` per bit, bit 0 first).
+
+    The string is the guest's, so anything else in it is an error rather than a guess: a
+    missing file or a truncated read must not pass for "bit 34 clear" or "bit 34 set".
+
+    Raises:
+        ValueError: ``text`` is not one non-empty line of ``0`` and ``1``.
+    """
+    bits = text.strip()
+    if not bits or set(bits) - {"0", "1"}:
+        raise ValueError(f"not a virtio features string: {text[:200]!r}")
+    return frozenset(i for i, c in enumerate(bits) if c == "1")
+
+
 # --------------------------------------------------------------------------- console parsing
 
 
@@ -387,6 +419,16 @@ class GuestResult:
         """Parse result ``name`` as fio JSON output."""
         return parse_fio_json(self.output(name))
 
+    def features(self, name: str = "features") -> frozenset[int]:
+        """The negotiated virtio feature bits the guest reported with
+        :func:`features_command` as result ``name``.
+
+        Raises:
+            GuestError: the guest could not read the features file (its output says why).
+            ValueError: it printed something that is not a features string.
+        """
+        return parse_features(self.check(name).decode("ascii", "replace"))
+
     def tail(self, lines: int = 40) -> str:
         """Last lines of the console."""
         return "\n".join(self.console.splitlines()[-lines:])
@@ -418,6 +460,9 @@ class Guest:
         mem: guest RAM, e.g. ``"1G"`` (memfd-backed, shared, as vhost-user requires).
         reconnect: add ``reconnect=1`` to the socket chardev (QEMU re-connects to a
             restarted backend).
+        packed: add ``packed=on`` to the device: QEMU offers the guest the packed virtqueue
+            (VIRTIO_F_RING_PACKED) if the backend does; if it does not, QEMU masks the bit and
+            the guest silently uses split rings -- check :meth:`GuestResult.features`.
         extra_qemu_args: appended to the QEMU command line.
         extra_kernel_args: appended to the kernel command line.
         timeout: default for :meth:`wait`, seconds.
@@ -436,6 +481,7 @@ class Guest:
         smp: int = 1,
         mem: str = "1G",
         reconnect: bool = False,
+        packed: bool = False,
         extra_qemu_args: Sequence[str] = (),
         extra_kernel_args: Sequence[str] = (),
         timeout: float = 300.0,
@@ -450,6 +496,7 @@ class Guest:
         self.smp = smp
         self.mem = mem
         self.reconnect = reconnect
+        self.packed = packed
         self.extra_qemu_args = list(extra_qemu_args)
         self.extra_kernel_args = list(extra_kernel_args)
         self.timeout = timeout
@@ -505,10 +552,10 @@ class Guest:
             chardev = f"socket,id=vub0,path={self.socket_path}"
             if self.reconnect:
                 chardev += ",reconnect=1"
-            cmd += [
-                "-chardev", chardev,
-                "-device", f"vhost-user-blk-pci,chardev=vub0,num-queues={self.num_queues}",
-            ]  # fmt: skip
+            device = f"vhost-user-blk-pci,chardev=vub0,num-queues={self.num_queues}"
+            if self.packed:
+                device += ",packed=on"
+            cmd += ["-chardev", chardev, "-device", device]
         cmd += self.extra_qemu_args
         return cmd
 

@@ -16,6 +16,11 @@ The disk behind each QEMU is, by backend:
 * ``builtin``: QEMU's own virtio-blk-pci on the image (no vhost-user) -- the reference that tells
   a QEMU/TCG guest crash from a backend bug.
 
+With ``packed=True`` every QEMU's device has ``packed=on`` and the guest must drive packed
+rings (VIRTIO_F_RING_PACKED, read back from ``/sys/block/vda/device/features``; checked at the
+end, so that a backend without packed rings, which QEMU silently lets fall back to split rings,
+fails there after the scenario ran).
+
 Same guest, workload, image size and QEMU memory backend for all three.  :func:`run_scenario`
 never raises for what the guest, QEMU or a backend did: it returns an :class:`Outcome` with a
 one-line signature (ok, verify error, hang in phase X, guest panic with the first oops line,
@@ -44,7 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu_guest.guest import REPO_ROOT, Guest, accepts_connections, parse_fio_json, parse_results
+from qemu_guest.guest import (
+    REPO_ROOT,
+    VIRTIO_F_RING_PACKED,
+    Guest,
+    accepts_connections,
+    features_command,
+    parse_features,
+    parse_fio_json,
+    parse_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +127,9 @@ class ScenarioFailure(Exception):
 
 
 def workload(size_mb: int, jobs: int) -> str:
-    """Write (rate-limited so that it lasts at least 20 s however fast the machine is: the
-    first migration must fit inside it), verify, then verify again, pass after pass, until the
-    scenario quits QEMU.
+    """Report the negotiated features (result ``features``), write (rate-limited so that it
+    lasts at least 20 s however fast the machine is: the first migration must fit inside it),
+    verify, then verify again, pass after pass, until the scenario quits QEMU.
 
     The endless verify passes keep the second migration independent of how long a pass takes:
     fio's ``--rate`` does not hold for ``--verify_only`` passes (measured: 320 MiB verified
@@ -126,6 +140,7 @@ def workload(size_mb: int, jobs: int) -> str:
     job = (f"{FIO} --size={size_mb}M --numjobs={jobs} --offset_increment={size_mb}M "
            f"--rate={rate}m")
     return "\n".join([
+        features_command(),
         "echo @@PHASE write",
         f"result write {job} --do_verify=0",
         "echo @@PHASE verify",
@@ -338,12 +353,14 @@ class QsdDaemon(Daemon):
 class Backend:
     """What serves the disk of each QEMU of the scenario: ``disk(i)`` for QEMU ``i`` (1..3)."""
 
-    def __init__(self, name: str, workdir: Path, image: Path, queues: int) -> None:
+    def __init__(self, name: str, workdir: Path, image: Path, queues: int,
+                 packed: bool = False) -> None:
         if name not in BACKENDS:
             raise ValueError(f"backend {name!r} is not one of {BACKENDS}")
         self.name = name
         self.image = image
         self.queues = queues
+        self.packed = packed
         cls = {"server": ServerDaemon, "qsd": QsdDaemon}.get(name)
         #: Daemons a and b: QEMU 1 and 3 use a, QEMU 2 uses b.
         self.daemons: list[Daemon] = [] if cls is None else [
@@ -357,8 +374,10 @@ class Backend:
         """(vhost-user socket or None, extra QEMU arguments) for QEMU number ``qemu``."""
         if not self.daemons:
             drive = (f"file={self.image},if=none,id=d0,format=raw,cache=none,aio=native")
-            return None, ["-drive", drive,
-                          "-device", f"virtio-blk-pci,drive=d0,num-queues={self.queues}"]
+            device = f"virtio-blk-pci,drive=d0,num-queues={self.queues}"
+            if self.packed:
+                device += ",packed=on"
+            return None, ["-drive", drive, "-device", device]
         return self.daemons[(qemu + 1) % 2].sock, []
 
     def errors(self) -> list[str]:
@@ -400,6 +419,7 @@ class Outcome:
     diagnostics: str = ""
     phase: str = ""
     measurements: dict[str, Any] = field(default_factory=dict)
+    packed: bool = False
 
 
 def first_oops(console: str) -> str | None:
@@ -459,15 +479,17 @@ def reverify_passes(console: str) -> list[str]:
 
 
 class Scenario:
-    """One run of the scenario in ``workdir`` with ``backend`` and ``queues`` queues."""
+    """One run of the scenario in ``workdir`` with ``backend`` and ``queues`` queues (packed
+    rings with ``packed``)."""
 
     def __init__(self, backend: str, queues: int, workdir: Path,
-                 phase_timeout: float = PHASE_TIMEOUT) -> None:
+                 phase_timeout: float = PHASE_TIMEOUT, packed: bool = False) -> None:
         self.queues = queues
+        self.packed = packed
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.image = workdir / "disk.img"
-        self.backend = Backend(backend, workdir, self.image, queues)
+        self.backend = Backend(backend, workdir, self.image, queues, packed)
         self.phase_timeout = phase_timeout
         self.phase = "setup"
         self.guests: dict[int, Guest] = {}
@@ -483,7 +505,7 @@ class Scenario:
         sock, disk_args = self.backend.disk(n)
         size_mb = 320 // self.queues
         g = Guest(sock, workload(size_mb, self.queues), extra_qemu_args=[*disk_args, *args],
-                  num_queues=self.queues, smp=self.queues, timeout=900,
+                  num_queues=self.queues, smp=self.queues, timeout=900, packed=self.packed,
                   # A panicked kernel spins instead of rebooting (-no-reboot would make QEMU
                   # exit): its QEMU still answers QMP and its virtio state can be read.
                   extra_kernel_args=["panic=0"],
@@ -580,10 +602,12 @@ class Scenario:
     # -- the run
     def run(self) -> Outcome:
         t0 = time.monotonic()
-        out = Outcome(self.backend.name, self.queues, ok=False, signature="", duration=0.0)
+        out = Outcome(self.backend.name, self.queues, ok=False, signature="", duration=0.0,
+                      packed=self.packed)
         try:
             summary = self._scenario()
             self._check_backend_after()
+            self._check_ring_layout(self.guests[1].console)
             out.ok, out.signature, out.summary = True, "ok", summary
         except ScenarioFailure as exc:
             out.signature = exc.signature
@@ -673,6 +697,25 @@ class Scenario:
                 f"{took2:.2f} s (total-time {info2['total-time']} ms, downtime "
                 f"{info2.get('downtime')} ms)")
 
+    def _check_ring_layout(self, console: str) -> None:
+        """The guest drove the ring layout asked for, as it reported on ``console`` (QEMU 1's,
+        where it booted; a migration never renegotiates features).  Checked once the rest has
+        passed: QEMU with ``packed=on`` and a backend that does not offer packed rings runs
+        the whole scenario on split rings, and only this tells."""
+        result = parse_results(console).get("features")
+        if result is None or result[0] != 0:
+            raise ScenarioFailure("no features result from the guest",
+                                  "" if result is None else result[1].decode(errors="replace"))
+        try:
+            bits = parse_features(result[1].decode(errors="replace"))
+        except ValueError as exc:
+            raise ScenarioFailure("no features result from the guest", str(exc)) from None
+        if (VIRTIO_F_RING_PACKED in bits) != self.packed:
+            shown = result[1].decode(errors="replace").strip()
+            raise ScenarioFailure(
+                f"packed ring {'not ' if self.packed else ''}negotiated with "
+                f"packed={'on' if self.packed else 'off'} (features {shown})")
+
     def _check_backend_after(self) -> None:
         """What only the backend can get wrong, once the guests are gone."""
         errors = self.backend.errors()
@@ -717,7 +760,7 @@ class Scenario:
 
 
 def run_scenario(backend: str, queues: int, workdir: Path,
-                 phase_timeout: float = PHASE_TIMEOUT) -> Outcome:
+                 phase_timeout: float = PHASE_TIMEOUT, packed: bool = False) -> Outcome:
     """One run of the scenario (see the module docstring); never raises for what it tests."""
-    return Scenario(backend, queues, workdir, phase_timeout).run()
+    return Scenario(backend, queues, workdir, phase_timeout, packed).run()
 

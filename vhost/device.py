@@ -24,9 +24,11 @@ from vhost.queue.base import DescriptorChain, Queue
 #: Most virtqueues a device may have: QEMU's VIRTIO_QUEUE_MAX, so a frontend can use them all.
 MAX_QUEUES = 1024
 
-#: Ring features the library implements for every device.
+#: Ring features the library implements for every device (both ring layouts: a frontend that
+#: acks RING_PACKED gets packed rings, :func:`vhost.queue.factory.open_queue`).
 RING_FEATURES = (
     VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
+    | VirtioFeature.RING_PACKED
 )
 
 

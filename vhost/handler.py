@@ -55,6 +55,7 @@ from vhost.messages import (
     inflight as inflight_payload,
 )
 from vhost.queue.base import QueueError
+from vhost.queue.factory import base_text, is_packed
 from vhost.queue.inflight import InflightArea, InflightError, create_area
 from vhost.queue.split import validate_size
 from vhost.runner.assembly import WorkerFactory, ring_addresses
@@ -269,9 +270,9 @@ class BackendHandler:
         logging_ = self.dirty_logging.queue_stopped(vring)  # (keeps the log if it still runs)
         vring.worker = None
         if stopped is not None:
-            log.info("queue %d stopped at avail %d (%d kicks, %d batches, %d completions, "
-                     "%d calls)", vring.index, vring.base, stopped.kicks, stopped.batches,
-                     stopped.completed, vring.call.count)
+            log.info("queue %d stopped at avail %s (%d kicks, %d batches, %d completions, "
+                     "%d calls)", vring.index, base_text(vring.base, self.acked_features),
+                     stopped.kicks, stopped.batches, stopped.completed, vring.call.count)
         return logging_
 
     def _stop_and_flush_if_last_logged(self, vring: Vring) -> None:
@@ -317,6 +318,10 @@ class BackendHandler:
         unknown = features & ~self.offered_features
         if unknown:
             raise Refused(f"features {unknown:#x} were never offered")
+        if (features ^ self.acked_features) & VirtioFeature.RING_PACKED and any(
+                v.running for v in self.vrings):
+            # The running queues' rings are laid out as negotiated when they started.
+            raise Refused("VIRTIO_F_RING_PACKED changed while queues run")
         self.acked_features = features
         self.device.set_features(features & ~int(VirtioFeature.PROTOCOL_FEATURES))
         self.runner.device_changed(self.conn)
@@ -456,7 +461,9 @@ class BackendHandler:
         vring = self._vring(message.fields.index)
         if vring.running:
             raise Refused(f"queue {vring.index} is running")
-        if message.fields.num > 0xFFFF:
+        # (a packed ring's base carries both positions and wrap counters in 32 bits; they are
+        # checked against the ring when it starts)
+        if message.fields.num > 0xFFFF and not is_packed(self.acked_features):
             raise Refused(f"split ring base {message.fields.num} > 65535")
         vring.base = message.fields.num
 
@@ -541,7 +548,7 @@ class BackendHandler:
         # "N/A"); a zero mmap_size would switch tracking off.
         self._check_inflight(message)
         f = message.fields
-        fd, size = create_area(f.num_queues, f.queue_size)
+        fd, size = create_area(f.num_queues, f.queue_size, is_packed(self.acked_features))
         payload = inflight_payload(size, 0, f.num_queues, f.queue_size)
         return HandlerResult(reply=encode_reply(message.request, payload), reply_fds=[fd])
 
@@ -551,7 +558,7 @@ class BackendHandler:
         f = message.fields
         try:
             area = InflightArea.map(fds[0], f.mmap_size, f.mmap_offset, f.num_queues,
-                                    f.queue_size)
+                                    f.queue_size, is_packed(self.acked_features))
         except InflightError as exc:
             raise Refused(str(exc)) from exc
         if self.inflight is not None:

@@ -28,6 +28,7 @@ from guestmem import PAGE_SIZE as PAGE
 from vhost_frontend.client import Frontend
 from vhost_frontend.errors import FrontendError
 from vhost_frontend.memory import FrontendMemory
+from vhost_frontend.packed import PackedDriverQueue
 from vhost_frontend.ring import DriverQueue
 from virtio_blk.request import HEADER, SEGMENT, ReqType
 
@@ -86,7 +87,8 @@ class PendingRequest:
 class BlkDriver:
     """Places virtio-blk requests on one queue of a connected, started backend."""
 
-    def __init__(self, frontend: Frontend, queue: DriverQueue, memory: FrontendMemory,
+    def __init__(self, frontend: Frontend, queue: DriverQueue | PackedDriverQueue,
+                 memory: FrontendMemory,
                  timeout: float = 10.0) -> None:
         self.frontend = frontend
         self.queue = queue

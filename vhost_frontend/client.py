@@ -15,9 +15,15 @@ from collections.abc import Iterable, Sequence
 from vhost import messages as m
 from vhost.connection import recv_exact, send_message
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
+from vhost.queue.packed import FRESH_BASE
 from vhost_frontend.errors import FrontendError
 from vhost_frontend.memory import FrontendMemory, FrontendRegion
+from vhost_frontend.packed import PackedDriverQueue
 from vhost_frontend.ring import DriverQueue
+
+#: A queue the frontend drives, of either layout.
+AnyQueue = DriverQueue | PackedDriverQueue
+PACKED = int(VirtioFeature.RING_PACKED)
 
 
 class Frontend:
@@ -29,7 +35,7 @@ class Frontend:
         self.sock.connect(os.fspath(path))
         self.features = 0
         self.protocol = ProtocolFeature(0)
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, AnyQueue] = {}
         self.memory: FrontendMemory | None = None
 
     # -- raw messages
@@ -79,8 +85,12 @@ class Frontend:
 
     # -- negotiation, as QEMU 7.2 does it
     def negotiate(self, features: int | None = None,
-                  protocol: ProtocolFeature | None = None) -> None:
-        """GET/SET features and protocol features, SET_OWNER; None takes all that is offered."""
+                  protocol: ProtocolFeature | None = None, packed: bool = False) -> None:
+        """GET/SET features and protocol features, SET_OWNER; None takes all that is offered.
+
+        VIRTIO_F_RING_PACKED is acked only with ``packed`` (QEMU's ``packed=on``): queues are
+        then packed rings (:meth:`setup_packed_queue`); FrontendError if it is not offered.
+        """
         offered = self.get_u64(Request.GET_FEATURES)
         if offered & VirtioFeature.PROTOCOL_FEATURES:
             offered_proto = ProtocolFeature(self.get_u64(Request.GET_PROTOCOL_FEATURES))
@@ -88,7 +98,11 @@ class Frontend:
             self.command(Request.SET_PROTOCOL_FEATURES, m.u64(int(want)), ack=False)
             self.protocol = want
         self.checked(Request.SET_OWNER)
-        self.features = offered if features is None else features
+        self.features = (offered if features is None else features) & ~PACKED
+        if packed:
+            if not offered & PACKED:
+                raise FrontendError("the backend does not offer VIRTIO_F_RING_PACKED")
+            self.features |= PACKED
         self.checked(Request.SET_FEATURES, m.u64(self.features))
 
     def set_mem_table(self, mem: FrontendMemory) -> None:
@@ -110,13 +124,28 @@ class Frontend:
                     region: int | None = None, enable: bool = True) -> DriverQueue:
         """SET_VRING_NUM/BASE/ADDR/KICK/CALL/ERR (and ENABLE) for a fresh ring."""
         assert self.memory is not None, "set_mem_table first"
+        if self.features & PACKED:
+            raise FrontendError("packed rings were negotiated: setup_packed_queue")
         q = DriverQueue(self.memory, index, size,
                         bool(self.features & VirtioFeature.RING_EVENT_IDX), region)
         q.start_at(base)
         self.restart_queue(q, base, enable)
         return q
 
-    def restart_queue(self, q: DriverQueue, base: int, enable: bool = True) -> None:
+    def setup_packed_queue(self, index: int, size: int = 128, base: int = FRESH_BASE,
+                           region: int | None = None, enable: bool = True) -> PackedDriverQueue:
+        """:meth:`setup_queue` for a packed ring (``negotiate(packed=True)`` first); ``base``
+        in SET_VRING_BASE's packed encoding (default: a fresh ring, both wrap counters 1)."""
+        assert self.memory is not None, "set_mem_table first"
+        if not self.features & PACKED:
+            raise FrontendError("packed rings were not negotiated")
+        q = PackedDriverQueue(self.memory, index, size,
+                              bool(self.features & VirtioFeature.RING_EVENT_IDX), region)
+        q.start_at(base)
+        self.restart_queue(q, base, enable)
+        return q
+
+    def restart_queue(self, q: AnyQueue, base: int, enable: bool = True) -> None:
         """SET_VRING_NUM/BASE/ADDR/CALL/ERR/KICK (and ENABLE) for ring ``q``, from avail ``base``.
 
         Used for a fresh ring, and for handing an existing one to a backend that came back
@@ -191,7 +220,7 @@ class Frontend:
         reply = self.request(Request.GET_CONFIG, m.config_space(offset, bytes(size)))
         return reply[m.CONFIG_HEADER_SIZE:]
 
-    def submit(self, q: DriverQueue, pieces: Sequence[tuple[int, int, bool]],
+    def submit(self, q: AnyQueue, pieces: Sequence[tuple[int, int, bool]],
                indirect: bool = False) -> int:
         """Add a chain and kick if the backend wants a kick."""
         old = q.avail_idx

@@ -184,23 +184,30 @@ class DriverRing:
             view.release()
 
 
-class DriverQueue(DriverRing):
-    """A :class:`DriverRing` in :class:`FrontendMemory` with its kick, call and err eventfds."""
+class QueueFds:
+    """A driven queue's kick, call and err eventfds, and waiting for its completions -- the part
+    of a queue between processes that does not depend on the ring layout (mixed into
+    :class:`DriverQueue` and :class:`vhost_frontend.packed.PackedDriverQueue`)."""
 
-    def __init__(self, mem: FrontendMemory, index: int, size: int, event_idx: bool,
-                 region: int | None = None) -> None:
-        desc_len, avail_len, used_len = ring_sizes(size)
-        addresses = RingAddresses(mem.alloc(desc_len, 16, region), mem.alloc(avail_len, 2, region),
-                                  mem.alloc(used_len, 4, region))
-        super().__init__(mem.guest, size, addresses, event_idx,
-                         alloc=lambda n: mem.alloc(n, 16))
-        self.mem = mem
+    index: int
+
+    def open_fds(self, index: int) -> None:
         self.index = index
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.err_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.kicks = 0
         self.calls = 0
+
+    def take_used(self) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def where(self) -> str:
+        """The ring's positions, for an error message."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
@@ -225,7 +232,7 @@ class DriverQueue(DriverRing):
             if remaining <= 0:
                 raise FrontendError(
                     f"queue {self.index}: {len(got)} of {count} completions after {timeout} s "
-                    f"(used.idx {self.used_idx()}, avail.idx {self.avail_idx})"
+                    f"({self.where()})"
                 )
             self.wait_call(min(remaining, 0.05))
             got.extend(self.take_used())
@@ -242,3 +249,20 @@ class DriverQueue(DriverRing):
         for fd in (self.kick_fd, self.call_fd, self.err_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class DriverQueue(DriverRing, QueueFds):
+    """A :class:`DriverRing` in :class:`FrontendMemory` with its kick, call and err eventfds."""
+
+    def __init__(self, mem: FrontendMemory, index: int, size: int, event_idx: bool,
+                 region: int | None = None) -> None:
+        desc_len, avail_len, used_len = ring_sizes(size)
+        addresses = RingAddresses(mem.alloc(desc_len, 16, region), mem.alloc(avail_len, 2, region),
+                                  mem.alloc(used_len, 4, region))
+        super().__init__(mem.guest, size, addresses, event_idx,
+                         alloc=lambda n: mem.alloc(n, 16))
+        self.mem = mem
+        self.open_fds(index)
+
+    def where(self) -> str:
+        return f"used.idx {self.used_idx()}, avail.idx {self.avail_idx}"

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Protocol
 from blockdev.ops import OpKind
 from guestmem import AccessError
 from scsi_buffers import RequestBuffers
+from vhost.queue.base import simple_chains
 from virtio_blk.blk_request import BlkRequest, FastRequest
 from virtio_blk.layout import DataLayout, plan
 from virtio_blk.request import HEADER, HEADER_SIZE, T_BARRIER, Limits, ReqType, Status, range_fault
@@ -154,13 +155,12 @@ class FastPath:
         submit = engine.submit
         complete = self.complete
         build = self._build
-        peek = vq.peek_simple
         claim = vq.claim
         timing = handler.timing
         done: list[tuple[int, int]] = []
         started = 0
         try:
-            while (chain := peek(MAX_PIECES)) is not None:
+            for chain in simple_chains(vq, MAX_PIECES):
                 req = build(chain)
                 if req is None:
                     break

@@ -36,19 +36,24 @@ from qemu_guest.migration import builtin_also_crashes, run_scenario
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("queues", [1, 2], ids=["1-queue", "2-queues"])
-def test_migrate_under_fio_and_back(tmp_path: Path, guest_image: Path, queues: int) -> None:
-    out = run_scenario("server", queues, tmp_path / "attempt1")
+@pytest.mark.parametrize(("queues", "packed"), [(1, False), (2, False), (1, True)],
+                         ids=["1-queue", "2-queues", "1-queue-packed"])
+def test_migrate_under_fio_and_back(tmp_path: Path, guest_image: Path, queues: int,
+                                    packed: bool) -> None:
+    """``packed``: every QEMU's device has ``packed=on`` and the guest must drive packed rings
+    (each source server then logs the used-ring writes it makes to the descriptor ring)."""
+    what = f"{queues} queue(s){', packed' if packed else ''}"
+    out = run_scenario("server", queues, tmp_path / "attempt1", packed=packed)
     retried = 0
     if not out.ok and builtin_also_crashes(out.signature):
         print(out.diagnostics)
-        print(f"\nRETRY (1 of at most 1): {queues} queue(s): {out.signature} -- a crash QEMU's "
+        print(f"\nRETRY (1 of at most 1): {what}: {out.signature} -- a crash QEMU's "
               f"built-in virtio-blk shows too after a migration; running the scenario again")
         retried = 1
-        out = run_scenario("server", queues, tmp_path / "attempt2")
+        out = run_scenario("server", queues, tmp_path / "attempt2", packed=packed)
     if not out.ok:
         print(out.diagnostics)
-        pytest.fail(f"{queues} queue(s): {out.signature} (after {out.duration:.0f} s, "
+        pytest.fail(f"{what}: {out.signature} (after {out.duration:.0f} s, "
                     f"{retried} retry before; the diagnostics are printed above, consoles and "
                     f"logs are in {tmp_path})", pytrace=False)
-    print(f"\n{queues} queue(s), retries {retried}: {out.summary}; {out.measurements}")
+    print(f"\n{what}, retries {retried}: {out.summary}; {out.measurements}")

@@ -23,7 +23,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.protocol import ConnectError
 
 from blockdev.disk import parse_size
-from qemu_guest import Guest, GuestResult
+from qemu_guest import VIRTIO_F_RING_PACKED, Guest, GuestResult, features_command
 from tests.e2e.conftest import Server
 
 FIO = "fio --filename=/dev/vda --ioengine=libaio --direct=1 --output-format=json"
@@ -44,9 +44,23 @@ def check_fio(res: GuestResult, name: str) -> float:
     return fio.iops
 
 
+def check_packed(res: GuestResult, packed: bool = True) -> None:
+    """The guest drives the ring layout it was asked for: with ``packed=on`` QEMU masks
+    VIRTIO_F_RING_PACKED when the backend does not offer it and the guest falls back to split
+    rings without a word, so a packed test proves nothing unless the bit is set (and a split
+    run must not have it).  ``res`` holds :func:`qemu_guest.features_command`'s result."""
+    features = res.features()
+    bits = "".join("1" if i in features else "0" for i in range(max(features, default=0) + 1))
+    assert (VIRTIO_F_RING_PACKED in features) == packed, (
+        f"the guest {'does not drive' if packed else 'drives'} the packed ring "
+        f"(VIRTIO_F_RING_PACKED, bit {VIRTIO_F_RING_PACKED}); negotiated features {bits}")
+
+
 def crash_script(size: str = "64M") -> str:
-    """Random 4k writes over ``size`` verified with crc32c, after a ``FIO-START`` marker."""
-    return ("marker FIO-START\n"
+    """The negotiated features (result ``features``), then random 4k writes over ``size``
+    verified with crc32c, after a ``FIO-START`` marker."""
+    return (f"{features_command()}\n"
+            "marker FIO-START\n"
             f"result crash {FIO} --name=crash --rw=randwrite --bs=4k --iodepth=16 "
             f"--size={size} --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0\n")
 
@@ -112,6 +126,7 @@ def kill_and_restart_under_fio(start: Callable[..., Server], workdir: Path, *,
                                timeout: float = 600, kills: int = KILLS,
                                launcher: Sequence[str] = SLOW_FILE_WRITES,
                                after_kill: Callable[[Server], None] | None = None,
+                               packed: bool = False,
                                ) -> tuple[GuestResult, Server]:
     """kill -9 the server ``kills`` times during the guest's verified writes, each time
     starting another in its place; returns the guest's result and the last server, stopped.
@@ -125,17 +140,21 @@ def kill_and_restart_under_fio(start: Callable[..., Server], workdir: Path, *,
     at most what the guest finished, and fio writes ``size`` once before it starts reading
     back, a count under half of it proves the kill landed while fio was writing.
     ``after_kill(dead)`` runs after each kill (e.g. to check the image a dead server left).
+    ``packed``: the guest's device has ``packed=on`` and must drive packed rings.
 
     Checked: at least one kill landed in the write phase, the restarted servers resubmitted
     more than zero requests in all (their ``resubmitted N in-flight requests`` lines), fio's
-    crc32c verify is clean, and the last server exits 0 having served a reconnected frontend.
+    crc32c verify is clean, the last server exits 0 having served a reconnected frontend, and
+    the guest drove the ring layout asked for (:func:`check_packed`; checked last, so that a
+    server without packed rings fails only there, with the drill run on split rings).
     """
     qmp = ("--qmp", str(workdir / "qmp.sock"))
     total_writes = parse_size(size) // 4096
     srv = start(*qmp, launcher=launcher)
     done = 0  # writes completed by the servers killed so far (at their last reading)
     kills_in_write_phase = 0
-    with Guest(srv.sock, crash_script(size), reconnect=True, timeout=timeout) as g:
+    with Guest(srv.sock, crash_script(size), reconnect=True, packed=packed,
+               timeout=timeout) as g:
         g.wait_for(r"^@@FIO-START$")
         for k in range(1, kills + 1):
             target = total_writes * k // (2 * (kills + 1))
@@ -181,6 +200,7 @@ def kill_and_restart_under_fio(start: Callable[..., Server], workdir: Path, *,
     assert rc == 0, srv.log
     check_fio(res, "crash")
     assert srv.log.count("frontend connected") >= kills_in_write_phase + 1, srv.log
+    check_packed(res, packed)
     print(f"kills during fio's writes: {kills_in_write_phase}; resubmitted per restarted queue: "
           f"{counts}")
     return res, srv

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from vhost.messages import VirtioFeature
 from vhost.queue.base import RingAddresses
 from vhost.queue.split import DESC, VIRTQ_DESC_F_INDIRECT, SplitQueue
 from vhost_frontend import DriverQueue, DriverRing, FrontendMemory
+from virtio_blk.device import BlkQueueHandler
 
 HAVE_QSD = shutil.which("qemu-storage-daemon") is not None
 
@@ -190,6 +192,28 @@ def test_hotpath_compares_shapes_and_data_in_one_process(
     assert "inline    direct   sparse batch  32" in out
 
 
+def test_hotpath_compares_split_and_packed_rings(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``--layout both``: a split and a packed rig, each serving real reads, and the ratio."""
+    made: list[hotpath.Rig] = []
+
+    class Spy(hotpath.Rig):
+        def __init__(self, engine: str, image: str, **kw: object) -> None:
+            super().__init__(engine, image, **kw)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(hotpath, "Rig", Spy)
+    hotpath.main(["--engine", "inline", "--requests", "64", "--repeat", "1", "--batches", "32",
+                  "--fast-path", "on", "--layout", "both"])
+    assert sorted(type(rig.vq).__name__ for rig in made) == ["PackedQueue", "SplitQueue"]
+    for rig in made:
+        assert isinstance(rig.handler, BlkQueueHandler)
+        assert rig.handler._fast is not None and rig.handler._fast.taken, type(rig.vq)
+    out = capsys.readouterr().out
+    assert "inline    packed indirect filled batch  32" in out
+    assert "packed/split: indirect filled" in out
+
+
 @pytest.mark.parametrize("direct", [False, True])
 def test_inprocess_smoke(tmp_path: Path, direct: bool,
                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -234,3 +258,34 @@ def test_inprocess_refuses_a_figure_of_failed_requests(tmp_path: Path) -> None:
             "--server-args=--read-only"]
     with pytest.raises(RuntimeError, match="error status"):
         inprocess.main(argv)
+
+
+def test_hotpath_counts_one_configuration_inside_any(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--instructions runs exactly --requests requests inside the one any() callgrind counts
+    (every round: any() must not stop early), and refuses two configurations at once (their
+    counts would be summed)."""
+    rounds: list[int] = []
+
+    class Spy(hotpath.Rig):
+        def round(self, batch: int) -> None:
+            rounds.append(batch)
+            super().round(batch)
+
+    monkeypatch.setattr(hotpath, "Rig", Spy)
+    calls: list[int] = []
+    real_any = any
+
+    def counting_any(it: Iterable[object]) -> bool:
+        before = len(rounds)
+        result = real_any(it)
+        calls.append(len(rounds) - before)
+        return result
+
+    monkeypatch.setattr(hotpath, "any", counting_any, raising=False)
+    assert hotpath.main(["--engine", "inline", "--instructions", "--fast-path", "on",
+                         "--batches", "8", "--requests", "64"]) == 0
+    assert calls == [8] and "64 requests of batch 8 counted" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        hotpath.main(["--engine", "inline", "--instructions", "--fast-path", "both",
+                      "--batches", "8", "--requests", "64"])

@@ -8,18 +8,23 @@ one that is not there; each case below was seen in the migration series.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.migration_series import record_line
+from qemu_guest import features_command
 from qemu_guest.migration import (
+    Outcome,
     Scenario,
     ScenarioFailure,
     builtin_also_crashes,
     check_fio,
     first_oops,
+    workload,
 )
 
 
@@ -148,3 +153,75 @@ def test_a_crashed_fio_is_not_called_a_verify_error() -> None:
     block[1] = base64.b64encode(bad.encode()).decode()
     with pytest.raises(ScenarioFailure, match=r"^verify error in reverify1 \(rc=1\): verify: "):
         check_fio("reverify1", "\n".join(block).replace("rc=134", "rc=1"))
+
+
+def features_console(bits: str, rc: int = 0) -> str:
+    """QEMU 1's console with the workload's ``features`` result (as the guest prints it)."""
+    return "\n".join(["@@INIT-START", "@@RESULT-BEGIN features",
+                      base64.b64encode(bits.encode() + b"\n").decode(),
+                      f"@@RESULT-END features rc={rc}", "@@PHASE write"])
+
+
+SPLIT = "0110001001110110000000000000110010" + "0" * 30
+PACKED = SPLIT[:34] + "1" + SPLIT[35:]
+
+
+def test_a_packed_scenario_fails_when_the_guest_fell_back_to_split_rings(tmp_path: Path) -> None:
+    """QEMU 7.2 with packed=on lets the guest use split rings when the backend does not offer
+    the packed ring: the whole scenario passes on split rings, and only this check tells."""
+    packed = Scenario("builtin", 1, tmp_path, packed=True)
+    packed._check_ring_layout(features_console(PACKED))
+    with pytest.raises(ScenarioFailure, match=r"^packed ring not negotiated with packed=on "
+                                              r"\(features 0110001"):
+        packed._check_ring_layout(features_console(SPLIT))
+    split = Scenario("builtin", 1, tmp_path)
+    split._check_ring_layout(features_console(SPLIT))
+    with pytest.raises(ScenarioFailure, match="packed ring negotiated with packed=off"):
+        split._check_ring_layout(features_console(PACKED))
+    # No features result, a failed read or garbage never passes for either layout.
+    for console in ("@@PHASE write", features_console(PACKED, rc=1),
+                    features_console("cat: can't open")):
+        with pytest.raises(ScenarioFailure, match="no features result from the guest"):
+            packed._check_ring_layout(console)
+
+
+class RecordingGuest:
+    """Stands in for qemu_guest.Guest: records how the scenario builds each QEMU."""
+
+    made: list[dict[str, Any]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.made.append(kwargs)
+
+    def start(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_packed_reaches_every_qemu_of_the_scenario(tmp_path: Path, monkeypatch: Any,
+                                                   packed: bool) -> None:
+    """The workload reports the features first; with packed, each vhost-user QEMU's device
+    gets packed=on through the guest launcher, and the built-in device (the reference
+    backend) gets it on its own -device."""
+    assert workload(32, 1).splitlines()[0] == features_command()
+    monkeypatch.setattr("qemu_guest.migration.Guest", RecordingGuest)
+    monkeypatch.setattr("qemu_guest.migration.Qmp", lambda path: FakeQmp([]))
+    RecordingGuest.made = []
+    server = Scenario("server", 2, tmp_path / "s", packed=packed)
+    server._start_qemu(1, incoming=False)
+    server._start_qemu(2, incoming=True)
+    assert [g["packed"] for g in RecordingGuest.made] == [packed, packed]
+    builtin = Scenario("builtin", 2, tmp_path / "b", packed=packed)
+    builtin._start_qemu(1, incoming=False)
+    args = RecordingGuest.made[-1]["extra_qemu_args"]
+    assert args[args.index("-device") + 1].endswith(",num-queues=2" + ",packed=on" * packed)
+
+
+def test_a_packed_series_run_says_so_in_its_record(tmp_path: Path) -> None:
+    """``migration_series --packed`` rows must not pass for split-ring runs."""
+    when = datetime.datetime(2026, 12, 7, 12, 0)
+    packed = Outcome("server", 1, ok=True, signature="ok", duration=40.0, packed=True)
+    split = Outcome("server", 1, ok=True, signature="ok", duration=40.0)
+    assert record_line(packed, when, None) == ("| 2026-12-07 12:00 | server | 1 packed | ok | "
+                                               "ok | 40 s |")
+    assert record_line(split, when, None) == "| 2026-12-07 12:00 | server | 1 | ok | ok | 40 s |"

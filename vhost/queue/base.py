@@ -15,6 +15,7 @@ the queue is marked ``broken`` and stays so until the driver resets it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -205,3 +206,30 @@ class Queue(Protocol):
 
     def release(self) -> None:
         """Drop every view of guest memory so it can be unmapped."""
+
+
+def simple_chains(queue: Queue, max_pieces: int) -> Iterator[SimpleChain]:
+    """The simple chains available now, in ring order, for one pass of a fast path: what
+    :meth:`Queue.peek_simple` returns, one after the other.  The consumer claims
+    (:meth:`Queue.claim`) each chain it keeps before asking for the next, and stops at the
+    first it declines (it is left where it is, for the generic pop).
+
+    A layout may do it in one go -- a method ``simple_chains(max_pieces)`` with this contract
+    (the split ring has one: it counts the pending chains once and spares a call per chain);
+    this uses it when there, else peeks chain by chain.
+    """
+    own = getattr(queue, "simple_chains", None)
+    if own is not None:
+        return own(max_pieces)
+    return _peeked(queue, max_pieces)
+
+
+def _peeked(queue: Queue, max_pieces: int) -> Iterator[SimpleChain]:
+    """:func:`simple_chains` built on :meth:`Queue.peek_simple`: a chain peeked again unclaimed
+    (same head, same token) ends it."""
+    last: tuple[int, int] | None = None
+    while (chain := queue.peek_simple(max_pieces)) is not None:
+        if (chain.head, chain.token) == last:
+            return
+        last = (chain.head, chain.token)
+        yield chain

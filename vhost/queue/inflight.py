@@ -55,18 +55,30 @@ class InflightError(Exception):
     """The shared area is unusable (wrong size or kind of fd, a field we did not write)."""
 
 
-def queue_stride(queue_size: int) -> int:
+#: A packed ring's region (``QueueRegionPacked``, :mod:`vhost.queue.inflight_packed`): a
+#: 32-byte header and 32-byte entries.
+PACKED_HEADER_SIZE = 32
+PACKED_ENTRY_SIZE = 32
+
+
+def queue_stride(queue_size: int, packed: bool = False) -> int:
     """Bytes per queue region: header plus states, rounded up to 64."""
+    if packed:
+        return (PACKED_ENTRY_SIZE * queue_size + PACKED_HEADER_SIZE + 63) & ~63
     return (DESC_STATE_SIZE * queue_size + HEADER_SIZE + 63) & ~63
 
 
-def area_size(num_queues: int, queue_size: int) -> int:
-    return num_queues * queue_stride(queue_size)
+def area_size(num_queues: int, queue_size: int, packed: bool = False) -> int:
+    return num_queues * queue_stride(queue_size, packed)
 
 
-def create_area(num_queues: int, queue_size: int) -> tuple[int, int]:
-    """A zero-filled memfd for GET_INFLIGHT_FD: (fd, size).  The caller owns the fd."""
-    size = area_size(num_queues, queue_size)
+def create_area(num_queues: int, queue_size: int, packed: bool = False) -> tuple[int, int]:
+    """A zero-filled memfd for GET_INFLIGHT_FD: (fd, size).  The caller owns the fd.
+
+    ``packed``: the features acked before GET_INFLIGHT_FD (QEMU sets them first) include
+    VIRTIO_F_RING_PACKED, whose regions are larger.
+    """
+    size = area_size(num_queues, queue_size, packed)
     fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
@@ -83,10 +95,12 @@ class InflightArea:
     mapping: mmap.mmap
     num_queues: int
     queue_size: int
+    #: Regions of the packed layout (:meth:`view` gives one to a ``PackedInflightQueue``).
+    packed: bool = False
 
     @classmethod
     def map(cls, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
-            queue_size: int) -> InflightArea:
+            queue_size: int, packed: bool = False) -> InflightArea:
         """Map the part of ``fd`` the queues use; InflightError for anything that does not fit.
 
         Only the bytes the queues need are mapped, not all of ``mmap_size``: the frontend may
@@ -94,7 +108,7 @@ class InflightArea:
         """
         if not num_queues or not queue_size or queue_size & (queue_size - 1):
             raise InflightError(f"{num_queues} queues of size {queue_size}")
-        need = area_size(num_queues, queue_size)
+        need = area_size(num_queues, queue_size, packed)
         if mmap_size < need:
             raise InflightError(f"area of {mmap_size} bytes, {need} needed for {num_queues} "
                                 f"queues of {queue_size}")
@@ -112,17 +126,23 @@ class InflightArea:
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
         except (OSError, ValueError, OverflowError) as exc:
             raise InflightError(f"cannot map the inflight area: {exc}") from exc
-        return cls(mapping, num_queues, queue_size)
+        return cls(mapping, num_queues, queue_size, packed)
 
     def queue(self, index: int, ring_size: int) -> InflightQueue:
-        """The tracker of queue ``index``, whose ring has ``ring_size`` entries."""
+        """The split tracker of queue ``index``, whose ring has ``ring_size`` entries."""
+        if self.packed:
+            raise InflightError("the inflight area was made for packed rings")
+        return InflightQueue(self.view(index, ring_size), ring_size)
+
+    def view(self, index: int, ring_size: int) -> memoryview:
+        """The region of queue ``index`` (of either layout), whose ring has ``ring_size``
+        entries."""
         if index >= self.num_queues:
             raise InflightError(f"queue {index} is beyond the {self.num_queues} in the area")
         if ring_size != self.queue_size:
             raise InflightError(f"ring of {ring_size} entries, area made for {self.queue_size}")
-        stride = queue_stride(self.queue_size)
-        view = memoryview(self.mapping)[index * stride : (index + 1) * stride]
-        return InflightQueue(view, ring_size)
+        stride = queue_stride(self.queue_size, self.packed)
+        return memoryview(self.mapping)[index * stride : (index + 1) * stride]
 
     def close(self) -> None:
         try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Iterator
 from typing import NoReturn
 
 from guestmem import AccessError, GuestMemory, GuestRegion
@@ -57,6 +58,10 @@ VIRTQ_DESC_F_WRITE = 2
 VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
+
+_new_chain = object.__new__
+_unpack_desc = DESC.unpack_from
+_NEXT_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
 
 MAX_QUEUE_SIZE = 32768
 #: An indirect table holds at most a queue's worth of descriptors.
@@ -250,8 +255,22 @@ class SplitQueue:
 
     def _take(self, head: int, source: str, tracked: bool = False) -> DescriptorChain:
         """Validate ``head`` (from ``source``) and its chain, and mark it in flight (in the
-        in-flight area too, unless ``tracked``: it is marked there already)."""
-        readable, writable, rlen, wlen, _ = self._walk(head, MAX_QUEUE_SIZE, source)
+        in-flight area too, unless ``tracked``: it is marked there already).
+
+        A chain in Linux's shape is walked by :meth:`_simple`, the walker the fast path's
+        :meth:`peek_simple` uses; any other by :meth:`_walk`, which reports what is wrong."""
+        simple = self._simple(head, MAX_QUEUE_SIZE)
+        if simple is not None:
+            header = [(simple.header, simple.header_len)]
+            trailer = [(simple.trailer, simple.trailer_len)]
+            if simple.into_guest:
+                readable, writable = header, simple.data + trailer
+                rlen, wlen = simple.header_len, simple.data_len + simple.trailer_len
+            else:
+                readable, writable = header + simple.data, trailer
+                rlen, wlen = simple.header_len + simple.data_len, simple.trailer_len
+        else:
+            readable, writable, rlen, wlen, _ = self._walk(head, MAX_QUEUE_SIZE, source)
         self._in_flight[head] = 1
         self.in_flight_count += 1
         if self._inflight is not None and not tracked:
@@ -268,7 +287,8 @@ class SplitQueue:
         """The next available chain if it is a simple one (see :class:`SimpleChain`) of at most
         ``max_pieces`` descriptors, else None.  Changes nothing.
 
-        It looks at the ring with the generic pop's rules (:meth:`_pending`, :meth:`_walk`), so
+        It looks at the ring with the generic pop's rules (:meth:`_pending`, then
+        :meth:`_simple` -- the walker the generic pop tries first -- or :meth:`_walk`), so
         whatever it returns the generic pop would have accepted with the same pieces; a chain
         that breaks a rule gives None here and is reported by the generic pop.
         """
@@ -278,7 +298,45 @@ class SplitQueue:
         try:
             if not self._pending():
                 return None
-            head = self._avail[2 + (next_avail & self._mask)]
+        except QueueError:
+            return None
+        head = self._avail[2 + (next_avail & self._mask)]
+        return self._simple(head, max_pieces) or self._peek_walked(head, max_pieces)
+
+    def simple_chains(self, max_pieces: int) -> Iterator[SimpleChain]:
+        """:meth:`peek_simple` for a whole pass (see :func:`vhost.queue.base.simple_chains`):
+        each chain available now while it is simple, in ring order.  The consumer claims each
+        chain it keeps before asking for the next; one left unclaimed ends the iteration.
+
+        The same looks as :meth:`peek_simple`, without its per-chain call and count of the
+        pending chains: they are counted once (:meth:`_pending`); those made available later
+        wait for the next pass.  (Nothing in between breaks the queue or adds heads to
+        resubmit: only the generic pop does.)
+        """
+        if self.broken or self._replay:
+            return
+        try:
+            pending = self._pending()
+        except QueueError:
+            return
+        avail = self._avail
+        mask = self._mask
+        simple = self._simple
+        for _ in range(pending):
+            next_avail = self.next_avail
+            head = avail[2 + (next_avail & mask)]
+            chain = simple(head, max_pieces) or self._peek_walked(head, max_pieces)
+            if chain is None:
+                return
+            yield chain
+            if self.next_avail == next_avail:  # not claimed
+                return
+
+    def _peek_walked(self, head: int, max_pieces: int) -> SimpleChain | None:
+        """:meth:`peek_simple` for a chain :meth:`_simple` does not take (zero-length or
+        spanning pieces, an indirect table after direct descriptors, a broken rule): the full
+        walk, then the shape."""
+        try:
             readable, writable, rlen, wlen, spread = self._walk(head, max_pieces, "avail ring")
         except (QueueError, _NotSimple):
             return None
@@ -291,13 +349,13 @@ class SplitQueue:
             header, header_len = readable[0]
             trailer, trailer_len = writable.pop()
             return SimpleChain(head, header, header_len, writable, wlen - trailer_len, True,
-                               trailer, trailer_len, next_avail, region)
+                               trailer, trailer_len, self.next_avail, region)
         if len(writable) != 1 or not readable:  # [header] [data, readable...] [trailer]
             return None
         header, header_len = readable.pop(0)
         trailer, trailer_len = writable[0]
         return SimpleChain(head, header, header_len, readable, rlen - header_len, False,
-                           trailer, trailer_len, next_avail, region)
+                           trailer, trailer_len, self.next_avail, region)
 
     def claim(self, chain: SimpleChain) -> None:
         """Take ``chain``, the one :meth:`peek_simple` just returned: in flight (in the in-flight
@@ -326,6 +384,111 @@ class SplitQueue:
             )
         return pending
 
+    def _simple(self, head: int, max_pieces: int) -> SimpleChain | None:
+        """The chain at ``head`` if it has Linux's shape exactly -- a header (flags NEXT), data
+        runs with one flags value (NEXT, or NEXT|WRITE), a trailer (WRITE), either directly in
+        the descriptor table or as the whole of one indirect table -- with at most
+        ``max_pieces`` descriptors, no empty piece and every piece inside one memory region;
+        else None, and the caller walks it with :meth:`_walk`, which states every rule and
+        reports what is wrong.
+
+        Both pops try it first (:meth:`_take`, :meth:`peek_simple`), so it is how the chains
+        nearly every request arrives in are checked -- by the generic pop as by the fast path.
+        Each rule :meth:`_walk` applies holds here by the stricter shape, or is tested: head in
+        range and not in flight, ``next`` inside the table, no more descriptors than the table
+        (and ``max_pieces``) holds, the indirect table's length a non-zero multiple of 16 and
+        at most a queue's worth and INDIRECT_DESC negotiated, readable before writable, under
+        2**32 bytes, each piece inside guest memory.  Whatever it returns, :meth:`_walk` would
+        have returned the same pieces (a property test holds them so).  It changes nothing but
+        the remembered region (a cache).  (The hot path of every request: no list but the
+        data's, no exception, no call but the region lookups when a piece leaves the
+        remembered region.)
+        """
+        if head >= self.size or self._in_flight[head]:
+            return None
+        memory = self.memory
+        if memory.regions is not self._regions:
+            self._new_table()
+        unpack = _unpack_desc
+        table: memoryview = self._desc
+        base = 0
+        count = self.size
+        addr, length, flags, nxt = unpack(table, head << 4)
+        lo = self._lo
+        hi = self._hi
+        if flags == VIRTQ_DESC_F_INDIRECT:  # one indirect table holding the whole chain
+            if (not self.indirect or length & (DESC_SIZE - 1)
+                    or not 0 < length <= MAX_INDIRECT_BYTES):
+                return None
+            if not (lo <= addr and addr + length <= hi):
+                region = memory.region_at(addr)
+                if region is None or addr + length > region.gpa + region.size:
+                    return None
+                lo, hi = self._remember(region)
+            table = self._region.view  # type: ignore[union-attr]
+            base = addr - lo
+            count = length >> 4
+            addr, length, flags, nxt = unpack(table, base)
+        # No more descriptors than the table holds (or the caller takes).
+        limit = max_pieces if max_pieces < count else count
+        # The header: readable, in memory (the first piece may move the remembered region).
+        if flags != VIRTQ_DESC_F_NEXT or not length or nxt >= count or limit < 3:
+            return None
+        header = addr
+        header_len = length
+        if not (lo <= addr and addr + length <= hi):
+            region = memory.region_at(addr)
+            if region is None or addr + length > region.gpa + region.size:
+                return None
+            lo, hi = self._remember(region)
+        spread = False
+        # The data: one direction, each run non-empty and in memory.
+        addr, length, data_flags, nxt = unpack(table, base + (nxt << 4))
+        if data_flags != VIRTQ_DESC_F_NEXT and data_flags != _NEXT_WRITE:
+            return None
+        data: list[tuple[int, int]] = []
+        data_len = 0
+        read = 2
+        flags = data_flags
+        while flags == data_flags:
+            if not length or nxt >= count or read == limit:
+                return None
+            if not (lo <= addr and addr + length <= hi):
+                region = memory.region_at(addr)
+                if region is None or addr + length > region.gpa + region.size:
+                    return None
+                lo, hi = self._remember(region)
+                spread = True
+            data.append((addr, length))
+            data_len += length
+            addr, length, flags, nxt = unpack(table, base + (nxt << 4))
+            read += 1
+        # The trailer: writable, the end of the chain.
+        if flags != VIRTQ_DESC_F_WRITE or not length:
+            return None
+        if not (lo <= addr and addr + length <= hi):
+            region = memory.region_at(addr)
+            if region is None or addr + length > region.gpa + region.size:
+                return None
+            self._remember(region)
+            spread = True
+        if header_len + data_len + length >= MAX_CHAIN_BYTES:
+            return None
+        # (SimpleChain's fields set here rather than through its __init__: a third of the
+        # cost of making it, on every request.)
+        chain = _new_chain(SimpleChain)
+        chain.head = head
+        chain.header = header
+        chain.header_len = header_len
+        chain.data = data
+        chain.data_len = data_len
+        chain.into_guest = data_flags != VIRTQ_DESC_F_NEXT
+        chain.trailer = addr
+        chain.trailer_len = length
+        chain.token = self.next_avail
+        chain.region = None if spread else self._region
+        return chain
+
     def _walk(self, head: int, max_pieces: int, source: str
               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int, int, int]:
         """The chain at ``head`` (from ``source``) with every rule checked: ``(readable, writable,
@@ -345,9 +508,7 @@ class SplitQueue:
             raise QueueError(f"{source} head {head} made available again while still in flight")
         memory = self.memory
         if memory.regions is not self._regions:
-            self._regions = memory.regions
-            self._region = None
-            self._lo = self._hi = 0
+            self._new_table()
         table: memoryview | bytes = self._desc
         base = 0
         table_len = self.size
@@ -422,6 +583,12 @@ class SplitQueue:
             table_len = length >> 4
             in_indirect = True
             idx = 0
+
+    def _new_table(self) -> None:
+        """The memory table changed: forget the remembered region (it may be gone)."""
+        self._regions = self.memory.regions
+        self._region = None
+        self._lo = self._hi = 0
 
     def _remember(self, region: GuestRegion) -> tuple[int, int]:
         """Remember ``region`` as the one the next pieces are looked for in first."""

@@ -6,7 +6,8 @@ both check the same things in the same order:
 
 1. the ring's frontend addresses translate to guest physical addresses, whole parts inside
    guest memory (:meth:`vhost.memory.MemoryTable.uva_to_gpa`), aligned as virtio 2.7 requires;
-2. the queue's in-flight region (if the frontend gave an area) matches the ring;
+2. the queue's in-flight region (if the frontend gave an area) matches the ring (split: its
+   used index; packed: the descriptor a publication cut short may have used);
 3. the queue is opened over the ring (which validates the base and recovers in-flight heads);
 4. the device makes the queue's handler;
 5. the worker is made (not started: the caller attaches dirty logging first).
@@ -25,8 +26,16 @@ from guestmem import AccessError
 from vhost.device import Device, QueueHandler
 from vhost.memory import MemoryTable, MemoryTableError
 from vhost.queue.base import Queue, RingAddresses
-from vhost.queue.factory import check_alignment, is_packed, open_queue, ring_sizes
+from vhost.queue.factory import (
+    check_alignment,
+    inflight_tracker,
+    is_packed,
+    open_queue,
+    ring_sizes,
+)
 from vhost.queue.inflight import InflightArea
+from vhost.queue.inflight_packed import PackedInflightQueue
+from vhost.queue.packed import PackedQueue
 from vhost.queue.split import SplitQueue
 from vhost.runner.base import QueueSpec, RunnerError
 from vhost.runner.thread import Notifier, QueueWorker
@@ -56,31 +65,39 @@ def preflight(memory: MemoryTable, inflight: InflightArea | None,
     """Steps 1-2 without opening anything: QueueError, MemoryTableError or InflightError if
     the queue cannot start."""
     addrs = ring_addresses(memory, spec.ring_uaddrs, spec.size, spec.features)
-    if inflight is not None:
-        try:
-            used_idx = int.from_bytes(memory.guest.read(addrs.used + 2, 2), "little")
-        except AccessError as exc:
-            raise MemoryTableError(f"used ring at {addrs.used:#x}: {exc}") from exc
-        tracker = inflight.queue(spec.key.index, spec.size)
-        try:
-            tracker.check(used_idx)
-        finally:
-            tracker.release()
+    if inflight is None:
+        return addrs
+    guest = memory.guest
+    tracker = inflight_tracker(inflight, spec.key.index, spec.size)
+    try:
+        if isinstance(tracker, PackedInflightQueue):
+            # (a publication cut short is judged by the flags of a descriptor it may have used)
+            def ring_flags(slot: int) -> int:
+                return int.from_bytes(guest.read(addrs.desc + 16 * slot + 14, 2), "little")
+
+            tracker.plan(ring_flags)
+        else:
+            tracker.check(int.from_bytes(guest.read(addrs.used + 2, 2), "little"))
+    except AccessError as exc:
+        raise MemoryTableError(f"ring at {addrs.desc:#x}: {exc}") from exc
+    finally:
+        tracker.release()
     return addrs
 
 
 def assemble(memory: MemoryTable, inflight: InflightArea | None, device: Device,
              spec: QueueSpec, make_worker: WorkerFactory,
-             split_class: type[SplitQueue] = SplitQueue) -> QueueWorker:
+             split_class: type[SplitQueue] = SplitQueue,
+             packed_class: type[PackedQueue] = PackedQueue) -> QueueWorker:
     """Steps 1-5: the queue's worker, ready to start.  QueueError, MemoryTableError or
     InflightError if the frontend's input cannot be used; RunnerError if the device could not
-    make the handler (no io_uring or threads left, say).  ``split_class``: a subclass of the
-    split queue (a queue process hooks the used-index publication)."""
+    make the handler (no io_uring or threads left, say).  ``split_class``/``packed_class``:
+    subclasses of the layouts' queues (a queue process hooks the used-side publication)."""
     index = spec.key.index
     addrs = ring_addresses(memory, spec.ring_uaddrs, spec.size, spec.features)
-    tracker = inflight.queue(index, spec.size) if inflight is not None else None
+    tracker = inflight_tracker(inflight, index, spec.size) if inflight is not None else None
     vq = open_queue(memory.guest, spec.size, addrs, spec.features, spec.base, index, tracker,
-                    split_class=split_class)
+                    split_class=split_class, packed_class=packed_class)
     try:
         handler = device.create_handler(index, memory.guest)
     except Exception as exc:

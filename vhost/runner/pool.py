@@ -50,6 +50,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from vhost.queue.factory import base_text
 from vhost.runner import ipc
 from vhost.runner.assembly import preflight
 from vhost.runner.base import (
@@ -402,8 +403,8 @@ class ProcessRunner:
                 if mine is None:
                     os.close(fd)
         self.workers[spec.key] = worker
-        log.info("queue %d started in a process: size %d, avail from %d", spec.key.index,
-                 spec.size, spec.base)
+        log.info("queue %d started in a process: size %d, avail from %s", spec.key.index,
+                 spec.size, base_text(spec.base, spec.features))
         return worker
 
     def stop(self, key: QueueKey) -> Stopped | None:

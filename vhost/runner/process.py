@@ -62,7 +62,9 @@ from vhost.dirty_logging import DirtyLogging
 from vhost.fdkinds import FdKindError
 from vhost.memory import MemoryTable, MemoryTableError
 from vhost.queue.base import QueueError
+from vhost.queue.factory import is_packed
 from vhost.queue.inflight import InflightArea, InflightError
+from vhost.queue.packed import PackedQueue
 from vhost.queue.split import SplitQueue
 from vhost.runner import ipc
 from vhost.runner.assembly import assemble
@@ -114,6 +116,23 @@ class PublishingQueue(SplitQueue):
             changed()
         return super().publish_used()
 
+
+
+class PublishingPackedQueue(PackedQueue):
+    """:class:`PublishingQueue` for a packed ring: the same moments, told by the packed ring's
+    own state (completions waiting to be published; the avail position with its wrap)."""
+
+    changed: Callable[[], None] | None = None
+    _seen_avail = -1
+
+    def publish_used(self) -> bool:
+        changed = self.changed
+        if changed is not None:
+            avail = self.next_avail | self.avail_wrap << 15
+            if self._pending or avail != self._seen_avail:
+                self._seen_avail = avail
+                changed()
+        return super().publish_used()
 
 class ProcessWorker(QueueWorker):
     """The ordinary worker, which also says when its thread ends (the main thread exits then)."""
@@ -194,7 +213,8 @@ class QueueProcess:
         if msg.inflight is not None:
             fd = rest.pop(0)
             try:
-                self.inflight = InflightArea.map(fd, *msg.inflight)
+                # (made for the layout negotiated before GET_INFLIGHT_FD, which the queue has)
+                self.inflight = InflightArea.map(fd, *msg.inflight, packed=is_packed(msg.features))
             finally:
                 os.close(fd)
         self.features = msg.features
@@ -217,8 +237,8 @@ class QueueProcess:
             return ProcessWorker(*args, name=f"vq{key.index}", ended_fd=self.ended_fd)
 
         worker = assemble(self.memory, self.inflight, self.device, spec, make_worker,
-                          split_class=PublishingQueue)
-        if isinstance(worker.vq, PublishingQueue):  # (a packed ring publishes nothing yet)
+                          split_class=PublishingQueue, packed_class=PublishingPackedQueue)
+        if isinstance(worker.vq, PublishingQueue | PublishingPackedQueue):
             worker.vq.changed = self.publish
         self.worker = worker
         self.queue = LocalQueue(key.index, msg.log_addr, worker)

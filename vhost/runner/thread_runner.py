@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from vhost.device import Device
 from vhost.dirty_logging import DirtyLogging
 from vhost.messages import RegionFields
+from vhost.queue.factory import base_text
 from vhost.runner.assembly import WorkerFactory, assemble
 from vhost.runner.base import (
     ConnectionState,
@@ -65,8 +66,10 @@ class ThreadRunner:
                 state.memory.pin(f"queue {spec.key.index}'s handler did not close")
             raise RunnerError(f"queue {spec.key.index}: no worker thread: {exc}") from exc
         self.workers[spec.key] = worker
-        log.info("queue %d started: size %d, avail from %d%s", spec.key.index, spec.size,
-                 spec.base, ", event idx" if worker.vq.event_idx else "")
+        # (the position the queue starts from: after in-flight recovery, not the frontend's)
+        log.info("queue %d started: size %d, %s ring, avail from %s%s", spec.key.index,
+                 spec.size, worker.vq.layout, base_text(worker.vq.vring_base(), spec.features),
+                 ", event idx" if worker.vq.event_idx else "")
         return worker
 
     def stop(self, key: QueueKey) -> Stopped | None:

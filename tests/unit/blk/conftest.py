@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from blockdev.disk import Disk
-from blockdev.storage import Storage
+from blockdev.filters import open_filter
+from blockdev.storage import FileStorage, Storage
 from tests.conftest import RunningDaemon
 from vhost.messages import Request
 from vhost_frontend import DriverQueue, Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
+from vhost_frontend.packed import PackedDriverQueue
 from virtio_blk.device import BlkDevice, BlkQueueHandler
 
 MiB = 1 << 20
@@ -32,7 +34,7 @@ class BlkEnv:
     daemon: RunningDaemon
     frontend: Frontend
     mem: FrontendMemory
-    queue: DriverQueue
+    queue: DriverQueue | PackedDriverQueue
     drv: BlkDriver
 
     def file(self, offset: int, length: int) -> bytes:
@@ -61,6 +63,28 @@ class BlkEnv:
 
 
 MakeBlk = Callable[..., BlkEnv]
+#: A filter layer for :func:`filter_stack`: its driver and its options, as ``--blockdev``
+#: spells them after ``driver=`` (e.g. ``("error", {"error-read-rate": "1"})``).
+Layer = tuple[str, dict[str, str]]
+
+
+def filter_stack(disk: Disk, layers: Sequence[Layer], engine: str = "threads",
+                 io_threads: int = 4) -> Storage:
+    """``disk`` served by ``engine`` with the filters ``layers`` stacked on it, the first
+    nearest the disk -- the storage a ``--blockdev driver=FILTER,file=...`` chain opens.
+
+    Fault injection through the filters the user has: a test that fails or slows requests
+    this way exercises the device exactly as a failing disk would, with no double to keep in
+    step with the engines."""
+    storage: Storage = FileStorage(disk, engine, io_threads)
+    for n, (driver, options) in enumerate(layers):
+        storage = open_filter(driver, storage, f"{driver}{n}", options)
+    return storage
+
+
+def stack_engine_name(engine: str, layers: Sequence[Layer]) -> str:
+    """The name of the engine a queue of :func:`filter_stack` runs (each filter adds its own)."""
+    return engine + "".join(f"+{driver}" for driver, _ in layers)
 
 
 def make_image(path: Path, size: int, seed: int | None = 1) -> bytes:
@@ -90,8 +114,11 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
              drop_features: int = 0, queue_size: int = 128,
              image: Path | None = None, queue_processes: bool | None = None,
              fast_path: bool = True, storage: Storage | None = None,
-             engine_ran: str | None = None) -> BlkEnv:
+             engine_ran: str | None = None, packed: bool = False,
+             filters: Sequence[Layer] = ()) -> BlkEnv:
         """``storage``: serve that (closed after the test) instead of an image file.
+        ``filters``: serve the image through these filter layers (:func:`filter_stack`);
+        ``env.disk`` and ``env.image`` are still the image under them.
 
         The engine serving queue 0 (on a thread) must be ``engine_ran`` (default: ``engine``):
         a test parametrised with io_uring must not pass on a thread pool it fell back to."""
@@ -104,8 +131,14 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
                 image = tmp_path / f"disk{n}.img"
                 make_image(image, size, seed)
             disk = Disk(image, read_only=read_only, direct=direct, logical_block_size=lbs)
-        cleanups.append(disk.close)
-        device = BlkDevice(disk, num_queues=num_queues, serial=serial, engine=engine,
+        served: Disk | Storage = disk
+        if filters:
+            assert storage is None, "filters stack over the image, not over given storage"
+            assert isinstance(disk, Disk)
+            served = filter_stack(disk, filters, engine, io_threads)
+            engine_ran = stack_engine_name(engine_ran or engine, filters)
+        cleanups.append(served.close)  # (a filter stack closes the disk under it)
+        device = BlkDevice(served, num_queues=num_queues, serial=serial, engine=engine,
                            io_threads=io_threads, bounce_pages=bounce_pages,
                            writeback=writeback, queue_processes=queue_processes,
                            fast_path=fast_path)
@@ -116,9 +149,10 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
         fe = Frontend(daemon.path, timeout=10.0)
         cleanups.append(fe.close)
         fe.negotiate(fe.get_u64(Request.GET_FEATURES) & ~int(drop_features) if drop_features
-                     else None)
+                     else None, packed=packed)
         fe.set_mem_table(mem)
-        q = fe.setup_queue(0, size=queue_size)
+        q = (fe.setup_packed_queue(0, size=queue_size) if packed
+             else fe.setup_queue(0, size=queue_size))
         assert daemon.daemon.handler is not None
         served_by = daemon.daemon.handler.vrings[0].queue_handler
         if storage is None and served_by is not None:  # (None: in a queue process)

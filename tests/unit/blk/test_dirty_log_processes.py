@@ -25,6 +25,7 @@ from vhost.messages import VHOST_F_LOG_ALL, ProtocolFeature, Request, vring_stat
 from vhost.runner.pool import ProcessRunner, QueueProcessWorker
 from vhost_frontend import DriverQueue
 from vhost_frontend.blk import T_GET_ID, T_IN, T_OUT, BlkDriver
+from vhost_frontend.packed import PackedDriverQueue
 
 
 @pytest.fixture
@@ -68,9 +69,10 @@ def workload(drivers: list[BlkDriver]) -> set[int]:
     return expected
 
 
-def ring_pages(*queues: DriverQueue) -> set[int]:
+def ring_pages(*queues: DriverQueue | PackedDriverQueue) -> set[int]:
     out: set[int] = set()
     for q in queues:
+        assert isinstance(q, DriverQueue), "split rings here"
         out |= pages(q.used, 6 + 8 * q.size)
     return out
 

@@ -150,14 +150,13 @@ def test_short_read_after_the_image_shrank(make_blk: MakeBlk, caplog: pytest.Log
     assert (res.status, res.data) == (Status.OK, env.file(0, 4096))
 
 
-def test_many_errors_do_not_stop_the_queue(make_blk: MakeBlk,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    env = make_blk(engine="threads")
-    monkeypatch.setattr(env.disk, "readv", failing())
-    pending = [env.drv.start(0, 8 * i, in_len=4096) for i in range(32)]
+def test_many_errors_do_not_stop_the_queue(make_blk: MakeBlk) -> None:
+    # The error filter fails every request touching the 32 blocks after the first 4 KiB;
+    # still_serving reads the first 4 KiB.
+    env = make_blk(filters=[("error", {"error-start": "4096", "error-length": str(32 * 4096)})])
+    pending = [env.drv.start(0, 8 * (i + 1), in_len=4096) for i in range(32)]
     assert all(r.status == Status.IOERR for r in env.drv.wait(pending))
     assert env.device.stats.errors == 32
-    monkeypatch.undo()
     still_serving(env)
 
 
@@ -166,12 +165,11 @@ def test_a_failing_disk_logs_a_few_lines_then_a_count(
         caplog: pytest.LogCaptureFixture) -> None:
     """A disk that fails every request must not write a line per request forever: the first
     ones are kept, the rest counted and reported once the interval has passed."""
-    env = make_blk(engine="threads")
+    env = make_blk(filters=[("error", {"error-read-rate": "1"})])
     now = [0.0]
     limiter = env.device.errlog
     monkeypatch.setattr(limiter, "_clock", lambda: now[0])
     limiter._window_start = 0.0
-    fail_disk(env, monkeypatch, "threads", "readv")
     for i in range(3 * limiter.burst):
         assert env.drv.read(8 * i, 4096).status == Status.IOERR
     failed = [m for m in error_lines(caplog) if "failed" in m]

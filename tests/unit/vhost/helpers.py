@@ -22,6 +22,7 @@ import pytest
 from vhost import messages as m
 from vhost.messages import ProtocolFeature, Request, VirtioFeature
 from vhost_frontend import DriverQueue, Frontend, FrontendMemory
+from vhost_frontend.packed import PackedDriverQueue
 
 #: Socket timeout of every test frontend: a reply that does not come fails the test.
 SOCKET_TIMEOUT = 5.0
@@ -68,7 +69,7 @@ def wait_readable(fd: int, timeout: float = WAIT) -> bool:
     return bool(ready)
 
 
-def wait_err(q: DriverQueue, timeout: float = WAIT) -> None:
+def wait_err(q: DriverQueue | PackedDriverQueue, timeout: float = WAIT) -> None:
     """Wait for the backend to signal the queue's err eventfd."""
     if not wait_readable(q.err_fd, timeout):
         pytest.fail(f"queue {q.index}: err eventfd not signalled within {timeout} s")
@@ -124,8 +125,8 @@ class Session:
     def queue(self, index: int = 0, size: int = 16, **kw: Any) -> DriverQueue:
         return self.fe.setup_queue(index, size, **kw)
 
-    def echo(self, q: DriverQueue, data: bytes = b"hello, vhost", *, indirect: bool = False,
-             region: int | None = None) -> None:
+    def echo(self, q: DriverQueue | PackedDriverQueue, data: bytes = b"hello, vhost", *,
+             indirect: bool = False, region: int | None = None) -> None:
         """One request through the echo device; checks the completion and the echoed bytes."""
         mem = self.mem
         src = mem.alloc(len(data), region=region)

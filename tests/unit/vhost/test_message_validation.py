@@ -243,13 +243,23 @@ def test_get_vring_base_with_queue_index_out_of_range_disconnects(ctx, caplog) -
 
 @pytest.mark.parametrize(
     "bit",
-    [VirtioFeature.RING_PACKED, VirtioFeature.IN_ORDER, VirtioFeature.ACCESS_PLATFORM,
+    [VirtioFeature.IN_ORDER, VirtioFeature.ACCESS_PLATFORM,
      VirtioFeature.NOTIFY_ON_EMPTY, 1 << 63, 1 << 6],
-    ids=["packed", "in_order", "access_platform", "notify_on_empty", "bit63", "device-bit6"],
+    ids=["in_order", "access_platform", "notify_on_empty", "bit63", "device-bit6"],
 )
 def test_set_features_with_bits_never_offered(ctx, caplog, bit) -> None:
     acked = ctx.running.daemon.handler.acked_features
     assert_refused(ctx.fe, caplog, Request.SET_FEATURES, m.u64(ctx.fe.features | int(bit)))
+    assert ctx.running.daemon.handler.acked_features == acked
+    ctx.still_serving()
+
+
+def test_ring_layout_cannot_change_under_running_queues(ctx, caplog) -> None:
+    """RING_PACKED is offered, but a running split queue cannot become packed."""
+    acked = ctx.running.daemon.handler.acked_features
+    packed = int(VirtioFeature.RING_PACKED)
+    assert ctx.running.daemon.handler.offered_features & packed
+    assert_refused(ctx.fe, caplog, Request.SET_FEATURES, m.u64(ctx.fe.features | packed))
     assert ctx.running.daemon.handler.acked_features == acked
     ctx.still_serving()
 

@@ -23,7 +23,7 @@ from tests.unit.vhost.test_ring_fuzz import build as build_fuzz
 from tests.unit.vhost.test_ring_fuzz import rings as fuzz_rings
 from vhost.messages import VirtioFeature
 from vhost.queue import inflight as inf
-from vhost.queue.base import DescriptorChain, RingAddresses, SimpleChain
+from vhost.queue.base import DescriptorChain, RingAddresses, SimpleChain, simple_chains
 from vhost.queue.split import (
     DESC,
     VIRTQ_DESC_F_INDIRECT,
@@ -353,3 +353,102 @@ def test_peek_simple_agrees_with_the_generic_pop(example: tuple[str, dict]) -> N
     else:
         assert popped_vq.broken or not popped or not _is_simple(popped[0], regions), (
             f"peek_simple declined a simple chain the generic pop accepts: {popped[0]}")
+
+
+# ---------------------------------------------------------------------- the two walkers agree
+@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(rings, st.sampled_from([130, 4, 3]))
+def test_the_simple_walker_takes_only_what_the_full_walk_accepts(example: tuple[str, dict],
+                                                                 max_pieces: int) -> None:
+    """Both pops try ``_simple`` first and walk with ``_walk`` only what it does not take; so
+    ``_simple`` must never accept what ``_walk`` (which states every rule) refuses, nor give
+    other pieces or another region.  (The test above cannot see that: it compares two pops that
+    both take the chain through ``_simple``.)  Its None is not checked here -- the full walk
+    then decides -- but the test above holds that a simple chain is still found."""
+    kind, spec = example
+    vq, _ = (build_plausible(spec) if kind == "plausible" else
+             (build_fuzz(spec)[1], FUZZ_REGIONS))
+    if not vq.has_avail():
+        return
+    head = vq._avail[2 + (vq.next_avail & vq._mask)]
+    chain = vq._simple(head, max_pieces)
+    event(f"{kind} max {max_pieces}: {'simple' if chain else 'None'}")
+    if chain is None:
+        return
+    try:
+        readable, writable, rlen, wlen, spread = vq._walk(head, max_pieces, "avail ring")
+    except Exception as exc:  # any refusal of the full walk is the failure
+        raise AssertionError(f"_simple took a chain the full walk refuses: {exc!r}") from exc
+    assert (readable, writable) == _pieces(chain)
+    assert (rlen, wlen) == (
+        chain.header_len + (0 if chain.into_guest else chain.data_len),
+        chain.trailer_len + (chain.data_len if chain.into_guest else 0))
+    assert spread != 2 and (chain.region is None) == bool(spread)
+    if chain.region is not None:
+        assert all(chain.region.gpa <= a and a + n <= chain.region.gpa + chain.region.size
+                   for a, n in readable + writable)
+
+
+EMPTY_PIECES = {
+    "empty trailer": [(HDR, 16, False), (DATA, 512, True), (STATUS, 0, True)],
+    "empty header": [(HDR, 0, False), (DATA, 512, False), (DATA + 512, 512, False),
+                     (STATUS, 1, True)],
+    "an empty run": [(HDR, 16, False), (DATA, 0, True), (DATA + 512, 512, True),
+                     (STATUS, 1, True)],
+    "only an empty run": [(HDR, 16, False), (DATA, 0, True), (STATUS, 1, True)],
+}
+
+
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+@pytest.mark.parametrize("pieces", list(EMPTY_PIECES.values()), ids=list(EMPTY_PIECES))
+def test_the_simple_walker_never_keeps_an_empty_piece(pieces: list[tuple[int, int, bool]],
+                                                      indirect: bool) -> None:
+    """The full walk drops zero-length descriptors, so a chain with one is not what it looks
+    like by its descriptors: ``_simple`` leaves it to the full walk (None), or gives what that
+    walk gives."""
+    rig = Rig()
+    (rig.indirect if indirect else rig.direct)(pieces)
+    rig.publish(0)
+    chain = rig.vq._simple(0, 130)
+    readable, writable, *_ = rig.vq._walk(0, 130, "avail ring")
+    assert chain is None or _pieces(chain) == (readable, writable)
+
+
+# ---------------------------------------------------------------------- a pass of simple chains
+class _PeekOnly:
+    """A queue with peek_simple/claim and no simple_chains of its own (as a layout may be)."""
+
+    def __init__(self, vq: SplitQueue) -> None:
+        self.peek_simple = vq.peek_simple
+        self.claim = vq.claim
+
+
+def _two_chains() -> Rig:
+    rig = Rig()
+    rig.direct(READ_IN, head=0)
+    rig.indirect(WRITE_OUT, head=3)
+    rig.publish(0, 3)
+    return rig
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["split's own", "built on peek_simple"])
+def test_simple_chains_gives_each_chain_claimed_and_stops_at_one_left(own: bool) -> None:
+    """The fast path's pass: chains in ring order while it claims them; one it leaves
+    unclaimed ends the pass, the queue untouched (not handed out twice, not skipped)."""
+    rig = _two_chains()
+    queue = rig.vq if own else _PeekOnly(rig.vq)
+    heads = []
+    for chain in simple_chains(queue, 130):  # type: ignore[arg-type]
+        heads.append(chain.head)
+        rig.vq.claim(chain)
+    assert heads == [0, 3] and rig.vq.next_avail == 2
+
+    rig = _two_chains()
+    queue = rig.vq if own else _PeekOnly(rig.vq)
+    before = rig.state()
+    chains = simple_chains(queue, 130)  # type: ignore[arg-type]
+    assert next(chains).head == 0
+    assert next(chains, None) is None, "a chain left unclaimed was handed out again"
+    assert rig.state() == before
+    assert [c.head for c in rig.vq.pop_batch()] == [0, 3]

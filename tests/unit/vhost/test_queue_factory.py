@@ -3,16 +3,17 @@ ring part sizes and alignments follow the layout."""
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
+import os
 
 import pytest
 
 from guestmem import GuestMemory
 from vhost.messages import VirtioFeature
 from vhost.queue import factory
+from vhost.queue import inflight as inf
 from vhost.queue.base import QueueError, RingAddresses
+from vhost.queue.inflight_packed import PackedInflightQueue
+from vhost.queue.packed import FRESH_BASE, PackedQueue, encode_base
 from vhost.queue.split import SplitQueue
 
 ADDRS = RingAddresses(0x1000, 0x2000, 0x3000)
@@ -31,31 +32,49 @@ def test_without_the_packed_bit_the_queue_is_split() -> None:
     vq.release()
 
 
-def test_the_packed_bit_picks_the_packed_layout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever vhost.queue.packed is (a stand-in here), the packed bit goes to it."""
-    made: list[tuple[Any, ...]] = []
-
-    class PackedQueue:
-        layout = "packed"
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            made.append((args, kwargs))
-
-    module = types.ModuleType("vhost.queue.packed")
-    module.PackedQueue = PackedQueue  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vhost.queue.packed", module)
+def test_the_packed_bit_picks_the_packed_layout() -> None:
     mem = GuestMemory.from_buffer(bytearray(1 << 16))
     features = int(VirtioFeature.VERSION_1) | PACKED
-    queue = factory.open_queue(mem, 8, ADDRS, features, 7, 1, None)
-    assert isinstance(queue, PackedQueue)
-    assert made == [((mem, 8, ADDRS, features, 7), {"index": 1, "inflight": None})]
+    base = encode_base(3, 0, 2, 0)
+    vq = factory.open_queue(mem, 8, ADDRS, features, base, 1, None)
+    assert isinstance(vq, PackedQueue) and vq.layout == "packed"
+    assert (vq.index, vq.size, vq.vring_base()) == (1, 8, base)
+    vq.release()
+
+    class Hooked(PackedQueue):
+        pass
+
+    hooked = factory.open_queue(mem, 8, ADDRS, features, FRESH_BASE, 0, None,
+                                packed_class=Hooked)
+    assert type(hooked) is Hooked
+    hooked.release()
 
 
-def test_packed_without_an_implementation_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "vhost.queue.packed", None)  # as if absent
+def test_a_tracker_of_the_other_layout_is_refused() -> None:
+    """The in-flight area is made for the layout SET_FEATURES acked before GET_INFLIGHT_FD; a
+    queue of the other layout cannot use it."""
     mem = GuestMemory.from_buffer(bytearray(1 << 16))
-    with pytest.raises(QueueError, match="packed ring not supported"):
-        factory.open_queue(mem, 8, ADDRS, int(VirtioFeature.VERSION_1) | PACKED, 0, 0, None)
+    split_fd, split_size = inf.create_area(1, 8)
+    packed_fd, packed_size = inf.create_area(1, 8, packed=True)
+    split_area = inf.InflightArea.map(split_fd, split_size, 0, 1, 8)
+    packed_area = inf.InflightArea.map(packed_fd, packed_size, 0, 1, 8, packed=True)
+    os.close(split_fd)
+    os.close(packed_fd)
+    try:
+        split_tracker = factory.inflight_tracker(split_area, 0, 8)
+        packed_tracker = factory.inflight_tracker(packed_area, 0, 8)
+        assert isinstance(split_tracker, inf.InflightQueue)
+        assert isinstance(packed_tracker, PackedInflightQueue)
+        version = int(VirtioFeature.VERSION_1)
+        with pytest.raises(QueueError, match="made for split rings"):
+            factory.open_queue(mem, 8, ADDRS, version | PACKED, FRESH_BASE, 0, split_tracker)
+        with pytest.raises(QueueError, match="made for packed rings"):
+            factory.open_queue(mem, 8, ADDRS, version, 0, 0, packed_tracker)
+        split_tracker.release()
+        packed_tracker.release()
+    finally:
+        split_area.close()
+        packed_area.close()
 
 
 def test_ring_sizes_and_alignment_follow_the_layout() -> None:
