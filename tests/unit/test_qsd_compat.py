@@ -42,14 +42,22 @@ def test_the_error_cases_are_errors_against_qsd(qsd_transcript: list[str]) -> No
         "GenericError: Failed to find node with node-name='no-such-node'",
         "GenericError: bps/iops/max values must be within [0, 1000000000000000]",
         "DeviceNotFound: Device 'no-such-object' not found",
+        "GenericError: attempt to add duplicate property 'tg1' to object (type 'container')",
+        "GenericError: object 'tg0' is in use, can not be deleted",
+        "GenericError: object 'no-such-object' not found",
+        "GenericError: Cannot find device='' nor node-name='no-such-node'",
     ]
 
 
 def test_qom_set_changes_the_group_limits_in_qsd(qsd_transcript: list[str]) -> None:
-    limits = [line for line in qsd_transcript if line.startswith("qom-get {\"path\": \"tg0\"")]
-    assert len(limits) == 2
+    limits = [line for line in qsd_transcript if line.startswith("qom-get {\"path\": \"tg")]
+    assert len(limits) == 3
     assert f'"iops-total": {qsd_compat.THROTTLE_IOPS},' in limits[0]
     assert f'"iops-total": {qsd_compat.NEW_IOPS},' in limits[1]
+    assert '"iops-total": 300,' in limits[2] and '"tg1"' in limits[2]
+    # A resize by node name shows in the node list (the capacity line is allow-listed).
+    assert any('"node-name": "hot0", "ro": false, "virtual-size": 134217728' in line
+               for line in qsd_transcript if line.startswith("query-named-block-nodes"))
 
 
 def test_paths_and_versions_are_normalised(qsd_transcript: list[str]) -> None:
