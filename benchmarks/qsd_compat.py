@@ -16,10 +16,12 @@ host file; the error cases (a duplicate node-name, deleting a node an export use
 driver, an unknown export type, a duplicate export id, deleting an unknown export / node);
 qom-get / qom-set of the throttle group's ``limits``, object-add / object-del of a group (and of
 one in use); query-blockstats per node; block_resize by node name and the capacity a connected
-frontend then reads; block-export-del with a frontend still
-connected, its BLOCK_EXPORT_DELETED event and whether the frontend was hung up; blockdev-del;
-the queries and IO on the other exports again; quit and the exit status; ``qemu-img check`` of
-the qcow2 image.
+frontend then reads; block-export-del with a frontend still connected, its BLOCK_EXPORT_DELETED
+event and whether the frontend was hung up; blockdev-del; the queries and IO on the other
+exports again; quit and the exit status; ``qemu-img check`` of the qcow2 image.
+
+``--server-command`` / ``--server-cwd`` start another build of the server (an installed
+``vhost-user-blk``, another checkout) against the same QSD run.
 
 Normalisation (what the transcript leaves out on purpose, for both daemons alike):
 
