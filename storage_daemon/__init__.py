@@ -2,7 +2,10 @@
 
 * :mod:`.protocol` -- QMP framing and one client's session, sans-IO;
 * :mod:`.commands` -- the commands (query-version, query-block-exports, query-blockstats,
-  block_resize, quit);
+  block_resize, quit, blockdev-add/del, block-export-add/del, query-named-block-nodes,
+  object-add/del, qom-get/set);
+* :mod:`.exports` -- several exports in one server, served by one loop;
+* :mod:`.objects` -- the QOM object registry (throttle groups register their type there);
 * :mod:`.export` -- the exported disk as the commands see it (resize, stats);
 * :mod:`.qmp` -- the QMP server thread on a Unix socket;
 * :mod:`.metrics` -- the Prometheus collector and HTTP endpoint.

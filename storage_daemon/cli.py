@@ -9,11 +9,14 @@ the requests in flight, flush the image and exit 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import re
+import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from blockdev.backends import open_storage
@@ -22,11 +25,15 @@ from blockdev.engine import ENGINES, EngineUnavailable, choose_engine
 from blockdev.image_lock import ImageLockError, lock_image
 from blockdev.images import FORMATS
 from blockdev.images import create as create_by_format
+from blockdev.nodes import BlockGraph
 from blockdev.spec import FileSpec, SpecError, parse_image
 from blockdev.storage import FileStorage, Storage, StorageError
+from storage_daemon.export import BlockExport
+from storage_daemon.exports import ExportError, ExportSet
 from storage_daemon.metrics import parse_address
+from storage_daemon.objects import ObjectRegistry
 from storage_daemon.plane import ControlError, ControlPlane
-from storage_daemon.qsd_options import UsageError, declare, open_export
+from storage_daemon.qsd_options import ExportOptions, UsageError, declare, parse_monitors
 from vhost.daemon import DaemonError, VhostUserDaemon
 from vhost.device import MAX_QUEUES
 from vhost.queue.base import QueueError
@@ -42,6 +49,14 @@ EXIT_USAGE = 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage + line
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        """``@FILE`` argument files: each line split as a shell would (quotes kept whole),
+        ``#`` comments and blank lines skipped -- so a line reads ``--blockdev driver=...``."""
+        try:
+            return shlex.split(arg_line, comments=True)
+        except ValueError as exc:
+            self.error(f"argument file line {arg_line.strip()!r}: {exc}")
 
 
 def _positive(text: str) -> int:
@@ -80,7 +95,11 @@ def _qmp_name(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vhost-user-blk",
-        description="Serve a raw disk image to QEMU's vhost-user-blk-pci over a Unix socket.",
+        description="Serve disk images to QEMU's vhost-user-blk-pci over Unix sockets: one "
+        "with --socket/--image, or any number with qemu-storage-daemon's --blockdev/--export. "
+        "@FILE reads more arguments from FILE (shell quoting, one or more per line, # "
+        "comments).",
+        fromfile_prefix_chars="@",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (mode 0600)")
@@ -151,17 +170,42 @@ def build_parser() -> argparse.ArgumentParser:
                    "delay|error|log,node-name=N,... or JSON (repeatable)")
     p.add_argument("--export", action="append", default=[], metavar="OPTIONS",
                    help="type=vhost-user-blk,id=E,node-name=N,addr.type=unix,addr.path=SOCK"
-                   "[,writable=on][,num-queues=K][,logical-block-size=B] (one per server)")
+                   "[,writable=on][,num-queues=K][,logical-block-size=B] (repeatable: one "
+                   "socket each)")
+    p.add_argument("--object", action="append", default=[], metavar="OPTIONS",
+                   help="qom-type,id=ID,...: an object (QEMU's --object; the types this "
+                   "server knows are listed by object-add's error)")
+    p.add_argument("--chardev", action="append", default=[], metavar="OPTIONS",
+                   help="socket,id=ID,path=PATH,server=on,wait=off: a QMP socket for "
+                   "--monitor (repeatable)")
+    p.add_argument("--monitor", action="append", default=[], metavar="OPTIONS",
+                   help="chardev=ID[,mode=control]: serve QMP on that --chardev (repeatable)")
+    p.add_argument("--pidfile", metavar="PATH",
+                   help="write the server's pid to PATH (removed at exit)")
+    p.add_argument("--daemonize", action="store_true",
+                   help="run in the background: the command exits 0 once every export "
+                   "listens (1 if the server failed to start; the error is on stderr)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info)")
     return p
 
 
+def _qsd_form(args: argparse.Namespace) -> bool:
+    """qemu-storage-daemon's options rather than --socket/--image (a QSD form server may start
+    with a monitor only, and get its nodes and exports over QMP)."""
+    return bool(args.blockdev or args.export or (
+        args.monitor and args.socket is None and args.fd is None and args.image is None))
+
+
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with options argparse cannot judge alone, by the rules of the layers that
     enforce them (so the command line and the running server never disagree)."""
-    if args.blockdev or args.export:
+    if _qsd_form(args):
+        if not args.export and not args.monitor:
+            # QSD starts with no export when a monitor can add them; without one, nothing
+            # would ever be served.
+            return "--blockdev needs an --export to serve (or a --monitor to add one)"
         if args.socket is not None or args.fd is not None or args.image is not None:
             return "--blockdev/--export replace --socket/--fd/--image: use one form or the other"
         if args.create is not None:
@@ -211,114 +255,170 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.aio = choose_engine(args.aio)
     except EngineUnavailable as exc:
         return fail(str(exc))
-    qsd_form = bool(args.blockdev or args.export)
+    qsd_form = _qsd_form(args)
+    try:
+        monitors = parse_monitors(args.chardev, args.monitor)
+        graph, export_options = (declare(args.blockdev, args.export, MAX_QUEUES)
+                                 if qsd_form else (BlockGraph(), []))
+    except UsageError as exc:
+        return fail(str(exc))
+    ready: int | None = None
+    if args.daemonize:
+        # Before any thread or open file of ours: the child does all the work, the parent
+        # only waits to hear that the exports listen (QSD's --daemonize).
+        ready = _daemonize()
+
+    def make_device(storage: Storage, opts: ExportOptions) -> BlkDevice:
+        if args.queue_processes == "on" and not (
+                isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)):
+            raise ValueError("--queue-processes on serves raw image files only")
+        return BlkDevice(
+            storage,
+            num_queues=opts.num_queues,
+            max_queue_size=args.queue_size,
+            serial=args.serial,
+            engine=args.aio,
+            io_threads=args.io_threads,
+            bounce_pages=args.bounce_pages,
+            fast_path=args.fast_path == "on",
+            queue_processes={"auto": None, "on": True, "off": False}[args.queue_processes],
+            # Two clock reads per request, only when someone can read the result.
+            latency_accounting=bool(args.qmp or monitors or args.metrics),
+        )
+
+    objects = ObjectRegistry()
+    try:
+        for text in args.object:
+            objects.add_option(text)
+    except ValueError as exc:
+        return fail(str(exc))
+    exports = ExportSet(make_device, graph, io_threads=args.io_threads)
     try:
         if qsd_form:
-            storage = _open_qsd_form(args)
-        elif args.create is not None:
-            if not isinstance(parse_image(args.image), FileSpec):
-                return fail(f"--create makes image files; {args.image} is not one")
-            if create_by_format(args.image, args.create, args.format, args.backing,
-                                args.backing_format, args.backing_dir):
-                log.info("created %s (%s, %d bytes)", args.image, args.format, args.create)
-        if not qsd_form:
-            storage = open_storage(args.image, fmt=args.format, read_only=args.read_only,
-                                   direct=args.direct,
-                                   logical_block_size=args.logical_block_size,
-                                   engine=args.aio, io_threads=args.io_threads,
-                                   reconnect_delay=args.reconnect_delay,
-                                   backing_dirs=args.backing_dir)
-    except (DiskError, SpecError, StorageError, UsageError) as exc:
+            for opts in export_options:
+                exports.add(opts)
+        else:
+            exports.insert(_short_form_export(args, make_device))
+    except (DiskError, SpecError, StorageError, UsageError, ExportError, DaemonError,
+            ValueError) as exc:
+        exports.close()
         return fail(str(exc))
-    # Files are locked as QEMU locks them; an RBD image has its own exclusive lock, an NBD
-    # server decides who may connect.
-    # (--blockdev nodes lock their files themselves: the node's locking option.)
-    if not qsd_form and args.locking != "off" and isinstance(storage, FileStorage):
-        try:
-            lock_image(storage.disk.fd, args.image, writable=not args.read_only)
-        except ImageLockError as exc:
-            if not (exc.unsupported and args.locking == "auto"):
-                storage.close()
-                return fail(str(exc))
-            log.warning("%s; serving it unlocked", exc)
-    if args.queue_processes == "on" and not (
-            isinstance(storage, FileStorage) and isinstance(storage.disk, Disk)):
-        storage.close()
-        return fail("--queue-processes on serves raw image files only")
-    device = BlkDevice(
-        storage,
-        num_queues=args.num_queues,
-        max_queue_size=args.queue_size,
-        serial=args.serial,
-        engine=args.aio,
-        io_threads=args.io_threads,
-        bounce_pages=args.bounce_pages,
-        fast_path=args.fast_path == "on",
-        queue_processes={"auto": None, "on": True, "off": False}[args.queue_processes],
-        # Two clock reads per request, only when someone can read the result.
-        latency_accounting=bool(args.qmp or args.metrics),
-    )
+    qmp_paths = [("--qmp", args.qmp)] if args.qmp else []
+    qmp_paths += [(f"--chardev id={m.chardev}", m.path) for m in monitors]
     try:
-        daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)
-    except DaemonError as exc:
-        storage.close()
-        return fail(str(exc))
-    try:
-        control = ControlPlane(device, daemon, export_id=args.export_id,
-                               node_name=args.node_name, qmp_path=args.qmp,
-                               metrics_address=args.metrics)
+        control = ControlPlane(exports, qmp_paths=qmp_paths, metrics_address=args.metrics,
+                               quit=exports.shutdown, objects=objects)
     except ControlError as exc:
-        daemon.close()
-        storage.close()
+        exports.close()
         return fail(str(exc))
+    if args.pidfile is not None:
+        try:
+            _write_pidfile(args.pidfile)
+        except OSError as exc:
+            control.stop()
+            exports.close()
+            return fail(f"Cannot write pid file '{args.pidfile}': {exc.strerror or exc}")
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s: finishing requests in flight and exiting", signal.Signals(signum).name)
-        daemon.shutdown()
+        exports.shutdown()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    info = storage.info
-    log.info(
-        "serving %s (%d bytes, %s, %d-byte blocks, %s%s) on %s: %d queue(s), aio=%s, features %s",
-        args.image, info.size, args.format, info.logical_block_size,
-        "read-only" if info.read_only else "read-write", ", O_DIRECT" if info.direct else "",
-        args.socket or f"fd {args.fd}", args.num_queues, args.aio,
-        "|".join(device.feature_names()),
-    )
+    for export in exports.exports():
+        device = export.device
+        info = device.storage.info
+        log.info(
+            "export %s serving %s (%d bytes, %s, %d-byte blocks, %s%s) on %s: %d queue(s), "
+            "aio=%s, features %s", export.export_id,
+            args.image if not qsd_form else f"node {export.node_name}", info.size,
+            args.format if not qsd_form else graph.nodes[export.node_name].driver,
+            info.logical_block_size,
+            "read-only" if info.read_only else "read-write", ", O_DIRECT" if info.direct else "",
+            export.daemon.address, device.num_queues, args.aio,
+            "|".join(device.feature_names()),
+        )
     try:
         control.start()
-        daemon.serve_forever()
+        if ready is not None:
+            _detach(ready)
+        exports.serve_forever()
     finally:
+        exports.close()
         control.stop()
-        daemon.close()
-        try:
-            device.make_durable()
-        except OSError as exc:
-            log.error("making the disk durable at exit failed: %s", exc)
-            return 1
-        finally:
-            storage.close()
-            device.errlog.close()
-        s = device.stats
-        log.info("stopped: %d requests (%d reads, %d writes, %d flushes), %d errors, "
-                 "%d bounced", s.requests, s.reads, s.writes, s.flushes, s.errors,
-                 s.bounced_requests)
-    return 0
+        if args.pidfile is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(args.pidfile)
+    return 1 if exports.failed_close else 0
 
 
-def _open_qsd_form(args: argparse.Namespace) -> Storage:
-    """The hook for qemu-storage-daemon's options: check every --blockdev and the --export,
-    open the exported node, and put the export's settings where the short form keeps them."""
-    graph, export = declare(args.blockdev, args.export, MAX_QUEUES)
-    storage = open_export(graph, export, args.io_threads)
-    args.socket, args.fd = export.socket, export.fd
-    args.num_queues = export.num_queues
-    args.logical_block_size = export.logical_block_size
-    args.read_only = storage.info.read_only
-    args.node_name, args.export_id = export.node_name, export.export_id
-    args.image, args.format = f"node {export.node_name}", graph.nodes[export.node_name].driver
-    return storage
+def _short_form_export(args: argparse.Namespace,
+                       make_device: Callable[[Storage, ExportOptions], BlkDevice]
+                       ) -> BlockExport:
+    """``--socket/--image``: one export, opened as the options say (errors raised, one line)."""
+    if args.create is not None:
+        if not isinstance(parse_image(args.image), FileSpec):
+            raise UsageError(f"--create makes image files; {args.image} is not one")
+        if create_by_format(args.image, args.create, args.format, args.backing,
+                            args.backing_format, args.backing_dir):
+            log.info("created %s (%s, %d bytes)", args.image, args.format, args.create)
+    storage = open_storage(args.image, fmt=args.format, read_only=args.read_only,
+                           direct=args.direct, logical_block_size=args.logical_block_size,
+                           engine=args.aio, io_threads=args.io_threads,
+                           reconnect_delay=args.reconnect_delay, backing_dirs=args.backing_dir)
+    try:
+        # Files are locked as QEMU locks them; an RBD image has its own exclusive lock, an NBD
+        # server decides who may connect.
+        if args.locking != "off" and isinstance(storage, FileStorage):
+            try:
+                lock_image(storage.disk.fd, args.image, writable=not args.read_only)
+            except ImageLockError as exc:
+                if not (exc.unsupported and args.locking == "auto"):
+                    raise UsageError(str(exc)) from None
+                log.warning("%s; serving it unlocked", exc)
+        opts = ExportOptions(args.export_id, args.node_name, args.socket, args.fd,
+                             not args.read_only, args.num_queues, args.logical_block_size)
+        device = make_device(storage, opts)
+        daemon = VhostUserDaemon(device, args.socket, listen_fd=args.fd)
+    except BaseException:
+        storage.close()
+        raise
+    return BlockExport(args.export_id, args.node_name, device, daemon, storage)
+
+
+def _write_pidfile(path: str) -> None:
+    """QEMU's pid file: our pid and a newline, written whole (a reader never sees half)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _daemonize() -> int:
+    """Fork; the parent waits for the child's word that it serves and exits 0 (1 if the
+    child failed first: it has said why on the shared stderr).  Returns, in the child, the fd
+    to write that word to (:func:`_detach`)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            word = f.read(1)
+        os._exit(0 if word == b"1" else 1)
+    os.close(r)
+    os.setsid()
+    return w
+
+
+def _detach(ready: int) -> None:
+    """Tell the waiting parent we serve, and let go of the terminal (stdin/stdout go to
+    /dev/null; stderr stays: it is where the log goes, redirect it to keep it)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    os.write(ready, b"1")
+    os.close(ready)
 
 
 if __name__ == "__main__":  # pragma: no cover

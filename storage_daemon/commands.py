@@ -2,8 +2,10 @@
 
 Argument checking follows QEMU's QAPI visitor, wording included, so scripts written against
 qemu-storage-daemon see the same errors: an unknown command is ``CommandNotFound``, a missing,
-unexpected or mistyped argument is ``GenericError``.  The commands act on an :class:`Export`
-(the one disk this server exports); nothing here touches a socket.
+unexpected or mistyped argument is ``GenericError``.  The commands act on the server's exports:
+an :class:`~storage_daemon.exports.ExportSet` (nodes and exports added and removed at run time)
+or a single :class:`Export` (the queries, resize and quit only); objects go to an
+:class:`~storage_daemon.objects.ObjectRegistry`.  Nothing here touches a socket.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from storage_daemon.objects import ObjectRegistry
 from storage_daemon.qmp_protocol import QmpError, generic_error
+
+if TYPE_CHECKING:
+    from storage_daemon.exports import ExportSet
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,10 @@ class Export(Protocol):
     def resize(self, size: int) -> None: ...
 
     def blockstats(self) -> dict[str, Any]: ...
+
+
+#: BlockExportRemoveMode.
+_REMOVE_MODES = ("safe", "hard")
 
 
 #: Argument types as QAPI names them in errors.
@@ -70,13 +80,19 @@ def check_arguments(args: dict[str, Any], params: tuple[Param, ...]) -> None:
 class Commands:
     """The command table: ``commands(name, args)`` runs one (QmpSession's ``execute``)."""
 
-    def __init__(self, export: Export, version: dict[str, Any],
+    def __init__(self, exports: Export | ExportSet, version: dict[str, Any],
                  quit: Callable[[], None],
-                 queue_states: Callable[[], list[dict[str, Any]]] | None = None) -> None:
-        self.export = export
+                 queue_states: Callable[[], list[dict[str, Any]]] | None = None,
+                 objects: ObjectRegistry | None = None) -> None:
+        from storage_daemon.exports import ExportSet
+
+        self.server: ExportSet | None = exports if isinstance(exports, ExportSet) else None
+        self._single: Export | None = None if self.server is not None else exports  # type: ignore[assignment]
+        self.objects = objects if objects is not None else ObjectRegistry()
         self.version = version
         self._quit = quit
-        self._table: dict[str, tuple[Callable[[dict[str, Any]], Any], tuple[Param, ...]]] = {
+        Table = dict[str, tuple[Callable[[dict[str, Any]], Any], tuple[Param, ...] | None]]
+        self._table: Table = {
             "query-version": (self._query_version, ()),
             "query-commands": (self._query_commands, ()),
             "query-block-exports": (self._query_block_exports, ()),
@@ -87,6 +103,24 @@ class Commands:
             )),
             "quit": (self._quit_cmd, ()),
         }
+        if self.server is not None:
+            # None: the arguments are a union QAPI checks by its own members (the node's or
+            # export's options), judged by the layer that owns them.
+            self._table.update({
+                "blockdev-add": (self._blockdev_add, None),
+                "blockdev-del": (self._blockdev_del, (Param("node-name", "str"),)),
+                "block-export-add": (self._block_export_add, None),
+                "block-export-del": (self._block_export_del, (
+                    Param("id", "str"), Param("mode", "str", False))),
+                "query-named-block-nodes": (self._query_named_block_nodes, (
+                    Param("flat", "bool", False),)),
+            })
+        self._table.update({
+            "object-add": (self._object_add, None),
+            "object-del": (self._object_del, (Param("id", "str"),)),
+            "qom-get": (self._qom_get, (Param("path", "str"), Param("property", "str"))),
+            "qom-set": (self._qom_set, None),
+        })
         if queue_states is not None:
             # Read-only diagnostics (see _x_query_vhost_queues); "x-": not a stable interface.
             self._table["x-query-vhost-queues"] = (lambda _args: queue_states(), ())
@@ -100,8 +134,15 @@ class Commands:
         if entry is None:
             raise QmpError("CommandNotFound", f"The command {name} has not been found")
         func, params = entry
-        check_arguments(args, params)
+        if params is not None:
+            check_arguments(args, params)
         return func(args)
+
+    def _exports(self) -> list[Export]:
+        if self.server is not None:
+            return list(self.server.exports())
+        assert self._single is not None
+        return [self._single]
 
     # ------------------------------------------------------------------ the commands
     def _query_version(self, args: dict[str, Any]) -> Any:
@@ -111,24 +152,42 @@ class Commands:
         return [{"name": name} for name in self.names]
 
     def _query_block_exports(self, args: dict[str, Any]) -> Any:
-        e = self.export
         return [{"type": "vhost-user-blk", "id": e.export_id, "node-name": e.node_name,
-                 "shutting-down": e.shutting_down}]
+                 "shutting-down": e.shutting_down} for e in self._exports()]
 
     def _query_blockstats(self, args: dict[str, Any]) -> Any:
-        e = self.export
-        return [{"device": "", "node-name": e.node_name, "stats": e.blockstats()}]
+        """Per exported node (``device`` is empty: exports' backends have no name, as in
+        QSD); with ``query-nodes`` every named node, those not exported with zero counts."""
+        exported = {e.node_name: e for e in self._exports()}
+        if not args.get("query-nodes") or self.server is None:
+            return [{"device": "", "node-name": e.node_name, "stats": e.blockstats()}
+                    for e in exported.values()]
+        from storage_daemon.export import zero_blockstats
+
+        out = []
+        for node in self.server.nodes():
+            e = exported.get(node.name)
+            out.append({"node-name": node.name,
+                        "stats": e.blockstats() if e is not None else zero_blockstats()})
+        return out
 
     def _block_resize(self, args: dict[str, Any]) -> Any:
         device, node = args.get("device"), args.get("node-name")
-        if device is not None or node != self.export.node_name:
+        target = None
+        if device is None and node is not None:
+            target = next((e for e in self._exports() if e.node_name == node), None)
+        if target is None:
+            if (device is None and node is not None and self.server is not None
+                    and node in self.server.graph.nodes):
+                raise generic_error(f"node '{node}' is not exported: this server opens a "
+                                    "node only for its export, so only exported nodes resize")
             # The export's BlockBackend has no name (as in QSD): nodes are found by node-name.
             raise generic_error(f"Cannot find device='{device or ''}' nor "
                                 f"node-name='{node or ''}'")
         size = args["size"]
         if size < 0:
             raise generic_error("Parameter 'size' expects a >0 size")
-        self.export.resize(size)
+        target.resize(size)
         return {}
 
     # x-query-vhost-queues: each queue's ring state as this server sees it (enabled, the last
@@ -140,4 +199,86 @@ class Commands:
     def _quit_cmd(self, args: dict[str, Any]) -> Any:
         log.info("quit requested over QMP")
         self._quit()
+        return {}
+
+    # ------------------------------------------------------------------ nodes and exports
+    def _blockdev_add(self, args: dict[str, Any]) -> Any:
+        assert self.server is not None
+        if "node-name" not in args:  # QSD: a node added over QMP must be named
+            raise generic_error("'node-name' must be specified for the root node")
+        self.server.blockdev_add(args)
+        return {}
+
+    def _blockdev_del(self, args: dict[str, Any]) -> Any:
+        assert self.server is not None
+        self.server.blockdev_del(args["node-name"])
+        return {}
+
+    def _block_export_add(self, args: dict[str, Any]) -> Any:
+        from storage_daemon.exports import add_from_qmp
+
+        assert self.server is not None
+        add_from_qmp(self.server, args)
+        return {}
+
+    def _block_export_del(self, args: dict[str, Any]) -> Any:
+        assert self.server is not None
+        mode = args.get("mode", "safe")
+        if mode not in _REMOVE_MODES:
+            raise generic_error(f"Parameter 'mode' does not accept value '{mode}'")
+        self.server.delete(args["id"], mode)
+        return {}
+
+    def _query_named_block_nodes(self, args: dict[str, Any]) -> Any:
+        """QSD's BlockDeviceInfo, the members this server knows (I/O limits are throttle
+        nodes' business here, so the legacy bps/iops fields are 0 as on a node without)."""
+        assert self.server is not None
+        out = []
+        for node in self.server.nodes():
+            export = self.server.export_of(node.name)
+            size = export.device.storage.info.size if export is not None else 0
+            leaf = node
+            while "file" in leaf.children and "filename" not in leaf.options:
+                leaf = leaf.children["file"]
+            filename = str(leaf.options.get("filename", ""))
+            direct = str(leaf.options.get("cache.direct", "off")) in ("on", "true", "True")
+            info: dict[str, Any] = {
+                "node-name": node.name, "drv": node.driver, "ro": node.read_only,
+                "file": filename, "encrypted": False, "detect_zeroes": "off",
+                "backing_file_depth": 0, "write_threshold": 0,
+                "cache": {"writeback": True, "direct": direct, "no-flush": False},
+                "image": {"filename": filename, "format": node.driver, "virtual-size": size,
+                          "dirty-flag": False},
+            }
+            for key in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"):
+                info[key] = 0
+            out.append(info)
+        return out
+
+    # ------------------------------------------------------------------ QOM objects
+    def _object_add(self, args: dict[str, Any]) -> Any:
+        props = dict(args)
+        qom_type, object_id = props.pop("qom-type", None), props.pop("id", None)
+        if not isinstance(qom_type, str):
+            raise generic_error("Parameter 'qom-type' is missing" if qom_type is None else
+                                "Invalid parameter type for 'qom-type', expected: string")
+        if not isinstance(object_id, str):
+            raise generic_error("Parameter 'id' is missing" if object_id is None else
+                                "Invalid parameter type for 'id', expected: string")
+        self.objects.add(qom_type, object_id, props)
+        return {}
+
+    def _object_del(self, args: dict[str, Any]) -> Any:
+        self.objects.delete(args["id"])
+        return {}
+
+    def _qom_get(self, args: dict[str, Any]) -> Any:
+        return self.objects.get(args["path"], args["property"])
+
+    def _qom_set(self, args: dict[str, Any]) -> Any:
+        check_arguments({k: v for k, v in args.items() if k != "value"},
+                        (Param("path", "str"), Param("property", "str")))
+        if "value" not in args:
+            raise generic_error("Parameter 'value' is missing")
+        self.objects.set(args["path"], args["property"], args["value"])
         return {}

@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any
 
-from blockdev.storage import StorageError
+from blockdev.storage import Storage, StorageError
 from storage_daemon.qmp_protocol import generic_error
 from vhost.daemon import QueueStateError, VhostUserDaemon
 from virtio_blk.device import BlkDevice
@@ -31,15 +31,35 @@ _BYTES = {family: list(dict.fromkeys(row.bytes_counter for row in rows
           if any(row.bytes_counter is not None for row in rows)}
 
 
+def zero_blockstats() -> dict[str, Any]:
+    """BlockDeviceStats of a node nothing has read or written (a node not exported)."""
+    stats: dict[str, Any] = {}
+    for family in _BYTES:
+        stats[f"{family}_bytes"] = 0
+    for family in _FAMILIES:
+        stats[f"{family}_operations"] = 0
+    for family in _BYTES:
+        stats[f"{family}_merged"] = 0
+    for family in _FAMILIES:
+        stats[f"failed_{family}_operations"] = 0
+    for family in _FAMILIES:
+        stats[f"{family}_total_time_ns"] = 0
+    stats.update(account_invalid=False, account_failed=True, timed_stats=[])
+    return stats
+
+
 class BlockExport:
-    """The one vhost-user-blk export of this server (QSD's ``--export id=...,node-name=...``)."""
+    """One vhost-user-blk export of this server (QSD's ``--export id=...,node-name=...``):
+    its device, its daemon (socket and frontend) and, once it is served by an
+    :class:`~storage_daemon.exports.ExportSet`, the storage it owns and closes."""
 
     def __init__(self, export_id: str, node_name: str, device: BlkDevice,
-                 daemon: VhostUserDaemon) -> None:
+                 daemon: VhostUserDaemon, storage: Storage | None = None) -> None:
         self.export_id = export_id
         self.node_name = node_name
         self.device = device
         self.daemon = daemon
+        self.storage = storage
         self._shutting_down = threading.Event()
         self._resize_lock = threading.Lock()
 
@@ -49,6 +69,35 @@ class BlockExport:
 
     def begin_shutdown(self) -> None:
         self._shutting_down.set()
+
+    def close(self, report: bool = True) -> bool:
+        """Stop serving: drop the frontend (its queues drained), close the socket, make the
+        disk durable and close the storage.  False if making it durable failed (logged)."""
+        ok = True
+        try:
+            self.daemon.close()
+        except Exception:
+            log.exception("export %s: closing its socket failed", self.export_id)
+        try:
+            self.device.make_durable()
+        except OSError as exc:
+            log.error("export %s: making the disk durable failed: %s", self.export_id, exc)
+            ok = False
+        finally:
+            if self.storage is not None:
+                try:
+                    self.storage.close()
+                except Exception:
+                    log.exception("export %s: closing its storage failed", self.export_id)
+                    ok = False
+            self.device.errlog.close()
+        if not report:  # never served (start-up failed): nothing to report
+            return ok
+        s = self.device.stats
+        log.info("export %s stopped: %d requests (%d reads, %d writes, %d flushes), "
+                 "%d errors, %d bounced", self.export_id, s.requests, s.reads, s.writes,
+                 s.flushes, s.errors, s.bounced_requests)
+        return ok
 
     def resize(self, size: int) -> None:
         """Grow the disk to ``size`` bytes and tell the guest (GenericError where it cannot)."""

@@ -18,7 +18,8 @@ Exposed (``queue`` is the virtqueue index, ``op`` the request type):
 * ``vhost_user_blk_frontend_connected``, ``vhost_user_blk_frontend_connections_total``;
 * ``vhost_user_blk_capacity_bytes`` -- the disk's size (changes with block_resize).
 
-One server exports one disk, so the export is told apart by the scrape target, not a label.
+Every family carries an ``export`` label (the export's id): one server serves several disks,
+and an export added or removed at run time appears or disappears at the next scrape.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -60,70 +63,96 @@ _BYTE_COUNTERS = tuple(
 _BUCKET_LABELS = [f"{b / 1e9:g}" for b in LATENCY_BOUNDS_NS] + ["+Inf"]
 
 
-class BlkCollector(Collector):
-    """Metric families of one device and its daemon, built from their counters per scrape."""
+class Exported(Protocol):
+    """What the collector reads of an export (storage_daemon.export.BlockExport)."""
 
-    def __init__(self, device: BlkDevice, daemon: VhostUserDaemon | None) -> None:
-        self.device = device
-        self.daemon = daemon
+    @property
+    def export_id(self) -> str: ...
+
+    @property
+    def device(self) -> BlkDevice: ...
+
+    @property
+    def daemon(self) -> VhostUserDaemon | None: ...
+
+
+class ExportsCollector(Collector):
+    """Metric families of every export, built from their counters per scrape.
+
+    ``exports`` is called on each scrape, so the set may change between scrapes."""
+
+    def __init__(self, exports: Callable[[], Iterable[Exported]]) -> None:
+        self.exports = exports
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(f"{PREFIX}_requests", "Requests completed successfully",
-                                       labels=["queue", "op"])
+                                       labels=["export", "queue", "op"])
         nbytes = CounterMetricFamily(f"{PREFIX}_bytes", "Bytes transferred",
-                                     labels=["queue", "op"])
+                                     labels=["export", "queue", "op"])
         errors = CounterMetricFamily(f"{PREFIX}_errors",
                                      "Requests answered with an error status (IOERR, UNSUPP)",
-                                     labels=["queue"])
+                                     labels=["export", "queue"])
         bounced = CounterMetricFamily(f"{PREFIX}_bounced_requests",
                                       "Requests whose data went through a bounce buffer",
-                                      labels=["queue"])
-        for q, st in enumerate(self.device.fresh_queue_stats()):
-            queue = str(q)
-            for row in OPS:
-                requests.add_metric([queue, row.name], getattr(st, row.counter))
-            for op, counter in _BYTE_COUNTERS:
-                nbytes.add_metric([queue, op], getattr(st, counter))
-            errors.add_metric([queue], st.errors + st.unsupported)
-            bounced.add_metric([queue], st.bounced_requests)
-        yield requests
-        yield nbytes
-        yield errors
-        yield bounced
-
-        totals = self.device.totals()
+                                      labels=["export", "queue"])
         latency = HistogramMetricFamily(f"{PREFIX}_request_seconds",
                                         "Latency of operations, submit to completion",
-                                        labels=["op"])
-        for row in OPS:
-            k = row.index
-            running = 0
-            buckets = []
-            for label, n in zip(_BUCKET_LABELS, totals.latency[k], strict=True):
-                running += n
-                buckets.append((label, running))
-            latency.add_metric([row.name], buckets, sum_value=totals.total_ns[k] / 1e9)
-        yield latency
-
+                                        labels=["export", "op"])
         in_flight = GaugeMetricFamily(f"{PREFIX}_requests_in_flight",
                                       "Requests taken from the ring and not yet completed",
-                                      labels=["queue"])
-        counts = (self.daemon.in_flight() if self.daemon is not None
-                  else [0] * self.device.num_queues)
-        for q, n in enumerate(counts):
-            in_flight.add_metric([str(q)], n)
-        yield in_flight
+                                      labels=["export", "queue"])
         connected = GaugeMetricFamily(f"{PREFIX}_frontend_connected",
-                                      "1 while a vhost-user frontend (QEMU) is connected")
-        connected.add_metric([], int(self.daemon is not None and self.daemon.connected))
-        yield connected
+                                      "1 while a vhost-user frontend (QEMU) is connected",
+                                      labels=["export"])
         connections = CounterMetricFamily(f"{PREFIX}_frontend_connections",
-                                          "Frontend connections accepted")
-        connections.add_metric([], self.daemon.connections if self.daemon is not None else 0)
-        yield connections
-        capacity = GaugeMetricFamily(f"{PREFIX}_capacity_bytes", "Size of the disk in bytes")
-        capacity.add_metric([], self.device.limits.capacity * 512)
-        yield capacity
+                                          "Frontend connections accepted", labels=["export"])
+        capacity = GaugeMetricFamily(f"{PREFIX}_capacity_bytes", "Size of the disk in bytes",
+                                     labels=["export"])
+        for export in self.exports():
+            name = export.export_id
+            device, daemon = export.device, export.daemon
+            for q, st in enumerate(device.fresh_queue_stats()):
+                queue = str(q)
+                for row in OPS:
+                    requests.add_metric([name, queue, row.name], getattr(st, row.counter))
+                for op, counter in _BYTE_COUNTERS:
+                    nbytes.add_metric([name, queue, op], getattr(st, counter))
+                errors.add_metric([name, queue], st.errors + st.unsupported)
+                bounced.add_metric([name, queue], st.bounced_requests)
+            totals = device.totals()
+            for row in OPS:
+                k = row.index
+                running = 0
+                buckets = []
+                for label, n in zip(_BUCKET_LABELS, totals.latency[k], strict=True):
+                    running += n
+                    buckets.append((label, running))
+                latency.add_metric([name, row.name], buckets,
+                                   sum_value=totals.total_ns[k] / 1e9)
+            counts = daemon.in_flight() if daemon is not None else [0] * device.num_queues
+            for q, n in enumerate(counts):
+                in_flight.add_metric([name, str(q)], n)
+            connected.add_metric([name], int(daemon is not None and daemon.connected))
+            connections.add_metric([name], daemon.connections if daemon is not None else 0)
+            capacity.add_metric([name], device.limits.capacity * 512)
+        yield from (requests, nbytes, errors, bounced, latency, in_flight, connected,
+                    connections, capacity)
+
+
+@dataclass(frozen=True)
+class _One:
+    export_id: str
+    device: BlkDevice
+    daemon: VhostUserDaemon | None
+
+
+class BlkCollector(ExportsCollector):
+    """The families of one device (and its daemon, if any), labelled ``export``."""
+
+    def __init__(self, device: BlkDevice, daemon: VhostUserDaemon | None,
+                 export_id: str = "export0") -> None:
+        one = _One(export_id, device, daemon)
+        super().__init__(lambda: (one,))
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -224,10 +224,10 @@ class VhostUserDaemon:
 
     @property
     def address(self) -> str:
-        """Where frontends connect: the socket path, or the inherited socket's own name."""
+        """Where frontends connect: the socket path, or ``fd N`` for an inherited socket."""
         if self.socket_path is not None:
             return str(self.socket_path)
-        return str(self._listener.getsockname())
+        return f"fd {self._listener.fileno()}"
 
     # ------------------------------------------------------------------ control
     def shutdown(self) -> None:
@@ -239,23 +239,42 @@ class VhostUserDaemon:
         """Accept frontends and serve their messages until :meth:`shutdown`."""
         try:
             while True:
-                watch = [self._stop_r]
-                if not self._backoff.waiting:
-                    watch.append(self._listener.fileno())
-                if self._conn is not None:
-                    watch.append(self._conn.fileno())
+                watch = [self._stop_r, *self.watched()]
                 try:
-                    ready, _, _ = select.select(watch, [], [], self._backoff.timeout())
+                    ready, _, _ = select.select(watch, [], [], self.timeout())
                 except InterruptedError:
                     continue
                 if self._stop_r in ready:
                     break
-                if self._conn is not None and self._conn.fileno() in ready:
-                    self._serve_one()
-                if self._listener.fileno() in ready:
-                    self._accept()
+                self.handle_ready(set(ready))
         finally:
             self._drop_connection("server stopping")
+
+    # A server of several exports runs one loop for all of them (storage_daemon.exports):
+    # it watches every daemon's fds and hands each the ones that are ready.
+    def watched(self) -> list[int]:
+        """The fds this daemon wants watched for reading now (listener, connection)."""
+        watch = []
+        if not self._backoff.waiting:
+            watch.append(self._listener.fileno())
+        if self._conn is not None:
+            watch.append(self._conn.fileno())
+        return watch
+
+    def timeout(self) -> float | None:
+        """Seconds until the listener is to be watched again (None: nothing to wait for)."""
+        return self._backoff.timeout()
+
+    def handle_ready(self, ready: set[int]) -> None:
+        """Serve whatever of this daemon's fds is in ``ready`` (a message, a connection)."""
+        if self._conn is not None and self._conn.fileno() in ready:
+            self._serve_one()
+        if self._listener.fileno() in ready:
+            self._accept()
+
+    def disconnect(self, why: str) -> None:
+        """Drop the frontend (its queues drained and stopped); the listener stays."""
+        self._drop_connection(why)
 
     def close(self) -> None:
         """Close the listening socket (removing the socket file we made) and the stop pipe."""

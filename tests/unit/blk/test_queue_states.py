@@ -101,7 +101,7 @@ def test_the_qmp_command_of_a_running_server(make_blk: MakeBlk) -> None:
     queue keeps serving), lists it, and checks its arguments as QAPI would."""
     env = make_blk(num_queues=2, queue_processes=True)
     assert env.drv.read(0, 512).status == Status.OK
-    plane = ControlPlane(env.device, env.daemon.daemon, export_id="e0", node_name="n0")
+    plane = ControlPlane.for_one(env.device, env.daemon.daemon, export_id="e0", node_name="n0")
     try:
         assert {"name": "x-query-vhost-queues"} in plane.commands("query-commands", {})
         states = plane.commands("x-query-vhost-queues", {})

@@ -38,7 +38,7 @@ def make_operated(make_blk: MakeBlk, tmp_path: Path) -> Iterator[MakeOperated]: 
         env = make_blk(**options)
         quits: list[int] = []
         path = tmp_path / f"qmp{len(planes)}.sock"
-        plane = ControlPlane(env.device, env.daemon.daemon, export_id="export0",
+        plane = ControlPlane.for_one(env.device, env.daemon.daemon, export_id="export0",
                              node_name="disk0", qmp_path=str(path),
                              metrics_address=("127.0.0.1", 0),
                              quit=None if real_quit else (lambda: quits.append(1)))

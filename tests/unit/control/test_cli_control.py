@@ -83,8 +83,9 @@ def test_socket_activation_with_qmp_and_metrics(tmp_path: Path, image: Path,
             text = resp.read().decode()
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for fam in text_string_to_metric_families(text) for s in fam.samples}
-        assert samples[("vhost_user_blk_requests_total", (("op", "write"), ("queue", "0")))] == 1
-        assert samples[("vhost_user_blk_frontend_connected", ())] == 1
+        assert samples[("vhost_user_blk_requests_total",
+                        (("export", "vm1"), ("op", "write"), ("queue", "0")))] == 1
+        assert samples[("vhost_user_blk_frontend_connected", (("export", "vm1"),))] == 1
         # quit takes the SIGTERM path: exit 0, QMP socket removed, the activation socket kept.
         (reply,) = qmp(qmp_path, '{"execute": "quit"}')
         assert reply == {"return": {}}

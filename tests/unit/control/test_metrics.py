@@ -18,15 +18,19 @@ from virtio_blk.request import Status
 MiB = 1 << 20
 
 
-def scrape(op: Operated) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """{(sample name, sorted labels): value} of one scrape."""
+def scrape(op: Operated, export: str = "export0"
+           ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels but ``export``): value} of one scrape, every sample
+    checked to carry ``export`` (the fixture's one export)."""
     with urllib.request.urlopen(op.metrics_url, timeout=10) as resp:
         assert resp.status == 200
         text = resp.read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            labels = dict(s.labels)
+            assert labels.pop("export") == export, s
+            samples[(s.name, tuple(sorted(labels.items())))] = s.value
     return samples
 
 

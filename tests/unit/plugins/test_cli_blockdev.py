@@ -92,7 +92,7 @@ def test_read_only_export_of_a_plugin(tmp_path: Path, servers: list[Server]) -> 
     (["--blockdev", "driver=python,node-name=r,module=examples.ramdisk,class=RamDisk",
       "--export", "type=vhost-user-blk,id=a,node-name=r,addr.type=unix,addr.path={d}/a",
       "--export", "type=vhost-user-blk,id=b,node-name=r,addr.type=unix,addr.path={d}/b"],
-     "only one export per server so far"),
+     "Node 'r' is already exported by 'a'"),
     (["--blockdev", "driver=file,node-name=f,filename={d}/x,bogus=1",
       "--export", "type=vhost-user-blk,id=a,node-name=f,addr.type=unix,addr.path={d}/a"],
      "Parameter 'bogus' is unexpected"),

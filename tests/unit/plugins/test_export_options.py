@@ -40,7 +40,7 @@ def test_export_errors(text, message):
 
 
 def test_declare_checks_blockdevs_before_opening_anything(tmp_path):
-    graph, export = declare([f"driver=file,node-name=f,filename={tmp_path}/none"],
+    graph, (export,) = declare([f"driver=file,node-name=f,filename={tmp_path}/none"],
                             ["type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=/s"],
                             16)
     assert export.node_name == "f" and "f" in graph.nodes  # the missing file: found at open
