@@ -15,12 +15,12 @@ from qemu_guest.hotplug import Monitor
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: The mark of the ``daemon=server`` cases: a strict xfail until this server takes several
-#: exports, --object/--chardev/--monitor and QMP blockdev-add (H8/H9, issue 22); strict, so an
-#: XPASS fails and the mark goes when they land.
+#: The mark of the ``daemon=server`` cases: a strict xfail until this server has throttle groups
+#: (H9, issue 22; several exports and QMP blockdev-add are on main, and the scenario passes on
+#: them with the throttle filter left out); strict, so an XPASS fails and the mark goes then.
 XFAIL_SERVER = pytest.mark.xfail(
-    strict=True, reason="several exports, --object/--chardev/--monitor and QMP blockdev-add "
-    "land with H8/H9 (branches daemon, throttle); strict: this mark goes when they do")
+    strict=True, reason="driver=throttle and throttle groups land with H9 (branch throttle); "
+    "strict: this mark goes when they do")
 
 
 class Daemon:
