@@ -149,6 +149,72 @@ def ring_seeds() -> None:
          + bytes([3, 0, 3, 4, 2, 0, 0]) + b"\0\0")
 
 
+def packed_seeds() -> None:
+    import packed_ring as p
+
+    def desc(base: int, n: int, buf_id: int, flags: int, off: int = 0,
+             mark: int | None = 0) -> bytes:
+        """A descriptor as :func:`packed_ring.descriptor` reads it; ``mark`` 0: available in
+        its lap, 4: in the other lap (not available yet), None: a table's (no marks)."""
+        out = bytes([p.BASES.index(base), off, p.LENGTHS.index(n), buf_id, flags])
+        return out if mark is None else out + bytes([mark])
+
+    def headers(*hs: tuple[int, int]) -> bytes:
+        out = b""
+        for i in range(8):
+            t, sector = hs[i] if i < len(hs) else (0, 0)
+            out += bytes([list(p.TYPES).index(t), p.SECTORS.index(sector)])
+        return out
+
+    hdr, st, nxt, wr = p.HDR_GPA, p.STATUS_GPA, 1, 2
+    table = [desc(hdr[1], 16, 0, nxt, mark=None), desc(p.B_GPA, 4096, 0, nxt, mark=None),
+             desc(st, 1, 0, wr, 0x81, mark=None)]
+    tables = bytes([3]) + b"".join(table) + bytes([0])
+    hs = headers((p.ReqType.IN, 0), (p.ReqType.OUT, 8), (p.ReqType.OUT, 16), (p.ReqType.IN, 1))
+    events = bytes(8)  # driver: notifications enabled; device area zero
+    # 16 slots from 0: an IN chain of three, an indirect OUT, an OUT of four; then a chain the
+    # driver makes available in the second batch (its head's flags flipped last).
+    ring = [desc(hdr[0], 16, 0, nxt), desc(0x8000, 4096, 0, nxt | wr), desc(st, 1, 0, wr),
+            desc(p.TABLE_GPA[0], 48, 1, 4), desc(hdr[2], 16, 2, nxt),
+            desc(0xA000, 512, 2, nxt), desc(0xA000, 512, 2, nxt, 1),
+            desc(st, 1, 2, wr, 0x82), desc(hdr[3], 16, 3, nxt, mark=4),
+            desc(0x8000, 512, 3, nxt | wr, 16, mark=4), desc(st, 1, 3, wr, 0x83, mark=4)]
+    ring += [desc(0x8000, 0, 0, 0, mark=4)] * (16 - len(ring))
+    flips = b"".join(bytes([slot, 0, 0, 0]) for slot in (10, 9, 8))
+    save("packed_ring", bytes([0, 1, 0]) + b"".join(ring) + tables + hs + events + bytes([0, 3])
+         + flips)
+    # The same with EVENT_IDX and the driver asking for an event at slot 8 (off_wrap 8 | 1<<15).
+    save("packed_ring", bytes([0, 3, 0]) + b"".join(ring) + tables + hs
+         + bytes([8, 0x80, 2, 0, 0, 0, 0, 0]) + bytes([0, 3]) + flips)
+    # A ring of 4 from slot 2 in lap 0: a chain across the end (slots 2, 3, 0), then an
+    # indirect one in lap 1 at slot 1.
+    ring4 = [desc(st, 1, 1, wr), desc(p.TABLE_GPA[0], 48, 2, 4), desc(hdr[0], 16, 1, nxt),
+             desc(0x8000, 4096, 1, nxt | wr)]
+    save("packed_ring", bytes([3, 1, 2]) + b"".join(ring4) + tables + hs + events + bytes([0, 0]))
+    # A ring of 4 whose in-flight area holds one chain (entries 0 -> 1 -> 2, resubmitted at the
+    # start), free list 3; the ring continues at slot 3 (lap 1) with an indirect chain.
+    area = bytes([0x84, 3, 3, 0, 0, 1, 1])
+    area += bytes([0x81, 1, 2, 3, 0]) + desc(hdr[0], 16, 0, nxt, mark=None)
+    area += bytes([0x80, 2, 0, 0, 0]) + desc(0x8000, 512, 0, nxt | wr, mark=None)
+    area += bytes([0x80, 0xC5, 0, 0, 0]) + desc(st, 1, 0, wr, mark=None)
+    area += bytes([0])
+    ring4 = [desc(0x8000, 0, 0, 0, mark=4)] * 3 + [desc(p.TABLE_GPA[0], 48, 1, 4)]
+    save("packed_ring", bytes([3, 5, 3]) + b"".join(ring4) + tables + hs + events + area
+         + bytes([0]))
+    # An area with nothing in flight and entry 3 on no list (free list 0 -> 1 -> 2): refused at
+    # the start.  (Accepted once: the second chain ran the free list dry and the fast path's
+    # claim raised QueueError out of the worker pass.)
+    leaky = bytes([0x84, 0, 0, 0, 0, 1, 1, 0, 0])
+    leaky += (bytes([0x80, 0xC5, 0, 0, 0]) + desc(0x8000, 0, 0, 0, mark=None)) * 2
+    ring4 = [desc(hdr[0], 16, 1, nxt), desc(0x8000, 4096, 1, nxt | wr), desc(st, 1, 1, wr),
+             desc(p.TABLE_GPA[0], 48, 2, 4)]
+    save("packed_ring", bytes([3, 5, 0]) + b"".join(ring4) + tables + hs + events + leaky
+         + bytes([0]))
+    # A ring of 3 (no in-flight area), an id out of range in the second chain.
+    ring3 = [desc(hdr[0], 16, 0, nxt), desc(st, 1, 0, wr), desc(p.TABLE_GPA[0], 48, 7, 4)]
+    save("packed_ring", bytes([6, 1, 0]) + b"".join(ring3) + tables + hs + events + bytes([0]))
+
+
 # ---------------------------------------------------------------------------- QMP, specs
 
 
@@ -225,6 +291,6 @@ def qcow2_seeds() -> None:
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["vhost", "ring", "qmp", "spec", "qcow2"]
+    which = sys.argv[1:] or ["vhost", "ring", "packed", "qmp", "spec", "qcow2"]
     for w in which:
         globals()[f"{w}_seeds"]()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyMarker
@@ -147,6 +147,9 @@ class Device(abc.ABC):
     # rebuild itself there, and which of its state and counters cross the process boundary.
     #: Serve queues in processes (None: when there is more than one queue).
     queue_processes: bool | None = False
+    #: The daemon's pool of queue worker processes (vhost.runner.workerpool.PoolRunner),
+    #: shared by its devices; when set, it serves this device's queues.
+    queue_pool: Any = None
     #: The runners whose queue processes serve this device now (see :meth:`attach_runner`);
     #: a tuple, replaced whole, so a scrape on another thread reads it without a lock.
     _remote_runners: tuple[RemoteQueues, ...] = ()

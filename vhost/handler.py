@@ -168,7 +168,11 @@ class BackendHandler:
         #: What runs the started queues: threads here, or a process each (vhost.runner.base).
         self.runner: QueueRunner
         wanted = device.queue_processes
-        if wanted or (wanted is None and device.num_queues > 1):
+        if device.queue_pool is not None and wanted is not False:
+            # A pool shared by every device of the daemon names the connection itself.
+            pooled = device.queue_pool.connection(device, self)
+            self.runner, self.conn = pooled, pooled.conn
+        elif wanted or (wanted is None and device.num_queues > 1):
             self.runner = ProcessRunner(device, self, conn)
         else:
             self.runner = ThreadRunner(device, self, self.dirty_logging, conn, worker_factory)

@@ -18,8 +18,8 @@ memory region, readable before writable -- and changes nothing.  The fast path d
 virtio-blk part: the header is 16 bytes and the status 1, header type IN or OUT matching the
 data's direction, the pieces writable where the device writes, the disk range
 (:func:`~virtio_blk.request.range_fault`), write permission, no bounce needed, the O_DIRECT
-alignment.  Only then does it claim the chain (:meth:`~vhost.queue.base.Queue.claim`) and start
-the IO.
+alignment.  Only then does it keep the chain (asking :func:`~vhost.queue.base.simple_chains` for
+the next claims it) and, once the pass is recognised, start the IO.
 
 Anything else -- a FLUSH, a malformed chain, a request the device must fail, one that needs a
 bounce buffer, pieces spanning regions, a ring with requests waiting for bounce pages or heads to
@@ -155,26 +155,32 @@ class FastPath:
         submit = engine.submit
         complete = self.complete
         build = self._build
-        claim = vq.claim
         timing = handler.timing
+        # Every chain recognised first, then every request started: asking simple_chains for
+        # the next chain claims the one before, so only once the pass has stopped (at a chain
+        # declined, or at the last) are all of them claimed -- and a request is never started
+        # before its chain is in flight.
+        reqs: list[BlkRequest] = []
+        for chain in simple_chains(vq, MAX_PIECES):
+            req = build(chain)
+            if req is None:
+                break  # left where it is, for the generic path
+            reqs.append(req)
+        if not reqs:
+            return []
         done: list[tuple[int, int]] = []
         started = 0
         try:
-            for chain in simple_chains(vq, MAX_PIECES):
-                req = build(chain)
-                if req is None:
-                    break
-                claim(chain)
+            for req in reqs:
                 started += 1
                 if timing:
                     req.start_ns = monotonic_ns()
                 if submit(req):
                     done.append((req.head, complete(req)))
         finally:
-            if started:
-                handler.stats.requests += started
-                self.taken += started
-        if started and engine.batched:
+            handler.stats.requests += started
+            self.taken += started
+        if engine.batched:
             engine.submit_batch()
             done += handler.complete_reaped()
         return done

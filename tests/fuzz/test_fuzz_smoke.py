@@ -28,6 +28,7 @@ HARNESSES = {
     "vhost_messages": (1500, 1024),
     "vhost_inflight": (800, 1024),
     "split_ring": (300, 1024),
+    "packed_ring": (300, 1024),
     "qcow2_image": (800, 32768),
 }
 

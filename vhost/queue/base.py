@@ -15,7 +15,7 @@ the queue is marked ``broken`` and stays so until the driver resets it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -208,15 +208,17 @@ class Queue(Protocol):
         """Drop every view of guest memory so it can be unmapped."""
 
 
-def simple_chains(queue: Queue, max_pieces: int) -> Iterator[SimpleChain]:
+def simple_chains(queue: Queue, max_pieces: int) -> Generator[SimpleChain, None, None]:
     """The simple chains available now, in ring order, for one pass of a fast path: what
-    :meth:`Queue.peek_simple` returns, one after the other.  The consumer claims
-    (:meth:`Queue.claim`) each chain it keeps before asking for the next, and stops at the
-    first it declines (it is left where it is, for the generic pop).
+    :meth:`Queue.peek_simple` returns, one after the other.  Asking for the next chain claims
+    the one before (as :meth:`Queue.claim` does): the consumer keeps a chain by asking for the
+    next, and declines one by stopping there (closing the iterator or dropping it) -- that
+    chain is left where it is, for the generic pop, and so is everything after it.  The
+    consumer does nothing else to the queue during the pass.
 
     A layout may do it in one go -- a method ``simple_chains(max_pieces)`` with this contract
-    (the split ring has one: it counts the pending chains once and spares a call per chain);
-    this uses it when there, else peeks chain by chain.
+    (the split ring has one: it counts the pending chains once and claims inline, sparing two
+    calls per chain); this uses it when there, else peeks and claims chain by chain.
     """
     own = getattr(queue, "simple_chains", None)
     if own is not None:
@@ -224,12 +226,8 @@ def simple_chains(queue: Queue, max_pieces: int) -> Iterator[SimpleChain]:
     return _peeked(queue, max_pieces)
 
 
-def _peeked(queue: Queue, max_pieces: int) -> Iterator[SimpleChain]:
-    """:func:`simple_chains` built on :meth:`Queue.peek_simple`: a chain peeked again unclaimed
-    (same head, same token) ends it."""
-    last: tuple[int, int] | None = None
+def _peeked(queue: Queue, max_pieces: int) -> Generator[SimpleChain, None, None]:
+    """:func:`simple_chains` built on :meth:`Queue.peek_simple` and :meth:`Queue.claim`."""
     while (chain := queue.peek_simple(max_pieces)) is not None:
-        if (chain.head, chain.token) == last:
-            return
-        last = (chain.head, chain.token)
         yield chain
+        queue.claim(chain)

@@ -148,7 +148,7 @@ class PackedInflightQueue:
         ``desc_num`` the ring size, the heads and positions in range, wrap counters 0/1, the
         padding zero; the free list in range without a loop; each entry's ``inflight`` 0/1;
         each chain in flight 1..size entries long along ``next`` to its ``last``, sharing no
-        entry with the free list or another chain, all of them together at most a ring.
+        entry with the free list or another chain; every entry free or in a chain.
         """
         v = self._view
         h = self._h
@@ -213,8 +213,13 @@ class PackedInflightQueue:
                 raise InflightError(f"packed inflight chain at entry {head} ends at {node}, "
                                     f"not at its last entry {last}")
             chains.append((head, descs))
-        if len(taken) > size:  # cannot happen with disjoint entries; stated for the reader
-            raise InflightError("packed inflight chains hold more than the ring")
+        if len(free) + len(taken) != size:
+            # Every entry is free or holds a descriptor of a chain in flight (the chains take
+            # the ring slots from the used position on, the free list has one entry for each
+            # other slot).  An entry in neither would never come back: a pop would find the free
+            # list empty with ring slots still free, and fail in the middle of taking a chain.
+            raise InflightError(f"packed inflight region: {size - len(free) - len(taken)} "
+                                "entries neither free nor in flight")
         return Recovery(old_used, old_wrap, chains, False)
 
     def recover(self, ring_flags: Callable[[int], int], used_idx: int, used_wrap: int) -> Recovery:

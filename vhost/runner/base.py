@@ -7,7 +7,11 @@ business.  It holds one runner and calls it the same way whatever the runner is:
   the handler's memory table, in-flight area and dirty log (forwarding a change is a no-op);
 * :class:`vhost.runner.pool.ProcessRunner` -- each queue in a process of its own, which maps
   its own copies: every change the frontend makes is forwarded, acknowledged before the
-  handler replies.
+  handler replies;
+* :class:`vhost.runner.workerpool.PoolConnection` -- one connection's queues on the daemon's
+  shared :class:`~vhost.runner.workerpool.PoolRunner`: a fixed number of worker processes
+  (:mod:`vhost.runner.poolworker`), each running the queues of many connections; changes are
+  forwarded as for a process per queue, to the workers hosting the connection.
 
 Both build a queue the same way (:mod:`vhost.runner.assembly`, the one place that turns a
 :class:`QueueSpec` into a running worker), the thread runner here, the process runner in its
@@ -15,13 +19,12 @@ child (:mod:`vhost.runner.process`).
 
 Queues are named by :class:`QueueKey` -- (connection, queue index), not the index alone -- in
 this API and on the process wire (:mod:`vhost.runner.ipc`).  Today a runner serves one
-connection (``conn`` is the one it was made for).  What comes next (many exports in one daemon,
-issue 22) is a fixed pool of worker processes, each running the queues of many devices and
-frontends: the pool version keeps one runner for the daemon; ``start`` places a key on a
-worker process (the key says which device's recipe and which connection's memory table the
-queue uses there), the connection-wide changes (``set_mem_table``, ``set_log_base``, ...) carry
-``conn`` and go to the processes that host one of its queues, and a queue process answers for
-its keys only.  Nothing in the handler changes for that.
+connection (``conn`` is the one it was made for).  The pool (many exports in one daemon,
+issue 22) keeps one :class:`~vhost.runner.workerpool.PoolRunner` for the daemon, which hands
+out the connection numbers: ``start`` places a key on a worker process (the key says which
+device's recipe and which connection's memory table the queue uses there), the
+connection-wide changes (``set_mem_table``, ``set_log_base``, ...) go to the workers that host
+one of the connection's queues, and a worker answers for its keys only.
 """
 
 from __future__ import annotations

@@ -94,6 +94,13 @@ class Start(Request):
     log_call: bool
     log_addr: int | None
     counter_slots: int
+    #: A pool worker (:mod:`vhost.runner.poolworker`) already hosts a queue of this
+    #: connection: it uses the memory table, in-flight area, dirty log and device it has, and
+    #: the fds are the queue's own only (kick, call, err, the counter block).
+    hosted: bool = False
+    #: The queue's counters so far (a moved or restarted queue counts on from them; empty:
+    #: from zero).
+    counters: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

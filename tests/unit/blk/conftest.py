@@ -115,7 +115,7 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
              image: Path | None = None, queue_processes: bool | None = None,
              fast_path: bool = True, storage: Storage | None = None,
              engine_ran: str | None = None, packed: bool = False,
-             filters: Sequence[Layer] = ()) -> BlkEnv:
+             filters: Sequence[Layer] = (), queue_pool: object = None) -> BlkEnv:
         """``storage``: serve that (closed after the test) instead of an image file.
         ``filters``: serve the image through these filter layers (:func:`filter_stack`);
         ``env.disk`` and ``env.image`` are still the image under them.
@@ -142,6 +142,7 @@ def make_blk(tmp_path: Path) -> Iterator[MakeBlk]:
                            io_threads=io_threads, bounce_pages=bounce_pages,
                            writeback=writeback, queue_processes=queue_processes,
                            fast_path=fast_path)
+        device.queue_pool = queue_pool  # (a PoolRunner the test shares between devices)
         daemon = RunningDaemon(device, tmp_path / f"blk{n}.sock")
         cleanups.append(daemon.stop)
         mem = FrontendMemory(mem_layout)

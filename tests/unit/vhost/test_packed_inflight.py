@@ -257,6 +257,10 @@ def entry(i: int, field: int) -> int:
     (poke("<H", entry(0, 6), 9), "num 9"),
     (poke("<H", entry(0, 4), 3), "not at its last entry 3"),
     (poke("<H", entry(0, 2), 4), "is out of range, free or in another chain"),
+    # Entries on neither the free list nor a chain (found by fuzz/packed_ring.py): a pop would
+    # find the free list empty with ring slots free, and the fast path's claim() raise.
+    (poke("<H", entry(6, 2), 0xFFFF), "1 entries neither free nor in flight"),  # 4, 5, 6 free
+    (poke("<H", 14, 0xFFFF), "4 entries neither free nor in flight"),  # no free list
 ])
 def test_hostile_area_refused(damage: Callable[[memoryview], None], why: str) -> None:
     """Chains a (entries 0, 1) and b (2, 3) in flight, the free list 4..7; one field damaged:

@@ -433,22 +433,30 @@ def _two_chains() -> Rig:
 
 
 @pytest.mark.parametrize("own", [True, False], ids=["split's own", "built on peek_simple"])
-def test_simple_chains_gives_each_chain_claimed_and_stops_at_one_left(own: bool) -> None:
-    """The fast path's pass: chains in ring order while it claims them; one it leaves
-    unclaimed ends the pass, the queue untouched (not handed out twice, not skipped)."""
+def test_simple_chains_claims_each_chain_when_asked_for_the_next(own: bool) -> None:
+    """The fast path's pass: chains in ring order, each claimed once the next is asked for
+    (the consumer calls nothing else); stopping at one leaves it and those after untouched
+    (not claimed, not skipped)."""
     rig = _two_chains()
     queue = rig.vq if own else _PeekOnly(rig.vq)
-    heads = []
-    for chain in simple_chains(queue, 130):  # type: ignore[arg-type]
-        heads.append(chain.head)
-        rig.vq.claim(chain)
-    assert heads == [0, 3] and rig.vq.next_avail == 2
+    heads = [chain.head for chain in simple_chains(queue, 130)]  # type: ignore[arg-type]
+    assert heads == [0, 3] and rig.vq.next_avail == 2 and rig.vq.in_flight_count == 2
+    assert rig.vq.pop_batch() == [], "a chain of the pass was popped again"
 
     rig = _two_chains()
     queue = rig.vq if own else _PeekOnly(rig.vq)
     before = rig.state()
     chains = simple_chains(queue, 130)  # type: ignore[arg-type]
     assert next(chains).head == 0
-    assert next(chains, None) is None, "a chain left unclaimed was handed out again"
+    chains.close()  # declined: the first chain stays where it is
     assert rig.state() == before
     assert [c.head for c in rig.vq.pop_batch()] == [0, 3]
+
+    rig = _two_chains()
+    queue = rig.vq if own else _PeekOnly(rig.vq)
+    chains = simple_chains(queue, 130)  # type: ignore[arg-type]
+    assert next(chains).head == 0
+    assert next(chains).head == 3  # the first kept, the second declined
+    del chains
+    assert rig.vq.next_avail == 1 and rig.vq.in_flight_count == 1
+    assert [c.head for c in rig.vq.pop_batch()] == [3]
