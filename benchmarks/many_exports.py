@@ -1,25 +1,25 @@
-"""Many exports in one server: processes, memory and idle wake-ups (issue 22's "Done when").
+"""Many exports in one real server: processes, memory, IOPS and idle wake-ups (issue 22).
 
-For each count in ``--exports``, a server process serves that many exports of 2 queues each
-(each its own raw image and socket), every queue on one shared pool of ``--workers`` worker
-processes (``--mode pool``) or in a process of its own (``--mode processes``, today's
-process-per-queue, for comparison).  One vhost-user frontend per export (this project's
-``vhost_frontend``, not a guest) connects, starts both queues and reads 4k blocks on them for
-``--seconds``; meanwhile the server's processes are counted and their memory read from
-``/proc/PID/smaps``: RSS and PSS, and PSS without the guest memory they map (the frontends'
-``guest-ram`` memfds, which belong to the guests).  Then the frontends stop issuing requests
-(queues stay connected) and the server's voluntary context switches, every thread of every
-process, are counted over ``--idle`` seconds: an idle export should cost none.
+For each count in ``--exports``, ONE server process is started the way a user starts it --
+``python -m storage_daemon`` (the ``vhost-user-blk`` command) with one ``--blockdev
+driver=file,...`` and one ``--export type=vhost-user-blk,...,num-queues=2`` per export, all in
+an ``@FILE`` argument file -- or, with ``--daemon qsd``, ``qemu-storage-daemon`` with the same
+image layout and ``aio=io_uring``.  ``--mode pool`` (default) leaves the server its default
+placement (the shared worker pool, ``--workers`` default one per core); ``--mode processes``
+passes ``--queue-processes on`` (a process per queue, the layout issue 22 measured at 1.17 GiB).
 
-The multi-export server (QSD's ``--export`` repeated) is being built at the same time; until it
-is on main, the server here is this script's own child (``--serve``): several
-:class:`~vhost.daemon.VhostUserDaemon` instances in one process, one per export, their devices
-sharing one :class:`~vhost.runner.workerpool.PoolRunner` -- the same objects the daemon will
-hold.
+One vhost-user frontend per export (this project's ``vhost_frontend``, not a guest; all in this
+driver process) connects, starts both queues and reads 4k blocks on them.  Halfway through the
+IO phase the server's processes -- the server and every descendant -- are counted and their
+memory read from ``/proc/PID/smaps``: RSS and PSS, and PSS without the guest memory they map
+(the frontends' ``guest-ram`` memfds, which belong to the guests).  Then the frontends stop
+issuing requests (queues stay connected) and the context switches, voluntary and
+non-voluntary, of every thread of every server process are counted over ``--idle`` seconds: an
+idle export should cost none.
 
-    python -m benchmarks.many_exports                          # 1, 16, 64 exports, pool
+    python -m benchmarks.many_exports                              # 1, 16, 64 exports, pool
+    python -m benchmarks.many_exports --daemon qsd                 # the same, qemu-storage-daemon
     python -m benchmarks.many_exports --exports 16 --mode processes
-    python -m benchmarks.many_exports --exports 64 --workers 4 --json out.json
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,67 +43,79 @@ log = logging.getLogger("many_exports")
 IMAGE_SIZE = 64 << 20
 GUEST_MEMORY = 8 << 20
 GUEST_MAPPING = "guest-ram"
+START_TIMEOUT = 120.0
 
 
-# ---------------------------------------------------------------------- the server (child)
-def serve(count: int, directory: Path, mode: str, workers: int | None,
-          rebalance: float) -> int:
-    """Serve ``count`` exports from ``directory`` until stdin closes (``rebalance``: the
-    pool's rebalancing interval, 0 for none, as the command line's --rebalance-interval)."""
-    from blockdev.disk import Disk
-    from vhost.daemon import VhostUserDaemon
-    from vhost.runner.workerpool import PoolRunner
-    from virtio_blk.device import BlkDevice
+# ---------------------------------------------------------------------- the servers
+def blockdev_options(i: int, image: Path, aio: str | None) -> str:
+    """One export's block node, QSD's syntax (the same for both daemons)."""
+    opts = f"driver=file,node-name=n{i},filename={image}"
+    return opts + (f",aio={aio}" if aio else "")
 
-    debug = bool(os.environ.get("MANY_EXPORTS_DEBUG"))
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING)
-    pool = PoolRunner(workers) if mode == "pool" else None
-    daemons = []
-    threads = []
-    disks = []
+
+def export_options(i: int, sock: Path) -> str:
+    return (f"type=vhost-user-blk,id=e{i},node-name=n{i},addr.type=unix,addr.path={sock},"
+            "writable=on,num-queues=2")
+
+
+def server_command(daemon: str, count: int, directory: Path, mode: str,
+                   workers: int | None, rebalance: float) -> list[str]:
+    """The command line serving ``count`` exports from images and sockets in ``directory``.
+
+    This server gets its options from an ``@FILE`` (one per line), as a user with 64 exports
+    would write them; QSD 7.2 has no argument files, so it gets them on its command line."""
+    pidfile = directory / "server.pid"
+    if daemon == "qsd":
+        exe = shutil.which("qemu-storage-daemon")
+        if exe is None:
+            raise RuntimeError("qemu-storage-daemon is not installed")
+        cmd = [exe, "--pidfile", str(pidfile)]
+        for i in range(count):
+            cmd += ["--blockdev", blockdev_options(i, directory / f"e{i}.img", "io_uring"),
+                    "--export", export_options(i, directory / f"e{i}.sock")]
+        return cmd
+    lines = []
     for i in range(count):
-        image = directory / f"e{i}.img"
-        with open(image, "wb") as f:
-            os.truncate(f.fileno(), IMAGE_SIZE)
-        disk = Disk(image)
-        disks.append(disk)
-        device = BlkDevice(disk, num_queues=2, queue_processes=True)
-        device.queue_pool = pool
-        daemon = VhostUserDaemon(device, directory / f"e{i}.sock")
-        thread = threading.Thread(target=daemon.serve_forever, name=f"export{i}", daemon=True)
-        thread.start()
-        daemons.append(daemon)
-        threads.append(thread)
-    if pool is not None and rebalance > 0:
-        pool.start_rebalancing(rebalance)
-    print("ready", flush=True)
-    sys.stdin.read()
-    for daemon in daemons:
-        daemon.shutdown()
-    for daemon, thread in zip(daemons, threads, strict=True):
-        thread.join(30)
-        daemon.close()
-    if pool is not None:
-        pool.close()
-    for disk in disks:
-        disk.close()
-    return 0
+        lines += ["--blockdev", blockdev_options(i, directory / f"e{i}.img", None),
+                  "--export", export_options(i, directory / f"e{i}.sock")]
+    lines += ["--pidfile", str(pidfile), "--rebalance-interval", str(rebalance)]
+    lines += ["--queue-processes", "on" if mode == "processes" else "auto"]
+    if workers is not None:
+        lines += ["--workers", str(workers)]
+    argfile = directory / "exports.args"
+    argfile.write_text("\n".join(lines) + "\n")
+    return [sys.executable, "-m", "storage_daemon", f"@{argfile}"]
+
+
+def wait_ready(server: subprocess.Popen[bytes], pidfile: Path, timeout: float) -> None:
+    """Both daemons write the pid file once every export listens: wait for it (or the
+    server's exit, which is a failure to start)."""
+    deadline = time.monotonic() + timeout
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.returncode} at start")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not write {pidfile} in {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------- measuring
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry))
-    return out
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (queue processes and pool workers are the server's
+    children; counting only the server would hide them)."""
+    parents = {int(e): _parent(int(e)) for e in os.listdir("/proc") if e.isdigit()}
+    tree = [pid]
+    for p in tree:  # grows while iterated: breadth first
+        tree += [c for c, parent in parents.items() if parent == p and c not in tree]
+    return tree
 
 
 def memory_kib(pid: int) -> tuple[int, int, int]:
@@ -113,7 +127,7 @@ def memory_kib(pid: int) -> tuple[int, int, int]:
             head = line.split(None, 1)[0]
             if not head.endswith(":"):  # a mapping's first line: address range ... name
                 parts = line.split()
-                name = parts[5] if len(parts) > 5 else ""
+                name = " ".join(parts[5:])
             elif head == "Rss:":
                 rss += int(line.split()[1])
             elif head == "Pss:":
@@ -124,7 +138,9 @@ def memory_kib(pid: int) -> tuple[int, int, int]:
     return rss, pss, guest
 
 
-def voluntary_switches(pid: int) -> int:
+def context_switches(pid: int) -> int:
+    """Voluntary + non-voluntary context switches of every thread of ``pid``: a thread that
+    wakes up for nothing shows up in one of them."""
     total = 0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -134,7 +150,8 @@ def voluntary_switches(pid: int) -> int:
         try:
             with open(f"/proc/{pid}/task/{task}/status") as f:
                 for line in f:
-                    if line.startswith("voluntary_ctxt_switches:"):
+                    if line.startswith(("voluntary_ctxt_switches:",
+                                        "nonvoluntary_ctxt_switches:")):
                         total += int(line.split()[1])
         except OSError:
             continue
@@ -143,6 +160,7 @@ def voluntary_switches(pid: int) -> int:
 
 @dataclass
 class Row:
+    daemon: str
     mode: str
     exports: int
     workers: int | None
@@ -188,18 +206,19 @@ class ExportLoad:
 
 
 def measure(count: int, mode: str, workers: int | None, seconds: float,
-            idle: float, rebalance: float) -> Row:
+            idle: float, rebalance: float, daemon: str = "ours") -> Row:
     with tempfile.TemporaryDirectory(prefix="many-exports-") as td:
         directory = Path(td)
-        cmd = [sys.executable, "-m", "benchmarks.many_exports", "--serve", str(count),
-               "--dir", td, "--mode", mode, "--rebalance-interval", str(rebalance)]
-        if workers is not None:
-            cmd += ["--workers", str(workers)]
-        server = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert server.stdout is not None and server.stdin is not None
+        for i in range(count):
+            with open(directory / f"e{i}.img", "wb") as f:
+                os.truncate(f.fileno(), IMAGE_SIZE)
+        cmd = server_command(daemon, count, directory, mode, workers, rebalance)
+        logfile = directory / "server.log"
+        with open(logfile, "wb") as stderr:
+            server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=stderr)
+        loads: list[ExportLoad] = []
         try:
-            if server.stdout.readline().strip() != b"ready":
-                raise RuntimeError("the server did not start")
+            wait_ready(server, directory / "server.pid", START_TIMEOUT)
             loads = [ExportLoad(directory / f"e{i}.sock") for i in range(count)]
             stop = threading.Event()
             threads = [threading.Thread(target=q.run, args=(stop,), daemon=True)
@@ -207,7 +226,7 @@ def measure(count: int, mode: str, workers: int | None, seconds: float,
             for t in threads:
                 t.start()
             time.sleep(seconds / 2)
-            pids = [server.pid, *_children(server.pid)]
+            pids = process_tree(server.pid)
             mem = [memory_kib(pid) for pid in pids]
             d0, t0 = sum(ld.done for ld in loads), time.monotonic()
             time.sleep(seconds / 2)
@@ -223,47 +242,51 @@ def measure(count: int, mode: str, workers: int | None, seconds: float,
             # The last completions settle, and rebalancing takes its last look (which finds
             # every queue idle: it then sleeps until a queue is busy again).
             time.sleep(1.0 + 2 * rebalance)
-            pids = [server.pid, *_children(server.pid)]
-            before = sum(voluntary_switches(pid) for pid in pids)
+            pids = process_tree(server.pid)
+            before = sum(context_switches(pid) for pid in pids)
             time.sleep(idle)
-            woke = sum(voluntary_switches(pid) for pid in pids) - before
+            woke = sum(context_switches(pid) for pid in pids) - before
+        except Exception:
+            log.error("the server's log:\n%s", logfile.read_text(errors="replace")[-4000:])
+            raise
+        finally:
             for ld in loads:
                 ld.close()
-        finally:
-            server.stdin.close()
+            server.send_signal(signal.SIGTERM)
             try:
                 server.wait(60)
             except subprocess.TimeoutExpired:
+                log.warning("the server did not exit on SIGTERM in 60 s: killed")
                 server.kill()
                 server.wait()
     rss, pss, guest = (sum(m[i] for m in mem) for i in range(3))
-    return Row(mode, count, workers, len(pids), rss / 1024, pss / 1024, (pss - guest) / 1024,
-               iops, woke / idle, woke / idle / count)
+    return Row(daemon, mode if daemon == "ours" else "qsd", count, workers, len(pids),
+               rss / 1024, pss / 1024, (pss - guest) / 1024, iops, woke / idle,
+               woke / idle / count)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.many_exports", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exports", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--mode", choices=("pool", "processes"), default="pool")
+    p.add_argument("--daemon", choices=("ours", "qsd"), default="ours")
+    p.add_argument("--mode", choices=("pool", "processes"), default="pool",
+                   help="this server's queue placement: its default (the pool) or "
+                   "--queue-processes on (a process per queue)")
     p.add_argument("--workers", type=int, default=None,
-                   help="pool size (default: one per core)")
+                   help="pool size (default: the server's, one per core)")
     p.add_argument("--seconds", type=float, default=6.0, help="IO phase")
     p.add_argument("--idle", type=float, default=10.0, help="idle phase")
     p.add_argument("--rebalance-interval", type=float, default=2.0,
                    help="the pool's rebalancing interval (default 2 s as the command line's; "
                    "0: none): its check is the one timer of the server")
     p.add_argument("--json", type=Path)
-    p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.serve is not None:
-        return serve(args.serve, args.dir, args.mode, args.workers, args.rebalance_interval)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     for count in args.exports:
         row = measure(count, args.mode, args.workers, args.seconds, args.idle,
-                      args.rebalance_interval)
+                      args.rebalance_interval, args.daemon)
         log.info("%s", row)
         rows.append(row)
     print(f"{'mode':9} {'exports':>7} {'procs':>5} {'RSS MiB':>8} {'PSS MiB':>8} "

@@ -46,7 +46,16 @@ with atheris.instrument_imports(
     from guestmem import GuestMemory
     from vhost.messages import VirtioFeature
     from vhost.queue import inflight_packed
-    from vhost.queue.base import DescriptorChain, QueueError, RingAddresses, SimpleChain
+    from vhost.queue.base import (
+        CHAIN_DATA,
+        CHAIN_HEAD,
+        CHAIN_HEADER,
+        CHAIN_TRAILER,
+        DescriptorChain,
+        QueueError,
+        RingAddresses,
+        SimpleChain,
+    )
     from vhost.queue.inflight import InflightArea, create_area
     from vhost.queue.inflight_packed import ENTRY, ENTRY_SIZE, HEADER, HEADER_SIZE, NO_ENTRY
     from vhost.queue.packed import (
@@ -235,15 +244,15 @@ class Layout:
 
 def same_chain(simple: SimpleChain, chain: DescriptorChain) -> bool:
     """The chain peek_simple found is the generic pop's, piece for piece."""
-    hdr = [(simple.header, simple.header_len)]
-    trailer = [(simple.trailer, simple.trailer_len)]
-    if simple.into_guest:
-        readable, writable = hdr, simple.data + trailer
+    head, header, header_len, data, data_len, into_guest, status, status_len, _, _ = simple
+    hdr = [(header, header_len)]
+    trailer = [(status, status_len)]
+    if into_guest:
+        readable, writable = hdr, data + trailer
     else:
-        readable, writable = hdr + simple.data, trailer
-    return (simple.head == chain.head and readable == chain.readable
-            and writable == chain.writable and simple.data_len + simple.header_len
-            + simple.trailer_len == chain.readable_len + chain.writable_len)
+        readable, writable = hdr + data, trailer
+    return (head == chain.head and readable == chain.readable and writable == chain.writable
+            and data_len + header_len + status_len == chain.readable_len + chain.writable_len)
 
 
 class Rig:
@@ -360,8 +369,9 @@ class Rig:
         if peeked is not None and not self_writing:
             first = next((c for chains in pops for c in chains), None)
             if first is None or not same_chain(peeked, first):
-                raise AssertionError(f"peek_simple found buffer id {peeked.head} "
-                                     f"({peeked.header:#x}, {peeked.data}, {peeked.trailer:#x}), "
+                raise AssertionError(f"peek_simple found buffer id {peeked[CHAIN_HEAD]} "
+                                     f"({peeked[CHAIN_HEADER]:#x}, {peeked[CHAIN_DATA]}, "
+                                     f"{peeked[CHAIN_TRAILER]:#x}), "
                                      f"the generic pop returned {describe(first)}")
 
     def observe(self, vq: PackedQueue, area: InflightArea | None) -> dict[str, object]:

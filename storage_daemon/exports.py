@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from blockdev.nodes import BlockGraph, NodeError, NodeSpec
+from blockdev.python.storage import load_class
 from blockdev.ratelimit import RateLimitedLog
 from blockdev.storage import Storage, StorageError
 from storage_daemon.export import BlockExport
@@ -293,7 +294,14 @@ class ExportSet:
 
 
 def _check_files(spec: NodeSpec) -> None:
-    """Every ``file`` node's file can be opened for reading, in QEMU's words if not."""
+    """Every ``file`` node's file can be opened for reading, in QEMU's words if not, and every
+    ``python`` node's class can be imported (the node opens when an export asks; these are the
+    errors a user expects from blockdev-add itself, as QSD gives them)."""
+    if spec.driver == "python":
+        try:
+            load_class(str(spec.options["module"]), str(spec.options["class"]))
+        except StorageError as exc:
+            raise generic_error(str(exc)) from None
     if spec.driver == "file":
         filename = str(spec.options.get("filename", ""))
         try:

@@ -241,18 +241,18 @@ class FastPath:
         the header's 16 bytes and the 1-byte status, the header type matching the data's
         direction, the pieces writable where the device writes, the range, write permission.
         """
-        if chain.header_len != HEADER_SIZE or chain.trailer_len != 1:
+        (head, header, header_len, data, length, into_guest, trailer, trailer_len, _,
+         region) = chain
+        if header_len != HEADER_SIZE or trailer_len != 1:
             return None
-        into_guest = chain.into_guest
-        region = chain.region
         if region is not None and not region.readonly:
             # The usual request: every piece in one writable region, which the queue found.
             try:
-                req_type, _, sector = _unpack_header(region.view, chain.header - region.gpa)
+                req_type, _, sector = _unpack_header(region.view, header - region.gpa)
             except ValueError:  # the region went away meanwhile
                 return None
         else:
-            found = self._look_up(chain)
+            found = self._look_up(header, trailer, data, into_guest)
             if found is None:
                 return None
             req_type, sector, region = found
@@ -262,11 +262,9 @@ class FastPath:
         limits = handler.limits
         if not into_guest and limits.read_only:
             return None
-        length = chain.data_len
         if range_fault(sector, length, limits) is not None:
             return None
         memory = self.memory
-        data = chain.data
         if len(data) == 1:
             buffers = RequestBuffers.linear(memory, data[0][0], length, into_guest)
             try:
@@ -277,7 +275,7 @@ class FastPath:
             if handler.direct and not lock.is_aligned(handler.mem_align):
                 lock.close()
                 return None
-            return FastRequest(_READ if into_guest else _WRITE_OP, chain.head, chain.trailer,
+            return FastRequest(_READ if into_guest else _WRITE_OP, head, trailer,
                                sector, length, DataLayout([buffers], length, False), [lock],
                                lock.io_buffers, not into_guest and not handler.writeback)
         layout = plan(memory, data, guest_writable=into_guest)
@@ -291,14 +289,13 @@ class FastPath:
             for lock in locks:
                 lock.close()
             return None
-        return self._locked_request(chain.head, chain.trailer, sector, length, layout, locks,
-                                    into_guest)
+        return self._locked_request(head, trailer, sector, length, layout, locks, into_guest)
 
-    def _look_up(self, chain: SimpleChain) -> tuple[int, int, GuestRegion] | None:
+    def _look_up(self, hdr_addr: int, status_gpa: int, data: list[tuple[int, int]],
+                 into_guest: bool) -> tuple[int, int, GuestRegion] | None:
         """For pieces in several regions (or a read-only one): each looked up, the status and
         an IN's data writable; ``(header type, sector, the last data piece's region)`` or
         None."""
-        hdr_addr = chain.header
         region = self._find(hdr_addr, HEADER_SIZE)
         if region is None:
             return None
@@ -306,11 +303,10 @@ class FastPath:
             req_type, _, sector = _unpack_header(region.view, hdr_addr - region.gpa)
         except ValueError:  # the region went away meanwhile
             return None
-        region = self._find(chain.trailer, 1)
+        region = self._find(status_gpa, 1)
         if region is None or region.readonly:
             return None
-        into_guest = chain.into_guest
-        for addr, n in chain.data:
+        for addr, n in data:
             region = self._find(addr, n)
             if region is None or (into_guest and region.readonly):
                 return None

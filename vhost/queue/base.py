@@ -3,7 +3,7 @@
 Two layouts implement it -- the split ring (:mod:`vhost.queue.split`, virtio 1.x 2.7) and the
 packed ring (:mod:`vhost.queue.packed`, 2.8) -- the way rust-vmm's ``virtio-queue`` has
 ``QueueT``.  Nothing above ``vhost.queue`` reads a ring's memory: a device sees chains
-(:class:`DescriptorChain` from the generic pop, :class:`SimpleChain` from the bounded pop the
+(:class:`DescriptorChain` from the generic pop, :data:`SimpleChain` from the bounded pop the
 fast path uses) and completes them by their head; the worker asks the queue whether the driver
 wants a notification; the handler asks it for the value GET_VRING_BASE returns.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from guestmem import GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
@@ -93,40 +93,50 @@ class DescriptorChain:
         )
 
 
-class SimpleChain:
-    """A chain in the shape Linux's block drivers send: a readable header, data runs that are
-    all readable or all writable, and one writable trailer (virtio-blk's status byte).
+#: A chain in the shape Linux's block drivers send: a readable header, data runs that are all
+#: readable or all writable, and one writable trailer (virtio-blk's status byte).
+#:
+#: Found by :meth:`Queue.peek_simple`, which checked every chain rule of its layout and that
+#: each piece lies inside one guest memory region; nothing is claimed until :meth:`Queue.claim`
+#: -- so a device that declines the request (its own checks failed) leaves the queue untouched
+#: and the generic pop reports it.
+#:
+#: A plain tuple, not an object: one is made and read back for every request on the fast path,
+#: and a tuple display plus one unpacking costs about a third of building an object with
+#: slots and reading its fields.  Its fields, in this order (read them by unpacking the whole
+#: tuple, or by the ``CHAIN_*`` indexes below):
+#:
+#: ``head``
+#:     the chain's id (split: head descriptor index; packed: buffer id);
+#: ``header``, ``header_len``
+#:     guest address and length of the header piece;
+#: ``data``, ``data_len``
+#:     the data runs ``(gpa, length)``, none empty, and their total;
+#: ``into_guest``
+#:     the data runs are writable (the device writes them: a read);
+#: ``trailer``, ``trailer_len``
+#:     guest address and length of the last (writable) piece;
+#: ``token``
+#:     what :meth:`Queue.claim` needs besides ``head`` (the layout's own: the avail index it
+#:     was found at, how many ring slots the chain takes);
+#: ``region``
+#:     the guest memory region every piece lies in, when one holds them all (the usual case;
+#:     None: the device looks each piece up).  The queue found it while checking the pieces;
+#:     handing it over spares the device a second lookup of each.
+SimpleChain = tuple[int, int, int, list[tuple[int, int]], int, bool, int, int, int,
+                    GuestRegion | None]
 
-    Found by :meth:`Queue.peek_simple`, which checked every chain rule of its layout and that
-    each piece lies inside one guest memory region; nothing is claimed until
-    :meth:`Queue.claim` -- so a device that declines the request (its own checks failed) leaves
-    the queue untouched and the generic pop reports it.
-    """
-
-    __slots__ = ("data", "data_len", "head", "header", "header_len", "into_guest", "region",
-                 "token", "trailer", "trailer_len")
-
-    def __init__(self, head: int, header: int, header_len: int, data: list[tuple[int, int]],
-                 data_len: int, into_guest: bool, trailer: int, trailer_len: int,
-                 token: int, region: GuestRegion | None = None) -> None:
-        self.head = head
-        #: Guest address and length of the header piece.
-        self.header = header
-        self.header_len = header_len
-        #: The data runs ``(gpa, length)``, none empty; ``into_guest``: they are writable.
-        self.data = data
-        self.data_len = data_len
-        self.into_guest = into_guest
-        #: Guest address and length of the last (writable) piece.
-        self.trailer = trailer
-        self.trailer_len = trailer_len
-        #: What :meth:`Queue.claim` needs besides ``head`` (the layout's own: how many ring
-        #: slots the chain takes, say).
-        self.token = token
-        #: The guest memory region every piece lies in, when one holds them all (the usual
-        #: case; None: the device looks each piece up).  The queue found it while checking
-        #: the pieces; handing it over spares the device a second lookup of each.
-        self.region = region
+#: Indexes of :data:`SimpleChain`'s fields, for code that reads one or two of them.
+CHAIN_HEAD: Final = 0
+CHAIN_HEADER: Final = 1
+CHAIN_HEADER_LEN: Final = 2
+CHAIN_DATA: Final = 3
+CHAIN_DATA_LEN: Final = 4
+CHAIN_INTO_GUEST: Final = 5
+CHAIN_TRAILER: Final = 6
+CHAIN_TRAILER_LEN: Final = 7
+CHAIN_TOKEN: Final = 8
+CHAIN_REGION: Final = 9
 
 
 class Queue(Protocol):
@@ -168,7 +178,7 @@ class Queue(Protocol):
         are in flight and must be completed), nothing after."""
 
     def peek_simple(self, max_pieces: int) -> SimpleChain | None:
-        """The next available chain if it has the simple shape (see :class:`SimpleChain`) and
+        """The next available chain if it has the simple shape (see :data:`SimpleChain`) and
         at most ``max_pieces`` pieces, else None -- also when the next chain breaks a rule, when
         chains wait to be resubmitted, or when the queue is broken: the generic pop then takes
         it and reports what is wrong.  Changes nothing."""

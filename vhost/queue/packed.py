@@ -40,6 +40,7 @@ from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
 from vhost.messages import VirtioFeature
 from vhost.queue.base import (
+    CHAIN_HEAD,
     MAX_CHAIN_BYTES,
     DescriptorChain,
     QueueError,
@@ -454,8 +455,8 @@ class PackedQueue:
             return None
         hdr, hdr_len = readable[0]
         # (region: the one holding every piece, or None: the device looks each one up)
-        chain = SimpleChain(buf_id, hdr, hdr_len, data, data_len, into_guest, trailer,
-                            trailer_len, len(descs), region)
+        chain: SimpleChain = (buf_id, hdr, hdr_len, data, data_len, into_guest, trailer,
+                              trailer_len, len(descs), region)
         self._peeked = (chain, descs)
         return chain
 
@@ -464,7 +465,7 @@ class PackedQueue:
         if peeked is None or peeked[0] is not chain:
             raise ValueError("claim() of a chain peek_simple() did not just return")
         self._peeked = None
-        self._take(chain.head, peeked[1])
+        self._take(chain[CHAIN_HEAD], peeked[1])
 
     # ------------------------------------------------------------------ used side
     def add_used(self, head: int, length: int) -> None:

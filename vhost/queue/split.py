@@ -38,6 +38,8 @@ from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
 from vhost.messages import VirtioFeature
 from vhost.queue.base import (
+    CHAIN_HEAD,
+    CHAIN_TOKEN,
     MAX_CHAIN_BYTES,
     DescriptorChain,
     QueueError,
@@ -59,7 +61,6 @@ VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
-_new_chain = object.__new__
 _unpack_desc = DESC.unpack_from
 _NEXT_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
 
@@ -261,14 +262,15 @@ class SplitQueue:
         :meth:`peek_simple` uses; any other by :meth:`_walk`, which reports what is wrong."""
         simple = self._simple(head, MAX_QUEUE_SIZE)
         if simple is not None:
-            header = [(simple.header, simple.header_len)]
-            trailer = [(simple.trailer, simple.trailer_len)]
-            if simple.into_guest:
-                readable, writable = header, simple.data + trailer
-                rlen, wlen = simple.header_len, simple.data_len + simple.trailer_len
+            _, hdr, hdr_len, data, data_len, into_guest, status, status_len, _, _ = simple
+            header = [(hdr, hdr_len)]
+            trailer = [(status, status_len)]
+            if into_guest:
+                readable, writable = header, data + trailer
+                rlen, wlen = hdr_len, data_len + status_len
             else:
-                readable, writable = header + simple.data, trailer
-                rlen, wlen = simple.header_len + simple.data_len, simple.trailer_len
+                readable, writable = header + data, trailer
+                rlen, wlen = hdr_len + data_len, status_len
         else:
             readable, writable, rlen, wlen, _ = self._walk(head, MAX_QUEUE_SIZE, source)
         self._in_flight[head] = 1
@@ -284,7 +286,7 @@ class SplitQueue:
 
     # ------------------------------------------------------------------ the bounded simple pop
     def peek_simple(self, max_pieces: int) -> SimpleChain | None:
-        """The next available chain if it is a simple one (see :class:`SimpleChain`) of at most
+        """The next available chain if it is a simple one (see :data:`SimpleChain`) of at most
         ``max_pieces`` descriptors, else None.  Changes nothing.
 
         It looks at the ring with the generic pop's rules (:meth:`_pending`, then
@@ -356,21 +358,21 @@ class SplitQueue:
                 return None
             header, header_len = readable[0]
             trailer, trailer_len = writable.pop()
-            return SimpleChain(head, header, header_len, writable, wlen - trailer_len, True,
-                               trailer, trailer_len, self.next_avail, region)
+            return (head, header, header_len, writable, wlen - trailer_len, True,
+                    trailer, trailer_len, self.next_avail, region)
         if len(writable) != 1 or not readable:  # [header] [data, readable...] [trailer]
             return None
         header, header_len = readable.pop(0)
         trailer, trailer_len = writable[0]
-        return SimpleChain(head, header, header_len, readable, rlen - header_len, False,
-                           trailer, trailer_len, self.next_avail, region)
+        return (head, header, header_len, readable, rlen - header_len, False,
+                trailer, trailer_len, self.next_avail, region)
 
     def claim(self, chain: SimpleChain) -> None:
         """Take ``chain``, the one :meth:`peek_simple` just returned: in flight (in the in-flight
         area too), avail advanced.  ValueError if it is not the next avail entry (``token``
         holds the avail index it was found at)."""
-        head = chain.head
-        if chain.token != self.next_avail or self._in_flight[head]:
+        head = chain[CHAIN_HEAD]
+        if chain[CHAIN_TOKEN] != self.next_avail or self._in_flight[head]:
             raise ValueError(f"chain at head {head} is not the one peek_simple found next")
         self._in_flight[head] = 1
         self.in_flight_count += 1
@@ -482,20 +484,8 @@ class SplitQueue:
             spread = True
         if header_len + data_len + length >= MAX_CHAIN_BYTES:
             return None
-        # (SimpleChain's fields set here rather than through its __init__: a third of the
-        # cost of making it, on every request.)
-        chain = _new_chain(SimpleChain)
-        chain.head = head
-        chain.header = header
-        chain.header_len = header_len
-        chain.data = data
-        chain.data_len = data_len
-        chain.into_guest = data_flags != VIRTQ_DESC_F_NEXT
-        chain.trailer = addr
-        chain.trailer_len = length
-        chain.token = self.next_avail
-        chain.region = None if spread else self._region
-        return chain
+        return (head, header, header_len, data, data_len, data_flags != VIRTQ_DESC_F_NEXT,
+                addr, length, self.next_avail, None if spread else self._region)
 
     def _walk(self, head: int, max_pieces: int, source: str
               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int, int, int]:

@@ -413,36 +413,6 @@ def test_rebalancing_sleeps_while_idle_and_wakes_with_the_load(make_blk: MakeBlk
     assert a.drv.read(0, 4096).data == a.file(0, 4096)
 
 
-def test_many_exports_counts_guest_memory_apart() -> None:
-    """benchmarks.many_exports leaves the guests' memory out of the server's PSS by the
-    mapping's name: a touched guest-ram memfd here shows up as guest memory, nothing else."""
-    import mmap
-
-    from benchmarks.many_exports import memory_kib
-
-    fd = os.memfd_create("guest-ram-0x0", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, 4 * MiB)
-        with mmap.mmap(fd, 4 * MiB) as mm:
-            _, _, guest_before = memory_kib(os.getpid())
-            mm[:] = b"x" * (4 * MiB)
-            rss, pss, guest = memory_kib(os.getpid())
-            assert guest - guest_before >= 4096 - 64  # KiB
-            assert pss >= guest and rss >= pss
-    finally:
-        os.close(fd)
-
-
-def test_many_exports_measures_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One export, briefly: the figures come from a running pool (no rebalancing timer)."""
-    from benchmarks import many_exports
-
-    row = many_exports.measure(1, "pool", 1, seconds=1.0, idle=1.0, rebalance=0.0)
-    assert row.processes == 2  # the server and its one worker
-    assert row.iops > 0 and row.pss_mib > row.pss_without_guest_mib > 10
-    assert row.idle_wakeups_per_s <= 1
-
-
 def test_a_failed_move_leaves_the_queue_broken_where_it_stopped(make_blk: MakeBlk,
                                                                 pool: PoolRunner) -> None:
     from vhost.runner.base import RunnerError

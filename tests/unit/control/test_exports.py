@@ -356,3 +356,56 @@ def test_an_export_whose_storage_fails_leaves_the_other_serving(served: Served) 
     stats = {s["node-name"]: s["stats"] for s in q.ok("query-blockstats")}
     assert stats["na"]["failed_wr_operations"] == 5 and stats["na"]["wr_operations"] == 0
     assert stats["nb"]["wr_operations"] == 5 and stats["nb"]["failed_wr_operations"] == 0
+
+
+class ClosingRamDisk:
+    """A RAM-disk plugin that records its close (blockdev-del must call it)."""
+
+    closed: list[str] = []
+
+    def __init__(self, size: str = "1M", label: str = "") -> None:
+        self.data = bytearray(int(size.rstrip("M")) << 20)
+        self.label = label
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        buf[:] = self.data[offset:offset + len(buf)]
+
+    def pwrite(self, buf: memoryview, offset: int) -> None:
+        self.data[offset:offset + len(buf)] = buf
+
+    def close(self) -> None:
+        ClosingRamDisk.closed.append(self.label)
+
+
+def test_a_python_plugin_node_over_qmp(served: Served) -> None:
+    """blockdev-add takes driver=python as --blockdev does: a class that cannot be loaded is
+    the command's error; the class gets its options as strings; the export writes and reads it.
+    The node is opened by the export that serves it and closed with it (QSD opens a node at
+    blockdev-add and closes it at blockdev-del: a difference the README states)."""
+    q = served.qmp
+    ClosingRamDisk.closed.clear()
+    q.ok("blockdev-add", driver="python", module=__name__, **{"class": "ClosingRamDisk"},
+         size="1M", label="ram0", **{"node-name": "ram"})
+    assert [n["node-name"] for n in q.ok("query-named-block-nodes")] == ["ram"]
+    assert q.error("blockdev-add", driver="python", module=__name__, **{"class": "Nope"},
+                   **{"node-name": "bad"}) == f"plugin module '{__name__}' has no class 'Nope'"
+    assert [n["node-name"] for n in q.ok("query-named-block-nodes")] == ["ram"]
+    sock = served.tmp / "ram.sock"
+    q.ok("block-export-add", type="vhost-user-blk", id="r", writable=True,
+         addr={"type": "unix", "path": str(sock)}, **{"node-name": "ram"})
+    fe, _, drv = connect(sock)
+    try:
+        assert drv.write(8, b"\x5a" * 4096).status == Status.OK  # sector 8: byte 4096
+        res = drv.read(8, 4096)
+        assert res.status == Status.OK and res.data == b"\x5a" * 4096
+    finally:
+        fe.close()
+    q.events.clear()
+    assert q.ok("block-export-del", id="r", mode="hard") == {}
+    q.event("BLOCK_EXPORT_DELETED")
+    assert ClosingRamDisk.closed == ["ram0"]
+    assert q.ok("blockdev-del", **{"node-name": "ram"}) == {}
+    assert q.ok("query-named-block-nodes") == []

@@ -12,7 +12,7 @@ import pytest
 
 from guestmem import GuestMemory
 from tests.unit.vhost.ring import BASE, EVENT_IDX, INDIRECT, MEM_SIZE, PackedRing
-from vhost.queue.base import QueueError, RingAddresses
+from vhost.queue.base import CHAIN_HEAD, CHAIN_INTO_GUEST, CHAIN_TOKEN, QueueError, RingAddresses
 from vhost.queue.packed import (
     EVENT_DESC,
     EVENT_DISABLE,
@@ -427,9 +427,8 @@ def test_peek_simple_and_claim() -> None:
     buf = ring.add_chain([(hdr, 16, False), (d1, 512, True), (d2, 512, True), (st, 1, True)])
     chain = ring.vq.peek_simple(8)
     assert chain is not None
-    assert (chain.head, chain.header, chain.header_len) == (buf, hdr, 16)
-    assert chain.data == [(d1, 512), (d2, 512)] and chain.data_len == 1024 and chain.into_guest
-    assert (chain.trailer, chain.trailer_len, chain.token) == (st, 1, 4)
+    *fields, _ = chain  # (region: every piece in the one region)
+    assert fields == [buf, hdr, 16, [(d1, 512), (d2, 512)], 1024, True, st, 1, 4]
     assert ring.vq.vring_base() == FRESH_BASE and ring.vq.in_flight_count == 0  # nothing moved
     assert ring.vq.peek_simple(3) is None  # 4 pieces > 3
     chain = ring.vq.peek_simple(4)
@@ -447,7 +446,8 @@ def test_peek_simple_indirect() -> None:
     buf = ring.add_chain([(ring.data, 16, False), (ring.data + 64, 8, False),
                           (ring.data + 128, 1, True)], indirect=True)
     chain = ring.vq.peek_simple(8)
-    assert chain is not None and chain.head == buf and not chain.into_guest and chain.token == 1
+    assert chain is not None
+    assert (chain[CHAIN_HEAD], chain[CHAIN_INTO_GUEST], chain[CHAIN_TOKEN]) == (buf, False, 1)
     ring.vq.claim(chain)
     assert ring.vq.vring_base() == encode_base(1, 1, 0, 1)
 

@@ -146,13 +146,14 @@ def test_packed_pop_survives_any_ring(ring: dict) -> None:
             assert chain.readable_len + chain.writable_len < MAX_CHAIN_BYTES
         if simple is not None:  # the fast path's view of the first chain is the generic one
             first = chains[0]
-            assert simple.head == first.head
-            header = [(simple.header, simple.header_len)]
-            trailer = [(simple.trailer, simple.trailer_len)]
-            if simple.into_guest:
-                assert (first.readable, first.writable) == (header, simple.data + trailer)
+            head, hdr, hdr_len, data, _, into_guest, status, status_len, _, _ = simple
+            assert head == first.head
+            header = [(hdr, hdr_len)]
+            trailer = [(status, status_len)]
+            if into_guest:
+                assert (first.readable, first.writable) == (header, data + trailer)
             else:
-                assert (first.readable, first.writable) == (header + simple.data, trailer)
+                assert (first.readable, first.writable) == (header + data, trailer)
         # Whatever was popped can be completed, and popping again never raises either.
         vq.add_used_many([(chain.head, 0) for chain in chains])
         vq.publish_used()

@@ -2,7 +2,7 @@
 
 What the fast path relies on: a chain in Linux's shape -- [readable header] [data runs, all
 readable or all writable] [one writable trailer], direct or through one indirect table -- comes
-back as a :class:`SimpleChain` with the pieces the generic pop would give; anything else (another
+back as a :data:`SimpleChain` with the pieces the generic pop would give; anything else (another
 shape, a broken rule, a queue that is broken or has chains to resubmit) gives None, and neither
 answer changes the queue: not ``next_avail``, not the in-flight flags, not the in-flight area.
 A property test holds the two pops together over random rings.
@@ -23,7 +23,16 @@ from tests.unit.vhost.test_ring_fuzz import build as build_fuzz
 from tests.unit.vhost.test_ring_fuzz import rings as fuzz_rings
 from vhost.messages import VirtioFeature
 from vhost.queue import inflight as inf
-from vhost.queue.base import DescriptorChain, RingAddresses, SimpleChain, simple_chains
+from vhost.queue.base import (
+    CHAIN_DATA,
+    CHAIN_DATA_LEN,
+    CHAIN_HEAD,
+    CHAIN_REGION,
+    DescriptorChain,
+    RingAddresses,
+    SimpleChain,
+    simple_chains,
+)
 from vhost.queue.split import (
     DESC,
     VIRTQ_DESC_F_INDIRECT,
@@ -117,10 +126,10 @@ def test_a_simple_chain_is_found_and_claimed(pieces: list[tuple[int, int, bool]]
     assert chain is not None and rig.state() == before, "peek_simple changed the queue"
     into_guest = pieces is READ_IN
     data = [(a, n) for a, n, _ in pieces[1:-1]]
-    assert (chain.head, chain.header, chain.header_len, chain.data, chain.data_len,
-            chain.into_guest, chain.trailer, chain.trailer_len) == (
-        head, HDR, 16, data, sum(n for _, n in data), into_guest, STATUS, 1)
-    assert chain.region is not None and chain.region.gpa == BASE  # all pieces in region 0
+    *fields, token, region = chain
+    assert fields == [head, HDR, 16, data, sum(n for _, n in data), into_guest, STATUS, 1]
+    assert token == 0  # the avail index it was found at
+    assert region is not None and region.gpa == BASE  # all pieces in region 0
     assert rig.vq.peek_simple(130) is not None and rig.state() == before  # still there
     rig.vq.claim(chain)
     assert rig.vq.next_avail == 1 and rig.vq.in_flight_count == 1 and rig.vq._in_flight[head]
@@ -139,20 +148,22 @@ def test_pieces_in_two_regions_are_simple_without_a_shared_region() -> None:
     rig.direct([(HDR, 16, False), (BASE + 0x8000, 4096, True), (STATUS, 1, True)])
     rig.publish(0)
     chain = rig.vq.peek_simple(130)
-    assert chain is not None and chain.region is None
+    assert chain is not None and chain[CHAIN_REGION] is None
     rig2 = Rig()  # the indirect table in region 0, the pieces in region 1
     rig2.indirect([(BASE + 0x8000, 16, False), (BASE + 0x9000, 512, True),
                    (BASE + 0xA000, 1, True)])
     rig2.publish(0)
     chain = rig2.vq.peek_simple(130)
-    assert chain is not None and chain.region is not None and chain.region.gpa == BASE + 0x8000
+    assert chain is not None
+    region = chain[CHAIN_REGION]
+    assert region is not None and region.gpa == BASE + 0x8000
     rig3 = Rig()  # a direct header in region 1, then an indirect table in region 0
     rig3.desc(0, BASE + 0x8000, 16, NEXT, 1)
     rig3.table(TABLE, [(DATA, 512, WRITE | NEXT, 1), (STATUS, 1, WRITE, 0)])
     rig3.desc(1, TABLE, 32, INDIRECT)
     rig3.publish(0)
     chain = rig3.vq.peek_simple(130)
-    assert chain is not None and chain.region is None
+    assert chain is not None and chain[CHAIN_REGION] is None
 
 
 def _spanning(rig: Rig) -> None:
@@ -265,11 +276,12 @@ def _is_simple(chain: DescriptorChain, regions: tuple[tuple[int, int], ...]) -> 
 
 
 def _pieces(chain: SimpleChain) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    header = [(chain.header, chain.header_len)]
-    trailer = [(chain.trailer, chain.trailer_len)]
-    if chain.into_guest:
-        return header, chain.data + trailer
-    return header + chain.data, trailer
+    _, hdr, hdr_len, data, _, into_guest, status, status_len, _, _ = chain
+    header = [(hdr, hdr_len)]
+    trailer = [(status, status_len)]
+    if into_guest:
+        return header, data + trailer
+    return header + data, trailer
 
 
 good = st.sampled_from([HDR, DATA, DATA + 0x800, STATUS, BASE + 0x8000, BASE + 0x10000])
@@ -344,9 +356,9 @@ def test_peek_simple_agrees_with_the_generic_pop(example: tuple[str, dict]) -> N
           f"{'broken' if popped_vq.broken else len(popped)}")
     if chain is not None:
         assert not popped_vq.broken and len(popped) == 1
-        assert popped[0].head == chain.head
+        assert popped[0].head == chain[CHAIN_HEAD]
         assert (popped[0].readable, popped[0].writable) == _pieces(chain)
-        assert chain.data_len == sum(n for _, n in chain.data)
+        assert chain[CHAIN_DATA_LEN] == sum(n for _, n in chain[CHAIN_DATA])
         peeked_vq.claim(chain)
         assert (peeked_vq.next_avail, bytes(peeked_vq._in_flight)) == (
             popped_vq.next_avail, bytes(popped_vq._in_flight))
@@ -381,12 +393,12 @@ def test_the_simple_walker_takes_only_what_the_full_walk_accepts(example: tuple[
     except Exception as exc:  # any refusal of the full walk is the failure
         raise AssertionError(f"_simple took a chain the full walk refuses: {exc!r}") from exc
     assert (readable, writable) == _pieces(chain)
-    assert (rlen, wlen) == (
-        chain.header_len + (0 if chain.into_guest else chain.data_len),
-        chain.trailer_len + (chain.data_len if chain.into_guest else 0))
-    assert spread != 2 and (chain.region is None) == bool(spread)
-    if chain.region is not None:
-        assert all(chain.region.gpa <= a and a + n <= chain.region.gpa + chain.region.size
+    _, _, hdr_len, _, data_len, into_guest, _, status_len, _, region = chain
+    assert (rlen, wlen) == (hdr_len + (0 if into_guest else data_len),
+                            status_len + (data_len if into_guest else 0))
+    assert spread != 2 and (region is None) == bool(spread)
+    if region is not None:
+        assert all(region.gpa <= a and a + n <= region.gpa + region.size
                    for a, n in readable + writable)
 
 
@@ -439,7 +451,7 @@ def test_simple_chains_claims_each_chain_when_asked_for_the_next(own: bool) -> N
     (not claimed, not skipped)."""
     rig = _two_chains()
     queue = rig.vq if own else _PeekOnly(rig.vq)
-    heads = [chain.head for chain in simple_chains(queue, 130)]  # type: ignore[arg-type]
+    heads = [chain[CHAIN_HEAD] for chain in simple_chains(queue, 130)]  # type: ignore[arg-type]
     assert heads == [0, 3] and rig.vq.next_avail == 2 and rig.vq.in_flight_count == 2
     assert rig.vq.pop_batch() == [], "a chain of the pass was popped again"
 
@@ -447,7 +459,7 @@ def test_simple_chains_claims_each_chain_when_asked_for_the_next(own: bool) -> N
     queue = rig.vq if own else _PeekOnly(rig.vq)
     before = rig.state()
     chains = simple_chains(queue, 130)  # type: ignore[arg-type]
-    assert next(chains).head == 0
+    assert next(chains)[CHAIN_HEAD] == 0
     chains.close()  # declined: the first chain stays where it is
     assert rig.state() == before
     assert [c.head for c in rig.vq.pop_batch()] == [0, 3]
@@ -455,8 +467,8 @@ def test_simple_chains_claims_each_chain_when_asked_for_the_next(own: bool) -> N
     rig = _two_chains()
     queue = rig.vq if own else _PeekOnly(rig.vq)
     chains = simple_chains(queue, 130)  # type: ignore[arg-type]
-    assert next(chains).head == 0
-    assert next(chains).head == 3  # the first kept, the second declined
+    assert next(chains)[CHAIN_HEAD] == 0
+    assert next(chains)[CHAIN_HEAD] == 3  # the first kept, the second declined
     del chains
     assert rig.vq.next_avail == 1 and rig.vq.in_flight_count == 1
     assert [c.head for c in rig.vq.pop_batch()] == [3]
