@@ -22,6 +22,8 @@ Drivers:
   installed plugins register (:mod:`.python.storage`).
 * the filters ``delay``, ``error``, ``log`` (:mod:`.filters`), over ``file``; their own
   options are checked when they open (``error-start`` is judged against the child's size).
+* ``throttle`` (:mod:`.throttle_filter`): ``throttle-group`` (a group declared before, by
+  ``--object throttle-group`` or ``object-add``), ``file``.
 
 Every node also takes ``read-only`` and ``discard`` (``unmap``/``on``: discards go down,
 the default here -- as with ``--image`` -- where QEMU's default is ``ignore``; ``ignore``/``off``:
@@ -47,6 +49,8 @@ from blockdev.images import open_image
 from blockdev.python.storage import load_class, load_registered, open_plugin
 from blockdev.spec import RbdSpec, SpecError, parse_nbd
 from blockdev.storage import FileStorage, Storage, StorageError
+from blockdev.throttle import ThrottleError, ThrottleGroups
+from blockdev.throttle_filter import ThrottleStorage
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ DRIVER_KEYS: dict[str, set[str]] = {
 }
 for _name in FILTERS:
     DRIVER_KEYS[_name] = {"file"}
+DRIVER_KEYS["throttle"] = {"file", "throttle-group"}
 CHILD_KEYS = ("file", "backing")
 #: Longest reconnect-delay accepted (as the short form's --reconnect-delay).
 MAX_RECONNECT_DELAY = 24 * 3600
@@ -155,9 +160,16 @@ def opt_int(opts: dict[str, Any], key: str, low: int, high: int) -> int | None:
 class BlockGraph:
     """The nodes of one server, by node name."""
 
-    def __init__(self) -> None:
+    def __init__(self, groups: ThrottleGroups | None = None) -> None:
         self.nodes: dict[str, NodeSpec] = {}
         self._auto = itertools.count(1)
+        #: The throttle-group objects the ``throttle`` nodes name (``--object``).
+        self.groups = ThrottleGroups() if groups is None else groups
+
+    def group_in_use(self, group_id: str) -> bool:
+        """Whether a declared node names throttle group ``group_id`` (object-del refuses)."""
+        return any(spec.driver == "throttle" and spec.options.get("throttle-group") == group_id
+                   for spec in self.nodes.values())
 
     def add(self, options: Mapping[str, Any]) -> NodeSpec:
         """Declare a node (``--blockdev``); NodeError (one line) for anything wrong, and then
@@ -245,6 +257,16 @@ class BlockGraph:
                 raise NodeError("aio=native was specified, but it requires cache.direct=on, "
                                 "which was not specified.")
             opt_enum(dict(o), "locking", ("auto", "on", "off"), "auto")
+        elif d == "throttle":
+            if "file" not in spec.children:
+                raise NodeError("Parameter 'file' is missing")
+            group = o.get("throttle-group")
+            if not group:
+                raise NodeError("Parameter 'throttle-group' is missing")
+            if not isinstance(group, str):
+                raise NodeError("Invalid parameter type for 'throttle-group', expected: string")
+            if self.groups.get(group) is None:
+                raise NodeError(f"Throttle group '{group}' does not exist")
         elif d in ("raw", "qcow2") or d in FILTERS:
             if "file" not in spec.children:
                 raise NodeError("Parameter 'file' is missing")
@@ -328,6 +350,13 @@ class BlockGraph:
                 st = NbdStorage(self._nbd_uri(spec), read_only=read_only,
                                 logical_block_size=lbs,
                                 reconnect_delay=30.0 if delay is None else float(delay))
+            elif d == "throttle":
+                group = self.groups.get(str(o["throttle-group"]))
+                if group is None:
+                    raise StorageError(f"Throttle group '{o['throttle-group']}' does not exist")
+                st = ThrottleStorage(self._open(spec.children["file"], read_only=read_only,
+                                                lbs=lbs, io_threads=io_threads),
+                                     spec.name, group)
             elif d in FILTERS:
                 child = self._open(spec.children["file"], read_only=read_only, lbs=lbs,
                                    io_threads=io_threads)
@@ -340,7 +369,7 @@ class BlockGraph:
                 cls = spec.plugin_class or load_class(o["module"], o["class"])
                 st = open_plugin(cls, o["args"], spec.name, read_only=read_only,
                                  logical_block_size=lbs)
-        except (DiskError, FilterError, EngineUnavailable) as exc:
+        except (DiskError, FilterError, ThrottleError, EngineUnavailable) as exc:
             raise StorageError(f"{spec.name}: {exc}") from None
         if not spec.discard and st.caps.discard:
             st.caps = replace(st.caps, discard=False)

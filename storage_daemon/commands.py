@@ -43,8 +43,9 @@ _REMOVE_MODES = ("safe", "hard")
 
 
 #: Argument types as QAPI names them in errors.
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "str": (str,), "bool": (bool,)}
-_TYPE_NAMES = {"int": "integer", "str": "string", "bool": "boolean"}
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "str": (str,), "bool": (bool,),
+                                       "any": (object,)}
+_TYPE_NAMES = {"int": "integer", "str": "string", "bool": "boolean", "any": "any"}
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
@@ -124,6 +125,18 @@ class Commands:
         if queue_states is not None:
             # Read-only diagnostics (see _x_query_vhost_queues); "x-": not a stable interface.
             self._table["x-query-vhost-queues"] = (lambda _args: queue_states(), ())
+
+    def register(self, name: str, func: Callable[[dict[str, Any]], Any],
+                 params: tuple[Param, ...] | None) -> None:
+        """Add (or replace) command ``name``; ``params`` None: ``func`` checks its arguments
+        itself (object-add, whose arguments depend on ``qom-type``)."""
+        self._table[name] = (func, params)
+
+    def handler(self, name: str) -> Callable[[dict[str, Any]], Any]:
+        return self._table[name][0]
+
+    def params(self, name: str) -> tuple[Param, ...] | None:
+        return self._table[name][1]
 
     @property
     def names(self) -> list[str]:

@@ -50,11 +50,16 @@ class ObjectRegistry:
     def types(self) -> list[str]:
         return sorted(self._types)
 
-    def add(self, qom_type: str, object_id: str, props: dict[str, Any]) -> None:
+    def add(self, qom_type: str, object_id: str, props: dict[str, Any], *,
+            text: bool = False) -> None:
+        """``text``: ``props`` are --object's (values are text, as keyval gives them), made by
+        the type's ``from_text`` when it has one -- QMP's JSON numbers are checked as such."""
         factory = self._types.get(qom_type)
         if factory is None:
-            raise generic_error(f"Invalid parameter type for 'qom-type', expected: "
-                                f"{' | '.join(self.types) or 'nothing (no object types)'}")
+            # QEMU's QAPI enum visitor's words (qemu-storage-daemon 7.2, --object foo,id=x).
+            raise generic_error(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+        if text:
+            factory = getattr(factory, "from_text", factory)
         with self._lock:
             if object_id in self._objects:
                 raise generic_error(f"attempt to add duplicate property '{object_id}' to "
@@ -75,16 +80,19 @@ class ObjectRegistry:
                              f"'{'qom-type' if not isinstance(qom_type, str) else 'id'}' "
                              "is missing")
         try:
-            self.add(qom_type, object_id, props)
+            self.add(qom_type, object_id, props, text=True)
         except QmpError as exc:
             raise ValueError(f"--object {text}: {exc.desc}") from None
 
     def delete(self, object_id: str) -> None:
+        """object-del; an object whose ``close`` refuses (QmpError: a throttle group still
+        named by a node) stays registered."""
         with self._lock:
-            entry = self._objects.pop(object_id, None)
-        if entry is None:
-            raise generic_error(f"object '{object_id}' not found")
-        entry[1].close()
+            entry = self._objects.get(object_id)
+            if entry is None:
+                raise generic_error(f"object '{object_id}' not found")
+            entry[1].close()
+            del self._objects[object_id]
 
     def find(self, path: str) -> tuple[str, QomObject]:
         """By id or QOM path (``/objects/ID``), as qom-get/qom-set name them."""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from blockdev.storage import Storage
-from storage_daemon import version_info
+from storage_daemon import throttle_qmp, version_info
 from storage_daemon.commands import Commands
 from storage_daemon.export import BlockExport
 from storage_daemon.exports import ExportSet
@@ -42,8 +42,11 @@ class ControlPlane:
         """``qmp_paths``: (what the user wrote, for errors; socket path) per monitor."""
         self.exports = exports
         self.objects = objects if objects is not None else ObjectRegistry()
+        if "throttle-group" not in self.objects.types:  # the command line registers it first
+            throttle_qmp.register_type(self.objects, exports.graph)
         self.commands = Commands(exports, version_info(), quit or exports.shutdown,
                                  queue_states=self._queue_states, objects=self.objects)
+        throttle_qmp.register(self.commands, exports)
         self.monitors: list[QmpServer] = []
         self._reported: set[str] = set()
         self.metrics: MetricsServer | None = None
@@ -58,6 +61,8 @@ class ControlPlane:
                 host, port = metrics_address
                 try:
                     self.metrics = MetricsServer(host, port, ExportsCollector(exports.exports))
+                    self.metrics.registry.register(throttle_qmp.ThrottleCollector(
+                        lambda: throttle_qmp.export_storages(exports)))
                 except OSError as exc:
                     raise ControlError(f"--metrics {host}:{port}: "
                                        f"{exc.strerror or exc}") from exc

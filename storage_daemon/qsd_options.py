@@ -9,6 +9,8 @@ are QSD's: ``type`` (``vhost-user-blk``), ``id``, ``node-name``, ``addr.type`` (
 Any number of exports per server (each its own socket); ``block-export-add`` over QMP takes the
 same keys as a JSON object (:func:`export_from_dict`).  ``--chardev socket,...`` and
 ``--monitor chardev=ID`` (:func:`parse_monitors`) name the QMP sockets as QSD's do.
+``--object`` (throttle groups) goes to :class:`storage_daemon.objects.ObjectRegistry`, before
+:func:`declare`, into the graph it is given.
 """
 
 from __future__ import annotations
@@ -93,9 +95,12 @@ def _flat(opts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def declare(blockdevs: Sequence[str], exports: Sequence[str],
-            max_queues: int) -> tuple[BlockGraph, list[ExportOptions]]:
-    """Check every ``--blockdev`` and ``--export`` (nothing is opened yet)."""
-    graph = BlockGraph()
+            max_queues: int, graph: BlockGraph | None = None
+            ) -> tuple[BlockGraph, list[ExportOptions]]:
+    """Check every ``--blockdev`` and ``--export`` (nothing is opened yet) into ``graph``
+    (new if None): the caller's, when ``--object`` has put throttle groups in it already --
+    QSD creates objects first, and a throttle node names its group."""
+    graph = BlockGraph() if graph is None else graph
     for text in blockdevs:
         try:
             graph.add(keyval.parse_option(text))

@@ -31,6 +31,8 @@ from blockdev.ops import OpKind
 from blockdev.ratelimit import RateLimitedLog
 from blockdev.stats import LATENCY_BOUNDS_NS, Totals, new_histograms, totals
 from blockdev.storage import FileStorage, Storage
+from blockdev.throttle import ThrottleGroup
+from blockdev.throttle_filter import ThrottleStorage
 from guestmem import AccessError, GuestMemory
 from scsi_buffers import BounceBufferTracker
 from vhost.device import Device, QueueHandler
@@ -346,6 +348,10 @@ class BlkDevice(Device):
     def _raw_disk(self) -> Disk | None:
         """The raw image file behind this device, the only storage queue processes serve."""
         storage = self.storage
+        if isinstance(storage, ThrottleStorage):
+            # A throttle filter's budget and held time are in shared memory: its queue
+            # processes wrap the file's engines in it again and share the one limit.
+            storage = storage.child
         if isinstance(storage, FileStorage) and isinstance(storage.disk, Disk):
             return storage.disk
         return None
@@ -357,8 +363,12 @@ class BlkDevice(Device):
         info = raw.info
         disk = {"path": raw.path, "read_only": info.read_only, "direct": info.direct,
                 "logical_block_size": info.logical_block_size}
-        return ("virtio_blk.device:BlkDevice.in_queue_process",
-                {"disk": disk, "options": self._options}, [raw.fd])
+        recipe: dict[str, object] = {"disk": disk, "options": self._options}
+        fds = [raw.fd]
+        if isinstance(self.storage, ThrottleStorage):
+            recipe["throttle"] = {"node": self.storage.name, "group": self.storage.group.name}
+            fds += [self.storage.group.fd, self.storage.held_fd]
+        return ("virtio_blk.device:BlkDevice.in_queue_process", recipe, fds)
 
     @classmethod
     def in_queue_process(cls, recipe: dict[str, Any], fds: list[int]) -> BlkDevice:
@@ -367,15 +377,27 @@ class BlkDevice(Device):
         The image is reopened through ``/proc/self/fd`` (the same file, whatever its path now
         names), so the flags -- O_DIRECT, read-only -- are this process's own.
         """
-        (fd,) = fds
+        fd, *extra = fds
         spec = recipe["disk"]
+        throttle = recipe.get("throttle")
         try:
             disk = Disk(f"/proc/self/fd/{fd}", read_only=spec["read_only"],
                         direct=spec["direct"], logical_block_size=spec["logical_block_size"])
+        except BaseException:
+            for other in extra:
+                os.close(other)
+            raise
         finally:
             os.close(fd)
         disk.path = spec["path"]
-        return cls(disk, queue_processes=False, **recipe["options"])
+        options = recipe["options"]
+        if throttle is None:
+            return cls(disk, queue_processes=False, **options)
+        group_fd, held_fd = extra
+        storage = FileStorage(disk, options["engine"], options["io_threads"])
+        node = ThrottleStorage(storage, throttle["node"],
+                               ThrottleGroup.attach(throttle["group"], group_fd), held_fd)
+        return cls(node, queue_processes=False, **options)
 
     def process_state(self) -> dict[str, object]:
         return {"writeback": self.writeback, "acked": self.acked,

@@ -59,6 +59,10 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+#: The export's "frontend connected" gauge (every metric carries its export's label).
+CONNECTED = ("vhost_user_blk_frontend_connected", (("export", "export0"),))
+
+
 def total(samples: dict, name: str, **labels: str) -> float:
     """Sum of ``name`` over every label set that has ``labels``."""
     want = set(labels.items())
@@ -138,7 +142,7 @@ def test_metrics_during_a_guest_workload(tmp_path: Path, server) -> None:
         res = guest.wait()
     assert res.rc("fio") == 0, res.text("fio")[-2000:]
     assert scrapes, "no scrape while the guest ran"
-    during = [s for s in scrapes if s[("vhost_user_blk_frontend_connected", ())] == 1]
+    during = [s for s in scrapes if s[CONNECTED] == 1]
     assert during, "never scraped while the frontend was connected"
     # Counters only go up, scrape after scrape.
     writes = [total(s, "vhost_user_blk_requests_total", op="write") for s in scrapes]
@@ -147,7 +151,7 @@ def test_metrics_during_a_guest_workload(tmp_path: Path, server) -> None:
 
     final = scrape(port)
     deadline = time.monotonic() + 10  # QEMU exited: the server notices the hang-up
-    while final[("vhost_user_blk_frontend_connected", ())] and time.monotonic() < deadline:
+    while final[CONNECTED] and time.monotonic() < deadline:
         time.sleep(0.1)
         final = scrape(port)
     [entry] = qmp(qmp_path, ("query-blockstats", None))[0]
@@ -168,6 +172,6 @@ def test_metrics_during_a_guest_workload(tmp_path: Path, server) -> None:
     # Both queues carried requests (two fio jobs on two vCPUs).
     for q in ("0", "1"):
         assert total(final, "vhost_user_blk_requests_total", queue=q) > 0, q
-    assert final[("vhost_user_blk_frontend_connected", ())] == 0  # the guest powered off
+    assert final[CONNECTED] == 0  # the guest powered off
     print(f"scrapes during the run: {len(scrapes)}; writes {st['wr_operations']} "
           f"({st['wr_bytes']} bytes), reads {st['rd_operations']}")

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from vhost.queue.factory import base_text
 from vhost.runner import ipc
@@ -91,6 +91,136 @@ class RemoteQueue:
 def _raw_region(region: RegionFields) -> ipc.RawRegion:
     return (region.guest_phys_addr, region.memory_size, region.userspace_addr,
             region.mmap_offset)
+
+
+def send_and_wait(sock: socket.socket, send_lock: threading.Lock, replies: ipc.Replies,
+                  msg: ipc.Request, fds: Sequence[int], timeout: float,
+                  who: str) -> ipc.Reply:
+    """Send ``msg`` numbered by ``replies`` and wait for *its* reply: Gone if the send fails
+    (the process is gone), QueueProcessError naming ``who`` if no answer comes in ``timeout``
+    (a reply coming later is dropped, never taken for another request's).  One copy for a
+    queue process and a pool worker."""
+    seq = replies.expect()
+    with send_lock:
+        try:
+            ipc.send(sock, ipc.numbered(msg, seq), fds)
+        except OSError:
+            replies.forget(seq)
+            return ipc.Gone()
+    reply = replies.wait(seq, timeout)
+    if reply is None:
+        raise QueueProcessError(f"{who}: no answer to {msg.kind} (request {seq}) in "
+                                f"{timeout:g} s")
+    return reply
+
+
+class StartFields(TypedDict):
+    """The part of :class:`~vhost.runner.ipc.Start` that :class:`KeptState` describes."""
+
+    regions: list[ipc.RawRegion]
+    inflight: tuple[int, int, int, int] | None
+    log: tuple[int, int] | None
+    log_call: bool
+
+
+class KeptState:
+    """What a control process keeps of one connection for the queue processes it starts later
+    (duplicates of the memory-table region fds, the in-flight area's, the dirty log's and the
+    log-call eventfd, with what each maps): the one copy :class:`ProcessRunner` (a process per
+    queue) and :class:`~vhost.runner.workerpool.PoolConnection` (a pool of workers) share.
+    It only keeps fds; the runner forwards each change to its processes itself."""
+
+    def __init__(self) -> None:
+        self.regions: list[ipc.RawRegion] = []
+        self.region_fds: list[int] = []
+        self.inflight: tuple[int, tuple[int, int, int, int]] | None = None
+        #: The dirty log (a duplicate of SET_LOG_BASE's fd, its size and offset) and
+        #: SET_LOG_FD's eventfd (a duplicate), for processes started later.
+        self.log: tuple[int, int, int] | None = None
+        self.log_call: int | None = None
+
+    def start_fields(self) -> StartFields:
+        """The :class:`~vhost.runner.ipc.Start` fields that describe what :meth:`fds` holds."""
+        return {"regions": list(self.regions),
+                "inflight": self.inflight[1] if self.inflight else None,
+                "log": self.log[1:] if self.log is not None else None,
+                "log_call": self.log_call is not None}
+
+    def fds(self) -> list[int]:
+        """The kept fds in the order a child takes them after the queue's own (regions,
+        in-flight area, dirty log, log call): still owned here."""
+        fds = list(self.region_fds)
+        if self.inflight is not None:
+            fds.append(self.inflight[0])
+        if self.log is not None:
+            fds.append(self.log[0])
+        if self.log_call is not None:
+            fds.append(self.log_call)
+        return fds
+
+    def set_mem_table(self, regions: Sequence[RegionFields], fds: Sequence[int]) -> None:
+        """A new table (``fds`` are the caller's, still open: duplicated)."""
+        self.close_region_fds()
+        self.regions = [_raw_region(r) for r in regions]
+        self.region_fds = [os.dup(fd) for fd in fds]
+
+    def add_region(self, region: RegionFields, fd: int) -> ipc.RawRegion:
+        raw = _raw_region(region)
+        self.regions.append(raw)
+        self.region_fds.append(os.dup(fd))
+        return raw
+
+    def remove_region(self, region: RegionFields) -> ipc.RawRegion:
+        """Forget the region at ``region``'s addresses (if kept); what to forward."""
+        raw = _raw_region(region)
+        for i, known in enumerate(self.regions):
+            if known[:3] == raw[:3]:
+                del self.regions[i]
+                os.close(self.region_fds.pop(i))
+                break
+        return raw
+
+    def set_inflight(self, fd: int, geometry: tuple[int, int, int, int]) -> None:
+        if self.inflight is not None:
+            os.close(self.inflight[0])
+        self.inflight = (os.dup(fd), geometry)
+
+    def set_log_base(self, fd: int, size: int, offset: int) -> None:
+        self.close_log()
+        self.log = (os.dup(fd), size, offset)
+
+    def set_log_fd(self, fd: int | None) -> None:
+        if self.log_call is not None:
+            os.close(self.log_call)
+        self.log_call = os.dup(fd) if fd is not None else None
+
+    def drop_log(self) -> None:
+        """The log is gone (device reset, end of the connection): later processes get none."""
+        self.close_log()
+        if self.log_call is not None:
+            os.close(self.log_call)
+            self.log_call = None
+
+    def close_log(self) -> None:
+        if self.log is not None:
+            os.close(self.log[0])
+            self.log = None
+
+    def close_region_fds(self) -> None:
+        for fd in self.region_fds:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.debug("closing a kept region fd: %s", exc)
+        self.region_fds = []
+
+    def close(self) -> None:
+        """Drop every kept fd."""
+        self.close_region_fds()
+        self.drop_log()
+        if self.inflight is not None:
+            os.close(self.inflight[0])
+            self.inflight = None
 
 
 class QueueProcessWorker:
@@ -237,19 +367,9 @@ class QueueProcessWorker:
             raise TypeError(f"not a request to a running queue process: {msg!r}")
         if self.died or self.sock is None:
             return ipc.Gone()
-        seq = self.replies.expect()
-        with self._send_lock:
-            try:
-                ipc.send(self.sock, ipc.numbered(msg, seq), fds)
-            except OSError:
-                self.replies.forget(seq)
-                return ipc.Gone()
-        timeout = self.reply_timeout if timeout is None else timeout
-        reply = self.replies.wait(seq, timeout)
-        if reply is None:
-            raise QueueProcessError(f"queue {self.index}: no answer to {msg.kind} "
-                                    f"(request {seq}) in {timeout:g} s")
-        return reply
+        return send_and_wait(self.sock, self._send_lock, self.replies, msg, fds,
+                             self.reply_timeout if timeout is None else timeout,
+                             f"queue {self.index}")
 
     def kill(self, why: str) -> None:
         """End a process that cannot be trusted to have applied a request (logged)."""
@@ -347,13 +467,7 @@ class ProcessRunner:
         #: them before a process is spawned for it (None: a test's runner, no checks).
         self.state = state
         self.conn = conn
-        self._regions: list[ipc.RawRegion] = []
-        self._region_fds: list[int] = []
-        self._inflight: tuple[int, tuple[int, int, int, int]] | None = None
-        #: The dirty log (a duplicate of SET_LOG_BASE's fd, its size and offset) and
-        #: SET_LOG_FD's eventfd (a duplicate), for processes started later.
-        self._log: tuple[int, int, int] | None = None
-        self._log_call: int | None = None
+        self.kept = KeptState()
         self.workers: dict[QueueKey, QueueProcessWorker] = {}
         device.attach_runner(self)
 
@@ -372,25 +486,15 @@ class ProcessRunner:
         target, kwargs, device_fds = self.device.process_recipe()
         start = ipc.Start(
             key=spec.key, size=spec.size, ring_uaddrs=spec.ring_uaddrs,
-            features=spec.features, base=spec.base, regions=list(self._regions),
-            inflight=self._inflight[1] if self._inflight else None,
-            recipe=(target, kwargs), state=self.device.process_state(),
-            log=self._log[1:] if self._log is not None else None,
-            log_call=self._log_call is not None, log_addr=spec.log_addr,
+            features=spec.features, base=spec.base, **self.kept.start_fields(),
+            recipe=(target, kwargs), state=self.device.process_state(), log_addr=spec.log_addr,
             counter_slots=self.device.counter_slots(),
         )
         call, err = spec.call, spec.err
         counters, counters_fd = ipc.CounterBlock.create(start.counter_slots)
         call_fd = call.fd if call.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
         err_fd = err.fd if err.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
-        fds = [spec.kick_fd, call_fd, err_fd, counters_fd, *self._region_fds]
-        if self._inflight is not None:
-            fds.append(self._inflight[0])
-        if self._log is not None:
-            fds.append(self._log[0])
-        if self._log_call is not None:
-            fds.append(self._log_call)
-        fds.extend(device_fds)
+        fds = [spec.kick_fd, call_fd, err_fd, counters_fd, *self.kept.fds(), *device_fds]
         worker = QueueProcessWorker(spec.key, call, err, self.device, counters)
         try:
             worker.spawn(start, fds)
@@ -453,30 +557,20 @@ class ProcessRunner:
     def set_mem_table(self, conn: int, regions: Sequence[RegionFields],
                       fds: Sequence[int]) -> None:
         """The table the handler just mapped (``fds`` are the caller's, still open)."""
-        self._close_region_fds()
-        self._regions = [_raw_region(r) for r in regions]
-        self._region_fds = [os.dup(fd) for fd in fds]
-        self._broadcast(conn, ipc.MemTable(key=_ANY, regions=self._regions), fds)
+        self.kept.set_mem_table(regions, fds)
+        self._broadcast(conn, ipc.MemTable(key=_ANY, regions=self.kept.regions), fds)
 
     def add_region(self, conn: int, region: RegionFields, fd: int) -> None:
-        self._regions.append(_raw_region(region))
-        self._region_fds.append(os.dup(fd))
-        self._broadcast(conn, ipc.AddRegion(key=_ANY, region=_raw_region(region)), [fd])
+        raw = self.kept.add_region(region, fd)
+        self._broadcast(conn, ipc.AddRegion(key=_ANY, region=raw), [fd])
 
     def remove_region(self, conn: int, region: RegionFields) -> None:
-        raw = _raw_region(region)
-        for i, known in enumerate(self._regions):
-            if known[:3] == raw[:3]:
-                del self._regions[i]
-                os.close(self._region_fds.pop(i))
-                break
+        raw = self.kept.remove_region(region)
         self._broadcast(conn, ipc.RemoveRegion(key=_ANY, region=raw))
 
     def set_inflight(self, conn: int, fd: int, mmap_size: int, mmap_offset: int,
                      num_queues: int, queue_size: int) -> None:
-        if self._inflight is not None:
-            os.close(self._inflight[0])
-        self._inflight = (os.dup(fd), (mmap_size, mmap_offset, num_queues, queue_size))
+        self.kept.set_inflight(fd, (mmap_size, mmap_offset, num_queues, queue_size))
 
     def notifier_changed(self, key: QueueKey, which: str, fd: int | None) -> None:
         worker = self.workers.get(key)
@@ -496,8 +590,7 @@ class ProcessRunner:
         """SET_LOG_BASE (``fd`` is the caller's, still open; the handler mapped it already):
         every process maps the new log and stops marking the old one before this returns.
         QueueProcessError if a process could not: its marks would be lost."""
-        self._close_log()
-        self._log = (os.dup(fd), size, offset)
+        self.kept.set_log_base(fd, size, offset)
         failed = self._broadcast(conn, ipc.LogBase(key=_ANY, size=size, offset=offset), [fd])
         if failed:
             raise QueueProcessError(f"queue process(es) of queue(s) {failed} did not map the "
@@ -505,9 +598,7 @@ class ProcessRunner:
 
     def set_log_fd(self, conn: int, fd: int | None) -> None:
         """SET_LOG_FD's eventfd (the caller's, still open), signalled after marks."""
-        if self._log_call is not None:
-            os.close(self._log_call)
-        self._log_call = os.dup(fd) if fd is not None else None
+        self.kept.set_log_fd(fd)
         self._broadcast(conn, ipc.LogFd(key=_ANY), [fd] if fd is not None else [])
 
     def set_features(self, conn: int, features: int) -> None:
@@ -522,32 +613,12 @@ class ProcessRunner:
 
     def drop_log(self, conn: int) -> None:
         """The log is gone (device reset, end of the connection): later processes get none."""
-        self._close_log()
-        if self._log_call is not None:
-            os.close(self._log_call)
-            self._log_call = None
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            os.close(self._log[0])
-            self._log = None
-
-    def _close_region_fds(self) -> None:
-        for fd in self._region_fds:
-            try:
-                os.close(fd)
-            except OSError as exc:
-                log.debug("closing a kept region fd: %s", exc)
-        self._region_fds = []
+        self.kept.drop_log()
 
     def close(self) -> None:
         """After every queue stopped: drop the kept fds."""
         self.device.detach_runner(self)
-        self._close_region_fds()
-        self.drop_log(self.conn)
-        if self._inflight is not None:
-            os.close(self._inflight[0])
-            self._inflight = None
+        self.kept.close()
 
 
 #: The key of a message sent to every process of a connection (each gets its own key).

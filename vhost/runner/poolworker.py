@@ -38,14 +38,12 @@ import contextlib
 import logging
 import os
 import select
-import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from guestmem.dirty_log import DirtyLog
 from vhost.device import QueueHandler
 from vhost.dirty_logging import DirtyLogging
 from vhost.memory import MemoryTable
@@ -58,9 +56,15 @@ from vhost.runner.process import (
     REFUSALS,
     PublishingQueue,
     _close,
-    _die_with_parent,
     _exit_now,
-    regions_of,
+    apply_add_region,
+    apply_log_base,
+    apply_log_fd,
+    apply_mem_table,
+    apply_notifier,
+    apply_remove_region,
+    child_socket,
+    map_connection,
     resolve,
 )
 from vhost.runner.thread import QueueWorker
@@ -171,29 +175,9 @@ class PoolWorker:
     def _new_conn(self, msg: ipc.Start, rest: list[int]) -> HostedConn:
         """Map the connection's memory, in-flight area and dirty log; rebuild its device.
         ``rest``: the fds after the queue's own (consumed)."""
-        memory = MemoryTable()
-        n = len(msg.regions)
-        region_fds, rest[:] = rest[:n], rest[n:]
-        conn = HostedConn(memory, None, None, msg.features, DirtyLogging())
+        conn = HostedConn(MemoryTable(), None, None, msg.features, DirtyLogging())
         try:
-            try:
-                memory.set_table(regions_of(msg.regions), region_fds)
-            finally:
-                _close(region_fds)
-            if msg.inflight is not None:
-                fd = rest.pop(0)
-                try:
-                    conn.inflight = InflightArea.map(fd, *msg.inflight)
-                finally:
-                    os.close(fd)
-            if msg.log is not None:
-                fd = rest.pop(0)
-                try:
-                    conn.dirty_logging.set_base(DirtyLog(fd, *msg.log), [], msg.features)
-                finally:
-                    os.close(fd)
-            if msg.log_call:
-                conn.dirty_logging.call.replace(rest.pop(0))
+            map_connection(conn, msg, rest)
             target, kwargs = msg.recipe
             device_fds, rest[:] = list(rest), []
             conn.device = resolve(target)(kwargs, device_fds)
@@ -374,36 +358,19 @@ class PoolWorker:
 
     @DISPATCH.on(ipc.MemTable)
     def _mem_table(self, msg: ipc.MemTable, fds: list[int]) -> None:
-        try:
-            self._conn(msg).memory.set_table(regions_of(msg.regions), fds)
-        finally:
-            _close(fds)
+        apply_mem_table(self._conn(msg).memory, msg, fds)
 
     @DISPATCH.on(ipc.AddRegion)
     def _add_region(self, msg: ipc.AddRegion, fds: list[int]) -> None:
-        try:
-            if not fds:
-                raise ValueError("a region without its fd")
-            self._conn(msg).memory.add(regions_of([msg.region])[0], fds[0])
-        finally:
-            _close(fds)
+        apply_add_region(self._conn(msg).memory, msg, fds)
 
     @DISPATCH.on(ipc.RemoveRegion)
     def _remove_region(self, msg: ipc.RemoveRegion, fds: list[int]) -> None:
-        _close(fds)
-        self._conn(msg).memory.remove(regions_of([msg.region])[0])
+        apply_remove_region(self._conn(msg).memory, msg, fds)
 
     @DISPATCH.on(ipc.SetNotifier)
     def _notifier(self, msg: ipc.SetNotifier, fds: list[int]) -> None:
-        try:
-            if msg.which not in ("call", "err"):
-                raise ValueError(f"no notifier {msg.which!r}")
-            worker = self._queue(msg).worker
-            notifier = worker.call if msg.which == "call" else worker.err
-            if notifier is not None:
-                notifier.replace(os.dup(fds[0]) if fds else None)
-        finally:
-            _close(fds)
+        apply_notifier(lambda: self._queue(msg).worker, msg, fds)
 
     @DISPATCH.on(ipc.DeviceState)
     def _state(self, msg: ipc.DeviceState, fds: list[int]) -> None:
@@ -412,21 +379,12 @@ class PoolWorker:
 
     @DISPATCH.on(ipc.LogBase)
     def _log_base(self, msg: ipc.LogBase, fds: list[int]) -> None:
-        try:
-            if not fds:
-                raise ValueError("a dirty log without its fd")
-            conn = self._conn(msg)
-            conn.dirty_logging.set_base(DirtyLog(fds[0], msg.size, msg.offset), conn.locals(),
-                                        conn.features)
-        finally:
-            _close(fds)
+        conn = self._conn(msg)
+        apply_log_base(conn.dirty_logging, conn.locals, conn.features, msg, fds)
 
     @DISPATCH.on(ipc.LogFd)
     def _log_fd(self, msg: ipc.LogFd, fds: list[int]) -> None:
-        try:
-            self._conn(msg).dirty_logging.call.replace(os.dup(fds[0]) if fds else None)
-        finally:
-            _close(fds)
+        apply_log_fd(self._conn(msg).dirty_logging, fds)
 
     @DISPATCH.on(ipc.Features)
     def _features(self, msg: ipc.Features, fds: list[int]) -> None:
@@ -513,18 +471,11 @@ class PoolWorker:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    fd = int(argv[0])
-    parent = int(argv[1]) if len(argv) > 1 else None
-    _die_with_parent()
-    if parent is not None and os.getppid() != parent:
+    sock = child_socket(argv)
+    if sock is None:
         return 1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    level = int(os.environ.get("VHOST_QUEUEPROC_LOG_LEVEL", str(logging.INFO)))
-    logging.basicConfig(level=level,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     activity = int(argv[2]) if len(argv) > 2 else None
-    return PoolWorker(socket.socket(fileno=fd), activity).serve()
+    return PoolWorker(sock, activity).serve()
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from guestmem.dirty_log import DirtyLog, DirtyLogError
 from vhost.dirty_logging import DirtyLogging
@@ -98,6 +98,102 @@ def _close(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+class ConnectionSide(Protocol):
+    """What a child keeps per connection: the queue process for its one queue, a pool
+    worker's :class:`~vhost.runner.poolworker.HostedConn` for each connection it hosts.  The
+    helpers below act on it so both children apply the control process's messages alike."""
+
+    memory: MemoryTable
+    inflight: InflightArea | None
+    dirty_logging: DirtyLogging
+
+
+def map_connection(side: ConnectionSide, msg: ipc.Start, rest: list[int]) -> None:
+    """Map ``msg``'s memory table, in-flight area and dirty log into ``side`` and take its
+    log-call fd, consuming their fds from the front of ``rest`` (in place, in the order the
+    control process sends them); the device's fds are what is left.  ``side.inflight`` is set
+    as soon as it is mapped, so a caller that cleans ``side`` up on a later failure unmaps it."""
+    n = len(msg.regions)
+    region_fds, rest[:] = rest[:n], rest[n:]
+    try:
+        side.memory.set_table(regions_of(msg.regions), region_fds)
+    finally:
+        _close(region_fds)
+    if msg.inflight is not None:
+        fd = rest.pop(0)
+        try:
+            # (made for the layout negotiated before GET_INFLIGHT_FD, which the queue has)
+            side.inflight = InflightArea.map(fd, *msg.inflight, packed=is_packed(msg.features))
+        finally:
+            os.close(fd)
+    if msg.log is not None:
+        fd = rest.pop(0)
+        try:
+            side.dirty_logging.set_base(DirtyLog(fd, *msg.log), [], msg.features)
+        finally:
+            os.close(fd)
+    if msg.log_call:
+        side.dirty_logging.call.replace(rest.pop(0))
+
+
+def apply_mem_table(memory: MemoryTable, msg: ipc.MemTable, fds: list[int]) -> None:
+    """SET_MEM_TABLE forwarded: the new table mapped (its fds closed either way)."""
+    try:
+        memory.set_table(regions_of(msg.regions), fds)
+    finally:
+        _close(fds)
+
+
+def apply_add_region(memory: MemoryTable, msg: ipc.AddRegion, fds: list[int]) -> None:
+    """ADD_MEM_REG forwarded: the region mapped (its fd closed either way)."""
+    try:
+        if not fds:
+            raise ValueError("a region without its fd")
+        memory.add(regions_of([msg.region])[0], fds[0])
+    finally:
+        _close(fds)
+
+
+def apply_remove_region(memory: MemoryTable, msg: ipc.RemoveRegion, fds: list[int]) -> None:
+    """REM_MEM_REG forwarded: the region unmapped."""
+    _close(fds)
+    memory.remove(regions_of([msg.region])[0])
+
+
+def apply_notifier(worker: Callable[[], QueueWorker], msg: ipc.SetNotifier,
+                   fds: list[int]) -> None:
+    """SET_VRING_CALL/ERR forwarded to a running queue (``worker`` finds it; its failure
+    fails the request, the fds closed either way)."""
+    try:
+        if msg.which not in ("call", "err"):
+            raise ValueError(f"no notifier {msg.which!r}")
+        queue_worker = worker()
+        notifier = queue_worker.call if msg.which == "call" else queue_worker.err
+        if notifier is not None:
+            notifier.replace(os.dup(fds[0]) if fds else None)
+    finally:
+        _close(fds)
+
+
+def apply_log_base(dirty_logging: DirtyLogging, queues: Callable[[], list[LocalQueue]],
+                   features: int, msg: ipc.LogBase, fds: list[int]) -> None:
+    """SET_LOG_BASE forwarded: the log mapped (it outlives its fd) for ``queues``."""
+    try:
+        if not fds:
+            raise ValueError("a dirty log without its fd")
+        dirty_logging.set_base(DirtyLog(fds[0], msg.size, msg.offset), queues(), features)
+    finally:
+        _close(fds)
+
+
+def apply_log_fd(dirty_logging: DirtyLogging, fds: list[int]) -> None:
+    """SET_LOG_FD forwarded: the eventfd the log's marks are announced on (none: no fd)."""
+    try:
+        dirty_logging.call.replace(os.dup(fds[0]) if fds else None)
+    finally:
+        _close(fds)
 
 
 class PublishingQueue(SplitQueue):
@@ -199,33 +295,13 @@ class QueueProcess:
         """Map memory, rebuild the device, make the queue and start its worker."""
         fds = list(fds)
         kick, call, err, counters = fds[0:4]
-        n_regions = len(msg.regions)
-        region_fds = fds[4 : 4 + n_regions]
-        rest = fds[4 + n_regions :]
+        rest = fds[4:]
         try:
             self.counters = ipc.CounterBlock(counters, msg.counter_slots)
         finally:
             os.close(counters)
-        try:
-            self.memory.set_table(regions_of(msg.regions), region_fds)
-        finally:
-            _close(region_fds)
-        if msg.inflight is not None:
-            fd = rest.pop(0)
-            try:
-                # (made for the layout negotiated before GET_INFLIGHT_FD, which the queue has)
-                self.inflight = InflightArea.map(fd, *msg.inflight, packed=is_packed(msg.features))
-            finally:
-                os.close(fd)
         self.features = msg.features
-        if msg.log is not None:
-            fd = rest.pop(0)
-            try:
-                self.dirty_logging.set_base(DirtyLog(fd, *msg.log), [], self.features)
-            finally:
-                os.close(fd)
-        if msg.log_call:
-            self.dirty_logging.call.replace(rest.pop(0))
+        map_connection(self, msg, rest)
         target, kwargs = msg.recipe
         self.device = resolve(target)(kwargs, rest)
         self.device.apply_process_state(msg.state)
@@ -295,36 +371,23 @@ class QueueProcess:
 
     @DISPATCH.on(ipc.MemTable)
     def _mem_table(self, msg: ipc.MemTable, fds: list[int]) -> None:
-        try:
-            self.memory.set_table(regions_of(msg.regions), fds)
-        finally:
-            _close(fds)
+        apply_mem_table(self.memory, msg, fds)
 
     @DISPATCH.on(ipc.AddRegion)
     def _add_region(self, msg: ipc.AddRegion, fds: list[int]) -> None:
-        try:
-            if not fds:
-                raise ValueError("a region without its fd")
-            self.memory.add(regions_of([msg.region])[0], fds[0])
-        finally:
-            _close(fds)
+        apply_add_region(self.memory, msg, fds)
 
     @DISPATCH.on(ipc.RemoveRegion)
     def _remove_region(self, msg: ipc.RemoveRegion, fds: list[int]) -> None:
-        _close(fds)
-        self.memory.remove(regions_of([msg.region])[0])
+        apply_remove_region(self.memory, msg, fds)
+
+    def _worker(self) -> QueueWorker:
+        assert self.worker is not None
+        return self.worker
 
     @DISPATCH.on(ipc.SetNotifier)
     def _notifier(self, msg: ipc.SetNotifier, fds: list[int]) -> None:
-        try:
-            if msg.which not in ("call", "err"):
-                raise ValueError(f"no notifier {msg.which!r}")
-            assert self.worker is not None
-            notifier = self.worker.call if msg.which == "call" else self.worker.err
-            if notifier is not None:
-                notifier.replace(os.dup(fds[0]) if fds else None)
-        finally:
-            _close(fds)
+        apply_notifier(self._worker, msg, fds)
 
     @DISPATCH.on(ipc.DeviceState)
     def _state(self, msg: ipc.DeviceState, fds: list[int]) -> None:
@@ -333,20 +396,11 @@ class QueueProcess:
 
     @DISPATCH.on(ipc.LogBase)
     def _log_base(self, msg: ipc.LogBase, fds: list[int]) -> None:
-        try:
-            if not fds:
-                raise ValueError("a dirty log without its fd")
-            new = DirtyLog(fds[0], msg.size, msg.offset)  # outlives the fd
-            self.dirty_logging.set_base(new, [self.queue], self.features)
-        finally:
-            _close(fds)
+        apply_log_base(self.dirty_logging, lambda: [self.queue], self.features, msg, fds)
 
     @DISPATCH.on(ipc.LogFd)
     def _log_fd(self, msg: ipc.LogFd, fds: list[int]) -> None:
-        try:
-            self.dirty_logging.call.replace(os.dup(fds[0]) if fds else None)
-        finally:
-            _close(fds)
+        apply_log_fd(self.dirty_logging, fds)
 
     @DISPATCH.on(ipc.Features)
     def _features(self, msg: ipc.Features, fds: list[int]) -> None:
@@ -431,20 +485,29 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def child_socket(argv: list[str]) -> socket.socket | None:
+    """A child's start (a queue process's or a pool worker's): ``argv`` is its control socket's
+    fd and the control process's pid; die with that process, leave SIGINT/SIGTERM to it, log
+    at ``VHOST_QUEUEPROC_LOG_LEVEL``.  The control socket, None if the control process died
+    before this one could ask to die with it."""
     fd = int(argv[0])
     parent = int(argv[1]) if len(argv) > 1 else None
     _die_with_parent()
     if parent is not None and os.getppid() != parent:
-        return 1  # the control process died before we could ask to die with it
+        return None  # the control process died before we could ask to die with it
     # Signals for the server go to the control process, which stops its queues in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     level = int(os.environ.get("VHOST_QUEUEPROC_LOG_LEVEL", str(logging.INFO)))
     logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    sock = socket.socket(fileno=fd)
+    return socket.socket(fileno=fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    sock = child_socket(sys.argv[1:] if argv is None else argv)
+    if sock is None:
+        return 1
     proc = QueueProcess(sock)
     try:
         msg, fds = ipc.receive(sock)

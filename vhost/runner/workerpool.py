@@ -58,7 +58,14 @@ from vhost.runner.base import (
     RunningQueue,
     Stopped,
 )
-from vhost.runner.pool import REPLY_TIMEOUT, QueueProcessError, RemoteQueue, _raw_region
+from vhost.runner.pool import (
+    REPLY_TIMEOUT,
+    KeptState,
+    QueueProcessError,
+    RemoteQueue,
+    StartFields,
+    send_and_wait,
+)
 
 if TYPE_CHECKING:
     from vhost.device import Device
@@ -121,19 +128,9 @@ class WorkerProcess:
         sock = self.sock
         if self.died or sock is None:
             return ipc.Gone()
-        seq = self.replies.expect()
-        with self._send_lock:
-            try:
-                ipc.send(sock, ipc.numbered(msg, seq), fds)
-            except OSError:
-                self.replies.forget(seq)
-                return ipc.Gone()
-        timeout = self.reply_timeout if timeout is None else timeout
-        reply = self.replies.wait(seq, timeout)
-        if reply is None:
-            raise QueueProcessError(f"pool worker {self.number}: no answer to {msg.kind} "
-                                    f"(request {seq}) in {timeout:g} s")
-        return reply
+        return send_and_wait(sock, self._send_lock, self.replies, msg, fds,
+                             self.reply_timeout if timeout is None else timeout,
+                             f"pool worker {self.number}")
 
     def _read_loop(self) -> None:
         sock = self.sock
@@ -493,11 +490,7 @@ class PoolConnection:
         self.device = device
         self.state = state
         self.conn = conn
-        self._regions: list[ipc.RawRegion] = []
-        self._region_fds: list[int] = []
-        self._inflight: tuple[int, tuple[int, int, int, int]] | None = None
-        self._log: tuple[int, int, int] | None = None
-        self._log_call: int | None = None
+        self.kept = KeptState()
         self.queues: dict[QueueKey, PooledQueue] = {}
         #: One change at a time per connection (the handler's thread, a rebalancing move).
         self._lock = threading.RLock()
@@ -522,11 +515,9 @@ class PoolConnection:
         start = ipc.Start(
             key=spec.key, size=spec.size, ring_uaddrs=spec.ring_uaddrs,
             features=spec.features, base=spec.base,
-            regions=[] if hosted else list(self._regions),
-            inflight=self._inflight[1] if self._inflight and not hosted else None,
-            recipe=(target, kwargs), state=self.device.process_state(),
-            log=self._log[1:] if self._log is not None and not hosted else None,
-            log_call=self._log_call is not None and not hosted, log_addr=spec.log_addr,
+            # (a worker that hosts this connection already has its memory, in-flight and log)
+            **(_nothing_kept() if hosted else self.kept.start_fields()),
+            recipe=(target, kwargs), state=self.device.process_state(), log_addr=spec.log_addr,
             counter_slots=self.device.counter_slots(), hosted=hosted,
             # Where this device's counters for the queue are (the control process's copy):
             # the worker counts on from there, so a move or a restart loses no count.
@@ -538,13 +529,7 @@ class PoolConnection:
         err_fd = err.fd if err.fd is not None else os.eventfd(0, os.EFD_CLOEXEC)
         fds = [spec.kick_fd, call_fd, err_fd, counters_fd]
         if not hosted:
-            fds += self._region_fds
-            if self._inflight is not None:
-                fds.append(self._inflight[0])
-            if self._log is not None:
-                fds.append(self._log[0])
-            if self._log_call is not None:
-                fds.append(self._log_call)
+            fds += self.kept.fds()
             fds += device_fds
         try:
             reply = worker.request(start, fds)
@@ -709,33 +694,23 @@ class PoolConnection:
     def set_mem_table(self, conn: int, regions: Sequence[RegionFields],
                       fds: Sequence[int]) -> None:
         with self._lock:
-            self._close_region_fds()
-            self._regions = [_raw_region(r) for r in regions]
-            self._region_fds = [os.dup(fd) for fd in fds]
-            self._broadcast(ipc.MemTable(key=_ANY, regions=self._regions), fds)
+            self.kept.set_mem_table(regions, fds)
+            self._broadcast(ipc.MemTable(key=_ANY, regions=self.kept.regions), fds)
 
     def add_region(self, conn: int, region: RegionFields, fd: int) -> None:
         with self._lock:
-            self._regions.append(_raw_region(region))
-            self._region_fds.append(os.dup(fd))
-            self._broadcast(ipc.AddRegion(key=_ANY, region=_raw_region(region)), [fd])
+            raw = self.kept.add_region(region, fd)
+            self._broadcast(ipc.AddRegion(key=_ANY, region=raw), [fd])
 
     def remove_region(self, conn: int, region: RegionFields) -> None:
         with self._lock:
-            raw = _raw_region(region)
-            for i, known in enumerate(self._regions):
-                if known[:3] == raw[:3]:
-                    del self._regions[i]
-                    os.close(self._region_fds.pop(i))
-                    break
+            raw = self.kept.remove_region(region)
             self._broadcast(ipc.RemoveRegion(key=_ANY, region=raw))
 
     def set_inflight(self, conn: int, fd: int, mmap_size: int, mmap_offset: int,
                      num_queues: int, queue_size: int) -> None:
         with self._lock:
-            if self._inflight is not None:
-                os.close(self._inflight[0])
-            self._inflight = (os.dup(fd), (mmap_size, mmap_offset, num_queues, queue_size))
+            self.kept.set_inflight(fd, (mmap_size, mmap_offset, num_queues, queue_size))
 
     def notifier_changed(self, key: QueueKey, which: str, fd: int | None) -> None:
         with self._lock:
@@ -750,8 +725,7 @@ class PoolConnection:
 
     def set_log_base(self, conn: int, fd: int, size: int, offset: int) -> None:
         with self._lock:
-            self._close_log()
-            self._log = (os.dup(fd), size, offset)
+            self.kept.set_log_base(fd, size, offset)
             failed = self._broadcast(ipc.LogBase(key=_ANY, size=size, offset=offset), [fd])
             if failed:
                 raise QueueProcessError(f"the pool worker(s) of queue(s) {failed} did not map "
@@ -759,9 +733,7 @@ class PoolConnection:
 
     def set_log_fd(self, conn: int, fd: int | None) -> None:
         with self._lock:
-            if self._log_call is not None:
-                os.close(self._log_call)
-            self._log_call = os.dup(fd) if fd is not None else None
+            self.kept.set_log_fd(fd)
             self._broadcast(ipc.LogFd(key=_ANY), [fd] if fd is not None else [])
 
     def set_features(self, conn: int, features: int) -> None:
@@ -777,34 +749,19 @@ class PoolConnection:
 
     def drop_log(self, conn: int) -> None:
         with self._lock:
-            self._close_log()
-            if self._log_call is not None:
-                os.close(self._log_call)
-                self._log_call = None
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            os.close(self._log[0])
-            self._log = None
-
-    def _close_region_fds(self) -> None:
-        for fd in self._region_fds:
-            try:
-                os.close(fd)
-            except OSError as exc:
-                log.debug("closing a kept region fd: %s", exc)
-        self._region_fds = []
+            self.kept.drop_log()
 
     def close(self) -> None:
         """After every queue stopped: drop the kept fds (the workers stay for others)."""
         with self._lock:
             self.device.detach_runner(self)
-            self._close_region_fds()
-            self.drop_log(self.conn)
-            if self._inflight is not None:
-                os.close(self._inflight[0])
-                self._inflight = None
+            self.kept.close()
         self.pool.connections.pop(self.conn, None)
+
+
+def _nothing_kept() -> StartFields:
+    """The Start fields for a worker that already hosts the connection: nothing kept."""
+    return {"regions": [], "inflight": None, "log": None, "log_call": False}
 
 
 #: The key of a connection-wide message (each worker gets one of the connection's keys).

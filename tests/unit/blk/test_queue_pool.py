@@ -430,3 +430,32 @@ def test_a_failed_move_leaves_the_queue_broken_where_it_stopped(make_blk: MakeBl
     assert env.frontend.get_vring_base(1) == 3  # where it stopped, for a restart
     env.frontend.restart_queue(drv1.queue, 3)
     assert drv1.read(8, 4096).data == env.file(8 * 512, 4096)
+
+
+def test_a_packed_ring_with_an_inflight_area_on_the_pool(make_blk: MakeBlk,
+                                                        pool: PoolRunner) -> None:
+    """The pool's worker maps the in-flight area in the layout the connection negotiated (as a
+    queue process does): a packed ring with an in-flight area serves, and its area records the
+    requests in the packed layout (QEMU always sends one with reconnect=1)."""
+    from vhost.queue import inflight_packed as infp
+
+    env = make_blk(packed=True, num_queues=2, queue_pool=pool)
+    fe = env.frontend
+    fd, size = fe.get_inflight_fd(2, 128)
+    try:
+        fe.set_inflight_fd(fd, size, 2, 128)
+        q1 = fe.setup_packed_queue(1, size=128)
+        drv = BlkDriver(fe, q1, env.mem)
+        assert drv.write(8, b"\x6b" * 4096).status == Status.OK
+        res = drv.read(8, 4096)
+        assert res.status == Status.OK and res.data == b"\x6b" * 4096
+        area = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    stride = infp.queue_stride(128)
+    # Queue 1's region, read as QueueRegionPacked: the worker kept it in the packed layout
+    # (version 1, desc_num 128, used index 6: two chains of 3 descriptors); a split tracker would
+    # have written split fields over it instead.
+    (_, version, desc_num, _, _, used_idx, _, used_wrap, _, _) = infp.HEADER.unpack_from(
+        area, stride)
+    assert (version, desc_num, used_idx, used_wrap) == (infp.VERSION, 128, 6, 1)

@@ -137,7 +137,8 @@ def test_daemonize_reports_a_failed_start(tmp_path: Path) -> None:
     (["--export", "type=vhost-user-blk,id=ec,node-name=fb,addr.type=unix,addr.path={d}/a.sock"],
      "listen on the same address"),
     (["--pidfile", "{d}/no/such/dir/pid"], "Cannot write pid file"),
-    (["--object", "nope,id=x"], "--object nope,id=x: Invalid parameter type for 'qom-type'"),
+    (["--object", "nope,id=x"],
+     "--object nope,id=x: Parameter 'qom-type' does not accept value 'nope'"),
 ])
 def test_usage_errors(tmp_path: Path, extra: list[str], fragment: str) -> None:
     args = _qsd_args(tmp_path) + [a.format(d=tmp_path) for a in extra]
