@@ -9,18 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from qemu_guest.hotplug import Monitor
 
 REPO = Path(__file__).resolve().parents[2]
-
-#: The mark of the ``daemon=server`` cases: a strict xfail until this server has throttle groups
-#: (H9, issue 22; several exports and QMP blockdev-add are on main, and the scenario passes on
-#: them with the throttle filter left out); strict, so an XPASS fails and the mark goes then.
-XFAIL_SERVER = pytest.mark.xfail(
-    strict=True, reason="driver=throttle and throttle groups land with H9 (branch throttle); "
-    "strict: this mark goes when they do")
 
 
 class Daemon:

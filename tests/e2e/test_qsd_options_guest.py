@@ -15,9 +15,9 @@ Issue 22, "Done when" 1 and 2, in one guest run (one boot per daemon keeps the e
   removal -- the host's "go on" -- and writes and reads both again);
 * ``quit`` exits 0 and the qcow2 image is ``qemu-img check`` clean.
 
-``daemon``: ``qsd`` (qemu-storage-daemon, the reference) or ``server`` (this project, a strict
-xfail until H8/H9 land).  Each runs on one machine type: QSD on q35 (the spare root port), the
-server on ``pc`` (pci.0, ACPI hot-plug), so both hot-plug paths run, one boot per daemon.
+``daemon``: ``qsd`` (qemu-storage-daemon, the reference) or ``server`` (this project).  Each
+runs on one machine type: QSD on q35 (the spare root port), the server on ``pc`` (pci.0, ACPI
+hot-plug), so both hot-plug paths run, one boot per daemon.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pytest
 
 from qemu_guest import Guest
 from qemu_guest.hotplug import Monitor, plug, unplug
-from tests.e2e.daemons import XFAIL_SERVER, Daemon
+from tests.e2e.daemons import Daemon
 from tests.e2e.workloads import check_fio
 
 pytestmark = pytest.mark.e2e
@@ -109,7 +109,7 @@ def write_token(image: Path, token: str) -> None:
 
 @pytest.mark.parametrize(("daemon", "machine"), [
     ("qsd", "q35"),
-    pytest.param("server", "pc", marks=XFAIL_SERVER),
+    ("server", "pc"),
 ], indirect=["daemon"])
 def test_two_disks_throttled_and_a_hot_plugged_one(daemon: Daemon, machine: str,
                                                    tmp_path: Path) -> None:

@@ -101,9 +101,9 @@ def test_main_exits_non_zero_on_a_diff(monkeypatch: pytest.MonkeyPatch,
     assert qsd_compat.main([]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="throttle groups (H9) are not on main yet, and with H8's "
-                   "branch the diff also shows block-export-del refusing an export in use (QSD "
-                   "deletes it and hangs up) and a longer wording of the bad-type error; strict: "
+@pytest.mark.xfail(strict=True, reason="the diff on main (12:39): block-export-del refuses an "
+                   "export in use (QSD deletes it and hangs up), query-named-block-nodes gives the "
+                   "qcow2 node virtual-size 0 at first, two error texts worded otherwise; strict: "
                    "an XPASS fails, so this mark goes when the diff is empty")
 def test_the_server_behaves_as_qsd(qsd_transcript: list[str]) -> None:
     diff = compare(qsd_transcript, qsd_compat.run_daemon("server"))
