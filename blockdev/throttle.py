@@ -140,8 +140,8 @@ class ThrottleConfig:
                 if not 0 <= value <= MAX_LENGTH_MAX:
                     raise ThrottleError(f"{key} value must be in the range [0, "
                                         f"{MAX_LENGTH_MAX}]")
-            elif not 0 <= value <= THROTTLE_VALUE_MAX:
-                raise ThrottleError(f"{key} value must be in the range [0, "
+            elif not 0 <= value <= THROTTLE_VALUE_MAX:  # (QEMU's words, not naming the key)
+                raise ThrottleError(f"bps/iops/max values must be within [0, "
                                     f"{THROTTLE_VALUE_MAX}]")
             if key == "iops-size":
                 cfg.op_size = value

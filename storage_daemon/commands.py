@@ -249,7 +249,8 @@ class Commands:
         out = []
         for node in self.server.nodes():
             export = self.server.export_of(node.name)
-            size = export.device.storage.info.size if export is not None else 0
+            size = (export.device.storage.info.size if export is not None
+                    else self.server.declared_size(node))
             leaf = node
             while "file" in leaf.children and "filename" not in leaf.options:
                 leaf = leaf.children["file"]

@@ -206,6 +206,31 @@ class ExportSet:
                     return e
         return None
 
+    def declared_size(self, node: NodeSpec) -> int:
+        """The virtual size of a node no export has opened, as QSD reports it after
+        blockdev-add: an exported node that serves it through filters has it; a file its
+        length; a qcow2 image the size its header says (8 bytes read); otherwise 0."""
+        for e in self.exports():
+            top = self.graph.nodes.get(e.node_name)
+            while top is not None and top.driver in _SIZE_PRESERVING:
+                top = top.children.get("file")
+                if top is node:
+                    return int(e.device.storage.info.size)
+        child = node.children.get("file")
+        try:
+            if node.driver == "file":
+                return os.stat(str(node.options.get("filename", ""))).st_size
+            if node.driver == "raw" and child is not None:
+                return self.declared_size(child)
+            if node.driver == "qcow2" and child is not None:
+                with open(str(child.options.get("filename", "")), "rb") as f:
+                    header = f.read(32)
+                if len(header) == 32 and header[:4] == b"QFI\xfb":
+                    return int.from_bytes(header[24:32], "big")
+        except OSError:
+            pass
+        return 0
+
     # ------------------------------------------------------------------ the loop
     def shutdown(self) -> None:
         """Make serve_forever return; safe from a signal handler or another thread."""
@@ -311,6 +336,10 @@ def _check_files(spec: NodeSpec) -> None:
         os.close(fd)
     for child in spec.children.values():
         _check_files(child)
+
+
+#: Drivers whose node has its child's virtual size (filters and raw over a file).
+_SIZE_PRESERVING = frozenset({"throttle", "delay", "error", "log", "raw"})
 
 
 #: block-export-add's members as QAPI types them.

@@ -55,8 +55,7 @@ def export_from_dict(options: Any, max_queues: int) -> ExportOptions:
     opts: dict[str, Any] = _flat(options)
     kind = opt_str(opts, "type", required=True)
     if kind != "vhost-user-blk":
-        raise NodeError(f"Parameter 'type' does not accept value '{kind}' (this server "
-                        "exports vhost-user-blk)")
+        raise NodeError(f"Parameter 'type' does not accept value '{kind}'")
     export_id = opt_str(opts, "id", required=True)
     node = opt_str(opts, "node-name", required=True)
     assert export_id is not None and node is not None

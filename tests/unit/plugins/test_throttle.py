@@ -118,7 +118,7 @@ def test_unlimited_never_waits():
     ({"bps-read": 100, "bps-read-max": 10}, "bps_max/iops_max cannot be lower than bps/iops"),
     ({"iops-write": 10, "iops-write-max": 10 ** 14, "iops-write-max-length": 11},
      "burst length too high for this burst rate"),
-    ({"bps-total": 10 ** 15 + 1}, "bps-total value must be in the range [0, 1000000000000000]"),
+    ({"bps-total": 10 ** 15 + 1}, "bps/iops/max values must be within [0, 1000000000000000]"),
     ({"iops-read-max-length": 1 << 32},
      "iops-read-max-length value must be in the range [0, 4294967295]"),
     ({"iops-total": "ten"}, "Parameter 'iops-total' expects an integer"),
