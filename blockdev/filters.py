@@ -104,6 +104,60 @@ class FilterEngine(Engine):
         return self.child.close(timeout)
 
 
+class HoldingEngine(FilterEngine):
+    """A filter that holds requests back and sends them down later, from :meth:`reap` (the
+    delay and throttle filters): its completion fd is an epoll over a timer of its own and the
+    child's completion fd.  An epoll fd polls readable while any fd in it is, so the worker
+    sleeps on it like on any completion fd, and each completion or timer expiry is a fresh
+    edge for it.  Subclasses keep what they hold and say when to look again (:meth:`_arm`)."""
+
+    def __init__(self, child: Engine) -> None:
+        super().__init__(child)
+        self._timer = timerfd_create()
+        self._ep = select.epoll()
+        self._ep.register(self._timer, select.EPOLLIN)
+        if child.completion_fd is not None:
+            self._ep.register(child.completion_fd, select.EPOLLIN)
+        self.completion_fd = self._ep.fileno()
+        self.batched = True  # held requests go down from reap(), which ends its own batch
+
+    def _arm(self, seconds: float) -> None:
+        """Wake the worker (a reap) in ``seconds``."""
+        timerfd_arm(self._timer, seconds)
+
+    def _timer_seen(self) -> None:
+        """Consume the timer's expiry, if any, so it stops polling readable."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._timer, 8)
+
+    def _send_down(self, ops: list[IoOp]) -> list[IoOp]:
+        """Submit ``ops`` (released from hold, in order) to the child as one batch; what
+        finished at once, then what the child has finished since."""
+        out: list[IoOp] = []
+        sent = False
+        for op in ops:
+            if self.child.submit(op):
+                out.append(op)
+            else:
+                sent = True
+        if sent:
+            self.child.submit_batch()
+        out.extend(self.child.reap())
+        return out
+
+    def _drop_held(self) -> None:
+        """Forget every request still held (at close: they never reached the child)."""
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Requests still held never reached the child: dropped (the worker reports none of
+        them); then the child closes, and the timer and epoll with it."""
+        self._drop_held()
+        done = super().close(timeout)
+        self._ep.close()
+        os.close(self._timer)
+        return done
+
+
 # ---------------------------------------------------------------------- options
 def _number(options: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
     value = options.pop(key, None)
@@ -155,22 +209,13 @@ class DelayStorage(FilterStorage):
         return DelayEngine(engine, self.delays)
 
 
-class DelayEngine(FilterEngine):
+class DelayEngine(HoldingEngine):
     def __init__(self, child: Engine, delays: dict[OpKind, float]) -> None:
         super().__init__(child)
         self.delays = delays
         self.name = f"{child.name}+delay"
         self._held: list[tuple[float, int, IoOp]] = []
         self._seq = itertools.count()
-        self._timer = timerfd_create()
-        self._ep = select.epoll()
-        self._ep.register(self._timer, select.EPOLLIN)
-        if child.completion_fd is not None:
-            self._ep.register(child.completion_fd, select.EPOLLIN)
-        # An epoll fd polls readable while any fd in it is: the worker sleeps on it like on
-        # any completion fd, and each completion or timer expiry below is a fresh edge for it.
-        self.completion_fd = self._ep.fileno()
-        self.batched = True  # held requests go down from reap(), which ends its own batch
 
     def submit(self, op: IoOp) -> bool:
         delay = self.delays.get(op.kind)
@@ -178,38 +223,24 @@ class DelayEngine(FilterEngine):
             return self.child.submit(op)
         due = time.monotonic() + delay
         if not self._held or due < self._held[0][0]:
-            timerfd_arm(self._timer, delay)
+            self._arm(delay)
         heapq.heappush(self._held, (due, next(self._seq), op))
         return False
 
     def reap(self) -> list[IoOp]:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._timer, 8)
-        out: list[IoOp] = []
+        self._timer_seen()
         held = self._held
         now = time.monotonic()
-        sent = False
+        due: list[IoOp] = []
         while held and held[0][0] <= now:
-            op = heapq.heappop(held)[2]
-            if self.child.submit(op):
-                out.append(op)
-            else:
-                sent = True
-        if sent:
-            self.child.submit_batch()
+            due.append(heapq.heappop(held)[2])
+        out = self._send_down(due)
         if held:
-            timerfd_arm(self._timer, held[0][0] - time.monotonic())
-        out.extend(self.child.reap())
+            self._arm(held[0][0] - time.monotonic())
         return out
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Requests still held never reached the child: dropped (the worker reports none of
-        them); then the child closes, and the timer and epoll with it."""
+    def _drop_held(self) -> None:
         self._held.clear()
-        done = super().close(timeout)
-        self._ep.close()
-        os.close(self._timer)
-        return done
 
 
 # ---------------------------------------------------------------------- error

@@ -19,15 +19,12 @@ passes the group's and the node's fds), and they all draw on the one budget.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import select
 from collections import deque
 
 from blockdev.engine import Engine, IoOp
-from blockdev.filters import FilterEngine, FilterStorage
-from blockdev.libc import timerfd_arm, timerfd_create
+from blockdev.filters import FilterStorage, HoldingEngine
 from blockdev.ops import OpKind
 from blockdev.storage import Storage
 from blockdev.throttle import Cells, ThrottleGroup
@@ -74,7 +71,7 @@ class ThrottleStorage(FilterStorage):
             os.close(self.held_fd)
 
 
-class ThrottleEngine(FilterEngine):
+class ThrottleEngine(HoldingEngine):
     def __init__(self, child: Engine, group: ThrottleGroup, node_held: Cells) -> None:
         super().__init__(child)
         self.group = group
@@ -83,13 +80,6 @@ class ThrottleEngine(FilterEngine):
         #: (op, when it was held (ns), is_write, size), in arrival order.
         self._held: deque[tuple[IoOp, int, bool, int]] = deque()
         self.held_ns = 0
-        self._timer = timerfd_create()
-        self._ep = select.epoll()
-        self._ep.register(self._timer, select.EPOLLIN)
-        if child.completion_fd is not None:
-            self._ep.register(child.completion_fd, select.EPOLLIN)
-        self.completion_fd = self._ep.fileno()
-        self.batched = True  # held requests go down from reap(), which ends its own batch
 
     @staticmethod
     def _cost(op: IoOp) -> tuple[bool, int] | None:
@@ -111,39 +101,26 @@ class ThrottleEngine(FilterEngine):
             wait = self.group.request(is_write, size)
             if not wait:
                 return self.child.submit(op)
-            timerfd_arm(self._timer, min(wait / 1e9, RECHECK))
+            self._arm(min(wait / 1e9, RECHECK))
         self._held.append((op, self.group.clock(), is_write, size))
         return False
 
     def reap(self) -> list[IoOp]:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._timer, 8)
-        out: list[IoOp] = []
+        self._timer_seen()
         held = self._held
-        sent = False
+        ready: list[IoOp] = []
         while held:
             op, since, is_write, size = held[0]
             wait = self.group.request(is_write, size)
             if wait:
-                timerfd_arm(self._timer, min(wait / 1e9, RECHECK))
+                self._arm(min(wait / 1e9, RECHECK))
                 break
             held.popleft()
             took = self.group.clock() - since
             self.held_ns += took
             self.group.add_held(took, self._node_held)
-            if self.child.submit(op):
-                out.append(op)
-            else:
-                sent = True
-        if sent:
-            self.child.submit_batch()
-        out.extend(self.child.reap())
-        return out
+            ready.append(op)
+        return self._send_down(ready)
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Held requests never reached the child: dropped (the worker reports none of them)."""
+    def _drop_held(self) -> None:
         self._held.clear()
-        done = super().close(timeout)
-        self._ep.close()
-        os.close(self._timer)
-        return done
