@@ -25,7 +25,7 @@ from collections import deque
 
 from blockdev.engine import Engine, IoOp
 from blockdev.filters import FilterStorage, HoldingEngine
-from blockdev.ops import OpKind
+from blockdev.ops import DISK_OPS
 from blockdev.storage import Storage
 from blockdev.throttle import Cells, ThrottleGroup
 
@@ -83,14 +83,14 @@ class ThrottleEngine(HoldingEngine):
 
     @staticmethod
     def _cost(op: IoOp) -> tuple[bool, int] | None:
-        """(is_write, bytes) of ``op``, or None when it is not throttled (a flush)."""
-        if op.kind == OpKind.READ:
-            return False, op.length
-        if op.kind == OpKind.WRITE:
-            return True, op.length
-        if op.kind == OpKind.FLUSH:
+        """(is_write, bytes) of ``op``, or None when it is not throttled (a flush: it neither
+        moves data nor changes the disk), read off the operation table: whatever needs a
+        writable disk counts as a write, as QEMU counts discards and write-zeroes."""
+        row = DISK_OPS[op.kind]
+        if not (row.moves_data or row.needs_writable):
             return None
-        return True, sum(seg.length for seg in op.segments)
+        size = op.length if row.moves_data else sum(seg.length for seg in op.segments)
+        return row.needs_writable, size
 
     def submit(self, op: IoOp) -> bool:
         cost = self._cost(op)
