@@ -294,7 +294,8 @@ class UringEngine(Engine):
         #: only for a raw image in the page cache (a format translates offsets in its own
         #: engine, and O_DIRECT IO is the ring's best case).
         self.bypass = isinstance(disk, Disk) and not disk.info.direct
-        self._nowait = self.bypass
+        #: A lone read tries preadv(RWF_NOWAIT) first (off once the file refuses it).
+        self.nowait = self.bypass
 
 
     def submit(self, op: IoOp) -> bool:
@@ -336,7 +337,7 @@ class UringEngine(Engine):
     def submit_batch(self) -> None:
         queued = self._queued
         if queued:
-            if (len(queued) == 1 and self._nowait and queued[0].kind == OpKind.READ
+            if (len(queued) == 1 and self.nowait and queued[0].kind == OpKind.READ
                     and self._read_nowait(queued[0])):
                 queued.clear()
             else:
@@ -355,7 +356,7 @@ class UringEngine(Engine):
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no RWF_NOWAIT on this file
                 log.info("%s: preadv(RWF_NOWAIT) unsupported (%s); reads go to io_uring",
                          getattr(disk, "path", "disk"), exc.strerror)
-                self._nowait = False
+                self.nowait = False
                 return False
             op.result = exc  # a disk error, as the ring would have reported it
         self._done.append(op)
@@ -390,24 +391,32 @@ class UringEngine(Engine):
         else:
             out = []
         ops = self._ops
+        set_result = self.set_result
         for ud, res in self.ring.reap():
             op = ops.pop(ud)
-            if res < 0:
-                op.result = OSError(-res, os.strerror(-res))
-            elif 0 < res < op.length and op.kind in DATA_KINDS:
-                # Short: finish it the plain way.
-                try:
-                    op.result = self.disk.resume(op.kind == OpKind.WRITE,
-                                                 [b.view for b in op.buffers], op.offset, res)
-                except OSError as exc:
-                    op.result = exc
-            else:
-                op.result = res
-            if op.sync:  # (sync_if_write_through looks again; most ops are not write-through)
-                sync_if_write_through(self.disk, op)
+            set_result(op, res)
             op.iov = None
             out.append(op)
         return out
+
+    def set_result(self, op: IoOp, res: int) -> None:
+        """``op``'s result from its completion's ``res`` (bytes done, or -errno): the one
+        statement of what a ring completion means -- an error, a short transfer finished the
+        plain way, the write-through flush.  Also used by the compiled fast path
+        (:mod:`virtio_blk._fastpath_core`) for the requests it hands back to Python."""
+        if res < 0:
+            op.result = OSError(-res, os.strerror(-res))
+        elif 0 < res < op.length and op.kind in DATA_KINDS:
+            # Short: finish it the plain way.
+            try:
+                op.result = self.disk.resume(op.kind == OpKind.WRITE,
+                                             [b.view for b in op.buffers], op.offset, res)
+            except OSError as exc:
+                op.result = exc
+        else:
+            op.result = res
+        if op.sync:  # (sync_if_write_through looks again; most ops are not write-through)
+            sync_if_write_through(self.disk, op)
 
     def close(self, timeout: float | None = None) -> bool:
         """Cancel what is still in the ring and wait for every one of its completions (the
@@ -418,6 +427,9 @@ class UringEngine(Engine):
         self._queued.clear()
         self.completion_fd = None
         ring = self.ring
+        if ring.external_in_flight and not self._wait_external(timeout):
+            UNFINISHED.append(self)
+            return False
         if self._ops:
             limit = CLOSE_TIMEOUT if timeout is None else timeout
             log.warning("io_uring closing with %d ops in flight; cancelling them and waiting "
@@ -446,6 +458,30 @@ class UringEngine(Engine):
                 UNFINISHED.append(self)
                 return False
         ring.close()
+        return True
+
+    def _wait_external(self, timeout: float | None) -> bool:
+        """Wait (up to ``timeout``, default CLOSE_TIMEOUT) for the entries a compiled fast
+        path submitted to this ring and did not reap: the kernel may write guest memory until
+        each completion is posted.  Only a queue torn down with requests in flight gets here
+        (the worker waits for them first).  False if some are still in the kernel."""
+        ring = self.ring
+        deadline = time.monotonic() + (CLOSE_TIMEOUT if timeout is None else timeout)
+        log.warning("io_uring closing with %d compiled fast path requests in flight; waiting",
+                    ring.external_in_flight)
+        while ring.external_in_flight > len(ring.external_stash):
+            for ud, _res in ring.reap():  # (the ring stashes the compiled path's own)
+                gone = self._ops.pop(ud, None)  # the engine's own, finished: dropped, as below
+                if gone is not None:
+                    gone.iov = None
+                    self._dropped(gone)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("io_uring: %d compiled fast path requests still in the kernel at "
+                          "close: the ring stays open and guest memory mapped",
+                          ring.external_in_flight - len(ring.external_stash))
+                return False
+            select.select([ring.fd], [], [], min(left, 0.1))
         return True
 
     def _dropped(self, op: IoOp) -> None:

@@ -19,6 +19,7 @@ import os
 import struct
 
 from blockdev.libc import syscall as _syscall
+from guestmem import buffer_address
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
@@ -43,6 +44,9 @@ SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # 64 bytes
 CQE = struct.Struct("<QiI")  # 16 bytes
 #: A CQE as (user_data, res), its flags skipped: what :meth:`Uring.reap` hands back.
 _CQE_UD_RES = struct.Struct("<Qi4x")
+#: Marks the user data of entries a compiled caller (:mod:`virtio_blk._fastpath_core`) puts in
+#: the ring itself; :meth:`Uring.reap` keeps their completions for it.
+EXTERNAL_TAG = 1 << 62
 
 
 class UringError(OSError):
@@ -96,9 +100,43 @@ class Uring:
         self.cq_entries = cq_entries
         self._tail = sq32[self._sq_tail]
         self._pending = 0  # prepared but not yet submitted
+        #: Sharing the ring with a compiled caller that fills entries and reaps completions
+        #: itself (see :meth:`raw_layout`): the completions of ours it met, handed back by the
+        #: next :meth:`reap`; the completions of its own :meth:`reap` met; how many of its
+        #: entries are in the kernel.
+        self.stash: list[tuple[int, int]] = []
+        self.external_stash: list[tuple[int, int]] = []
+        self.external_in_flight = 0
+        self._layout = {
+            "fd": self.fd, "sq_entries": sq_entries, "sq_mask": self._sq_mask,
+            "sq_head": sq_off[0], "sq_tail": sq_off[1], "cq_head": cq_off[0],
+            "cq_tail": cq_off[1], "cq_mask": self._cq_mask, "cqes": cq_off[5],
+        }
         # The SQ array maps ring slots to SQE indices; identity, set once.
         for i in range(sq_entries):
             sq32[self._sq_array + i] = i
+
+    def raw_layout(self) -> dict[str, int]:
+        """The ring's addresses in this process, for a compiled caller that fills submission
+        entries and reaps completions itself, in the same ring: ``fd``; ``sq_head``, ``sq_tail``,
+        ``cq_head``, ``cq_tail`` (addresses of the 32-bit indices); ``sq_mask``, ``sq_entries``,
+        ``cq_mask``; ``sqes`` and ``cqes`` (addresses of the entry arrays).  The submission array
+        maps slot i to entry i (set once here).
+
+        Such a caller takes over :attr:`_tail` and :attr:`_pending` while it submits (it submits
+        ours with its own), marks its entries' user data with :data:`EXTERNAL_TAG`, counts them
+        in :attr:`external_in_flight` and appends ours it reaps to :attr:`stash`.  The addresses
+        are valid until :meth:`close` (``fd`` is then -1).
+        """
+        layout = dict(self._layout)
+        for keys, mapping in ((("sq_head", "sq_tail"), self._sq_map),
+                              (("cq_head", "cq_tail", "cqes"), self._cq_map),
+                              (("sqes",), self._sqe_map)):
+            with memoryview(mapping) as view:
+                base = buffer_address(view)
+            for key in keys:
+                layout[key] = layout.get(key, 0) + base
+        return layout
 
     # ------------------------------------------------------------------ submission
     def space(self) -> int:
@@ -160,7 +198,7 @@ class Uring:
         head = cq32[self._cq_head]
         tail = cq32[self._cq_tail]
         if head == tail:
-            return []
+            return self._stashed([])
         start = head & self._cq_mask
         end = start + ((tail - head) & 0xFFFFFFFF)
         cqes = self._cqes
@@ -171,7 +209,19 @@ class Uring:
             out = list(_CQE_UD_RES.iter_unpack(cqes[start * 16 : entries * 16]))
             out += _CQE_UD_RES.iter_unpack(cqes[: (end - entries) * 16])
         cq32[self._cq_head] = tail  # copied out above: the kernel may reuse the slots now
-        return out
+        if self.external_in_flight:  # a compiled caller's among them: kept for it
+            ours: list[tuple[int, int]] = []
+            for cqe in out:
+                (self.external_stash if cqe[0] & EXTERNAL_TAG else ours).append(cqe)
+            out = ours
+        return self._stashed(out)
+
+    def _stashed(self, out: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``out`` after the completions of ours a compiled caller reaped (:attr:`stash`)."""
+        if not self.stash:
+            return out
+        stash, self.stash = self.stash, []
+        return stash + out
 
     def close(self) -> None:
         if self.fd < 0:

@@ -41,6 +41,7 @@ from vhost.device import MAX_QUEUES
 from vhost.queue.base import QueueError
 from vhost.queue.split import validate_size
 from vhost.runner.workerpool import PoolRunner
+from virtio_blk import core as cores
 from virtio_blk.device import BlkDevice
 from virtio_blk.request import ID_BYTES, check_serial
 
@@ -265,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.aio = choose_engine(args.aio)
     except EngineUnavailable as exc:
+        return fail(str(exc))
+    try:
+        log.info(cores.describe())
+    except cores.CoreUnavailable as exc:
         return fail(str(exc))
     qsd_form = _qsd_form(args)
     # Objects first, as QSD creates them: a throttle node names its group, which must be in

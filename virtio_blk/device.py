@@ -38,7 +38,7 @@ from scsi_buffers import BounceBufferTracker
 from vhost.device import Device, QueueHandler
 from vhost.queue.base import DescriptorChain, Queue
 from virtio_blk.blk_request import BlkRequest
-from virtio_blk.fastpath import FastPath
+from virtio_blk.core import FastPathLike, make_fast_path
 from virtio_blk.layout import DataLayout, plan, skip_start, trim_end
 from virtio_blk.ops import DEVICE_OPS, GET_ID, OPS, DeviceOp
 from virtio_blk.request import (
@@ -441,7 +441,7 @@ class BlkQueueHandler(QueueHandler):
         self.completion_fd = self.engine.completion_fd
         self.timing = device.latency_accounting
         self.pending: collections.deque[DescriptorChain] = collections.deque()
-        self._fast: FastPath | None = None
+        self._fast: FastPathLike | None = None
         #: Request type -> the method that checks and starts it, and its table row.
         self._starters: dict[int, tuple[_Starter, DeviceOp]] = {
             op.req_type: (getattr(self, op.start), op) for op in DEVICE_OPS}
@@ -457,7 +457,7 @@ class BlkQueueHandler(QueueHandler):
         if fast is None or fast.vq is not vq:
             if not self.device.fast_path:
                 return []
-            fast = self._fast = FastPath(self, vq)
+            fast = self._fast = make_fast_path(self, vq)
         return fast.drain()
 
     # ------------------------------------------------------------------ QueueHandler
@@ -484,15 +484,14 @@ class BlkQueueHandler(QueueHandler):
     def complete_reaped(self) -> list[tuple[int, int]]:
         """Finish every op the engine has finished: ``(head, used length)`` of each.
 
-        Fast-path requests are finished by :meth:`FastPath.complete`, the rest by
-        :meth:`finish`.
+        With a fast path, its ``complete_reaped`` does it (its requests by its fused
+        completion, the rest by :meth:`finish`).
         """
-        finish = self.finish
         fast = self._fast
         if fast is None:
-            return [(req.head, finish(req)) for req in self._reap()]
-        complete = fast.complete
-        return [(req.head, complete(req) if req.fast else finish(req)) for req in self._reap()]
+            finish = self.finish
+            return [(req.head, finish(req)) for req in self.reaped()]
+        return fast.complete_reaped()
 
     def reap(self) -> list[tuple[int, int]]:
         done = self.complete_reaped()
@@ -512,7 +511,7 @@ class BlkQueueHandler(QueueHandler):
             done += self.complete_reaped()
         return done
 
-    def _reap(self) -> list[BlkRequest]:
+    def reaped(self) -> list[BlkRequest]:
         """The engine's finished ops: every op this queue submits is a :class:`BlkRequest`."""
         return cast("list[BlkRequest]", self.engine.reap())
 

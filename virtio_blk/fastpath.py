@@ -122,6 +122,8 @@ class FastPathHost(Protocol):
 
     def complete_reaped(self) -> list[tuple[int, int]]: ...
 
+    def reaped(self) -> list[BlkRequest]: ...
+
 
 class FastPath:
     """The fused pop-and-start, and completion, of one queue's common requests (see the module
@@ -186,6 +188,14 @@ class FastPath:
         return done
 
     # ------------------------------------------------------------------ completion
+    def complete_reaped(self) -> list[tuple[int, int]]:
+        """Finish every request the engine has finished: ``(head, used length)`` of each --
+        this path's by :meth:`complete`, the generic path's by the handler's ``finish``."""
+        finish = self.handler.finish
+        complete = self.complete
+        return [(req.head, complete(req) if req.fast else finish(req))
+                for req in self.handler.reaped()]
+
     def complete(self, req: BlkRequest) -> int:
         """Finish a fast-path request that is done: the used length (see the module docstring).
 
@@ -258,6 +268,19 @@ class FastPath:
             req_type, sector, region = found
         if req_type & _TYPE_MASK != (_IN if into_guest else _OUT):
             return None
+        return self.request_for(head, trailer, sector, data, length, into_guest, region)
+
+    def request_for(self, head: int, status_gpa: int, sector: int, data: list[tuple[int, int]],
+                    length: int, into_guest: bool, region: GuestRegion | None
+                    ) -> BlkRequest | None:
+        """The locked request of a chain whose header said IN (``into_guest``) or OUT at
+        ``sector``, or None: write permission, the range, the RequestBuffers and their locks, no
+        bounce, the O_DIRECT alignment.  ``region``: the one writable region holding every
+        piece, if the caller found one (else each piece is looked up).
+
+        The compiled fast path hands back here the requests it finishes the Python way, with
+        the sector it read (the header is not read twice: the guest may have changed it).
+        """
         handler = self.handler
         limits = handler.limits
         if not into_guest and limits.read_only:
@@ -265,6 +288,10 @@ class FastPath:
         if range_fault(sector, length, limits) is not None:
             return None
         memory = self.memory
+        if region is None:
+            region = self._data_region(status_gpa, data, into_guest)
+            if region is None:
+                return None
         if len(data) == 1:
             buffers = RequestBuffers.linear(memory, data[0][0], length, into_guest)
             try:
@@ -275,7 +302,7 @@ class FastPath:
             if handler.direct and not lock.is_aligned(handler.mem_align):
                 lock.close()
                 return None
-            return FastRequest(_READ if into_guest else _WRITE_OP, head, trailer,
+            return FastRequest(_READ if into_guest else _WRITE_OP, head, status_gpa,
                                sector, length, DataLayout([buffers], length, False), [lock],
                                lock.io_buffers, not into_guest and not handler.writeback)
         layout = plan(memory, data, guest_writable=into_guest)
@@ -289,7 +316,7 @@ class FastPath:
             for lock in locks:
                 lock.close()
             return None
-        return self._locked_request(head, trailer, sector, length, layout, locks, into_guest)
+        return self._locked_request(head, status_gpa, sector, length, layout, locks, into_guest)
 
     def _look_up(self, hdr_addr: int, status_gpa: int, data: list[tuple[int, int]],
                  into_guest: bool) -> tuple[int, int, GuestRegion] | None:
@@ -303,6 +330,15 @@ class FastPath:
             req_type, _, sector = _unpack_header(region.view, hdr_addr - region.gpa)
         except ValueError:  # the region went away meanwhile
             return None
+        region = self._data_region(status_gpa, data, into_guest)
+        if region is None:
+            return None
+        return req_type, sector, region
+
+    def _data_region(self, status_gpa: int, data: list[tuple[int, int]],
+                     into_guest: bool) -> GuestRegion | None:
+        """The status and each data piece looked up, the status and an IN's data writable: the
+        last data piece's region, or None."""
         region = self._find(status_gpa, 1)
         if region is None or region.readonly:
             return None
@@ -310,7 +346,7 @@ class FastPath:
             region = self._find(addr, n)
             if region is None or (into_guest and region.readonly):
                 return None
-        return req_type, sector, region  # (data is never empty)
+        return region  # (data is never empty)
 
     def _locked_request(self, head: int, status_gpa: int, sector: int, length: int,
                         layout: DataLayout, locks: list[LockedIoBuffers],

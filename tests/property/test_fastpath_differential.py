@@ -15,6 +15,11 @@ offsets (after doing the IO, so the image is the same either way), and both path
 report the same failures -- statuses, used lengths, counters, dirty pages -- which is how the
 fast path's fused completion is checked against the device's generic ``_finish`` on errors.
 
+Both cores run it (:mod:`virtio_blk.core`): the pure-Python fast path and the compiled one
+(:mod:`virtio_blk._fastpath_core`, which serves split rings on io_uring and hands the rest to
+the Python one) -- the three implementations held to one result, and the floors check that the
+compiled core itself took every shape it serves.
+
 With the inline engine every request finishes as it is started, so both runs complete in ring
 order and the comparison is byte for byte.  With io_uring the generic path completes a batch's
 immediate errors before its reaped IO, so the order of used entries (and the batch links of the
@@ -31,7 +36,9 @@ import random
 import select
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
@@ -58,6 +65,7 @@ from vhost.queue.split import (
 from vhost.runner.thread import Notifier, QueueWorker
 from vhost_frontend import DriverRing
 from vhost_frontend.packed import PackedDriverRing
+from virtio_blk import core as cores
 from virtio_blk.device import BlkDevice, BlkQueueHandler
 from virtio_blk.request import HEADER, T_BARRIER, ReqType
 
@@ -72,6 +80,9 @@ FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
 PACKED = int(VirtioFeature.RING_PACKED)
 #: The ring layouts every property runs over.
 LAYOUTS = ("split", "packed")
+#: The fast path's cores every property runs with.  Where the compiled core was not built (no C
+#: compiler), its cases are skipped; CI checks it is built (.ci/run).
+CORES = ("python", "compiled")
 
 PLACES = ("A",) * 10 + ("B", "B", "AB", "RO", "HOLE")
 ALIGNS = ("page",) * 4 + ("sector", "sector", "odd")
@@ -142,12 +153,13 @@ scenarios = st.builds(
 )
 
 
-def inject_eio(engine: Engine, modulus: int) -> None:
+def inject_eio(engine: Engine, modulus: int) -> Callable[[IoOp], None]:
     """Make ``engine`` report EIO for the reads and writes whose 4k page number is a multiple
     of ``modulus``, whether they finish in ``submit`` or come back from ``reap``.
 
     The IO itself still happens, so guest memory and the image are what a disk that failed
-    after moving the bytes leaves: the same in both runs.
+    after moving the bytes leaves: the same in both runs.  Returns the function that fails an
+    op, for the compiled core's ``result_hook`` (its requests do not go through ``submit``).
     """
     submit, reap = engine.submit, engine.reap
 
@@ -169,6 +181,12 @@ def inject_eio(engine: Engine, modulus: int) -> None:
 
     engine.submit = failing_submit  # type: ignore[method-assign]
     engine.reap = failing_reap  # type: ignore[method-assign]
+    return fail
+
+
+def compiled_core_or_skip(core: str) -> None:
+    if core == "compiled" and cores.compiled_module() is None:
+        pytest.skip("the compiled core is not built here")
 
 
 def record_fast_heads(engine: Engine, heads: list[int]) -> None:
@@ -376,7 +394,7 @@ class Rig:
     """One copy of everything, served by a queue worker with the fast path on or off."""
 
     def __init__(self, sc: Scenario, layout: Layout, image: bytes, tmp: str,
-                 fast: bool, name: str = "") -> None:
+                 fast: bool, name: str = "", core: str = "python") -> None:
         self.mem = GuestMemory()
         self.maps = [mmap.mmap(-1, A_SIZE), mmap.mmap(-1, B_SIZE), mmap.mmap(-1, RO_SIZE)]
         self.mem.add_buffer(A_GPA, self.maps[0])
@@ -423,12 +441,20 @@ class Rig:
         self.handler = handler
         # The engine that runs is the one asked for (no silent fallback to another).
         assert self.handler.engine.name == sc.engine, self.handler.engine.name
-        if sc.eio:
-            inject_eio(self.handler.engine, sc.eio)
+        fail = inject_eio(self.handler.engine, sc.eio) if sc.eio else None
         #: Heads of the requests the fast path started (FastRequest: ``fast`` is True), in
-        #: order (a head the driver makes available again may be taken again).
+        #: order (a head the driver makes available again may be taken again); and of those
+        #: the compiled core started itself.
         self.fast_heads: list[int] = []
+        self.compiled_heads: list[int] = []
         record_fast_heads(self.handler.engine, self.fast_heads)
+        self.core = core
+        if fast:
+            with mock.patch.dict(os.environ, {cores.ENV: core}):
+                fp = self.handler._fast = cores.make_fast_path(self.handler, self.vq)
+            if not isinstance(fp, cores.FastPath):  # the compiled core serves this queue
+                fp.record = self.compiled_heads  # type: ignore[attr-defined]
+                fp.result_hook = fail  # type: ignore[attr-defined]
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.worker = QueueWorker(self.vq, self.handler, self.kick_fd, Notifier(self.call_fd))
@@ -439,6 +465,15 @@ class Rig:
             os.ftruncate(self.log_fd, size)
             self.log = DirtyLog(self.log_fd, size)
             self.vq.dirty = self.handler.dirty = DirtyMarker(self.log)
+
+    def taken(self) -> int:
+        """Requests the fast path took, whichever core (the compiled one counts its own and
+        its Python fallback's)."""
+        fp = self.handler._fast
+        if fp is None:
+            return 0
+        python = getattr(fp, "python", None)
+        return fp.taken + (python.taken if python is not None else 0)
 
     def publish(self, heads: list[int], jump: bool) -> None:
         if not self.packed:
@@ -526,6 +561,8 @@ class Rig:
         self.vq.release()
         self.handler.close()
         self.worker.call.close()
+        # The worker's own wake-up eventfd (its thread never ran: stop() would close it).
+        os.close(self.worker._wake_fd)
         os.close(self.kick_fd)
         self.inflight.close()
         if self.log is not None:
@@ -561,14 +598,15 @@ def observable(rig: Rig, ordered: bool) -> dict[str, object]:
     }
 
 
-def serve_both(sc: Scenario, ring: str = "split") -> tuple[Layout, set[int], list[str]]:
-    """Serve ``sc``'s ring (of layout ``ring``) with the fast path on and off, comparing
-    everything observable after each batch; the layout, the heads the fast path took, and
-    events for Hypothesis' report."""
+def serve_both(sc: Scenario, ring: str = "split", core: str = "python"
+               ) -> tuple[Layout, set[int], list[str], set[int]]:
+    """Serve ``sc``'s ring (of layout ``ring``) with the fast path (of ``core``) on and off,
+    comparing everything observable after each batch; the layout, the heads the fast path
+    took, events for Hypothesis' report, and the heads the compiled core took itself."""
     layout = Layout(sc, ring)
     image = random.Random(sc.seed ^ 0x5A5A).randbytes(IMAGE_SECTORS * 512)
     with tempfile.TemporaryDirectory() as tmp:
-        fast = Rig(sc, layout, image, tmp, fast=True)
+        fast = Rig(sc, layout, image, tmp, fast=True, core=core)
         ref = Rig(sc, layout, image, tmp, fast=False)
         try:
             heads = layout.heads
@@ -585,12 +623,15 @@ def serve_both(sc: Scenario, ring: str = "split") -> tuple[Layout, set[int], lis
                 if start >= len(heads):
                     break
             assert not ref.fast_heads, "the reference run went through the fast path"
-            taken = fast.handler._fast.taken if fast.handler._fast else 0
-            assert taken == len(fast.fast_heads)
+            taken = fast.taken()
+            assert taken == len(fast.fast_heads) + len(fast.compiled_heads)
             share = "none" if not taken else "all" if taken == len(heads) else "some"
-            events = [f"{ring} ring: fast path took {share}", f"queue broken: {ref.vq.broken}",
+            events = [f"{ring} ring, {core} core: fast path took {share}",
+                      f"compiled core took {'some' if fast.compiled_heads else 'none'}",
+                      f"queue broken: {ref.vq.broken}",
                       f"disk failures: {'some' if ref.device.stats.errors and sc.eio else 'none'}"]
-            return layout, set(fast.fast_heads), events
+            return (layout, set(fast.fast_heads) | set(fast.compiled_heads), events,
+                    set(fast.compiled_heads))
         finally:
             fast.close()
             ref.close()
@@ -652,25 +693,44 @@ SHAPE_SCENARIOS = [(shape, engine, shape_scenario(shape, engine))
                    for engine in ("inline", "io_uring")]
 
 
-@pytest.mark.parametrize("ring", LAYOUTS)
+#: (ring, core) pairs the properties run over: the compiled core serves split rings only (a
+#: packed ring gets the Python fast path from either core).
+RINGS_AND_CORES = [("split", "python"), ("packed", "python"), ("split", "compiled")]
+
+
+def compiled_serves(sc: Scenario, ring: str) -> bool:
+    """Whether the compiled core itself is meant to take ``sc``'s well-formed requests: split
+    ring, io_uring, no dirty logging (the Python fast path runs while pages are logged)."""
+    return ring == "split" and sc.engine == "io_uring" and not sc.dirty_log
+
+
+@pytest.mark.parametrize(("ring", "core"), RINGS_AND_CORES)
 @pytest.mark.parametrize(("shape", "engine", "sc"), SHAPE_SCENARIOS,
                          ids=[f"{shape}-{engine}" for shape, engine, _ in SHAPE_SCENARIOS])
 def test_fast_path_takes_every_request_of_each_shape(shape: str, engine: str, sc: Scenario,
-                                                     ring: str) -> None:
-    """Each shape, on each engine and ring layout: the fast path takes every request, and
-    serves each as the generic path does."""
-    layout, taken, _ = serve_both(sc, ring)
+                                                     ring: str, core: str) -> None:
+    """Each shape, on each engine, ring layout and core: the fast path takes every request,
+    and serves each as the generic path does -- the compiled core itself where it serves."""
+    compiled_core_or_skip(core)
+    layout, taken, _, compiled = serve_both(sc, ring, core)
     assert layout.heads and all(shape in shapes_of(sc, r) for r in sc.requests)
     missed = [(head, layout.requests[head]) for head in layout.heads if head not in taken]
     assert not missed, f"the fast path declined {shape} requests on {engine}: {missed}"
+    if core == "compiled" and compiled_serves(sc, ring):
+        missed = [(head, layout.requests[head]) for head in layout.heads
+                  if head not in compiled]
+        assert not missed, f"the compiled core declined {shape} requests: {missed}"
 
 
-@pytest.mark.parametrize("ring", LAYOUTS)
-def test_fast_path_is_invisible(ring: str) -> None:
-    """The property, over Hypothesis' rings of each layout; then the floor: every one of
-    :data:`SHAPES` was taken by the fast path in at least one example (the explicit ones
-    guarantee each)."""
+@pytest.mark.parametrize(("ring", "core"), RINGS_AND_CORES)
+def test_fast_path_is_invisible(ring: str, core: str) -> None:
+    """The property, over Hypothesis' rings of each layout and core; then the floor: every one
+    of :data:`SHAPES` was taken by the fast path in at least one example (the explicit ones
+    guarantee each) -- and with the compiled core, every shape it serves by that core
+    itself."""
+    compiled_core_or_skip(core)
     seen: set[str] = set()
+    seen_compiled: set[str] = set()
 
     @settings(deadline=None, max_examples=150 if ring == "split" else 100,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -687,18 +747,34 @@ def test_fast_path_is_invisible(ring: str) -> None:
                        Req(ReqType.OUT, 16, [(4096, "B", "page")], False, None),
                        Req(ReqType.OUT, 24, [(4096, "A", "sector")], True, None)],
                       None, 1, "io_uring", False, False, 64, [4], True, 2))
+    # The same without dirty logging: the compiled core's own requests fail, and it must hand
+    # them to the Python completion, which reports them as the reference does.
+    @example(Scenario([Req(ReqType.IN, 0, [(4096, "A", "page")], False, None),
+                       Req(ReqType.IN, 8, [(4096, "A", "page")], True, None),
+                       Req(ReqType.OUT, 16, [(4096, "B", "page")], False, None),
+                       Req(ReqType.OUT, 24, [(4096, "A", "sector")], True, None)],
+                      None, 1, "io_uring", False, False, 64, [4], False, 2))
     def served_alike(sc: Scenario) -> None:
-        layout, taken, events = serve_both(sc, ring)
+        layout, taken, events, compiled = serve_both(sc, ring, core)
         for text in events:
             event(text)
         for head in taken:
             seen.update(shapes_of(sc, layout.requests[head]))
+        for head in compiled:
+            seen_compiled.update(shapes_of(sc, layout.requests[head]))
+            if sc.eio:
+                seen_compiled.add("a disk failure")
 
     for _, _, sc in SHAPE_SCENARIOS:
         served_alike = example(sc)(served_alike)
     served_alike()
     never = [shape for shape in SHAPES if shape not in seen]
     assert not never, f"the fast path never took: {never}"
+    if core == "compiled":
+        expected = [*SHAPES, "a disk failure"]
+        never = [shape for shape in expected if shape not in seen_compiled
+                 and shape not in ("inline engine", "dirty logging")]
+        assert not never, f"the compiled core never took: {never}"
 
 
 # ---------------------------------------------------------------- split and packed alike

@@ -279,6 +279,20 @@ class SplitQueue:
             self._inflight.popped(head)
         return DescriptorChain(head, readable, writable, rlen, wlen)
 
+    def compiled_view(self) -> tuple[memoryview, memoryview, bytearray, int, bool]:
+        """What a compiled walker of this ring (:mod:`virtio_blk._fastpath_core`) reads and
+        updates: the descriptor table and avail ring views, the in-flight flags (one byte per
+        head, which it sets as it claims, as :meth:`claim` does), the size, and whether
+        INDIRECT_DESC was negotiated.  It applies :meth:`_simple`'s rules, and moves
+        :attr:`next_avail` and :attr:`in_flight_count` and records each claim in
+        :attr:`inflight_area` itself."""
+        return self._desc, self._avail, self._in_flight, self.size, self.indirect
+
+    @property
+    def inflight_area(self) -> InflightQueue | None:
+        """The in-flight area of this queue (crash recovery), if the frontend gave one."""
+        return self._inflight
+
     @property
     def replay_pending(self) -> bool:
         """Heads from before a restart are still to be resubmitted (they come first)."""

@@ -51,7 +51,7 @@ def run(engine: UringEngine, ops: list[IoOp]) -> list[IoOp]:
 
 def test_batches_larger_than_the_ring_and_completions_across_its_wrap(disk: Disk) -> None:
     engine = UringEngine(disk, entries=4)
-    engine.bypass = engine._nowait = False  # every op through the ring
+    engine.bypass = engine.nowait = False  # every op through the ring
     bufs = [bytearray(BLOCK) for _ in range(11)]
     try:
         for rnd in range(5):  # 55 ops through a 4-entry ring: the CQ ring wraps many times
@@ -106,6 +106,6 @@ def test_lone_read_without_the_ring_and_its_fallbacks(disk: Disk,
         monkeypatch.setattr(disk, "try_readv_nowait", unsupported)
         r = op(OpKind.READ, 8, buf)
         assert run(engine, [r]) == [r] and r.result == BLOCK
-        assert not engine._nowait
+        assert not engine.nowait
     finally:
         engine.close()

@@ -1,0 +1,778 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+"""The compiled fast path: :class:`virtio_blk.fastpath.FastPath`'s interface, in C.
+
+The pure-Python fast path (:mod:`virtio_blk.fastpath`) spends most of a request's ~7 us in
+object churn: a chain tuple, a RequestBuffers, a lock, an IoBuffer, a request, a submission
+tuple, a completion tuple.  This module does the same pass -- Linux's request shapes on a split
+ring served by the io_uring engine of a raw image -- with C structs: per request it walks the
+chain, checks it, claims it, fills one submission entry (or does the buffered write / cached
+read itself with the GIL released, as the Python engine's ``bypass`` does), reaps and writes the
+status byte, and builds no Python object but the ``(head, used length)`` pair the worker
+publishes.
+
+Rules stay stated once.  This is an implementation of the same interface, and anything it does
+not handle exactly as the Python path would is *declined* -- left untouched for the pure-Python
+fast path, and after it the generic path, which report every fault:
+
+* the ring rules are :meth:`vhost.queue.split.SplitQueue._simple`'s (head in range and not in
+  flight, ``next`` links, the indirect table's length and negotiation, readable before writable,
+  each piece inside one guest memory region, under 2**32 bytes) -- a chain that breaks one, or
+  has another shape, ends this pass of the compiled path at its head;
+* the virtio-blk rules are :meth:`virtio_blk.fastpath.FastPath._build`'s (header of 16 bytes and
+  status of 1, type IN or OUT matching the data's direction, status and an IN's data in writable
+  memory, :func:`virtio_blk.request.range_fault`, write permission, no bounce needed by
+  :func:`virtio_blk.layout.plan`'s rule, O_DIRECT alignment);
+* while dirty pages are logged (a migration), the Python fast path serves the whole pass;
+* a request that fails or comes back short, one completing while dirty pages are logged or after
+  the memory table changed, and every request while a test hook is set, is finished by the Python
+  path's own completion (:meth:`FastPath.complete`, hence the device's ``finish``) on a
+  request the Python fast path builds for it.
+
+The differential property test (``tests/property/test_fastpath_differential.py``) runs the
+generic path, the Python fast path and this one on the same rings and holds all three to the
+same guest-visible results, and counts that this one took requests.
+
+Guest memory stays "locked" for the duration of the IO as RequestBuffers' locks keep it: each
+request holds a reference to a tuple of slices of the regions it was found in (a region whose
+mapping has a live slice is unmapped only when the slice goes), released at completion.
+
+What the compiled path shares with the Python io_uring engine is the ring itself
+(:meth:`blockdev.uring.Uring.raw_layout`): its entries carry
+:data:`blockdev.uring.EXTERNAL_TAG` in their user data, and each side stashes the other's
+completions it meets (:attr:`~blockdev.uring.Uring.stash`,
+:attr:`~blockdev.uring.Uring.external_stash`).
+"""
+
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.types cimport off_t
+
+import errno as _errno
+import logging
+import os
+
+from blockdev.ops import OpKind
+from blockdev.uring import EXTERNAL_TAG as _PY_EXTERNAL_TAG
+from virtio_blk.fastpath import MAX_PIECES as _PY_MAX_PIECES
+from virtio_blk.fastpath import FastPath as PyFastPath
+from virtio_blk.request import HEADER_SIZE as _PY_HEADER_SIZE
+from virtio_blk.request import Status
+
+log = logging.getLogger(__name__)
+
+cdef extern from "Python.h":
+    ctypedef struct Py_buffer:
+        void *buf
+    Py_buffer *PyMemoryView_GET_BUFFER(object)
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
+    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #ifndef RWF_NOWAIT
+    #define RWF_NOWAIT 0x00000008
+    #endif
+    #define VBC_SYS_IO_URING_ENTER 426
+    static inline uint32_t vbc_load_acquire(const uint32_t *p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void vbc_store_release(uint32_t *p, uint32_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    static inline uint32_t vbc_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+    static inline uint64_t vbc_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+    static inline uint16_t vbc_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+    """
+    int RWF_NOWAIT
+    int VBC_SYS_IO_URING_ENTER
+    uint32_t vbc_load_acquire(const uint32_t *p) nogil
+    void vbc_store_release(uint32_t *p, uint32_t v) nogil
+    uint32_t vbc_u32(const uint8_t *p) nogil
+    uint64_t vbc_u64(const uint8_t *p) nogil
+    uint16_t vbc_u16(const uint8_t *p) nogil
+
+
+# ---------------------------------------------------------------------------- constants
+cdef enum:
+    DESC_F_NEXT = 1
+    DESC_F_WRITE = 2
+    DESC_F_INDIRECT = 4
+    NEXT_WRITE = 3
+    MAX_INDIRECT_BYTES = 32768 * 16  # a queue's worth of descriptors at most
+    T_IN = 0
+    T_OUT = 1
+    TYPE_MASK = 0x7FFFFFFF
+    SECTOR = 512
+    PAGE_MASK = 4095
+    # Data runs of a request the compiled path takes (one iovec each); more go the Python way.
+    MAX_IOV = 16
+    OP_READ = 22
+    OP_WRITE = 23
+    OP_READV = 1
+    OP_WRITEV = 2
+
+cdef uint64_t MAX_CHAIN_BYTES = 1ULL << 32
+cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
+cdef int HEADER_SIZE = _PY_HEADER_SIZE
+cdef int MAX_PIECES = _PY_MAX_PIECES
+cdef object KIND_READ = OpKind.READ
+cdef object KIND_WRITE = OpKind.WRITE
+cdef int STATUS_OK = int(Status.OK)
+cdef int STATUS_IOERR = int(Status.IOERR)
+
+cdef struct Sqe:  # struct io_uring_sqe (include/uapi/linux/io_uring.h), 64 bytes
+    uint8_t opcode
+    uint8_t flags
+    uint16_t ioprio
+    int32_t fd
+    uint64_t off
+    uint64_t addr
+    uint32_t len
+    uint32_t rw_flags
+    uint64_t user_data
+    uint16_t buf_index
+    uint16_t personality
+    int32_t splice_fd_in
+    uint64_t addr3
+    uint64_t pad
+
+cdef struct Cqe:
+    uint64_t user_data
+    int32_t res
+    uint32_t flags
+
+cdef struct Region:
+    uint64_t gpa
+    uint64_t end
+    uintptr_t host
+    bint readonly
+
+cdef struct Slot:
+    uint64_t offset       # byte offset on the disk
+    uint64_t status_gpa
+    uint8_t *status       # host address of the status byte
+    int64_t start_ns
+    uint32_t length       # data bytes
+    uint16_t niov
+    bint into_guest       # a read (IN): the disk fills guest memory
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline uintptr_t _view_address(object view) except? 0:
+    return <uintptr_t>PyMemoryView_GET_BUFFER(view).buf
+
+
+def applicable(handler, vq):
+    """Why the compiled path cannot serve this queue (a short reason), or None if it can.
+
+    It serves a split ring (:class:`~vhost.queue.split.SplitQueue`) whose device reads and
+    writes a raw image through the io_uring engine itself -- not a format, a filter, a plugin or
+    the thread pool, which keep the Python fast path.
+    """
+    from blockdev.disk import Disk
+    from blockdev.engine import UringEngine
+    from vhost.queue.split import SplitQueue
+
+    if type(vq) is not SplitQueue:
+        return f"a {type(vq).__name__}"
+    engine = handler.engine
+    if type(engine) is not UringEngine:
+        return f"the {getattr(engine, 'name', type(engine).__name__)} engine"
+    if not isinstance(engine.disk, Disk):
+        return f"a {type(engine.disk).__name__}"
+    return None
+
+
+cdef class FastPath:
+    """The compiled fast path of one split queue served by io_uring (see the module docstring):
+    the interface of :class:`virtio_blk.fastpath.FastPath` -- ``drain``, ``complete``,
+    ``complete_reaped``, ``taken``, ``vq`` -- with that class serving what this one declines."""
+
+    cdef readonly object handler
+    cdef readonly object vq
+    cdef readonly object engine
+    cdef readonly object python
+    #: Requests this compiled path started (the Python fast path counts its own).
+    cdef public long taken
+    #: Tests: called with each request the compiled path finishes (built by the Python fast
+    #: path, its result set), before completion -- the Python tests' fault injection seam.
+    cdef public object result_hook
+    #: Tests: when a list, the head of every request this path starts is appended.
+    cdef public object record
+    cdef object memory
+    cdef object ring
+    cdef object stats
+    cdef object disk
+    # ring views (slices we hold, so the mapping outlives a release of the queue's own views)
+    cdef object _keep
+    cdef const uint8_t *desc
+    cdef uint16_t *avail
+    cdef uint32_t size
+    cdef uint32_t mask
+    cdef bint indirect_ok
+    cdef object in_flight       # the queue's bytearray
+    # guest memory
+    cdef object _regions         # the table (tuple of GuestRegion) the snapshot was made of
+    cdef object _pins            # slices of each region's view, held by in-flight requests
+    cdef Region *reg
+    cdef int nreg
+    cdef int last
+    # requests
+    cdef Slot *slots
+    cdef iovec *iov
+    cdef uint64_t *piece_gpa
+    cdef list pins               # per head: the pin tuple its request holds
+    cdef uint16_t *batch
+    # io_uring (the Python engine's ring, see blockdev.uring.Uring.raw_layout)
+    cdef int ring_fd
+    cdef uint32_t *sq_head
+    cdef uint32_t *sq_tail
+    cdef uint32_t sq_mask
+    cdef uint32_t sq_entries
+    cdef Sqe *sqes
+    cdef uint32_t *cq_head
+    cdef uint32_t *cq_tail
+    cdef uint32_t cq_mask
+    cdef Cqe *cqes
+    cdef int fd
+    # per pass
+    cdef bint direct
+    cdef uint64_t align_mask
+    cdef uint64_t capacity
+    cdef uint32_t lbs
+    cdef uint64_t max_transfer
+    cdef bint read_only
+    cdef bint writeback
+    cdef bint bypass
+    # counters, flushed to the stats once per call
+    cdef long n_reads, n_writes
+    cdef uint64_t n_bytes_read, n_bytes_written
+
+    def __cinit__(self):
+        self.slots = NULL
+        self.iov = NULL
+        self.piece_gpa = NULL
+        self.reg = NULL
+        self.batch = NULL
+
+    def __init__(self, handler, vq):
+        self.handler = handler
+        self.vq = vq
+        self.engine = handler.engine
+        self.python = PyFastPath(handler, vq)
+        self.taken = 0
+        self.result_hook = None
+        self.record = None
+        self.memory = handler.memory
+        self.stats = handler.stats
+        self.disk = self.engine.disk
+        self.fd = self.disk.fd
+        desc, avail, in_flight, size, indirect = vq.compiled_view()
+        self._keep = (desc[:], avail[:])
+        self.desc = <const uint8_t *>_view_address(self._keep[0])
+        self.avail = <uint16_t *>_view_address(self._keep[1])
+        self.size = size
+        self.mask = size - 1
+        self.indirect_ok = indirect
+        self.in_flight = in_flight
+        self.slots = <Slot *>malloc(sizeof(Slot) * size)
+        self.iov = <iovec *>malloc(sizeof(iovec) * size * MAX_IOV)
+        self.piece_gpa = <uint64_t *>malloc(sizeof(uint64_t) * size * MAX_IOV)
+        self.batch = <uint16_t *>malloc(sizeof(uint16_t) * size)
+        if not self.slots or not self.iov or not self.piece_gpa or not self.batch:
+            raise MemoryError()
+        self.pins = [None] * size
+        self._regions = None
+        self._pins = None
+        self.nreg = 0
+        self.last = 0
+        self.ring = self.engine.ring
+        layout = self.ring.raw_layout()
+        self.ring_fd = layout["fd"]
+        self.sq_head = <uint32_t *><uintptr_t>layout["sq_head"]
+        self.sq_tail = <uint32_t *><uintptr_t>layout["sq_tail"]
+        self.sq_mask = layout["sq_mask"]
+        self.sq_entries = layout["sq_entries"]
+        self.sqes = <Sqe *><uintptr_t>layout["sqes"]
+        self.cq_head = <uint32_t *><uintptr_t>layout["cq_head"]
+        self.cq_tail = <uint32_t *><uintptr_t>layout["cq_tail"]
+        self.cq_mask = layout["cq_mask"]
+        self.cqes = <Cqe *><uintptr_t>layout["cqes"]
+
+    def __dealloc__(self):
+        free(self.slots)
+        free(self.iov)
+        free(self.piece_gpa)
+        free(self.reg)
+        free(self.batch)
+
+    # ------------------------------------------------------------------ guest memory
+    cdef int _snapshot(self) except -1:
+        """Take the current memory table: the regions' bounds and host addresses, and a slice
+        of each region's view (what in-flight requests hold, as their locks)."""
+        regions = self.memory.regions
+        cdef int n = len(regions)
+        cdef Region *reg = <Region *>malloc(sizeof(Region) * (n if n else 1))
+        if reg == NULL:
+            raise MemoryError()
+        pins = []
+        cdef int i = 0
+        try:
+            for region in regions:
+                pins.append(region.view[:])  # ValueError: removed meanwhile (caller declines)
+                reg[i].gpa = region.gpa
+                reg[i].end = region.gpa + region.size
+                reg[i].host = region.host_addr
+                reg[i].readonly = region.readonly
+                i += 1
+        except BaseException:
+            free(reg)
+            raise
+        free(self.reg)
+        self.reg = reg
+        self.nreg = n
+        self.last = 0
+        self._pins = tuple(pins)
+        self._regions = regions
+        return 0
+
+    cdef inline int _find(self, uint64_t addr, uint64_t n) noexcept nogil:
+        """The region holding all of ``[addr, addr+n)`` (n > 0), or -1."""
+        cdef Region *r = &self.reg[self.last]
+        if self.nreg and r.gpa <= addr and addr < r.end and n <= r.end - addr:
+            return self.last
+        cdef int i
+        for i in range(self.nreg):
+            r = &self.reg[i]
+            if r.gpa <= addr and addr < r.end and n <= r.end - addr:
+                self.last = i
+                return i
+        return -1
+
+    cdef inline uint8_t *_host(self, int region, uint64_t gpa) noexcept nogil:
+        return <uint8_t *>(self.reg[region].host + (gpa - self.reg[region].gpa))
+
+    # ------------------------------------------------------------------ recognition
+    cdef bint _parse(self, uint16_t head) noexcept nogil:
+        """Check the chain at ``head`` with the ring's and the device's rules and fill its slot;
+        False (nothing changed) for anything the compiled path does not take."""
+        if head >= self.size:
+            return False
+        cdef const uint8_t *table = self.desc
+        cdef uint64_t count = self.size
+        cdef const uint8_t *d = table + (<uint64_t>head << 4)
+        cdef uint64_t addr = vbc_u64(d)
+        cdef uint64_t length = vbc_u32(d + 8)
+        cdef uint16_t flags = vbc_u16(d + 12)
+        cdef uint16_t nxt = vbc_u16(d + 14)
+        cdef int r
+        if flags == DESC_F_INDIRECT:  # one indirect table holding the whole chain
+            if not self.indirect_ok or length & 15 or length == 0 or length > MAX_INDIRECT_BYTES:
+                return False
+            r = self._find(addr, length)
+            if r < 0:
+                return False
+            table = self._host(r, addr)
+            count = length >> 4
+            addr = vbc_u64(table)
+            length = vbc_u32(table + 8)
+            flags = vbc_u16(table + 12)
+            nxt = vbc_u16(table + 14)
+        cdef uint64_t limit = MAX_PIECES if MAX_PIECES < count else count
+        # The header: readable, 16 bytes, in memory.
+        if flags != DESC_F_NEXT or length != HEADER_SIZE or nxt >= count or limit < 3:
+            return False
+        r = self._find(addr, length)
+        if r < 0:
+            return False
+        cdef const uint8_t *hdr = self._host(r, addr)
+        cdef uint32_t req_type = vbc_u32(hdr) & TYPE_MASK
+        cdef uint64_t sector = vbc_u64(hdr + 8)
+        # The data: one direction, each run non-empty, in memory.
+        d = table + (<uint64_t>nxt << 4)
+        addr = vbc_u64(d)
+        length = vbc_u32(d + 8)
+        cdef uint16_t data_flags = vbc_u16(d + 12)
+        nxt = vbc_u16(d + 14)
+        if data_flags != DESC_F_NEXT and data_flags != NEXT_WRITE:
+            return False
+        cdef bint into_guest = data_flags == NEXT_WRITE
+        if req_type != (T_IN if into_guest else T_OUT):
+            return False
+        if not into_guest and (self.read_only or not self.writeback):
+            return False  # refused, or write-through: the Python paths answer it
+        cdef Slot *slot = &self.slots[head]
+        cdef iovec *iov = &self.iov[<uint64_t>head * MAX_IOV]
+        cdef uint64_t *gpas = &self.piece_gpa[<uint64_t>head * MAX_IOV]
+        cdef uint64_t data_len = 0
+        cdef uint64_t read = 2
+        cdef uint16_t niov = 0
+        cdef uint64_t end = 0
+        flags = data_flags
+        while flags == data_flags:
+            if length == 0 or nxt >= count or read == limit or niov == MAX_IOV:
+                return False
+            r = self._find(addr, length)
+            if r < 0 or (into_guest and self.reg[r].readonly):
+                return False
+            if niov:
+                # plan()'s rule: a break that is neither contiguous nor a page join starts a
+                # new RequestBuffers, and one after a partial sector needs a bounce buffer.
+                if addr != end and (end & PAGE_MASK or addr & PAGE_MASK) and data_len % SECTOR:
+                    return False
+            iov[niov].iov_base = self._host(r, addr)
+            iov[niov].iov_len = length
+            if self.direct and (<uintptr_t>iov[niov].iov_base | length) & self.align_mask:
+                return False
+            gpas[niov] = addr
+            niov += 1
+            data_len += length
+            end = addr + length
+            d = table + (<uint64_t>nxt << 4)
+            addr = vbc_u64(d)
+            length = vbc_u32(d + 8)
+            flags = vbc_u16(d + 12)
+            nxt = vbc_u16(d + 14)
+            read += 1
+        # The status: one writable byte, the end of the chain.
+        if flags != DESC_F_WRITE or length != 1:
+            return False
+        r = self._find(addr, 1)
+        if r < 0 or self.reg[r].readonly:
+            return False
+        if HEADER_SIZE + data_len + 1 >= MAX_CHAIN_BYTES:
+            return False
+        # range_fault(), the one statement of the rule, as C.
+        if data_len % SECTOR or data_len % self.lbs or data_len > self.max_transfer:
+            return False
+        if sector % (self.lbs // SECTOR):
+            return False
+        if sector > self.capacity or (data_len >> 9) > self.capacity - sector:
+            return False
+        slot.offset = sector << 9
+        slot.status_gpa = addr
+        slot.status = self._host(r, addr)
+        slot.length = <uint32_t>data_len
+        slot.niov = niov
+        slot.into_guest = into_guest
+        return True
+
+    cdef int _pass_settings(self) except -1:
+        handler = self.handler
+        limits = handler.limits
+        self.capacity = limits.capacity
+        self.lbs = limits.logical_block_size
+        self.max_transfer = limits.max_transfer
+        self.read_only = limits.read_only
+        self.writeback = handler.writeback
+        self.direct = handler.direct
+        self.align_mask = handler.mem_align - 1 if handler.direct else 0
+        self.bypass = self.engine.bypass
+        return 0
+
+    # ------------------------------------------------------------------ the pass
+    def drain(self):
+        """Start every available request in the shapes this path takes, then hand the rest of
+        the pass to the Python fast path; ``(head, used length)`` of those already finished."""
+        handler = self.handler
+        if handler.pending:  # requests wait for bounce pages: the generic path keeps the order
+            return []
+        vq = self.vq
+        if vq.broken or vq.replay_pending:
+            return []
+        if handler.dirty is not None or self.ring.fd != self.ring_fd:
+            return self.python.drain()
+        if self.memory.regions is not self._regions:
+            try:
+                self._snapshot()
+            except ValueError:  # a region went away meanwhile: the Python paths report it
+                self._regions = None
+                return self.python.drain()
+        self._pass_settings()
+        cdef uint16_t next_avail = vq.next_avail
+        cdef uint16_t pending = <uint16_t>(self.avail[1] - next_avail)
+        if pending > self.size:
+            return []  # the generic pop reports it (and stops the queue)
+        cdef char *in_flight = PyByteArray_AS_STRING(self.in_flight)
+        cdef uint16_t head
+        cdef int n = 0
+        cdef bint declined = False
+        with nogil:
+            while n < pending:
+                head = self.avail[2 + ((next_avail + n) & self.mask)]
+                if head >= self.size or in_flight[head] or not self._parse(head):
+                    declined = True
+                    break
+                in_flight[head] = 1
+                self.batch[n] = head
+                n += 1
+        done = []
+        if n:
+            self._claim(n, next_avail)
+            self._start(n, done)
+        if declined:
+            done += self.python.drain()
+        return done
+
+    cdef int _claim(self, int n, uint16_t next_avail) except -1:
+        """The pass's chains are in flight (the queue's count, the in-flight area), avail moved
+        on; each holds the memory table's pins."""
+        vq = self.vq
+        vq.next_avail = (next_avail + n) & 0xFFFF
+        vq.in_flight_count += n
+        inflight = vq.inflight_area
+        pins = self._pins
+        cdef list per_head = self.pins
+        cdef int i
+        cdef uint16_t head
+        if inflight is not None:
+            popped = inflight.popped
+            for i in range(n):
+                popped(self.batch[i])
+        for i in range(n):
+            per_head[self.batch[i]] = pins
+        self.taken += n
+        self.stats.requests += n
+        if self.record is not None:
+            self.record.extend([self.batch[i] for i in range(n)])
+        return 0
+
+    cdef int _start(self, int n, list done) except -1:
+        """Start the pass's requests: buffered writes and a lone cached read right here (as the
+        Python engine's ``bypass`` does), the rest through the ring with one enter; then reap
+        what finished."""
+        cdef bint timing = self.handler.timing
+        cdef int64_t now = _now_ns() if timing else 0
+        cdef int i, reads = 0
+        cdef uint16_t head
+        cdef Slot *slot
+        cdef ssize_t res
+        cdef int err
+        cdef uint32_t queued = 0
+        cdef uint32_t tail = self.ring._tail
+        cdef uint32_t python_pending = self.ring._pending
+        cdef Sqe *sqe
+        cdef iovec *iov
+        for i in range(n):
+            self.slots[self.batch[i]].start_ns = now
+            if self.slots[self.batch[i]].into_guest:
+                reads += 1
+        for i in range(n):
+            head = self.batch[i]
+            slot = &self.slots[head]
+            iov = &self.iov[<uint64_t>head * MAX_IOV]
+            if self.bypass and not slot.into_guest:
+                with nogil:
+                    res = pwritev(self.fd, iov, slot.niov, slot.offset)
+                    err = errno
+                self._finish(head, res if res >= 0 else -err, done)
+                continue
+            if self.bypass and reads == 1 and slot.into_guest and self.engine.nowait:
+                with nogil:
+                    res = preadv2(self.fd, iov, slot.niov, slot.offset, RWF_NOWAIT)
+                    err = errno
+                if res == slot.length:
+                    self._finish(head, res, done)
+                    continue
+                if res < 0 and err != _errno.EAGAIN:
+                    if err == _errno.EOPNOTSUPP or err == _errno.EINVAL:
+                        log.info("%s: preadv(RWF_NOWAIT) unsupported (%s); reads go to "
+                                 "io_uring", getattr(self.disk, "path", "disk"),
+                                 os.strerror(err))
+                        self.engine.nowait = False
+                    else:
+                        self._finish(head, -err, done)
+                        continue
+                # not all cached, or short: the ring reads it
+            if ((tail - vbc_load_acquire(self.sq_head)) & 0xFFFFFFFF) >= self.sq_entries:
+                tail = self._enter(tail, queued + python_pending, queued)
+                queued = python_pending = 0
+                if ((tail - vbc_load_acquire(self.sq_head)) & 0xFFFFFFFF) >= self.sq_entries:
+                    raise OSError(0, "io_uring submission queue full")
+            sqe = &self.sqes[tail & self.sq_mask]
+            sqe.flags = 0
+            sqe.ioprio = 0
+            sqe.fd = self.fd
+            sqe.off = slot.offset
+            if slot.niov == 1:
+                sqe.opcode = OP_READ if slot.into_guest else OP_WRITE
+                sqe.addr = <uint64_t><uintptr_t>iov[0].iov_base
+                sqe.len = slot.length
+            else:
+                sqe.opcode = OP_READV if slot.into_guest else OP_WRITEV
+                sqe.addr = <uint64_t><uintptr_t>iov
+                sqe.len = slot.niov
+            sqe.rw_flags = 0
+            sqe.user_data = EXTERNAL_TAG | head
+            sqe.buf_index = 0
+            sqe.personality = 0
+            sqe.splice_fd_in = 0
+            sqe.addr3 = 0
+            sqe.pad = 0
+            tail += 1
+            queued += 1
+        if queued or python_pending:
+            self._enter(tail, queued + python_pending, queued)
+        self._reap(done)
+        self._flush_counters()
+        return 0
+
+    cdef uint32_t _enter(self, uint32_t tail, uint32_t to_submit,
+                         uint32_t ours) except? 0xFFFFFFFF:
+        """Publish the submission tail and enter the kernel once (the Python ring's own prepared
+        entries, if any, go with ``ours``); the tail."""
+        vbc_store_release(self.sq_tail, tail)
+        self.ring._tail = tail
+        self.ring._pending = 0
+        self.ring.external_in_flight += ours
+        cdef long ret
+        cdef int err
+        while True:
+            with nogil:
+                ret = syscall(VBC_SYS_IO_URING_ENTER, self.ring_fd, to_submit, 0, 0, NULL, 0)
+                err = errno
+            if ret >= 0 or err != _errno.EINTR:
+                break
+        if ret < 0:
+            raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
+        return tail
+
+    cdef int _reap(self, list done) except -1:
+        """Complete the ring's finished entries of this path; stash the Python engine's."""
+        cdef uint32_t head = self.cq_head[0]
+        cdef uint32_t tail = vbc_load_acquire(self.cq_tail)
+        cdef Cqe *cqe
+        cdef uint64_t ud
+        cdef int32_t res
+        stash = self.ring.stash
+        while head != tail:
+            cqe = &self.cqes[head & self.cq_mask]
+            ud = cqe.user_data
+            res = cqe.res
+            head += 1
+            if ud & EXTERNAL_TAG:
+                self.ring.external_in_flight -= 1
+                self._finish(<uint16_t>(ud & 0xFFFF), res, done)
+            else:
+                stash.append((ud, res))
+            if head == tail:  # (more may have come meanwhile)
+                vbc_store_release(self.cq_head, head)
+                tail = vbc_load_acquire(self.cq_tail)
+        vbc_store_release(self.cq_head, head)
+        self._take_external_stash(done)
+        return 0
+
+    cdef int _take_external_stash(self, list done) except -1:
+        """Complete this path's entries the engine's own reap met (and stashed)."""
+        external = self.ring.external_stash
+        if external:
+            self.ring.external_stash = []
+            self.ring.external_in_flight -= len(external)
+            for ud, res in external:
+                self._finish(<uint16_t>(ud & 0xFFFF), res, done)
+        return 0
+
+    # ------------------------------------------------------------------ completion
+    cdef int _finish(self, uint16_t head, long res, list done) except -1:
+        """A request of this path is done with ``res`` (bytes, or -errno): its status, counters
+        and used length -- here when it moved all its bytes, else by the Python completion."""
+        cdef Slot *slot = &self.slots[head]
+        if head >= self.size or not PyByteArray_AS_STRING(self.in_flight)[head]:
+            log.error("queue %d: io_uring completion for head %d not in flight: ignored",
+                      self.handler.index, head)
+            return 0
+        handler = self.handler
+        if (res != slot.length or self.result_hook is not None or handler.dirty is not None
+                or self.memory.regions is not self._regions):
+            done.append((head, self._finish_in_python(head, res)))
+            self.pins[head] = None
+            return 0
+        slot.status[0] = STATUS_OK
+        self.pins[head] = None
+        if handler.timing:
+            self.stats.add_latency(KIND_READ if slot.into_guest else KIND_WRITE, slot.start_ns)
+        if slot.into_guest:
+            self.n_reads += 1
+            self.n_bytes_read += slot.length
+            done.append((head, slot.length + 1))
+        else:
+            self.n_writes += 1
+            self.n_bytes_written += slot.length
+            done.append((head, 1))
+        return 0
+
+    cdef object _finish_in_python(self, uint16_t head, long res):
+        """The Python path's completion of a request of this path (a failure, a short transfer,
+        dirty logging, a changed memory table): the request as the Python fast path builds it,
+        its result as the engine reports one, then :meth:`FastPath.complete`."""
+        cdef Slot *slot = &self.slots[head]
+        cdef uint64_t *gpas = &self.piece_gpa[<uint64_t>head * MAX_IOV]
+        cdef iovec *iov = &self.iov[<uint64_t>head * MAX_IOV]
+        data = [(gpas[i], iov[i].iov_len) for i in range(slot.niov)]
+        self._flush_counters()
+        # Built from what this path read (the header is not read again: the guest may have
+        # changed it), with the Python path's checks against the memory table of now.
+        req = self.python.request_for(head, slot.status_gpa, slot.offset >> 9, data,
+                                      slot.length, slot.into_guest, None)
+        if req is None:  # its memory went away meanwhile: nothing more can be done for it
+            self.stats.errors += 1
+            return self.handler.put_status(slot.status_gpa, STATUS_IOERR, 1)
+        req.start_ns = slot.start_ns
+        self.engine.set_result(req, res)
+        if self.result_hook is not None:
+            self.result_hook(req)
+        return self.python.complete(req)
+
+    cdef int _flush_counters(self) except -1:
+        stats = self.stats
+        if self.n_reads:
+            stats.reads += self.n_reads
+            stats.bytes_read += self.n_bytes_read
+            self.n_reads = 0
+            self.n_bytes_read = 0
+        if self.n_writes:
+            stats.writes += self.n_writes
+            stats.bytes_written += self.n_bytes_written
+            self.n_writes = 0
+            self.n_bytes_written = 0
+        return 0
+
+    def complete(self, req):
+        """A request the Python fast path started (see :meth:`virtio_blk.fastpath.FastPath
+        .complete`)."""
+        return self.python.complete(req)
+
+    def complete_reaped(self):
+        """Everything the ring (and the engine) finished: this path's requests here, the rest
+        as the Python fast path completes them."""
+        done = []
+        if self.ring.fd == self.ring_fd:
+            self._reap(done)
+            self._flush_counters()
+        done += self.python.complete_reaped()
+        # This path's entries the engine's reap met meanwhile (it stashes them for us).
+        self._take_external_stash(done)
+        self._flush_counters()
+        return done

@@ -1,0 +1,126 @@
+"""Which core serves the per-request path: the compiled one, or pure Python.
+
+The fast path (:mod:`virtio_blk.fastpath`) has two implementations of one interface
+(:class:`FastPathLike`), the way uvloop, asyncpg and msgpack ship a compiled core beside their
+Python code: the pure-Python :class:`~virtio_blk.fastpath.FastPath`, and the compiled
+:mod:`virtio_blk._fastpath_core`, built from Cython when the package is installed on a machine
+with a C compiler (and silently left out where there is none -- the package then runs on the
+pure-Python core alone).  A differential property test holds both to the generic path.
+
+The environment variable ``VHOST_USER_BLK_CORE`` chooses, the convention of
+``AIOHTTP_NO_EXTENSIONS`` or ``MSGPACK_PUREPYTHON``: ``auto`` (the default: the compiled core
+if it was built, else pure Python), ``compiled`` (an error at start if it was not built) or
+``python``.  It is read by every process (queue processes and pool workers inherit it).  The
+server logs which core runs when it starts (:func:`describe`).
+
+Even with the compiled core, a queue it cannot serve -- a packed ring, a format, a filter, a
+Python plugin or the thread pool underneath -- keeps the Python fast path (:func:`make_fast_path`
+says why at debug level).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
+
+from virtio_blk.fastpath import FastPath
+
+if TYPE_CHECKING:
+    from vhost.queue.base import Queue
+    from virtio_blk.blk_request import BlkRequest
+    from virtio_blk.fastpath import FastPathHost
+
+log = logging.getLogger(__name__)
+
+ENV = "VHOST_USER_BLK_CORE"
+CHOICES = ("auto", "compiled", "python")
+COMPILED_MODULE = "virtio_blk._fastpath_core"
+
+
+class CoreUnavailable(Exception):
+    """The core asked for cannot run here; the message is one line for the user."""
+
+
+class FastPathLike(Protocol):
+    """What the device's queue handler uses of a fast path, whichever core implements it."""
+
+    @property
+    def vq(self) -> Queue: ...
+
+    @property
+    def taken(self) -> int: ...
+
+    def drain(self) -> list[tuple[int, int]]: ...
+
+    def complete(self, req: BlkRequest) -> int: ...
+
+    def complete_reaped(self) -> list[tuple[int, int]]: ...
+
+
+_compiled: ModuleType | None = None
+_compiled_problem: str | None = None
+_loaded = False
+
+
+def requested() -> str:
+    """The core the environment asks for (``auto`` when unset); CoreUnavailable for a value
+    that is not one of :data:`CHOICES`."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise CoreUnavailable(f"{ENV}={value!r}: choose one of {', '.join(CHOICES)}")
+    return value
+
+
+def compiled_module() -> ModuleType | None:
+    """The compiled core's module, or None if it was not built (or does not load here: the
+    reason is kept for :func:`describe`)."""
+    global _compiled, _compiled_problem, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            _compiled = importlib.import_module(COMPILED_MODULE)
+        except ImportError as exc:
+            _compiled_problem = str(exc) or type(exc).__name__
+    return _compiled
+
+
+def core_name() -> str:
+    """``compiled`` or ``python``: the core this process runs.  CoreUnavailable when the
+    compiled core is asked for by name and was not built."""
+    choice = requested()
+    if choice == "python":
+        return "python"
+    if compiled_module() is not None:
+        return "compiled"
+    if choice == "compiled":
+        raise CoreUnavailable(f"{ENV}=compiled: the compiled core is not built here "
+                              f"({_compiled_problem}); reinstall with a C compiler, or use "
+                              f"{ENV}=python")
+    return "python"
+
+
+def describe() -> str:
+    """One line for the log: the core that runs, and why the compiled one does not."""
+    name = core_name()
+    if name == "compiled":
+        module = compiled_module()
+        return f"per-request core: compiled ({getattr(module, '__file__', COMPILED_MODULE)})"
+    if requested() == "python":
+        return f"per-request core: pure Python ({ENV}=python)"
+    return f"per-request core: pure Python (the compiled core is not built: {_compiled_problem})"
+
+
+def make_fast_path(handler: FastPathHost, vq: Queue) -> FastPathLike:
+    """The fast path of one queue: the compiled core's where it runs and can serve this queue,
+    else the Python one."""
+    if core_name() == "compiled":
+        module = compiled_module()
+        assert module is not None
+        why_not = module.applicable(handler, vq)
+        if why_not is None:
+            return module.FastPath(handler, vq)
+        log.debug("queue %d: the Python fast path serves %s", vq.index, why_not)
+    return FastPath(handler, vq)
