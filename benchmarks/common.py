@@ -135,10 +135,13 @@ def round_order(servers: Sequence[str], rnd: int) -> list[str]:
 def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool,
                    extra: Sequence[str] = (), fmt: str = "raw",
                    blockdev: Sequence[str] = ()) -> list[str]:
-    """The command line of our server (``python``) or qemu-storage-daemon (``qsd`` or
+    """The command line of our server (``python``; ``python-pure`` is the same server on its
+    pure-Python core, see :func:`server_env`) or qemu-storage-daemon (``qsd`` or
     ``qsd-ENGINE``, see :func:`qsd_aio`), serving ``image`` in format ``fmt`` (raw or qcow2).
     ``blockdev``: our server serves the last of these ``--blockdev`` nodes instead of ``image``
     (a plugin, a filter stack), exported writable in QSD's syntax."""
+    if kind == PURE_PYTHON:
+        kind = "python"
     if kind == "python" and blockdev:
         from blockdev.keyval import parse_option
 
@@ -239,6 +242,18 @@ def lay_out_request(ring: DriverRing, slot: int, pieces: Sequence[tuple[int, int
     return first
 
 
+#: Our server on its pure-Python core (``VHOST_USER_BLK_CORE=python``); ``python`` runs the core
+#: the environment chooses (by default the compiled one where it is built).
+PURE_PYTHON = "python-pure"
+
+
+def server_env(kind: str) -> dict[str, str]:
+    """The environment a server of ``kind`` runs in."""
+    if kind == PURE_PYTHON:
+        return {**os.environ, "VHOST_USER_BLK_CORE": "python"}
+    return dict(os.environ)
+
+
 @contextlib.contextmanager
 def running_server(kind: str, image: Path, sock: Path, queues: int, direct: bool,
                    extra: Sequence[str] = (), fmt: str = "raw",
@@ -247,7 +262,8 @@ def running_server(kind: str, image: Path, sock: Path, queues: int, direct: bool
     sock.unlink(missing_ok=True)
     proc = subprocess.Popen(server_command(kind, image, sock, queues, direct, extra, fmt,
                                            blockdev),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=server_env(kind))
     try:
         wait_for_socket(sock, proc)
         yield proc
@@ -388,17 +404,18 @@ def print_table(rows: list[Measurement], title: str, project: str = "python") ->
                   f"{s.bandwidth / 1e6:>8.1f}{s.cpu_us_per_op:>11.1f}{s.cpu_spread:>8.0%}"
                   f"{s.rss / 2**20:>8.1f}{s.rounds:>7}")
             lead = " " * len(lead)
-        ours = next((s for s in summaries if s.server == project), None)
-        if ours is None or ref is None:
+        if ref is None:
             continue
         others = [s for s in summaries if is_reference(s.server) and s is not ref]
-        for s in (ref, *others):
-            label = f"{project} / {s.server}" + (" (reference)" if s is ref else "")
-            ops_r, cpu_r = round_ratios(ours, s)
-            ops_range = f" [{min(ops_r):.2f}..{max(ops_r):.2f}]" if ops_r else ""
-            cpu_range = f" [{min(cpu_r):.2f}..{max(cpu_r):.2f}]" if cpu_r else ""
-            print(f"{'':>20}  {label:<34} IOPS {ratio(ours.ops, s.ops):5.2f}{ops_range:<14} "
-                  f"CPU/req {ratio(ours.cpu_us_per_op, s.cpu_us_per_op):5.2f}{cpu_range}")
+        # Our server, and the same on its pure-Python core if it ran.
+        for ours in [s for s in summaries if s.server in (project, PURE_PYTHON)]:
+            for s in (ref, *others):
+                label = f"{ours.server} / {s.server}" + (" (reference)" if s is ref else "")
+                ops_r, cpu_r = round_ratios(ours, s)
+                ops_range = f" [{min(ops_r):.2f}..{max(ops_r):.2f}]" if ops_r else ""
+                cpu_range = f" [{min(cpu_r):.2f}..{max(cpu_r):.2f}]" if cpu_r else ""
+                print(f"{'':>20}  {label:<34} IOPS {ratio(ours.ops, s.ops):5.2f}{ops_range:<14} "
+                      f"CPU/req {ratio(ours.cpu_us_per_op, s.cpu_us_per_op):5.2f}{cpu_range}")
     print("* = the reference: the faster qemu-storage-daemon engine (higher median IOPS); "
           "spread = (max - min) / median over the rounds;\nratios are of the medians, "
           "[lowest..highest] the same ratio within single rounds")

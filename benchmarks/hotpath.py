@@ -21,6 +21,8 @@ Requests have Linux's shape (one indirect descriptor to a table of header, data 
     python -m benchmarks.hotpath --data both         # what real data costs over holes
     python -m benchmarks.hotpath --layout packed     # a packed ring (VIRTIO_F_RING_PACKED)
     python -m benchmarks.hotpath --layout both       # split and packed, alternately
+    python -m benchmarks.hotpath --core python       # the pure-Python core (default: compiled
+                                                     # where it is built)
 
 Instructions per request, repeatable on a busy machine (one shape, batch and mode per run;
 callgrind counts only inside the ``any()`` that runs the ``--requests`` measured requests):
@@ -66,6 +68,7 @@ from vhost.queue.split import DESC_SIZE, SplitQueue
 from vhost.runner.thread import Notifier, QueueWorker
 from vhost_frontend import DriverRing
 from vhost_frontend.packed import PackedDriverRing
+from virtio_blk import core as cores
 from virtio_blk.device import BlkDevice
 from virtio_blk.request import HEADER, HEADER_SIZE, ReqType
 
@@ -239,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=50000)
     p.add_argument("--fast-path", choices=("on", "off", "both"), default="both")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (median printed)")
+    p.add_argument("--core", choices=cores.CHOICES, default=None,
+                   help="the fast path's core (sets VHOST_USER_BLK_CORE for this run; default: "
+                   "the environment's, else auto: compiled where built)")
     p.add_argument("--profile", action="store_true", help="also print a cProfile listing")
     p.add_argument("--accounting", choices=("on", "off"), default="on",
                    help="latency accounting (two clock reads and a histogram bucket per "
@@ -259,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run --requests requests of one shape, batch and mode inside any(), "
                    "for callgrind --collect-atstart=no --toggle-collect=builtin_any (see above)")
     args = p.parse_args(argv)
+    if args.core is not None:
+        os.environ[cores.ENV] = args.core
+    core = cores.core_name()
+    print(cores.describe())
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.fast_path]
     shapes = SHAPES if args.shape == "both" else (args.shape,)
     datas = DATA if args.data == "both" else (args.data,)
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 for layout in layouts:
                     for shape, data in variants:
                         line = (f"{args.engine:9s} {label(layout)}{shape:8s} {data:6s} batch "
-                                f"{batch:3d} accounting {args.accounting:3s}:")
+                                f"{batch:3d} accounting {args.accounting:3s} {core:8s}:")
                         for fast in modes:
                             vals = runs[layout, shape, data, fast, batch]
                             line += (f"  fast path {'on ' if fast else 'off'} "

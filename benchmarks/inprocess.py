@@ -21,6 +21,7 @@ What keeps it honest:
     python -m benchmarks.inprocess --direct --rounds 5   # O_DIRECT
     python -m benchmarks.inprocess --queues 1 --workloads randread --json out.json
     python -m benchmarks.inprocess --format qcow2        # a fully allocated qcow2
+    python -m benchmarks.inprocess --servers python python-pure qsd   # both cores, and qsd
     python -m benchmarks.inprocess --servers python --blockdev \
         driver=python,node-name=ram,module=examples.ramdisk,class=RamDisk,size=1G  # a plugin
 
@@ -44,6 +45,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
+    PURE_PYTHON,
     SHAPES,
     Measurement,
     cpu_seconds,
@@ -239,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1G", help="image size")
     p.add_argument("--dir", default=None, help="where to put the image (default: a temp dir)")
     p.add_argument("--server-args", default="", help="extra arguments for our server")
-    p.add_argument("--servers", nargs="+", default=["python", "qsd"], choices=["python", "qsd"])
+    p.add_argument("--servers", nargs="+", default=["python", "qsd"],
+                   choices=["python", PURE_PYTHON, "qsd"],
+                   help="python: this server (on the compiled core where it is built); "
+                   f"{PURE_PYTHON}: this server on its pure-Python core; qsd: qemu-storage-daemon "
+                   "with each engine (default: python qsd)")
     p.add_argument("--qsd-aio", nargs="+", choices=("threads", "native", "io_uring"),
                    help="qsd engines to measure (default: threads and io_uring buffered, native "
                    "and io_uring with --direct)")
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from blockdev.disk import parse_size
 
-    servers = ["python"] if "python" in args.servers else []
+    servers = [s for s in ("python", PURE_PYTHON) if s in args.servers]
     if "qsd" in args.servers:
         try:
             servers += qsd_servers(args.direct, args.qsd_aio)

@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EngineUnavailable as exc:
         return fail(str(exc))
     try:
-        log.info(cores.describe())
+        core_line = cores.describe()  # (which core runs: logged once the exports serve)
     except cores.CoreUnavailable as exc:
         return fail(str(exc))
     qsd_form = _qsd_form(args)
@@ -376,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log.info("%s", core_line)
     for export in exports.exports():
         device = export.device
         info = device.storage.info

@@ -1,0 +1,175 @@
+"""Choosing the per-request core (:mod:`virtio_blk.core`), and the ring the compiled core shares
+with the Python io_uring engine (:mod:`blockdev.uring`).
+
+That both cores serve requests alike is the differential property test's
+(``tests/property/test_fastpath_differential.py``); here: the environment variable's rules, the
+fallback when the compiled core is not built, which queues each core serves, and the ring's
+bookkeeping of the entries a compiled caller puts in it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from blockdev.disk import Disk
+from blockdev.engine import UringEngine
+from blockdev.uring import EXTERNAL_TAG, OP_READ, Uring
+from guestmem import buffer_address
+from tests.property.test_fastpath_differential import SHAPE_SCENARIOS, Layout, Rig, serve_both
+from tests.unit.cli_harness import assert_one_line_error, run
+from virtio_blk import core as cores
+from virtio_blk.fastpath import FastPath
+
+
+@pytest.fixture
+def no_compiled_core(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """As on a machine without a C compiler: the compiled module does not import."""
+    monkeypatch.setattr(cores, "_loaded", True)
+    monkeypatch.setattr(cores, "_compiled", None)
+    monkeypatch.setattr(cores, "_compiled_problem", "No module named 'virtio_blk._fastpath_core'")
+    yield
+
+
+def needs_compiled() -> None:
+    if cores.compiled_module() is None:
+        pytest.skip("the compiled core is not built here")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("python", "python"), (" Python ", "python"),
+                                                 ("", "auto"), ("compiled", "compiled")])
+def test_the_variable_names_the_core(monkeypatch, value, expected) -> None:
+    monkeypatch.setenv(cores.ENV, value)
+    assert cores.requested() == expected
+
+
+def test_an_unknown_core_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv(cores.ENV, "fast")
+    with pytest.raises(cores.CoreUnavailable, match="choose one of auto, compiled, python"):
+        cores.core_name()
+
+
+def test_python_runs_when_asked_even_where_compiled_is_built(monkeypatch) -> None:
+    monkeypatch.setenv(cores.ENV, "python")
+    assert cores.core_name() == "python"
+    assert "pure Python (VHOST_USER_BLK_CORE=python)" in cores.describe()
+
+
+def test_auto_falls_back_to_python_when_the_core_is_not_built(monkeypatch,
+                                                              no_compiled_core) -> None:
+    monkeypatch.setenv(cores.ENV, "auto")
+    assert cores.core_name() == "python"
+    assert "the compiled core is not built: No module named" in cores.describe()
+
+
+def test_compiled_asked_for_and_not_built_is_an_error(monkeypatch, no_compiled_core) -> None:
+    monkeypatch.setenv(cores.ENV, "compiled")
+    with pytest.raises(cores.CoreUnavailable, match="not built here"):
+        cores.core_name()
+
+
+def test_the_server_refuses_to_start_with_a_core_it_does_not_know(tmp_path,
+                                                                  monkeypatch) -> None:
+    """A one-line error and exit status 2, before anything is served."""
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 20))
+    monkeypatch.setenv(cores.ENV, "fast")
+    proc = run("--socket", tmp_path / "s.sock", "--image", image)
+    assert_one_line_error(proc, "VHOST_USER_BLK_CORE='fast'", "choose one of")
+
+
+def test_auto_runs_the_compiled_core_where_it_is_built(monkeypatch) -> None:
+    needs_compiled()
+    monkeypatch.setenv(cores.ENV, "auto")
+    assert cores.core_name() == "compiled"
+    assert cores.describe().startswith("per-request core: compiled (")
+
+
+# ------------------------------------------------------------------ which queues it serves
+def _rig(engine: str, ring: str, core: str, tmp: str) -> Rig:
+    sc = next(sc for shape, eng, sc in SHAPE_SCENARIOS if shape == "read" and eng == engine)
+    image = bytes(2048 * 512)
+    return Rig(sc, Layout(sc, ring), image, tmp, fast=True, core=core)
+
+
+@pytest.mark.parametrize(("engine", "ring", "compiled"), [
+    ("io_uring", "split", True), ("io_uring", "packed", False), ("inline", "split", False)])
+def test_the_compiled_core_serves_split_rings_on_io_uring(engine, ring, compiled) -> None:
+    """A split ring on the io_uring engine of a raw image gets the compiled fast path; a packed
+    ring or another engine keeps the Python one, whichever core runs."""
+    needs_compiled()
+    with tempfile.TemporaryDirectory() as tmp:
+        rig = _rig(engine, ring, "compiled", tmp)
+        try:
+            fp = rig.handler._fast
+            assert (not isinstance(fp, FastPath)) == compiled, type(fp)
+        finally:
+            rig.close()
+        rig = _rig(engine, ring, "python", tmp)
+        try:
+            assert isinstance(rig.handler._fast, FastPath)
+        finally:
+            rig.close()
+
+
+def test_the_compiled_core_takes_the_requests_itself() -> None:
+    """Its own count, not its Python fallback's: each of a ring of reads and writes in Linux's
+    shapes (the floor the differential test also keeps)."""
+    needs_compiled()
+    sc = next(sc for shape, eng, sc in SHAPE_SCENARIOS
+              if shape == "several data runs" and eng == "io_uring")
+    layout, _, _, compiled = serve_both(sc, "split", "compiled")
+    assert compiled == set(layout.heads)
+
+
+# ------------------------------------------------------------------ the shared ring
+def test_the_ring_keeps_a_compiled_callers_completions_for_it(tmp_path) -> None:
+    """Entries tagged EXTERNAL_TAG that the engine's reap meets go to ``external_stash``, not
+    to the engine; the engine's own that the compiled caller met come back first."""
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(range(256)) * 64)
+    ring = Uring(8)
+    buf = bytearray(4096)
+    try:
+        with memoryview(buf) as view:
+            addr = buffer_address(view)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            ring.external_in_flight = 1
+            ring.prep(OP_READ, fd, addr, 512, 0, EXTERNAL_TAG | 7)
+            ring.prep(OP_READ, fd, addr + 512, 512, 512, 42)
+            ring.submit(wait=2)
+            ring.stash.append((41, 512))  # as a compiled caller's reap would leave it
+            got = ring.reap()
+        finally:
+            os.close(fd)
+    finally:
+        ring.close()
+    assert got == [(41, 512), (42, 512)]
+    assert ring.external_stash == [(EXTERNAL_TAG | 7, 512)]
+    assert not ring.stash
+
+
+def test_closing_the_engine_waits_for_the_compiled_callers_entries(tmp_path) -> None:
+    """The kernel may write guest memory until a completion is posted: close waits for the
+    entries a compiled caller left in the ring (and closes the ring only then)."""
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(1 << 16))
+    disk = Disk(str(path))
+    engine = UringEngine(disk)
+    buf = bytearray(4096)
+    try:
+        with memoryview(buf) as view:
+            addr = buffer_address(view)
+        ring = engine.ring
+        ring.prep(OP_READ, disk.fd, addr, 4096, 0, EXTERNAL_TAG | 3)
+        ring.external_in_flight = 1
+        ring.submit()
+        assert engine.close(timeout=5)
+        assert ring.fd == -1
+        assert ring.external_stash == [(EXTERNAL_TAG | 3, 4096)]
+    finally:
+        disk.close()
