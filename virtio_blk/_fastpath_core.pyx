@@ -265,6 +265,7 @@ cdef class FastPath:
     cdef Cqe *cqes
     cdef int fd
     # per pass
+    cdef object _limits
     cdef bint direct
     cdef uint64_t align_mask
     cdef uint64_t capacity
@@ -319,6 +320,10 @@ cdef class FastPath:
         self._pins = None
         self.nreg = 0
         self.last = 0
+        self._limits = None
+        self.direct = handler.direct  # (the storage's, fixed while it is open)
+        self.align_mask = handler.mem_align - 1 if handler.direct else 0
+        self.bypass = self.engine.bypass
         self.ring = self.engine.ring
         layout = self.ring.raw_layout()
         self.ring_fd = layout["fd"]
@@ -491,16 +496,17 @@ cdef class FastPath:
         return True
 
     cdef int _pass_settings(self) except -1:
+        """What may change between passes: the limits (a resize replaces them, and they are
+        immutable: read again only then) and the write cache mode."""
         handler = self.handler
         limits = handler.limits
-        self.capacity = limits.capacity
-        self.lbs = limits.logical_block_size
-        self.max_transfer = limits.max_transfer
-        self.read_only = limits.read_only
+        if limits is not self._limits:
+            self.capacity = limits.capacity
+            self.lbs = limits.logical_block_size
+            self.max_transfer = limits.max_transfer
+            self.read_only = limits.read_only
+            self._limits = limits
         self.writeback = handler.writeback
-        self.direct = handler.direct
-        self.align_mask = handler.mem_align - 1 if handler.direct else 0
-        self.bypass = self.engine.bypass
         return 0
 
     # ------------------------------------------------------------------ the pass

@@ -598,17 +598,23 @@ def observable(rig: Rig, ordered: bool) -> dict[str, object]:
     }
 
 
-def serve_both(sc: Scenario, ring: str = "split", core: str = "python"
+def serve_both(sc: Scenario, ring: str = "split", core: str = "python",
+               inspect: Callable[[Rig, Rig], None] | None = None,
+               start: Callable[[], None] | None = None,
                ) -> tuple[Layout, set[int], list[str], set[int]]:
     """Serve ``sc``'s ring (of layout ``ring``) with the fast path (of ``core``) on and off,
     comparing everything observable after each batch; the layout, the heads the fast path
-    took, events for Hypothesis' report, and the heads the compiled core took itself."""
+    took, events for Hypothesis' report, and the heads the compiled core took itself.
+    ``start()`` is called once both are set up, ``inspect(fast, ref)`` looks at both runs at
+    the end."""
     layout = Layout(sc, ring)
     image = random.Random(sc.seed ^ 0x5A5A).randbytes(IMAGE_SECTORS * 512)
     with tempfile.TemporaryDirectory() as tmp:
         fast = Rig(sc, layout, image, tmp, fast=True, core=core)
         ref = Rig(sc, layout, image, tmp, fast=False)
         try:
+            if start is not None:
+                start()
             heads = layout.heads
             start = 0
             for i, n in enumerate([*sc.batches, len(heads)]):
@@ -623,6 +629,8 @@ def serve_both(sc: Scenario, ring: str = "split", core: str = "python"
                 if start >= len(heads):
                     break
             assert not ref.fast_heads, "the reference run went through the fast path"
+            if inspect is not None:
+                inspect(fast, ref)
             taken = fast.taken()
             assert taken == len(fast.fast_heads) + len(fast.compiled_heads)
             share = "none" if not taken else "all" if taken == len(heads) else "some"

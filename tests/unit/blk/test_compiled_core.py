@@ -10,6 +10,8 @@ bookkeeping of the entries a compiled caller puts in it.
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import tempfile
 from collections.abc import Iterator
 
@@ -19,10 +21,19 @@ from blockdev.disk import Disk
 from blockdev.engine import UringEngine
 from blockdev.uring import EXTERNAL_TAG, OP_READ, Uring
 from guestmem import buffer_address
-from tests.property.test_fastpath_differential import SHAPE_SCENARIOS, Layout, Rig, serve_both
+from tests.property.test_fastpath_differential import (
+    IMAGE_SECTORS,
+    SHAPE_SCENARIOS,
+    Layout,
+    Req,
+    Rig,
+    Scenario,
+    serve_both,
+)
 from tests.unit.cli_harness import assert_one_line_error, run
 from virtio_blk import core as cores
 from virtio_blk.fastpath import FastPath
+from virtio_blk.request import ReqType, Status
 
 
 @pytest.fixture
@@ -173,3 +184,46 @@ def test_closing_the_engine_waits_for_the_compiled_callers_entries(tmp_path) -> 
         assert ring.external_stash == [(EXTERNAL_TAG | 3, 4096)]
     finally:
         disk.close()
+
+
+def test_a_real_disk_error_in_the_compiled_core_is_reported_as_the_reference_does() -> None:
+    """The kernel's own failure, not an injected one: with RLIMIT_FSIZE below a write's offset
+    the buffered pwritev the compiled core makes fails with EFBIG.  The request is the compiled
+    core's, and it ends as the generic path ends it (IOERR, the counters, the log line)."""
+    needs_compiled()
+    limit = IMAGE_SECTORS * 512 // 2
+    sc = Scenario([Req(ReqType.OUT, 8, [(4096, "A", "page")], False, None),
+                   Req(ReqType.OUT, limit // 512 + 8, [(4096, "B", "page")], False, None),
+                   Req(ReqType.IN, 16, [(4096, "A", "page")], False, None)],
+                  None, 3, "io_uring", False, False, 64, [3])
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def start() -> None:  # (once the images are written)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+
+    failed: list[tuple[int, int]] = []
+
+    def inspect(fast: Rig, ref: Rig) -> None:
+        failed.append((ref.device.stats.errors, fast.device.stats.errors))
+        used = dict(fast.used())
+        failed.append((used[fast.layout.heads[1]], fast.mem.read(status_of(fast, 1), 1)[0]))
+
+    try:
+        layout, _, _, compiled = serve_both(sc, "split", "compiled", inspect, start)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert compiled == set(layout.heads)
+    # (serve_both compared everything observable with the generic path's run.)
+    assert failed == [(1, 1), (1, Status.IOERR)]
+
+
+def status_of(rig: Rig, index: int) -> int:
+    """The guest address of the status byte of the ``index``-th request of ``rig``'s ring (a
+    direct chain): its last descriptor's."""
+    descs = {i: (addr, flags, nxt) for i, addr, _, flags, nxt in rig.layout.descs}
+    addr, flags, nxt = descs[rig.layout.heads[index]]
+    while flags & 1:  # NEXT
+        addr, flags, nxt = descs[nxt]
+    return addr

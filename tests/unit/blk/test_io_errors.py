@@ -11,6 +11,7 @@ import pytest
 from blockdev.ops import OpKind
 from tests.unit.blk.conftest import ENGINES, BlkEnv, MakeBlk, inject_uring_results, uring_engine
 from vhost_frontend.blk import POISON
+from virtio_blk import core as cores
 from virtio_blk.request import Status
 
 _KINDS = {"readv": OpKind.READ, "writev": OpKind.WRITE, "make_durable": OpKind.FLUSH}
@@ -18,7 +19,10 @@ _KINDS = {"readv": OpKind.READ, "writev": OpKind.WRITE, "make_durable": OpKind.F
 
 def fail_disk(env: BlkEnv, monkeypatch: pytest.MonkeyPatch, engine: str, what: str,
               err: int = errno.EIO) -> None:
-    """Make the disk's ``what`` fail with ``err``, for whichever engine does the IO."""
+    """Make the disk's ``what`` fail with ``err``, for whichever engine does the IO.
+
+    (On the pure-Python core: see :func:`python_core`.)
+    """
     if engine == "io_uring" and what in _KINDS:
         inject_uring_results(monkeypatch, uring_engine(env), _KINDS[what], lambda op, res: -err)
         # Buffered writes and lone reads of a raw image skip the ring (UringEngine.bypass).
@@ -28,6 +32,14 @@ def fail_disk(env: BlkEnv, monkeypatch: pytest.MonkeyPatch, engine: str, what: s
             monkeypatch.setattr(env.disk, "try_readv_nowait", failing(err))
     else:
         monkeypatch.setattr(env.disk, what, failing(err))
+
+
+@pytest.fixture(autouse=True)
+def python_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are the Python engines': the compiled core does its IO in C, out of reach
+    of :func:`fail_disk`'s patches (its failures are handed to the same Python completion,
+    which the differential property test checks with injected errors)."""
+    monkeypatch.setenv(cores.ENV, "python")
 
 
 def failing(err: int = errno.EIO):
