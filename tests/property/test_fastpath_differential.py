@@ -755,6 +755,20 @@ def test_fast_path_is_invisible(ring: str, core: str) -> None:
                        Req(ReqType.OUT, 16, [(4096, "B", "page")], False, None),
                        Req(ReqType.OUT, 24, [(4096, "A", "sector")], True, None)],
                       None, 1, "io_uring", False, False, 64, [4], True, 2))
+    # Reads and writes in the fast path's shape past the end of the disk, or running over it:
+    # IOERR, and the image neither read past nor grown.
+    @example(Scenario([Req(ReqType.OUT, IMAGE_SECTORS, [(4096, "A", "page")], False, None),
+                       Req(ReqType.OUT, IMAGE_SECTORS - 4, [(4096, "B", "page")], True, None),
+                       Req(ReqType.IN, IMAGE_SECTORS - 4, [(4096, "A", "page")], True, None),
+                       Req(ReqType.IN, (1 << 64) - 8, [(4096, "A", "page")], False, None)],
+                      None, 4, "io_uring", False, False, 64, [4]))
+    # Reads into read-only guest memory, in the fast path's shape otherwise: IOERR, the memory
+    # untouched.
+    @example(Scenario([Req(ReqType.IN, 0, [(4096, "RO", "page")], False, None),
+                       Req(ReqType.IN, 8, [(4096, "A", "page"), (4096, "RO", "page")], True,
+                           None),
+                       Req(ReqType.OUT, 16, [(4096, "RO", "page")], True, None)],
+                      None, 5, "io_uring", False, False, 64, [3]))
     # The same without dirty logging: the compiled core's own requests fail, and it must hand
     # them to the Python completion, which reports them as the reference does.
     @example(Scenario([Req(ReqType.IN, 0, [(4096, "A", "page")], False, None),
