@@ -600,12 +600,12 @@ def observable(rig: Rig, ordered: bool) -> dict[str, object]:
 
 def serve_both(sc: Scenario, ring: str = "split", core: str = "python",
                inspect: Callable[[Rig, Rig], None] | None = None,
-               start: Callable[[], None] | None = None,
+               begin: Callable[[], None] | None = None,
                ) -> tuple[Layout, set[int], list[str], set[int]]:
     """Serve ``sc``'s ring (of layout ``ring``) with the fast path (of ``core``) on and off,
     comparing everything observable after each batch; the layout, the heads the fast path
     took, events for Hypothesis' report, and the heads the compiled core took itself.
-    ``start()`` is called once both are set up, ``inspect(fast, ref)`` looks at both runs at
+    ``begin()`` is called once both are set up, ``inspect(fast, ref)`` looks at both runs at
     the end."""
     layout = Layout(sc, ring)
     image = random.Random(sc.seed ^ 0x5A5A).randbytes(IMAGE_SECTORS * 512)
@@ -613,8 +613,8 @@ def serve_both(sc: Scenario, ring: str = "split", core: str = "python",
         fast = Rig(sc, layout, image, tmp, fast=True, core=core)
         ref = Rig(sc, layout, image, tmp, fast=False)
         try:
-            if start is not None:
-                start()
+            if begin is not None:
+                begin()
             heads = layout.heads
             start = 0
             for i, n in enumerate([*sc.batches, len(heads)]):
