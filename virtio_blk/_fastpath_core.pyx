@@ -195,7 +195,8 @@ cdef inline uintptr_t _view_address(object view) except? 0:
 def applicable(handler, vq):
     """Why the compiled path cannot serve this queue (a short reason), or None if it can.
 
-    It serves a split ring (:class:`~vhost.queue.split.SplitQueue`) whose device reads and
+    It serves a split ring (:class:`~vhost.queue.split.SplitQueue`, or a subclass that keeps
+    its chain rules: a queue process's adds a hook when it publishes) whose device reads and
     writes a raw image through the io_uring engine itself -- not a format, a filter, a plugin or
     the thread pool, which keep the Python fast path.
     """
@@ -203,8 +204,12 @@ def applicable(handler, vq):
     from blockdev.engine import UringEngine
     from vhost.queue.split import SplitQueue
 
-    if type(vq) is not SplitQueue:
+    if not isinstance(vq, SplitQueue):
         return f"a {type(vq).__name__}"
+    kind = type(vq)
+    if any(getattr(kind, name) is not getattr(SplitQueue, name)
+           for name in ("_simple", "_pending", "claim", "compiled_view")):
+        return f"a {kind.__name__} with chain rules of its own"
     engine = handler.engine
     if type(engine) is not UringEngine:
         return f"the {getattr(engine, 'name', type(engine).__name__)} engine"

@@ -31,6 +31,8 @@ from tests.property.test_fastpath_differential import (
     serve_both,
 )
 from tests.unit.cli_harness import assert_one_line_error, run
+from vhost.queue.split import SplitQueue
+from vhost.runner.process import PublishingQueue
 from virtio_blk import core as cores
 from virtio_blk.fastpath import FastPath
 from virtio_blk.request import ReqType, Status
@@ -252,3 +254,28 @@ def test_the_engine_registers_the_image_as_the_rings_fixed_file(tmp_path) -> Non
     finally:
         engine.close()
         disk.close()
+
+
+def test_a_split_queue_that_keeps_the_rules_gets_the_compiled_core() -> None:
+    """A queue process's queue (PublishingQueue: a hook at publish) is still a split ring with
+    the split ring's chain rules; a subclass with a walker of its own is not served."""
+    needs_compiled()
+    module = cores.compiled_module()
+    assert module is not None
+
+    class OwnWalker(SplitQueue):
+        def _simple(self, head, max_pieces):
+            return None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rig = _rig("io_uring", "split", "compiled", tmp)
+        try:
+            vq = rig.vq
+            assert module.applicable(rig.handler, vq) is None
+            vq.__class__ = PublishingQueue
+            assert module.applicable(rig.handler, vq) is None
+            vq.__class__ = OwnWalker
+            assert "chain rules of its own" in module.applicable(rig.handler, vq)
+            vq.__class__ = SplitQueue
+        finally:
+            rig.close()
