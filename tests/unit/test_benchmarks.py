@@ -52,6 +52,37 @@ def test_qsd_runs_with_both_engines_of_the_cache_mode(tmp_path: Path) -> None:
         assert "cache.direct=on,aio=native" in cmd
 
 
+def test_qsd_can_serve_the_same_node_as_ours(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nbd: both servers get one driver=nbd node, so qsd's NBD client is the reference (not
+    qsd on a file), in one 'qsd' row."""
+    uri = f"nbd+unix:///disk?socket={tmp_path}/n.sock"
+    node = f"driver=nbd,node-name=f0,server.type=unix,server.path={tmp_path}/n.sock,export=disk"
+    ours = server_command("python", tmp_path / "i", tmp_path / "s", 1, False, blockdev=[node])
+    if HAVE_QSD:
+        qsd = server_command("qsd", tmp_path / "i", tmp_path / "s", 1, False,
+                             qsd_blockdev=[node])
+        assert qsd[1:3] == ["--blockdev", node] and "filename=" not in " ".join(qsd)
+        assert qsd[3] == "--export" and "node-name=f0," in qsd[4]
+    assert ours[3:5] == ["--blockdev", node]
+    seen: list[tuple[str, list[str] | None, list[str] | None]] = []
+
+    def fake_measure(server: str, *args: object) -> Measurement:
+        seen.append((server, args[-2], args[-1]))  # type: ignore[arg-type]
+        return _row(server, 1e3, 1.0)
+
+    def no_image(*args: object) -> None:
+        raise AssertionError("no server serves the image: none is made")
+
+    monkeypatch.setattr(inprocess, "measure", fake_measure)
+    monkeypatch.setattr(inprocess, "make_image", no_image)
+    assert inprocess.main(["--queues", "1", "--workloads", "randwrite", "--rounds", "1",
+                           "--nbd", uri, "--dir", str(tmp_path)]) == 0
+    assert seen == [("python", [node], [node]), ("qsd", [node], [node])]
+    with pytest.raises(SystemExit):
+        inprocess.main(["--nbd", uri, "--qsd-aio", "threads"])
+
+
 def _row(server: str, ops: float, cpu: float) -> Measurement:
     return Measurement(server, "randread", 1, False, ops, ops * 4096, 0.0, cpu)
 
