@@ -229,7 +229,7 @@ class NbdEngine(Engine):
         h = self.handle
         # A connection that died while sending (libnbd closes its socket then, so no poll
         # event would ever say so) is noticed once per batch rather than after every command.
-        if h is not None and self._outage_since is None and not h.connecting and h.dead:
+        if h is not None and self._outage_since is None and h.dead:  # (connected: see reap)
             self._lost("connection lost")
         self._update_mask()
 
@@ -257,21 +257,22 @@ class NbdEngine(Engine):
             self._more = True  # the timer fires at once: a fresh edge for the rest
         h = self.handle
         if h is not None:
-            if h.connecting:
+            if self._outage_since is None:  # connected: an outage ends only with a handshake
+                if heard:
+                    # Commands complete only inside a notify (a refused one fails in submit,
+                    # a connection that died sending is seen by submit_batch): a reap that
+                    # heard nothing -- the one right after each batch, mostly -- has nothing
+                    # to retire.
+                    self._retire(h)
+                    if h.dead:
+                        self._lost("connection lost")
+            elif h.connecting:
                 if timer and time.monotonic() >= self._attempt_deadline:
                     self._attempt_failed("no handshake in time")
-            elif self._outage_since is not None:  # a reconnect attempt finished
-                if h.ready:
-                    self._connected(h)
-                else:
-                    self._attempt_failed(libnbd.last_error("connect").strerror or "failed")
-            elif heard:
-                # Commands complete only inside a notify (a refused one fails in submit, a
-                # connection that died sending is seen by submit_batch): a reap that heard
-                # nothing -- the one right after each batch, mostly -- has nothing to retire.
-                self._retire(h)
-                if h.dead:
-                    self._lost("connection lost")
+            elif h.ready:  # a reconnect attempt finished
+                self._connected(h)
+            else:
+                self._attempt_failed(libnbd.last_error("connect").strerror or "failed")
         if self.handle is None or self._outage_since is not None:
             self._tick()
         self._update_mask()
