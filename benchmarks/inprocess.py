@@ -327,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "RSS %.0f MiB", rnd + 1, server, wl, queues, m.ops,
                                  m.cpu_us_per_op, m.rss / 2**20)
                         rows.append(m)
-    print_table(rows, f"in-process, {args.format}, 4k QD{args.depth}, {args.shape} requests, "
-                      f"{args.data} image, {'O_DIRECT' if args.direct else 'buffered'}, "
+    served = (f"NBD export {args.nbd}" if args.nbd else
+              f"{args.format}, {args.data} image, {'O_DIRECT' if args.direct else 'buffered'}")
+    print_table(rows, f"in-process, {served}, 4k QD{args.depth}, {args.shape} requests, "
                       f"{args.rounds} rounds in alternating order")
     if args.json:
         write_json(rows, args.json)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import hotpath, inprocess
+from benchmarks import hotpath, inprocess, nbd_engine
 from benchmarks.common import (
     Measurement,
     lay_out_request,
@@ -24,6 +24,7 @@ from benchmarks.common import (
     summarize,
 )
 from guestmem import GuestMemory
+from tests.remote.fixtures import MakeNbd
 from vhost.messages import VirtioFeature
 from vhost.queue.base import RingAddresses
 from vhost.queue.split import DESC, VIRTQ_DESC_F_INDIRECT, SplitQueue
@@ -320,3 +321,20 @@ def test_hotpath_counts_one_configuration_inside_any(monkeypatch: pytest.MonkeyP
     with pytest.raises(SystemExit):
         hotpath.main(["--engine", "inline", "--instructions", "--fast-path", "both",
                       "--batches", "8", "--requests", "64"])
+
+
+def test_nbd_engine_smoke(make_nbd: MakeNbd, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both NBD clients run against one nbdkit, in alternating order, and the table has a
+    median for each (no figure is checked)."""
+    server = make_nbd("nbdkit", "unix")
+    argv = ["--socket", str(server.sock), "--export", "disk", "--rounds", "2",
+            "--seconds", "0.2", "--depth", "8"]
+    assert nbd_engine.main(argv) == 0
+    out = capsys.readouterr().out
+    runs = [line.split()[2] for line in out.splitlines() if line.startswith("round")]
+    assert runs == ["NbdEngine", "direct", "NbdEngine", "direct",
+                    "direct", "NbdEngine", "direct", "NbdEngine"]
+    table = [line.split() for line in out.splitlines()[-4:]]
+    assert [row[:2] for row in table] == [["write", "NbdEngine"], ["write", "direct"],
+                                          ["read", "NbdEngine"], ["read", "direct"]]
+    assert all(float(row[2]) > 0 for row in table)
