@@ -134,23 +134,24 @@ def round_order(servers: Sequence[str], rnd: int) -> list[str]:
 
 def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool,
                    extra: Sequence[str] = (), fmt: str = "raw",
-                   blockdev: Sequence[str] = ()) -> list[str]:
+                   blockdev: Sequence[str] = (), qsd_blockdev: Sequence[str] = ()) -> list[str]:
     """The command line of our server (``python``; ``python-pure`` is the same server on its
     pure-Python core, see :func:`server_env`) or qemu-storage-daemon (``qsd`` or
     ``qsd-ENGINE``, see :func:`qsd_aio`), serving ``image`` in format ``fmt`` (raw or qcow2).
     ``blockdev``: our server serves the last of these ``--blockdev`` nodes instead of ``image``
-    (a plugin, a filter stack), exported writable in QSD's syntax."""
+    (a plugin, a filter stack), exported writable in QSD's syntax; ``qsd_blockdev`` the same for
+    qemu-storage-daemon (e.g. both given one NBD server's export as ``driver=nbd``), so the two
+    serve the same storage node rather than our node against qsd's file."""
     if kind == PURE_PYTHON:
         kind = "python"
     if kind == "python" and blockdev:
-        from blockdev.keyval import parse_option
-
-        node = parse_option(blockdev[-1])["node-name"]
-        return [sys.executable, "-m", "storage_daemon",
-                *[arg for b in blockdev for arg in ("--blockdev", b)],
-                "--export", f"type=vhost-user-blk,id=bench,node-name={node},addr.type=unix,"
-                f"addr.path={sock},writable=on,num-queues={queues}",
+        return [sys.executable, "-m", "storage_daemon", *_node_export(blockdev, sock, queues),
                 "--log-level", "warning", *extra]
+    if (kind == "qsd" or kind.startswith("qsd-")) and qsd_blockdev:
+        qsd = shutil.which("qemu-storage-daemon")
+        if qsd is None:
+            raise RuntimeError("qemu-storage-daemon not found (apt-get install qemu-system-common)")
+        return [qsd, *_node_export(qsd_blockdev, sock, queues)]
     if kind == "python":
         # ``image`` may be an rbd:/nbd:// spec (benchmarks.remote) as well as a file
         cmd = [sys.executable, "-m", "storage_daemon", "--socket", str(sock), "--image", str(image),
@@ -177,6 +178,17 @@ def server_command(kind: str, image: Path, sock: Path, queues: int, direct: bool
             f"addr.path={sock},writable=on,num-queues={queues}",
         ]
     raise ValueError(f"unknown server {kind!r}")
+
+
+def _node_export(blockdev: Sequence[str], sock: Path, queues: int) -> list[str]:
+    """``--blockdev`` options and a writable vhost-user-blk ``--export`` of the last node, in
+    QSD's syntax (both servers take it)."""
+    from blockdev.keyval import parse_option
+
+    node = parse_option(blockdev[-1])["node-name"]
+    return [*[arg for b in blockdev for arg in ("--blockdev", b)],
+            "--export", f"type=vhost-user-blk,id=bench,node-name={node},addr.type=unix,"
+            f"addr.path={sock},writable=on,num-queues={queues}"]
 
 
 def remote_blockdev(spec: str) -> str | None:
@@ -257,11 +269,12 @@ def server_env(kind: str) -> dict[str, str]:
 @contextlib.contextmanager
 def running_server(kind: str, image: Path, sock: Path, queues: int, direct: bool,
                    extra: Sequence[str] = (), fmt: str = "raw",
-                   blockdev: Sequence[str] = ()) -> Iterator[subprocess.Popen]:
+                   blockdev: Sequence[str] = (),
+                   qsd_blockdev: Sequence[str] = ()) -> Iterator[subprocess.Popen]:
     """Start a server, wait until it listens, stop it (SIGTERM, then SIGKILL) afterwards."""
     sock.unlink(missing_ok=True)
     proc = subprocess.Popen(server_command(kind, image, sock, queues, direct, extra, fmt,
-                                           blockdev),
+                                           blockdev, qsd_blockdev),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=server_env(kind))
     try:

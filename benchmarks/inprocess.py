@@ -24,6 +24,12 @@ What keeps it honest:
     python -m benchmarks.inprocess --servers python python-pure qsd   # both cores, and qsd
     python -m benchmarks.inprocess --servers python --blockdev \
         driver=python,node-name=ram,module=examples.ramdisk,class=RamDisk,size=1G  # a plugin
+    nbdkit -U /tmp/nbd.sock memory 1G &                   # both serve one NBD export:
+    python -m benchmarks.inprocess --queues 1 --nbd 'nbd+unix:///?socket=/tmp/nbd.sock'
+
+``--nbd URI`` is short for the same ``--blockdev driver=nbd,...`` and ``--qsd-blockdev`` for both
+servers: qemu-storage-daemon then serves that node through its own NBD client (one ``qsd`` row,
+the aio engines do not apply), so the ratio compares the two NBD clients and nothing else.
 
 The driver itself is Python and is the bottleneck for requests/s well before qsd is (both
 servers see the same driver, so the IOPS ratio understates qsd's lead); the CPU-per-request
@@ -55,6 +61,7 @@ from benchmarks.common import (
     print_table,
     qsd_servers,
     read_json,
+    remote_blockdev,
     round_order,
     rss_bytes,
     running_server,
@@ -153,12 +160,13 @@ class QueueLoad:
 def measure(server: str, image: Path, tmp: Path, queues: int, direct: bool, workload: str,
             depth: int, seconds: float, warmup: float, extra: list[str],
             fmt: str = "raw", shape: str = "indirect",
-            blockdev: list[str] | None = None) -> Measurement:
+            blockdev: list[str] | None = None,
+            qsd_blockdev: list[str] | None = None) -> Measurement:
     write = workload.endswith("write")
     bs = 4096
     sock = tmp / f"{server}.sock"
     with running_server(server, image, sock, queues, direct, extra, fmt,
-                        blockdev or ()) as proc:
+                        blockdev or (), qsd_blockdev or ()) as proc:
         fe = Frontend(sock)
         mem = FrontendMemory([(0, 256 << 20, 0)])
         try:
@@ -255,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="our server serves these --blockdev nodes (the last one, exported "
                    "writable) instead of the image: e.g. driver=python,node-name=ram,"
                    "module=examples.ramdisk,class=RamDisk,size=1G (repeatable)")
+    p.add_argument("--qsd-blockdev", action="append", default=[], metavar="OPTIONS",
+                   help="qemu-storage-daemon serves these --blockdev nodes (the last one, "
+                   "exported writable) instead of the image, as one 'qsd' row: e.g. "
+                   "driver=nbd,node-name=n0,server.type=unix,server.path=SOCK,export= "
+                   "(repeatable)")
+    p.add_argument("--nbd", metavar="URI",
+                   help="both servers serve this NBD export (nbd://HOST[:PORT]/EXPORT or "
+                   "nbd+unix:///EXPORT?socket=PATH) through their NBD clients: the same "
+                   "driver=nbd node as --blockdev and --qsd-blockdev")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.add_argument("--table", type=Path, metavar="JSON",
                    help="measure nothing: print the table of measurements saved with --json")
@@ -265,8 +282,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from blockdev.disk import parse_size
 
+    if args.nbd:
+        if args.blockdev or args.qsd_blockdev:
+            p.error("--nbd is short for --blockdev and --qsd-blockdev: give one or the other")
+        from blockdev.spec import SpecError, parse_nbd
+
+        try:
+            parse_nbd(args.nbd)
+        except SpecError as e:
+            p.error(str(e))
+        node = remote_blockdev(args.nbd)
+        assert node is not None  # an NBD URI, checked above
+        args.blockdev = args.qsd_blockdev = [node]
     servers = [s for s in ("python", PURE_PYTHON) if s in args.servers]
-    if "qsd" in args.servers:
+    if "qsd" in args.servers and args.qsd_blockdev:
+        if args.qsd_aio:
+            p.error("--qsd-aio does not apply to --qsd-blockdev nodes (give the node's aio=)")
+        servers.append("qsd")
+    elif "qsd" in args.servers:
         try:
             servers += qsd_servers(args.direct, args.qsd_aio)
         except ValueError as e:
@@ -276,29 +309,33 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as td:
         tmp = Path(td)
         image = tmp / "bench.img"
-        log.info("making a %d MiB %s image in %s", size >> 20, args.data, tmp)
-        make_image(image, size, fill=args.data == "filled")
-        if args.format == "qcow2":
-            qcow2 = tmp / "bench.qcow2"
-            subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(image), str(qcow2)],
-                           check=True)
-            image = qcow2
-        if not args.direct:
-            warm_page_cache(image)
+        # no image when every server serves its --blockdev / --qsd-blockdev nodes
+        if any(not (args.blockdev if s == "python" else args.qsd_blockdev) for s in servers):
+            log.info("making a %d MiB %s image in %s", size >> 20, args.data, tmp)
+            make_image(image, size, fill=args.data == "filled")
+            if args.format == "qcow2":
+                qcow2 = tmp / "bench.qcow2"
+                subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(image),
+                                str(qcow2)], check=True)
+                image = qcow2
+            if not args.direct:
+                warm_page_cache(image)
         for rnd in range(args.rounds):
             for queues in args.queues:
                 for wl in args.workloads:
                     for server in round_order(servers, rnd):
                         m = measure(server, image, tmp, queues, args.direct, wl, args.depth,
                                     args.seconds, args.warmup, args.server_args.split(),
-                                    args.format, args.shape, args.blockdev)
+                                    args.format, args.shape, args.blockdev,
+                                    args.qsd_blockdev)
                         m.extra["round"] = rnd + 1
                         log.info("round %d %-12s %-9s q=%d: %8.0f req/s, %6.1f us CPU/req, "
                                  "RSS %.0f MiB", rnd + 1, server, wl, queues, m.ops,
                                  m.cpu_us_per_op, m.rss / 2**20)
                         rows.append(m)
-    print_table(rows, f"in-process, {args.format}, 4k QD{args.depth}, {args.shape} requests, "
-                      f"{args.data} image, {'O_DIRECT' if args.direct else 'buffered'}, "
+    served = (f"NBD export {args.nbd}" if args.nbd else
+              f"{args.format}, {args.data} image, {'O_DIRECT' if args.direct else 'buffered'}")
+    print_table(rows, f"in-process, {served}, 4k QD{args.depth}, {args.shape} requests, "
                       f"{args.rounds} rounds in alternating order")
     if args.json:
         write_json(rows, args.json)

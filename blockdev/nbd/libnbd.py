@@ -57,7 +57,7 @@ def lib() -> ctypes.CDLL:
     i64 = ctypes.c_int64
     # Integer arguments are range-checked (:mod:`.cint`): plain ctypes would silently truncate
     # an out-of-range count or offset.  Return types stay plain.
-    u64, sz, u32 = cint.UINT64, cint.SIZE_T, cint.UINT32
+    u64, u32 = cint.UINT64, cint.UINT32
     cb = CompletionCallback
     protos = {
         "nbd_create": (h, ()),
@@ -65,6 +65,7 @@ def lib() -> ctypes.CDLL:
         "nbd_get_error": (ctypes.c_char_p, ()),
         "nbd_get_errno": (ctypes.c_int, ()),
         "nbd_set_debug": (ctypes.c_int, (h, ctypes.c_bool)),
+        "nbd_set_pread_initialize": (ctypes.c_int, (h, ctypes.c_bool)),
         "nbd_aio_connect_uri": (ctypes.c_int, (h, ctypes.c_char_p)),
         "nbd_aio_get_fd": (ctypes.c_int, (h,)),
         "nbd_aio_get_direction": (ctypes.c_uint, (h,)),
@@ -84,8 +85,14 @@ def lib() -> ctypes.CDLL:
         "nbd_can_trim": (ctypes.c_int, (h,)),
         "nbd_can_zero": (ctypes.c_int, (h,)),
         "nbd_get_structured_replies_negotiated": (ctypes.c_int, (h,)),
-        "nbd_aio_pread": (i64, (h, ctypes.c_void_p, sz, u64, cb, u32)),
-        "nbd_aio_pwrite": (i64, (h, ctypes.c_void_p, sz, u64, cb, u32)),
+        # The data commands take plain types: they are the per-request calls, and their one
+        # caller (NbdEngine._rw) checks offset and length against the export's size first --
+        # a stricter bound than the C types' ranges, at one comparison instead of four
+        # range-checking conversions (about 1.5 us) per command.
+        "nbd_aio_pread": (i64, (h, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64, cb,
+                                ctypes.c_uint32)),
+        "nbd_aio_pwrite": (i64, (h, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64, cb,
+                                 ctypes.c_uint32)),
         "nbd_aio_flush": (i64, (h, cb, u32)),
         "nbd_aio_trim": (i64, (h, u64, u64, cb, u32)),
         "nbd_aio_zero": (i64, (h, u64, u64, cb, u32)),
@@ -121,6 +128,11 @@ class Handle:
         if not self.h:
             raise last_error("nbd_create")
         so.nbd_set_debug(self.h, False)  # LIBNBD_DEBUG would otherwise write to stderr
+        # libnbd zeroes every read buffer before reading into it, so that a failed read cannot
+        # show a C program its own stale heap.  Ours are guest pages the guest handed over: a
+        # failed read reports an error status and leaves nothing that is not the guest's own
+        # or the export's -- the memset per read (4 KiB and up) buys nothing here.
+        so.nbd_set_pread_initialize(self.h, False)
         if so.nbd_aio_connect_uri(self.h, uri.encode()) == -1:
             err = last_error("connect")
             self.close()

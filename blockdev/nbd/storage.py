@@ -190,6 +190,7 @@ class NbdEngine(Engine):
         self._backoff = BACKOFF_MIN
         self._attempt_deadline = 0.0
         self._more = False
+        self._armed = True  # (unknown: the first _arm_timer sets it either way)
         self._was_connected = handle is not None
         self.reconnects = 0
         if handle is not None:
@@ -209,7 +210,9 @@ class NbdEngine(Engine):
             if self._issue(h, p):
                 self._complete(p, report=False)
                 return True
-            if h.dead:
+            # A command libnbd took is in its hands (a connection that dies later is seen by
+            # submit_batch and reap); one it refused may mean the connection just died.
+            if p.error is not None and h.dead:
                 self._lost("connection lost")
             return False
         if self._gave_up and time.monotonic() < self._next_try and h is None:
@@ -223,13 +226,19 @@ class NbdEngine(Engine):
         return False
 
     def submit_batch(self) -> None:
+        h = self.handle
+        # A connection that died while sending (libnbd closes its socket then, so no poll
+        # event would ever say so) is noticed once per batch rather than after every command.
+        if h is not None and self._outage_since is None and h.dead:  # (connected: see reap)
+            self._lost("connection lost")
         self._update_mask()
 
     def reap(self) -> list[IoOp]:
-        timer = False
+        timer = heard = False
         # libnbd may stop after one reply with more in the socket: ask again until the socket
         # has nothing for it (the socket is level-triggered inside our epoll, and the worker
-        # only gets a new edge for new data).
+        # only gets a new edge for new data).  Never a notify without poll's word: libnbd 1.14
+        # would wait in REPLY.START for a reply and hold back every new command meanwhile.
         for _ in range(_MAX_NOTIFY_ROUNDS):
             moved = self._more = False
             for fd, ev in self._ep.poll(0):
@@ -239,26 +248,31 @@ class NbdEngine(Engine):
                         os.read(self._timer, 8)
                 elif fd == self._sock and self.handle is not None:
                     self.handle.notify(_poll_bits(ev))
-                    moved = True
+                    moved = heard = True
             if not moved:
                 break
-            self._update_mask()
+            if self._outage_since is not None:
+                self._update_mask()  # a handshake turns between sending and receiving
         else:
             self._more = True  # the timer fires at once: a fresh edge for the rest
         h = self.handle
         if h is not None:
-            if h.connecting:
+            if self._outage_since is None:  # connected: an outage ends only with a handshake
+                if heard:
+                    # Commands complete only inside a notify (a refused one fails in submit,
+                    # a connection that died sending is seen by submit_batch): a reap that
+                    # heard nothing -- the one right after each batch, mostly -- has nothing
+                    # to retire.
+                    self._retire(h)
+                    if h.dead:
+                        self._lost("connection lost")
+            elif h.connecting:
                 if timer and time.monotonic() >= self._attempt_deadline:
                     self._attempt_failed("no handshake in time")
-            elif self._outage_since is not None:  # a reconnect attempt finished
-                if h.ready:
-                    self._connected(h)
-                else:
-                    self._attempt_failed(libnbd.last_error("connect").strerror or "failed")
+            elif h.ready:  # a reconnect attempt finished
+                self._connected(h)
             else:
-                self._retire(h)
-                if h.dead:
-                    self._lost("connection lost")
+                self._attempt_failed(libnbd.last_error("connect").strerror or "failed")
         if self.handle is None or self._outage_since is not None:
             self._tick()
         self._update_mask()
@@ -423,6 +437,9 @@ class NbdEngine(Engine):
             if self._outage_since is not None and not self._gave_up:
                 deadline = self._outage_since + self.storage.reconnect_delay
                 when = deadline if when is None else min(when, deadline)
+        if when is None and not self._armed:
+            return  # connected and idle: no timerfd_settime per reap
+        self._armed = when is not None
         timerfd_arm(self._timer, None if when is None else when - time.monotonic())
 
     # ------------------------------------------------------------------ commands
@@ -473,10 +490,20 @@ class NbdEngine(Engine):
                  h, op, cookies)
 
     def _rw(self, call: Any, flags: int, h: Handle, op: IoOp, cookies: list[int]) -> None:
-        """One command per ``max_payload`` piece of each buffer."""
+        """One command per ``max_payload`` piece of each buffer.
+
+        The range is checked here, against the export's size, because the data commands are
+        declared with plain C types (:mod:`.libnbd`): nothing past the export, nothing
+        negative, reaches the server (which would fail it -- or, for a huge offset, a value
+        ctypes wrapped round)."""
         hh = h.h
         offset = op.offset
         chunk = self.storage.max_payload
+        end = offset
+        for buf in op.buffers or ():
+            end += buf.view.nbytes
+        if not 0 <= offset <= end <= self.storage.info.size:
+            raise ctypes.ArgumentError(f"bytes {offset}..{end} are outside the export")
         for buf in op.buffers or ():
             n = buf.view.nbytes
             addr = buf.address
@@ -524,14 +551,17 @@ class NbdEngine(Engine):
         OpKind.WRITE_ZEROES: _write_zeroes,
     }, "NbdEngine")
 
-    def _retire(self, h: Handle) -> None:
+    def _retire(self, h: Handle) -> int:
+        """Collect every command libnbd has finished; how many there were."""
         lib = h.lib
         hh = h.h
         cmds = self._cmds
+        retired = 0
         while True:
             cookie = lib.nbd_aio_peek_command_completed(hh)
             if cookie <= 0:
-                return
+                return retired
+            retired += 1
             r = lib.nbd_aio_command_completed(hh, cookie)
             p = cmds.pop(cookie, None)
             if p is None:

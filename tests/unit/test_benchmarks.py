@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import hotpath, inprocess
+from benchmarks import hotpath, inprocess, nbd_engine
 from benchmarks.common import (
     Measurement,
     lay_out_request,
@@ -24,6 +24,7 @@ from benchmarks.common import (
     summarize,
 )
 from guestmem import GuestMemory
+from tests.remote.fixtures import MakeNbd
 from vhost.messages import VirtioFeature
 from vhost.queue.base import RingAddresses
 from vhost.queue.split import DESC, VIRTQ_DESC_F_INDIRECT, SplitQueue
@@ -50,6 +51,37 @@ def test_qsd_runs_with_both_engines_of_the_cache_mode(tmp_path: Path) -> None:
         assert "cache.direct=off,aio=io_uring" in cmd
         cmd = " ".join(server_command("qsd", tmp_path / "i", tmp_path / "s", 1, True))
         assert "cache.direct=on,aio=native" in cmd
+
+
+def test_qsd_can_serve_the_same_node_as_ours(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nbd: both servers get one driver=nbd node, so qsd's NBD client is the reference (not
+    qsd on a file), in one 'qsd' row."""
+    uri = f"nbd+unix:///disk?socket={tmp_path}/n.sock"
+    node = f"driver=nbd,node-name=f0,server.type=unix,server.path={tmp_path}/n.sock,export=disk"
+    ours = server_command("python", tmp_path / "i", tmp_path / "s", 1, False, blockdev=[node])
+    if HAVE_QSD:
+        qsd = server_command("qsd", tmp_path / "i", tmp_path / "s", 1, False,
+                             qsd_blockdev=[node])
+        assert qsd[1:3] == ["--blockdev", node] and "filename=" not in " ".join(qsd)
+        assert qsd[3] == "--export" and "node-name=f0," in qsd[4]
+    assert ours[3:5] == ["--blockdev", node]
+    seen: list[tuple[str, list[str] | None, list[str] | None]] = []
+
+    def fake_measure(server: str, *args: object) -> Measurement:
+        seen.append((server, args[-2], args[-1]))  # type: ignore[arg-type]
+        return _row(server, 1e3, 1.0)
+
+    def no_image(*args: object) -> None:
+        raise AssertionError("no server serves the image: none is made")
+
+    monkeypatch.setattr(inprocess, "measure", fake_measure)
+    monkeypatch.setattr(inprocess, "make_image", no_image)
+    assert inprocess.main(["--queues", "1", "--workloads", "randwrite", "--rounds", "1",
+                           "--nbd", uri, "--dir", str(tmp_path)]) == 0
+    assert seen == [("python", [node], [node]), ("qsd", [node], [node])]
+    with pytest.raises(SystemExit):
+        inprocess.main(["--nbd", uri, "--qsd-aio", "threads"])
 
 
 def _row(server: str, ops: float, cpu: float) -> Measurement:
@@ -289,3 +321,20 @@ def test_hotpath_counts_one_configuration_inside_any(monkeypatch: pytest.MonkeyP
     with pytest.raises(SystemExit):
         hotpath.main(["--engine", "inline", "--instructions", "--fast-path", "both",
                       "--batches", "8", "--requests", "64"])
+
+
+def test_nbd_engine_smoke(make_nbd: MakeNbd, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both NBD clients run against one nbdkit, in alternating order, and the table has a
+    median for each (no figure is checked)."""
+    server = make_nbd("nbdkit", "unix")
+    argv = ["--socket", str(server.sock), "--export", "disk", "--rounds", "2",
+            "--seconds", "0.2", "--depth", "8"]
+    assert nbd_engine.main(argv) == 0
+    out = capsys.readouterr().out
+    runs = [line.split()[2] for line in out.splitlines() if line.startswith("round")]
+    assert runs == ["NbdEngine", "direct", "NbdEngine", "direct",
+                    "direct", "NbdEngine", "direct", "NbdEngine"]
+    table = [line.split() for line in out.splitlines()[-4:]]
+    assert [row[:2] for row in table] == [["write", "NbdEngine"], ["write", "direct"],
+                                          ["read", "NbdEngine"], ["read", "direct"]]
+    assert all(float(row[2]) > 0 for row in table)
