@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import NoReturn
 
 from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
+from vhost.compiled import optional_module
 from vhost.messages import VirtioFeature
 from vhost.queue.base import (
     CHAIN_HEAD,
@@ -47,7 +48,7 @@ from vhost.queue.base import (
     SimpleChain,
     full_fence,
 )
-from vhost.queue.inflight import InflightError, InflightQueue
+from vhost.queue.inflight import COMPILED_MODULE, InflightError, InflightQueue
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,11 @@ class SplitQueue:
         self._signalled_used: int | None = None
         self._in_flight = bytearray(size)
         self.in_flight_count = 0
+        # The compiled add_used_many (vhost.queue._split_core) where it was built and the
+        # environment allows it (vhost.compiled); None: the Python loop does every entry.
+        core = optional_module(COMPILED_MODULE)
+        self._add_used_compiled: Callable[[SplitQueue, list[tuple[int, int]]], int] | None = (
+            None if core is None else core.add_used_many)
         self.broken = False
         self.error: QueueError | None = None
         # Live migration: while the frontend logs dirty pages, the marker of this queue (set and
@@ -646,7 +652,21 @@ class SplitQueue:
         :meth:`publish_used` with one used.idx store, one dirty-log pass over the entries and one
         notify decision, as any batch is.  A head not in flight raises ValueError, the entries
         before it added.
+
+        The compiled implementation (:func:`vhost.queue._split_core.add_used_many`), where it
+        runs, adds the plain entries; :meth:`_add_used_python` adds whatever it left and states
+        the rules (a differential property test holds the two to the same results).
         """
+        compiled = self._add_used_compiled
+        if compiled is not None:
+            added = compiled(self, done)
+            if added == len(done):
+                return
+            done = done[added:]
+        self._add_used_python(done)
+
+    def _add_used_python(self, done: list[tuple[int, int]]) -> None:
+        """:meth:`add_used_many` in Python: every entry, every rule."""
         in_flight = self._in_flight
         size = self.size
         used = self._used_bytes
