@@ -50,6 +50,23 @@ def _outcome(call: Callable[[], Any]) -> tuple[Any, tuple[str, str] | None]:
         return None, (type(exc).__name__, str(exc))
 
 
+class _Counted:
+    """A queue's compiled used side, recording ``(added, entries)`` of each call."""
+
+    def __init__(self, core: Any, calls: list[tuple[int, int]]) -> None:
+        self.core = core
+        self.calls = calls
+
+    def add_used_many(self, queue: SplitQueue, done: list[tuple[int, int]],
+                      next_used: int) -> int:
+        added: int = self.core.add_used_many(queue, done, next_used)
+        self.calls.append((added, len(done)))
+        return added
+
+    def release(self) -> None:
+        self.core.release()
+
+
 class Side:
     """One of the two queues: a ring in a bytearray, its in-flight area, and call counts."""
 
@@ -62,17 +79,11 @@ class Side:
                                  EVENT_IDX | INDIRECT, start, None, inflight=self.iq)
         for head in range(size):  # every head a one-piece chain the device may write
             self.ring.write_desc(head, self.ring.data + 16 * head, 16, VIRTQ_DESC_F_WRITE)
-        self.compiled_calls = 0
         self.compiled_added: list[tuple[int, int]] = []  # (added, entries) per call
         self.python_calls = 0
-        compiled = self.vq._add_used_compiled
-        if compiled is not None:
-            def counted(queue: SplitQueue, done: list[tuple[int, int]]) -> int:
-                self.compiled_calls += 1
-                added = compiled(queue, done)
-                self.compiled_added.append((added, len(done)))
-                return added
-            self.vq._add_used_compiled = counted
+        used_core = self.vq._used_core
+        if used_core is not None:
+            self.vq._used_core = _Counted(used_core, self.compiled_added)  # type: ignore[assignment]
         python = self.vq._add_used_python
 
         def counted_python(done: list[tuple[int, int]]) -> None:
@@ -121,8 +132,8 @@ def test_compiled_add_used_many_matches_python(data: st.DataObject, size: int, s
                                                tracked: bool) -> None:
     py = Side("python", size, start, tracked)
     cc = Side("compiled", size, start, tracked)
-    assert py.vq._add_used_compiled is None
-    assert cc.compiled_calls == 0 and cc.vq._add_used_compiled is not None
+    assert py.vq._used_core is None
+    assert isinstance(cc.vq._used_core, _Counted) and not cc.compiled_added
     assert py.state() == cc.state()
     used_calls = 0
     for _ in range(data.draw(st.integers(1, 14), label="steps")):
@@ -165,7 +176,7 @@ def test_compiled_add_used_many_matches_python(data: st.DataObject, size: int, s
     # Both implementations ran every call: Python on one side, C (then Python for what it left)
     # on the other.
     assert py.python_calls == used_calls
-    assert cc.compiled_calls == used_calls
+    assert len(cc.compiled_added) == used_calls
     assert cc.python_calls == sum(1 for added, entries in cc.compiled_added if added < entries)
 
 
@@ -217,3 +228,23 @@ def test_compiled_popped_many_matches_python(data: st.DataObject, size: int,
                     break
                 plain += 1
             assert calls[-1] == plain  # the C code marked exactly the plain heads
+
+
+def test_release_lets_go_of_what_the_compiled_used_side_held() -> None:
+    """After the queue's release() nothing holds the used ring, the in-flight flags or the
+    in-flight area for the compiled code (a held buffer would keep guest memory mapped), and a
+    late completion meets the Python code's refusal (struct's TypeError for a released view),
+    writing nothing."""
+    side = Side("compiled", 8, 0, True)
+    assert side.claim([3]) == [3]
+    area = side.area
+    vq = side.vq
+    held = vq._used_core  # a reference kept elsewhere does not keep the buffers
+    vq.release()
+    vq._in_flight.extend(b"\0")  # resizable: no buffer of it is exported any more
+    area.extend(b"\0")
+    assert vq._used_core is None and held is not None
+    before = bytes(side.ring.buf)
+    with pytest.raises(TypeError, match="read-write bytes-like"):
+        vq.add_used_many([(3, 1)])
+    assert bytes(side.ring.buf) == before

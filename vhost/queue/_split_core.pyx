@@ -23,9 +23,10 @@ The stores are the Python code's, in its order: the used element as two little-e
 ``inflight`` byte (release stores, so the C compiler keeps the order a crash-recovery reader of
 the area relies on; x86 keeps stores in order).
 
-Pointers come from a slice of each memoryview taken per call (``PyMemoryView_GET_BUFFER(slice)
-.buf``): slicing a released view raises, so nothing is written through a view the queue let go,
-and the queue's own ``release()`` keeps working (the slice is gone when the call returns).
+Pointers come from slices of the memoryviews (``PyMemoryView_GET_BUFFER(slice).buf``), so the
+views' owners can still ``release()`` theirs: :class:`UsedRing` holds its slices while its queue
+runs and the queue's ``release()`` releases them first; :func:`popped_many` takes one per call
+(slicing a released view raises: nothing is written through a view its owner let go).
 The differential property test (``tests/property/test_split_used_differential.py``) runs this
 and the Python code on identical queues and holds them to the same bytes, state and exceptions.
 """
@@ -101,80 +102,115 @@ cdef inline object _slice(object view):
         return None
 
 
-def add_used_many(queue, done):
-    """:meth:`vhost.queue.split.SplitQueue.add_used_many` for the plain entries at the start of
-    ``done``: how many were added (the caller adds the rest, and reports what is wrong with
-    them).
+cdef class UsedRing:
+    """The used side of one :class:`~vhost.queue.split.SplitQueue`, compiled: made once when
+    the queue starts (:meth:`SplitQueue.__init__`), dropped by its :meth:`release`.
 
-    Reads the queue's used-ring view, in-flight flags, size, ``next_used`` and in-flight area
-    (:meth:`~vhost.queue.inflight.InflightQueue.compiled_view`), and leaves ``next_used`` and
-    ``in_flight_count`` as the Python loop would after the same entries.
+    It holds what does not change while the queue runs -- slices of the used ring's view and of
+    the in-flight area's (:meth:`~vhost.queue.inflight.InflightQueue.compiled_view`), a view of
+    the in-flight flags (which pins the bytearray: it cannot be resized under the pointer), the
+    area's batch list, the size -- so a call reads no attribute of the queue: looking them up per
+    call cost more than the Python loop saves for a batch of one.
     """
-    if not PyList_CheckExact(done):
-        return 0
-    cdef Py_ssize_t n = len(<list>done)
-    if n == 0:
-        return 0
-    cdef long long size = queue.size
-    in_flight = queue._in_flight
-    if (size <= 0 or size & (size - 1) or not PyByteArray_CheckExact(in_flight)
-            or PyByteArray_GET_SIZE(in_flight) < size):
-        return 0
-    used = _slice(queue._used_bytes)
-    if used is None:
-        return 0
-    cdef Py_buffer *ub = PyMemoryView_GET_BUFFER(used)
-    if ub.readonly or ub.len < USED_RING_OFF + USED_ELEM_SIZE * size:
-        return 0
-    cdef uint8_t *ring = <uint8_t *>ub.buf
-    cdef uint8_t *area = NULL
-    cdef list batch = None
-    inflight = queue._inflight
-    area_view = None
-    cdef Py_buffer *ab
-    if inflight is not None:
-        view, batch = inflight.compiled_view()
-        area_view = _slice(view)
-        if area_view is None:
+
+    cdef object _used        # slice of the queue's used-ring view
+    cdef object _flags       # memoryview of the queue's in-flight bytearray
+    cdef object _area        # slice of the in-flight area's view, or None
+    cdef list _batch         # the in-flight area's batch (InflightQueue.used appends to it)
+    cdef uint8_t *ring
+    cdef uint8_t *flags
+    cdef uint8_t *area
+    cdef long long size
+    cdef uint32_t mask
+
+    def __init__(self, queue):
+        size = queue.size
+        if size <= 0 or size & (size - 1) or size > 32768:
+            raise ValueError(f"queue size {size}")
+        self.size = size
+        self.mask = <uint32_t>(size - 1)
+        self._used = queue._used_bytes[:]
+        cdef Py_buffer *ub = PyMemoryView_GET_BUFFER(self._used)
+        if ub.readonly or ub.len < USED_RING_OFF + USED_ELEM_SIZE * size:
+            raise ValueError("the used ring view is read-only or too short")
+        self.ring = <uint8_t *>ub.buf
+        in_flight = queue._in_flight
+        if not PyByteArray_CheckExact(in_flight) or PyByteArray_GET_SIZE(in_flight) < size:
+            raise ValueError("the in-flight flags are not a bytearray of the queue size")
+        self._flags = memoryview(in_flight)
+        self.flags = <uint8_t *>PyMemoryView_GET_BUFFER(self._flags).buf
+        self.area = NULL
+        self._area = None
+        self._batch = None
+        cdef Py_buffer *ab
+        inflight = queue._inflight
+        if inflight is not None:
+            view, batch = inflight.compiled_view()
+            if not PyList_CheckExact(batch):
+                raise ValueError("the in-flight area's batch is not a list")
+            self._area = view[:]
+            ab = PyMemoryView_GET_BUFFER(self._area)
+            if ab.readonly or ab.len < HEADER_SIZE + STATE_SIZE * size:
+                raise ValueError("the in-flight area is read-only or too short")
+            self.area = <uint8_t *>ab.buf
+            self._batch = batch
+
+    def release(self):
+        """Let go of the views (the queue is releasing its own): nothing is written after."""
+        self.ring = self.flags = self.area = NULL
+        self.size = 0
+        for view in (self._used, self._flags, self._area):
+            if view is not None:
+                view.release()
+        self._used = self._flags = self._area = None
+        self._batch = None
+
+    def add_used_many(self, queue, done, uint16_t next_used):
+        """:meth:`vhost.queue.split.SplitQueue.add_used_many` for the plain entries at the start
+        of ``done``, the first at used index ``next_used``: how many were added.  The caller
+        moves ``next_used`` and ``in_flight_count`` on by that many and adds the rest itself
+        (and reports what is wrong with them).  Should an append to the batch fail
+        (MemoryError), the queue's two fields are set here before the error propagates, so
+        they agree with what was written.
+        """
+        if not PyList_CheckExact(done) or self.size == 0:
             return 0
-        ab = PyMemoryView_GET_BUFFER(area_view)
-        if ab.readonly or ab.len < HEADER_SIZE + STATE_SIZE * size:
-            return 0
-        area = <uint8_t *>ab.buf
-    cdef char *flags = PyByteArray_AS_STRING(in_flight)
-    cdef uint32_t mask = <uint32_t>(size - 1)
-    cdef uint16_t next_used = <uint16_t>(<long long>queue.next_used & 0xFFFF)
-    cdef Py_ssize_t i = 0
-    cdef long long head = 0, length = 0
-    cdef uint8_t *entry
-    cdef tuple item
-    try:
-        while i < n:
-            obj = (<list>done)[i]
-            if not PyTuple_CheckExact(obj) or len(<tuple>obj) != 2:
-                break
-            item = <tuple>obj
-            head_obj = item[0]
-            if (not _small_int(head_obj, &head) or not _small_int(item[1], &length)
-                    or head < 0 or head >= size or not flags[head]
-                    or length < 0 or length > 0xFFFFFFFF):
-                break
-            flags[head] = 0
-            entry = ring + USED_RING_OFF + USED_ELEM_SIZE * (next_used & mask)
-            vsc_put_u32(entry, <uint32_t>head)
-            vsc_put_u32(entry + 4, <uint32_t>length)
-            next_used = <uint16_t>(next_used + 1)
-            if area != NULL:
-                # InflightQueue.used: link the head into the batch, then name it the last
-                vsc_put_u16(area + HEADER_SIZE + STATE_SIZE * head + NEXT_OFF,
-                            vsc_get_u16(area + LAST_BATCH_OFF))
-                vsc_release_u16(area + LAST_BATCH_OFF, <uint16_t>head)
-                batch.append(head_obj)
-            i += 1
-    finally:
-        queue.next_used = next_used
-        queue.in_flight_count -= i
-    return i
+        cdef Py_ssize_t n = len(<list>done)
+        cdef Py_ssize_t i = 0
+        cdef long long head = 0, length = 0
+        cdef long long size = self.size
+        cdef uint8_t *flags = self.flags
+        cdef uint8_t *area = self.area
+        cdef uint8_t *entry
+        cdef tuple item
+        try:
+            while i < n:
+                obj = (<list>done)[i]
+                if not PyTuple_CheckExact(obj) or len(<tuple>obj) != 2:
+                    break
+                item = <tuple>obj
+                head_obj = item[0]
+                if (not _small_int(head_obj, &head) or not _small_int(item[1], &length)
+                        or head < 0 or head >= size or not flags[head]
+                        or length < 0 or length > 0xFFFFFFFF):
+                    break
+                flags[head] = 0
+                entry = self.ring + USED_RING_OFF + USED_ELEM_SIZE * (next_used & self.mask)
+                vsc_put_u32(entry, <uint32_t>head)
+                vsc_put_u32(entry + 4, <uint32_t>length)
+                next_used = <uint16_t>(next_used + 1)
+                i += 1
+                if area != NULL:
+                    # InflightQueue.used: link the head into the batch, then name it the last
+                    vsc_put_u16(area + HEADER_SIZE + STATE_SIZE * head + NEXT_OFF,
+                                vsc_get_u16(area + LAST_BATCH_OFF))
+                    vsc_release_u16(area + LAST_BATCH_OFF, <uint16_t>head)
+                    self._batch.append(head_obj)
+        except BaseException:
+            queue.next_used = next_used
+            queue.in_flight_count -= i
+            raise
+        return i
 
 
 def popped_many(inflight, heads):

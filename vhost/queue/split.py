@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable, Generator
-from typing import NoReturn
+from collections.abc import Generator
+from typing import TYPE_CHECKING, NoReturn
 
 from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
@@ -49,6 +49,9 @@ from vhost.queue.base import (
     full_fence,
 )
 from vhost.queue.inflight import COMPILED_MODULE, InflightError, InflightQueue
+
+if TYPE_CHECKING:
+    from vhost.queue._split_core import UsedRing
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +151,6 @@ class SplitQueue:
         self._signalled_used: int | None = None
         self._in_flight = bytearray(size)
         self.in_flight_count = 0
-        # The compiled add_used_many (vhost.queue._split_core) where it was built and the
-        # environment allows it (vhost.compiled); None: the Python loop does every entry.
-        core = optional_module(COMPILED_MODULE)
-        self._add_used_compiled: Callable[[SplitQueue, list[tuple[int, int]]], int] | None = (
-            None if core is None else core.add_used_many)
         self.broken = False
         self.error: QueueError | None = None
         # Live migration: while the frontend logs dirty pages, the marker of this queue (set and
@@ -178,6 +176,15 @@ class SplitQueue:
                 self.next_avail = (self._used[1] + len(self._replay)) & 0xFFFF
                 log.info("queue %d: resubmitting %d requests from before the restart; avail "
                          "continues at %d", index, len(self._replay), self.next_avail)
+        # The compiled used side (vhost.queue._split_core) where it was built and the
+        # environment allows it (vhost.compiled); None: the Python loop does every entry.
+        self._used_core: UsedRing | None = None
+        core = optional_module(COMPILED_MODULE)
+        if core is not None:
+            try:
+                self._used_core = core.UsedRing(self)
+            except ValueError as exc:  # (not for a queue this class made) the Python loop
+                log.debug("queue %d: the Python used side runs: %s", index, exc)
 
     def ring_state(self) -> dict[str, int]:
         """Where this queue is, for a diagnostics query from another thread (reads only).
@@ -653,13 +660,17 @@ class SplitQueue:
         notify decision, as any batch is.  A head not in flight raises ValueError, the entries
         before it added.
 
-        The compiled implementation (:func:`vhost.queue._split_core.add_used_many`), where it
-        runs, adds the plain entries; :meth:`_add_used_python` adds whatever it left and states
+        The compiled implementation (:class:`vhost.queue._split_core.UsedRing`), where it runs,
+        adds the plain entries; :meth:`_add_used_python` adds whatever it left and states
         the rules (a differential property test holds the two to the same results).
         """
-        compiled = self._add_used_compiled
-        if compiled is not None:
-            added = compiled(self, done)
+        core = self._used_core
+        if core is not None:
+            next_used = self.next_used
+            added = core.add_used_many(self, done, next_used)
+            if added:
+                self.next_used = (next_used + added) & 0xFFFF
+                self.in_flight_count -= added
             if added == len(done):
                 return
             done = done[added:]
@@ -749,6 +760,9 @@ class SplitQueue:
 
     def release(self) -> None:
         """Drop the ring views so guest memory can be unmapped."""
+        if self._used_core is not None:  # its slices of the used ring and in-flight area first
+            self._used_core.release()
+            self._used_core = None
         if self._inflight is not None:
             self._inflight.release()
             self._inflight = None
