@@ -84,6 +84,11 @@ cdef enum:
     USED_ELEM_SIZE = 8
 
 
+# (typed: a bare literal past the C int range would make Cython compare as Python objects)
+cdef long long U32_MAX = 0xFFFFFFFF
+cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+
 cdef inline bint _small_int(object obj, long long *out):
     """``obj`` is an exact int that fits a long long (then in ``*out``)."""
     cdef int overflow = 0
@@ -192,7 +197,7 @@ cdef class UsedRing:
                 head_obj = item[0]
                 if (not _small_int(head_obj, &head) or not _small_int(item[1], &length)
                         or head < 0 or head >= size or not flags[head]
-                        or length < 0 or length > 0xFFFFFFFF):
+                        or length < 0 or length > U32_MAX):
                     break
                 flags[head] = 0
                 entry = self.ring + USED_RING_OFF + USED_ELEM_SIZE * (next_used & self.mask)
@@ -245,7 +250,7 @@ def popped_many(inflight, heads):
             entry = area + HEADER_SIZE + STATE_SIZE * head
             vsc_put_u64(entry + COUNTER_OFF, counter)
             vsc_release_u8(entry, 1)
-            if counter == 0xFFFFFFFFFFFFFFFF:
+            if counter == U64_MAX:
                 exhausted = True
             counter += 1
             i += 1
