@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
+from vhost.compiled import CHOICES as CHOICES
+from vhost.compiled import ENV, CoreUnavailable, requested
 from virtio_blk.fastpath import FastPath
 
 if TYPE_CHECKING:
@@ -35,13 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENV = "VHOST_USER_BLK_CORE"
-CHOICES = ("auto", "compiled", "python")
+# The variable's rule (ENV, CHOICES, requested, CoreUnavailable) is vhost.compiled's: the vhost
+# layer has a compiled core too, and reads it the same way.
 COMPILED_MODULE = "virtio_blk._fastpath_core"
-
-
-class CoreUnavailable(Exception):
-    """The core asked for cannot run here; the message is one line for the user."""
 
 
 class FastPathLike(Protocol):
@@ -63,15 +60,6 @@ class FastPathLike(Protocol):
 _compiled: ModuleType | None = None
 _compiled_problem: str | None = None
 _loaded = False
-
-
-def requested() -> str:
-    """The core the environment asks for (``auto`` when unset); CoreUnavailable for a value
-    that is not one of :data:`CHOICES`."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise CoreUnavailable(f"{ENV}={value!r}: choose one of {', '.join(CHOICES)}")
-    return value
 
 
 def compiled_module() -> ModuleType | None:

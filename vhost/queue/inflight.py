@@ -30,8 +30,10 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from vhost.compiled import optional_module
 from vhost.fdkinds import FdKindError, check_mappable
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ DESC_CHECK = struct.Struct("<B5sHQ")  # the same with the padding, to check it i
 DESC_STATE_SIZE = 16
 VERSION = 1
 NO_HEAD = 0xFFFF
+#: The compiled used side (:mod:`vhost.queue._split_core`), when built and allowed.
+COMPILED_MODULE = "vhost.queue._split_core"
 
 # u16 slots of the header, for single 16-bit stores through a cast('H') view
 _VERSION_SLOT = 4
@@ -160,6 +164,9 @@ class InflightQueue:
         self.size = size
         self.counter = 0
         self._batch: list[int] = []
+        core = optional_module(COMPILED_MODULE)
+        self._popped_compiled: Callable[[InflightQueue, list[int]], int] | None = (
+            None if core is None else core.popped_many)
 
     # ------------------------------------------------------------------ start / recovery
     def check(self, used_idx: int) -> None:
@@ -266,6 +273,27 @@ class InflightQueue:
         struct.pack_into("<Q", self._view, off + 8, self.counter)
         self.counter += 1
         self._view[off] = 1
+
+    def popped_many(self, heads: list[int]) -> None:
+        """:meth:`popped` for each of ``heads``, in order: one call for a pass's claims (the
+        compiled one, :func:`vhost.queue._split_core.popped_many`, where it runs; it does the
+        plain heads and this loop whatever it left)."""
+        done = 0
+        compiled = self._popped_compiled
+        if compiled is not None:
+            done = compiled(self, heads)
+            if done == len(heads):
+                return
+        for head in heads[done:]:
+            self.popped(head)
+
+    def compiled_view(self) -> tuple[memoryview, list[int]]:
+        """What the compiled used side (:mod:`vhost.queue._split_core`) updates in place of
+        :meth:`used` and :meth:`popped`: this queue's region of the area (it takes a slice per
+        call, so :meth:`release` works as before) and the list of the heads of the batch not yet
+        :meth:`published` (it appends to it as :meth:`used` does).  It reads and moves
+        :attr:`counter` itself."""
+        return self._view, self._batch
 
     def used(self, head: int) -> None:
         """``head`` is in the used ring (not yet published): link it into the batch."""

@@ -32,10 +32,11 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Generator
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
+from vhost.compiled import optional_module
 from vhost.messages import VirtioFeature
 from vhost.queue.base import (
     CHAIN_HEAD,
@@ -47,7 +48,10 @@ from vhost.queue.base import (
     SimpleChain,
     full_fence,
 )
-from vhost.queue.inflight import InflightError, InflightQueue
+from vhost.queue.inflight import COMPILED_MODULE, InflightError, InflightQueue
+
+if TYPE_CHECKING:
+    from vhost.queue._split_core import UsedRing
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +176,15 @@ class SplitQueue:
                 self.next_avail = (self._used[1] + len(self._replay)) & 0xFFFF
                 log.info("queue %d: resubmitting %d requests from before the restart; avail "
                          "continues at %d", index, len(self._replay), self.next_avail)
+        # The compiled used side (vhost.queue._split_core) where it was built and the
+        # environment allows it (vhost.compiled); None: the Python loop does every entry.
+        self._used_core: UsedRing | None = None
+        core = optional_module(COMPILED_MODULE)
+        if core is not None:
+            try:
+                self._used_core = core.UsedRing(self)
+            except ValueError as exc:  # (not for a queue this class made) the Python loop
+                log.debug("queue %d: the Python used side runs: %s", index, exc)
 
     def ring_state(self) -> dict[str, int]:
         """Where this queue is, for a diagnostics query from another thread (reads only).
@@ -646,7 +659,25 @@ class SplitQueue:
         :meth:`publish_used` with one used.idx store, one dirty-log pass over the entries and one
         notify decision, as any batch is.  A head not in flight raises ValueError, the entries
         before it added.
+
+        The compiled implementation (:class:`vhost.queue._split_core.UsedRing`), where it runs,
+        adds the plain entries; :meth:`_add_used_python` adds whatever it left and states
+        the rules (a differential property test holds the two to the same results).
         """
+        core = self._used_core
+        if core is not None:
+            next_used = self.next_used
+            added = core.add_used_many(self, done, next_used)
+            if added:
+                self.next_used = (next_used + added) & 0xFFFF
+                self.in_flight_count -= added
+            if added == len(done):
+                return
+            done = done[added:]
+        self._add_used_python(done)
+
+    def _add_used_python(self, done: list[tuple[int, int]]) -> None:
+        """:meth:`add_used_many` in Python: every entry, every rule."""
         in_flight = self._in_flight
         size = self.size
         used = self._used_bytes
@@ -729,6 +760,9 @@ class SplitQueue:
 
     def release(self) -> None:
         """Drop the ring views so guest memory can be unmapped."""
+        if self._used_core is not None:  # its slices of the used ring and in-flight area first
+            self._used_core.release()
+            self._used_core = None
         if self._inflight is not None:
             self._inflight.release()
             self._inflight = None
