@@ -61,8 +61,9 @@ def core_extensions() -> list[Extension]:
     """The extensions to try to build: none without Cython (the pure-Python core installs).
 
     Sources are paths relative to the project root, as setuptools wants them for sdists.
-    Both modules link liburing: the fast path cimports the ring's .pxd, whose declarations
-    of liburing's (partly inline) functions end up in the fast path's own C code.
+    Both modules link liburing: the fast path cimports the ring's .pxd, and whatever of
+    liburing's functions that declares and the fast path calls is compiled into the fast
+    path's own C code.  Each depends on every .pxd, so that a changed declaration rebuilds it.
     """
     present = [(name, pyx) for name, pyx in CORE_MODULES if (ROOT / pyx).is_file()]
     if not present:
@@ -70,13 +71,14 @@ def core_extensions() -> list[Extension]:
     if not _have_cython():
         _warn(f"Cython>=3.0 is not installed: installing the pure-Python core only ({NEEDS})")
         return []
+    declarations = [pxd for _, pyx in present if (ROOT / (pxd := pyx[:-4] + ".pxd")).is_file()]
     return [
         Extension(
             name,
             [pyx],
             libraries=["uring"],
             extra_compile_args=["-O2"],
-            depends=[str(Path(p).with_suffix(".pxd")) for _, p in present],
+            depends=declarations,
         )
         for name, pyx in present
     ]
