@@ -132,8 +132,8 @@ cdef enum:
 
 cdef uint64_t MAX_CHAIN_BYTES = 1ULL << 32
 cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
-cdef int HEADER_SIZE = _PY_HEADER_SIZE
-cdef int MAX_PIECES = _PY_MAX_PIECES
+cdef uint64_t HEADER_SIZE = _PY_HEADER_SIZE
+cdef uint64_t MAX_PIECES = _PY_MAX_PIECES
 cdef object KIND_READ = OpKind.READ
 cdef object KIND_WRITE = OpKind.WRITE
 cdef int STATUS_OK = int(Status.OK)
@@ -443,7 +443,7 @@ cdef class FastPath:
         if data_flags != DESC_F_NEXT and data_flags != NEXT_WRITE:
             return False
         cdef bint into_guest = data_flags == NEXT_WRITE
-        if req_type != (T_IN if into_guest else T_OUT):
+        if req_type != <uint32_t>(T_IN if into_guest else T_OUT):
             return False
         if not into_guest and (self.read_only or not self.writeback):
             return False  # refused, or write-through: the Python paths answer it
