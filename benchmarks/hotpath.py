@@ -70,6 +70,8 @@ from virtio_blk.device import BlkDevice
 from virtio_blk.request import HEADER, HEADER_SIZE, ReqType
 
 SIZE = 256
+#: Bytes of guest memory a rig uses (rings, tables, headers, data, status bytes).
+MEMORY = 64 << 20
 DATA = ("filled", "sparse")
 LAYOUTS = ("split", "packed")
 DESC_GPA, AVAIL_GPA, USED_GPA, TABLE_GPA = 0x1000, 0x10000, 0x20000, 0x400000
@@ -82,8 +84,10 @@ class Rig:
 
     def __init__(self, engine: str, image: str, slots: int = 32, fast_path: bool = True,
                  accounting: bool = True, shape: str = "indirect",
-                 layout: str = "split") -> None:
-        self.mem = GuestMemory.anonymous(64 << 20)
+                 layout: str = "split", memory: GuestMemory | None = None) -> None:
+        # (``memory``: 64 MiB from the caller, shared with a driver process by
+        # benchmarks.wakeup)
+        self.mem = GuestMemory.anonymous(MEMORY) if memory is None else memory
         features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1
                        | VirtioFeature.RING_INDIRECT_DESC)
         addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
@@ -170,7 +174,7 @@ class Rig:
         or off, the way the handler does: one marker shared by the ring and the device."""
         if on and self.vq.dirty is None:
             self.log_fd = os.memfd_create("hotpath-log", os.MFD_CLOEXEC)
-            size = (64 << 20) // 4096 // 8
+            size = MEMORY // 4096 // 8
             os.ftruncate(self.log_fd, size)
             self.dirty_log = DirtyLog(self.log_fd, size)
             marker = DirtyMarker(self.dirty_log)
