@@ -9,6 +9,11 @@ while the worker drains, with kicks suppressed, so the driver rightly sends no k
 from __future__ import annotations
 
 import os
+import select
+import socket
+import threading
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -16,7 +21,8 @@ from tests.unit.vhost.helpers import WAIT, wait_for
 from tests.unit.vhost.ring import EVENT_IDX, Ring
 from vhost.device import QueueHandler
 from vhost.queue.base import DescriptorChain
-from vhost.runner.base import Notifier
+from vhost.runner.base import Notifier, QueueKey
+from vhost.runner.poolworker import HostedQueue, PoolWorker
 from vhost.runner.thread import QueueWorker
 
 
@@ -72,3 +78,48 @@ def test_a_buffer_made_available_while_draining_is_served_without_a_kick(feature
         call.close()
         os.close(kick)
         ring.vq.release()
+
+
+class CountingWorker:
+    """What the pool worker's loop uses of a hosted queue's worker: counts its passes."""
+
+    def __init__(self) -> None:
+        self.vq = SimpleNamespace(broken=False)
+        self.passes = 0
+
+    def run_pass(self) -> None:
+        self.passes += 1
+
+
+def test_pool_worker_runs_one_pass_for_a_queue_whose_kick_and_completion_both_fired() -> None:
+    ours, theirs = socket.socketpair()
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    completion = os.eventfd(0, os.EFD_NONBLOCK)
+    other_kick = os.eventfd(0, os.EFD_NONBLOCK)
+    pool = PoolWorker(ours)
+    queue, other = CountingWorker(), CountingWorker()
+    hosted = HostedQueue(QueueKey(1, 0), cast(Any, queue), cast(Any, None), cast(Any, None))
+    hosted_other = HostedQueue(QueueKey(1, 1), cast(Any, other), cast(Any, None),
+                               cast(Any, None))
+    for fd, host in ((kick, hosted), (completion, hosted), (other_kick, hosted_other)):
+        pool.ep.register(fd, select.EPOLLIN | select.EPOLLET)
+        pool.by_fd[fd] = host
+    # All three fired before the loop's first wait: one wait returns them together.
+    for fd in (kick, completion, other_kick):
+        os.eventfd_write(fd, 1)
+    status: list[int] = []
+    loop = threading.Thread(target=lambda: status.append(pool.serve()), daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: queue.passes and other.passes, "the passes of both queues")
+        theirs.close()  # the control process goes away: the loop ends
+        loop.join(WAIT)
+        assert status == [0]
+        assert (queue.passes, other.passes) == (1, 1)
+    finally:
+        theirs.close()
+        loop.join(WAIT)
+        pool.ep.close()
+        ours.close()
+        for fd in (kick, completion, other_kick):
+            os.close(fd)
