@@ -29,6 +29,10 @@ callgrind counts only inside the ``any()`` that runs the ``--requests`` measured
         python -m benchmarks.hotpath --instructions --fast-path on --shape direct \
         --batches 32 --requests 1024        # "Collected" / 1024
 
+What a wake-up adds (epoll, the kick, the call eventfd, notification bookkeeping) is not here:
+:mod:`benchmarks.wakeup` runs the real queue thread against a driver process.  (Nor is the call:
+the rig never moves used_event, so after the first round the worker is not asked for one.)
+
 With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
 median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
 other load on the machine; the spread of the runs says how much it was disturbed).
