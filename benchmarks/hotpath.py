@@ -31,6 +31,10 @@ callgrind counts only inside the ``any()`` that runs the ``--requests`` measured
         python -m benchmarks.hotpath --instructions --fast-path on --shape direct \
         --batches 32 --requests 1024        # "Collected" / 1024
 
+What a wake-up adds (epoll, the kick, the call eventfd, notification bookkeeping) is not here:
+:mod:`benchmarks.wakeup` runs the real queue thread against a driver process.  (Nor is the call:
+the rig never moves used_event, so after the first round the worker is not asked for one.)
+
 With ``--fast-path both`` (the default) the two are measured alternately in one process, and the
 median of ``--repeat`` runs is printed with the ratio (CPU time per request is robust against
 other load on the machine; the spread of the runs says how much it was disturbed).
@@ -73,6 +77,8 @@ from virtio_blk.device import BlkDevice
 from virtio_blk.request import HEADER, HEADER_SIZE, ReqType
 
 SIZE = 256
+#: Bytes of guest memory a rig uses (rings, tables, headers, data, status bytes).
+MEMORY = 64 << 20
 DATA = ("filled", "sparse")
 LAYOUTS = ("split", "packed")
 DESC_GPA, AVAIL_GPA, USED_GPA, TABLE_GPA = 0x1000, 0x10000, 0x20000, 0x400000
@@ -85,8 +91,10 @@ class Rig:
 
     def __init__(self, engine: str, image: str, slots: int = 32, fast_path: bool = True,
                  accounting: bool = True, shape: str = "indirect",
-                 layout: str = "split") -> None:
-        self.mem = GuestMemory.anonymous(64 << 20)
+                 layout: str = "split", memory: GuestMemory | None = None) -> None:
+        # (``memory``: 64 MiB from the caller, shared with a driver process by
+        # benchmarks.wakeup)
+        self.mem = GuestMemory.anonymous(MEMORY) if memory is None else memory
         features = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1
                        | VirtioFeature.RING_INDIRECT_DESC)
         addresses = RingAddresses(DESC_GPA, AVAIL_GPA, USED_GPA)
@@ -173,7 +181,7 @@ class Rig:
         or off, the way the handler does: one marker shared by the ring and the device."""
         if on and self.vq.dirty is None:
             self.log_fd = os.memfd_create("hotpath-log", os.MFD_CLOEXEC)
-            size = (64 << 20) // 4096 // 8
+            size = MEMORY // 4096 // 8
             os.ftruncate(self.log_fd, size)
             self.dirty_log = DirtyLog(self.log_fd, size)
             marker = DirtyMarker(self.dirty_log)

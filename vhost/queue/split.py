@@ -228,6 +228,9 @@ class SplitQueue:
         """
         if self.broken:
             return []
+        if self._avail[1] == self.next_avail and not self._replay:
+            # The common case after the fast path took every chain: one load, no list.
+            return []
         out: list[DescriptorChain] = []
         if self._replay:
             self._pop_replay(out)

@@ -28,6 +28,9 @@ __all__ = ["Notifier", "QueueWorker"]
 
 log = logging.getLogger(__name__)
 
+#: Events one wait returns at most: a queue thread watches three fds (kick, wake, completion).
+_MAX_EVENTS = 3
+
 
 class QueueWorker:
     """Runs one virtqueue on its own thread until :meth:`stop`."""
@@ -136,7 +139,9 @@ class QueueWorker:
             poll = ep.poll
             stop = self._stop
             while True:
-                poll()
+                # One wait per pass, however many of the fds fired: the pass serves them all.
+                # (A bounded maxevents: the default sizes a 1023-entry buffer per call.)
+                poll(-1, _MAX_EVENTS)
                 if stop.is_set():
                     break
                 self._service(kick=True)
@@ -172,8 +177,9 @@ class QueueWorker:
         handler = self.handler
         if vq.in_flight_count:  # (requests a device holds back are in flight too)
             done = handler.reap()
-            vq.add_used_many(done)
-            self.completed += len(done)
+            if done:
+                vq.add_used_many(done)
+                self.completed += len(done)
         if kick and not vq.broken:
             self.kicks += 1
             suppress = not vq.event_idx  # with EVENT_IDX, avail_event does this for free
@@ -189,8 +195,9 @@ class QueueWorker:
                 if chains:
                     self.batches += 1
                     finished += handler.submit_batch(chains)
-                vq.add_used_many(finished)
-                self.completed += len(finished)
+                if finished:  # (an empty add costs as much as a small publish)
+                    vq.add_used_many(finished)
+                    self.completed += len(finished)
                 if vq.broken:
                     self._report_broken()
                     break
