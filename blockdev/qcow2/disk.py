@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from blockdev.disk import DiskError, DiskInfo, check_growth, resume_io
+from blockdev.engine import IoOp
 from blockdev.qcow2.image import Qcow2Image
 from blockdev.qcow2.uring_engine import MappedUringEngine
 from blockdev.ratelimit import RateLimitedLog
@@ -44,16 +45,15 @@ class Qcow2Disk:
         """The io_uring engine for this disk (guest offsets are translated per request)."""
         return MappedUringEngine
 
-    def map_io(self, offset: int, length: int, writing: bool) -> int:
-        """The host offset of an IO inside one allocated cluster (counted in flight until
-        :meth:`unmap_io`), or -1: then the IO must go through readv/writev."""
-        try:
-            return self.image.fast_target(offset, length, writing)
-        except Exception:  # bad metadata or a bug: the general path reports it
-            return -1  # (as an IOERR for this request), never the queue's worker
+    def map_batch(self, ops: list[IoOp], guest: dict[int, int]) -> list[IoOp]:
+        """Translate the reads and writes inside one allocated cluster each to host offsets
+        (counted in flight until :meth:`unmap_io`; their guest offsets kept in ``guest``);
+        the rest are taken out of ``ops`` and returned: they must go through readv/writev,
+        which report bad metadata as an IOERR for that request (never the queue's worker)."""
+        return self.image.map_batch(ops, guest)
 
     def unmap_io(self, count: int = 1) -> None:
-        """``count`` IOs that :meth:`map_io` translated have completed."""
+        """``count`` IOs that :meth:`map_batch` translated have completed."""
         self.image.leave(count)
 
     def resume(self, write: bool, buffers: Sequence[memoryview], offset: int, done: int) -> int:
