@@ -39,22 +39,20 @@ class Qcow2Disk:
         self.info = DiskInfo(size, logical_block_size, read_only, False, 1, 1, False)
         #: Bad metadata fails every request that meets it: the first lines, then a count.
         self._errlog = RateLimitedLog(log)
+        # The io_uring engine's two calls per batch, straight to the image (no frame of ours):
+        #: Translate the reads and writes inside one allocated cluster each to host offsets
+        #: (counted in flight until :attr:`unmap_io`; their guest offsets kept in ``guest``);
+        #: the rest are taken out of ``ops`` and returned: they must go through readv/writev,
+        #: which report bad metadata as an IOERR for that request (never the queue's worker).
+        self.map_batch: Callable[[list[IoOp], dict[int, int]], list[IoOp]] = \
+            self.image.map_batch
+        #: ``count`` IOs that :attr:`map_batch` translated have completed.
+        self.unmap_io: Callable[[int], None] = self.image.leave
 
     @property
     def uring_engine(self) -> type:
         """The io_uring engine for this disk (guest offsets are translated per request)."""
         return MappedUringEngine
-
-    def map_batch(self, ops: list[IoOp], guest: dict[int, int]) -> list[IoOp]:
-        """Translate the reads and writes inside one allocated cluster each to host offsets
-        (counted in flight until :meth:`unmap_io`; their guest offsets kept in ``guest``);
-        the rest are taken out of ``ops`` and returned: they must go through readv/writev,
-        which report bad metadata as an IOERR for that request (never the queue's worker)."""
-        return self.image.map_batch(ops, guest)
-
-    def unmap_io(self, count: int = 1) -> None:
-        """``count`` IOs that :meth:`map_batch` translated have completed."""
-        self.image.leave(count)
 
     def resume(self, write: bool, buffers: Sequence[memoryview], offset: int, done: int) -> int:
         """Continue a short transfer at a *host* offset (the io_uring engine's fallback for IO

@@ -79,9 +79,15 @@ class MappedUringEngine(UringEngine):
         queued = self._queued
         slow = self.qcow2.map_batch(queued, self._guest) if queued else None
         if queued:
-            if len(queued) == 1 and queued[0].kind == _READ:
-                if self._nowait and self._read_nowait(queued[0]):
-                    self._finished_now(queued[:])
+            if len(queued) == 1:
+                op = queued[0]
+                if op.kind == _WRITE:
+                    self._write(op)
+                    finished = True
+                else:  # not all in the page cache: the ring reads it
+                    finished = self._nowait and self._read_nowait(op)
+                if finished:
+                    self._finished_now([op])
                     queued.clear()
             else:
                 writes = [op for op in queued if op.kind == _WRITE]
@@ -154,6 +160,8 @@ class MappedUringEngine(UringEngine):
             self._early.extend(self._reap_ring())
 
     def _reap_ring(self) -> list[IoOp]:
+        if not self._ops:  # nothing of ours in the ring (reads and writes are all it gets)
+            return []
         done = super().reap()
         mapped = 0
         pop = self._guest.pop

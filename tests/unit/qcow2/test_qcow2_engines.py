@@ -279,21 +279,32 @@ def test_uring_engine_writes_and_lone_reads_skip_the_ring(tmp_path: Path) -> Non
         assert engine.reap() == [r] and r.result == 4096 and r.offset == 64 * KiB
         assert bytes(buf) == model[64 * KiB:68 * KiB]
         assert disk.image._inflight == 0
-        # A batch of reads, an in-place write and an allocating write (the general path, run
-        # after the ring has emptied): each finished, in the right place.
-        bufs = [bytearray(4096) for _ in range(3)]
+        # A batch of reads and an in-place write: the write is written, not put in the ring.
+        bufs = [bytearray(4096) for _ in range(4)]
         reads = [IoOp(OpKind.READ, (5 + i) * 64 * KiB + 1024, [IoBuffer(memoryview(b))], 4096)
                  for i, b in enumerate(bufs)]
         data2 = bytearray(os.urandom(8192))
-        w2 = IoOp(OpKind.WRITE, 8 * 64 * KiB, [IoBuffer(memoryview(data2[:4096]))], 4096)
+        w2 = IoOp(OpKind.WRITE, 12 * 64 * KiB, [IoBuffer(memoryview(data2[:4096]))], 4096)
+        batch = [reads[0], w2, reads[1], reads[2]]
+        for o in batch:
+            assert not engine.submit(o)
+        engine.submit_batch()
+        assert w2 not in engine._ops.values() and w2.result == 4096
+        done = engine.reap()
+        while len(done) < len(batch):
+            engine.ring.submit(wait=1)
+            done += engine.reap()
+        assert sorted(map(id, done)) == sorted(map(id, batch))
+        # A translated read and an allocating write (the general path, run after the ring has
+        # emptied) in one batch.
         w3 = IoOp(OpKind.WRITE, 3 * MiB + 512, [IoBuffer(memoryview(data2[4096:]))], 4096)
-        _run(engine, [reads[0], w2, reads[1], w3, reads[2]])
+        _run(engine, [w3, reads[3]])
         for i, (o, b) in enumerate(zip(reads, bufs, strict=True)):
             off = (5 + i) * 64 * KiB + 1024
             assert o.offset == off and o.result == 4096 and bytes(b) == model[off:off + 4096]
-        assert w2.offset == 8 * 64 * KiB and w3.offset == 3 * MiB + 512
+        assert w2.offset == 12 * 64 * KiB and w3.offset == 3 * MiB + 512
         assert w2.result == w3.result == 4096
-        model[8 * 64 * KiB:8 * 64 * KiB + 4096] = data2[:4096]
+        model[12 * 64 * KiB:12 * 64 * KiB + 4096] = data2[:4096]
         model[3 * MiB + 512:3 * MiB + 512 + 4096] = data2[4096:]
         assert disk.image._inflight == 0
         assert read(disk, 0, 4 * MiB) == model
