@@ -51,12 +51,12 @@ class Qcow2Disk:
 
     @property
     def uring_engine(self) -> type:
-        """The io_uring engine for this disk (guest offsets are translated per request)."""
+        """The io_uring engine for this disk (guest offsets are translated per batch)."""
         return MappedUringEngine
 
     def resume(self, write: bool, buffers: Sequence[memoryview], offset: int, done: int) -> int:
         """Continue a short transfer at a *host* offset (the io_uring engine's fallback for IO
-        that :meth:`map_io` translated)."""
+        that :attr:`map_batch` translated)."""
         return resume_io(self.fd, write, buffers, offset, done)
 
     def readv(self, buffers: Sequence[memoryview], offset: int) -> int:

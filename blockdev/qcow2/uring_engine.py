@@ -59,9 +59,8 @@ class MappedUringEngine(UringEngine):
         self.qcow2 = disk
         self._guest: dict[int, int] = {}  # id(op) -> guest offset, while op.offset is the host's
         self._early: list[IoOp] = []
-        #: Translated writes as plain pwritev, a lone translated read tried with
-        #: preadv(RWF_NOWAIT) first (see the module docstring); off where the file has no
-        #: RWF_NOWAIT.
+        #: A lone translated read is tried with preadv(RWF_NOWAIT) first (see the module
+        #: docstring); off once the file has shown it has no RWF_NOWAIT.
         self._nowait = True
 
     def submit(self, op: IoOp) -> bool:
@@ -84,7 +83,7 @@ class MappedUringEngine(UringEngine):
                 if op.kind == _WRITE:
                     self._write(op)
                     finished = True
-                else:  # not all in the page cache: the ring reads it
+                else:  # from the page cache if it is all there; if not, the ring reads it
                     finished = self._nowait and self._read_nowait(op)
                 if finished:
                     self._finished_now([op])
