@@ -23,6 +23,9 @@ Requests have Linux's shape (one indirect descriptor to a table of header, data 
     python -m benchmarks.hotpath --layout both       # split and packed, alternately
     python -m benchmarks.hotpath --core python       # the pure-Python core (default: compiled
                                                      # where it is built)
+    python -m benchmarks.hotpath --format both       # raw and a fully allocated qcow2 of the
+                                                     # same data, alternately, with the ratio
+    python -m benchmarks.hotpath --op write          # 4k writes instead of reads
 
 Instructions per request, repeatable on a busy machine (one shape, batch and mode per run;
 callgrind counts only inside the ``any()`` that runs the ``--requests`` measured requests):
@@ -47,6 +50,7 @@ import cProfile
 import os
 import pstats
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,8 +63,8 @@ from benchmarks.common import (
     make_image,
     warm_page_cache,
 )
-from blockdev.disk import Disk
 from blockdev.engine import ENGINES
+from blockdev.images import open_image
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyLog, DirtyMarker
 from vhost.messages import VirtioFeature
@@ -80,6 +84,8 @@ SIZE = 256
 MEMORY = 64 << 20
 DATA = ("filled", "sparse")
 LAYOUTS = ("split", "packed")
+FORMATS = ("raw", "qcow2")
+OPS = ("read", "write")
 DESC_GPA, AVAIL_GPA, USED_GPA, TABLE_GPA = 0x1000, 0x10000, 0x20000, 0x400000
 
 
@@ -90,7 +96,8 @@ class Rig:
 
     def __init__(self, engine: str, image: str, slots: int = 32, fast_path: bool = True,
                  accounting: bool = True, shape: str = "indirect",
-                 layout: str = "split", memory: GuestMemory | None = None) -> None:
+                 layout: str = "split", fmt: str = "raw", op: str = "read",
+                 memory: GuestMemory | None = None) -> None:
         # (``memory``: 64 MiB from the caller, shared with a driver process by
         # benchmarks.wakeup)
         self.mem = GuestMemory.anonymous(MEMORY) if memory is None else memory
@@ -104,7 +111,7 @@ class Rig:
                                   features | int(VirtioFeature.RING_PACKED))
         else:
             self.vq = SplitQueue(self.mem, SIZE, addresses, features)
-        self.disk = Disk(image)
+        self.disk = open_image(image, fmt)
         self.device = BlkDevice(self.disk, engine=engine, fast_path=fast_path,
                                 latency_accounting=accounting)
         self.handler = self.device.create_handler(0, self.mem)
@@ -128,7 +135,8 @@ class Rig:
         for slot in range(slots):
             hdr, data, status = 0x100000 + 16 * slot, 0x200000 + 4096 * slot, 0x300000 + slot
             table = TABLE_GPA + 3 * DESC_SIZE * slot if shape == "indirect" else None
-            pieces = [(hdr, HEADER_SIZE, False), (data, 4096, True), (status, 1, True)]
+            writing = op == "write"
+            pieces = [(hdr, HEADER_SIZE, False), (data, 4096, not writing), (status, 1, True)]
             if isinstance(self.driver, DriverRing):
                 lay_out_request(self.driver, slot, pieces, table)
             elif table is not None:
@@ -139,7 +147,8 @@ class Rig:
                 self.chains.append([(a, n, (F_WRITE if w else 0) | (F_NEXT if i < 2 else 0))
                                     for i, (a, n, w) in enumerate(pieces)])
             # 4k blocks spread over the first 32 MiB of the image, not 32 neighbours
-            self.mem.write(hdr, HEADER.pack(ReqType.IN, 0, 8 * 257 * slot % (64 << 10)))
+            self.mem.write(hdr, HEADER.pack(ReqType.OUT if writing else ReqType.IN, 0,
+                                            8 * 257 * slot % (64 << 10)))
             self.statuses.append(status)
             self.data.append(data)
         self.slots = slots
@@ -267,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", choices=(*LAYOUTS, "both"), default="split",
                    help="split (default) or packed ring (VIRTIO_F_RING_PACKED); both: each, "
                    "alternately in one process, with the ratio")
+    p.add_argument("--format", choices=(*FORMATS, "both"), default="raw",
+                   help="raw (default) or qcow2 (the same data converted by qemu-img, every "
+                   "cluster allocated); both: each, alternately in one process, with the ratio")
+    p.add_argument("--op", choices=OPS, default="read",
+                   help="read (default) or write: 4k requests of that direction")
     p.add_argument("--dirty-log", action="store_true",
                    help="also measure with dirty-page logging on (as during a live migration)")
     p.add_argument("--instructions", action="store_true",
@@ -281,90 +295,117 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES if args.shape == "both" else (args.shape,)
     datas = DATA if args.data == "both" else (args.data,)
     layouts = LAYOUTS if args.layout == "both" else (args.layout,)
+    formats = FORMATS if args.format == "both" else (args.format,)
     variants = [(shape, data) for data in datas for shape in shapes]
     with tempfile.TemporaryDirectory() as td:
         images = {}
         for data in datas:
-            images[data] = Path(td) / f"hotpath-{data}.img"
-            make_image(images[data], 32 << 20, fill=data == "filled")
-            warm_page_cache(images[data])
+            raw = images[data, "raw"] = Path(td) / f"hotpath-{data}.img"
+            make_image(raw, 32 << 20, fill=data == "filled")
+            warm_page_cache(raw)
+            if "qcow2" in formats:  # the same data, every cluster allocated
+                images[data, "qcow2"] = Path(td) / f"hotpath-{data}.qcow2"
+                subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", "-S", "0", str(raw),
+                                str(images[data, "qcow2"])], check=True)
+                warm_page_cache(images[data, "qcow2"])
         accounting = args.accounting == "on"
-        rigs = {(layout, shape, data, fast): Rig(args.engine, str(images[data]), fast_path=fast,
-                                                 accounting=accounting, shape=shape,
-                                                 layout=layout)
-                for layout in layouts for shape, data in variants for fast in modes}
+        rigs = {(fmt, layout, shape, data, fast): Rig(
+                    args.engine, str(images[data, fmt]), fast_path=fast, accounting=accounting,
+                    shape=shape, layout=layout, fmt=fmt, op=args.op)
+                for fmt in formats for layout in layouts for shape, data in variants
+                for fast in modes}
         try:
             if args.instructions:
                 if len(rigs) != 1 or len(args.batches) != 1:
-                    p.error("--instructions measures one layout, shape, data, batch and "
+                    p.error("--instructions measures one format, layout, shape, data, batch and "
                             "fast-path mode")
                 count_instructions(next(iter(rigs.values())), args.batches[0], args.requests)
                 return 0
-            runs: dict[tuple[str, str, str, bool, int], list[float]] = {}
+            by_format: dict[str, dict[tuple[str, str, str, bool, int], list[float]]] = {
+                fmt: {} for fmt in formats}
             for _ in range(args.repeat):
                 for batch in args.batches:
                     for key, rig in rigs.items():
-                        runs.setdefault((*key, batch), []).append(
+                        by_format[key[0]].setdefault((*key[1:], batch), []).append(
                             measure(rig, batch, args.requests // max(1, 32 // batch)))
 
             def label(layout: str) -> str:
                 """The layout column, left out when only the default (split) runs."""
                 return "" if layouts == ("split",) else f"{layout:6s} "
 
-            def us(layout: str, shape: str, data: str, fast: bool, batch: int) -> float:
-                return statistics.median(runs[layout, shape, data, fast, batch])
+            def report(fmt: str) -> None:
+                """The figures of one format (its column left out when only one runs)."""
+                runs = by_format[fmt]
+                name = f"{args.engine:9s} {fmt:5s} " if len(formats) == 2 else f"{args.engine:9s} "
 
-            for batch in args.batches:
-                for layout in layouts:
-                    for shape, data in variants:
-                        line = (f"{args.engine:9s} {label(layout)}{shape:8s} {data:6s} batch "
-                                f"{batch:3d} accounting {args.accounting:3s} {core:8s}:")
-                        for fast in modes:
-                            vals = runs[layout, shape, data, fast, batch]
-                            line += (f"  fast path {'on ' if fast else 'off'} "
-                                     f"{us(layout, shape, data, fast, batch):6.1f} us CPU per 4k "
-                                     f"read (runs {min(vals):.1f}..{max(vals):.1f})")
-                        if len(modes) == 2:
-                            on_off = (us(layout, shape, data, True, batch)
-                                      / us(layout, shape, data, False, batch))
-                            line += f"  on/off {on_off:.2f}"
-                        print(line)
-                    for fast in modes:
-                        cmp = []
-                        if len(shapes) == 2:
-                            cmp += [f"{data} indirect/direct {ind / dr:.2f}" for data in datas
-                                    for ind, dr in [(us(layout, "indirect", data, fast, batch),
-                                                     us(layout, "direct", data, fast, batch))]]
-                        if len(datas) == 2:
-                            cmp += [f"{shape} filled/sparse {fi / sp:.2f}" for shape in shapes
-                                    for fi, sp in [(us(layout, shape, "filled", fast, batch),
-                                                    us(layout, shape, "sparse", fast, batch))]]
-                        if cmp:
-                            print(f"{'':9s} {label(layout)}batch {batch:3d} fast path "
-                                  f"{'on ' if fast else 'off'}: " + ", ".join(cmp))
-                if len(layouts) == 2:
-                    for fast in modes:
-                        cmp = [f"{shape} {data} {pk / sp:.2f}" for shape, data in variants
-                               for pk, sp in [(us("packed", shape, data, fast, batch),
-                                               us("split", shape, data, fast, batch))]]
-                        print(f"{'':9s} batch {batch:3d} fast path {'on ' if fast else 'off'} "
-                              "packed/split: " + ", ".join(cmp))
-                if args.dirty_log:
-                    shape, data = variants[0]
+                def us(layout: str, shape: str, data: str, fast: bool, batch: int) -> float:
+                    return statistics.median(runs[layout, shape, data, fast, batch])
+
+                for batch in args.batches:
                     for layout in layouts:
-                        rig = rigs[layout, shape, data, modes[-1]]
-                        rig.log_dirty_pages(True)
-                        dirty = statistics.median(
-                            measure(rig, batch, args.requests // max(1, 32 // batch))
-                            for _ in range(args.repeat))
-                        rig.log_dirty_pages(False)
-                        print(f"{args.engine:9s} {label(layout)}{shape:8s} {data:6s} batch "
-                              f"{batch:3d} accounting {args.accounting:3s}:"
-                              f"  fast path {'on ' if modes[-1] else 'off'} {dirty:6.1f} us CPU "
-                              "per 4k read, dirty log on")
+                        for shape, data in variants:
+                            line = (f"{name}{label(layout)}{shape:8s} {data:6s} batch "
+                                    f"{batch:3d} accounting {args.accounting:3s} {core:8s}:")
+                            for fast in modes:
+                                vals = runs[layout, shape, data, fast, batch]
+                                line += (f"  fast path {'on ' if fast else 'off'} "
+                                         f"{us(layout, shape, data, fast, batch):6.1f} us CPU "
+                                         f"per 4k {args.op} "
+                                         f"(runs {min(vals):.1f}..{max(vals):.1f})")
+                            if len(modes) == 2:
+                                on_off = (us(layout, shape, data, True, batch)
+                                          / us(layout, shape, data, False, batch))
+                                line += f"  on/off {on_off:.2f}"
+                            print(line)
+                        for fast in modes:
+                            cmp = []
+                            if len(shapes) == 2:
+                                cmp += [f"{data} indirect/direct {ind / dr:.2f}" for data in datas
+                                        for ind, dr in [(us(layout, "indirect", data, fast, batch),
+                                                         us(layout, "direct", data, fast, batch))]]
+                            if len(datas) == 2:
+                                cmp += [f"{shape} filled/sparse {fi / sp:.2f}" for shape in shapes
+                                        for fi, sp in [(us(layout, shape, "filled", fast, batch),
+                                                        us(layout, shape, "sparse", fast, batch))]]
+                            if cmp:
+                                print(f"{'':9s} {label(layout)}batch {batch:3d} fast path "
+                                      f"{'on ' if fast else 'off'}: " + ", ".join(cmp))
+                    if len(layouts) == 2:
+                        for fast in modes:
+                            cmp = [f"{shape} {data} {pk / sp:.2f}" for shape, data in variants
+                                   for pk, sp in [(us("packed", shape, data, fast, batch),
+                                                   us("split", shape, data, fast, batch))]]
+                            print(f"{'':9s} batch {batch:3d} fast path {'on ' if fast else 'off'} "
+                                  "packed/split: " + ", ".join(cmp))
+                    if args.dirty_log:
+                        shape, data = variants[0]
+                        for layout in layouts:
+                            rig = rigs[fmt, layout, shape, data, modes[-1]]
+                            rig.log_dirty_pages(True)
+                            dirty = statistics.median(
+                                measure(rig, batch, args.requests // max(1, 32 // batch))
+                                for _ in range(args.repeat))
+                            rig.log_dirty_pages(False)
+                            print(f"{name}{label(layout)}{shape:8s} {data:6s} batch "
+                                  f"{batch:3d} accounting {args.accounting:3s}:"
+                                  f"  fast path {'on ' if modes[-1] else 'off'} {dirty:6.1f} us "
+                                  f"CPU per 4k {args.op}, dirty log on")
+            for fmt in formats:
+                report(fmt)
+            if len(formats) == 2:
+                for batch in args.batches:
+                    for fast in modes:
+                        cmp = [f"{label(layout)}{shape} {data} "
+                               f"{qc / rw:.2f}" for layout in layouts for shape, data in variants
+                               for qc, rw in [(statistics.median(by_format["qcow2"][
+                                   layout, shape, data, fast, batch]),
+                                   statistics.median(by_format["raw"][
+                                       layout, shape, data, fast, batch]))]]
+                        print(f"{'':9s} batch {batch:3d} fast path {'on ' if fast else 'off'} "
+                              f"qcow2/raw {args.op}: " + ", ".join(cmp))
             if args.profile:
                 prof = cProfile.Profile()
-                prof.runcall(measure, rigs[(layouts[0], *variants[0], modes[-1])],
+                prof.runcall(measure, rigs[(formats[-1], layouts[0], *variants[0], modes[-1])],
                              args.batches[0], 5000)
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         finally:

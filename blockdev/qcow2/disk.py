@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from blockdev.disk import DiskError, DiskInfo, check_growth, resume_io
+from blockdev.engine import IoOp
 from blockdev.qcow2.image import Qcow2Image
 from blockdev.qcow2.uring_engine import MappedUringEngine
 from blockdev.ratelimit import RateLimitedLog
@@ -38,27 +39,24 @@ class Qcow2Disk:
         self.info = DiskInfo(size, logical_block_size, read_only, False, 1, 1, False)
         #: Bad metadata fails every request that meets it: the first lines, then a count.
         self._errlog = RateLimitedLog(log)
+        # The io_uring engine's two calls per batch, straight to the image (no frame of ours):
+        #: Translate the reads and writes inside one allocated cluster each to host offsets
+        #: (counted in flight until :attr:`unmap_io`; their guest offsets kept in ``guest``);
+        #: the rest are taken out of ``ops`` and returned: they must go through readv/writev,
+        #: which report bad metadata as an IOERR for that request (never the queue's worker).
+        self.map_batch: Callable[[list[IoOp], dict[int, int]], list[IoOp]] = \
+            self.image.map_batch
+        #: ``count`` IOs that :attr:`map_batch` translated have completed.
+        self.unmap_io: Callable[[int], None] = self.image.leave
 
     @property
     def uring_engine(self) -> type:
-        """The io_uring engine for this disk (guest offsets are translated per request)."""
+        """The io_uring engine for this disk (guest offsets are translated per batch)."""
         return MappedUringEngine
-
-    def map_io(self, offset: int, length: int, writing: bool) -> int:
-        """The host offset of an IO inside one allocated cluster (counted in flight until
-        :meth:`unmap_io`), or -1: then the IO must go through readv/writev."""
-        try:
-            return self.image.fast_target(offset, length, writing)
-        except Exception:  # bad metadata or a bug: the general path reports it
-            return -1  # (as an IOERR for this request), never the queue's worker
-
-    def unmap_io(self, count: int = 1) -> None:
-        """``count`` IOs that :meth:`map_io` translated have completed."""
-        self.image.leave(count)
 
     def resume(self, write: bool, buffers: Sequence[memoryview], offset: int, done: int) -> int:
         """Continue a short transfer at a *host* offset (the io_uring engine's fallback for IO
-        that :meth:`map_io` translated)."""
+        that :attr:`map_batch` translated)."""
         return resume_io(self.fd, write, buffers, offset, done)
 
     def readv(self, buffers: Sequence[memoryview], offset: int) -> int:

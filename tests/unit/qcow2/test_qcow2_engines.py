@@ -199,3 +199,117 @@ def test_device_serves_qcow2(tmp_path: Path, engine: str) -> None:
         disk.close()
     check(img)
     compare(write_raw(tmp_path / "m.raw", model), img)
+
+
+def test_map_batch_translates_only_io_inside_one_allocated_cluster(tmp_path: Path) -> None:
+    """One lock round trip for a batch: the ops the fast path may take get their host offsets
+    (guest offsets kept, counted in flight, order kept); every other op is handed back
+    untouched, in order, for the general path -- the same rules as one IO at a time."""
+    img, _ = _image(tmp_path)  # clusters 0-31 (64 KiB) allocated, the rest not
+    disk = Qcow2Disk(img)
+    image = disk.image
+    try:
+        def op(kind: OpKind, offset: int, length: int = 4096) -> IoOp:
+            return IoOp(kind, offset, [], length)
+
+        fast = [op(OpKind.READ, 8192), op(OpKind.WRITE, 128 * KiB + 512),
+                op(OpKind.READ, 192 * KiB)]
+        slow = [op(OpKind.READ, 64 * KiB - 512, 1024),  # across two clusters
+                op(OpKind.READ, 3 * MiB),  # unallocated
+                op(OpKind.READ, 4 * MiB - 512, 1024),  # beyond the virtual size
+                op(OpKind.WRITE, 192 * KiB + 4096)]  # its cluster is busy (being allocated)
+        ops = [fast[0], slow[0], fast[1], slow[1], slow[2], fast[2], slow[3]]
+        image._busy.add(3)
+        guest: dict[int, int] = {}
+        hosts = [image.fast_target(o.offset, o.length, o.kind == OpKind.WRITE) for o in fast]
+        image.leave(len(fast))
+        assert disk.map_batch(ops, guest) == slow
+        assert ops == fast and image._inflight == len(fast)
+        assert [o.offset for o in fast] == hosts and all(h > 0 for h in hosts)
+        assert guest == {id(fast[0]): 8192, id(fast[1]): 128 * KiB + 512,
+                         id(fast[2]): 192 * KiB}
+        assert [o.offset for o in slow] == [64 * KiB - 512, 3 * MiB, 4 * MiB - 512,
+                                            192 * KiB + 4096]
+        disk.unmap_io(len(fast))
+        image._busy.clear()
+        image._draining = True  # a discard waits for in-flight IO: nothing is counted in
+        one = op(OpKind.READ, 8192)
+        ops = [one]
+        assert disk.map_batch(ops, guest) == [one] and ops == [] and one.offset == 8192
+        assert image._inflight == 0
+        image._draining = False
+    finally:
+        disk.close()
+
+
+@needs_uring
+def test_uring_engine_writes_and_lone_reads_skip_the_ring(tmp_path: Path) -> None:
+    """As on a raw image, a translated write is a plain pwritev and a lone translated read is
+    tried from the page cache: finished when submit_batch returns, nothing in the ring, the
+    op's guest offset back, nothing left in flight -- and the bytes where the guest put them."""
+    img, model = _image(tmp_path)
+    with open(img, "rb") as f:  # the page cache holds the image (preadv(RWF_NOWAIT) finds it)
+        while f.read(1 << 20):
+            pass
+    disk = Qcow2Disk(img)
+    engine = make_engine("io_uring", disk, 0)
+    assert isinstance(engine, MappedUringEngine)
+    syncs: list[int] = []
+    durable = disk.make_durable
+
+    def counted() -> None:
+        syncs.append(1)
+        durable()
+    disk.make_durable = counted  # type: ignore[method-assign]
+    try:
+        data = bytearray(os.urandom(4096))
+        w = IoOp(OpKind.WRITE, 64 * KiB + 512, [IoBuffer(memoryview(data))], 4096)
+        w.sync = True  # write-through: made durable before it is reported
+        assert not engine.submit(w)
+        engine.submit_batch()
+        assert not engine._ops  # not in the ring
+        assert engine.reap() == [w] and w.result == 4096 and w.offset == 64 * KiB + 512
+        assert syncs == [1]
+        model[64 * KiB + 512:64 * KiB + 512 + 4096] = data
+        buf = bytearray(4096)
+        r = IoOp(OpKind.READ, 64 * KiB, [IoBuffer(memoryview(buf))], 4096)
+        assert not engine.submit(r)
+        engine.submit_batch()
+        assert not engine._ops
+        assert engine.reap() == [r] and r.result == 4096 and r.offset == 64 * KiB
+        assert bytes(buf) == model[64 * KiB:68 * KiB]
+        assert disk.image._inflight == 0
+        # A batch of reads and an in-place write: the write is written, not put in the ring.
+        bufs = [bytearray(4096) for _ in range(4)]
+        reads = [IoOp(OpKind.READ, (5 + i) * 64 * KiB + 1024, [IoBuffer(memoryview(b))], 4096)
+                 for i, b in enumerate(bufs)]
+        data2 = bytearray(os.urandom(8192))
+        w2 = IoOp(OpKind.WRITE, 12 * 64 * KiB, [IoBuffer(memoryview(data2[:4096]))], 4096)
+        batch = [reads[0], w2, reads[1], reads[2]]
+        for o in batch:
+            assert not engine.submit(o)
+        engine.submit_batch()
+        assert w2 not in engine._ops.values() and w2.result == 4096
+        done = engine.reap()
+        while len(done) < len(batch):
+            engine.ring.submit(wait=1)
+            done += engine.reap()
+        assert sorted(map(id, done)) == sorted(map(id, batch))
+        # A translated read and an allocating write (the general path, run after the ring has
+        # emptied) in one batch.
+        w3 = IoOp(OpKind.WRITE, 3 * MiB + 512, [IoBuffer(memoryview(data2[4096:]))], 4096)
+        _run(engine, [w3, reads[3]])
+        for i, (o, b) in enumerate(zip(reads, bufs, strict=True)):
+            off = (5 + i) * 64 * KiB + 1024
+            assert o.offset == off and o.result == 4096 and bytes(b) == model[off:off + 4096]
+        assert w2.offset == 12 * 64 * KiB and w3.offset == 3 * MiB + 512
+        assert w2.result == w3.result == 4096
+        model[12 * 64 * KiB:12 * 64 * KiB + 4096] = data2[:4096]
+        model[3 * MiB + 512:3 * MiB + 512 + 4096] = data2[4096:]
+        assert disk.image._inflight == 0
+        assert read(disk, 0, 4 * MiB) == model
+    finally:
+        engine.close()
+        disk.close()
+    check(img)
+    compare(write_raw(tmp_path / "m.raw", model), img)

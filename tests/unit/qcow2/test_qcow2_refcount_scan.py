@@ -9,10 +9,13 @@ import os
 import random
 import struct
 import time
+from array import array
 from pathlib import Path
 
 import pytest
 
+from blockdev.engine import IoOp
+from blockdev.ops import OpKind
 from blockdev.qcow2 import Qcow2Disk, Qcow2OpenError
 from tests.unit.qcow2.helpers import (
     KiB,
@@ -165,11 +168,17 @@ def test_fast_path_failure_falls_back_to_the_general_path(tmp_path: Path) -> Non
     meets, the request goes the general path, which turns it into an IOERR."""
     img = tmp_path / "m.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu_io(img, "write -P 0x11 0 128k")
     disk = Qcow2Disk(img)
     try:
-        def broken(offset: int, total: int, writing: bool) -> int:
+        def broken(offset: int) -> array:
             raise IndexError("bad metadata")
-        disk.image.fast_target = broken  # type: ignore[method-assign]
-        assert disk.map_io(0, 4096, False) == -1
+        disk.image._l2_table = broken  # type: ignore[method-assign]  # (the cache is empty)
+        ops = [IoOp(OpKind.READ, 0, [], 4096), IoOp(OpKind.WRITE, 65536, [], 4096)]
+        first = list(ops)
+        guest: dict[int, int] = {}
+        assert disk.map_batch(ops, guest) == first  # both for the general path, unchanged,
+        assert ops == [] and guest == {} and [op.offset for op in first] == [0, 65536]
+        assert disk.image._inflight == 0  # and not counted in flight
     finally:
         disk.close()
