@@ -294,8 +294,6 @@ class UringEngine(Engine):
         #: only for a raw image in the page cache (a format translates offsets in its own
         #: engine, and O_DIRECT IO is the ring's best case).
         self.bypass = isinstance(disk, Disk) and not disk.info.direct
-        # The image as the ring's fixed file: what the compiled fast path's entries name.
-        self.ring.register_file(disk.fd)
         #: A lone read tries preadv(RWF_NOWAIT) first (off once the file refuses it).
         self.nowait = self.bypass
 

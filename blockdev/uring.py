@@ -6,6 +6,11 @@ submit a whole batch with one ``io_uring_enter``, read completions straight from
 completion ring.  Page-cached IO completes during ``io_uring_enter`` itself and is reaped right
 after it; for the rest (O_DIRECT) the ring fd polls readable while completions are waiting.
 
+The image is not registered as a fixed file (IORING_REGISTER_FILES), though it would spare a
+descriptor lookup per entry: the kernel drops a registered file only in the ring's asynchronous
+teardown, so after a ``kill -9`` the image's lock outlived the process and a restarted server,
+or ``qemu-img check``, found the image locked (seen in the e2e crash test).
+
 Ring indices are 32-bit values shared with the kernel; each is read and written with one aligned
 32-bit access through a ``cast('I')`` memoryview (x86 keeps these ordered; the kernel side uses
 acquire/release).  Layouts: include/uapi/linux/io_uring.h.
@@ -23,9 +28,6 @@ from guestmem import buffer_address
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
-SYS_IO_URING_REGISTER = 427
-IORING_REGISTER_FILES = 2
-IOSQE_FIXED_FILE = 1 << 0
 
 IORING_OFF_SQ_RING = 0
 IORING_OFF_CQ_RING = 0x8000000
@@ -110,8 +112,6 @@ class Uring:
         self.stash: list[tuple[int, int]] = []
         self.external_stash: list[tuple[int, int]] = []
         self.external_in_flight = 0
-        #: The file registered at index 0 (:meth:`register_file`), or -1.
-        self.fixed_fd = -1
         self._layout = {
             "fd": self.fd, "sq_entries": sq_entries, "sq_mask": self._sq_mask,
             "sq_head": sq_off[0], "sq_tail": sq_off[1], "cq_head": cq_off[0],
@@ -121,30 +121,19 @@ class Uring:
         for i in range(sq_entries):
             sq32[self._sq_array + i] = i
 
-    def register_file(self, fd: int) -> bool:
-        """Register ``fd`` as the ring's fixed file 0, so entries can name it by index
-        (IOSQE_FIXED_FILE) and the kernel skips looking the descriptor up for each one, as QEMU
-        does; False (nothing changed) where the kernel refuses."""
-        arr = (ctypes.c_int32 * 1)(fd)
-        if _syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_FILES, arr, 1) < 0:
-            return False
-        self.fixed_fd = fd
-        return True
-
     def raw_layout(self) -> dict[str, int]:
         """The ring's addresses in this process, for a compiled caller that fills submission
         entries and reaps completions itself, in the same ring: ``fd``; ``sq_head``, ``sq_tail``,
         ``cq_head``, ``cq_tail`` (addresses of the 32-bit indices); ``sq_mask``, ``sq_entries``,
-        ``cq_mask``; ``sqes`` and ``cqes`` (addresses of the entry arrays); ``fixed_fd``, the
-        file registered as fixed file 0 (or -1).  The submission array maps slot i to entry i
-        (set once here).
+        ``cq_mask``; ``sqes`` and ``cqes`` (addresses of the entry arrays).  The submission array
+        maps slot i to entry i (set once here).
 
         Such a caller takes over :attr:`_tail` and :attr:`_pending` while it submits (it submits
         ours with its own), marks its entries' user data with :data:`EXTERNAL_TAG`, counts them
         in :attr:`external_in_flight` and appends ours it reaps to :attr:`stash`.  The addresses
         are valid until :meth:`close` (``fd`` is then -1).
         """
-        layout = dict(self._layout, fixed_fd=self.fixed_fd)
+        layout = dict(self._layout)
         for keys, mapping in ((("sq_head", "sq_tail"), self._sq_map),
                               (("cq_head", "cq_tail", "cqes"), self._cq_map),
                               (("sqes",), self._sqe_map)):

@@ -128,7 +128,6 @@ cdef enum:
     OP_WRITE = 23
     OP_READV = 1
     OP_WRITEV = 2
-    IOSQE_FIXED_FILE = 1
 
 cdef uint64_t MAX_CHAIN_BYTES = 1ULL << 32
 cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
@@ -270,7 +269,6 @@ cdef class FastPath:
     cdef uint32_t cq_mask
     cdef Cqe *cqes
     cdef int fd
-    cdef bint fixed              # the image is the ring's fixed file 0
     # per pass
     cdef object _limits
     cdef bint direct
@@ -343,7 +341,6 @@ cdef class FastPath:
         self.cq_tail = <uint32_t *><uintptr_t>layout["cq_tail"]
         self.cq_mask = layout["cq_mask"]
         self.cqes = <Cqe *><uintptr_t>layout["cqes"]
-        self.fixed = layout["fixed_fd"] == self.fd
 
     def __dealloc__(self):
         free(self.slots)
@@ -635,13 +632,9 @@ cdef class FastPath:
                 if ((tail - vbc_load_acquire(self.sq_head)) & 0xFFFFFFFF) >= self.sq_entries:
                     raise OSError(0, "io_uring submission queue full")
             sqe = &self.sqes[tail & self.sq_mask]
-            if self.fixed:
-                sqe.flags = IOSQE_FIXED_FILE
-                sqe.fd = 0
-            else:
-                sqe.flags = 0
-                sqe.fd = self.fd
+            sqe.flags = 0
             sqe.ioprio = 0
+            sqe.fd = self.fd
             sqe.off = slot.offset
             if slot.niov == 1:
                 sqe.opcode = OP_READ if slot.into_guest else OP_WRITE

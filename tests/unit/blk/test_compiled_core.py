@@ -19,7 +19,7 @@ import pytest
 
 from blockdev.disk import Disk
 from blockdev.engine import UringEngine
-from blockdev.uring import EXTERNAL_TAG, IOSQE_FIXED_FILE, OP_READ, Uring
+from blockdev.uring import EXTERNAL_TAG, OP_READ, Uring
 from guestmem import buffer_address
 from tests.property.test_fastpath_differential import (
     IMAGE_SECTORS,
@@ -229,31 +229,6 @@ def status_of(rig: Rig, index: int) -> int:
     while flags & 1:  # NEXT
         addr, flags, nxt = descs[nxt]
     return addr
-
-
-def test_the_engine_registers_the_image_as_the_rings_fixed_file(tmp_path) -> None:
-    """The compiled core's entries name the image by its fixed-file index (IOSQE_FIXED_FILE);
-    an entry naming fixed file 0 reads the image."""
-    path = tmp_path / "d.img"
-    path.write_bytes(bytes(range(256)) * 16)
-    disk = Disk(str(path))
-    engine = UringEngine(disk)
-    try:
-        ring = engine.ring
-        assert ring.fixed_fd == disk.fd
-        assert ring.raw_layout()["fixed_fd"] == disk.fd
-        buf = bytearray(512)
-        with memoryview(buf) as view:
-            addr = buffer_address(view)
-        ring.prep(OP_READ, 0, addr, 512, 512, 9)
-        # (the flags byte of the entry just prepared: fixed file)
-        ring._sqes[((ring._tail - 1) & ring._sq_mask) * 64 + 1] = IOSQE_FIXED_FILE
-        ring.submit(wait=1)
-        assert ring.reap() == [(9, 512)]
-        assert buf == (bytes(range(256)) * 2)
-    finally:
-        engine.close()
-        disk.close()
 
 
 def test_a_split_queue_that_keeps_the_rules_gets_the_compiled_core() -> None:
