@@ -427,19 +427,18 @@ class UringEngine(Engine):
         self._queued.clear()
         self.completion_fd = None
         ring = self.ring
-        if ring.external_in_flight and not self._wait_external(timeout):
-            UNFINISHED.append(self)
-            return False
-        if self._ops:
+        if self._ops or self._external_in_kernel():
             limit = CLOSE_TIMEOUT if timeout is None else timeout
-            log.warning("io_uring closing with %d ops in flight; cancelling them and waiting "
-                        "up to %.0f s", len(self._ops), limit)
+            log.warning("io_uring closing with %d ops and %d compiled fast path requests in "
+                        "flight; cancelling the ops and waiting up to %.0f s", len(self._ops),
+                        self._external_in_kernel(), limit)
             deadline = time.monotonic() + limit
             try:
                 ring.prep_many([(OP_ASYNC_CANCEL, -1, ud, 0, 0, _CANCEL_TAG | ud, 0)
                                 for ud in self._ops])
-                while self._ops:
+                while True:
                     ring.submit()
+                    # (The ring keeps the compiled fast path's completions in external_stash.)
                     for ud, _res in ring.reap():
                         if not ud & _CANCEL_TAG:
                             gone = self._ops.pop(ud, None)
@@ -447,42 +446,26 @@ class UringEngine(Engine):
                                 gone.iov = None
                                 self._dropped(gone)
                     left = deadline - time.monotonic()
-                    if not self._ops or left <= 0:
+                    if not (self._ops or self._external_in_kernel()) or left <= 0:
                         break
                     select.select([ring.fd], [], [], min(left, 0.1))
             except OSError as exc:
                 log.error("io_uring: cancelling at close failed: %s", exc)
-            if self._ops:
-                log.error("io_uring: %d ops still in the kernel at close: the ring stays open "
-                          "and guest memory mapped", len(self._ops))
+            if self._ops or self._external_in_kernel():
+                log.error("io_uring: %d ops and %d compiled fast path requests still in the "
+                          "kernel at close: the ring stays open and guest memory mapped",
+                          len(self._ops), self._external_in_kernel())
                 UNFINISHED.append(self)
                 return False
         ring.close()
         return True
 
-    def _wait_external(self, timeout: float | None) -> bool:
-        """Wait (up to ``timeout``, default CLOSE_TIMEOUT) for the entries a compiled fast
-        path submitted to this ring and did not reap: the kernel may write guest memory until
-        each completion is posted.  Only a queue torn down with requests in flight gets here
-        (the worker waits for them first).  False if some are still in the kernel."""
+    def _external_in_kernel(self) -> int:
+        """Entries a compiled fast path submitted to this ring whose completion has not come:
+        the kernel may write guest memory until it does, so :meth:`close` waits for them too
+        (only a queue torn down with requests in flight has any; the worker waits first)."""
         ring = self.ring
-        deadline = time.monotonic() + (CLOSE_TIMEOUT if timeout is None else timeout)
-        log.warning("io_uring closing with %d compiled fast path requests in flight; waiting",
-                    ring.external_in_flight)
-        while ring.external_in_flight > len(ring.external_stash):
-            for ud, _res in ring.reap():  # (the ring stashes the compiled path's own)
-                gone = self._ops.pop(ud, None)  # the engine's own, finished: dropped, as below
-                if gone is not None:
-                    gone.iov = None
-                    self._dropped(gone)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.error("io_uring: %d compiled fast path requests still in the kernel at "
-                          "close: the ring stays open and guest memory mapped",
-                          ring.external_in_flight - len(ring.external_stash))
-                return False
-            select.select([ring.fd], [], [], min(left, 0.1))
-        return True
+        return ring.external_in_flight - len(ring.external_stash)
 
     def _dropped(self, op: IoOp) -> None:
         """``op`` will not be reported: close finished it (its completion came) or dropped it
