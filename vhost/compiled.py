@@ -41,6 +41,25 @@ def requested() -> str:
 
 
 _modules: dict[str, ModuleType | None] = {}
+_problems: dict[str, str] = {}
+
+
+def built_module(name: str) -> ModuleType | None:
+    """The compiled module ``name`` if it was built (imported once, whatever the environment
+    says), else None; :func:`import_problem` says why not."""
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(name)
+        except ImportError as exc:
+            log.debug("%s is not built (%s): its Python implementation runs", name, exc)
+            _modules[name] = None
+            _problems[name] = str(exc) or type(exc).__name__
+    return _modules[name]
+
+
+def import_problem(name: str) -> str | None:
+    """Why :func:`built_module` found no ``name`` (None if it did, or was not asked)."""
+    return _problems.get(name)
 
 
 def optional_module(name: str) -> ModuleType | None:
@@ -57,10 +76,4 @@ def optional_module(name: str) -> ModuleType | None:
             return None
     except CoreUnavailable:
         return None
-    if name not in _modules:
-        try:
-            _modules[name] = importlib.import_module(name)
-        except ImportError as exc:
-            log.debug("%s is not built (%s): its Python implementation runs", name, exc)
-            _modules[name] = None
-    return _modules[name]
+    return built_module(name)

@@ -20,13 +20,12 @@ says why at debug level).
 
 from __future__ import annotations
 
-import importlib
 import logging
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
 from vhost.compiled import CHOICES as CHOICES
-from vhost.compiled import ENV, CoreUnavailable, requested
+from vhost.compiled import ENV, CoreUnavailable, built_module, import_problem, requested
 from virtio_blk.fastpath import FastPath
 
 if TYPE_CHECKING:
@@ -57,22 +56,10 @@ class FastPathLike(Protocol):
     def complete_reaped(self) -> list[tuple[int, int]]: ...
 
 
-_compiled: ModuleType | None = None
-_compiled_problem: str | None = None
-_loaded = False
-
-
 def compiled_module() -> ModuleType | None:
     """The compiled core's module, or None if it was not built (or does not load here: the
     reason is kept for :func:`describe`)."""
-    global _compiled, _compiled_problem, _loaded
-    if not _loaded:
-        _loaded = True
-        try:
-            _compiled = importlib.import_module(COMPILED_MODULE)
-        except ImportError as exc:
-            _compiled_problem = str(exc) or type(exc).__name__
-    return _compiled
+    return built_module(COMPILED_MODULE)
 
 
 def core_name() -> str:
@@ -85,8 +72,8 @@ def core_name() -> str:
         return "compiled"
     if choice == "compiled":
         raise CoreUnavailable(f"{ENV}=compiled: the compiled core is not built here "
-                              f"({_compiled_problem}); reinstall with a C compiler, or use "
-                              f"{ENV}=python")
+                              f"({import_problem(COMPILED_MODULE)}); reinstall with a C "
+                              f"compiler, or use {ENV}=python")
     return "python"
 
 
@@ -98,7 +85,8 @@ def describe() -> str:
         return f"per-request core: compiled ({getattr(module, '__file__', COMPILED_MODULE)})"
     if requested() == "python":
         return f"per-request core: pure Python ({ENV}=python)"
-    return f"per-request core: pure Python (the compiled core is not built: {_compiled_problem})"
+    return (f"per-request core: pure Python (the compiled core is not built: "
+            f"{import_problem(COMPILED_MODULE)})")
 
 
 def make_fast_path(handler: FastPathHost, vq: Queue) -> FastPathLike:

@@ -31,6 +31,7 @@ from tests.property.test_fastpath_differential import (
     serve_both,
 )
 from tests.unit.cli_harness import assert_one_line_error, run
+from vhost import compiled
 from vhost.queue.split import SplitQueue
 from vhost.runner.process import PublishingQueue
 from virtio_blk import core as cores
@@ -41,9 +42,9 @@ from virtio_blk.request import ReqType, Status
 @pytest.fixture
 def no_compiled_core(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """As on a machine without a C compiler: the compiled module does not import."""
-    monkeypatch.setattr(cores, "_loaded", True)
-    monkeypatch.setattr(cores, "_compiled", None)
-    monkeypatch.setattr(cores, "_compiled_problem", "No module named 'virtio_blk._fastpath_core'")
+    monkeypatch.setitem(compiled._modules, cores.COMPILED_MODULE, None)
+    monkeypatch.setitem(compiled._problems, cores.COMPILED_MODULE,
+                        "No module named 'virtio_blk._fastpath_core'")
     yield
 
 
