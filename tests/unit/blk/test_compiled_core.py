@@ -28,6 +28,7 @@ from tests.property.test_fastpath_differential import (
     Req,
     Rig,
     Scenario,
+    compiled_core_or_skip,
     serve_both,
 )
 from tests.unit.cli_harness import assert_one_line_error, run
@@ -46,11 +47,6 @@ def no_compiled_core(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setitem(compiled._problems, cores.COMPILED_MODULE,
                         "No module named 'virtio_blk._fastpath_core'")
     yield
-
-
-def needs_compiled() -> None:
-    if cores.compiled_module() is None:
-        pytest.skip("the compiled core is not built here")
 
 
 @pytest.mark.parametrize(("value", "expected"), [("python", "python"), (" Python ", "python"),
@@ -96,7 +92,7 @@ def test_the_server_refuses_to_start_with_a_core_it_does_not_know(tmp_path,
 
 
 def test_auto_runs_the_compiled_core_where_it_is_built(monkeypatch) -> None:
-    needs_compiled()
+    compiled_core_or_skip("compiled")
     monkeypatch.setenv(cores.ENV, "auto")
     assert cores.core_name() == "compiled"
     assert cores.describe().startswith("per-request core: compiled (")
@@ -114,7 +110,7 @@ def _rig(engine: str, ring: str, core: str, tmp: str) -> Rig:
 def test_the_compiled_core_serves_split_rings_on_io_uring(engine, ring, compiled) -> None:
     """A split ring on the io_uring engine of a raw image gets the compiled fast path; a packed
     ring or another engine keeps the Python one, whichever core runs."""
-    needs_compiled()
+    compiled_core_or_skip("compiled")
     with tempfile.TemporaryDirectory() as tmp:
         rig = _rig(engine, ring, "compiled", tmp)
         try:
@@ -132,7 +128,7 @@ def test_the_compiled_core_serves_split_rings_on_io_uring(engine, ring, compiled
 def test_the_compiled_core_takes_the_requests_itself() -> None:
     """Its own count, not its Python fallback's: each of a ring of reads and writes in Linux's
     shapes (the floor the differential test also keeps)."""
-    needs_compiled()
+    compiled_core_or_skip("compiled")
     sc = next(sc for shape, eng, sc in SHAPE_SCENARIOS
               if shape == "several data runs" and eng == "io_uring")
     layout, _, _, compiled = serve_both(sc, "split", "compiled")
@@ -193,7 +189,7 @@ def test_a_real_disk_error_in_the_compiled_core_is_reported_as_the_reference_doe
     """The kernel's own failure, not an injected one: with RLIMIT_FSIZE below a write's offset
     the buffered pwritev the compiled core makes fails with EFBIG.  The request is the compiled
     core's, and it ends as the generic path ends it (IOERR, the counters, the log line)."""
-    needs_compiled()
+    compiled_core_or_skip("compiled")
     limit = IMAGE_SECTORS * 512 // 2
     sc = Scenario([Req(ReqType.OUT, 8, [(4096, "A", "page")], False, None),
                    Req(ReqType.OUT, limit // 512 + 8, [(4096, "B", "page")], False, None),
@@ -235,7 +231,7 @@ def status_of(rig: Rig, index: int) -> int:
 def test_a_split_queue_that_keeps_the_rules_gets_the_compiled_core() -> None:
     """A queue process's queue (PublishingQueue: a hook at publish) is still a split ring with
     the split ring's chain rules; a subclass with a walker of its own is not served."""
-    needs_compiled()
+    compiled_core_or_skip("compiled")
     module = cores.compiled_module()
     assert module is not None
 
