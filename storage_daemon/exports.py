@@ -150,7 +150,7 @@ class ExportSet:
                 raise generic_error(f"Export '{export_id}' is not found")
             if export.shutting_down:
                 raise generic_error(f"Export '{export_id}' is already shutting down")
-            if mode == "safe" and export.daemon.connected:
+            if mode == "safe" and export.daemon.in_use():
                 raise generic_error(f"export '{export_id}' still in use")
             export.begin_shutdown()
         log.info("export %s: deleting (mode %s)", export_id, mode)

@@ -292,6 +292,30 @@ class VhostUserDaemon:
         """A frontend is connected (a snapshot: it may go at any moment)."""
         return self._conn is not None
 
+    def in_use(self) -> bool:
+        """A frontend is connected and has not hung up: what ``block-export-del`` in safe
+        mode refuses to cut off.
+
+        :attr:`connected` stays true until the serving loop has torn the connection down,
+        which stops the queue processes and can take a while; a frontend that has already
+        closed its socket (QEMU after ``device_del`` and ``chardev-remove``) is gone from
+        the moment the kernel says so, and deleting its export then loses nothing.  A poll
+        with no timeout from another thread: it reads the socket's state, never its data.
+        """
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            fd = conn.fileno()
+        except OSError:
+            return False
+        if fd < 0:  # closed by the loop meanwhile
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)
+        hung_up = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        return not any(events & hung_up for _, events in poller.poll(0))
+
     def in_flight(self) -> list[int]:
         """Requests in flight per queue (0 for a queue not running), read without locks."""
         handler = self.handler

@@ -234,6 +234,40 @@ def test_export_lifecycle_and_the_deleted_event(served: Served) -> None:
     assert q.error("block-export-del", id="e1") == "Export 'e1' is not found"
 
 
+def test_a_safe_del_after_the_frontend_hung_up_does_not_wait_for_the_teardown(
+        served: Served) -> None:
+    """QEMU's unplug (device_del, DEVICE_DELETED, chardev-remove) closes its socket; the
+    loop's teardown of that connection (stopping queue processes) can still be running when
+    the user's block-export-del comes: safe mode must see a frontend that is gone, not one
+    "still in use" (the race CI hit with a hot-unplugged disk)."""
+    q = served.qmp
+    sock = served.add("e1", "n1")
+    fe, _, drv = connect(sock)
+    export = served.exports.find("e1")
+    assert export is not None and export.daemon.handler is not None
+    handler = export.daemon.handler
+    entered, release = threading.Event(), threading.Event()
+    real_close = handler.close
+
+    def slow_close() -> None:  # the queue processes take their time to stop
+        entered.set()
+        release.wait(10)
+        real_close()
+
+    handler.close = slow_close  # type: ignore[method-assign]
+    try:
+        assert drv.write(0, b"\x22" * 512).status == Status.OK
+        assert q.error("block-export-del", id="e1") == "export 'e1' still in use"
+        fe.close()
+        assert entered.wait(10), "the loop never began tearing the connection down"
+        assert export.daemon.connected  # the teardown has not finished...
+        assert q.ok("block-export-del", id="e1") == {}  # ...but nobody is there
+    finally:
+        release.set()
+    assert q.event("BLOCK_EXPORT_DELETED")["data"] == {"id": "e1"}
+    assert not sock.exists()
+
+
 def test_a_child_node_cannot_go_before_its_parent(served: Served) -> None:
     q = served.qmp
     q.ok("blockdev-add", driver="file", filename=str(served.image("c.img")),
