@@ -19,9 +19,10 @@ which: both QEMUs' ``x-query-virtio-status`` and, per queue, ``x-query-virtio-qu
 
 One exception, counted and printed: a guest panic after a completed migration whose crash QEMU's
 built-in virtio-blk shows as well in the migration series (QEMU 7.2's TCG, no vhost-user
-involved: :func:`qemu_guest.migration.builtin_also_crashes` -- those RIPs, or a NULL pointer
-dereference outside the disk path) runs the scenario once more, with the first attempt's
-diagnostics printed.  Never for a hang, a verify error, a crash in blk-mq, virtio or list code,
+involved: :func:`qemu_guest.migration.builtin_also_crashes` -- those RIPs, a NULL pointer
+dereference outside the disk path, or any crash in timer code, where the built-in device's,
+qemu-storage-daemon's and this server's runs all crashed) runs the scenario once more, with the
+first attempt's diagnostics printed.  Never for a hang, a verify error, a crash in blk-mq, virtio or list code,
 or any other crash.
 """
 

@@ -120,6 +120,20 @@ def test_a_destination_still_loading_is_waited_for(tmp_path: Path) -> None:
     ("guest panic on QEMU 2 in phase write+verify after migration 1 (guest at write): BUG: "
      "kernel NULL pointer dereference, address: 0000000000000000 / RIP: "
      "0010:schedule_idle+0x26/0x40", True),
+    # Timer code, where every backend's corruption landed: qemu-storage-daemon's general
+    # protection fault, and this server's stack-protector panic (CI, 2026-12-07: no RIP line).
+    ("guest panic on QEMU 2 in phase write+verify after migration 1 (guest at write): general "
+     "protection fault, probably for non-canonical address 0xf850fcb39490018: 0000 [#1] "
+     "PREEMPT SMP NOPTI / RIP: 0010:timerqueue_add+0x28/0xb0", True),
+    ("guest panic on QEMU 2 in phase write+verify after migration 1 (guest at write): Kernel "
+     "panic - not syncing: stack-protector: Kernel stack is corrupted in: "
+     "timekeeping_advance+0x4f1/0x500", True),
+    # ... but a stack-protector panic in the disk path, or before any migration, is never.
+    ("guest panic on QEMU 2 in phase write+verify after migration 1 (guest at write): Kernel "
+     "panic - not syncing: stack-protector: Kernel stack is corrupted in: "
+     "virtblk_done+0x4f1/0x500", False),
+    ("guest panic on QEMU 1 in phase boot (guest at boot): Kernel panic - not syncing: "
+     "stack-protector: Kernel stack is corrupted in: timekeeping_advance+0x4f1/0x500", False),
     # ... but not in virtio or list code, nor without its RIP line.
     ("guest panic on QEMU 2 in phase write+verify after migration 1 (guest at write): BUG: "
      "kernel NULL pointer dereference, address: 0000000000000000 / RIP: "
