@@ -44,6 +44,7 @@ completions it meets (:attr:`~blockdev.uring.Uring.stash`,
 :attr:`~blockdev.uring.Uring.external_stash`).
 """
 
+from cpython cimport array
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -56,6 +57,10 @@ import logging
 import os
 
 from blockdev.ops import OpKind
+from blockdev.qcow2.format import OFFSET_MASK as _PY_OFFSET_MASK
+from blockdev.qcow2.format import OFLAG_COPIED as _PY_OFLAG_COPIED
+from blockdev.qcow2.image import _FAST_REJECT_READ as _PY_FAST_REJECT_READ
+from blockdev.qcow2.image import _FAST_REJECT_WRITE as _PY_FAST_REJECT_WRITE
 from blockdev.stats import LATENCY_BOUNDS_NS as _PY_LATENCY_BOUNDS_NS
 from blockdev.uring import EXTERNAL_TAG as _PY_EXTERNAL_TAG
 from virtio_blk.fastpath import MAX_PIECES as _PY_MAX_PIECES
@@ -130,6 +135,11 @@ cdef enum:
     OP_WRITEV = 2
 
 cdef uint64_t MAX_CHAIN_BYTES = 1ULL << 32
+# qcow2 L2 entries (blockdev.qcow2: the map rule of Qcow2Image.map_batch)
+cdef uint64_t OFFSET_MASK = _PY_OFFSET_MASK
+cdef uint64_t OFLAG_COPIED = _PY_OFLAG_COPIED
+cdef uint64_t FAST_REJECT_READ = _PY_FAST_REJECT_READ
+cdef uint64_t FAST_REJECT_WRITE = _PY_FAST_REJECT_WRITE
 cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
 cdef uint64_t HEADER_SIZE = _PY_HEADER_SIZE
 cdef uint64_t MAX_PIECES = _PY_MAX_PIECES
@@ -172,7 +182,8 @@ cdef struct Region:
     bint readonly
 
 cdef struct Slot:
-    uint64_t offset       # byte offset on the disk
+    uint64_t offset       # byte offset in the file (a qcow2 image: the host offset once mapped)
+    uint64_t guest_offset # byte offset on the disk, as the request said
     uint64_t status_gpa
     uint8_t *status       # host address of the status byte
     int64_t start_ns
@@ -196,11 +207,14 @@ def applicable(handler, vq):
 
     It serves a split ring (:class:`~vhost.queue.split.SplitQueue`, or a subclass that keeps
     its chain rules: a queue process's adds a hook when it publishes) whose device reads and
-    writes a raw image through the io_uring engine itself -- not a format, a filter, a plugin or
-    the thread pool, which keep the Python fast path.
+    writes a raw image through the io_uring engine itself, or a qcow2 image through its io_uring
+    engine (offsets mapped per pass, as that engine maps them) -- not a filter, a plugin, another
+    format or the thread pool, which keep the Python fast path.
     """
     from blockdev.disk import Disk
     from blockdev.engine import UringEngine
+    from blockdev.qcow2.disk import Qcow2Disk
+    from blockdev.qcow2.uring_engine import MappedUringEngine
     from vhost.queue.split import SplitQueue
 
     if not isinstance(vq, SplitQueue):
@@ -210,6 +224,10 @@ def applicable(handler, vq):
            for name in ("_simple", "_pending", "claim", "compiled_view")):
         return f"a {kind.__name__} with chain rules of its own"
     engine = handler.engine
+    if type(engine) is MappedUringEngine:
+        if type(engine.disk) is not Qcow2Disk:
+            return f"a {type(engine.disk).__name__}"
+        return None
     if type(engine) is not UringEngine:
         return f"the {getattr(engine, 'name', type(engine).__name__)} engine"
     if not isinstance(engine.disk, Disk):
@@ -279,6 +297,9 @@ cdef class FastPath:
     cdef bint read_only
     cdef bint writeback
     cdef bint bypass
+    # a qcow2 image (the MappedUringEngine's): offsets are mapped per pass, IO counted in flight
+    cdef object image
+    cdef long left_now           # mapped IO finished without the ring, not yet counted out
     # counters, flushed to the stats once per call (latency: per kind READ, WRITE)
     cdef long n_reads, n_writes
     cdef uint64_t n_bytes_read, n_bytes_written
@@ -328,7 +349,13 @@ cdef class FastPath:
         self._limits = None
         self.direct = handler.direct  # (the storage's, fixed while it is open)
         self.align_mask = handler.mem_align - 1 if handler.direct else 0
-        self.bypass = self.engine.bypass
+        # qcow2's engine does what the raw engine's bypass does, at host offsets (its writes
+        # as pwritev, a lone read tried from the page cache first).
+        self.image = getattr(self.engine, "qcow2", None)
+        if self.image is not None:
+            self.image = self.image.image
+        self.bypass = self.engine.bypass or self.image is not None
+        self.left_now = 0
         self.ring = self.engine.ring
         layout = self.ring.raw_layout()
         self.ring_fd = layout["fd"]
@@ -492,7 +519,7 @@ cdef class FastPath:
             return False
         if sector > self.capacity or (data_len >> 9) > self.capacity - sector:
             return False
-        slot.offset = sector << 9
+        slot.offset = slot.guest_offset = sector << 9
         slot.status_gpa = addr
         slot.status = self._host(r, addr)
         slot.length = <uint32_t>data_len
@@ -539,7 +566,7 @@ cdef class FastPath:
             return []  # the generic pop reports it (and stops the queue)
         cdef char *in_flight = PyByteArray_AS_STRING(self.in_flight)
         cdef uint16_t head
-        cdef int n = 0
+        cdef int n = 0, i
         cdef bint declined = False
         with nogil:
             while n < pending:
@@ -550,6 +577,14 @@ cdef class FastPath:
                 in_flight[head] = 1
                 self.batch[n] = head
                 n += 1
+        cdef int mapped
+        if n and self.image is not None:
+            mapped = self._map(n)
+            for i in range(mapped, n):  # left for the Python paths, from the first unmapped
+                in_flight[self.batch[i]] = 0
+            if mapped < n:
+                declined = True
+                n = mapped
         done = []
         if n:
             self._claim(n, next_avail)
@@ -557,6 +592,67 @@ cdef class FastPath:
         if declined:
             done += self.python.drain()
         return done
+
+    cdef int _map(self, int n) except -1:
+        """qcow2: the host offsets of the pass's first requests, as
+        :meth:`blockdev.qcow2.image.Qcow2Image.map_batch` maps them (inside one allocated
+        cluster; a write: one it may write in place, not being allocated, not metadata),
+        counted in the image's in-flight IO; how many, from the first (the rest are left
+        untouched for the Python paths, in order)."""
+        image = self.image
+        cdef int k = 0
+        cdef Slot *slot
+        cdef uint64_t cs, mask, cb, l2_bits, l2_mask, size, file_end, offset, within, g, idx
+        cdef uint64_t l2_off, e, host
+        cdef bint writing, no_writes
+        cdef array.array l1, table
+        with image.lock:
+            state = image.map_state()
+            if state is None:
+                return 0  # a discard drains in-flight IO: count in no more
+            try:
+                l1, cache, busy, no_writes, file_end, load, protected = state
+                cs = image.cluster_size
+                mask = cs - 1
+                cb = image.cluster_bits
+                l2_bits = image.l2_bits
+                l2_mask = (1ULL << l2_bits) - 1
+                size = image.size
+                if l1.ob_descr.itemsize != 8:
+                    return 0
+                while k < n:
+                    slot = &self.slots[self.batch[k]]
+                    offset = slot.guest_offset
+                    within = offset & mask
+                    writing = not slot.into_guest
+                    if within + slot.length > cs or offset + slot.length > size:
+                        break
+                    g = offset >> cb
+                    idx = g >> l2_bits
+                    if idx >= <uint64_t>len(l1):
+                        break
+                    l2_off = l1.data.as_ulonglongs[idx] & OFFSET_MASK
+                    if not l2_off or (writing and (no_writes or (busy and g in busy))):
+                        break
+                    t = cache.get(l2_off)  # a hit skips the LRU update, as map_batch's does
+                    if t is None:
+                        t = load(l2_off)
+                    table = t
+                    if table.ob_descr.itemsize != 8 or (g & l2_mask) >= <uint64_t>len(table):
+                        break
+                    e = table.data.as_ulonglongs[g & l2_mask] ^ OFLAG_COPIED
+                    host = e & OFFSET_MASK
+                    if (e & (FAST_REJECT_WRITE if writing else FAST_REJECT_READ)
+                            or not host or host & mask or host + cs > file_end
+                            or (writing and protected(host))):
+                        break
+                    slot.offset = host + within
+                    k += 1
+            except Exception:  # bad metadata or a bug: the Python paths report it, per request
+                pass
+            if k:
+                image.count_in(k)
+        return k
 
     cdef int _claim(self, int n, uint16_t next_avail) except -1:
         """The pass's chains are in flight (the queue's count, the in-flight area), avail moved
@@ -607,6 +703,7 @@ cdef class FastPath:
                 with nogil:
                     res = pwritev(self.fd, iov, slot.niov, slot.offset)
                     err = errno
+                self.left_now += 1
                 self._finish(head, res if res >= 0 else -err, done)
                 continue
             if self.bypass and reads == 1 and slot.into_guest and self.engine.nowait:
@@ -614,6 +711,7 @@ cdef class FastPath:
                     res = preadv2(self.fd, iov, slot.niov, slot.offset, RWF_NOWAIT)
                     err = errno
                 if res == slot.length:
+                    self.left_now += 1
                     self._finish(head, res, done)
                     continue
                 if res < 0 and err != _errno.EAGAIN:
@@ -623,6 +721,7 @@ cdef class FastPath:
                                  os.strerror(err))
                         self.engine.nowait = False
                     else:
+                        self.left_now += 1
                         self._finish(head, -err, done)
                         continue
                 # not all cached, or short: the ring reads it
@@ -655,6 +754,10 @@ cdef class FastPath:
             queued += 1
         if queued or python_pending:
             self._enter(tail, queued + python_pending, queued)
+        if self.left_now:  # qcow2: finished without the ring, out of the image's IO in flight
+            left, self.left_now = self.left_now, 0
+            if self.image is not None:
+                self.image.leave(left)
         self._reap(done)
         self._flush_counters()
         return 0
@@ -686,6 +789,7 @@ cdef class FastPath:
         cdef Cqe *cqe
         cdef uint64_t ud
         cdef int32_t res
+        cdef long ours = 0
         stash = self.ring.stash
         while head != tail:
             cqe = &self.cqes[head & self.cq_mask]
@@ -694,6 +798,7 @@ cdef class FastPath:
             head += 1
             if ud & EXTERNAL_TAG:
                 self.ring.external_in_flight -= 1
+                ours += 1
                 self._finish(<uint16_t>(ud & 0xFFFF), res, done)
             else:
                 stash.append((ud, res))
@@ -701,6 +806,8 @@ cdef class FastPath:
                 vbc_store_release(self.cq_head, head)
                 tail = vbc_load_acquire(self.cq_tail)
         vbc_store_release(self.cq_head, head)
+        if ours and self.ring.external_reaped is not None:  # (the stash's were, when stashed)
+            self.ring.external_reaped(ours)
         self._take_external_stash(done)
         return 0
 
@@ -754,13 +861,18 @@ cdef class FastPath:
         self._flush_counters()
         # Built from what this path read (the header is not read again: the guest may have
         # changed it), with the Python path's checks against the memory table of now.
-        req = self.python.request_for(head, slot.status_gpa, slot.offset >> 9, data,
+        req = self.python.request_for(head, slot.status_gpa, slot.guest_offset >> 9, data,
                                       slot.length, slot.into_guest, None)
         if req is None:  # its memory went away meanwhile: nothing more can be done for it
             self.stats.errors += 1
             return self.handler.put_status(slot.status_gpa, STATUS_IOERR, 1)
         req.start_ns = slot.start_ns
-        self.engine.set_result(req, res)
+        if self.image is not None:  # a short transfer is resumed at the host offset
+            req.offset = slot.offset
+            self.engine.set_result(req, res)
+            req.offset = slot.guest_offset
+        else:
+            self.engine.set_result(req, res)
         if self.result_hook is not None:
             self.result_hook(req)
         return self.python.complete(req)

@@ -58,7 +58,7 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import MutableSequence, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -393,6 +393,31 @@ class Qcow2Image:
         self.map_batch(ops, {})
         return io.offset if ops else -1
 
+    def map_state(self) -> tuple[array, OrderedDict[int, array], set[int], bool, int,
+                                 Callable[[int], array], Callable[[int], bool]] | None:
+        """What :meth:`map_batch` reads, for the compiled fast path's statement of the same rule
+        (:mod:`virtio_blk._fastpath_core`, held to this one by a differential test); call it with
+        :attr:`lock` held, and count what it translates with :meth:`count_in` before letting
+        go.  None while a discard drains in-flight IO (nothing may be counted in then).
+
+        The L1 table, the L2 cache, the clusters being allocated, whether writes must wait for
+        the autoclear bits, the end of the file, the L2 table loader and the metadata test.
+        """
+        if self._draining:
+            return None
+        return (self.l1, self._l2_cache, self._busy, self._autoclear_pending, self.file_end,
+                self._l2_table, self._protected)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock :meth:`map_state` is read under."""
+        return self._lock
+
+    def count_in(self, count: int) -> None:
+        """``count`` IOs the compiled fast path translated are in flight (lock held), until
+        :meth:`leave`."""
+        self._inflight += count
+
     def map_batch(self, ops: MutableSequence[_Io], guest: dict[int, int]) -> list[_Io]:
         """The host offsets of a batch of reads and writes, in one lock round trip.  Each op
         inside one allocated cluster (a write: one it may write in place) gets its host offset
@@ -403,7 +428,8 @@ class Qcow2Image:
         Guest IO is mostly the first case.  The io_uring engine translates every read and write
         of a pass here: one lock round trip for the pass and, per IO, one cached L2 lookup done
         inline -- not a method call, a lock round trip and a list per IO, which were most of
-        the qcow2 path's extra cost over raw.
+        the qcow2 path's extra cost over raw.  The compiled fast path states this rule again,
+        in C, over :meth:`map_state`.
         """
         cs = self.cluster_size
         mask = cs - 1
