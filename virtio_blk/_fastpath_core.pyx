@@ -5,11 +5,11 @@
 The pure-Python fast path (:mod:`virtio_blk.fastpath`) spends most of a request's ~7 us in
 object churn: a chain tuple, a RequestBuffers, a lock, an IoBuffer, a request, a submission
 tuple, a completion tuple.  This module does the same pass -- Linux's request shapes on a split
-ring served by the io_uring engine of a raw image -- with C structs: per request it walks the
-chain, checks it, claims it, fills one submission entry (or does the buffered write / cached
-read itself with the GIL released, as the Python engine's ``bypass`` does), reaps and writes the
-status byte, and builds no Python object but the ``(head, used length)`` pair the worker
-publishes.
+ring served by the io_uring engine of a raw image or of a qcow2 image -- with C structs: per
+request it walks the chain, checks it, claims it, fills one submission entry (or does the
+buffered write / cached read itself with the GIL released, as the Python engines do), reaps and
+writes the status byte, and builds no Python object but the ``(head, used length)`` pair the
+worker publishes.
 
 Rules stay stated once.  This is an implementation of the same interface, and anything it does
 not handle exactly as the Python path would is *declined* -- left untouched for the pure-Python
@@ -23,6 +23,12 @@ fast path, and after it the generic path, which report every fault:
   status of 1, type IN or OUT matching the data's direction, status and an IN's data in writable
   memory, :func:`virtio_blk.request.range_fault`, write permission, no bounce needed by
   :func:`virtio_blk.layout.plan`'s rule, O_DIRECT alignment);
+* on qcow2 the map rule is :meth:`blockdev.qcow2.image.Qcow2Image.map_batch`'s (inside one
+  allocated cluster; a write only in place: not shared, compressed or zero, not being
+  allocated, no autoclear bit pending, never over metadata) -- the pass ends at the first
+  request it does not map, which the Python fast path maps or hands to the general path, and
+  each mapped request is counted in the image's in-flight IO until its IO is over (a discard
+  waits for that);
 * while dirty pages are logged (a migration), the Python fast path serves the whole pass;
 * a request that fails or comes back short, one completing while dirty pages are logged or after
   the memory table changed, and every request while a test hook is set, is finished by the Python
@@ -300,6 +306,9 @@ cdef class FastPath:
     # a qcow2 image (the MappedUringEngine's): offsets are mapped per pass, IO counted in flight
     cdef object image
     cdef long left_now           # mapped IO finished without the ring, not yet counted out
+    cdef uint64_t cluster_size   # (fixed for an image)
+    cdef uint64_t cluster_bits
+    cdef uint64_t l2_bits
     # counters, flushed to the stats once per call (latency: per kind READ, WRITE)
     cdef long n_reads, n_writes
     cdef uint64_t n_bytes_read, n_bytes_written
@@ -354,6 +363,9 @@ cdef class FastPath:
         self.image = getattr(self.engine, "qcow2", None)
         if self.image is not None:
             self.image = self.image.image
+            self.cluster_size = self.image.cluster_size
+            self.cluster_bits = self.image.cluster_bits
+            self.l2_bits = self.image.l2_bits
         self.bypass = self.engine.bypass or self.image is not None
         self.left_now = 0
         self.ring = self.engine.ring
@@ -596,14 +608,17 @@ cdef class FastPath:
     cdef int _map(self, int n) except -1:
         """qcow2: the host offsets of the pass's first requests, as
         :meth:`blockdev.qcow2.image.Qcow2Image.map_batch` maps them (inside one allocated
-        cluster; a write: one it may write in place, not being allocated, not metadata),
-        counted in the image's in-flight IO; how many, from the first (the rest are left
-        untouched for the Python paths, in order)."""
+        cluster; a write: one it may write in place, not being allocated, with no autoclear bit
+        pending, not metadata), counted in the image's in-flight IO; how many, from the first
+        (the rest are left untouched for the Python paths, in order)."""
         image = self.image
         cdef int k = 0
         cdef Slot *slot
-        cdef uint64_t cs, mask, cb, l2_bits, l2_mask, size, file_end, offset, within, g, idx
-        cdef uint64_t l2_off, e, host
+        cdef uint64_t cs = self.cluster_size
+        cdef uint64_t mask = cs - 1
+        cdef uint64_t l2_mask = (1ULL << self.l2_bits) - 1
+        cdef uint64_t size, file_end, offset, within, g, idx, l2_off, e, host
+        cdef uint64_t table_start, table_end, l1_start, l1_end, last_l2 = 0
         cdef bint writing, no_writes
         cdef array.array l1, table
         with image.lock:
@@ -611,13 +626,8 @@ cdef class FastPath:
             if state is None:
                 return 0  # a discard drains in-flight IO: count in no more
             try:
-                l1, cache, busy, no_writes, file_end, load, protected = state
-                cs = image.cluster_size
-                mask = cs - 1
-                cb = image.cluster_bits
-                l2_bits = image.l2_bits
-                l2_mask = (1ULL << l2_bits) - 1
-                size = image.size
+                (l1, cache, busy, no_writes, file_end, size, load, l1_start, l1_end,
+                 l2_offsets, blocks, table_start, table_end) = state
                 if l1.ob_descr.itemsize != 8:
                     return 0
                 while k < n:
@@ -627,25 +637,34 @@ cdef class FastPath:
                     writing = not slot.into_guest
                     if within + slot.length > cs or offset + slot.length > size:
                         break
-                    g = offset >> cb
-                    idx = g >> l2_bits
+                    g = offset >> self.cluster_bits
+                    idx = g >> self.l2_bits
                     if idx >= <uint64_t>len(l1):
                         break
                     l2_off = l1.data.as_ulonglongs[idx] & OFFSET_MASK
                     if not l2_off or (writing and (no_writes or (busy and g in busy))):
                         break
-                    t = cache.get(l2_off)  # a hit skips the LRU update, as map_batch's does
-                    if t is None:
-                        t = load(l2_off)
-                    table = t
-                    if table.ob_descr.itemsize != 8 or (g & l2_mask) >= <uint64_t>len(table):
+                    if l2_off != last_l2:  # (random IO mostly stays in one table)
+                        t = cache.get(l2_off)  # a hit skips the LRU update, as map_batch's
+                        if t is None:
+                            t = load(l2_off)
+                        table = t
+                        if table.ob_descr.itemsize != 8:
+                            break
+                        last_l2 = l2_off
+                    if (g & l2_mask) >= <uint64_t>len(table):
                         break
                     e = table.data.as_ulonglongs[g & l2_mask] ^ OFLAG_COPIED
                     host = e & OFFSET_MASK
                     if (e & (FAST_REJECT_WRITE if writing else FAST_REJECT_READ)
-                            or not host or host & mask or host + cs > file_end
-                            or (writing and protected(host))):
+                            or not host or host & mask or host + cs > file_end):
                         break
+                    # Qcow2Image._protected: never write guest data over metadata.
+                    if writing:
+                        py_host = host
+                        if (l1_start <= host < l1_end or py_host in l2_offsets
+                                or py_host in blocks or table_start <= host < table_end):
+                            break
                     slot.offset = host + within
                     k += 1
             except Exception:  # bad metadata or a bug: the Python paths report it, per request

@@ -630,13 +630,13 @@ def hole_clusters(seed: int) -> set[int]:
     return {c for c in range(IMAGE_SECTORS * 512 // CLUSTER) if rng.random() < 0.25}
 
 
-#: What else :func:`qcow2_image` puts in the image, by ``seed % 7``: nothing (three times in
-#: seven), an internal snapshot (no cluster may be written in place: copy-on-write),
-#: compressed clusters, zero clusters and an L2 entry pointing at the refcount table
-#: (metadata: reads may see it, a write must fail), or an autoclear feature bit (the first
-#: write clears it first, so none may go the fast way before).
-QCOW2_EXTRAS = ("plain", "plain", "plain", "snapshot", "compressed", "zero+corrupt",
-                "autoclear")
+#: What else :func:`qcow2_image` puts in the image, by seed: nothing (three times in eleven),
+#: an internal snapshot (no cluster may be written in place: copy-on-write), compressed
+#: clusters, a zero cluster, an L2 entry pointing at metadata -- the L1 table, an L2 table, the
+#: refcount table or a refcount block (reads may see it, a write must fail) -- or an autoclear
+#: feature bit (the first write clears it first, so none may go the fast way before).
+QCOW2_EXTRAS = ("plain", "plain", "plain", "snapshot", "compressed", "zero", "corrupt:l1",
+                "corrupt:l2", "corrupt:reftable", "corrupt:refblock", "autoclear")
 
 
 def qcow2_image(raw: bytes, seed: int, tmp: str) -> bytes:
@@ -661,18 +661,25 @@ def qcow2_image(raw: bytes, seed: int, tmp: str) -> bytes:
             f.seek(88)
             f.write((1).to_bytes(8, "big"))
     allocated = [c for c in range(len(data) // CLUSTER) if c not in hole_clusters(seed)]
-    if extra == "zero+corrupt" and len(allocated) >= 2:
+    if extra == "zero" and allocated:
         subprocess.run(["qemu-io", "-f", "qcow2", "-c",
                         f"write -z {allocated[0] * CLUSTER} {CLUSTER}", dst],
                        check=True, stdout=subprocess.DEVNULL)
+    if extra.startswith("corrupt:") and allocated:
         with open(dst, "r+b") as f:
             header = f.read(56)
             l1_offset, refcount_table = (int.from_bytes(header[i : i + 8], "big")
                                          for i in (40, 48))
             f.seek(l1_offset)
             l2_offset = int.from_bytes(f.read(8), "big") & 0x00FF_FFFF_FFFF_FE00
+            f.seek(refcount_table)
+            refcount_block = int.from_bytes(f.read(8), "big")
+            target = {"corrupt:l1": l1_offset, "corrupt:l2": l2_offset,
+                      "corrupt:reftable": refcount_table,
+                      "corrupt:refblock": refcount_block}[extra]
+            assert target and target % CLUSTER == 0, (extra, target)
             f.seek(l2_offset + 8 * allocated[-1])
-            f.write(((1 << 63) | refcount_table).to_bytes(8, "big"))
+            f.write(((1 << 63) | target).to_bytes(8, "big"))
     with open(dst, "rb") as f:
         return f.read()
 
@@ -983,12 +990,11 @@ qcow2_scenarios = st.builds(
 def qcow2_mix(extra: str = "plain") -> Scenario:
     """4 KiB reads and writes on io_uring, on an image with the :data:`QCOW2_EXTRAS` ``extra``
     (the first seed that has it and a hole): a read and a write in an allocated cluster, a
-    write and a read in the last one (its entry points at the refcount table, with
-    "zero+corrupt"), a read and a write in the first one (zero, with "zero+corrupt"), a write
-    into a hole, and a read in the allocated cluster again; the first two in a pass of their
-    own."""
+    write and a read in the last one (its entry points at metadata, with "corrupt:..."), a read
+    and a write in the first one (zero, with "zero"), a write into a hole, and a read in the
+    allocated cluster again; the first two in a pass of their own."""
     seed = next(s for s in range(1000) if QCOW2_EXTRAS[s % len(QCOW2_EXTRAS)] == extra
-                and hole_clusters(s) and len(hole_clusters(s)) <= len(QCOW2_EXTRAS) * 2)
+                and 0 < len(hole_clusters(s)) <= IMAGE_SECTORS * 512 // CLUSTER - 3)
     holes = sorted(hole_clusters(seed))
     per = CLUSTER // 512
     allocated = [c * per for c in range(IMAGE_SECTORS // per) if c not in holes]
