@@ -22,6 +22,7 @@ import ctypes
 import mmap
 import os
 import struct
+from collections.abc import Callable
 
 from blockdev.libc import syscall as _syscall
 from guestmem import buffer_address
@@ -112,6 +113,11 @@ class Uring:
         self.stash: list[tuple[int, int]] = []
         self.external_stash: list[tuple[int, int]] = []
         self.external_in_flight = 0
+        #: Called with how many of the compiled caller's completions were just taken from the
+        #: completion ring -- by :meth:`reap` (which stashes them) or by the compiled caller
+        #: itself: the moment its IO is over in the kernel, whoever sees it first.  A format
+        #: engine counts that IO out of its image's in-flight IO here.
+        self.external_reaped: Callable[[int], None] | None = None
         self._layout = {
             "fd": self.fd, "sq_entries": sq_entries, "sq_mask": self._sq_mask,
             "sq_head": sq_off[0], "sq_tail": sq_off[1], "cq_head": cq_off[0],
@@ -216,9 +222,13 @@ class Uring:
         cq32[self._cq_head] = tail  # copied out above: the kernel may reuse the slots now
         if self.external_in_flight:  # a compiled caller's among them: kept for it
             ours: list[tuple[int, int]] = []
+            external = self.external_stash
+            before = len(external)
             for cqe in out:
-                (self.external_stash if cqe[0] & EXTERNAL_TAG else ours).append(cqe)
+                (external if cqe[0] & EXTERNAL_TAG else ours).append(cqe)
             out = ours
+            if self.external_reaped is not None and len(external) > before:
+                self.external_reaped(len(external) - before)
         return self._stashed(out)
 
     def _stashed(self, out: list[tuple[int, int]]) -> list[tuple[int, int]]:

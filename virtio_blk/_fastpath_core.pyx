@@ -5,11 +5,11 @@
 The pure-Python fast path (:mod:`virtio_blk.fastpath`) spends most of a request's ~7 us in
 object churn: a chain tuple, a RequestBuffers, a lock, an IoBuffer, a request, a submission
 tuple, a completion tuple.  This module does the same pass -- Linux's request shapes on a split
-ring served by the io_uring engine of a raw image -- with C structs: per request it walks the
-chain, checks it, claims it, fills one submission entry (or does the buffered write / cached
-read itself with the GIL released, as the Python engine's ``bypass`` does), reaps and writes the
-status byte, and builds no Python object but the ``(head, used length)`` pair the worker
-publishes.
+ring served by the io_uring engine of a raw image or of a qcow2 image -- with C structs: per
+request it walks the chain, checks it, claims it, fills one submission entry (or does the
+buffered write / cached read itself with the GIL released, as the Python engines do), reaps and
+writes the status byte, and builds no Python object but the ``(head, used length)`` pair the
+worker publishes.
 
 Rules stay stated once.  This is an implementation of the same interface, and anything it does
 not handle exactly as the Python path would is *declined* -- left untouched for the pure-Python
@@ -23,6 +23,12 @@ fast path, and after it the generic path, which report every fault:
   status of 1, type IN or OUT matching the data's direction, status and an IN's data in writable
   memory, :func:`virtio_blk.request.range_fault`, write permission, no bounce needed by
   :func:`virtio_blk.layout.plan`'s rule, O_DIRECT alignment);
+* on qcow2 the map rule is :meth:`blockdev.qcow2.image.Qcow2Image.map_batch`'s (inside one
+  allocated cluster; a write only in place: not shared, compressed or zero, not being
+  allocated, no autoclear bit pending, never over metadata) -- the pass ends at the first
+  request it does not map, which the Python fast path maps or hands to the general path, and
+  each mapped request is counted in the image's in-flight IO until its IO is over (a discard
+  waits for that);
 * while dirty pages are logged (a migration), the Python fast path serves the whole pass;
 * a request that fails or comes back short, one completing while dirty pages are logged or after
   the memory table changed, and every request while a test hook is set, is finished by the Python
@@ -44,6 +50,7 @@ completions it meets (:attr:`~blockdev.uring.Uring.stash`,
 :attr:`~blockdev.uring.Uring.external_stash`).
 """
 
+from cpython cimport array
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -56,6 +63,10 @@ import logging
 import os
 
 from blockdev.ops import OpKind
+from blockdev.qcow2.format import OFFSET_MASK as _PY_OFFSET_MASK
+from blockdev.qcow2.format import OFLAG_COPIED as _PY_OFLAG_COPIED
+from blockdev.qcow2.image import _FAST_REJECT_READ as _PY_FAST_REJECT_READ
+from blockdev.qcow2.image import _FAST_REJECT_WRITE as _PY_FAST_REJECT_WRITE
 from blockdev.stats import LATENCY_BOUNDS_NS as _PY_LATENCY_BOUNDS_NS
 from blockdev.uring import EXTERNAL_TAG as _PY_EXTERNAL_TAG
 from virtio_blk.fastpath import MAX_PIECES as _PY_MAX_PIECES
@@ -130,6 +141,11 @@ cdef enum:
     OP_WRITEV = 2
 
 cdef uint64_t MAX_CHAIN_BYTES = 1ULL << 32
+# qcow2 L2 entries (blockdev.qcow2: the map rule of Qcow2Image.map_batch)
+cdef uint64_t OFFSET_MASK = _PY_OFFSET_MASK
+cdef uint64_t OFLAG_COPIED = _PY_OFLAG_COPIED
+cdef uint64_t FAST_REJECT_READ = _PY_FAST_REJECT_READ
+cdef uint64_t FAST_REJECT_WRITE = _PY_FAST_REJECT_WRITE
 cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
 cdef uint64_t HEADER_SIZE = _PY_HEADER_SIZE
 cdef uint64_t MAX_PIECES = _PY_MAX_PIECES
@@ -172,7 +188,8 @@ cdef struct Region:
     bint readonly
 
 cdef struct Slot:
-    uint64_t offset       # byte offset on the disk
+    uint64_t offset       # byte offset in the file (a qcow2 image: the host offset once mapped)
+    uint64_t guest_offset # byte offset on the disk, as the request said
     uint64_t status_gpa
     uint8_t *status       # host address of the status byte
     int64_t start_ns
@@ -196,11 +213,14 @@ def applicable(handler, vq):
 
     It serves a split ring (:class:`~vhost.queue.split.SplitQueue`, or a subclass that keeps
     its chain rules: a queue process's adds a hook when it publishes) whose device reads and
-    writes a raw image through the io_uring engine itself -- not a format, a filter, a plugin or
-    the thread pool, which keep the Python fast path.
+    writes a raw image through the io_uring engine itself, or a qcow2 image through its io_uring
+    engine (offsets mapped per pass, as that engine maps them) -- not a filter, a plugin, another
+    format or the thread pool, which keep the Python fast path.
     """
     from blockdev.disk import Disk
     from blockdev.engine import UringEngine
+    from blockdev.qcow2.disk import Qcow2Disk
+    from blockdev.qcow2.uring_engine import MappedUringEngine
     from vhost.queue.split import SplitQueue
 
     if not isinstance(vq, SplitQueue):
@@ -210,6 +230,10 @@ def applicable(handler, vq):
            for name in ("_simple", "_pending", "claim", "compiled_view")):
         return f"a {kind.__name__} with chain rules of its own"
     engine = handler.engine
+    if type(engine) is MappedUringEngine:
+        if type(engine.disk) is not Qcow2Disk:
+            return f"a {type(engine.disk).__name__}"
+        return None
     if type(engine) is not UringEngine:
         return f"the {getattr(engine, 'name', type(engine).__name__)} engine"
     if not isinstance(engine.disk, Disk):
@@ -279,6 +303,12 @@ cdef class FastPath:
     cdef bint read_only
     cdef bint writeback
     cdef bint bypass
+    # a qcow2 image (the MappedUringEngine's): offsets are mapped per pass, IO counted in flight
+    cdef object image
+    cdef long left_now           # mapped IO finished without the ring, not yet counted out
+    cdef uint64_t cluster_size   # (fixed for an image)
+    cdef uint64_t cluster_bits
+    cdef uint64_t l2_bits
     # counters, flushed to the stats once per call (latency: per kind READ, WRITE)
     cdef long n_reads, n_writes
     cdef uint64_t n_bytes_read, n_bytes_written
@@ -328,7 +358,16 @@ cdef class FastPath:
         self._limits = None
         self.direct = handler.direct  # (the storage's, fixed while it is open)
         self.align_mask = handler.mem_align - 1 if handler.direct else 0
-        self.bypass = self.engine.bypass
+        # qcow2's engine does what the raw engine's bypass does, at host offsets (its writes
+        # as pwritev, a lone read tried from the page cache first).
+        self.image = getattr(self.engine, "qcow2", None)
+        if self.image is not None:
+            self.image = self.image.image
+            self.cluster_size = self.image.cluster_size
+            self.cluster_bits = self.image.cluster_bits
+            self.l2_bits = self.image.l2_bits
+        self.bypass = self.engine.bypass or self.image is not None
+        self.left_now = 0
         self.ring = self.engine.ring
         layout = self.ring.raw_layout()
         self.ring_fd = layout["fd"]
@@ -492,7 +531,7 @@ cdef class FastPath:
             return False
         if sector > self.capacity or (data_len >> 9) > self.capacity - sector:
             return False
-        slot.offset = sector << 9
+        slot.offset = slot.guest_offset = sector << 9
         slot.status_gpa = addr
         slot.status = self._host(r, addr)
         slot.length = <uint32_t>data_len
@@ -539,7 +578,7 @@ cdef class FastPath:
             return []  # the generic pop reports it (and stops the queue)
         cdef char *in_flight = PyByteArray_AS_STRING(self.in_flight)
         cdef uint16_t head
-        cdef int n = 0
+        cdef int n = 0, i
         cdef bint declined = False
         with nogil:
             while n < pending:
@@ -550,6 +589,14 @@ cdef class FastPath:
                 in_flight[head] = 1
                 self.batch[n] = head
                 n += 1
+        cdef int mapped
+        if n and self.image is not None:
+            mapped = self._map(n)
+            for i in range(mapped, n):  # left for the Python paths, from the first unmapped
+                in_flight[self.batch[i]] = 0
+            if mapped < n:
+                declined = True
+                n = mapped
         done = []
         if n:
             self._claim(n, next_avail)
@@ -557,6 +604,74 @@ cdef class FastPath:
         if declined:
             done += self.python.drain()
         return done
+
+    cdef int _map(self, int n) except -1:
+        """qcow2: the host offsets of the pass's first requests, as
+        :meth:`blockdev.qcow2.image.Qcow2Image.map_batch` maps them (inside one allocated
+        cluster; a write: one it may write in place, not being allocated, with no autoclear bit
+        pending, not metadata), counted in the image's in-flight IO; how many, from the first
+        (the rest are left untouched for the Python paths, in order)."""
+        image = self.image
+        cdef int k = 0
+        cdef Slot *slot
+        cdef uint64_t cs = self.cluster_size
+        cdef uint64_t mask = cs - 1
+        cdef uint64_t l2_mask = (1ULL << self.l2_bits) - 1
+        cdef uint64_t size, file_end, offset, within, g, idx, l2_off, e, host
+        cdef uint64_t table_start, table_end, l1_start, l1_end, last_l2 = 0
+        cdef bint writing, no_writes
+        cdef array.array l1, table
+        with image.lock:
+            state = image.map_state()
+            if state is None:
+                return 0  # a discard drains in-flight IO: count in no more
+            try:
+                (l1, cache, busy, no_writes, file_end, size, load, l1_start, l1_end,
+                 l2_offsets, blocks, table_start, table_end) = state
+                if l1.ob_descr.itemsize != 8:
+                    return 0
+                while k < n:
+                    slot = &self.slots[self.batch[k]]
+                    offset = slot.guest_offset
+                    within = offset & mask
+                    writing = not slot.into_guest
+                    if within + slot.length > cs or offset + slot.length > size:
+                        break
+                    g = offset >> self.cluster_bits
+                    idx = g >> self.l2_bits
+                    if idx >= <uint64_t>len(l1):
+                        break
+                    l2_off = l1.data.as_ulonglongs[idx] & OFFSET_MASK
+                    if not l2_off or (writing and (no_writes or (busy and g in busy))):
+                        break
+                    if l2_off != last_l2:  # (random IO mostly stays in one table)
+                        t = cache.get(l2_off)  # a hit skips the LRU update, as map_batch's
+                        if t is None:
+                            t = load(l2_off)
+                        table = t
+                        if table.ob_descr.itemsize != 8:
+                            break
+                        last_l2 = l2_off
+                    if (g & l2_mask) >= <uint64_t>len(table):
+                        break
+                    e = table.data.as_ulonglongs[g & l2_mask] ^ OFLAG_COPIED
+                    host = e & OFFSET_MASK
+                    if (e & (FAST_REJECT_WRITE if writing else FAST_REJECT_READ)
+                            or not host or host & mask or host + cs > file_end):
+                        break
+                    # Qcow2Image._protected: never write guest data over metadata.
+                    if writing:
+                        py_host = host
+                        if (l1_start <= host < l1_end or py_host in l2_offsets
+                                or py_host in blocks or table_start <= host < table_end):
+                            break
+                    slot.offset = host + within
+                    k += 1
+            except Exception:  # bad metadata or a bug: the Python paths report it, per request
+                pass
+            if k:
+                image.count_in(k)
+        return k
 
     cdef int _claim(self, int n, uint16_t next_avail) except -1:
         """The pass's chains are in flight (the queue's count, the in-flight area), avail moved
@@ -607,6 +722,7 @@ cdef class FastPath:
                 with nogil:
                     res = pwritev(self.fd, iov, slot.niov, slot.offset)
                     err = errno
+                self.left_now += 1
                 self._finish(head, res if res >= 0 else -err, done)
                 continue
             if self.bypass and reads == 1 and slot.into_guest and self.engine.nowait:
@@ -614,6 +730,7 @@ cdef class FastPath:
                     res = preadv2(self.fd, iov, slot.niov, slot.offset, RWF_NOWAIT)
                     err = errno
                 if res == slot.length:
+                    self.left_now += 1
                     self._finish(head, res, done)
                     continue
                 if res < 0 and err != _errno.EAGAIN:
@@ -623,6 +740,7 @@ cdef class FastPath:
                                  os.strerror(err))
                         self.engine.nowait = False
                     else:
+                        self.left_now += 1
                         self._finish(head, -err, done)
                         continue
                 # not all cached, or short: the ring reads it
@@ -655,6 +773,10 @@ cdef class FastPath:
             queued += 1
         if queued or python_pending:
             self._enter(tail, queued + python_pending, queued)
+        if self.left_now:  # qcow2: finished without the ring, out of the image's IO in flight
+            left, self.left_now = self.left_now, 0
+            if self.image is not None:
+                self.image.leave(left)
         self._reap(done)
         self._flush_counters()
         return 0
@@ -686,6 +808,7 @@ cdef class FastPath:
         cdef Cqe *cqe
         cdef uint64_t ud
         cdef int32_t res
+        cdef long ours = 0
         stash = self.ring.stash
         while head != tail:
             cqe = &self.cqes[head & self.cq_mask]
@@ -694,6 +817,7 @@ cdef class FastPath:
             head += 1
             if ud & EXTERNAL_TAG:
                 self.ring.external_in_flight -= 1
+                ours += 1
                 self._finish(<uint16_t>(ud & 0xFFFF), res, done)
             else:
                 stash.append((ud, res))
@@ -701,6 +825,8 @@ cdef class FastPath:
                 vbc_store_release(self.cq_head, head)
                 tail = vbc_load_acquire(self.cq_tail)
         vbc_store_release(self.cq_head, head)
+        if ours and self.ring.external_reaped is not None:  # (the stash's were, when stashed)
+            self.ring.external_reaped(ours)
         self._take_external_stash(done)
         return 0
 
@@ -754,13 +880,18 @@ cdef class FastPath:
         self._flush_counters()
         # Built from what this path read (the header is not read again: the guest may have
         # changed it), with the Python path's checks against the memory table of now.
-        req = self.python.request_for(head, slot.status_gpa, slot.offset >> 9, data,
+        req = self.python.request_for(head, slot.status_gpa, slot.guest_offset >> 9, data,
                                       slot.length, slot.into_guest, None)
         if req is None:  # its memory went away meanwhile: nothing more can be done for it
             self.stats.errors += 1
             return self.handler.put_status(slot.status_gpa, STATUS_IOERR, 1)
         req.start_ns = slot.start_ns
-        self.engine.set_result(req, res)
+        if self.image is not None:  # a short transfer is resumed at the host offset
+            req.offset = slot.offset
+            self.engine.set_result(req, res)
+            req.offset = slot.guest_offset
+        else:
+            self.engine.set_result(req, res)
         if self.result_hook is not None:
             self.result_hook(req)
         return self.python.complete(req)

@@ -58,7 +58,7 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import MutableSequence, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -196,8 +196,8 @@ class Qcow2Image:
         self._l2_offsets: set[int] = set(np.unique(offs[offs != 0]).tolist())
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
         self._l2_cache_tables = max(16, l2_cache_bytes // cs)
-        self._l1_clusters = set(range(h.l1_table_offset >> cb,
-                                      (h.l1_table_offset + h.l1_size * 8 + cs - 1) >> cb))
+        self._l1_clusters = range(h.l1_table_offset >> cb,
+                                  (h.l1_table_offset + h.l1_size * 8 + cs - 1) >> cb)
         self._compressed_cache: OrderedDict[int, bytes] = OrderedDict()
         self.ref: Refcounts | None = None
         if not self.read_only:
@@ -342,7 +342,8 @@ class Qcow2Image:
         return self.ref
 
     def _protected(self, host: int) -> bool:
-        """True if ``host`` is a metadata cluster we know of (never a data write target)."""
+        """True if ``host`` is a metadata cluster we know of (never a data write target).  (The
+        compiled fast path states this again over :meth:`map_state`.)"""
         c = host >> self.cluster_bits
         return (c == 0 or c in self._l1_clusters
                 or (self.ref is not None and self.ref.is_metadata(host))
@@ -393,6 +394,41 @@ class Qcow2Image:
         self.map_batch(ops, {})
         return io.offset if ops else -1
 
+    def map_state(self) -> tuple[array, OrderedDict[int, array], set[int], bool, int, int,
+                                 Callable[[int], array], int, int, set[int], set[int], int,
+                                 int] | None:
+        """What :meth:`map_batch` reads, for the compiled fast path's statement of the same rule
+        (:mod:`virtio_blk._fastpath_core`, held to this one by a differential test); call it with
+        :attr:`lock` held, and count what it translates with :meth:`count_in` before letting
+        go.  None while a discard drains in-flight IO (nothing may be counted in then).
+
+        The L1 table, the L2 cache, the clusters being allocated, whether writes must wait for
+        the autoclear bits, the end of the file, the virtual size, the L2 table loader; then
+        what :meth:`_protected` reads: the L1 table's clusters (as a byte range), the L2 tables'
+        offsets, the refcount blocks' offsets and the refcount table's byte range (empty when
+        read-only).
+        """
+        if self._draining:
+            return None
+        ref = self.ref
+        blocks: set[int] = set() if ref is None else ref.block_offsets
+        table = (0, 0) if ref is None else (ref.table_offset, ref.table_offset
+                                            + ref.table_clusters * self.cluster_size)
+        cb = self.cluster_bits
+        return (self.l1, self._l2_cache, self._busy, self._autoclear_pending, self.file_end,
+                self.size, self._l2_table, self._l1_clusters.start << cb,
+                self._l1_clusters.stop << cb, self._l2_offsets, blocks, *table)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock :meth:`map_state` is read under."""
+        return self._lock
+
+    def count_in(self, count: int) -> None:
+        """``count`` IOs the compiled fast path translated are in flight (lock held), until
+        :meth:`leave`."""
+        self._inflight += count
+
     def map_batch(self, ops: MutableSequence[_Io], guest: dict[int, int]) -> list[_Io]:
         """The host offsets of a batch of reads and writes, in one lock round trip.  Each op
         inside one allocated cluster (a write: one it may write in place) gets its host offset
@@ -403,7 +439,8 @@ class Qcow2Image:
         Guest IO is mostly the first case.  The io_uring engine translates every read and write
         of a pass here: one lock round trip for the pass and, per IO, one cached L2 lookup done
         inline -- not a method call, a lock round trip and a list per IO, which were most of
-        the qcow2 path's extra cost over raw.
+        the qcow2 path's extra cost over raw.  The compiled fast path states this rule again,
+        in C, over :meth:`map_state`.
         """
         cs = self.cluster_size
         mask = cs - 1
@@ -815,7 +852,7 @@ class Qcow2Image:
         self.l1 = table
         h.l1_table_offset, h.l1_size = new_off, entries
         cb = self.cluster_bits
-        self._l1_clusters = set(range(new_off >> cb, (new_off + entries * 8 + cs - 1) >> cb))
+        self._l1_clusters = range(new_off >> cb, (new_off + entries * 8 + cs - 1) >> cb)
         self.file_end = max(self.file_end, new_off + clusters * cs)
         if old_bytes:
             ref.free(old_off, old_bytes)

@@ -62,6 +62,9 @@ class MappedUringEngine(UringEngine):
         #: A lone translated read is tried with preadv(RWF_NOWAIT) first (see the module
         #: docstring); off once the file has shown it has no RWF_NOWAIT.
         self.nowait = True
+        # The compiled fast path's IO at host offsets is counted in flight too: it leaves the
+        # count when its completion is taken from the ring, whoever takes it.
+        self.ring.external_reaped = disk.unmap_io
 
     def submit(self, op: IoOp) -> bool:
         if op.kind in DATA_KINDS:  # translated with the rest of the batch (submit_batch)
@@ -149,17 +152,19 @@ class MappedUringEngine(UringEngine):
         self._early += ops
 
     def _quiesce(self) -> None:
-        """Wait until none of this queue's IO is in the ring (see the module docstring)."""
-        if not self._ops and not self._queued:
+        """Wait until none of this queue's IO is in the ring (see the module docstring) --
+        the compiled fast path's included: its completions wait in the ring's external stash
+        for it, already counted out of the image's in-flight IO."""
+        if not self._ops and not self._queued and not self._external_in_kernel():
             return
         if self._queued:
             self.submit_batch()  # the reads and writes queued for this batch go first
-        while self._ops:
+        while self._ops or self._external_in_kernel():
             self.ring.submit(wait=1)
             self._early.extend(self._reap_ring())
 
     def _reap_ring(self) -> list[IoOp]:
-        if not self._ops:  # nothing of ours in the ring (reads and writes are all it gets)
+        if not self._ops and not self._external_in_kernel():  # nothing in the ring
             return []
         done = super().reap()
         mapped = 0

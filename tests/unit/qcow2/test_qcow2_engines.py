@@ -15,6 +15,7 @@ from blockdev.engine import Engine, IoOp, UringEngine, make_engine
 from blockdev.ops import OpKind
 from blockdev.qcow2 import Qcow2Disk
 from blockdev.qcow2.uring_engine import MappedUringEngine
+from blockdev.uring import EXTERNAL_TAG, OP_READ
 from blockdev.uring import available as uring_available
 from guestmem import IoBuffer
 from tests.conftest import RunningDaemon
@@ -161,6 +162,60 @@ def test_discard_on_one_queue_while_another_has_ring_io(tmp_path: Path) -> None:
     finally:
         disk.close()
     check(img)
+
+
+@needs_uring
+def test_a_discard_waits_for_the_compiled_callers_ring_io_without_deadlock(
+        tmp_path: Path) -> None:
+    """The compiled fast path's reads at host offsets are counted in the image's in-flight IO
+    and sit in the same ring; a discard on that queue (which waits for in-flight IO to drain)
+    must first let the ring give them back -- their completions stashed for the compiled
+    caller and counted out at once -- or it would wait forever on this very thread."""
+    img, model = _image(tmp_path)
+    disk = Qcow2Disk(img)
+    engine = make_engine("io_uring", disk, 0)
+    assert isinstance(engine, MappedUringEngine)
+    ring = engine.ring
+    buf = bytearray(4096)
+    done = threading.Event()
+    errors: list[BaseException] = []
+    try:
+        # What the compiled caller does (virtio_blk._fastpath_core): map, count in, submit
+        # tagged entries at the host offset, count them in external_in_flight.
+        image = disk.image
+        host = image.fast_target(8192, 4096, False)  # counted in flight, as _map counts
+        assert host > 0
+        with memoryview(buf) as view:
+            ring.prep(OP_READ, disk.fd, IoBuffer(view).address, 4096, host,
+                      EXTERNAL_TAG | 5)
+        ring.external_in_flight += 1
+        ring.submit()
+
+        def discard() -> None:
+            try:
+                op = IoOp(OpKind.DISCARD)
+                op.segments = [SimpleNamespace(offset=2 * MiB, length=64 * KiB, unmap=True)]
+                assert engine.submit(op)  # inline, after the ring emptied
+                assert not isinstance(op.result, BaseException), op.result
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done.set()
+
+        t = threading.Thread(target=discard, daemon=True)
+        t.start()
+        assert done.wait(20), "the discard waits for the compiled caller's IO: deadlock"
+        assert not errors, errors
+        # Handed back to the compiled caller, already out of the image's in-flight IO.
+        assert [ud for ud, _ in ring.external_stash] == [EXTERNAL_TAG | 5]
+        assert image._inflight == 0
+        assert bytes(buf) == model[8192:12288]
+    finally:
+        if done.is_set():
+            ring.external_in_flight -= len(ring.external_stash)
+            ring.external_stash.clear()
+            engine.close()
+            disk.close()
 
 
 @pytest.mark.parametrize("engine", ["inline", "threads",
