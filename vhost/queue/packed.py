@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from array import array
 from collections.abc import Sequence
 
 from guestmem import AccessError, GuestMemory, GuestRegion
@@ -144,7 +145,9 @@ class PackedQueue:
         self._device_event = views[2].cast("H")
         avail, avail_wrap, used, used_wrap = decode_base(base)
         #: Chains popped and not completed, by buffer id: the ring slots each holds (0: none).
-        self._slots = [0] * size
+        #: An array of u16 (a chain holds at most the ring, 32768 slots), not a list: the
+        #: compiled walker (:meth:`compiled_view`) reads and sets it without the GIL.
+        self._slots = array("H", bytes(2 * size))
         #: Their head entries in the in-flight area.
         self._entry = [0] * size
         self.in_flight_count = 0
@@ -223,6 +226,38 @@ class PackedQueue:
     @property
     def replay_pending(self) -> bool:
         return bool(self._replay)
+
+    def compiled_view(self) -> tuple[memoryview, array[int], list[int], int, bool]:
+        """What a compiled walker of this ring (:mod:`virtio_blk._fastpath_core`) reads and
+        updates: the descriptor ring, the ring slots each buffer id in flight holds (set as it
+        claims, as :meth:`_take` does), the head entries of the in-flight area by buffer id,
+        the size, and whether INDIRECT_DESC was negotiated.
+
+        It applies the rules of :meth:`_gather`, :meth:`_parse` and :meth:`_walk` (declining,
+        not reporting, what breaks one), and claims as :meth:`_take` does: it moves
+        :attr:`next_avail`, :attr:`avail_wrap`, :attr:`in_flight_count` and the slots held
+        (:meth:`took`), and records each chain in :attr:`inflight_area` itself."""
+        return self._desc, self._slots, self._entry, self.size, self.indirect
+
+    @property
+    def inflight_area(self) -> PackedInflightQueue | None:
+        """The in-flight area of this queue (crash recovery), if the frontend gave one."""
+        return self._inflight
+
+    @property
+    def held_slots(self) -> int:
+        """Ring slots between the used and the avail position (chains in flight, or completed
+        and not yet published): a chain may take at most the rest of the ring."""
+        return self._held
+
+    def took(self, chains: int, slots: int, pos: int, wrap: int) -> None:
+        """A compiled walker claimed ``chains`` chains holding ``slots`` ring slots (their
+        ids' :attr:`_slots` and entries already set): the avail position is now ``pos`` in lap
+        ``wrap`` -- the end of :meth:`_take`, once for a pass."""
+        self.in_flight_count += chains
+        self._held += slots
+        self.next_avail = pos
+        self.avail_wrap = wrap
 
     def _ring_flags(self, slot: int) -> int:
         return int(self._desc_h[8 * slot + 7])
