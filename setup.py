@@ -1,7 +1,7 @@
 """Build script for the optional compiled core; all metadata stays in pyproject.toml.
 
 The per-request path has a compiled core (issue 24): ``virtio_blk._fastpath_core`` (the fast
-path of a split ring on io_uring, which fills the Python engine's own ring) and
+path of a split or packed ring on io_uring, which fills the Python engine's own ring) and
 ``vhost.queue._split_core`` (the used side of a split ring and the in-flight area's records).
 Both are optional in the way msgpack's and aiohttp's extensions are: the package must install
 and run the pure-Python core with the same ``pip install -e .`` / ``pip install .`` on a

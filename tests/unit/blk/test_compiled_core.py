@@ -106,10 +106,11 @@ def _rig(engine: str, ring: str, core: str, tmp: str) -> Rig:
 
 
 @pytest.mark.parametrize(("engine", "ring", "compiled"), [
-    ("io_uring", "split", True), ("io_uring", "packed", False), ("inline", "split", False)])
-def test_the_compiled_core_serves_split_rings_on_io_uring(engine, ring, compiled) -> None:
-    """A split ring on the io_uring engine of a raw image gets the compiled fast path; a packed
-    ring or another engine keeps the Python one, whichever core runs."""
+    ("io_uring", "split", True), ("io_uring", "packed", True), ("inline", "split", False),
+    ("inline", "packed", False)])
+def test_the_compiled_core_serves_rings_on_io_uring(engine, ring, compiled) -> None:
+    """A split or packed ring on the io_uring engine of a raw image gets the compiled fast
+    path; another engine keeps the Python one, whichever core runs."""
     compiled_core_or_skip("compiled")
     with tempfile.TemporaryDirectory() as tmp:
         rig = _rig(engine, ring, "compiled", tmp)
