@@ -497,7 +497,7 @@ class Rig:
                 continue  # the ring is full (a head published twice): the driver waits
             d.add_raw([(a, n, f) for a, n, f, _ in chain], chain[-1][3])
             self.outstanding += 1
-        if jump:  # a chain whose NEXT runs into a slot never made available
+        if jump and d.free_slots:  # a chain whose NEXT runs into a slot never made available
             d.add_raw([(A_GPA + 0x8000, 1, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT)], 0)
 
     def _take_packed_used(self) -> None:
