@@ -53,6 +53,7 @@ completions it meets (:attr:`~blockdev.uring.Uring.stash`,
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -200,6 +201,10 @@ cdef struct RawDesc:  # a packed ring descriptor as read: what the in-flight are
     uint32_t length
     uint16_t id
     uint16_t flags
+
+
+if sizeof(RawDesc) != 16:
+    raise ImportError("RawDesc is not the ring's 16-byte descriptor")
 
 
 cdef struct Slot:
@@ -787,11 +792,13 @@ cdef class FastPath:
         return done
 
     cdef int _claim_packed(self, int n, uint32_t pos, int wrap) except -1:
-        """The pass's ``n`` chains (their ids' slots already set) in flight: each recorded in
-        the in-flight area, as :meth:`vhost.queue.packed.PackedQueue._take` does, the queue's
-        count and avail position moved on; each holds the memory table's pins.  How many were
-        claimed: all, unless the in-flight area refused one (then, as the Python claim's
-        QueueError does, the queue stops, with a log line, and the rest stay available)."""
+        """The pass's ``n`` chains (their ids' slots already set) in flight: recorded in the
+        in-flight area in one call (:meth:`vhost.queue.inflight_packed.PackedInflightQueue
+        .popped_many`, with their ring descriptors as the walk read them), the queue's count and
+        avail position moved on (:meth:`vhost.queue.packed.PackedQueue.took`), as ``_take``
+        does for each; each holds the memory table's pins.  How many were claimed: all, unless
+        the in-flight area refused one (then, as the Python claim's QueueError does, the queue
+        stops, with a log line, and that chain and the rest stay available)."""
         vq = self.vq
         inflight = vq.inflight_area
         cdef list entries = self.pentry
@@ -799,26 +806,39 @@ cdef class FastPath:
         pins = self._pins
         cdef int i, k
         cdef uint16_t buf_id
-        cdef uint32_t slots = 0, nslots, j
-        cdef RawDesc *raw
+        cdef uint32_t slots = 0, nslots
+        cdef char *dst
+        cdef list counts
+        cdef list recorded
+        if inflight is not None:
+            for i in range(n):
+                slots += self.pslots[self.batch[i]]
+            ring = PyBytes_FromStringAndSize(NULL, slots * sizeof(RawDesc))
+            dst = PyBytes_AS_STRING(ring)
+            counts = []
+            for i in range(n):
+                buf_id = self.batch[i]
+                nslots = self.pslots[buf_id]
+                # (RawDesc is the ring's own little-endian descriptor: addr, len, id, flags)
+                memcpy(dst, &self.raw[<uint64_t>buf_id * MAX_RING], sizeof(RawDesc) * nslots)
+                dst += sizeof(RawDesc) * nslots
+                counts.append(nslots)
+            recorded = []
+            try:
+                inflight.popped_many(ring, counts, recorded)
+            except InflightError as exc:
+                for k in range(len(recorded), n):
+                    self.pslots[self.batch[k]] = 0
+                n = len(recorded)
+                vq.broken = True
+                vq.error = QueueError(f"inflight area: {exc}")
+                log.error("queue %d: %s; the queue is stopped", self.handler.index, vq.error)
+            for i in range(n):
+                entries[self.batch[i]] = recorded[i]
+            slots = 0
         for i in range(n):
             buf_id = self.batch[i]
             nslots = self.pslots[buf_id]
-            if inflight is not None:
-                raw = &self.raw[<uint64_t>buf_id * MAX_RING]
-                try:
-                    entries[buf_id] = inflight.popped(
-                        [(raw[j].addr, raw[j].length, raw[j].id, raw[j].flags)
-                         for j in range(nslots)])
-                except InflightError as exc:
-                    for k in range(i, n):
-                        self.pslots[self.batch[k]] = 0
-                    vq.broken = True
-                    vq.error = QueueError(f"inflight area: {exc}")
-                    log.error("queue %d: %s; the queue is stopped", self.handler.index,
-                              vq.error)
-                    n = i
-                    break
             per_head[buf_id] = pins
             slots += nslots
             pos += nslots

@@ -1,0 +1,190 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+"""The in-flight area's record of a packed queue's pops, compiled:
+:meth:`PackedInflightQueue.popped_many` in C.
+
+Recording a chain the device took (:meth:`vhost.queue.inflight_packed.PackedInflightQueue
+.popped`) is, per descriptor, a struct packed into the entry at the head of the free list, then
+the head entry's links, counter and ``inflight`` byte and the commit store -- about 2 us of
+Python per request, more than the compiled fast path spends on all the rest of it.  Here it is
+a few stores.
+
+Rules stay stated once.  :func:`popped_many` implements the Python method with the same
+interface and takes only the plain case: a list of exact int counts, each chain's descriptors
+inside ``ring`` (a bytes object), the free list holding the chain's entries, a counter that fits
+a u64.  At the first chain that is anything else it stops, having written nothing of that chain,
+and returns how many chains it recorded; the Python method does the rest itself, and so states
+(and raises) every fault.  Nothing is done when the area's view was released (the Python code
+then reports it as it always did).
+
+The stores are the Python code's, in its order: each descriptor's copy ``(id, flags, len,
+addr)`` at 16 in its entry along the free list, ``free_head``, the head entry's ``last``,
+``num`` and ``counter``, its ``inflight`` byte, then ``old_free_head`` -- the last two release
+stores, so the C compiler keeps the order a crash-recovery reader of the area relies on (x86
+keeps stores in order).  The tracker's own copies of the links (``_next``, ``_last``) are the
+Python lists it keeps, read and written here as the Python code does.
+
+The differential property test (``tests/property/test_packed_inflight_differential.py``) runs
+this and the Python code on identical areas and holds them to the same bytes and state.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef extern from "Python.h":
+    ctypedef struct Py_buffer:
+        void *buf
+        Py_ssize_t len
+        int readonly
+    Py_buffer *PyMemoryView_GET_BUFFER(object)
+    bint PyLong_CheckExact(object)
+    bint PyList_CheckExact(object)
+    bint PyBytes_CheckExact(object)
+    long long PyLong_AsLongLongAndOverflow(object, int *overflow) except? -1
+    char *PyBytes_AS_STRING(object)
+    Py_ssize_t PyBytes_GET_SIZE(object)
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    #error "vhost/queue/_packed_core stores little-endian area fields with host stores"
+    #endif
+    static inline void vpc_put_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+    static inline void vpc_put_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+    static inline void vpc_put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+    static inline uint16_t vpc_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+    static inline uint32_t vpc_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+    static inline uint64_t vpc_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+    static inline void vpc_release_u16(uint8_t *p, uint16_t v) {
+        __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+    }
+    static inline void vpc_release_u8(uint8_t *p, uint8_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    """
+    void vpc_put_u16(uint8_t *p, uint16_t v) nogil
+    void vpc_put_u32(uint8_t *p, uint32_t v) nogil
+    void vpc_put_u64(uint8_t *p, uint64_t v) nogil
+    uint16_t vpc_u16(const uint8_t *p) nogil
+    uint32_t vpc_u32(const uint8_t *p) nogil
+    uint64_t vpc_u64(const uint8_t *p) nogil
+    void vpc_release_u16(uint8_t *p, uint16_t v) nogil
+    void vpc_release_u8(uint8_t *p, uint8_t v) nogil
+
+from vhost.queue import inflight as _inflight
+
+cdef enum:
+    RING_DESC_SIZE = 16   # the ring's descriptor: addr u64, len u32, id u16, flags u16
+    NO_ENTRY = 0xFFFF
+    # byte offsets in the header and in an entry (vhost.queue.inflight_packed)
+    FREE_HEAD_OFF = 12
+    OLD_FREE_HEAD_OFF = 14
+    E_LAST = 4
+    E_NUM = 6
+    E_COUNTER = 8
+    E_DESC = 16           # id u16, flags u16, len u32, addr u64
+
+cdef Py_ssize_t HEADER_SIZE = _inflight.PACKED_HEADER_SIZE
+cdef Py_ssize_t ENTRY_SIZE = _inflight.PACKED_ENTRY_SIZE
+if HEADER_SIZE != 32 or ENTRY_SIZE != 32:
+    raise ImportError("the packed in-flight area's layout is not the one compiled here")
+
+
+cdef inline bint _small_int(object obj, long long *out):
+    """``obj`` is an exact int that fits a long long (then in ``*out``)."""
+    cdef int overflow = 0
+    if not PyLong_CheckExact(obj):
+        return False
+    out[0] = PyLong_AsLongLongAndOverflow(obj, &overflow)
+    return not overflow
+
+
+def popped_many(tracker, ring, counts, out):
+    """:meth:`vhost.queue.inflight_packed.PackedInflightQueue.popped` for the plain chains at
+    the start of ``counts`` (see :meth:`~vhost.queue.inflight_packed.PackedInflightQueue
+    .popped_many`), each head entry appended to ``out``: how many were recorded (the caller
+    records the rest)."""
+    if not (PyList_CheckExact(counts) and PyList_CheckExact(out) and PyBytes_CheckExact(ring)):
+        return 0
+    cdef Py_ssize_t n = len(<list>counts)
+    if n == 0:
+        return 0
+    view, nxt_obj, last_obj = tracker.compiled_view()
+    if not (PyList_CheckExact(nxt_obj) and PyList_CheckExact(last_obj)):
+        return 0
+    cdef list nxt = nxt_obj
+    cdef list lasts = last_obj
+    cdef long long size = tracker.size
+    if len(nxt) != size or len(lasts) != size:
+        return 0
+    cdef long long free = 0, start = 0
+    if not _small_int(tracker._free_head, &free) or not _small_int(tracker.counter, &start):
+        return 0
+    if start < 0 or not (0 <= free < size or free == NO_ENTRY):
+        return 0
+    try:
+        area_view = view[:]  # (a slice: keeps the buffer for this call; raises once released)
+    except ValueError:
+        return 0
+    cdef Py_buffer *ab = PyMemoryView_GET_BUFFER(area_view)
+    if ab.readonly or ab.len < HEADER_SIZE + ENTRY_SIZE * size:
+        return 0
+    cdef uint8_t *area = <uint8_t *>ab.buf
+    cdef const uint8_t *src = <const uint8_t *>PyBytes_AS_STRING(ring)
+    cdef Py_ssize_t ring_len = PyBytes_GET_SIZE(ring)
+    cdef Py_ssize_t off = 0
+    cdef Py_ssize_t i = 0
+    cdef long long count = 0, k, node, head, last
+    cdef uint64_t counter = <uint64_t>start
+    cdef uint8_t *e
+    cdef const uint8_t *d
+    cdef bint ok
+    try:
+        while i < n:
+            if not _small_int((<list>counts)[i], &count) or not 0 < count <= size:
+                break
+            if count > (ring_len - off) // RING_DESC_SIZE or counter >= 0x7FFFFFFFFFFFFFFF:
+                break
+            # The free list must hold the chain's entries, every link an entry or the end
+            # (else the Python code raises: nothing of this chain is written here).
+            node = free
+            ok = True
+            for k in range(count):
+                if not 0 <= node < size:  # (NO_ENTRY: the list ran out)
+                    ok = False
+                    break
+                if not _small_int(nxt[node], &node) or not (0 <= node < size
+                                                            or node == NO_ENTRY):
+                    ok = False
+                    break
+            if not ok:
+                break
+            head = node = free
+            last = head
+            for k in range(count):
+                d = src + off + k * RING_DESC_SIZE
+                e = area + HEADER_SIZE + ENTRY_SIZE * node + E_DESC
+                vpc_put_u16(e, vpc_u16(d + 12))      # id
+                vpc_put_u16(e + 2, vpc_u16(d + 14))  # flags
+                vpc_put_u32(e + 4, vpc_u32(d + 8))   # len
+                vpc_put_u64(e + 8, vpc_u64(d))       # addr
+                last = node
+                _small_int(nxt[node], &node)
+            free = node
+            vpc_put_u16(area + FREE_HEAD_OFF, <uint16_t>node)
+            lasts[head] = last
+            e = area + HEADER_SIZE + ENTRY_SIZE * head
+            vpc_put_u16(e + E_LAST, <uint16_t>last)
+            vpc_put_u16(e + E_NUM, <uint16_t>count)
+            vpc_put_u64(e + E_COUNTER, counter)
+            counter += 1
+            vpc_release_u8(e, 1)
+            vpc_release_u16(area + OLD_FREE_HEAD_OFF, <uint16_t>node)
+            (<list>out).append(head)
+            off += count * RING_DESC_SIZE
+            i += 1
+    finally:
+        tracker._free_head = free
+        tracker.counter = <long long>counter
+    return i
