@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, nonecheck=False
-"""The in-flight area's record of a packed queue's pops, compiled:
-:meth:`PackedInflightQueue.popped_many` in C.
+"""The per-request bookkeeping of a packed queue, compiled: the in-flight area's record of
+pops (:meth:`PackedInflightQueue.popped_many`), and the used side -- the plain entries of
+:meth:`PackedQueue.add_used_many` and the element loop of :meth:`PackedQueue.publish_used`.
 
 Recording a chain the device took (:meth:`vhost.queue.inflight_packed.PackedInflightQueue
 .popped`) is, per descriptor, a struct packed into the entry at the head of the free list, then
@@ -24,8 +25,17 @@ stores, so the C compiler keeps the order a crash-recovery reader of the area re
 keeps stores in order).  The tracker's own copies of the links (``_next``, ``_last``) are the
 Python lists it keeps, read and written here as the Python code does.
 
-The differential property test (``tests/property/test_packed_inflight_differential.py``) runs
-this and the Python code on identical areas and holds them to the same bytes and state.
+The used side follows the same pattern: :func:`add_used_many` adds the plain entries at the
+start of a batch (an exact ``(int, int)`` whose buffer id is in range and in flight) and the
+Python method the rest, with its ValueError; :func:`write_used` writes a whole batch of plain
+pending elements (id a u16, length a u32, slots 1..size) or nothing, and only without dirty
+logging (the Python loop marks the log).  The element stores are the Python loop's: id and
+length, then the flags of every element but the first, whose flags store -- the publication --
+stays the caller's, after the in-flight area's ``publishing``.
+
+The differential property tests (``tests/property/test_packed_inflight_differential.py``,
+``tests/property/test_packed_used_differential.py``) run this and the Python code on identical
+areas and queues and hold them to the same bytes, state and exceptions.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -39,6 +49,7 @@ cdef extern from "Python.h":
     bint PyLong_CheckExact(object)
     bint PyList_CheckExact(object)
     bint PyBytes_CheckExact(object)
+    bint PyTuple_CheckExact(object)
     long long PyLong_AsLongLongAndOverflow(object, int *overflow) except? -1
     char *PyBytes_AS_STRING(object)
     Py_ssize_t PyBytes_GET_SIZE(object)
@@ -110,7 +121,7 @@ def popped_many(tracker, ring, counts, out):
     cdef Py_ssize_t n = len(<list>counts)
     if n == 0:
         return 0
-    view, nxt_obj, last_obj = tracker.compiled_view()
+    view, nxt_obj, last_obj, _ = tracker.compiled_view()
     if not (PyList_CheckExact(nxt_obj) and PyList_CheckExact(last_obj)):
         return 0
     cdef list nxt = nxt_obj
@@ -188,3 +199,122 @@ def popped_many(tracker, ring, counts, out):
         tracker._free_head = free
         tracker.counter = <long long>counter
     return i
+
+
+# ---------------------------------------------------------------------------- the used side
+cdef enum:
+    F_WRITE = 2
+    F_AVAIL_USED = 0x8080
+
+
+def add_used_many(queue, done):
+    """:meth:`vhost.queue.packed.PackedQueue.add_used_many` for the plain entries at the start
+    of ``done`` -- an exact ``(int, int)`` tuple whose buffer id is in range and in flight --:
+    how many were added (the Python method adds the rest, and raises what it raises)."""
+    if not PyList_CheckExact(done):
+        return 0
+    cdef Py_ssize_t n = len(<list>done)
+    if n == 0:
+        return 0
+    cdef long long size = queue.size
+    try:
+        slots_view = memoryview(queue._slots)
+    except (TypeError, ValueError):
+        return 0
+    cdef Py_buffer *sb = PyMemoryView_GET_BUFFER(slots_view)
+    if sb.readonly or sb.len < 2 * size:
+        return 0
+    cdef uint16_t *slots = <uint16_t *>sb.buf
+    pending = queue._pending
+    entries = queue._entry
+    if not (PyList_CheckExact(pending) and PyList_CheckExact(entries)):
+        return 0
+    if len(<list>entries) != size:
+        return 0
+    batch = None
+    inflight = queue._inflight
+    if inflight is not None:
+        batch = inflight.compiled_view()[3]
+        if not PyList_CheckExact(batch):
+            return 0
+    cdef Py_ssize_t i = 0
+    cdef long long buf_id = 0, length = 0
+    try:
+        while i < n:
+            item = (<list>done)[i]
+            if not PyTuple_CheckExact(item) or len(<tuple>item) != 2:
+                break
+            if not _small_int((<tuple>item)[0], &buf_id) or not 0 <= buf_id < size:
+                break
+            if not _small_int((<tuple>item)[1], &length) or not slots[buf_id]:
+                break
+            (<list>pending).append((buf_id, length, slots[buf_id]))
+            slots[buf_id] = 0
+            if batch is not None:
+                (<list>batch).append((<list>entries)[buf_id])
+            i += 1
+    finally:
+        queue.in_flight_count -= i
+    return i
+
+
+def write_used(queue, pending):
+    """The element loop of :meth:`vhost.queue.packed.PackedQueue.publish_used` (without dirty
+    logging) for a plain batch -- each ``(buffer id, length, slots)`` exact ints, the id a u16,
+    the length a u32, the slots 1..size --: id and length of each element, then its flags (but
+    for the first element's: the caller publishes the batch with that store), each at the used
+    position, moving by its slots and flipping the wrap counter at the ring's end.  ``(position,
+    wrap, slots in all, the first element's flags)``, or None -- nothing written -- for any
+    other batch (the Python loop then does it, and raises what it raises)."""
+    if not PyList_CheckExact(pending):
+        return None
+    cdef Py_ssize_t n = len(<list>pending)
+    cdef long long size = queue.size
+    cdef long long pos = 0, wrap = 0
+    if n == 0 or not 0 < size <= 32768:
+        return None
+    if not _small_int(queue.next_used, &pos) or not _small_int(queue.used_wrap, &wrap):
+        return None
+    if not 0 <= pos < size or not 0 <= wrap <= 1:
+        return None
+    cdef Py_ssize_t i
+    cdef long long buf_id = 0, length = 0, nslots = 0
+    for i in range(n):  # all plain, or nothing written
+        item = (<list>pending)[i]
+        if not PyTuple_CheckExact(item) or len(<tuple>item) != 3:
+            return None
+        if not (_small_int((<tuple>item)[0], &buf_id) and _small_int((<tuple>item)[1], &length)
+                and _small_int((<tuple>item)[2], &nslots)):
+            return None
+        if not (0 <= buf_id <= 0xFFFF and 0 <= length <= 0xFFFFFFFF and 0 < nslots <= size):
+            return None
+    try:
+        view = queue._desc[:]  # (a slice: keeps the ring for this call; raises once released)
+    except ValueError:
+        return None
+    cdef Py_buffer *rb = PyMemoryView_GET_BUFFER(view)
+    if rb.readonly or rb.len < RING_DESC_SIZE * size:
+        return None
+    cdef uint8_t *ring = <uint8_t *>rb.buf
+    cdef long long count = 0
+    cdef uint16_t flags, first_flags = 0
+    cdef uint8_t *d
+    for i in range(n):
+        item = (<list>pending)[i]
+        _small_int((<tuple>item)[0], &buf_id)
+        _small_int((<tuple>item)[1], &length)
+        _small_int((<tuple>item)[2], &nslots)
+        flags = (F_AVAIL_USED if wrap else 0) | (F_WRITE if length else 0)
+        d = ring + RING_DESC_SIZE * pos
+        vpc_put_u16(d + 12, <uint16_t>buf_id)
+        vpc_put_u32(d + 8, <uint32_t>length)
+        if i:
+            vpc_release_u16(d + 14, flags)
+        else:
+            first_flags = flags
+        count += nslots
+        pos += nslots
+        if pos >= size:
+            pos -= size
+            wrap ^= 1
+    return (pos, wrap, count, first_flags)

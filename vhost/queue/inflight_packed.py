@@ -322,13 +322,14 @@ class PackedInflightQueue:
             out.append(self.popped(list(RING_DESC.iter_unpack(ring[off:end]))))
             off = end
 
-    def compiled_view(self) -> tuple[memoryview, list[int], list[int]]:
-        """What the compiled record of pops (:mod:`vhost.queue._packed_core`) updates in place
-        of :meth:`popped`: this queue's region of the area (it takes a slice per call, so
-        :meth:`release` works as before) and the tracker's own copies of the links, ``next``
-        and ``last`` per entry.  It reads and moves :attr:`counter` and the free list's head
+    def compiled_view(self) -> tuple[memoryview, list[int], list[int], list[int]]:
+        """What the compiled code (:mod:`vhost.queue._packed_core`) updates in place of
+        :meth:`popped` and :meth:`used`: this queue's region of the area (it takes a slice per
+        call, so :meth:`release` works as before), the tracker's own copies of the links,
+        ``next`` and ``last`` per entry, and the batch of completed heads (it appends to it as
+        :meth:`used` does).  It reads and moves :attr:`counter` and the free list's head
         itself."""
-        return self._view, self._next, self._last
+        return self._view, self._next, self._last, self._batch
 
     def used(self, head: int) -> None:
         """The chain at entry ``head`` is completed (published with the next batch)."""

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
+from vhost.compiled import optional_module
 from vhost.messages import VirtioFeature
 from vhost.queue.base import (
     CHAIN_HEAD,
@@ -76,6 +77,8 @@ EVENT_DESC = 2
 EVENT_SIZE = 4
 
 MAX_QUEUE_SIZE = 32768
+#: The compiled used side (and in-flight records) of a packed queue.
+COMPILED_MODULE = "vhost.queue._packed_core"
 #: SET_VRING_BASE value of a ring nobody used yet: both positions 0, both wrap counters 1.
 FRESH_BASE = 0x8000_8000
 #: Alignment virtio 2.8 requires of (descriptor ring, driver area, device area).
@@ -207,6 +210,9 @@ class PackedQueue:
         self._region: GuestRegion | None = None
         self._lo = self._hi = 0
         self._published = 0  # used elements published (ring_state)
+        #: The compiled used side (vhost.queue._packed_core) where it was built and the
+        #: environment allows it: the plain entries of add_used_many and publish_used's loop.
+        self._used_core = optional_module(COMPILED_MODULE)
 
     # ------------------------------------------------------------------ state
     def vring_base(self) -> int:
@@ -507,6 +513,21 @@ class PackedQueue:
         self.add_used_many([(head, length)])
 
     def add_used_many(self, done: list[tuple[int, int]]) -> None:
+        """Return each ``(buffer id, length)`` of a batch to the driver (published by
+        :meth:`publish_used`); a buffer id not in flight raises ValueError, the entries before
+        it added.  The compiled implementation (:func:`vhost.queue._packed_core.add_used_many`),
+        where it runs, adds the plain entries; :meth:`_add_used_python` whatever it left, and
+        states the rules."""
+        core = self._used_core
+        if core is not None:
+            added = core.add_used_many(self, done)
+            if added == len(done):
+                return
+            done = done[added:]
+        self._add_used_python(done)
+
+    def _add_used_python(self, done: list[tuple[int, int]]) -> None:
+        """:meth:`add_used_many` in Python: every entry, every rule."""
         slots = self._slots
         size = self.size
         inflight = self._inflight
@@ -537,21 +558,26 @@ class PackedQueue:
         first_flags = 0
         count = 0
         log_base = self.addresses.desc
-        for k, (buf_id, length, slots) in enumerate(pending):
-            flags = (F_AVAIL | F_USED if wrap else 0) | (F_WRITE if length else 0)
-            desc_h[8 * pos + 6] = buf_id
-            desc_w[4 * pos + 2] = length
-            if k:
-                desc_h[8 * pos + 7] = flags
-            else:
-                first_flags = flags
-            if dirty is not None:
-                dirty.record(log_base + DESC_SIZE * pos, DESC_SIZE)
-            count += slots
-            pos += slots
-            if pos >= size:
-                pos -= size
-                wrap ^= 1
+        core = self._used_core
+        written = core.write_used(self, pending) if core is not None and dirty is None else None
+        if written is not None:  # the compiled loop (no dirty log to mark) did it
+            pos, wrap, count, first_flags = written
+        else:
+            for k, (buf_id, length, slots) in enumerate(pending):
+                flags = (F_AVAIL | F_USED if wrap else 0) | (F_WRITE if length else 0)
+                desc_h[8 * pos + 6] = buf_id
+                desc_w[4 * pos + 2] = length
+                if k:
+                    desc_h[8 * pos + 7] = flags
+                else:
+                    first_flags = flags
+                if dirty is not None:
+                    dirty.record(log_base + DESC_SIZE * pos, DESC_SIZE)
+                count += slots
+                pos += slots
+                if pos >= size:
+                    pos -= size
+                    wrap ^= 1
         inflight = self._inflight
         if inflight is not None:
             inflight.publishing(pos, wrap)
