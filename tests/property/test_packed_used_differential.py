@@ -57,7 +57,7 @@ def _outcome(call: Callable[[], Any]) -> tuple[Any, tuple[str, str] | None]:
 
 
 class Counting:
-    """The compiled module's used side, counting what its functions did."""
+    """A queue's compiled used side, counting what its methods did."""
 
     def __init__(self, core: Any, calls: dict[str, list[tuple[int, int]]]) -> None:
         self.core = core
@@ -72,6 +72,9 @@ class Counting:
         written = self.core.write_used(queue, pending)
         self.calls["write"].append((written is not None, len(pending)))
         return written
+
+    def release(self) -> None:
+        self.core.release()
 
 
 class Side:

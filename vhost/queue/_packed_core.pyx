@@ -207,114 +207,149 @@ cdef enum:
     F_AVAIL_USED = 0x8080
 
 
-def add_used_many(queue, done):
-    """:meth:`vhost.queue.packed.PackedQueue.add_used_many` for the plain entries at the start
-    of ``done`` -- an exact ``(int, int)`` tuple whose buffer id is in range and in flight --:
-    how many were added (the Python method adds the rest, and raises what it raises)."""
-    if not PyList_CheckExact(done):
-        return 0
-    cdef Py_ssize_t n = len(<list>done)
-    if n == 0:
-        return 0
-    cdef long long size = queue.size
-    try:
-        slots_view = memoryview(queue._slots)
-    except (TypeError, ValueError):
-        return 0
-    cdef Py_buffer *sb = PyMemoryView_GET_BUFFER(slots_view)
-    if sb.readonly or sb.len < 2 * size:
-        return 0
-    cdef uint16_t *slots = <uint16_t *>sb.buf
-    pending = queue._pending
-    entries = queue._entry
-    if not (PyList_CheckExact(pending) and PyList_CheckExact(entries)):
-        return 0
-    if len(<list>entries) != size:
-        return 0
-    batch = None
-    inflight = queue._inflight
-    if inflight is not None:
-        batch = inflight.compiled_view()[3]
-        if not PyList_CheckExact(batch):
+cdef class UsedSide:
+    """The used side of one :class:`~vhost.queue.packed.PackedQueue`, compiled: made once when
+    the queue starts, dropped by its ``release``.  It holds what does not change while the
+    queue runs -- a slice of the descriptor ring's view, a view of the slots array (which pins
+    it), the queue's pending list, its in-flight entries per id and the in-flight area's batch
+    list, the size -- so a call reads no attribute of the queue (looking them up per call cost
+    more than the Python loop saves for a batch of one)."""
+
+    cdef object _ring        # slice of the queue's descriptor-ring view
+    cdef object _slots       # memoryview of the queue's slots array
+    cdef list _pending
+    cdef list _entry
+    cdef list _batch         # the in-flight area's batch, or None
+    cdef uint8_t *ring
+    cdef uint16_t *slots
+    cdef long long size
+
+    def __init__(self, queue):
+        size = queue.size
+        if not 0 < size <= 32768:
+            raise ValueError(f"queue size {size}")
+        self.size = size
+        pending, entry = queue._pending, queue._entry
+        if not (PyList_CheckExact(pending) and PyList_CheckExact(entry)) or len(entry) != size:
+            raise ValueError("the pending list or the entries are not lists of the ring")
+        self._pending = pending
+        self._entry = entry
+        self._batch = None
+        inflight = queue._inflight
+        if inflight is not None:
+            batch = inflight.compiled_view()[3]
+            if not PyList_CheckExact(batch):
+                raise ValueError("the in-flight area's batch is not a list")
+            self._batch = batch
+        self._ring = queue._desc[:]
+        cdef Py_buffer *rb = PyMemoryView_GET_BUFFER(self._ring)
+        if rb.readonly or rb.len < RING_DESC_SIZE * size:
+            raise ValueError("the descriptor ring is read-only or too short")
+        self.ring = <uint8_t *>rb.buf
+        self._slots = memoryview(queue._slots)
+        cdef Py_buffer *sb = PyMemoryView_GET_BUFFER(self._slots)
+        if sb.readonly or sb.len < 2 * size:
+            raise ValueError("the slots are read-only or too short")
+        self.slots = <uint16_t *>sb.buf
+
+    def release(self):
+        """Let go of the views (the queue is releasing its own): nothing is written after."""
+        self.ring = NULL
+        self.slots = NULL
+        self.size = 0
+        for view in (self._ring, self._slots):
+            if view is not None:
+                view.release()
+        self._ring = self._slots = None
+        self._pending = self._entry = self._batch = None
+
+    def add_used_many(self, queue, done):
+        """:meth:`vhost.queue.packed.PackedQueue.add_used_many` for the plain entries at the
+        start of ``done`` -- an exact ``(int, int)`` tuple whose buffer id is in range and in
+        flight --: how many were added (the Python method adds the rest, and raises what it
+        raises); ``in_flight_count`` moved on by that many here."""
+        if not PyList_CheckExact(done) or self.size == 0:
             return 0
-    cdef Py_ssize_t i = 0
-    cdef long long buf_id = 0, length = 0
-    try:
-        while i < n:
-            item = (<list>done)[i]
-            if not PyTuple_CheckExact(item) or len(<tuple>item) != 2:
-                break
-            if not _small_int((<tuple>item)[0], &buf_id) or not 0 <= buf_id < size:
-                break
-            if not _small_int((<tuple>item)[1], &length) or not slots[buf_id]:
-                break
-            (<list>pending).append((buf_id, length, slots[buf_id]))
-            slots[buf_id] = 0
-            if batch is not None:
-                (<list>batch).append((<list>entries)[buf_id])
-            i += 1
-    finally:
-        queue.in_flight_count -= i
-    return i
+        cdef Py_ssize_t n = len(<list>done)
+        cdef Py_ssize_t i = 0
+        cdef long long buf_id = 0, length = 0
+        cdef long long size = self.size
+        cdef uint16_t *slots = self.slots
+        cdef list pending = self._pending
+        cdef list batch = self._batch
+        cdef list entry = self._entry
+        cdef tuple item
+        try:
+            while i < n:
+                obj = (<list>done)[i]
+                if not PyTuple_CheckExact(obj) or len(<tuple>obj) != 2:
+                    break
+                item = <tuple>obj
+                if not _small_int(item[0], &buf_id) or not 0 <= buf_id < size:
+                    break
+                if not _small_int(item[1], &length) or not slots[buf_id]:
+                    break
+                pending.append((item[0], item[1], slots[buf_id]))
+                slots[buf_id] = 0
+                i += 1
+                if batch is not None:
+                    batch.append(entry[buf_id])
+        finally:
+            queue.in_flight_count -= i
+        return i
 
-
-def write_used(queue, pending):
-    """The element loop of :meth:`vhost.queue.packed.PackedQueue.publish_used` (without dirty
-    logging) for a plain batch -- each ``(buffer id, length, slots)`` exact ints, the id a u16,
-    the length a u32, the slots 1..size --: id and length of each element, then its flags (but
-    for the first element's: the caller publishes the batch with that store), each at the used
-    position, moving by its slots and flipping the wrap counter at the ring's end.  ``(position,
-    wrap, slots in all, the first element's flags)``, or None -- nothing written -- for any
-    other batch (the Python loop then does it, and raises what it raises)."""
-    if not PyList_CheckExact(pending):
-        return None
-    cdef Py_ssize_t n = len(<list>pending)
-    cdef long long size = queue.size
-    cdef long long pos = 0, wrap = 0
-    if n == 0 or not 0 < size <= 32768:
-        return None
-    if not _small_int(queue.next_used, &pos) or not _small_int(queue.used_wrap, &wrap):
-        return None
-    if not 0 <= pos < size or not 0 <= wrap <= 1:
-        return None
-    cdef Py_ssize_t i
-    cdef long long buf_id = 0, length = 0, nslots = 0
-    for i in range(n):  # all plain, or nothing written
-        item = (<list>pending)[i]
-        if not PyTuple_CheckExact(item) or len(<tuple>item) != 3:
+    def write_used(self, queue, pending):
+        """The element loop of :meth:`vhost.queue.packed.PackedQueue.publish_used` (without
+        dirty logging) for a plain batch -- each ``(buffer id, length, slots)`` exact ints, the
+        id a u16, the length a u32, the slots 1..size --: id and length of each element, then
+        its flags (but for the first element's: the caller publishes the batch with that
+        store), each at the used position, moving by its slots and flipping the wrap counter at
+        the ring's end.  ``(position, wrap, slots in all, the first element's flags)``, or None
+        -- nothing written -- for any other batch (the Python loop then does it, and raises
+        what it raises)."""
+        if not PyList_CheckExact(pending) or self.size == 0:
             return None
-        if not (_small_int((<tuple>item)[0], &buf_id) and _small_int((<tuple>item)[1], &length)
-                and _small_int((<tuple>item)[2], &nslots)):
+        cdef Py_ssize_t n = len(<list>pending)
+        cdef long long size = self.size
+        cdef long long pos = 0, wrap = 0
+        if n == 0:
             return None
-        if not (0 <= buf_id <= 0xFFFF and 0 <= length <= 0xFFFFFFFF and 0 < nslots <= size):
+        if not _small_int(queue.next_used, &pos) or not _small_int(queue.used_wrap, &wrap):
             return None
-    try:
-        view = queue._desc[:]  # (a slice: keeps the ring for this call; raises once released)
-    except ValueError:
-        return None
-    cdef Py_buffer *rb = PyMemoryView_GET_BUFFER(view)
-    if rb.readonly or rb.len < RING_DESC_SIZE * size:
-        return None
-    cdef uint8_t *ring = <uint8_t *>rb.buf
-    cdef long long count = 0
-    cdef uint16_t flags, first_flags = 0
-    cdef uint8_t *d
-    for i in range(n):
-        item = (<list>pending)[i]
-        _small_int((<tuple>item)[0], &buf_id)
-        _small_int((<tuple>item)[1], &length)
-        _small_int((<tuple>item)[2], &nslots)
-        flags = (F_AVAIL_USED if wrap else 0) | (F_WRITE if length else 0)
-        d = ring + RING_DESC_SIZE * pos
-        vpc_put_u16(d + 12, <uint16_t>buf_id)
-        vpc_put_u32(d + 8, <uint32_t>length)
-        if i:
-            vpc_release_u16(d + 14, flags)
-        else:
-            first_flags = flags
-        count += nslots
-        pos += nslots
-        if pos >= size:
-            pos -= size
-            wrap ^= 1
-    return (pos, wrap, count, first_flags)
+        if not 0 <= pos < size or not 0 <= wrap <= 1:
+            return None
+        cdef Py_ssize_t i
+        cdef long long buf_id = 0, length = 0, nslots = 0
+        cdef tuple item
+        for i in range(n):  # all plain, or nothing written
+            obj = (<list>pending)[i]
+            if not PyTuple_CheckExact(obj) or len(<tuple>obj) != 3:
+                return None
+            item = <tuple>obj
+            if not (_small_int(item[0], &buf_id) and _small_int(item[1], &length)
+                    and _small_int(item[2], &nslots)):
+                return None
+            if not (0 <= buf_id <= 0xFFFF and 0 <= length <= 0xFFFFFFFF and 0 < nslots <= size):
+                return None
+        cdef long long count = 0
+        cdef uint16_t flags, first_flags = 0
+        cdef uint8_t *d
+        for i in range(n):
+            item = <tuple>(<list>pending)[i]
+            _small_int(item[0], &buf_id)
+            _small_int(item[1], &length)
+            _small_int(item[2], &nslots)
+            flags = (F_AVAIL_USED if wrap else 0) | (F_WRITE if length else 0)
+            d = self.ring + RING_DESC_SIZE * pos
+            vpc_put_u16(d + 12, <uint16_t>buf_id)
+            vpc_put_u32(d + 8, <uint32_t>length)
+            if i:
+                vpc_release_u16(d + 14, flags)
+            else:
+                first_flags = flags
+            count += nslots
+            pos += nslots
+            if pos >= size:
+                pos -= size
+                wrap ^= 1
+        return (pos, wrap, count, first_flags)

@@ -36,6 +36,7 @@ import logging
 import struct
 from array import array
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
@@ -52,6 +53,9 @@ from vhost.queue.base import (
 )
 from vhost.queue.inflight import InflightError
 from vhost.queue.inflight_packed import PackedInflightQueue, RawDesc
+
+if TYPE_CHECKING:
+    from vhost.queue._packed_core import UsedSide
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +215,15 @@ class PackedQueue:
         self._lo = self._hi = 0
         self._published = 0  # used elements published (ring_state)
         #: The compiled used side (vhost.queue._packed_core) where it was built and the
-        #: environment allows it: the plain entries of add_used_many and publish_used's loop.
-        self._used_core = optional_module(COMPILED_MODULE)
+        #: environment allows it (vhost.compiled): the plain entries of add_used_many and
+        #: publish_used's loop.  None: the Python code does every entry.
+        self._used_core: UsedSide | None = None
+        core = optional_module(COMPILED_MODULE)
+        if core is not None:
+            try:
+                self._used_core = core.UsedSide(self)
+            except ValueError as exc:  # (not for a queue this class made) the Python loop
+                log.debug("queue %d: the Python used side runs: %s", index, exc)
 
     # ------------------------------------------------------------------ state
     def vring_base(self) -> int:
@@ -640,6 +651,9 @@ class PackedQueue:
         return self.has_avail()
 
     def release(self) -> None:
+        if self._used_core is not None:  # its slices of the ring and the slots first
+            self._used_core.release()
+            self._used_core = None
         if self._inflight is not None:
             self._inflight.release()
             self._inflight = None
