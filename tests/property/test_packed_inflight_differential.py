@@ -1,7 +1,10 @@
-"""The compiled record of a packed queue's pops changes nothing observable: a differential test.
+"""The compiled records of a packed queue's in-flight area change nothing observable: a
+differential test.
 
 :func:`vhost.queue._packed_core.popped_many` implements
-:meth:`PackedInflightQueue.popped_many` (each chain's :meth:`~PackedInflightQueue.popped`) in C.
+:meth:`PackedInflightQueue.popped_many` (each chain's :meth:`~PackedInflightQueue.popped`) in C,
+and :func:`~vhost.queue._packed_core.publishing` and :func:`~vhost.queue._packed_core.published`
+the two steps of a publication.
 Here hypothesis drives two identical packed in-flight regions -- one tracker with the compiled
 hook switched off, one with it -- through random passes of chains popped (any descriptors, one
 to a few per chain, sometimes more than the free list holds), completions and publications.
@@ -61,7 +64,24 @@ class Side:
         core = self.tracker._popped_compiled
         if not compiled:
             self.tracker._popped_compiled = None
+            self.tracker._publishing_compiled = self.tracker._published_compiled = None
         else:
+            publishing = self.tracker._publishing_compiled
+            published = self.tracker._published_compiled
+            assert publishing is not None and published is not None
+
+            def counted_publishing(tracker: PackedInflightQueue, idx: int, wrap: int) -> bool:
+                done = publishing(tracker, idx, wrap)
+                calls.append((-1, int(done)))
+                return done
+
+            def counted_published(tracker: PackedInflightQueue) -> bool:
+                done = published(tracker)
+                calls.append((-2, int(done)))
+                return done
+
+            self.tracker._publishing_compiled = counted_publishing
+            self.tracker._published_compiled = counted_published
             assert core is not None
 
             def counted(tracker: PackedInflightQueue, ring: bytes, counts: list[int],
@@ -122,5 +142,7 @@ def test_compiled_pops_record_what_python_records() -> None:
         run_both(size, plan, calls)
 
     alike()
-    assert sum(done for done, _ in calls) > 0, "the compiled pops recorded nothing"
-    assert any(done < total for done, total in calls), "the Python loop never took over"
+    pops = [(done, total) for done, total in calls if done >= 0]
+    assert sum(done for done, _ in pops) > 0, "the compiled pops recorded nothing"
+    assert any(done < total for done, total in pops), "the Python loop never took over"
+    assert (-1, 1) in calls and (-2, 1) in calls, "the compiled publication never ran"

@@ -93,6 +93,7 @@ class Side:
             vq._used_core = None
             assert vq._inflight is not None
             vq._inflight._popped_compiled = None
+            vq._inflight._publishing_compiled = vq._inflight._published_compiled = None
         self.taken: list[tuple[int, int]] = []
 
     def state(self) -> tuple[object, ...]:

@@ -1,8 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, nonecheck=False
-"""The per-request bookkeeping of a packed queue, compiled: the in-flight area's record of
-pops (:meth:`PackedInflightQueue.popped_many`), and the used side -- the plain entries of
-:meth:`PackedQueue.add_used_many` and the element loop of :meth:`PackedQueue.publish_used`.
+"""The per-request bookkeeping of a packed queue, compiled: the in-flight area's records of
+pops (:meth:`PackedInflightQueue.popped_many`) and of a publication (``publishing``,
+``published``), and the used side -- the plain entries of :meth:`PackedQueue.add_used_many`
+and the element loop of :meth:`PackedQueue.publish_used`.
 
 Recording a chain the device took (:meth:`vhost.queue.inflight_packed.PackedInflightQueue
 .popped`) is, per descriptor, a struct packed into the entry at the head of the free list, then
@@ -25,13 +26,15 @@ stores, so the C compiler keeps the order a crash-recovery reader of the area re
 keeps stores in order).  The tracker's own copies of the links (``_next``, ``_last``) are the
 Python lists it keeps, read and written here as the Python code does.
 
-The used side follows the same pattern: :func:`add_used_many` adds the plain entries at the
-start of a batch (an exact ``(int, int)`` whose buffer id is in range and in flight) and the
-Python method the rest, with its ValueError; :func:`write_used` writes a whole batch of plain
-pending elements (id a u16, length a u32, slots 1..size) or nothing, and only without dirty
-logging (the Python loop marks the log).  The element stores are the Python loop's: id and
-length, then the flags of every element but the first, whose flags store -- the publication --
-stays the caller's, after the in-flight area's ``publishing``.
+:func:`publishing` and :func:`published` do a whole batch of heads that are entries (their
+``last`` too), or nothing; their stores are the Python methods', the commit's three in order and
+release.  The used side (:class:`UsedSide`) follows the same pattern: its ``add_used_many`` adds
+the plain entries at the start of a batch (an exact ``(int, int)`` whose buffer id is in range
+and in flight) and the Python method the rest, with its ValueError; ``write_used`` writes a
+whole batch of plain pending elements (id a u16, length a u32, slots 1..size) or nothing, and
+only without dirty logging (the Python loop marks the log).  The element stores are the Python
+loop's: id and length, then the flags of every element but the first, whose flags store -- the
+publication -- stays the caller's, after the in-flight area's ``publishing``.
 
 The differential property tests (``tests/property/test_packed_inflight_differential.py``,
 ``tests/property/test_packed_used_differential.py``) run this and the Python code on identical
@@ -353,3 +356,98 @@ cdef class UsedSide:
                 pos -= size
                 wrap ^= 1
         return (pos, wrap, count, first_flags)
+
+
+# ---------------------------------------------------------------------------- publication
+cdef enum:
+    USED_IDX_OFF = 16
+    OLD_USED_IDX_OFF = 18
+    USED_WRAP_OFF = 20
+    OLD_USED_WRAP_OFF = 21
+    E_NEXT = 2
+
+
+def publishing(tracker, used_idx, used_wrap):
+    """:meth:`vhost.queue.inflight_packed.PackedInflightQueue.publishing` for a plain batch --
+    every head an entry whose ``last`` is one, the free list's head an entry or the end, the
+    position a u16 and the wrap counter a byte --: True, done; False, nothing done (the Python
+    method does it, and raises what it raises)."""
+    cdef long long idx = 0, wrap = 0, free = 0, head = 0, last = 0
+    if not _small_int(used_idx, &idx) or not _small_int(used_wrap, &wrap):
+        return False
+    if not 0 <= idx <= 0xFFFF or not 0 <= wrap <= 0xFF:
+        return False
+    view, nxt_obj, last_obj, batch_obj = tracker.compiled_view()
+    if not (PyList_CheckExact(nxt_obj) and PyList_CheckExact(last_obj)
+            and PyList_CheckExact(batch_obj)):
+        return False
+    cdef list nxt = nxt_obj
+    cdef list lasts = last_obj
+    cdef list batch = batch_obj
+    cdef long long size = tracker.size
+    if len(nxt) != size or len(lasts) != size:
+        return False
+    if not _small_int(tracker._free_head, &free) or not (0 <= free < size or free == NO_ENTRY):
+        return False
+    cdef Py_ssize_t i, n = len(batch)
+    for i in range(n):  # all plain, or nothing done
+        if not _small_int(batch[i], &head) or not 0 <= head < size:
+            return False
+        if not _small_int(lasts[head], &last) or not 0 <= last < size:
+            return False
+    try:
+        area_view = view[:]
+    except ValueError:
+        return False
+    cdef Py_buffer *ab = PyMemoryView_GET_BUFFER(area_view)
+    if ab.readonly or ab.len < HEADER_SIZE + ENTRY_SIZE * size:
+        return False
+    cdef uint8_t *area = <uint8_t *>ab.buf
+    try:
+        for i in range(n):
+            head_obj = batch[i]
+            _small_int(head_obj, &head)
+            _small_int(lasts[head], &last)
+            nxt[last] = free
+            vpc_put_u16(area + HEADER_SIZE + ENTRY_SIZE * last + E_NEXT, <uint16_t>free)
+            free = head
+            vpc_put_u16(area + FREE_HEAD_OFF, <uint16_t>free)
+    finally:
+        tracker._free_head = free
+    vpc_put_u16(area + USED_IDX_OFF, <uint16_t>idx)
+    area[USED_WRAP_OFF] = <uint8_t>wrap
+    return True
+
+
+def published(tracker):
+    """:meth:`vhost.queue.inflight_packed.PackedInflightQueue.published` for a batch of heads
+    that are all entries: True, done; False, nothing done (the Python method does it)."""
+    view, _, _, batch_obj = tracker.compiled_view()
+    if not PyList_CheckExact(batch_obj):
+        return False
+    cdef list batch = batch_obj
+    cdef long long size = tracker.size
+    cdef long long free = 0, head = 0
+    if not _small_int(tracker._free_head, &free) or not 0 <= free <= 0xFFFF:
+        return False
+    cdef Py_ssize_t i, n = len(batch)
+    for i in range(n):
+        if not _small_int(batch[i], &head) or not 0 <= head < size:
+            return False
+    try:
+        area_view = view[:]
+    except ValueError:
+        return False
+    cdef Py_buffer *ab = PyMemoryView_GET_BUFFER(area_view)
+    if ab.readonly or ab.len < HEADER_SIZE + ENTRY_SIZE * size:
+        return False
+    cdef uint8_t *area = <uint8_t *>ab.buf
+    for i in range(n):
+        _small_int(batch[i], &head)
+        area[HEADER_SIZE + ENTRY_SIZE * head] = 0
+    batch.clear()
+    # The commit: free list, used position, wrap counter (release: after the bits cleared).
+    vpc_release_u16(area + OLD_FREE_HEAD_OFF, <uint16_t>free)
+    vpc_release_u16(area + OLD_USED_IDX_OFF, vpc_u16(area + USED_IDX_OFF))
+    vpc_release_u8(area + OLD_USED_WRAP_OFF, area[USED_WRAP_OFF])
+    return True

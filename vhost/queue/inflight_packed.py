@@ -148,6 +148,11 @@ class PackedInflightQueue:
         self._popped_compiled: (
             Callable[[PackedInflightQueue, bytes, list[int], list[int]], int] | None) = (
             None if core is None else core.popped_many)
+        #: The compiled publishing and published, which do a plain batch or nothing.
+        self._publishing_compiled: Callable[[PackedInflightQueue, int, int], bool] | None = (
+            None if core is None else core.publishing)
+        self._published_compiled: Callable[[PackedInflightQueue], bool] | None = (
+            None if core is None else core.published)
 
     # ------------------------------------------------------------------ recovery
     def plan(self, ring_flags: Callable[[int], int]) -> Recovery:
@@ -337,7 +342,12 @@ class PackedInflightQueue:
 
     def publishing(self, used_idx: int, used_wrap: int) -> None:
         """Before the ring is written: the batch's entries back on the free list, the new
-        used position stored (not committed: ``old_*`` still hold the previous one)."""
+        used position stored (not committed: ``old_*`` still hold the previous one).  The
+        compiled one (:func:`vhost.queue._packed_core.publishing`) does a plain batch, else
+        this code."""
+        compiled = self._publishing_compiled
+        if compiled is not None and compiled(self, used_idx, used_wrap):
+            return
         v = self._view
         h = self._h
         nxt = self._next
@@ -350,7 +360,11 @@ class PackedInflightQueue:
         v[_USED_WRAP] = used_wrap
 
     def published(self) -> None:
-        """The batch is visible in the ring: clear its heads' bits, then commit."""
+        """The batch is visible in the ring: clear its heads' bits, then commit (the compiled
+        :func:`vhost.queue._packed_core.published` where it runs, for a plain batch)."""
+        compiled = self._published_compiled
+        if compiled is not None and compiled(self):
+            return
         v = self._view
         h = self._h
         for head in self._batch:
