@@ -1,8 +1,9 @@
 """Build script for the optional compiled core; all metadata stays in pyproject.toml.
 
 The per-request path has a compiled core (issue 24): ``virtio_blk._fastpath_core`` (the fast
-path of a split ring on io_uring, which fills the Python engine's own ring) and
-``vhost.queue._split_core`` (the used side of a split ring and the in-flight area's records).
+path of a split or packed ring on io_uring, which fills the Python engine's own ring) and
+``vhost.queue._split_core`` (the used side of a split ring and the in-flight area's records)
+and ``vhost.queue._packed_core`` (the same for a packed ring).
 Both are optional in the way msgpack's and aiohttp's extensions are: the package must install
 and run the pure-Python core with the same ``pip install -e .`` / ``pip install .`` on a
 machine without Cython or without a working C compiler.  So a missing
@@ -27,6 +28,7 @@ from setuptools.command.build_ext import build_ext
 # from before the compiled core) simply has no extension to build.
 CORE_MODULES = (
     ("vhost.queue._split_core", "vhost/queue/_split_core.pyx"),
+    ("vhost.queue._packed_core", "vhost/queue/_packed_core.pyx"),
     ("virtio_blk._fastpath_core", "virtio_blk/_fastpath_core.pyx"),
 )
 

@@ -5,23 +5,31 @@
 The pure-Python fast path (:mod:`virtio_blk.fastpath`) spends most of a request's ~7 us in
 object churn: a chain tuple, a RequestBuffers, a lock, an IoBuffer, a request, a submission
 tuple, a completion tuple.  This module does the same pass -- Linux's request shapes on a split
-ring served by the io_uring engine of a raw image or of a qcow2 image -- with C structs: per
-request it walks the chain, checks it, claims it, fills one submission entry (or does the
-buffered write / cached read itself with the GIL released, as the Python engines do), reaps and
-writes the status byte, and builds no Python object but the ``(head, used length)`` pair the
-worker publishes.
+or a packed ring served by the io_uring engine of a raw image or of a qcow2 image -- with C
+structs: per request it walks the chain, checks it, claims it, fills one submission entry (or
+does the buffered write / cached read itself with the GIL released, as the Python engines do),
+reaps and writes the status byte, and builds no Python object but the ``(head, used length)``
+pair the worker publishes (a packed ring's ``head`` is the buffer id) -- and, for a packed ring
+with an in-flight area, the list of its ring descriptors that area records.
 
 Rules stay stated once.  This is an implementation of the same interface, and anything it does
 not handle exactly as the Python path would is *declined* -- left untouched for the pure-Python
 fast path, and after it the generic path, which report every fault:
 
-* the ring rules are :meth:`vhost.queue.split.SplitQueue._simple`'s (head in range and not in
-  flight, ``next`` links, the indirect table's length and negotiation, readable before writable,
-  each piece inside one guest memory region, under 2**32 bytes) -- a chain that breaks one, or
-  has another shape, ends this pass of the compiled path at its head;
-* the virtio-blk rules are :meth:`virtio_blk.fastpath.FastPath._build`'s (header of 16 bytes and
-  status of 1, type IN or OUT matching the data's direction, status and an IN's data in writable
-  memory, :func:`virtio_blk.request.range_fault`, write permission, no bounce needed by
+* the ring rules are those of the ring's Python walker, one C walker per layout:
+  :meth:`vhost.queue.split.SplitQueue._simple`'s (:meth:`FastPath._parse`: head in range and not
+  in flight, ``next`` links, the indirect table's length and negotiation, readable before
+  writable, each piece inside one guest memory region, under 2**32 bytes) and
+  :class:`vhost.queue.packed.PackedQueue`'s ``_gather``/``_parse``/``_walk``
+  (:meth:`FastPath._walk_packed`: each descriptor's AVAIL/USED bits against the avail wrap
+  counter, the chain no longer than the ring slots not held, the buffer id in range and not in
+  flight, INDIRECT alone, negotiated, a whole table of 16-byte entries, none nested, readable
+  before writable, each piece inside one guest memory region) -- a chain that breaks one, or has
+  another shape, ends this pass of the compiled path at its head;
+* the virtio-blk rules (:meth:`FastPath._request`, for both walkers) are
+  :meth:`virtio_blk.fastpath.FastPath._build`'s (header of 16 bytes and status of 1, type IN or
+  OUT matching the data's direction, status and an IN's data in writable memory,
+  :func:`virtio_blk.request.range_fault`, write permission, no bounce needed by
   :func:`virtio_blk.layout.plan`'s rule, O_DIRECT alignment);
 * on qcow2 the map rule is :meth:`blockdev.qcow2.image.Qcow2Image.map_batch`'s (inside one
   allocated cluster; a write only in place: not shared, compressed or zero, not being
@@ -52,6 +60,7 @@ completions it meets (:attr:`~blockdev.uring.Uring.stash`,
 
 from cpython cimport array
 from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -73,6 +82,8 @@ from virtio_blk.fastpath import MAX_PIECES as _PY_MAX_PIECES
 from virtio_blk.fastpath import FastPath as PyFastPath
 from virtio_blk.request import HEADER_SIZE as _PY_HEADER_SIZE
 from virtio_blk.request import Status
+from vhost.queue.base import QueueError
+from vhost.queue.inflight import InflightError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +116,9 @@ cdef extern from *:
     static inline uint32_t vbc_load_acquire(const uint32_t *p) {
         return __atomic_load_n(p, __ATOMIC_ACQUIRE);
     }
+    static inline uint16_t vbc_load_acquire16(const uint8_t *p) {
+        return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+    }
     static inline void vbc_store_release(uint32_t *p, uint32_t v) {
         __atomic_store_n(p, v, __ATOMIC_RELEASE);
     }
@@ -115,6 +129,7 @@ cdef extern from *:
     int RWF_NOWAIT
     int VBC_SYS_IO_URING_ENTER
     uint32_t vbc_load_acquire(const uint32_t *p) nogil
+    uint16_t vbc_load_acquire16(const uint8_t *p) nogil
     void vbc_store_release(uint32_t *p, uint32_t v) nogil
     uint32_t vbc_u32(const uint8_t *p) nogil
     uint64_t vbc_u64(const uint8_t *p) nogil
@@ -139,6 +154,11 @@ cdef enum:
     OP_WRITE = 23
     OP_READV = 1
     OP_WRITEV = 2
+    # Packed ring (vhost.queue.packed): the flag bits of a descriptor made available, and the
+    # most ring descriptors (or table entries) of a chain this path takes: header, data, status.
+    PF_AVAIL_SHIFT = 7
+    PF_USED_SHIFT = 15
+    MAX_RING = MAX_IOV + 2
 
 cdef uint64_t MAX_CHAIN_BYTES = 1ULL << 32
 # qcow2 L2 entries (blockdev.qcow2: the map rule of Qcow2Image.map_batch)
@@ -187,6 +207,22 @@ cdef struct Region:
     uintptr_t host
     bint readonly
 
+cdef struct Piece:
+    uint64_t addr
+    uint64_t length
+
+
+cdef struct RawDesc:  # a packed ring descriptor as read: what the in-flight area records
+    uint64_t addr
+    uint32_t length
+    uint16_t id
+    uint16_t flags
+
+
+if sizeof(RawDesc) != 16:
+    raise ImportError("RawDesc is not the ring's 16-byte descriptor")
+
+
 cdef struct Slot:
     uint64_t offset       # byte offset in the file (a qcow2 image: the host offset once mapped)
     uint64_t guest_offset # byte offset on the disk, as the request said
@@ -211,23 +247,30 @@ cdef inline uintptr_t _view_address(object view) except? 0:
 def applicable(handler, vq):
     """Why the compiled path cannot serve this queue (a short reason), or None if it can.
 
-    It serves a split ring (:class:`~vhost.queue.split.SplitQueue`, or a subclass that keeps
-    its chain rules: a queue process's adds a hook when it publishes) whose device reads and
-    writes a raw image through the io_uring engine itself, or a qcow2 image through its io_uring
-    engine (offsets mapped per pass, as that engine maps them) -- not a filter, a plugin, another
+    It serves a split ring (:class:`~vhost.queue.split.SplitQueue`) or a packed one
+    (:class:`~vhost.queue.packed.PackedQueue`), or a subclass that keeps its layout's chain
+    rules (a queue process's adds a hook when it publishes), whose device reads and writes a
+    raw image through the io_uring engine itself, or a qcow2 image through its io_uring engine
+    (offsets mapped per pass, as that engine maps them) -- not a filter, a plugin, another
     format or the thread pool, which keep the Python fast path.
     """
     from blockdev.disk import Disk
     from blockdev.engine import UringEngine
     from blockdev.qcow2.disk import Qcow2Disk
     from blockdev.qcow2.uring_engine import MappedUringEngine
+    from vhost.queue.packed import PackedQueue
     from vhost.queue.split import SplitQueue
 
-    if not isinstance(vq, SplitQueue):
+    if isinstance(vq, SplitQueue):
+        layout, rules = SplitQueue, ("_simple", "_pending", "claim", "compiled_view")
+    elif isinstance(vq, PackedQueue):
+        layout, rules = PackedQueue, ("_gather", "_parse", "_walk", "_take", "_mark",
+                                      "peek_simple", "claim", "compiled_view", "took",
+                                      "held_slots", "inflight_area")
+    else:
         return f"a {type(vq).__name__}"
     kind = type(vq)
-    if any(getattr(kind, name) is not getattr(SplitQueue, name)
-           for name in ("_simple", "_pending", "claim", "compiled_view")):
+    if any(getattr(kind, name) is not getattr(layout, name) for name in rules):
         return f"a {kind.__name__} with chain rules of its own"
     engine = handler.engine
     if type(engine) is MappedUringEngine:
@@ -242,7 +285,8 @@ def applicable(handler, vq):
 
 
 cdef class FastPath:
-    """The compiled fast path of one split queue served by io_uring (see the module docstring):
+    """The compiled fast path of one split or packed queue served by io_uring (see the module
+    docstring):
     the interface of :class:`virtio_blk.fastpath.FastPath` -- ``drain``, ``complete``,
     ``complete_reaped``, ``taken``, ``vq`` -- with that class serving what this one declines."""
 
@@ -268,7 +312,12 @@ cdef class FastPath:
     cdef uint32_t size
     cdef uint32_t mask
     cdef bint indirect_ok
-    cdef object in_flight       # the queue's bytearray
+    cdef object in_flight       # the queue's bytearray (split)
+    # packed ring
+    cdef bint packed
+    cdef uint16_t *pslots        # the queue's ring slots held per buffer id (0: not in flight)
+    cdef list pentry             # the queue's in-flight area entries per buffer id
+    cdef RawDesc *raw            # per buffer id: its ring descriptors (pslots of them)
     # guest memory
     cdef object _regions         # the table (tuple of GuestRegion) the snapshot was made of
     cdef object _pins            # slices of each region's view, held by in-flight requests
@@ -323,6 +372,7 @@ cdef class FastPath:
         self.piece_gpa = NULL
         self.reg = NULL
         self.batch = NULL
+        self.raw = NULL
 
     def __init__(self, handler, vq):
         self.handler = handler
@@ -336,14 +386,26 @@ cdef class FastPath:
         self.stats = handler.stats
         self.disk = self.engine.disk
         self.fd = self.disk.fd
-        desc, avail, in_flight, size, indirect = vq.compiled_view()
-        self._keep = (desc[:], avail[:])
+        self.packed = vq.layout == "packed"
+        if self.packed:
+            desc, slots, entries, size, indirect = vq.compiled_view()
+            # (the view of the array keeps its buffer where it is: it cannot be resized)
+            self._keep = (desc[:], memoryview(slots))
+            self.pslots = <uint16_t *>_view_address(self._keep[1])
+            self.pentry = entries
+            self.in_flight = None
+            self.raw = <RawDesc *>malloc(sizeof(RawDesc) * size * MAX_RING)
+            if not self.raw:
+                raise MemoryError()
+        else:
+            desc, avail, in_flight, size, indirect = vq.compiled_view()
+            self._keep = (desc[:], avail[:])
+            self.avail = <uint16_t *>_view_address(self._keep[1])
+            self.in_flight = in_flight
         self.desc = <const uint8_t *>_view_address(self._keep[0])
-        self.avail = <uint16_t *>_view_address(self._keep[1])
         self.size = size
         self.mask = size - 1
         self.indirect_ok = indirect
-        self.in_flight = in_flight
         self.slots = <Slot *>malloc(sizeof(Slot) * size)
         self.iov = <iovec *>malloc(sizeof(iovec) * size * MAX_IOV)
         self.piece_gpa = <uint64_t *>malloc(sizeof(uint64_t) * size * MAX_IOV)
@@ -387,6 +449,7 @@ cdef class FastPath:
         free(self.piece_gpa)
         free(self.reg)
         free(self.batch)
+        free(self.raw)
 
     # ------------------------------------------------------------------ guest memory
     cdef int _snapshot(self) except -1:
@@ -436,8 +499,9 @@ cdef class FastPath:
 
     # ------------------------------------------------------------------ recognition
     cdef bint _parse(self, uint16_t head) noexcept nogil:
-        """Check the chain at ``head`` with the ring's and the device's rules and fill its slot;
-        False (nothing changed) for anything the compiled path does not take."""
+        """Check the split ring's chain at ``head`` with the ring's rules (see
+        :meth:`vhost.queue.split.SplitQueue._simple`), then :meth:`_request`; False (nothing
+        changed) for anything the compiled path does not take."""
         if head >= self.size:
             return False
         cdef const uint8_t *table = self.desc
@@ -461,16 +525,11 @@ cdef class FastPath:
             flags = vbc_u16(table + 12)
             nxt = vbc_u16(table + 14)
         cdef uint64_t limit = MAX_PIECES if MAX_PIECES < count else count
-        # The header: readable, 16 bytes, in memory.
+        # The header: readable, 16 bytes.
         if flags != DESC_F_NEXT or length != HEADER_SIZE or nxt >= count or limit < 3:
             return False
-        r = self._find(addr, length)
-        if r < 0:
-            return False
-        cdef const uint8_t *hdr = self._host(r, addr)
-        cdef uint32_t req_type = vbc_u32(hdr) & TYPE_MASK
-        cdef uint64_t sector = vbc_u64(hdr + 8)
-        # The data: one direction, each run non-empty, in memory.
+        cdef uint64_t hdr = addr
+        # The data: one direction, each run non-empty.
         d = table + (<uint64_t>nxt << 4)
         addr = vbc_u64(d)
         length = vbc_u32(d + 8)
@@ -478,38 +537,16 @@ cdef class FastPath:
         nxt = vbc_u16(d + 14)
         if data_flags != DESC_F_NEXT and data_flags != NEXT_WRITE:
             return False
-        cdef bint into_guest = data_flags == NEXT_WRITE
-        if req_type != <uint32_t>(T_IN if into_guest else T_OUT):
-            return False
-        if not into_guest and (self.read_only or not self.writeback):
-            return False  # refused, or write-through: the Python paths answer it
-        cdef Slot *slot = &self.slots[head]
-        cdef iovec *iov = &self.iov[<uint64_t>head * MAX_IOV]
-        cdef uint64_t *gpas = &self.piece_gpa[<uint64_t>head * MAX_IOV]
-        cdef uint64_t data_len = 0
+        cdef Piece data[MAX_IOV]
+        cdef int ndata = 0
         cdef uint64_t read = 2
-        cdef uint16_t niov = 0
-        cdef uint64_t end = 0
         flags = data_flags
         while flags == data_flags:
-            if length == 0 or nxt >= count or read == limit or niov == MAX_IOV:
+            if length == 0 or nxt >= count or read == limit or ndata == MAX_IOV:
                 return False
-            r = self._find(addr, length)
-            if r < 0 or (into_guest and self.reg[r].readonly):
-                return False
-            if niov:
-                # plan()'s rule: a break that is neither contiguous nor a page join starts a
-                # new RequestBuffers, and one after a partial sector needs a bounce buffer.
-                if addr != end and (end & PAGE_MASK or addr & PAGE_MASK) and data_len % SECTOR:
-                    return False
-            iov[niov].iov_base = self._host(r, addr)
-            iov[niov].iov_len = length
-            if self.direct and (<uintptr_t>iov[niov].iov_base | length) & self.align_mask:
-                return False
-            gpas[niov] = addr
-            niov += 1
-            data_len += length
-            end = addr + length
+            data[ndata].addr = addr
+            data[ndata].length = length
+            ndata += 1
             d = table + (<uint64_t>nxt << 4)
             addr = vbc_u64(d)
             length = vbc_u32(d + 8)
@@ -519,7 +556,149 @@ cdef class FastPath:
         # The status: one writable byte, the end of the chain.
         if flags != DESC_F_WRITE or length != 1:
             return False
-        r = self._find(addr, 1)
+        return self._request(head, hdr, data, ndata, data_flags == NEXT_WRITE, addr)
+
+    cdef int _walk_packed(self, uint32_t *pos, int *wrap, uint32_t room,
+                          uint16_t *out_id) noexcept nogil:
+        """The packed ring's chain at ``*pos`` (lap ``*wrap``): 0 if none is available there, 1
+        if this path takes it -- checked with the ring's rules (:meth:`vhost.queue.packed
+        .PackedQueue._gather`, ``_parse``, ``_walk``) and :meth:`_request`'s, its buffer id set
+        in flight, its ring descriptors kept for the in-flight area, ``*pos``/``*wrap`` moved
+        past it -- else -1, nothing changed.  ``room``: the ring slots no chain holds."""
+        cdef RawDesc ring[MAX_RING]
+        cdef uint32_t nring = 0
+        cdef uint32_t p = pos[0]
+        cdef int w = wrap[0]
+        cdef const uint8_t *d
+        cdef uint16_t flags
+        while True:
+            d = self.desc + (<uint64_t>p << 4)
+            # (acquire: the driver writes the flags last, so the rest is read after them)
+            flags = vbc_load_acquire16(d + 14)
+            if (flags >> PF_AVAIL_SHIFT) & 1 != w or (flags >> PF_USED_SHIFT) & 1 == w:
+                return 0 if nring == 0 else -1  # (a chain running into a slot not made
+                                                 # available: the generic pop reports it)
+            if nring == room or nring == MAX_RING:
+                return -1  # longer than the free slots (an error) or than this path takes
+            ring[nring].addr = vbc_u64(d)
+            ring[nring].length = vbc_u32(d + 8)
+            ring[nring].id = vbc_u16(d + 12)
+            ring[nring].flags = flags
+            nring += 1
+            p += 1
+            if p == self.size:
+                p = 0
+                w ^= 1
+            if not flags & DESC_F_NEXT:
+                break
+        cdef uint16_t buf_id = ring[nring - 1].id
+        if buf_id >= self.size or self.pslots[buf_id]:
+            return -1  # out of range, or made available again while in flight
+        # The pieces: the ring descriptors, or the one indirect table's entries (NEXT in a table
+        # means nothing: the table is the chain).
+        cdef Piece pieces[MAX_RING]
+        cdef uint16_t pflags[MAX_RING]
+        cdef uint32_t npieces, k
+        cdef uint64_t length
+        cdef const uint8_t *table
+        cdef int r
+        if ring[0].flags & DESC_F_INDIRECT:
+            length = ring[0].length
+            if nring != 1 or not self.indirect_ok:
+                return -1
+            if length == 0 or length & 15 or length > MAX_INDIRECT_BYTES:
+                return -1
+            npieces = <uint32_t>(length >> 4)
+            if npieces > MAX_RING:
+                return -1
+            r = self._find(ring[0].addr, length)
+            if r < 0:
+                return -1
+            table = self._host(r, ring[0].addr)
+            for k in range(npieces):
+                pieces[k].addr = vbc_u64(table + (k << 4))
+                pieces[k].length = vbc_u32(table + (k << 4) + 8)
+                pflags[k] = vbc_u16(table + (k << 4) + 14)
+        else:
+            npieces = nring
+            for k in range(nring):
+                pieces[k].addr = ring[k].addr
+                pieces[k].length = ring[k].length
+                pflags[k] = ring[k].flags
+        # Linux's shape: [header] [data...] [status], readable before writable, no piece empty
+        # (the generic walk drops empty ones: that chain is the Python paths'), no INDIRECT.
+        cdef uint32_t nread = 0, nwrite = 0
+        for k in range(npieces):
+            if pflags[k] & DESC_F_INDIRECT or pieces[k].length == 0:
+                return -1
+            if pflags[k] & DESC_F_WRITE:
+                nwrite += 1
+            elif nwrite:
+                return -1
+            else:
+                nread += 1
+        cdef bint into_guest
+        if nread == 1 and nwrite >= 2:
+            into_guest = True
+        elif nwrite == 1 and nread >= 2:
+            into_guest = False
+        else:
+            return -1
+        if pieces[0].length != HEADER_SIZE or pieces[npieces - 1].length != 1:
+            return -1
+        if not self._request(buf_id, pieces[0].addr, &pieces[1], npieces - 2, into_guest,
+                             pieces[npieces - 1].addr):
+            return -1
+        memcpy(&self.raw[<uint64_t>buf_id * MAX_RING], ring, sizeof(RawDesc) * nring)
+        self.pslots[buf_id] = <uint16_t>nring
+        pos[0] = p
+        wrap[0] = w
+        out_id[0] = buf_id
+        return 1
+
+    cdef bint _request(self, uint16_t head, uint64_t hdr, const Piece *data, int ndata,
+                       bint into_guest, uint64_t status) noexcept nogil:
+        """The device's rules for a chain of either ring (see :meth:`virtio_blk.fastpath
+        .FastPath._build`): a 16-byte header in memory whose type matches the data's direction,
+        data runs in memory (writable for an IN) that :func:`virtio_blk.layout.plan` would not
+        bounce and O_DIRECT can take, a status byte in writable memory, the range; the slot of
+        ``head`` filled.  False for anything else (the slot is not in use: no harm done)."""
+        cdef int r = self._find(hdr, HEADER_SIZE)
+        if r < 0:
+            return False
+        cdef const uint8_t *h = self._host(r, hdr)
+        cdef uint32_t req_type = vbc_u32(h) & TYPE_MASK
+        cdef uint64_t sector = vbc_u64(h + 8)
+        if req_type != <uint32_t>(T_IN if into_guest else T_OUT):
+            return False
+        if not into_guest and (self.read_only or not self.writeback):
+            return False  # refused, or write-through: the Python paths answer it
+        cdef Slot *slot = &self.slots[head]
+        cdef iovec *iov = &self.iov[<uint64_t>head * MAX_IOV]
+        cdef uint64_t *gpas = &self.piece_gpa[<uint64_t>head * MAX_IOV]
+        cdef uint64_t data_len = 0
+        cdef uint64_t end = 0
+        cdef uint64_t addr, length
+        cdef int k
+        for k in range(ndata):
+            addr = data[k].addr
+            length = data[k].length
+            r = self._find(addr, length)
+            if r < 0 or (into_guest and self.reg[r].readonly):
+                return False
+            if k:
+                # plan()'s rule: a break that is neither contiguous nor a page join starts a
+                # new RequestBuffers, and one after a partial sector needs a bounce buffer.
+                if addr != end and (end & PAGE_MASK or addr & PAGE_MASK) and data_len % SECTOR:
+                    return False
+            iov[k].iov_base = self._host(r, addr)
+            iov[k].iov_len = length
+            if self.direct and (<uintptr_t>iov[k].iov_base | length) & self.align_mask:
+                return False
+            gpas[k] = addr
+            data_len += length
+            end = addr + length
+        r = self._find(status, 1)
         if r < 0 or self.reg[r].readonly:
             return False
         if HEADER_SIZE + data_len + 1 >= MAX_CHAIN_BYTES:
@@ -532,10 +711,10 @@ cdef class FastPath:
         if sector > self.capacity or (data_len >> 9) > self.capacity - sector:
             return False
         slot.offset = slot.guest_offset = sector << 9
-        slot.status_gpa = addr
-        slot.status = self._host(r, addr)
+        slot.status_gpa = status
+        slot.status = self._host(r, status)
         slot.length = <uint32_t>data_len
-        slot.niov = niov
+        slot.niov = <uint16_t>ndata
         slot.into_guest = into_guest
         return True
 
@@ -572,6 +751,8 @@ cdef class FastPath:
                 self._regions = None
                 return self.python.drain()
         self._pass_settings()
+        if self.packed:
+            return self._drain_packed()
         cdef uint16_t next_avail = vq.next_avail
         cdef uint16_t pending = <uint16_t>(self.avail[1] - next_avail)
         if pending > self.size:
@@ -693,6 +874,106 @@ cdef class FastPath:
         if self.record is not None:
             self.record.extend(heads)
         return 0
+
+    cdef list _drain_packed(self):
+        """:meth:`drain`'s pass over a packed ring: the chains from the avail position on that
+        :meth:`_walk_packed` takes, claimed, started; the rest of the pass the Python fast
+        path's."""
+        vq = self.vq
+        cdef uint32_t start_pos = vq.next_avail
+        cdef int start_wrap = vq.avail_wrap
+        cdef uint32_t held = vq.held_slots
+        if start_pos >= self.size or held > self.size:
+            return self.python.drain()  # (never: the queue keeps them in range)
+        cdef uint32_t pos = start_pos
+        cdef int wrap = start_wrap
+        cdef uint32_t room = self.size - held
+        cdef uint16_t buf_id
+        cdef int n = 0, got = 0
+        with nogil:
+            while True:
+                got = self._walk_packed(&pos, &wrap, room, &buf_id)
+                if got <= 0:
+                    break
+                room -= self.pslots[buf_id]
+                self.batch[n] = buf_id
+                n += 1
+        cdef int mapped, k
+        if n and self.image is not None:
+            mapped = self._map(n)
+            if mapped < n:  # left for the Python paths, from the first unmapped
+                for k in range(mapped, n):
+                    self.pslots[self.batch[k]] = 0
+                n = mapped
+                got = -1
+        done = []
+        if n:
+            n = self._claim_packed(n, start_pos, start_wrap)
+            self._start(n, done)
+        if got < 0 and not vq.broken:
+            done += self.python.drain()
+        return done
+
+    cdef int _claim_packed(self, int n, uint32_t pos, int wrap) except -1:
+        """The pass's ``n`` chains (their ids' slots already set) in flight: recorded in the
+        in-flight area in one call (:meth:`vhost.queue.inflight_packed.PackedInflightQueue
+        .popped_many`, with their ring descriptors as the walk read them), the queue's count and
+        avail position moved on (:meth:`vhost.queue.packed.PackedQueue.took`), as ``_take``
+        does for each; each holds the memory table's pins.  How many were claimed: all, unless
+        the in-flight area refused one (then, as the Python claim's QueueError does, the queue
+        stops, with a log line, and that chain and the rest stay available)."""
+        vq = self.vq
+        inflight = vq.inflight_area
+        cdef list entries = self.pentry
+        cdef list per_head = self.pins
+        pins = self._pins
+        cdef int i, k
+        cdef uint16_t buf_id
+        cdef uint32_t slots = 0, nslots
+        cdef char *dst
+        cdef list counts
+        cdef list recorded
+        if inflight is not None:
+            for i in range(n):
+                slots += self.pslots[self.batch[i]]
+            ring = PyBytes_FromStringAndSize(NULL, slots * sizeof(RawDesc))
+            dst = PyBytes_AS_STRING(ring)
+            counts = []
+            for i in range(n):
+                buf_id = self.batch[i]
+                nslots = self.pslots[buf_id]
+                # (RawDesc is the ring's own little-endian descriptor: addr, len, id, flags)
+                memcpy(dst, &self.raw[<uint64_t>buf_id * MAX_RING], sizeof(RawDesc) * nslots)
+                dst += sizeof(RawDesc) * nslots
+                counts.append(nslots)
+            recorded = []
+            try:
+                inflight.popped_many(ring, counts, recorded)
+            except InflightError as exc:
+                for k in range(len(recorded), n):
+                    self.pslots[self.batch[k]] = 0
+                n = len(recorded)
+                vq.broken = True
+                vq.error = QueueError(f"inflight area: {exc}")
+                log.error("queue %d: %s; the queue is stopped", self.handler.index, vq.error)
+            for i in range(n):
+                entries[self.batch[i]] = recorded[i]
+            slots = 0
+        for i in range(n):
+            buf_id = self.batch[i]
+            nslots = self.pslots[buf_id]
+            per_head[buf_id] = pins
+            slots += nslots
+            pos += nslots
+            if pos >= self.size:
+                pos -= self.size
+                wrap ^= 1
+        vq.took(n, slots, pos, wrap)
+        self.taken += n
+        self.stats.requests += n
+        if self.record is not None:
+            self.record.extend([self.batch[i] for i in range(n)])
+        return n
 
     cdef int _start(self, int n, list done) except -1:
         """Start the pass's requests: buffered writes and a lone cached read right here (as the
@@ -845,7 +1126,8 @@ cdef class FastPath:
         """A request of this path is done with ``res`` (bytes, or -errno): its status, counters
         and used length -- here when it moved all its bytes, else by the Python completion."""
         cdef Slot *slot = &self.slots[head]
-        if head >= self.size or not PyByteArray_AS_STRING(self.in_flight)[head]:
+        if head >= self.size or not (self.pslots[head] if self.packed
+                                     else PyByteArray_AS_STRING(self.in_flight)[head]):
             log.error("queue %d: io_uring completion for head %d not in flight: ignored",
                       self.handler.index, head)
             return 0

@@ -56,7 +56,7 @@ from vhost.queue import inflight_packed
 from vhost.queue.base import Queue, RingAddresses
 from vhost.queue.inflight import InflightArea, create_area
 from vhost.queue.packed import DESC as PACKED_DESC
-from vhost.queue.packed import FRESH_BASE, PackedQueue
+from vhost.queue.packed import F_AVAIL, F_USED, FRESH_BASE, PackedQueue
 from vhost.queue.split import (
     DESC,
     VIRTQ_DESC_F_INDIRECT,
@@ -86,13 +86,15 @@ LAYOUTS = ("split", "packed")
 #: compiler), its cases are skipped; CI checks it is built (.ci/run).
 CORES = ("python", "compiled")
 
-PLACES = ("A",) * 10 + ("B", "B", "AB", "RO", "HOLE")
+#: Where a piece lies: region A or B, across their boundary, the read-only region, the hole
+#: between regions, past the end of guest memory.
+PLACES = ("A",) * 10 + ("B", "B", "AB", "RO", "HOLE", "END")
 ALIGNS = ("page",) * 4 + ("sector", "sector", "odd")
 LENGTHS = (512,) * 2 + (4096,) * 6 + (8192, 1024, 448, 64, 3952, 2704, 1, 0)
 MUTATIONS = (None,) * 40 + (
     "header_15", "header_split", "status_2", "status_merged", "status_ro", "data_wrong_way",
     "extra_flag", "next_oob", "loop", "indirect_next", "indirect_len", "indirect_nested",
-    "indirect_shuffled", "zero_piece", "no_data",
+    "indirect_shuffled", "zero_piece", "no_data", "wrong_wrap",
 )
 TYPES = (ReqType.IN,) * 8 + (ReqType.OUT,) * 8 + (
     ReqType.FLUSH, ReqType.GET_ID, ReqType.DISCARD, 99, ReqType.IN | T_BARRIER,
@@ -212,7 +214,7 @@ class Allocator:
 
     def __init__(self) -> None:
         self.next = {"A": 0x10000, "B": B_GPA + 0x1000, "RO": RO_GPA + 0x100,
-                     "HOLE": 3 << 20}
+                     "HOLE": 3 << 20, "END": RO_GPA + RO_SIZE + 0x1000}
         self.ab = A_GPA + A_SIZE - 0x3000
 
     def take(self, place: str, length: int, align: str) -> int:
@@ -243,6 +245,8 @@ class Layout:
     layouts complete the same ids.  Mutations about ``next`` links have packed meanings: "loop"
     sets NEXT on a chain's last descriptor (it runs on into the slot after it), "next_oob" puts
     a buffer id past the ring in it; an indirect table is written in the layout's format.
+    "wrong_wrap" is the packed ring's own: a direct chain's last descriptor has AVAIL and USED
+    both set (not available in either lap) while the head is available (split: no change).
     """
 
     def __init__(self, sc: Scenario, layout: str = "split") -> None:
@@ -342,6 +346,9 @@ class Layout:
                 (addr, length, flags | (VIRTQ_DESC_F_NEXT if i + 1 < len(chain) or m == "loop"
                                         else 0), buf_id)
                 for i, (addr, length, flags) in enumerate(chain)]
+            if m == "wrong_wrap" and len(chain) > 1:
+                addr, length, flags, _ = self.chains[ids[0]][-1]
+                self.chains[ids[0]][-1] = (addr, length, flags | F_AVAIL | F_USED, buf_id)
             return ids[0]
         for i, (addr, length, flags) in enumerate(chain):
             last = i + 1 == len(chain)
@@ -497,7 +504,7 @@ class Rig:
                 continue  # the ring is full (a head published twice): the driver waits
             d.add_raw([(a, n, f) for a, n, f, _ in chain], chain[-1][3])
             self.outstanding += 1
-        if jump:  # a chain whose NEXT runs into a slot never made available
+        if jump and d.free_slots:  # a chain whose NEXT runs into a slot never made available
             d.add_raw([(A_GPA + 0x8000, 1, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT)], 0)
 
     def _take_packed_used(self) -> None:
@@ -789,15 +796,16 @@ SHAPE_SCENARIOS = [(shape, engine, shape_scenario(shape, engine))
                    for engine in ("inline", "io_uring")]
 
 
-#: (ring, core) pairs the properties run over: the compiled core serves split rings only (a
-#: packed ring gets the Python fast path from either core).
-RINGS_AND_CORES = [("split", "python"), ("packed", "python"), ("split", "compiled")]
+#: (ring, core) pairs the properties run over: every ring layout with every core.
+RINGS_AND_CORES = [("split", "python"), ("packed", "python"), ("split", "compiled"),
+                   ("packed", "compiled")]
 
 
 def compiled_serves(sc: Scenario, ring: str) -> bool:
-    """Whether the compiled core itself is meant to take ``sc``'s well-formed requests: split
-    ring, io_uring, no dirty logging (the Python fast path runs while pages are logged)."""
-    return ring == "split" and sc.engine == "io_uring" and not sc.dirty_log
+    """Whether the compiled core itself is meant to take ``sc``'s well-formed requests: a split
+    or packed ring, io_uring, no dirty logging (the Python fast path runs while pages are
+    logged)."""
+    return ring in LAYOUTS and sc.engine == "io_uring" and not sc.dirty_log
 
 
 @pytest.mark.parametrize(("ring", "core"), RINGS_AND_CORES)
@@ -857,6 +865,32 @@ def test_fast_path_is_invisible(ring: str, core: str) -> None:
                            None),
                        Req(ReqType.OUT, 16, [(4096, "RO", "page")], True, None)],
                       None, 5, "io_uring", False, False, 64, [3]))
+    # Faults after requests each core takes (io_uring: the compiled core's too), one per ring
+    # rule: a data piece past the end of guest memory; an IN whose data is in read-only memory;
+    # (packed) a chain's descriptor not available in the driver's lap -- the wrong wrap bit;
+    # a buffer id past the ring (split: a next link past the table); an indirect descriptor
+    # in a chain (its NEXT set).  The fast paths decline each, the generic path reports it.
+    @example(Scenario([Req(ReqType.IN, 0, [(4096, "A", "page")], False, None),
+                       Req(ReqType.OUT, 8, [(4096, "A", "page"), (4096, "END", "page")], False,
+                           None),
+                       Req(ReqType.IN, 16, [(4096, "B", "page")], False, None)],
+                      None, 6, "io_uring", False, False, 64, [3]))
+    @example(Scenario([Req(ReqType.OUT, 0, [(4096, "A", "page")], True, None),
+                       Req(ReqType.IN, 8, [(4096, "RO", "page")], False, None),
+                       Req(ReqType.IN, 16, [(4096, "B", "page")], True, None)],
+                      None, 8, "io_uring", False, False, 64, [3]))
+    @example(Scenario([Req(ReqType.IN, 0, [(4096, "A", "page")], False, None),
+                       Req(ReqType.OUT, 8, [(4096, "B", "page")], False, "wrong_wrap"),
+                       Req(ReqType.IN, 16, [(4096, "A", "page")], True, None)],
+                      None, 9, "io_uring", False, False, 64, [3]))
+    @example(Scenario([Req(ReqType.IN, 0, [(4096, "A", "page")], True, None),
+                       Req(ReqType.IN, 8, [(4096, "B", "page")], False, "next_oob"),
+                       Req(ReqType.OUT, 16, [(4096, "A", "page")], False, None)],
+                      None, 10, "io_uring", False, False, 64, [3]))
+    @example(Scenario([Req(ReqType.OUT, 0, [(4096, "A", "page")], False, None),
+                       Req(ReqType.IN, 8, [(4096, "A", "page")], True, "indirect_next"),
+                       Req(ReqType.IN, 16, [(4096, "B", "page")], False, None)],
+                      None, 11, "io_uring", False, False, 64, [3]))
     # The same without dirty logging: the compiled core's own requests fail, and it must hand
     # them to the Python completion, which reports them as the reference does.
     @example(Scenario([Req(ReqType.IN, 0, [(4096, "A", "page")], False, None),
@@ -890,7 +924,7 @@ def test_fast_path_is_invisible(ring: str, core: str) -> None:
 # ---------------------------------------------------------------- split and packed alike
 #: Mutations whose meaning differs between the layouts (a split ``next`` loop is an error, a
 #: packed chain with NEXT on its end runs on into the next slot).
-LAYOUT_SPECIFIC = ("loop",)
+LAYOUT_SPECIFIC = ("loop", "wrong_wrap")
 
 
 def device_visible(rig: Rig, ordered: bool) -> dict[str, object]:
@@ -1012,8 +1046,9 @@ def qcow2_mix(extra: str = "plain") -> Scenario:
     return Scenario(requests, None, seed, "io_uring", False, False, 64, [2])
 
 
+@pytest.mark.parametrize("ring", LAYOUTS)
 @pytest.mark.parametrize("core", CORES)
-def test_fast_path_is_invisible_on_qcow2(core: str) -> None:
+def test_fast_path_is_invisible_on_qcow2(core: str, ring: str) -> None:
     """The property on a qcow2 image whose clusters are allocated or holes: each core's fast
     path -- the compiled one maps offsets itself, restating
     :meth:`blockdev.qcow2.image.Qcow2Image.map_batch` in C -- serves every ring as the generic
@@ -1031,7 +1066,7 @@ def test_fast_path_is_invisible_on_qcow2(core: str) -> None:
     @given(qcow2_scenarios)
     @example(replace(qcow2_mix(), eio=2))  # the disk fails some: the Python completion
     def served_alike(sc: Scenario) -> None:
-        layout, taken, events, compiled = serve_both(sc, "split", core, fmt="qcow2")
+        layout, taken, events, compiled = serve_both(sc, ring, core, fmt="qcow2")
         for text in events:
             event(text)
         for head in taken:
@@ -1058,13 +1093,14 @@ def test_fast_path_is_invisible_on_qcow2(core: str) -> None:
         assert not never, f"the compiled core never took: {never}"
 
 
-def test_the_compiled_core_maps_allocated_clusters_and_leaves_holes() -> None:
+@pytest.mark.parametrize("ring", LAYOUTS)
+def test_the_compiled_core_maps_allocated_clusters_and_leaves_holes(ring: str) -> None:
     """One pass on qcow2: the compiled core takes the requests in allocated clusters up to the
     first it cannot map (a write into a hole: it allocates, the general path's work), and the
     Python fast path takes that one and everything after it, in order (it maps the last one
     itself)."""
     compiled_core_or_skip("compiled")
-    layout, taken, _, compiled = serve_both(qcow2_mix(), "split", "compiled", fmt="qcow2")
+    layout, taken, _, compiled = serve_both(qcow2_mix(), ring, "compiled", fmt="qcow2")
     heads = layout.heads
     assert compiled == set(heads[:6])
     assert taken == set(heads)  # the rest by the Python fast path (which maps them itself)

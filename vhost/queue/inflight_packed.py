@@ -49,9 +49,10 @@ recovery, as the split tracker does).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from vhost.compiled import optional_module
 from vhost.queue import inflight
 from vhost.queue.inflight import InflightError
 
@@ -85,6 +86,11 @@ _HEAD_PART = struct.Struct("<HHQ")  # last, num, counter (at _E_LAST)
 
 F_AVAIL = 1 << 7
 F_USED = 1 << 15
+#: A ring descriptor as the ring holds it (addr, len, id, flags): :meth:`popped_many`'s input.
+RING_DESC = struct.Struct("<QIHH")
+
+#: The compiled record of pops (:mod:`vhost.queue._packed_core`), when built and allowed.
+COMPILED_MODULE = "vhost.queue._packed_core"
 
 #: One ring descriptor as the region stores it: (addr, len, id, flags).
 RawDesc = tuple[int, int, int, int]
@@ -138,6 +144,15 @@ class PackedInflightQueue:
         self._next = [i + 1 if i + 1 < size else NO_ENTRY for i in range(size)]
         self._last = [0] * size
         self._free_head = 0
+        core = optional_module(COMPILED_MODULE)
+        self._popped_compiled: (
+            Callable[[PackedInflightQueue, bytes, list[int], list[int]], int] | None) = (
+            None if core is None else core.popped_many)
+        #: The compiled publishing and published, which do a plain batch or nothing.
+        self._publishing_compiled: Callable[[PackedInflightQueue, int, int], bool] | None = (
+            None if core is None else core.publishing)
+        self._published_compiled: Callable[[PackedInflightQueue], bool] | None = (
+            None if core is None else core.published)
 
     # ------------------------------------------------------------------ recovery
     def plan(self, ring_flags: Callable[[int], int]) -> Recovery:
@@ -293,13 +308,46 @@ class PackedInflightQueue:
         h[_OLD_FREE_HEAD] = node  # the commit point of the pop
         return head
 
+    def popped_many(self, ring: bytes, counts: Sequence[int], out: list[int]) -> None:
+        """:meth:`popped` for each chain of a pass, in order: ``ring`` holds their ring
+        descriptors back to back in the ring's own format (:data:`RING_DESC`), ``counts`` how
+        many each chain has; each chain's head entry is appended to ``out`` once it is recorded
+        (so a caller meeting the InflightError knows which were).  The compiled one
+        (:func:`vhost.queue._packed_core.popped_many`), where it runs, records the plain chains
+        and this loop whatever it left."""
+        done = 0
+        compiled = self._popped_compiled
+        if compiled is not None and isinstance(counts, list):
+            done = compiled(self, ring, counts, out)
+            if done == len(counts):
+                return
+        off = RING_DESC.size * sum(counts[:done])
+        for count in counts[done:]:
+            end = off + RING_DESC.size * count
+            out.append(self.popped(list(RING_DESC.iter_unpack(ring[off:end]))))
+            off = end
+
+    def compiled_view(self) -> tuple[memoryview, list[int], list[int], list[int]]:
+        """What the compiled code (:mod:`vhost.queue._packed_core`) updates in place of
+        :meth:`popped` and :meth:`used`: this queue's region of the area (it takes a slice per
+        call, so :meth:`release` works as before), the tracker's own copies of the links,
+        ``next`` and ``last`` per entry, and the batch of completed heads (it appends to it as
+        :meth:`used` does).  It reads and moves :attr:`counter` and the free list's head
+        itself."""
+        return self._view, self._next, self._last, self._batch
+
     def used(self, head: int) -> None:
         """The chain at entry ``head`` is completed (published with the next batch)."""
         self._batch.append(head)
 
     def publishing(self, used_idx: int, used_wrap: int) -> None:
         """Before the ring is written: the batch's entries back on the free list, the new
-        used position stored (not committed: ``old_*`` still hold the previous one)."""
+        used position stored (not committed: ``old_*`` still hold the previous one).  The
+        compiled one (:func:`vhost.queue._packed_core.publishing`) does a plain batch, else
+        this code."""
+        compiled = self._publishing_compiled
+        if compiled is not None and compiled(self, used_idx, used_wrap):
+            return
         v = self._view
         h = self._h
         nxt = self._next
@@ -312,7 +360,11 @@ class PackedInflightQueue:
         v[_USED_WRAP] = used_wrap
 
     def published(self) -> None:
-        """The batch is visible in the ring: clear its heads' bits, then commit."""
+        """The batch is visible in the ring: clear its heads' bits, then commit (the compiled
+        :func:`vhost.queue._packed_core.published` where it runs, for a plain batch)."""
+        compiled = self._published_compiled
+        if compiled is not None and compiled(self):
+            return
         v = self._view
         h = self._h
         for head in self._batch:

@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import logging
 import struct
+from array import array
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from guestmem import AccessError, GuestMemory, GuestRegion
 from guestmem.dirty_log import DirtyMarker
+from vhost.compiled import optional_module
 from vhost.messages import VirtioFeature
 from vhost.queue.base import (
     CHAIN_HEAD,
@@ -50,6 +53,9 @@ from vhost.queue.base import (
 )
 from vhost.queue.inflight import InflightError
 from vhost.queue.inflight_packed import PackedInflightQueue, RawDesc
+
+if TYPE_CHECKING:
+    from vhost.queue._packed_core import UsedSide
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,8 @@ EVENT_DESC = 2
 EVENT_SIZE = 4
 
 MAX_QUEUE_SIZE = 32768
+#: The compiled used side (and in-flight records) of a packed queue.
+COMPILED_MODULE = "vhost.queue._packed_core"
 #: SET_VRING_BASE value of a ring nobody used yet: both positions 0, both wrap counters 1.
 FRESH_BASE = 0x8000_8000
 #: Alignment virtio 2.8 requires of (descriptor ring, driver area, device area).
@@ -144,7 +152,9 @@ class PackedQueue:
         self._device_event = views[2].cast("H")
         avail, avail_wrap, used, used_wrap = decode_base(base)
         #: Chains popped and not completed, by buffer id: the ring slots each holds (0: none).
-        self._slots = [0] * size
+        #: An array of u16 (a chain holds at most the ring, 32768 slots), not a list: the
+        #: compiled walker (:meth:`compiled_view`) reads and sets it without the GIL.
+        self._slots = array("H", bytes(2 * size))
         #: Their head entries in the in-flight area.
         self._entry = [0] * size
         self.in_flight_count = 0
@@ -204,6 +214,16 @@ class PackedQueue:
         self._region: GuestRegion | None = None
         self._lo = self._hi = 0
         self._published = 0  # used elements published (ring_state)
+        #: The compiled used side (vhost.queue._packed_core) where it was built and the
+        #: environment allows it (vhost.compiled): the plain entries of add_used_many and
+        #: publish_used's loop.  None: the Python code does every entry.
+        self._used_core: UsedSide | None = None
+        core = optional_module(COMPILED_MODULE)
+        if core is not None:
+            try:
+                self._used_core = core.UsedSide(self)
+            except ValueError as exc:  # (not for a queue this class made) the Python loop
+                log.debug("queue %d: the Python used side runs: %s", index, exc)
 
     # ------------------------------------------------------------------ state
     def vring_base(self) -> int:
@@ -223,6 +243,38 @@ class PackedQueue:
     @property
     def replay_pending(self) -> bool:
         return bool(self._replay)
+
+    def compiled_view(self) -> tuple[memoryview, array[int], list[int], int, bool]:
+        """What a compiled walker of this ring (:mod:`virtio_blk._fastpath_core`) reads and
+        updates: the descriptor ring, the ring slots each buffer id in flight holds (set as it
+        claims, as :meth:`_take` does), the head entries of the in-flight area by buffer id,
+        the size, and whether INDIRECT_DESC was negotiated.
+
+        It applies the rules of :meth:`_gather`, :meth:`_parse` and :meth:`_walk` (declining,
+        not reporting, what breaks one), and claims as :meth:`_take` does: it moves
+        :attr:`next_avail`, :attr:`avail_wrap`, :attr:`in_flight_count` and the slots held
+        (:meth:`took`), and records each chain in :attr:`inflight_area` itself."""
+        return self._desc, self._slots, self._entry, self.size, self.indirect
+
+    @property
+    def inflight_area(self) -> PackedInflightQueue | None:
+        """The in-flight area of this queue (crash recovery), if the frontend gave one."""
+        return self._inflight
+
+    @property
+    def held_slots(self) -> int:
+        """Ring slots between the used and the avail position (chains in flight, or completed
+        and not yet published): a chain may take at most the rest of the ring."""
+        return self._held
+
+    def took(self, chains: int, slots: int, pos: int, wrap: int) -> None:
+        """A compiled walker claimed ``chains`` chains holding ``slots`` ring slots (their
+        ids' :attr:`_slots` and entries already set): the avail position is now ``pos`` in lap
+        ``wrap`` -- the end of :meth:`_take`, once for a pass."""
+        self.in_flight_count += chains
+        self._held += slots
+        self.next_avail = pos
+        self.avail_wrap = wrap
 
     def _ring_flags(self, slot: int) -> int:
         return int(self._desc_h[8 * slot + 7])
@@ -472,6 +524,21 @@ class PackedQueue:
         self.add_used_many([(head, length)])
 
     def add_used_many(self, done: list[tuple[int, int]]) -> None:
+        """Return each ``(buffer id, length)`` of a batch to the driver (published by
+        :meth:`publish_used`); a buffer id not in flight raises ValueError, the entries before
+        it added.  The compiled implementation (:func:`vhost.queue._packed_core.add_used_many`),
+        where it runs, adds the plain entries; :meth:`_add_used_python` whatever it left, and
+        states the rules."""
+        core = self._used_core
+        if core is not None:
+            added = core.add_used_many(self, done)
+            if added == len(done):
+                return
+            done = done[added:]
+        self._add_used_python(done)
+
+    def _add_used_python(self, done: list[tuple[int, int]]) -> None:
+        """:meth:`add_used_many` in Python: every entry, every rule."""
         slots = self._slots
         size = self.size
         inflight = self._inflight
@@ -502,21 +569,26 @@ class PackedQueue:
         first_flags = 0
         count = 0
         log_base = self.addresses.desc
-        for k, (buf_id, length, slots) in enumerate(pending):
-            flags = (F_AVAIL | F_USED if wrap else 0) | (F_WRITE if length else 0)
-            desc_h[8 * pos + 6] = buf_id
-            desc_w[4 * pos + 2] = length
-            if k:
-                desc_h[8 * pos + 7] = flags
-            else:
-                first_flags = flags
-            if dirty is not None:
-                dirty.record(log_base + DESC_SIZE * pos, DESC_SIZE)
-            count += slots
-            pos += slots
-            if pos >= size:
-                pos -= size
-                wrap ^= 1
+        core = self._used_core
+        written = core.write_used(self, pending) if core is not None and dirty is None else None
+        if written is not None:  # the compiled loop (no dirty log to mark) did it
+            pos, wrap, count, first_flags = written
+        else:
+            for k, (buf_id, length, slots) in enumerate(pending):
+                flags = (F_AVAIL | F_USED if wrap else 0) | (F_WRITE if length else 0)
+                desc_h[8 * pos + 6] = buf_id
+                desc_w[4 * pos + 2] = length
+                if k:
+                    desc_h[8 * pos + 7] = flags
+                else:
+                    first_flags = flags
+                if dirty is not None:
+                    dirty.record(log_base + DESC_SIZE * pos, DESC_SIZE)
+                count += slots
+                pos += slots
+                if pos >= size:
+                    pos -= size
+                    wrap ^= 1
         inflight = self._inflight
         if inflight is not None:
             inflight.publishing(pos, wrap)
@@ -579,6 +651,9 @@ class PackedQueue:
         return self.has_avail()
 
     def release(self) -> None:
+        if self._used_core is not None:  # its slices of the ring and the slots first
+            self._used_core.release()
+            self._used_core = None
         if self._inflight is not None:
             self._inflight.release()
             self._inflight = None

@@ -33,8 +33,9 @@ from tests.property.test_fastpath_differential import (
 )
 from tests.unit.cli_harness import assert_one_line_error, run
 from vhost import compiled
+from vhost.queue.packed import PackedQueue
 from vhost.queue.split import SplitQueue
-from vhost.runner.process import PublishingQueue
+from vhost.runner.process import PublishingPackedQueue, PublishingQueue
 from virtio_blk import core as cores
 from virtio_blk.fastpath import FastPath
 from virtio_blk.request import ReqType, Status
@@ -106,10 +107,11 @@ def _rig(engine: str, ring: str, core: str, tmp: str) -> Rig:
 
 
 @pytest.mark.parametrize(("engine", "ring", "compiled"), [
-    ("io_uring", "split", True), ("io_uring", "packed", False), ("inline", "split", False)])
-def test_the_compiled_core_serves_split_rings_on_io_uring(engine, ring, compiled) -> None:
-    """A split ring on the io_uring engine of a raw image gets the compiled fast path; a packed
-    ring or another engine keeps the Python one, whichever core runs."""
+    ("io_uring", "split", True), ("io_uring", "packed", True), ("inline", "split", False),
+    ("inline", "packed", False)])
+def test_the_compiled_core_serves_rings_on_io_uring(engine, ring, compiled) -> None:
+    """A split or packed ring on the io_uring engine of a raw image gets the compiled fast
+    path; another engine keeps the Python one, whichever core runs."""
     compiled_core_or_skip("compiled")
     with tempfile.TemporaryDirectory() as tmp:
         rig = _rig(engine, ring, "compiled", tmp)
@@ -251,3 +253,48 @@ def test_a_split_queue_that_keeps_the_rules_gets_the_compiled_core() -> None:
             vq.__class__ = SplitQueue
         finally:
             rig.close()
+
+
+def test_a_packed_queue_that_keeps_the_rules_gets_the_compiled_core() -> None:
+    """The same for a packed ring: a queue process's PublishingPackedQueue keeps the packed
+    ring's chain rules and is served; a subclass with a walk, a gather or a claim of its own
+    is not."""
+    compiled_core_or_skip("compiled")
+    module = cores.compiled_module()
+    assert module is not None
+
+    class OwnWalk(PackedQueue):
+        def _walk(self, descs, buf_id, indirect_rule):
+            return super()._walk(descs, buf_id, indirect_rule)
+
+    class OwnGather(PackedQueue):
+        def _gather(self):
+            return None
+
+    class OwnTake(PackedQueue):
+        def _take(self, buf_id, descs):
+            super()._take(buf_id, descs)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rig = _rig("io_uring", "packed", "compiled", tmp)
+        try:
+            vq = rig.vq
+            assert module.applicable(rig.handler, vq) is None
+            vq.__class__ = PublishingPackedQueue
+            assert module.applicable(rig.handler, vq) is None
+            for kind in (OwnWalk, OwnGather, OwnTake):
+                vq.__class__ = kind
+                assert "chain rules of its own" in module.applicable(rig.handler, vq)
+            vq.__class__ = PackedQueue
+        finally:
+            rig.close()
+
+
+def test_the_compiled_core_takes_packed_requests_itself() -> None:
+    """A packed ring's reads and writes in Linux's shapes, direct and indirect, each taken by
+    the compiled core itself (its record), with an in-flight area."""
+    compiled_core_or_skip("compiled")
+    sc = next(sc for shape, eng, sc in SHAPE_SCENARIOS
+              if shape == "several data runs" and eng == "io_uring")
+    layout, _, _, compiled = serve_both(sc, "packed", "compiled")
+    assert compiled == set(layout.heads)
