@@ -22,8 +22,8 @@ built-in virtio-blk shows as well in the migration series (QEMU 7.2's TCG, no vh
 involved: :func:`qemu_guest.migration.builtin_also_crashes` -- those RIPs, a NULL pointer
 dereference outside the disk path, or any crash in timer code, where the built-in device's,
 qemu-storage-daemon's and this server's runs all crashed) runs the scenario once more, with the
-first attempt's diagnostics printed.  Never for a hang, a verify error, a crash in blk-mq, virtio or list code,
-or any other crash.
+first attempt's diagnostics printed.  Never for a hang, a verify error, a crash in blk-mq, virtio or
+list code, or any other crash.
 """
 
 from __future__ import annotations
