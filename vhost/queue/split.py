@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from functools import partial
 from typing import TYPE_CHECKING, NoReturn
 
 from guestmem import AccessError, GuestMemory, GuestRegion
@@ -42,6 +43,9 @@ from vhost.queue.base import (
     CHAIN_HEAD,
     CHAIN_TOKEN,
     MAX_CHAIN_BYTES,
+    PASS_AGAIN,
+    PASS_CALL,
+    PASS_QUIET,
     DescriptorChain,
     QueueError,
     RingAddresses,
@@ -760,6 +764,36 @@ class SplitQueue:
                 self.dirty.record(self.used_log_addr, 2)
         full_fence()
         return self._avail[1] != self.next_avail
+
+    # ------------------------------------------------------------------ the end of a pass
+    def end_pass(self) -> int:
+        """:meth:`enable_notifications`, then -- unless chains arrived meanwhile
+        (:data:`~vhost.queue.base.PASS_AGAIN`: nothing published, the worker drains again) --
+        :meth:`publish_used`: :data:`~vhost.queue.base.PASS_CALL` if the driver wants a call,
+        else :data:`~vhost.queue.base.PASS_QUIET`.
+
+        The statement of the rule (:func:`vhost.queue.base.pass_ender`'s contract); the
+        compiled ``UsedRing.end_pass`` does the same in one call, and hands the pass to this
+        method while dirty pages are logged.
+        """
+        if self.enable_notifications():
+            return PASS_AGAIN
+        return PASS_CALL if self.publish_used() else PASS_QUIET
+
+    def pass_ender(self) -> Callable[[], int]:
+        """What the worker calls at the end of each pass (:func:`vhost.queue.base.pass_ender`):
+        the compiled end of a pass where the compiled used side runs, else :meth:`end_pass`.
+
+        A subclass that changes :meth:`enable_notifications` or :meth:`publish_used` (or
+        :meth:`end_pass`) gets its own methods: the compiled code implements these ones.
+        """
+        core = self._used_core
+        cls = type(self)
+        if (core is None or cls.end_pass is not SplitQueue.end_pass
+                or cls.publish_used is not SplitQueue.publish_used
+                or cls.enable_notifications is not SplitQueue.enable_notifications):
+            return self.end_pass
+        return partial(core.end_pass, self)
 
     def release(self) -> None:
         """Drop the ring views so guest memory can be unmapped."""

@@ -21,7 +21,7 @@ import threading
 import time
 
 from vhost.device import QueueHandler
-from vhost.queue.base import Queue, QueueError
+from vhost.queue.base import PASS_AGAIN, PASS_CALL, Queue, QueueError, pass_ender
 from vhost.runner.base import Notifier, RemoteLog
 
 __all__ = ["Notifier", "QueueWorker"]
@@ -51,6 +51,8 @@ class QueueWorker:
     ) -> None:
         self.vq = vq
         self.handler = handler
+        # enable notifications, re-check, publish: one call (compiled for a split ring)
+        self._end_pass = pass_ender(vq)
         self.kick_fd = kick_fd
         self.call = call
         self.err = err
@@ -201,8 +203,11 @@ class QueueWorker:
                 if vq.broken:
                     self._report_broken()
                     break
-                if not vq.enable_notifications():
-                    break
+                ended = self._end_pass()
+                if ended != PASS_AGAIN:
+                    if ended == PASS_CALL:
+                        self.call.signal()
+                    return
         if vq.publish_used():
             self.call.signal()
 
