@@ -33,6 +33,7 @@ from vhost.compiled import ENV, optional_module
 from vhost.queue import inflight as inf
 from vhost.queue.base import PASS_AGAIN, PASS_CALL, PASS_QUIET
 from vhost.queue.split import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_WRITE, SplitQueue
+from vhost.runner.process import PublishingQueue
 
 CORE = "vhost.queue._split_core"
 
@@ -240,3 +241,23 @@ def test_end_pass_outcomes(core: str, event_idx: bool, used_event: int, signalle
     """Each outcome, by hand, for both implementations (each line a case a broken re-check,
     need_event or flag test gets wrong)."""
     assert _one_pass(core, event_idx, used_event, signalled, flags, ahead) == expected
+
+
+def test_a_queue_process_queue_tells_before_the_compiled_publish() -> None:
+    """A queue process's queue (PublishingQueue: its counters told just before a used.idx store
+    that moves) ends its passes through the compiled code too, and still tells first."""
+    side = Side("compiled", 8, 0xFFFF, EVENT_IDX | INDIRECT, True)
+    vq = side.vq
+    vq.__class__ = PublishingQueue
+    assert isinstance(vq, PublishingQueue)
+    told: list[tuple[int, int]] = []  # (used.idx the driver sees, the queue's next_used)
+    vq.changed = lambda: told.append((side.ring.used_idx(), vq.next_used))
+    end = vq.pass_ender()
+    side.ring.publish(5)
+    assert [c.head for c in vq.pop_batch()] == [5]
+    vq.add_used_many([(5, 1)])
+    assert end() == PASS_CALL
+    assert told == [(0xFFFF, 0)]  # before the store of used.idx 0xFFFF -> 0
+    assert side.ring.used_idx() == 0
+    assert end() == PASS_QUIET and len(told) == 1  # nothing moved: nothing told
+    assert side.counted is not None and side.counted.ends == 2 and side.python_ends == 0

@@ -787,13 +787,19 @@ class SplitQueue:
         A subclass that changes :meth:`enable_notifications` or :meth:`publish_used` (or
         :meth:`end_pass`) gets its own methods: the compiled code implements these ones.
         """
-        core = self._used_core
         cls = type(self)
-        if (core is None or cls.end_pass is not SplitQueue.end_pass
+        compiled = self.compiled_pass_end()
+        if (compiled is None or cls.end_pass is not SplitQueue.end_pass
                 or cls.publish_used is not SplitQueue.publish_used
                 or cls.enable_notifications is not SplitQueue.enable_notifications):
             return self.end_pass
-        return partial(core.end_pass, self)
+        return compiled
+
+    def compiled_pass_end(self) -> Callable[[], int] | None:
+        """The compiled :meth:`end_pass` of this queue (it implements SplitQueue's methods,
+        whatever a subclass changed), or None where the compiled used side does not run."""
+        core = self._used_core
+        return None if core is None else partial(core.end_pass, self)
 
     def release(self) -> None:
         """Drop the ring views so guest memory can be unmapped."""
