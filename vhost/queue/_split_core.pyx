@@ -182,7 +182,7 @@ cdef class UsedRing:
         self._area = None
         self._batch = None
         cdef Py_buffer *ab
-        inflight = queue._inflight
+        inflight = queue.inflight_area
         if inflight is not None:
             view, batch = inflight.compiled_view()
             if not PyList_CheckExact(batch):
@@ -287,7 +287,7 @@ cdef class UsedRing:
         vsc_release_u16(self.ring + 2, new)  # one 16-bit store, after the elements
         queue._published_used = new
         if self.area != NULL and not self._published(new):
-            queue._inflight.published(new)
+            queue.inflight_area.published(new)
         vsc_full_fence()
         cdef uint16_t used_event
         if self.event_idx:
