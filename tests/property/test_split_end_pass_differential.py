@@ -21,6 +21,8 @@ and never through the Python one (except while dirty pages are logged, which it 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 from unittest import mock
 
@@ -44,6 +46,14 @@ pytestmark = pytest.mark.skipif(
 NAMES = {PASS_AGAIN: "again", PASS_QUIET: "quiet", PASS_CALL: "call"}
 
 
+def _outcome(call: Callable[[], Any]) -> tuple[Any, tuple[str, str] | None]:
+    """What ``call`` returned, and the exception it raised as (type, message)."""
+    try:
+        return call(), None
+    except Exception as exc:  # every exception is compared, whatever it is
+        return None, (type(exc).__name__, str(exc))
+
+
 class _Counted:
     """A queue's compiled used side, counting its ``end_pass`` calls."""
 
@@ -56,9 +66,9 @@ class _Counted:
         added: int = self.core.add_used_many(queue, done, next_used)
         return added
 
-    def end_pass(self, queue: SplitQueue) -> int:
+    def end_pass(self, queue: SplitQueue, done: list[tuple[int, int]]) -> int:
         self.ends += 1
-        ended: int = self.core.end_pass(queue)
+        ended: int = self.core.end_pass(queue, done)
         return ended
 
     def release(self) -> None:
@@ -100,9 +110,9 @@ class Side:
         self.python_ends = 0
         python = self.vq.end_pass
 
-        def counted_python() -> int:
+        def counted_python(done: list[tuple[int, int]]) -> int:
             self.python_ends += 1
-            return python()
+            return python(done)
         self.vq.end_pass = counted_python  # type: ignore[method-assign]
         # (after the counting is in place: the ender binds the core it finds)
         self.end = self.vq.pass_ender()
@@ -139,9 +149,13 @@ def test_compiled_end_pass_matches_python(data: st.DataObject, size: int, start:
         in_flight = [h for h in range(size) if py.vq._in_flight[h]]
         done = data.draw(st.lists(st.sampled_from(in_flight), unique=True), label="done") \
             if in_flight else []
-        lengths = [data.draw(st.integers(0, 4096), label="length") for _ in done]
-        for side in sides:
-            side.vq.add_used_many(list(zip(done, lengths, strict=True)))
+        batch: list[tuple[Any, Any]] = [
+            (head, data.draw(st.integers(0, 4096), label="length")) for head in done]
+        # now and then an entry the add refuses (not in flight, out of range, a length past a
+        # u32): the same exception, the entries before it added, nothing published
+        if data.draw(st.integers(0, 7), label="bad entry") == 0:
+            batch.append(data.draw(st.sampled_from(
+                [(size, 1), (-1, 1), (0, 2**32), (0, -1), (True, 1)]), label="bad"))
         # The driver's side meanwhile: chains made available behind the device's back (the
         # re-check must see them), its flags, and used_event anywhere -- around the entries
         # about to be published too, where the 16-bit need_event comparison decides.
@@ -149,7 +163,8 @@ def test_compiled_end_pass_matches_python(data: st.DataObject, size: int, start:
         behind = data.draw(st.lists(st.sampled_from(free), unique=True, max_size=2),
                            label="made available behind the device's back") \
             if free and data.draw(st.integers(0, 3), label="arrive") == 0 else []
-        published, new = py.vq._published_used, py.vq.next_used
+        published = py.vq._published_used
+        new = (py.vq.next_used + len(done)) & 0xFFFF  # (if the add goes through)
         near = data.draw(st.sampled_from([None, published, new]), label="used_event near")
         used_event = data.draw(st.integers(0, 0xFFFF), label="used_event") if near is None \
             else (near + data.draw(st.integers(-2, 2), label="used_event offset")) & 0xFFFF
@@ -164,15 +179,20 @@ def test_compiled_end_pass_matches_python(data: st.DataObject, size: int, start:
             side.ring.set_avail_flags(flags)
             side.vq._signalled_used = signalled
         assert py.state() == cc.state()
-        outcomes = [side.end() for side in sides]
+        outcomes = [_outcome(partial(side.end, list(batch))) for side in sides]
         ends += 1
         assert outcomes[0] == outcomes[1]
         assert py.state() == cc.state()
-        event(f"event_idx {event_idx}: {NAMES[outcomes[0]]}"
-              f"{' (nothing new)' if new == published else ''}")
-        if new < published:
-            event("the used index wrapped past 0xFFFF")
-        assert (outcomes[0] == PASS_AGAIN) == bool(behind)
+        ended, error = outcomes[0]
+        if error is not None:  # the add refused an entry: the pass ends there, nothing published
+            event(f"the add refused an entry: {error[0]}")
+            assert py.vq._published_used == published
+        else:
+            event(f"event_idx {event_idx}: {NAMES[ended]}"
+                  f"{' (nothing new)' if new == published else ''}")
+            if new < published:
+                event("the used index wrapped past 0xFFFF")
+            assert (ended == PASS_AGAIN) == bool(behind)
         for side in sides if behind else ():  # the worker's loop drains what arrived
             assert [c.head for c in side.vq.pop_batch()] == behind
         assert py.state() == cc.state()
@@ -193,9 +213,9 @@ def test_compiled_end_pass_hands_dirty_logging_to_python(event_idx: bool) -> Non
     for side, marker in zip((py, cc), markers, strict=True):
         side.ring.publish(1, 2, 3)
         assert [c.head for c in side.vq.pop_batch()] == [1, 2, 3]
-        side.vq.add_used_many([(2, 7), (1, 0), (3, 4096)])
         side.vq.dirty = marker  # type: ignore[assignment]
-    assert py.end() == cc.end() == PASS_CALL
+    assert py.end([(2, 7), (1, 0), (3, 4096)]) == cc.end([(2, 7), (1, 0), (3, 4096)]) \
+        == PASS_CALL
     assert markers[0].calls == markers[1].calls and markers[0].calls
     assert py.state() == cc.state()
     assert cc.counted is not None and cc.counted.ends == 1 and cc.python_ends == 1
@@ -208,12 +228,11 @@ def _one_pass(core: str, event_idx: bool, used_event: int, signalled: int | None
     side = Side(core, 4, 0xFFFF, INDIRECT | (EVENT_IDX if event_idx else 0), True)
     side.ring.publish(2)
     assert [c.head for c in side.vq.pop_batch()] == [2]
-    side.vq.add_used_many([(2, 1)])
     side.ring.set_used_event(used_event)
     side.ring.set_avail_flags(flags)
     side.ring._avail_h[1] = (side.vq.next_avail + ahead) & 0xFFFF
     side.vq._signalled_used = signalled
-    ended = side.end()
+    ended = side.end([(2, 1)])
     if core == "compiled":
         assert side.counted is not None and side.counted.ends == 1 and side.python_ends == 0
     return ended, side.ring.used_idx()
@@ -255,9 +274,8 @@ def test_a_queue_process_queue_tells_before_the_compiled_publish() -> None:
     end = vq.pass_ender()
     side.ring.publish(5)
     assert [c.head for c in vq.pop_batch()] == [5]
-    vq.add_used_many([(5, 1)])
-    assert end() == PASS_CALL
-    assert told == [(0xFFFF, 0)]  # before the store of used.idx 0xFFFF -> 0
-    assert side.ring.used_idx() == 0
-    assert end() == PASS_QUIET and len(told) == 1  # nothing moved: nothing told
+    assert end([(5, 1)]) == PASS_CALL
+    assert told == [(0xFFFF, 0xFFFF)]  # before the add, and the store of used.idx 0xFFFF -> 0
+    assert side.ring.used_idx() == 0 and side.ring.used_elem(0xFFFF & 7) == (5, 1)
+    assert end([]) == PASS_QUIET and len(told) == 1  # nothing moved: nothing told
     assert side.counted is not None and side.counted.ends == 2 and side.python_ends == 0

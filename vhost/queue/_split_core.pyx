@@ -213,6 +213,10 @@ cdef class UsedRing:
         (MemoryError), the queue's two fields are set here before the error propagates, so
         they agree with what was written.
         """
+        return self._add(queue, done, next_used)
+
+    cdef Py_ssize_t _add(self, queue, done, uint16_t next_used) except -1:
+        """:meth:`add_used_many`, callable from C."""
         if not PyList_CheckExact(done) or self.size == 0:
             return 0
         cdef Py_ssize_t n = len(<list>done)
@@ -252,21 +256,33 @@ cdef class UsedRing:
             raise
         return i
 
-    def end_pass(self, queue):
+    def end_pass(self, queue, done):
         """:meth:`vhost.queue.split.SplitQueue.end_pass` of ``queue`` (the queue this was made
-        for): ask for a kick on the next buffer, fence, re-check avail.idx (``PASS_AGAIN``),
-        else publish the used entries, fence, and say whether the driver wants a call
-        (``PASS_CALL`` / ``PASS_QUIET``).
+        for): the entries of ``done`` added, then ask for a kick on the next buffer, fence,
+        re-check avail.idx (``PASS_AGAIN``), else publish the used entries, fence, and say
+        whether the driver wants a call (``PASS_CALL`` / ``PASS_QUIET``).
 
-        The stores and loads of :meth:`~SplitQueue.enable_notifications` then
-        :meth:`~SplitQueue.publish_used`, in their order, with their two store->load fences
-        (here ``mfence`` instead of a locked instruction), and the same updates of the queue's
-        fields and of the in-flight area (:meth:`InflightQueue.published`).  While dirty pages
-        are logged (a migration), and once the views were released, the Python method runs
-        instead: it states the logging, and reports a released view as it always did.
+        :meth:`~SplitQueue.add_used_many` as that method dispatches it (the plain entries here,
+        the rest by its Python loop, which raises for a bad one), then the stores and loads of
+        :meth:`~SplitQueue.enable_notifications` and :meth:`~SplitQueue.publish_used`, in their
+        order, with their two store->load fences (here ``mfence`` instead of a locked
+        instruction), and the same updates of the queue's fields and of the in-flight area
+        (:meth:`InflightQueue.published`).  While dirty pages are logged (a migration), and once
+        the views were released, the Python method runs instead: it states the logging, and
+        reports a released view as it always did.
         """
         if self.ring == NULL or queue.dirty is not None:
-            return queue.end_pass()
+            return queue.end_pass(done)
+        cdef uint16_t next_used
+        cdef Py_ssize_t added
+        if done:
+            next_used = queue.next_used
+            added = self._add(queue, done, next_used)
+            if added:
+                queue.next_used = <uint16_t>(next_used + added)
+                queue.in_flight_count -= added
+            if added != len(done):
+                queue._add_used_python(done[added:])
         cdef long long size = self.size
         cdef uint16_t next_avail = queue.next_avail
         # enable_notifications: avail_event (EVENT_IDX) or the used ring's flags, then the

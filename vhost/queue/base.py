@@ -225,10 +225,12 @@ PASS_QUIET: Final = 1
 PASS_CALL: Final = 2
 
 
-def pass_ender(queue: Queue) -> Callable[[], int]:
-    """The end of one worker pass on ``queue``, as one call: :meth:`Queue.enable_notifications`,
-    then -- unless chains arrived meanwhile (:data:`PASS_AGAIN`) -- :meth:`Queue.publish_used`
-    (:data:`PASS_CALL` if the driver wants a notification, else :data:`PASS_QUIET`).
+def pass_ender(queue: Queue) -> Callable[[list[tuple[int, int]]], int]:
+    """The end of one worker pass on ``queue``, as one call ``ender(done)``: the pass's
+    completions ``done`` added (:meth:`Queue.add_used_many`, which raises for a head not in
+    flight), :meth:`Queue.enable_notifications`, then -- unless chains arrived meanwhile
+    (:data:`PASS_AGAIN`) -- :meth:`Queue.publish_used` (:data:`PASS_CALL` if the driver wants
+    a notification, else :data:`PASS_QUIET`).
 
     The worker asks for it once per queue.  A layout may do it in one go -- a method
     ``pass_ender()`` returning such a callable, with this contract (the split ring has one: its
@@ -237,10 +239,12 @@ def pass_ender(queue: Queue) -> Callable[[], int]:
     """
     own = getattr(queue, "pass_ender", None)
     if own is not None:
-        ender: Callable[[], int] = own()
+        ender: Callable[[list[tuple[int, int]]], int] = own()
         return ender
 
-    def end_pass() -> int:
+    def end_pass(done: list[tuple[int, int]]) -> int:
+        if done:
+            queue.add_used_many(done)
         if queue.enable_notifications():
             return PASS_AGAIN
         return PASS_CALL if queue.publish_used() else PASS_QUIET

@@ -765,8 +765,9 @@ class SplitQueue:
         return self._avail[1] != self.next_avail
 
     # ------------------------------------------------------------------ the end of a pass
-    def end_pass(self) -> int:
-        """:meth:`enable_notifications`, then -- unless chains arrived meanwhile
+    def end_pass(self, done: list[tuple[int, int]]) -> int:
+        """The pass's completions ``done`` added (:meth:`add_used_many`), then
+        :meth:`enable_notifications`, then -- unless chains arrived meanwhile
         (:data:`~vhost.queue.base.PASS_AGAIN`: nothing published, the worker drains again) --
         :meth:`publish_used`: :data:`~vhost.queue.base.PASS_CALL` if the driver wants a call,
         else :data:`~vhost.queue.base.PASS_QUIET`.
@@ -775,11 +776,13 @@ class SplitQueue:
         compiled ``UsedRing.end_pass`` does the same in one call, and hands the pass to this
         method while dirty pages are logged.
         """
+        if done:
+            self.add_used_many(done)
         if self.enable_notifications():
             return PASS_AGAIN
         return PASS_CALL if self.publish_used() else PASS_QUIET
 
-    def pass_ender(self) -> Callable[[], int]:
+    def pass_ender(self) -> Callable[[list[tuple[int, int]]], int]:
         """What the worker calls at the end of each pass (:func:`vhost.queue.base.pass_ender`):
         the compiled end of a pass where the compiled used side runs, else :meth:`end_pass`.
 
@@ -789,12 +792,13 @@ class SplitQueue:
         cls = type(self)
         compiled = self.compiled_pass_end()
         if (compiled is None or cls.end_pass is not SplitQueue.end_pass
+                or cls.add_used_many is not SplitQueue.add_used_many
                 or cls.publish_used is not SplitQueue.publish_used
                 or cls.enable_notifications is not SplitQueue.enable_notifications):
             return self.end_pass
         return compiled
 
-    def compiled_pass_end(self) -> Callable[[], int] | None:
+    def compiled_pass_end(self) -> Callable[[list[tuple[int, int]]], int] | None:
         """The compiled :meth:`end_pass` of this queue (it implements SplitQueue's methods,
         whatever a subclass changed), or None where the compiled used side does not run."""
         core = self._used_core

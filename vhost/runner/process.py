@@ -209,9 +209,11 @@ class PublishingQueue(SplitQueue):
     changed: Callable[[], None] | None = None
     _seen_avail = -1
 
-    def _tell(self) -> None:
+    def _tell(self, adding: bool = False) -> None:
+        """``changed()`` if the used index is about to move (or entries are, ``adding``) or the
+        avail index moved."""
         changed = self.changed
-        if changed is not None and (self.next_used != self._published_used
+        if changed is not None and (adding or self.next_used != self._published_used
                                     or self.next_avail != self._seen_avail):
             self._seen_avail = self.next_avail
             changed()
@@ -220,15 +222,15 @@ class PublishingQueue(SplitQueue):
         self._tell()
         return super().publish_used()
 
-    def pass_ender(self) -> Callable[[], int]:
+    def pass_ender(self) -> Callable[[list[tuple[int, int]]], int]:
         compiled = self.compiled_pass_end()
         if compiled is None:
             return self.end_pass
         tell = self._tell
 
-        def end_pass() -> int:
-            tell()
-            return compiled()
+        def end_pass(done: list[tuple[int, int]]) -> int:
+            tell(bool(done))  # (the requests of done are counted: they completed)
+            return compiled(done)
         return end_pass
 
 

@@ -224,13 +224,15 @@ class QueueWorker:
                 if chains:
                     self.batches += 1
                     finished += handler.submit_batch(chains)
-                if finished:  # (an empty add costs as much as a small publish)
-                    vq.add_used_many(finished)
-                    self.completed += len(finished)
                 if vq.broken:
+                    if finished:
+                        vq.add_used_many(finished)
+                        self.completed += len(finished)
                     self._report_broken()
                     break
-                ended = self._end_pass()
+                # add the completions, enable notifications, re-check, publish: one call
+                ended = self._end_pass(finished)
+                self.completed += len(finished)
                 if ended != PASS_AGAIN:
                     if ended == PASS_CALL:
                         self.call.signal()
