@@ -22,6 +22,7 @@ import os
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from operator import attrgetter
 from time import monotonic_ns
 from typing import TYPE_CHECKING, Any, cast
@@ -459,6 +460,17 @@ class BlkQueueHandler(QueueHandler):
                 return []
             fast = self._fast = make_fast_path(self, vq)
         return fast.drain()
+
+    def ring_submitter(self, vq: Queue) -> Callable[[], list[tuple[int, int]]]:
+        """:meth:`submit_from_ring` of ``vq`` for the worker: the fast path's own ``drain`` (the
+        compiled one's is a C method: no Python frame in between), or, with the fast path off,
+        :meth:`submit_from_ring` bound (it finds nothing)."""
+        if not self.device.fast_path:
+            return partial(self.submit_from_ring, vq)
+        fast = self._fast
+        if fast is None or fast.vq is not vq:
+            fast = self._fast = make_fast_path(self, vq)
+        return fast.drain
 
     # ------------------------------------------------------------------ QueueHandler
     def submit(self, chain: DescriptorChain) -> int | None:

@@ -15,7 +15,7 @@ the queue is marked ``broken`` and stays so until the driver resets it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -216,6 +216,39 @@ class Queue(Protocol):
 
     def release(self) -> None:
         """Drop every view of guest memory so it can be unmapped."""
+
+
+#: What the end of a worker pass found (:func:`pass_ender`): buffers arrived while kicks were
+#: off (nothing published: drain again); published, no call wanted; published, call wanted.
+PASS_AGAIN: Final = 0
+PASS_QUIET: Final = 1
+PASS_CALL: Final = 2
+
+
+def pass_ender(queue: Queue) -> Callable[[list[tuple[int, int]]], int]:
+    """The end of one worker pass on ``queue``, as one call ``ender(done)``: the pass's
+    completions ``done`` added (:meth:`Queue.add_used_many`, which raises for a head not in
+    flight), :meth:`Queue.enable_notifications`, then -- unless chains arrived meanwhile
+    (:data:`PASS_AGAIN`) -- :meth:`Queue.publish_used` (:data:`PASS_CALL` if the driver wants
+    a notification, else :data:`PASS_QUIET`).
+
+    The worker asks for it once per queue.  A layout may do it in one go -- a method
+    ``pass_ender()`` returning such a callable, with this contract (the split ring has one: its
+    compiled core does both with their fences in C, the one call of a pass at batch 1 that is
+    not the device's); this composes the two methods otherwise.
+    """
+    own = getattr(queue, "pass_ender", None)
+    if own is not None:
+        ender: Callable[[list[tuple[int, int]]], int] = own()
+        return ender
+
+    def end_pass(done: list[tuple[int, int]]) -> int:
+        if done:
+            queue.add_used_many(done)
+        if queue.enable_notifications():
+            return PASS_AGAIN
+        return PASS_CALL if queue.publish_used() else PASS_QUIET
+    return end_pass
 
 
 def simple_chains(queue: Queue, max_pieces: int) -> Generator[SimpleChain, None, None]:

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from functools import partial
 from typing import TYPE_CHECKING, NoReturn
 
 from guestmem import AccessError, GuestMemory, GuestRegion
@@ -42,6 +43,9 @@ from vhost.queue.base import (
     CHAIN_HEAD,
     CHAIN_TOKEN,
     MAX_CHAIN_BYTES,
+    PASS_AGAIN,
+    PASS_CALL,
+    PASS_QUIET,
     DescriptorChain,
     QueueError,
     RingAddresses,
@@ -165,13 +169,20 @@ class SplitQueue:
         self.used_log_addr = addresses.used
         # Crash recovery (INFLIGHT_SHMFD): heads a previous backend popped and never completed
         # come back first, oldest first; the avail ring continues after all of them.
-        self._inflight = inflight
+        #: The in-flight area of this queue (crash recovery), if the frontend gave one.
+        #: (Plain attributes, this and :attr:`replay_pending`, not properties: the compiled
+        #: fast path reads them in every pass, and a property is a Python call from C.)
+        self.inflight_area: InflightQueue | None = inflight
         self._replay: list[int] = []
+        #: Heads from before a restart are still to be resubmitted (they come first): whether
+        #: ``_replay`` is not empty, set wherever it changes.
+        self.replay_pending = False
         if inflight is not None:
             try:
                 self._replay = inflight.recover(self._used[1])
             except InflightError as exc:
                 raise QueueError(f"inflight area: {exc}") from exc
+            self.replay_pending = bool(self._replay)
             if self._replay:
                 self.next_avail = (self._used[1] + len(self._replay)) & 0xFFFF
                 log.info("queue %d: resubmitting %d requests from before the restart; avail "
@@ -268,6 +279,8 @@ class SplitQueue:
             self.broken = True
             self.error = exc
             return
+        finally:
+            self.replay_pending = bool(self._replay)
         log.info("queue %d: resubmitted %d in-flight requests", self.index, len(out) - start)
 
     def _take(self, head: int, source: str, tracked: bool = False) -> DescriptorChain:
@@ -291,8 +304,8 @@ class SplitQueue:
             readable, writable, rlen, wlen, _ = self._walk(head, MAX_QUEUE_SIZE, source)
         self._in_flight[head] = 1
         self.in_flight_count += 1
-        if self._inflight is not None and not tracked:
-            self._inflight.popped(head)
+        if self.inflight_area is not None and not tracked:
+            self.inflight_area.popped(head)
         return DescriptorChain(head, readable, writable, rlen, wlen)
 
     def compiled_view(self) -> tuple[memoryview, memoryview, bytearray, int, bool]:
@@ -303,16 +316,6 @@ class SplitQueue:
         :attr:`next_avail` and :attr:`in_flight_count` and records each claim in
         :attr:`inflight_area` itself."""
         return self._desc, self._avail, self._in_flight, self.size, self.indirect
-
-    @property
-    def inflight_area(self) -> InflightQueue | None:
-        """The in-flight area of this queue (crash recovery), if the frontend gave one."""
-        return self._inflight
-
-    @property
-    def replay_pending(self) -> bool:
-        """Heads from before a restart are still to be resubmitted (they come first)."""
-        return bool(self._replay)
 
     # ------------------------------------------------------------------ the bounded simple pop
     def peek_simple(self, max_pieces: int) -> SimpleChain | None:
@@ -355,7 +358,7 @@ class SplitQueue:
         mask = self._mask
         simple = self._simple
         in_flight = self._in_flight
-        inflight = self._inflight
+        inflight = self.inflight_area
         for _ in range(pending):
             next_avail = self.next_avail
             head = avail[2 + (next_avail & mask)]
@@ -406,8 +409,8 @@ class SplitQueue:
             raise ValueError(f"chain at head {head} is not the one peek_simple found next")
         self._in_flight[head] = 1
         self.in_flight_count += 1
-        if self._inflight is not None:
-            self._inflight.popped(head)
+        if self.inflight_area is not None:
+            self.inflight_area.popped(head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
 
     # ------------------------------------------------------------------ chain rules
@@ -686,7 +689,7 @@ class SplitQueue:
         used = self._used_bytes
         mask = self._mask
         pack = USED_ELEM.pack_into
-        inflight = self._inflight
+        inflight = self.inflight_area
         for head, length in done:
             if not 0 <= head < size or not in_flight[head]:
                 raise ValueError(f"head {head} is not in flight")
@@ -718,8 +721,8 @@ class SplitQueue:
         if dirty is not None:
             dirty.mark(self.used_log_addr + 2, 2)
         self._published_used = new
-        if self._inflight is not None:
-            self._inflight.published(new)
+        if self.inflight_area is not None:
+            self.inflight_area.published(new)
         full_fence()
         if self.event_idx:
             used_event = self._avail[self._used_event_slot]
@@ -761,14 +764,54 @@ class SplitQueue:
         full_fence()
         return self._avail[1] != self.next_avail
 
+    # ------------------------------------------------------------------ the end of a pass
+    def end_pass(self, done: list[tuple[int, int]]) -> int:
+        """The pass's completions ``done`` added (:meth:`add_used_many`), then
+        :meth:`enable_notifications`, then -- unless chains arrived meanwhile
+        (:data:`~vhost.queue.base.PASS_AGAIN`: nothing published, the worker drains again) --
+        :meth:`publish_used`: :data:`~vhost.queue.base.PASS_CALL` if the driver wants a call,
+        else :data:`~vhost.queue.base.PASS_QUIET`.
+
+        The statement of the rule (:func:`vhost.queue.base.pass_ender`'s contract); the
+        compiled ``UsedRing.end_pass`` does the same in one call, and hands the pass to this
+        method while dirty pages are logged.
+        """
+        if done:
+            self.add_used_many(done)
+        if self.enable_notifications():
+            return PASS_AGAIN
+        return PASS_CALL if self.publish_used() else PASS_QUIET
+
+    def pass_ender(self) -> Callable[[list[tuple[int, int]]], int]:
+        """What the worker calls at the end of each pass (:func:`vhost.queue.base.pass_ender`):
+        the compiled end of a pass where the compiled used side runs, else :meth:`end_pass`.
+
+        A subclass that changes :meth:`enable_notifications` or :meth:`publish_used` (or
+        :meth:`end_pass`) gets its own methods: the compiled code implements these ones.
+        """
+        cls = type(self)
+        compiled = self.compiled_pass_end()
+        if (compiled is None or cls.end_pass is not SplitQueue.end_pass
+                or cls.add_used_many is not SplitQueue.add_used_many
+                or cls.publish_used is not SplitQueue.publish_used
+                or cls.enable_notifications is not SplitQueue.enable_notifications):
+            return self.end_pass
+        return compiled
+
+    def compiled_pass_end(self) -> Callable[[list[tuple[int, int]]], int] | None:
+        """The compiled :meth:`end_pass` of this queue (it implements SplitQueue's methods,
+        whatever a subclass changed), or None where the compiled used side does not run."""
+        core = self._used_core
+        return None if core is None else partial(core.end_pass, self)
+
     def release(self) -> None:
         """Drop the ring views so guest memory can be unmapped."""
         if self._used_core is not None:  # its slices of the used ring and in-flight area first
             self._used_core.release()
             self._used_core = None
-        if self._inflight is not None:
-            self._inflight.release()
-            self._inflight = None
+        if self.inflight_area is not None:
+            self.inflight_area.release()
+            self.inflight_area = None
         for name in ("_desc", "_avail", "_used", "_used_bytes"):
             view = getattr(self, name, None)
             if isinstance(view, memoryview):

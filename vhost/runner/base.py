@@ -70,16 +70,22 @@ class Notifier:
             os.close(old)
 
     def signal(self) -> None:
-        with self._lock:
-            if self._fd is None:
-                return
-            try:
-                os.write(self._fd, _EVENT)
+        # (The lock taken by hand: a ``with`` block's __enter__/__exit__ cost a quarter of a
+        # signal -- 4,300 instructions, 3,300 so, under callgrind -- and a call ends most worker
+        # passes of a guest that sends one request per kick.)
+        lock = self._lock
+        lock.acquire()
+        try:
+            fd = self._fd
+            if fd is not None:
+                os.write(fd, _EVENT)
                 self.count += 1
-            except BlockingIOError:  # the count is full: the reader wakes all the same
-                pass
-            except OSError as exc:  # the frontend's side went away; nothing to wake
-                log.debug("eventfd write failed: %s", exc)
+        except BlockingIOError:  # the count is full: the reader wakes all the same
+            pass
+        except OSError as exc:  # the frontend's side went away; nothing to wake
+            log.debug("eventfd write failed: %s", exc)
+        finally:
+            lock.release()
 
     def close(self) -> None:
         self.replace(None)

@@ -199,18 +199,39 @@ def apply_log_fd(dirty_logging: DirtyLogging, fds: list[int]) -> None:
 class PublishingQueue(SplitQueue):
     """The queue, telling this process when its counters changed: just before a used-index
     store that moves (the batch's requests are counted by then, and no driver has seen them
-    complete yet), or when the avail index moved.  Nothing runs while the queue is idle."""
+    complete yet), or when the avail index moved.  Nothing runs while the queue is idle.
+
+    The worker's end of a pass tells it before the split ring's compiled end of a pass (which
+    may then publish), so a queue process keeps that: once more, harmlessly, should the pass
+    go on draining (or, while dirty pages are logged, in the Python publish it hands over to).
+    """
 
     changed: Callable[[], None] | None = None
     _seen_avail = -1
 
-    def publish_used(self) -> bool:
+    def _tell(self, adding: bool = False) -> None:
+        """``changed()`` if the used index is about to move (or entries are, ``adding``) or the
+        avail index moved."""
         changed = self.changed
-        if changed is not None and (self.next_used != self._published_used
+        if changed is not None and (adding or self.next_used != self._published_used
                                     or self.next_avail != self._seen_avail):
             self._seen_avail = self.next_avail
             changed()
+
+    def publish_used(self) -> bool:
+        self._tell()
         return super().publish_used()
+
+    def pass_ender(self) -> Callable[[list[tuple[int, int]]], int]:
+        compiled = self.compiled_pass_end()
+        if compiled is None:
+            return self.end_pass
+        tell = self._tell
+
+        def end_pass(done: list[tuple[int, int]]) -> int:
+            tell(bool(done))  # (the requests of done are counted: they completed)
+            return compiled(done)
+        return end_pass
 
 
 

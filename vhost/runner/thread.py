@@ -19,9 +19,10 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 
 from vhost.device import QueueHandler
-from vhost.queue.base import Queue, QueueError
+from vhost.queue.base import PASS_AGAIN, PASS_CALL, Queue, QueueError, pass_ender
 from vhost.runner.base import Notifier, RemoteLog
 
 __all__ = ["Notifier", "QueueWorker"]
@@ -49,6 +50,7 @@ class QueueWorker:
         err: Notifier | None = None,
         name: str | None = None,
     ) -> None:
+        self._submit_from_ring: Callable[[], list[tuple[int, int]]] | None = None
         self.vq = vq
         self.handler = handler
         self.kick_fd = kick_fd
@@ -67,6 +69,30 @@ class QueueWorker:
 
     def start(self) -> None:
         self._thread.start()
+
+    # The queue and the handler (a fuzzer's rig may swap both between inputs): what a pass
+    # calls of them is bound once per pair -- the end of a pass, as one call (compiled for a
+    # split ring: at one request per kick the calls around a request cost as much as it), and
+    # the device's fast path (QueueHandler.ring_submitter), asked for in the first pass (a
+    # failure to make it is then the worker's, reported as any other).
+    @property
+    def vq(self) -> Queue:
+        return self._vq
+
+    @vq.setter
+    def vq(self, vq: Queue) -> None:
+        self._vq = vq
+        self._end_pass = pass_ender(vq)
+        self._submit_from_ring = None
+
+    @property
+    def handler(self) -> QueueHandler:
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: QueueHandler) -> None:
+        self._handler = handler
+        self._submit_from_ring = None
 
     def ring_state(self, timeout: float = 1.0) -> dict[str, int]:
         """The queue's :meth:`~vhost.queue.base.Queue.ring_state` (a thread's: no waiting;
@@ -173,8 +199,8 @@ class QueueWorker:
 
         Draining without a kick costs one read of avail.idx, so every wake-up drains.
         """
-        vq = self.vq
-        handler = self.handler
+        vq = self._vq
+        handler = self._handler
         if vq.in_flight_count:  # (requests a device holds back are in flight too)
             done = handler.reap()
             if done:
@@ -190,19 +216,27 @@ class QueueWorker:
                 # rest.  Heads it finished are returned only after that pop, so a head the
                 # driver made available twice is still in flight there, as it would be had the
                 # generic path popped both.
-                finished = handler.submit_from_ring(vq)
+                submit = self._submit_from_ring
+                if submit is None:
+                    submit = self._submit_from_ring = handler.ring_submitter(vq)
+                finished = submit()
                 chains = vq.pop_batch()
                 if chains:
                     self.batches += 1
                     finished += handler.submit_batch(chains)
-                if finished:  # (an empty add costs as much as a small publish)
-                    vq.add_used_many(finished)
-                    self.completed += len(finished)
                 if vq.broken:
+                    if finished:
+                        vq.add_used_many(finished)
+                        self.completed += len(finished)
                     self._report_broken()
                     break
-                if not vq.enable_notifications():
-                    break
+                # add the completions, enable notifications, re-check, publish: one call
+                ended = self._end_pass(finished)
+                self.completed += len(finished)
+                if ended != PASS_AGAIN:
+                    if ended == PASS_CALL:
+                        self.call.signal()
+                    return
         if vq.publish_used():
             self.call.signal()
 

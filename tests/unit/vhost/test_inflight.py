@@ -145,7 +145,9 @@ def test_virtqueue_resubmits_before_new_requests() -> None:
     restarted = SplitQueue(mem, size, addrs, int(VirtioFeature.VERSION_1), 1,
                           inflight=inf.InflightQueue(memoryview(area), size))
     assert restarted.next_avail == 4  # used.idx 1 + 3 resubmitted
+    assert restarted.replay_pending and not first.replay_pending
     assert [c.head for c in restarted.pop_batch()] == [3, 1, 2]
+    assert not restarted.replay_pending  # (the fast paths take requests again)
     avail[2 + 4] = 6
     avail[1] = 5
     assert [c.head for c in restarted.pop_batch()] == [6]
