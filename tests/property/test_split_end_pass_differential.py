@@ -264,18 +264,21 @@ def test_end_pass_outcomes(core: str, event_idx: bool, used_event: int, signalle
 
 def test_a_queue_process_queue_tells_before_the_compiled_publish() -> None:
     """A queue process's queue (PublishingQueue: its counters told just before a used.idx store
-    that moves) ends its passes through the compiled code too, and still tells first."""
+    that moves) ends its passes through the compiled code too, and still tells first -- with
+    the pass's completions already counted out of the requests in flight (told before that,
+    the parent's in-flight gauge would show them until the next change)."""
     side = Side("compiled", 8, 0xFFFF, EVENT_IDX | INDIRECT, True)
     vq = side.vq
     vq.__class__ = PublishingQueue
     assert isinstance(vq, PublishingQueue)
-    told: list[tuple[int, int]] = []  # (used.idx the driver sees, the queue's next_used)
-    vq.changed = lambda: told.append((side.ring.used_idx(), vq.next_used))
+    # (used.idx the driver sees, the queue's next_used, its requests in flight)
+    told: list[tuple[int, int, int]] = []
+    vq.changed = lambda: told.append((side.ring.used_idx(), vq.next_used, vq.in_flight_count))
     end = vq.pass_ender()
     side.ring.publish(5)
     assert [c.head for c in vq.pop_batch()] == [5]
     assert end([(5, 1)]) == PASS_CALL
-    assert told == [(0xFFFF, 0xFFFF)]  # before the add, and the store of used.idx 0xFFFF -> 0
+    assert told == [(0xFFFF, 0, 0)]  # after the add, before the store of used.idx 0xFFFF -> 0
     assert side.ring.used_idx() == 0 and side.ring.used_elem(0xFFFF & 7) == (5, 1)
     assert end([]) == PASS_QUIET and len(told) == 1  # nothing moved: nothing told
     assert side.counted is not None and side.counted.ends == 2 and side.python_ends == 0

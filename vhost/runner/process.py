@@ -201,9 +201,11 @@ class PublishingQueue(SplitQueue):
     store that moves (the batch's requests are counted by then, and no driver has seen them
     complete yet), or when the avail index moved.  Nothing runs while the queue is idle.
 
-    The worker's end of a pass tells it before the split ring's compiled end of a pass (which
-    may then publish), so a queue process keeps that: once more, harmlessly, should the pass
-    go on draining (or, while dirty pages are logged, in the Python publish it hands over to).
+    The worker's end of a pass adds the pass's completions first (they are no longer in
+    flight), tells, then runs the split ring's compiled end of a pass (which may publish): the
+    counters told are those of the requests completed -- telling before adding would report
+    them still in flight until the next change.  Told once more, harmlessly, should the pass go
+    on draining (or, while dirty pages are logged, in the Python publish it hands over to).
     """
 
     changed: Callable[[], None] | None = None
@@ -228,9 +230,14 @@ class PublishingQueue(SplitQueue):
             return self.end_pass
         tell = self._tell
 
+        add = self.add_used_many
+        no_more: list[tuple[int, int]] = []
+
         def end_pass(done: list[tuple[int, int]]) -> int:
-            tell(bool(done))  # (the requests of done are counted: they completed)
-            return compiled(done)
+            if done:
+                add(done)  # counted out of the requests in flight before they are told
+            tell(bool(done))
+            return compiled(no_more)
         return end_pass
 
 
