@@ -454,23 +454,24 @@ class BlkQueueHandler(QueueHandler):
 
     def submit_from_ring(self, vq: Queue) -> list[tuple[int, int]]:
         """The fast path (:mod:`.fastpath`) when the device has it on."""
-        fast = self._fast
-        if fast is None or fast.vq is not vq:
-            if not self.device.fast_path:
-                return []
-            fast = self._fast = make_fast_path(self, vq)
-        return fast.drain()
+        fast = self._fast_path_of(vq)
+        return [] if fast is None else fast.drain()
 
     def ring_submitter(self, vq: Queue) -> Callable[[], list[tuple[int, int]]]:
         """:meth:`submit_from_ring` of ``vq`` for the worker: the fast path's own ``drain`` (the
         compiled one's is a C method: no Python frame in between), or, with the fast path off,
         :meth:`submit_from_ring` bound (it finds nothing)."""
-        if not self.device.fast_path:
-            return partial(self.submit_from_ring, vq)
+        fast = self._fast_path_of(vq)
+        return partial(self.submit_from_ring, vq) if fast is None else fast.drain
+
+    def _fast_path_of(self, vq: Queue) -> FastPathLike | None:
+        """The fast path serving ``vq`` (made for it on first use), None when it is off."""
         fast = self._fast
         if fast is None or fast.vq is not vq:
+            if not self.device.fast_path:
+                return None
             fast = self._fast = make_fast_path(self, vq)
-        return fast.drain
+        return fast
 
     # ------------------------------------------------------------------ QueueHandler
     def submit(self, chain: DescriptorChain) -> int | None:
