@@ -134,14 +134,20 @@ def test_pages_marked_are_summed_across_processes(make_blk: MakeBlk, qlog: QemuL
     total = handler.pages_marked
     assert total == sum(per_process)
     # Stopped queues hand their final counts over; the connection's total goes on the log.
+    # Only a used ring's pages may be marked after the refresh: a pass that found nothing new
+    # (a late wake-up) re-enables notifications, and that avail_event / used-flags write is
+    # committed to the log at the next publish -- at the latest the stop's.  Each ring's used
+    # area spans at most two pages; anything more (counts handed over twice) is a bug, as is
+    # anything less (counts lost at the stop).
     env.frontend.get_vring_base(0)
     env.frontend.get_vring_base(1)
-    assert handler.pages_marked == total
+    final = handler.pages_marked
+    assert total <= final <= total + 2 * 2, (total, final)
     with caplog.at_level(logging.INFO, logger="vhost.dirty_logging"):
         env.frontend.close()
         _wait(lambda: env.daemon.daemon.handler is None, "the disconnect")
     closed = [int(n) for n in re.findall(r"dirty log closed: (\d+) pages marked", caplog.text)]
-    assert closed == [total]
+    assert closed == [final]
 
 
 def test_logging_off_and_on_again_reaches_the_processes(make_blk: MakeBlk,
