@@ -13,9 +13,9 @@ if it was built, else pure Python), ``compiled`` (an error at start if it was no
 ``python``.  It is read by every process (queue processes and pool workers inherit it).  The
 server logs which core runs when it starts (:func:`describe`).
 
-Even with the compiled core, a queue it cannot serve -- a format, a filter, a Python plugin or
-the thread pool underneath -- keeps the Python fast path (:func:`make_fast_path`
-says why at debug level).
+Even with the compiled core, a queue it cannot serve -- NBD, RBD, a filter, a Python plugin or
+the thread pool underneath (it serves raw and qcow2 images on io_uring, split and packed
+rings) -- keeps the Python fast path (:func:`make_fast_path` says why at debug level).
 """
 
 from __future__ import annotations
