@@ -760,6 +760,22 @@ def shapes_of(sc: Scenario, req: Req) -> set[str]:
     return shapes
 
 
+def record_shapes(sc: Scenario, served: tuple[Layout, set[int], list[str], set[int]],
+                  seen: set[str], seen_compiled: set[str]) -> None:
+    """What :func:`serve_both` returned for ``sc``: its events for Hypothesis' report, the
+    :data:`SHAPES` the fast path took into ``seen``, those the compiled core took itself (and
+    "a disk failure" when the disk failed some) into ``seen_compiled``."""
+    layout, taken, events, compiled = served
+    for text in events:
+        event(text)
+    for head in taken:
+        seen.update(shapes_of(sc, layout.requests[head]))
+    for head in compiled:
+        seen_compiled.update(shapes_of(sc, layout.requests[head]))
+        if sc.eio:
+            seen_compiled.add("a disk failure")
+
+
 def _page(place: str = "A", length: int = 4096) -> tuple[int, str, str]:
     return (length, place, "page")
 
@@ -899,15 +915,8 @@ def test_fast_path_is_invisible(ring: str, core: str) -> None:
                        Req(ReqType.OUT, 24, [(4096, "A", "sector")], True, None)],
                       None, 1, "io_uring", False, False, 64, [4], False, 2))
     def served_alike(sc: Scenario) -> None:
-        layout, taken, events, compiled = serve_both(sc, ring, core)
-        for text in events:
-            event(text)
-        for head in taken:
-            seen.update(shapes_of(sc, layout.requests[head]))
-        for head in compiled:
-            seen_compiled.update(shapes_of(sc, layout.requests[head]))
-            if sc.eio:
-                seen_compiled.add("a disk failure")
+        served = serve_both(sc, ring, core)
+        record_shapes(sc, served, seen, seen_compiled)
 
     for _, _, sc in SHAPE_SCENARIOS:
         served_alike = example(sc)(served_alike)
@@ -1066,15 +1075,9 @@ def test_fast_path_is_invisible_on_qcow2(core: str, ring: str) -> None:
     @given(qcow2_scenarios)
     @example(replace(qcow2_mix(), eio=2))  # the disk fails some: the Python completion
     def served_alike(sc: Scenario) -> None:
-        layout, taken, events, compiled = serve_both(sc, ring, core, fmt="qcow2")
-        for text in events:
-            event(text)
-        for head in taken:
-            seen.update(shapes_of(sc, layout.requests[head]))
-        for head in compiled:
-            seen_compiled.update(shapes_of(sc, layout.requests[head]))
-            if sc.eio:
-                seen_compiled.add("a disk failure")
+        served = serve_both(sc, ring, core, fmt="qcow2")
+        record_shapes(sc, served, seen, seen_compiled)
+        _, taken, _, compiled = served
         python_took[0] += len(taken - compiled)
 
     for _, _, sc in SHAPE_SCENARIOS:
