@@ -412,8 +412,7 @@ class Qcow2Image:
             return None
         ref = self.ref
         blocks: set[int] = set() if ref is None else ref.block_offsets
-        table = (0, 0) if ref is None else (ref.table_offset, ref.table_offset
-                                            + ref.table_clusters * self.cluster_size)
+        table = (0, 0) if ref is None else ref.table_range
         cb = self.cluster_bits
         return (self.l1, self._l2_cache, self._busy, self._autoclear_pending, self.file_end,
                 self.size, self._l2_table, self._l1_clusters.start << cb,

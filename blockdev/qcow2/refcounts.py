@@ -123,8 +123,8 @@ class Refcounts:
         used = entries[entries != 0]
         if np.unique(used).size != used.size:
             raise Qcow2OpenError(f"{path}: refcount table entries share refcount blocks")
-        end = self.table_offset + self.table_clusters * self.cluster_size
-        inside = (used >= np.uint64(self.table_offset)) & (used < np.uint64(end))
+        start, end = self.table_range
+        inside = (used >= np.uint64(start)) & (used < np.uint64(end))
         if inside.any():
             off = int(used[int(inside.argmax())])
             raise Qcow2OpenError(f"{path}: refcount block at {off:#x} overlaps the refcount "
@@ -258,11 +258,16 @@ class Refcounts:
         self.free(old_off, old_clusters * cs)
         log.info("%s: refcount table grown to %d clusters at %#x", self.path, k, table_off)
 
+    @property
+    def table_range(self) -> tuple[int, int]:
+        """The refcount table's bytes in the file, ``(start, end)``: one statement of it for
+        the overlap check, :meth:`is_metadata` and the compiled core's copy of that rule."""
+        return self.table_offset, self.table_offset + self.table_clusters * self.cluster_size
+
     def is_metadata(self, host: int) -> bool:
         """True if ``host`` is the start of a cluster of the refcount table or a block."""
-        return (host in self.block_offsets
-                or self.table_offset <= host < self.table_offset + self.table_clusters
-                * self.cluster_size)
+        start, end = self.table_range
+        return host in self.block_offsets or start <= host < end
 
     # ------------------------------------------------------------------ allocation
     def allocate(self) -> int:

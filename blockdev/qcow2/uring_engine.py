@@ -155,8 +155,6 @@ class MappedUringEngine(UringEngine):
         """Wait until none of this queue's IO is in the ring (see the module docstring) --
         the compiled fast path's included: its completions wait in the ring's external stash
         for it, already counted out of the image's in-flight IO."""
-        if not self._ops and not self._queued and not self._external_in_kernel():
-            return
         if self._queued:
             self.submit_batch()  # the reads and writes queued for this batch go first
         while self._ops or self._external_in_kernel():
