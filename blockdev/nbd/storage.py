@@ -13,7 +13,7 @@ straight into its buffers, a large one received straight into them).  At close: 
 NBD_CMD_DISC, then ``nbd_close`` (which only closes the socket).
 
 No extra thread: the engine's completion fd is an epoll fd holding the connection's socket
-(edge-triggered once the wire is ours, see ``_WIRE_IN``) and a timerfd (reconnect backoff, the
+(readable; writable only while bytes wait to be sent) and a timerfd (reconnect backoff, the
 reconnect deadline, the handshake timeout).  The worker sleeps on it like on any completion fd.
 
 Requests map onto the commands the server offers: READ/WRITE → NBD_CMD_READ/WRITE (split at the
@@ -75,13 +75,10 @@ DIRECT_RECV = 32 << 10
 #: Most buffers one sendmsg takes (Linux's UIO_MAXIOV).
 IOV_MAX = 1024
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-# The socket is edge-triggered once the wire is ours: a level-triggered entry that epoll_wait
-# reported stays on the epoll's ready list, and while it is there new data wakes nobody --
-# the worker, which sleeps on the epoll fd itself, would miss replies and the server's
-# hang-up.  Edge-triggered, every arrival wakes it; _receive reads until the socket is empty.
-# A short recv then means the socket is empty -- unless the event said the peer hung up: the
-# end of the stream may be waiting behind the data, and no further event would come for it.
-_WIRE_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+# A short recv means the socket is empty -- unless the event said the peer hung up: the end
+# of the stream may then be waiting behind the data, and no new event would wake the worker
+# for it (it sleeps on the epoll fd, woken by the socket's changes, not by its state).
+_WIRE_IN = select.EPOLLIN | select.EPOLLRDHUP
 _WIRE_OUT = _WIRE_IN | select.EPOLLOUT
 _HUNG_UP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
@@ -301,7 +298,6 @@ class NbdEngine(Engine):
         self._backoff = BACKOFF_MIN
         self._attempt_deadline = 0.0
         self._more = False
-        self._recv_pending = False  # _receive stopped with data left in the socket
         self._armed = True  # (unknown: the first _arm_timer sets it either way)
         self._was_connected = handle is not None
         self.reconnects = 0
@@ -373,9 +369,6 @@ class NbdEngine(Engine):
             self._update_mask()  # a handshake turns between sending and receiving
         else:
             self._more = True  # the timer fires at once: a fresh edge for the rest
-        w = self._wire
-        if w is not None and self._recv_pending:  # edge-triggered: no event for what is left
-            self._receive(w)
         h = self.handle
         if h is not None and self._wire is None:
             if h.connecting:
@@ -434,7 +427,6 @@ class NbdEngine(Engine):
         """Take what the socket holds (one ``recv_into`` while it has data), complete what it
         answers.  A read's data of :data:`DIRECT_RECV` bytes or more goes from the socket
         straight into its destination."""
-        self._recv_pending = False
         parser = w.parser
         sock = w.sock
         rbuf = self._rview
@@ -467,7 +459,7 @@ class NbdEngine(Engine):
                 self._completed(w, done)
             if n < want and not hung_up:
                 return  # the socket is empty: new data makes a new edge
-        self._recv_pending = self._more = True
+        self._more = True  # the timer fires at once: a fresh wake-up for the rest
 
     def _completed(self, w: _Wire, done: list[tuple[int, int]]) -> None:
         self._trouble_since = None  # the connection works: a later loss is a new outage

@@ -47,7 +47,8 @@ class FakeNbdServer:
     """A one-export NBD server on a Unix socket.  ``modes`` says how each connection, in turn,
     answers the ``kind`` command numbered ``trigger`` on it (later connections behave):
     ``ok``, ``bad_magic``, ``structured`` (the never-negotiated structured-reply magic),
-    ``unknown_cookie``, ``twice`` (the same reply twice), ``close_mid_reply``, ``error``
+    ``unknown_cookie``, ``twice`` (the same reply twice), ``close_mid_reply`` (half a reply,
+    then close), ``eof_mid_reply`` (half a reply, then shut down its side cleanly), ``error``
     (NBD error ENOSPC: not a protocol error)."""
 
     def __init__(self, path: Path, modes: list[str], kind: int = wire.CMD_READ,
@@ -147,8 +148,14 @@ class FakeNbdServer:
             elif act == "unknown_cookie":
                 conn.sendall(wire.REPLY.pack(wire.SIMPLE_REPLY_MAGIC, 0, cookie ^ 0xDEAD)
                              + data)
-            elif act == "close_mid_reply":
+            elif act == "close_mid_reply":  # (a Unix socket closed unread: ECONNRESET)
                 conn.sendall(good[:len(good) // 2 + 3])
+                return
+            elif act == "eof_mid_reply":  # a clean end of the stream, then read to the end
+                conn.sendall(good[:len(good) // 2 + 3])
+                conn.shutdown(socket.SHUT_WR)
+                while conn.recv(1 << 16):
+                    pass
                 return
             else:
                 raise AssertionError(mode)
@@ -177,7 +184,8 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
         assert not s.errors, s.errors
 
 
-PROTOCOL_ERRORS = ["bad_magic", "structured", "unknown_cookie", "twice", "close_mid_reply"]
+PROTOCOL_ERRORS = ["bad_magic", "structured", "unknown_cookie", "twice", "close_mid_reply",
+                   "eof_mid_reply"]
 
 
 @pytest.mark.parametrize("kind", [wire.CMD_READ, wire.CMD_WRITE], ids=["read", "write"])
@@ -279,3 +287,34 @@ def test_a_tls_uri_is_refused_before_connecting(tmp_path: Path) -> None:
     nbds:// is refused (the spec layer refuses it first; this is any other caller)."""
     with pytest.raises(StorageError, match="not permitted"):
         NbdStorage(f"nbds+unix:///?socket={tmp_path}/none.sock")
+
+
+def test_writes_larger_than_the_socket_takes_and_more_buffers_than_iov_max(
+        serve: Serve) -> None:
+    """A 1 MiB write does not fit in the socket's buffer (the rest goes out on EPOLLOUT), and a
+    write of 1100 separate 512-byte buffers is 2200 pieces to send (sendmsg takes at most
+    IOV_MAX): both arrive whole and in place."""
+    server = serve([])
+    st = NbdStorage(server.uri)
+    engine = st.open_engine(0)
+    assert isinstance(engine, NbdEngine)
+    big = Memory(SIZE // BS)
+    big.view[:] = bytes(range(251)) * (SIZE // 251) + bytes(SIZE % 251)
+    many = Memory(1100 * 512 // BS + 1)
+    many.view[:] = bytes(range(7, 256)) * (len(many.view) // 249) + \
+        bytes(len(many.view) % 249)
+    try:
+        op = IoOp(OpKind.WRITE, 0, [IoBuffer(big.view, big.base)], SIZE)
+        run(engine, [op])
+        assert op.result == SIZE
+        assert bytes(server.disk) == bytes(big.view)
+        pieces = [IoBuffer(many.view[i * 512:(i + 1) * 512], many.base + i * 512)
+                  for i in range(1100)]
+        op = IoOp(OpKind.WRITE, 4096, pieces, 1100 * 512)
+        run(engine, [op])
+        assert op.result == 1100 * 512
+        assert bytes(server.disk[4096:4096 + 1100 * 512]) == bytes(many.view[:1100 * 512])
+        assert engine.reconnects == 0
+    finally:
+        engine.close()
+        st.close()
