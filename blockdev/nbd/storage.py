@@ -121,7 +121,8 @@ class NbdStorage(Storage):
                 discard=handle.flag("nbd_can_trim"),
                 write_zeroes=handle.flag("nbd_can_zero"),
             )
-            self.structured = handle.flag("nbd_get_structured_replies_negotiated")
+            if handle.flag("nbd_get_structured_replies_negotiated"):  # never asked for
+                raise StorageError(f"{uri}: the server forced structured replies")
         except BaseException:
             handle.close()
             raise
@@ -191,6 +192,14 @@ class _Pending:
 def _poll_bits(epoll_events: int) -> int:
     """epoll event bits -> the poll bits :meth:`Handle.notify` takes (same values on Linux)."""
     return epoll_events & (select.POLLIN | select.POLLOUT | select.POLLHUP | select.POLLERR)
+
+
+def _wait(fd: int, events: int, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``events`` on ``fd`` (poll: select cannot take a
+    descriptor past FD_SETSIZE, and a server with many queues has many)."""
+    p = select.poll()
+    p.register(fd, events)
+    p.poll(max(1, int(timeout * 1000)))
 
 
 class _Refused(ValueError):
@@ -393,7 +402,7 @@ class NbdEngine(Engine):
         of replies still owed to the failed requests is discarded, not written to their
         buffers, and once the handle is closed nothing can touch them: always quiet."""
         st = self.storage
-        for p in list(self._active.values()):  # only if the queue is torn down mid-outage
+        for p in list(self._active.values()):  # only if the queue is torn down with some
             p.error = OSError(errno.EIO, "NBD connection closed")
             self._complete(p)
         w = self._wire
@@ -488,7 +497,7 @@ class NbdEngine(Engine):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise OSError(errno.ETIMEDOUT, "flush did not complete")
-            select.select([w.fd], [], [], left)
+            _wait(w.fd, select.POLLIN, left)
             try:
                 n = w.sock.recv_into(self._rview)
             except BlockingIOError:
@@ -512,7 +521,7 @@ class NbdEngine(Engine):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise OSError(errno.ETIMEDOUT, "the NBD server takes no more data")
-            select.select([], [w.fd], [], left)
+            _wait(w.fd, select.POLLOUT, left)
 
     # ------------------------------------------------------------------ connection
     def _update_mask(self) -> None:

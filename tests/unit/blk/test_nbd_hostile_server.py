@@ -59,6 +59,7 @@ class FakeNbdServer:
         self.trigger = trigger
         self.disk = bytearray(SIZE)
         self.connections = 0
+        self.commands: list[int] = []  # the kinds of command received, on every connection
         self.errors: list[BaseException] = []
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(self.path)
@@ -72,8 +73,9 @@ class FakeNbdServer:
         return f"nbd+unix:///?socket={self.path}"
 
     def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
+        if self.listener.fileno() >= 0:
+            self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
         for t in self.threads:
             t.join(5)
 
@@ -124,6 +126,7 @@ class FakeNbdServer:
             magic, _flags, kind, cookie, offset, length = wire.REQUEST.unpack(
                 _exactly(conn, wire.REQUEST.size))
             assert magic == wire.REQUEST_MAGIC
+            self.commands.append(kind)
             if kind == wire.CMD_DISC:
                 return
             payload = _exactly(conn, length) if kind == wire.CMD_WRITE else b""
@@ -318,3 +321,19 @@ def test_writes_larger_than_the_socket_takes_and_more_buffers_than_iov_max(
     finally:
         engine.close()
         st.close()
+
+
+def test_close_flushes_then_says_goodbye(serve: Serve, memory: Memory) -> None:
+    """libnbd's nbd_close sends nothing: the engine's close sends NBD_CMD_FLUSH, waits for it,
+    then NBD_CMD_DISC."""
+    server = serve([])
+    st = NbdStorage(server.uri)
+    engine = st.open_engine(0)
+    try:
+        writes = [IoOp(OpKind.WRITE, i * BS, [memory.buffer(i)], BS) for i in range(3)]
+        run(engine, writes)
+    finally:
+        engine.close()
+        st.close()
+    server.close()  # (joins the connection's thread)
+    assert server.commands == [wire.CMD_WRITE] * 3 + [wire.CMD_FLUSH, wire.CMD_DISC]
