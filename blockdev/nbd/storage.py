@@ -371,9 +371,8 @@ class NbdEngine(Engine):
                     elif self.handle is not None:
                         self.handle.notify(_poll_bits(ev))
                         moved = True
-            # A connection lost in this round has its successor's socket in the epoll now;
-            # its events are taken here (an fd registered already ready gives the worker no
-            # fresh edge to wake up for).
+            # A connection lost in this round has its successor's socket in the epoll now:
+            # poll again, so a handshake that can move on at once does so in this reap.
             if not moved and self._sock == sock:
                 break
             self._update_mask()  # a handshake turns between sending and receiving
