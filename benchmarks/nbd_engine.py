@@ -1,19 +1,24 @@
-"""The NBD engine alone: CPU per 4k command of :class:`blockdev.nbd.storage.NbdEngine` (libnbd
-through ctypes, driven as a queue's worker drives it), against the same commands spoken on the
-wire directly -- every reply in the socket taken with one ``recv``, every command they free sent
-with one ``sendmsg`` -- which is what the NBD path could cost with its own transmission phase.
+"""The NBD engine alone: CPU per 4k command of :class:`blockdev.nbd.storage.NbdEngine` (its own
+transmission phase on the socket libnbd connected, driven as a queue's worker drives it),
+against a bare client on the wire -- every reply in the socket taken with one ``recv``, every
+command they free sent with one ``sendmsg`` -- the floor for a Python client.
 
 No vhost, no guest, no driver: what is measured is the NBD client's work per command and what
 ``nbdkit``/``qemu-nbd`` needs of it.  The direct client is a measuring stick, not a client to
-serve with: no structured replies (nbdkit then sends a read's data after a simple reply), no
-reconnect, any error stops the run, and a read's data stays in its receive buffer (a client
-would copy the 4 KiB on to guest memory: a fraction of a microsecond more).
+serve with: no reconnect, no checks on what the server sends, any error stops the run, and a
+read's data stays in its receive buffer.  NbdEngine does what a queue needs on top: a
+completion per request, the server's replies parsed as hostile (magic, cookie, the request's
+bytes all sent), a read's data copied on to its buffer, write-through and reconnect state.
+Both clients see simple replies only (libnbd is asked for no structured replies).
 
     nbdkit -U /tmp/nbd.sock memory 1G &
     python -m benchmarks.nbd_engine --socket /tmp/nbd.sock              # write and read, 3 rounds
     python -m benchmarks.nbd_engine --socket /tmp/nbd.sock --workloads write --seconds 5
 
-Both clients alternate, in reversed order every other round; the table gives medians.
+Both clients alternate, in reversed order every other round; the table gives medians.  On the
+development machine (2 shared cores, load ~2-3): NbdEngine 5.6 us CPU per 4k write and 6.9 per
+read, the direct client 3.1 and 4.8 (with libnbd's transmission phase NbdEngine took 18.4 and
+19.4).
 """
 
 from __future__ import annotations

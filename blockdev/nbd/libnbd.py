@@ -1,14 +1,14 @@
-"""libnbd's C API through ctypes: the handful of calls an asynchronous NBD client needs.
+"""libnbd's C API through ctypes: connecting, the handshake, and what the server offers.
 
 Why ctypes and not Debian's ``python3-libnbd``: that binding is a C extension built for
 Debian's own python3, while this project is pip-installed into any Python 3.11 (a venv, pyenv);
-the C library ``libnbd.so.0`` (package ``libnbd0``) loads into all of them.  It also keeps the
-data path zero-copy: ``nbd_aio_pread``/``nbd_aio_pwrite`` take guest memory by address, where the
-binding wants a ``nbd.Buffer`` it copies through.
+the C library ``libnbd.so.0`` (package ``libnbd0``) loads into all of them.
 
-No Python callbacks: commands are issued with a null completion callback and retired with
-``nbd_aio_peek_command_completed``/``nbd_aio_command_completed`` from the one thread that owns
-the handle, so libnbd never calls into Python.  Every call releases the GIL.
+The queues' transmission phase is not libnbd's (:mod:`.wire`, :class:`.storage.NbdEngine`):
+libnbd is asked for simple replies only and plain sockets only, and its aio command calls are
+used only on a connection no queue has taken (flushed and shut down by the storage).  No Python
+callbacks: such a command is issued with a null completion callback and retired with
+``nbd_aio_command_completed`` from the thread that owns the handle.  Every call releases the GIL.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ CMD_FLAG_FUA = 0x01
 CMD_FLAG_NO_HOLE = 0x02
 SIZE_MINIMUM = 0
 SIZE_MAXIMUM = 2
+URI_TLS_DISABLE = 0  # LIBNBD_TLS_DISABLE: an nbds:// URI fails to connect
 
 
 class CompletionCallback(ctypes.Structure):
@@ -66,6 +67,8 @@ def lib() -> ctypes.CDLL:
         "nbd_get_errno": (ctypes.c_int, ()),
         "nbd_set_debug": (ctypes.c_int, (h, ctypes.c_bool)),
         "nbd_set_pread_initialize": (ctypes.c_int, (h, ctypes.c_bool)),
+        "nbd_set_request_structured_replies": (ctypes.c_int, (h, ctypes.c_bool)),
+        "nbd_set_uri_allow_tls": (ctypes.c_int, (h, cint.INT)),
         "nbd_aio_connect_uri": (ctypes.c_int, (h, ctypes.c_char_p)),
         "nbd_aio_get_fd": (ctypes.c_int, (h,)),
         "nbd_aio_get_direction": (ctypes.c_uint, (h,)),
@@ -85,18 +88,7 @@ def lib() -> ctypes.CDLL:
         "nbd_can_trim": (ctypes.c_int, (h,)),
         "nbd_can_zero": (ctypes.c_int, (h,)),
         "nbd_get_structured_replies_negotiated": (ctypes.c_int, (h,)),
-        # The data commands take plain types: they are the per-request calls, and their one
-        # caller (NbdEngine._rw) checks offset and length against the export's size first --
-        # a stricter bound than the C types' ranges, at one comparison instead of four
-        # range-checking conversions (about 1.5 us) per command.
-        "nbd_aio_pread": (i64, (h, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64, cb,
-                                ctypes.c_uint32)),
-        "nbd_aio_pwrite": (i64, (h, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64, cb,
-                                 ctypes.c_uint32)),
         "nbd_aio_flush": (i64, (h, cb, u32)),
-        "nbd_aio_trim": (i64, (h, u64, u64, cb, u32)),
-        "nbd_aio_zero": (i64, (h, u64, u64, cb, u32)),
-        "nbd_aio_peek_command_completed": (i64, (h,)),
         "nbd_aio_command_completed": (ctypes.c_int, (h, u64)),
         "nbd_shutdown": (ctypes.c_int, (h, u32)),
     }
@@ -133,6 +125,12 @@ class Handle:
         # failed read reports an error status and leaves nothing that is not the guest's own
         # or the export's -- the memset per read (4 KiB and up) buys nothing here.
         so.nbd_set_pread_initialize(self.h, False)
+        # The transmission phase is spoken by :mod:`.wire` on this handle's socket once the
+        # handshake is done: it knows simple replies only, and plain sockets only -- a TLS
+        # session (nbds://) lives inside libnbd's gnutls state, so such URIs are refused here
+        # (the spec layer refuses them first, this keeps any other caller honest).
+        so.nbd_set_request_structured_replies(self.h, False)
+        so.nbd_set_uri_allow_tls(self.h, URI_TLS_DISABLE)
         if so.nbd_aio_connect_uri(self.h, uri.encode()) == -1:
             err = last_error("connect")
             self.close()
