@@ -169,8 +169,9 @@ cdef uint64_t FAST_REJECT_WRITE = _PY_FAST_REJECT_WRITE
 cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
 cdef uint64_t HEADER_SIZE = _PY_HEADER_SIZE
 cdef uint64_t MAX_PIECES = _PY_MAX_PIECES
-cdef object KIND_READ = OpKind.READ
-cdef object KIND_WRITE = OpKind.WRITE
+# (C integers: a list indexed with the IntEnum converts it to an int first, every pass)
+cdef Py_ssize_t KIND_READ = int(OpKind.READ)
+cdef Py_ssize_t KIND_WRITE = int(OpKind.WRITE)
 cdef int STATUS_OK = int(Status.OK)
 cdef int STATUS_IOERR = int(Status.IOERR)
 cdef int NBOUNDS = len(_PY_LATENCY_BOUNDS_NS)
@@ -351,6 +352,7 @@ cdef class FastPath:
     cdef uint64_t max_transfer
     cdef bint read_only
     cdef bint writeback
+    cdef bint settings_stale     # the write cache mode changed: read it at the next pass
     cdef bint bypass
     # a qcow2 image (the MappedUringEngine's): offsets are mapped per pass, IO counted in flight
     cdef object image
@@ -418,6 +420,7 @@ cdef class FastPath:
         self.nreg = 0
         self.last = 0
         self._limits = None
+        self.settings_stale = True
         self.direct = handler.direct  # (the storage's, fixed while it is open)
         self.align_mask = handler.mem_align - 1 if handler.direct else 0
         # qcow2's engine does what the raw engine's bypass does, at host offsets (its writes
@@ -718,9 +721,16 @@ cdef class FastPath:
         slot.into_guest = into_guest
         return True
 
+    def settings_changed(self):
+        """The device's write cache mode changed (:meth:`BlkQueueHandler.settings_changed`):
+        read it again before the next request this path checks.  (Reading it every pass -- a
+        Python property -- cost as much as a tenth of a pass at one request per kick.)"""
+        self.settings_stale = True
+
     cdef int _pass_settings(self) except -1:
         """What may change between passes: the limits (a resize replaces them, and they are
-        immutable: read again only then) and the write cache mode."""
+        immutable: read again only then) and the write cache mode (read again only once the
+        device said it changed, :meth:`settings_changed`)."""
         handler = self.handler
         limits = handler.limits
         if limits is not self._limits:
@@ -729,7 +739,10 @@ cdef class FastPath:
             self.max_transfer = limits.max_transfer
             self.read_only = limits.read_only
             self._limits = limits
-        self.writeback = handler.writeback
+        if self.settings_stale:
+            # (cleared before the read: a change meanwhile is read at the next pass)
+            self.settings_stale = False
+            self.writeback = handler.writeback
         return 0
 
     # ------------------------------------------------------------------ the pass
@@ -864,7 +877,9 @@ cdef class FastPath:
         pins = self._pins
         cdef list per_head = self.pins
         cdef int i
-        cdef list heads = [self.batch[i] for i in range(n)]
+        cdef list heads = None  # (a list of the heads only for those that take one)
+        if inflight is not None or self.record is not None:
+            heads = [self.batch[i] for i in range(n)]
         if inflight is not None:
             inflight.popped_many(heads)  # (in C too, where the queue layer's core is built)
         for i in range(n):
@@ -1196,14 +1211,17 @@ cdef class FastPath:
     cdef int _flush_counters(self) except -1:
         stats = self.stats
         cdef int kind, b
+        cdef Py_ssize_t index
+        cdef list total_ns, histogram
         if self.lat_any:
             self.lat_any = False
+            total_ns = stats.total_ns
             for kind in range(2):
                 if not self.lat_count[kind]:
                     continue
                 self.lat_count[kind] = 0
                 index = KIND_READ if kind == 0 else KIND_WRITE
-                stats.total_ns[index] += self.lat_total[kind]
+                total_ns[index] += self.lat_total[kind]
                 self.lat_total[kind] = 0
                 histogram = stats.latency[index]
                 for b in range(NBOUNDS + 1):
