@@ -343,6 +343,9 @@ cdef class FastPath:
     cdef uint32_t cq_mask
     cdef Cqe *cqes
     cdef int fd
+    # fixed for the handler's life (read once, not in every pass)
+    cdef object _waiting         # the handler's deque of requests waiting for bounce pages
+    cdef bint timing             # latency accounting (the device's, when the handler was made)
     # per pass
     cdef object _limits
     cdef bint direct
@@ -356,6 +359,8 @@ cdef class FastPath:
     cdef bint bypass
     # a qcow2 image (the MappedUringEngine's): offsets are mapped per pass, IO counted in flight
     cdef object image
+    cdef object _lock_acquire    # the image's lock (one for its life), its methods bound once
+    cdef object _lock_release
     cdef long left_now           # mapped IO finished without the ring, not yet counted out
     cdef uint64_t cluster_size   # (fixed for an image)
     cdef uint64_t cluster_bits
@@ -386,6 +391,8 @@ cdef class FastPath:
         self.record = None
         self.memory = handler.memory
         self.stats = handler.stats
+        self._waiting = handler.pending  # (one deque: only appended to and emptied)
+        self.timing = handler.timing
         self.disk = self.engine.disk
         self.fd = self.disk.fd
         self.packed = vq.layout == "packed"
@@ -428,6 +435,11 @@ cdef class FastPath:
         self.image = getattr(self.engine, "qcow2", None)
         if self.image is not None:
             self.image = self.image.image
+            # (a ``with`` on the lock property every pass: a property call and two method
+            # lookups more than these two calls)
+            lock = self.image.lock
+            self._lock_acquire = lock.acquire
+            self._lock_release = lock.release
             self.cluster_size = self.image.cluster_size
             self.cluster_bits = self.image.cluster_bits
             self.l2_bits = self.image.l2_bits
@@ -750,7 +762,7 @@ cdef class FastPath:
         """Start every available request in the shapes this path takes, then hand the rest of
         the pass to the Python fast path; ``(head, used length)`` of those already finished."""
         handler = self.handler
-        if handler.pending:  # requests wait for bounce pages: the generic path keeps the order
+        if self._waiting:  # requests wait for bounce pages: the generic path keeps the order
             return []
         vq = self.vq
         if vq.broken or vq.replay_pending:
@@ -815,7 +827,8 @@ cdef class FastPath:
         cdef uint64_t table_start, table_end, l1_start, l1_end, last_l2 = 0
         cdef bint writing, no_writes
         cdef array.array l1, table
-        with image.lock:
+        self._lock_acquire()
+        try:
             state = image.map_state()
             if state is None:
                 return 0  # a discard drains in-flight IO: count in no more
@@ -865,6 +878,8 @@ cdef class FastPath:
                 pass
             if k:
                 image.count_in(k)
+        finally:
+            self._lock_release()
         return k
 
     cdef int _claim(self, int n, uint16_t next_avail) except -1:
@@ -994,7 +1009,7 @@ cdef class FastPath:
         """Start the pass's requests: buffered writes and a lone cached read right here (as the
         Python engine's ``bypass`` does), the rest through the ring with one enter; then reap
         what finished."""
-        cdef bint timing = self.handler.timing
+        cdef bint timing = self.timing
         cdef int64_t now = _now_ns() if timing else 0  # (0: not timed)
         cdef int i, reads = 0
         cdef uint16_t head
@@ -1105,7 +1120,7 @@ cdef class FastPath:
         cdef uint64_t ud
         cdef int32_t res
         cdef long ours = 0
-        stash = self.ring.stash
+        stash = None  # (the Python engine's entries are rare here: looked up when met)
         while head != tail:
             cqe = &self.cqes[head & self.cq_mask]
             ud = cqe.user_data
@@ -1116,6 +1131,8 @@ cdef class FastPath:
                 ours += 1
                 self._finish(<uint16_t>(ud & 0xFFFF), res, done)
             else:
+                if stash is None:
+                    stash = self.ring.stash
                 stash.append((ud, res))
             if head == tail:  # (more may have come meanwhile)
                 vbc_store_release(self.cq_head, head)
