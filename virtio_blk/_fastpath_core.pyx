@@ -361,6 +361,9 @@ cdef class FastPath:
     cdef object image
     cdef object _lock_acquire    # the image's lock (one for its life), its methods bound once
     cdef object _lock_release
+    cdef object _map_state       # the image's map_state, count_in and leave, bound once
+    cdef object _count_in
+    cdef object _leave
     cdef long left_now           # mapped IO finished without the ring, not yet counted out
     cdef uint64_t cluster_size   # (fixed for an image)
     cdef uint64_t cluster_bits
@@ -440,6 +443,9 @@ cdef class FastPath:
             lock = self.image.lock
             self._lock_acquire = lock.acquire
             self._lock_release = lock.release
+            self._map_state = self.image.map_state
+            self._count_in = self.image.count_in
+            self._leave = self.image.leave
             self.cluster_size = self.image.cluster_size
             self.cluster_bits = self.image.cluster_bits
             self.l2_bits = self.image.l2_bits
@@ -817,7 +823,6 @@ cdef class FastPath:
         cluster; a write: one it may write in place, not being allocated, with no autoclear bit
         pending, not metadata), counted in the image's in-flight IO; how many, from the first
         (the rest are left untouched for the Python paths, in order)."""
-        image = self.image
         cdef int k = 0
         cdef Slot *slot
         cdef uint64_t cs = self.cluster_size
@@ -829,7 +834,7 @@ cdef class FastPath:
         cdef array.array l1, table
         self._lock_acquire()
         try:
-            state = image.map_state()
+            state = self._map_state()
             if state is None:
                 return 0  # a discard drains in-flight IO: count in no more
             try:
@@ -877,7 +882,7 @@ cdef class FastPath:
             except Exception:  # bad metadata or a bug: the Python paths report it, per request
                 pass
             if k:
-                image.count_in(k)
+                self._count_in(k)
         finally:
             self._lock_release()
         return k
@@ -1087,7 +1092,7 @@ cdef class FastPath:
         if self.left_now:  # qcow2: finished without the ring, out of the image's IO in flight
             left, self.left_now = self.left_now, 0
             if self.image is not None:
-                self.image.leave(left)
+                self._leave(left)
         self._reap(done)
         self._flush_counters()
         return 0
