@@ -169,8 +169,9 @@ cdef uint64_t FAST_REJECT_WRITE = _PY_FAST_REJECT_WRITE
 cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
 cdef uint64_t HEADER_SIZE = _PY_HEADER_SIZE
 cdef uint64_t MAX_PIECES = _PY_MAX_PIECES
-cdef object KIND_READ = OpKind.READ
-cdef object KIND_WRITE = OpKind.WRITE
+# (C integers: a list indexed with the IntEnum converts it to an int first, every pass)
+cdef Py_ssize_t KIND_READ = int(OpKind.READ)
+cdef Py_ssize_t KIND_WRITE = int(OpKind.WRITE)
 cdef int STATUS_OK = int(Status.OK)
 cdef int STATUS_IOERR = int(Status.IOERR)
 cdef int NBOUNDS = len(_PY_LATENCY_BOUNDS_NS)
@@ -342,6 +343,9 @@ cdef class FastPath:
     cdef uint32_t cq_mask
     cdef Cqe *cqes
     cdef int fd
+    # fixed for the handler's life (read once, not in every pass)
+    cdef object _waiting         # the handler's deque of requests waiting for bounce pages
+    cdef bint timing             # latency accounting (the device's, when the handler was made)
     # per pass
     cdef object _limits
     cdef bint direct
@@ -351,9 +355,15 @@ cdef class FastPath:
     cdef uint64_t max_transfer
     cdef bint read_only
     cdef bint writeback
+    cdef bint settings_stale     # the write cache mode changed: read it at the next pass
     cdef bint bypass
     # a qcow2 image (the MappedUringEngine's): offsets are mapped per pass, IO counted in flight
     cdef object image
+    cdef object _lock_acquire    # the image's lock (one for its life), its methods bound once
+    cdef object _lock_release
+    cdef object _map_state       # the image's map_state, count_in and leave, bound once
+    cdef object _count_in
+    cdef object _leave
     cdef long left_now           # mapped IO finished without the ring, not yet counted out
     cdef uint64_t cluster_size   # (fixed for an image)
     cdef uint64_t cluster_bits
@@ -384,6 +394,8 @@ cdef class FastPath:
         self.record = None
         self.memory = handler.memory
         self.stats = handler.stats
+        self._waiting = handler.pending  # (one deque: only appended to and emptied)
+        self.timing = handler.timing
         self.disk = self.engine.disk
         self.fd = self.disk.fd
         self.packed = vq.layout == "packed"
@@ -418,6 +430,7 @@ cdef class FastPath:
         self.nreg = 0
         self.last = 0
         self._limits = None
+        self.settings_stale = True
         self.direct = handler.direct  # (the storage's, fixed while it is open)
         self.align_mask = handler.mem_align - 1 if handler.direct else 0
         # qcow2's engine does what the raw engine's bypass does, at host offsets (its writes
@@ -425,6 +438,14 @@ cdef class FastPath:
         self.image = getattr(self.engine, "qcow2", None)
         if self.image is not None:
             self.image = self.image.image
+            # (a ``with`` on the lock property every pass: a property call and two method
+            # lookups more than these two calls)
+            lock = self.image.lock
+            self._lock_acquire = lock.acquire
+            self._lock_release = lock.release
+            self._map_state = self.image.map_state
+            self._count_in = self.image.count_in
+            self._leave = self.image.leave
             self.cluster_size = self.image.cluster_size
             self.cluster_bits = self.image.cluster_bits
             self.l2_bits = self.image.l2_bits
@@ -718,9 +739,16 @@ cdef class FastPath:
         slot.into_guest = into_guest
         return True
 
+    def settings_changed(self):
+        """The device's write cache mode changed (:meth:`BlkQueueHandler.settings_changed`):
+        read it again before the next request this path checks.  (Reading it every pass -- a
+        Python property -- cost as much as a tenth of a pass at one request per kick.)"""
+        self.settings_stale = True
+
     cdef int _pass_settings(self) except -1:
         """What may change between passes: the limits (a resize replaces them, and they are
-        immutable: read again only then) and the write cache mode."""
+        immutable: read again only then) and the write cache mode (read again only once the
+        device said it changed, :meth:`settings_changed`)."""
         handler = self.handler
         limits = handler.limits
         if limits is not self._limits:
@@ -729,7 +757,10 @@ cdef class FastPath:
             self.max_transfer = limits.max_transfer
             self.read_only = limits.read_only
             self._limits = limits
-        self.writeback = handler.writeback
+        if self.settings_stale:
+            # (cleared before the read: a change meanwhile is read at the next pass)
+            self.settings_stale = False
+            self.writeback = handler.writeback
         return 0
 
     # ------------------------------------------------------------------ the pass
@@ -737,7 +768,7 @@ cdef class FastPath:
         """Start every available request in the shapes this path takes, then hand the rest of
         the pass to the Python fast path; ``(head, used length)`` of those already finished."""
         handler = self.handler
-        if handler.pending:  # requests wait for bounce pages: the generic path keeps the order
+        if self._waiting:  # requests wait for bounce pages: the generic path keeps the order
             return []
         vq = self.vq
         if vq.broken or vq.replay_pending:
@@ -792,7 +823,6 @@ cdef class FastPath:
         cluster; a write: one it may write in place, not being allocated, with no autoclear bit
         pending, not metadata), counted in the image's in-flight IO; how many, from the first
         (the rest are left untouched for the Python paths, in order)."""
-        image = self.image
         cdef int k = 0
         cdef Slot *slot
         cdef uint64_t cs = self.cluster_size
@@ -802,8 +832,9 @@ cdef class FastPath:
         cdef uint64_t table_start, table_end, l1_start, l1_end, last_l2 = 0
         cdef bint writing, no_writes
         cdef array.array l1, table
-        with image.lock:
-            state = image.map_state()
+        self._lock_acquire()
+        try:
+            state = self._map_state()
             if state is None:
                 return 0  # a discard drains in-flight IO: count in no more
             try:
@@ -851,7 +882,9 @@ cdef class FastPath:
             except Exception:  # bad metadata or a bug: the Python paths report it, per request
                 pass
             if k:
-                image.count_in(k)
+                self._count_in(k)
+        finally:
+            self._lock_release()
         return k
 
     cdef int _claim(self, int n, uint16_t next_avail) except -1:
@@ -864,7 +897,9 @@ cdef class FastPath:
         pins = self._pins
         cdef list per_head = self.pins
         cdef int i
-        cdef list heads = [self.batch[i] for i in range(n)]
+        cdef list heads = None  # (a list of the heads only for those that take one)
+        if inflight is not None or self.record is not None:
+            heads = [self.batch[i] for i in range(n)]
         if inflight is not None:
             inflight.popped_many(heads)  # (in C too, where the queue layer's core is built)
         for i in range(n):
@@ -979,7 +1014,7 @@ cdef class FastPath:
         """Start the pass's requests: buffered writes and a lone cached read right here (as the
         Python engine's ``bypass`` does), the rest through the ring with one enter; then reap
         what finished."""
-        cdef bint timing = self.handler.timing
+        cdef bint timing = self.timing
         cdef int64_t now = _now_ns() if timing else 0  # (0: not timed)
         cdef int i, reads = 0
         cdef uint16_t head
@@ -1057,7 +1092,7 @@ cdef class FastPath:
         if self.left_now:  # qcow2: finished without the ring, out of the image's IO in flight
             left, self.left_now = self.left_now, 0
             if self.image is not None:
-                self.image.leave(left)
+                self._leave(left)
         self._reap(done)
         self._flush_counters()
         return 0
@@ -1090,7 +1125,7 @@ cdef class FastPath:
         cdef uint64_t ud
         cdef int32_t res
         cdef long ours = 0
-        stash = self.ring.stash
+        stash = None  # (the Python engine's entries are rare here: looked up when met)
         while head != tail:
             cqe = &self.cqes[head & self.cq_mask]
             ud = cqe.user_data
@@ -1101,6 +1136,8 @@ cdef class FastPath:
                 ours += 1
                 self._finish(<uint16_t>(ud & 0xFFFF), res, done)
             else:
+                if stash is None:
+                    stash = self.ring.stash
                 stash.append((ud, res))
             if head == tail:  # (more may have come meanwhile)
                 vbc_store_release(self.cq_head, head)
@@ -1196,14 +1233,17 @@ cdef class FastPath:
     cdef int _flush_counters(self) except -1:
         stats = self.stats
         cdef int kind, b
+        cdef Py_ssize_t index
+        cdef list total_ns, histogram
         if self.lat_any:
             self.lat_any = False
+            total_ns = stats.total_ns
             for kind in range(2):
                 if not self.lat_count[kind]:
                     continue
                 self.lat_count[kind] = 0
                 index = KIND_READ if kind == 0 else KIND_WRITE
-                stats.total_ns[index] += self.lat_total[kind]
+                total_ns[index] += self.lat_total[kind]
                 self.lat_total[kind] = 0
                 histogram = stats.latency[index]
                 for b in range(NBOUNDS + 1):

@@ -55,6 +55,8 @@ class FastPathLike(Protocol):
 
     def complete_reaped(self) -> list[tuple[int, int]]: ...
 
+    def settings_changed(self) -> None: ...
+
 
 def compiled_module() -> ModuleType | None:
     """The compiled core's module, or None if it was not built (or does not load here: the

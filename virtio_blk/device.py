@@ -237,8 +237,9 @@ class BlkDevice(Device):
             max_transfer=seg_max * size_max,
         )
         self.tracker = BounceBufferTracker(bounce_pages, threads=num_queues)
+        self._handlers: set[BlkQueueHandler] = set()  # running queues (see set_capacity)
         self.default_writeback = writeback
-        self.writeback = writeback
+        self._writeback = writeback
         self.writeback_chosen = False  # the driver wrote the writeback config byte
         self.acked = 0
         # One counter set per queue: each is only written by its queue's worker thread.
@@ -249,7 +250,21 @@ class BlkDevice(Device):
         self.errlog = RateLimitedLog(log)
         #: Time every disk operation (two clock reads per request) for latencies and totals.
         self.latency_accounting = latency_accounting
-        self._handlers: set[BlkQueueHandler] = set()  # running queues (see set_capacity)
+
+    @property
+    def writeback(self) -> bool:
+        """The write cache mode: True, write-back (a write completes before it is stable);
+        False, write-through."""
+        return self._writeback
+
+    @writeback.setter
+    def writeback(self, on: bool) -> None:
+        # The one place the mode changes (the config byte, SET_FEATURES, a reset, a queue
+        # process's copy of the state): every queue's fast path is told, so the compiled one
+        # need not read it in every pass, and the next request it checks obeys the new mode.
+        self._writeback = on
+        for handler in list(self._handlers):
+            handler.settings_changed()
 
     # ------------------------------------------------------------------ operating
     def resize(self, size: int) -> None:
@@ -450,7 +465,14 @@ class BlkQueueHandler(QueueHandler):
     @property
     def writeback(self) -> bool:
         """The device caches writes (a write needs no flush of its own before it completes)."""
-        return self.device.writeback
+        return self.device._writeback  # (not the property: one Python call per write less)
+
+    def settings_changed(self) -> None:
+        """The device's write cache mode changed (:attr:`BlkDevice.writeback`): the fast path,
+        if there is one, reads it again before its next request."""
+        fast = self._fast
+        if fast is not None:
+            fast.settings_changed()
 
     def submit_from_ring(self, vq: Queue) -> list[tuple[int, int]]:
         """The fast path (:mod:`.fastpath`) when the device has it on."""
@@ -649,7 +671,7 @@ class BlkQueueHandler(QueueHandler):
             return self.put_status(status_gpa, Status.OK, 1)
         layout = plan(self.memory, skip_start(chain.readable, HEADER_SIZE), guest_writable=False)
         req = BlkRequest(OpKind.WRITE, chain.head, status_gpa, sector, length)
-        req.sync = not self.device.writeback
+        req.sync = not self.device._writeback
         self._attach_buffers(req, layout, into_guest=False)
         return self._submit(req)
 
@@ -744,7 +766,7 @@ class BlkQueueHandler(QueueHandler):
                          segments[0].offset >> SECTOR_SHIFT, 0)
         req.offset = 0
         req.segments = segments
-        req.sync = not self.device.writeback
+        req.sync = not self.device._writeback
         return self._submit(req)
 
     # ------------------------------------------------------------------ completion

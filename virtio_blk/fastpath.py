@@ -187,6 +187,10 @@ class FastPath:
             done += handler.complete_reaped()
         return done
 
+    def settings_changed(self) -> None:
+        """The device's write cache mode changed: nothing to do here, this path reads it per
+        request (the compiled one keeps it between passes and reads it again only then)."""
+
     # ------------------------------------------------------------------ completion
     def complete_reaped(self) -> list[tuple[int, int]]:
         """Finish every request the engine has finished: ``(head, used length)`` of each --

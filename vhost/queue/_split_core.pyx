@@ -273,16 +273,20 @@ cdef class UsedRing:
         """
         if self.ring == NULL or queue.dirty is not None:
             return queue.end_pass(done)
-        cdef uint16_t next_used
+        cdef uint16_t next_used = 0
         cdef Py_ssize_t added
+        cdef bint known = False  # next_used is the queue's (not read again below)
         if done:
             next_used = queue.next_used
             added = self._add(queue, done, next_used)
             if added:
-                queue.next_used = <uint16_t>(next_used + added)
+                next_used = <uint16_t>(next_used + added)
+                queue.next_used = next_used
                 queue.in_flight_count -= added
             if added != len(done):
-                queue._add_used_python(done[added:])
+                queue._add_used_python(done[added:])  # (moves next_used on itself)
+            else:
+                known = True
         cdef long long size = self.size
         cdef uint16_t next_avail = queue.next_avail
         # enable_notifications: avail_event (EVENT_IDX) or the used ring's flags, then the
@@ -296,7 +300,7 @@ cdef class UsedRing:
         if vsc_load_u16(self.avail + 1) != next_avail:
             return PASS_AGAIN
         # publish_used
-        cdef uint16_t new = queue.next_used
+        cdef uint16_t new = next_used if known else queue.next_used
         cdef uint16_t old = queue._published_used
         if new == old:
             return PASS_QUIET
