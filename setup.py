@@ -32,6 +32,9 @@ CORE_MODULES = (
     ("virtio_blk._fastpath_core", "virtio_blk/_fastpath_core.pyx"),
 )
 
+# Declarations every module cimports (a change to one rebuilds them all).
+SHARED_DECLARATIONS = ("vhost/queue/_le.pxd",)
+
 # Cython directives for every module: Python 3 semantics (str is unicode, true division),
 # whatever a source file's own header says or forgets to say.
 CYTHON_DIRECTIVES = {"language_level": "3"}
@@ -64,8 +67,8 @@ def core_extensions() -> list[Extension]:
 
     Sources are paths relative to the project root, as setuptools wants them for sdists.
     No library is linked: the fast path enters the io_uring the Python engine set up (one
-    syscall), so the build needs no liburing.  Each depends on every .pxd, so that a changed
-    declaration rebuilds it.
+    syscall), so the build needs no liburing.  Each depends on every .pxd (the shared
+    ``vhost/queue/_le.pxd`` included), so that a changed declaration rebuilds it.
     """
     present = [(name, pyx) for name, pyx in CORE_MODULES if (ROOT / pyx).is_file()]
     if not present:
@@ -74,6 +77,7 @@ def core_extensions() -> list[Extension]:
         _warn(f"Cython>=3.0 is not installed: installing the pure-Python core only ({NEEDS})")
         return []
     declarations = [pxd for _, pyx in present if (ROOT / (pxd := pyx[:-4] + ".pxd")).is_file()]
+    declarations += [pxd for pxd in SHARED_DECLARATIONS if (ROOT / pxd).is_file()]
     return [
         Extension(
             name,

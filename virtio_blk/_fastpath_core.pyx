@@ -66,6 +66,15 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.types cimport off_t
+from vhost.queue._le cimport (
+    get_u16,
+    get_u32,
+    get_u64,
+    load_acquire_u16,
+    load_acquire_u32,
+    store_release_u32,
+    PyMemoryView_GET_BUFFER,
+)
 
 import errno as _errno
 import logging
@@ -86,11 +95,6 @@ from vhost.queue.base import QueueError
 from vhost.queue.inflight import InflightError
 
 log = logging.getLogger(__name__)
-
-cdef extern from "Python.h":
-    ctypedef struct Py_buffer:
-        void *buf
-    Py_buffer *PyMemoryView_GET_BUFFER(object)
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
@@ -113,27 +117,9 @@ cdef extern from *:
     #define RWF_NOWAIT 0x00000008
     #endif
     #define VBC_SYS_IO_URING_ENTER 426
-    static inline uint32_t vbc_load_acquire(const uint32_t *p) {
-        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
-    }
-    static inline uint16_t vbc_load_acquire16(const uint8_t *p) {
-        return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
-    }
-    static inline void vbc_store_release(uint32_t *p, uint32_t v) {
-        __atomic_store_n(p, v, __ATOMIC_RELEASE);
-    }
-    static inline uint32_t vbc_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-    static inline uint64_t vbc_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-    static inline uint16_t vbc_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
     """
     int RWF_NOWAIT
     int VBC_SYS_IO_URING_ENTER
-    uint32_t vbc_load_acquire(const uint32_t *p) nogil
-    uint16_t vbc_load_acquire16(const uint8_t *p) nogil
-    void vbc_store_release(uint32_t *p, uint32_t v) nogil
-    uint32_t vbc_u32(const uint8_t *p) nogil
-    uint64_t vbc_u64(const uint8_t *p) nogil
-    uint16_t vbc_u16(const uint8_t *p) nogil
 
 
 # ---------------------------------------------------------------------------- constants
@@ -528,10 +514,10 @@ cdef class FastPath:
         cdef const uint8_t *table = self.desc
         cdef uint64_t count = self.size
         cdef const uint8_t *d = table + (<uint64_t>head << 4)
-        cdef uint64_t addr = vbc_u64(d)
-        cdef uint64_t length = vbc_u32(d + 8)
-        cdef uint16_t flags = vbc_u16(d + 12)
-        cdef uint16_t nxt = vbc_u16(d + 14)
+        cdef uint64_t addr = get_u64(d)
+        cdef uint64_t length = get_u32(d + 8)
+        cdef uint16_t flags = get_u16(d + 12)
+        cdef uint16_t nxt = get_u16(d + 14)
         cdef int r
         if flags == DESC_F_INDIRECT:  # one indirect table holding the whole chain
             if not self.indirect_ok or length & 15 or length == 0 or length > MAX_INDIRECT_BYTES:
@@ -541,10 +527,10 @@ cdef class FastPath:
                 return False
             table = self._host(r, addr)
             count = length >> 4
-            addr = vbc_u64(table)
-            length = vbc_u32(table + 8)
-            flags = vbc_u16(table + 12)
-            nxt = vbc_u16(table + 14)
+            addr = get_u64(table)
+            length = get_u32(table + 8)
+            flags = get_u16(table + 12)
+            nxt = get_u16(table + 14)
         cdef uint64_t limit = MAX_PIECES if MAX_PIECES < count else count
         # The header: readable, 16 bytes.
         if flags != DESC_F_NEXT or length != HEADER_SIZE or nxt >= count or limit < 3:
@@ -552,10 +538,10 @@ cdef class FastPath:
         cdef uint64_t hdr = addr
         # The data: one direction, each run non-empty.
         d = table + (<uint64_t>nxt << 4)
-        addr = vbc_u64(d)
-        length = vbc_u32(d + 8)
-        cdef uint16_t data_flags = vbc_u16(d + 12)
-        nxt = vbc_u16(d + 14)
+        addr = get_u64(d)
+        length = get_u32(d + 8)
+        cdef uint16_t data_flags = get_u16(d + 12)
+        nxt = get_u16(d + 14)
         if data_flags != DESC_F_NEXT and data_flags != NEXT_WRITE:
             return False
         cdef Piece data[MAX_IOV]
@@ -569,10 +555,10 @@ cdef class FastPath:
             data[ndata].length = length
             ndata += 1
             d = table + (<uint64_t>nxt << 4)
-            addr = vbc_u64(d)
-            length = vbc_u32(d + 8)
-            flags = vbc_u16(d + 12)
-            nxt = vbc_u16(d + 14)
+            addr = get_u64(d)
+            length = get_u32(d + 8)
+            flags = get_u16(d + 12)
+            nxt = get_u16(d + 14)
             read += 1
         # The status: one writable byte, the end of the chain.
         if flags != DESC_F_WRITE or length != 1:
@@ -595,15 +581,15 @@ cdef class FastPath:
         while True:
             d = self.desc + (<uint64_t>p << 4)
             # (acquire: the driver writes the flags last, so the rest is read after them)
-            flags = vbc_load_acquire16(d + 14)
+            flags = load_acquire_u16(d + 14)
             if (flags >> PF_AVAIL_SHIFT) & 1 != w or (flags >> PF_USED_SHIFT) & 1 == w:
                 return 0 if nring == 0 else -1  # (a chain running into a slot not made
                                                  # available: the generic pop reports it)
             if nring == room or nring == MAX_RING:
                 return -1  # longer than the free slots (an error) or than this path takes
-            ring[nring].addr = vbc_u64(d)
-            ring[nring].length = vbc_u32(d + 8)
-            ring[nring].id = vbc_u16(d + 12)
+            ring[nring].addr = get_u64(d)
+            ring[nring].length = get_u32(d + 8)
+            ring[nring].id = get_u16(d + 12)
             ring[nring].flags = flags
             nring += 1
             p += 1
@@ -637,9 +623,9 @@ cdef class FastPath:
                 return -1
             table = self._host(r, ring[0].addr)
             for k in range(npieces):
-                pieces[k].addr = vbc_u64(table + (k << 4))
-                pieces[k].length = vbc_u32(table + (k << 4) + 8)
-                pflags[k] = vbc_u16(table + (k << 4) + 14)
+                pieces[k].addr = get_u64(table + (k << 4))
+                pieces[k].length = get_u32(table + (k << 4) + 8)
+                pflags[k] = get_u16(table + (k << 4) + 14)
         else:
             npieces = nring
             for k in range(nring):
@@ -688,8 +674,8 @@ cdef class FastPath:
         if r < 0:
             return False
         cdef const uint8_t *h = self._host(r, hdr)
-        cdef uint32_t req_type = vbc_u32(h) & TYPE_MASK
-        cdef uint64_t sector = vbc_u64(h + 8)
+        cdef uint32_t req_type = get_u32(h) & TYPE_MASK
+        cdef uint64_t sector = get_u64(h + 8)
         if req_type != <uint32_t>(T_IN if into_guest else T_OUT):
             return False
         if not into_guest and (self.read_only or not self.writeback):
@@ -1060,10 +1046,10 @@ cdef class FastPath:
                         self._finish(head, -err, done)
                         continue
                 # not all cached, or short: the ring reads it
-            if ((tail - vbc_load_acquire(self.sq_head)) & 0xFFFFFFFF) >= self.sq_entries:
+            if ((tail - load_acquire_u32(self.sq_head)) & 0xFFFFFFFF) >= self.sq_entries:
                 tail = self._enter(tail, queued + python_pending, queued)
                 queued = python_pending = 0
-                if ((tail - vbc_load_acquire(self.sq_head)) & 0xFFFFFFFF) >= self.sq_entries:
+                if ((tail - load_acquire_u32(self.sq_head)) & 0xFFFFFFFF) >= self.sq_entries:
                     raise OSError(0, "io_uring submission queue full")
             sqe = &self.sqes[tail & self.sq_mask]
             sqe.flags = 0
@@ -1101,7 +1087,7 @@ cdef class FastPath:
                          uint32_t ours) except? 0xFFFFFFFF:
         """Publish the submission tail and enter the kernel once (the Python ring's own prepared
         entries, if any, go with ``ours``); the tail."""
-        vbc_store_release(self.sq_tail, tail)
+        store_release_u32(self.sq_tail, tail)
         self.ring._tail = tail
         self.ring._pending = 0
         self.ring.external_in_flight += ours
@@ -1120,7 +1106,7 @@ cdef class FastPath:
     cdef int _reap(self, list done) except -1:
         """Complete the ring's finished entries of this path; stash the Python engine's."""
         cdef uint32_t head = self.cq_head[0]
-        cdef uint32_t tail = vbc_load_acquire(self.cq_tail)
+        cdef uint32_t tail = load_acquire_u32(self.cq_tail)
         cdef Cqe *cqe
         cdef uint64_t ud
         cdef int32_t res
@@ -1140,9 +1126,9 @@ cdef class FastPath:
                     stash = self.ring.stash
                 stash.append((ud, res))
             if head == tail:  # (more may have come meanwhile)
-                vbc_store_release(self.cq_head, head)
-                tail = vbc_load_acquire(self.cq_tail)
-        vbc_store_release(self.cq_head, head)
+                store_release_u32(self.cq_head, head)
+                tail = load_acquire_u32(self.cq_tail)
+        store_release_u32(self.cq_head, head)
         if ours and self.ring.external_reaped is not None:  # (the stash's were, when stashed)
             self.ring.external_reaped(ours)
         self._take_external_stash(done)

@@ -42,49 +42,24 @@ areas and queues and hold them to the same bytes, state and exceptions.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-
-cdef extern from "Python.h":
-    ctypedef struct Py_buffer:
-        void *buf
-        Py_ssize_t len
-        int readonly
-    Py_buffer *PyMemoryView_GET_BUFFER(object)
-    bint PyLong_CheckExact(object)
-    bint PyList_CheckExact(object)
-    bint PyBytes_CheckExact(object)
-    bint PyTuple_CheckExact(object)
-    long long PyLong_AsLongLongAndOverflow(object, int *overflow) except? -1
-    char *PyBytes_AS_STRING(object)
-    Py_ssize_t PyBytes_GET_SIZE(object)
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-    #error "vhost/queue/_packed_core stores little-endian area fields with host stores"
-    #endif
-    static inline void vpc_put_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
-    static inline void vpc_put_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-    static inline void vpc_put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-    static inline uint16_t vpc_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-    static inline uint32_t vpc_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-    static inline uint64_t vpc_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-    static inline void vpc_release_u16(uint8_t *p, uint16_t v) {
-        __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
-    }
-    static inline void vpc_release_u8(uint8_t *p, uint8_t v) {
-        __atomic_store_n(p, v, __ATOMIC_RELEASE);
-    }
-    """
-    void vpc_put_u16(uint8_t *p, uint16_t v) nogil
-    void vpc_put_u32(uint8_t *p, uint32_t v) nogil
-    void vpc_put_u64(uint8_t *p, uint64_t v) nogil
-    uint16_t vpc_u16(const uint8_t *p) nogil
-    uint32_t vpc_u32(const uint8_t *p) nogil
-    uint64_t vpc_u64(const uint8_t *p) nogil
-    void vpc_release_u16(uint8_t *p, uint16_t v) nogil
-    void vpc_release_u8(uint8_t *p, uint8_t v) nogil
+from vhost.queue._le cimport (
+    get_u16,
+    get_u32,
+    get_u64,
+    put_u16,
+    put_u32,
+    put_u64,
+    release_u16,
+    release_u8,
+    small_int,
+    Py_buffer,
+    PyMemoryView_GET_BUFFER,
+    PyTuple_CheckExact,
+    PyList_CheckExact,
+    PyBytes_CheckExact,
+    PyBytes_AS_STRING,
+    PyBytes_GET_SIZE,
+)
 
 from vhost.queue import inflight as _inflight
 
@@ -105,13 +80,20 @@ if HEADER_SIZE != 32 or ENTRY_SIZE != 32:
     raise ImportError("the packed in-flight area's layout is not the one compiled here")
 
 
-cdef inline bint _small_int(object obj, long long *out):
-    """``obj`` is an exact int that fits a long long (then in ``*out``)."""
-    cdef int overflow = 0
-    if not PyLong_CheckExact(obj):
-        return False
-    out[0] = PyLong_AsLongLongAndOverflow(obj, &overflow)
-    return not overflow
+
+cdef object _writable_area(object view, long long size):
+    """A slice of the in-flight area's ``view`` to write through (the slice holds the buffer
+    while the caller writes; slicing a released view raises), or None when the view was
+    released, is read-only or is too short for ``size`` entries -- the Python method then does
+    the work and reports the fault as it always did."""
+    try:
+        area_view = view[:]
+    except ValueError:
+        return None
+    cdef Py_buffer *ab = PyMemoryView_GET_BUFFER(area_view)
+    if ab.readonly or ab.len < HEADER_SIZE + ENTRY_SIZE * size:
+        return None
+    return area_view
 
 
 def popped_many(tracker, ring, counts, out):
@@ -133,18 +115,14 @@ def popped_many(tracker, ring, counts, out):
     if len(nxt) != size or len(lasts) != size:
         return 0
     cdef long long free = 0, start = 0
-    if not _small_int(tracker._free_head, &free) or not _small_int(tracker.counter, &start):
+    if not small_int(tracker._free_head, &free) or not small_int(tracker.counter, &start):
         return 0
     if start < 0 or not (0 <= free < size or free == NO_ENTRY):
         return 0
-    try:
-        area_view = view[:]  # (a slice: keeps the buffer for this call; raises once released)
-    except ValueError:
+    area_view = _writable_area(view, size)
+    if area_view is None:
         return 0
-    cdef Py_buffer *ab = PyMemoryView_GET_BUFFER(area_view)
-    if ab.readonly or ab.len < HEADER_SIZE + ENTRY_SIZE * size:
-        return 0
-    cdef uint8_t *area = <uint8_t *>ab.buf
+    cdef uint8_t *area = <uint8_t *>PyMemoryView_GET_BUFFER(area_view).buf
     cdef const uint8_t *src = <const uint8_t *>PyBytes_AS_STRING(ring)
     cdef Py_ssize_t ring_len = PyBytes_GET_SIZE(ring)
     cdef Py_ssize_t off = 0
@@ -156,7 +134,7 @@ def popped_many(tracker, ring, counts, out):
     cdef bint ok
     try:
         while i < n:
-            if not _small_int((<list>counts)[i], &count) or not 0 < count <= size:
+            if not small_int((<list>counts)[i], &count) or not 0 < count <= size:
                 break
             if count > (ring_len - off) // RING_DESC_SIZE or counter >= 0x7FFFFFFFFFFFFFFF:
                 break
@@ -168,7 +146,7 @@ def popped_many(tracker, ring, counts, out):
                 if not 0 <= node < size:  # (NO_ENTRY: the list ran out)
                     ok = False
                     break
-                if not _small_int(nxt[node], &node) or not (0 <= node < size
+                if not small_int(nxt[node], &node) or not (0 <= node < size
                                                             or node == NO_ENTRY):
                     ok = False
                     break
@@ -179,22 +157,22 @@ def popped_many(tracker, ring, counts, out):
             for k in range(count):
                 d = src + off + k * RING_DESC_SIZE
                 e = area + HEADER_SIZE + ENTRY_SIZE * node + E_DESC
-                vpc_put_u16(e, vpc_u16(d + 12))      # id
-                vpc_put_u16(e + 2, vpc_u16(d + 14))  # flags
-                vpc_put_u32(e + 4, vpc_u32(d + 8))   # len
-                vpc_put_u64(e + 8, vpc_u64(d))       # addr
+                put_u16(e, get_u16(d + 12))      # id
+                put_u16(e + 2, get_u16(d + 14))  # flags
+                put_u32(e + 4, get_u32(d + 8))   # len
+                put_u64(e + 8, get_u64(d))       # addr
                 last = node
-                _small_int(nxt[node], &node)
+                small_int(nxt[node], &node)
             free = node
-            vpc_put_u16(area + FREE_HEAD_OFF, <uint16_t>node)
+            put_u16(area + FREE_HEAD_OFF, <uint16_t>node)
             lasts[head] = last
             e = area + HEADER_SIZE + ENTRY_SIZE * head
-            vpc_put_u16(e + E_LAST, <uint16_t>last)
-            vpc_put_u16(e + E_NUM, <uint16_t>count)
-            vpc_put_u64(e + E_COUNTER, counter)
+            put_u16(e + E_LAST, <uint16_t>last)
+            put_u16(e + E_NUM, <uint16_t>count)
+            put_u64(e + E_COUNTER, counter)
             counter += 1
-            vpc_release_u8(e, 1)
-            vpc_release_u16(area + OLD_FREE_HEAD_OFF, <uint16_t>node)
+            release_u8(e, 1)
+            release_u16(area + OLD_FREE_HEAD_OFF, <uint16_t>node)
             (<list>out).append(head)
             off += count * RING_DESC_SIZE
             i += 1
@@ -288,9 +266,9 @@ cdef class UsedSide:
                 if not PyTuple_CheckExact(obj) or len(<tuple>obj) != 2:
                     break
                 item = <tuple>obj
-                if not _small_int(item[0], &buf_id) or not 0 <= buf_id < size:
+                if not small_int(item[0], &buf_id) or not 0 <= buf_id < size:
                     break
-                if not _small_int(item[1], &length) or not slots[buf_id]:
+                if not small_int(item[1], &length) or not slots[buf_id]:
                     break
                 pending.append((item[0], item[1], slots[buf_id]))
                 slots[buf_id] = 0
@@ -317,7 +295,7 @@ cdef class UsedSide:
         cdef long long pos = 0, wrap = 0
         if n == 0:
             return None
-        if not _small_int(queue.next_used, &pos) or not _small_int(queue.used_wrap, &wrap):
+        if not small_int(queue.next_used, &pos) or not small_int(queue.used_wrap, &wrap):
             return None
         if not 0 <= pos < size or not 0 <= wrap <= 1:
             return None
@@ -329,8 +307,8 @@ cdef class UsedSide:
             if not PyTuple_CheckExact(obj) or len(<tuple>obj) != 3:
                 return None
             item = <tuple>obj
-            if not (_small_int(item[0], &buf_id) and _small_int(item[1], &length)
-                    and _small_int(item[2], &nslots)):
+            if not (small_int(item[0], &buf_id) and small_int(item[1], &length)
+                    and small_int(item[2], &nslots)):
                 return None
             if not (0 <= buf_id <= 0xFFFF and 0 <= length <= 0xFFFFFFFF and 0 < nslots <= size):
                 return None
@@ -339,15 +317,15 @@ cdef class UsedSide:
         cdef uint8_t *d
         for i in range(n):
             item = <tuple>(<list>pending)[i]
-            _small_int(item[0], &buf_id)
-            _small_int(item[1], &length)
-            _small_int(item[2], &nslots)
+            small_int(item[0], &buf_id)
+            small_int(item[1], &length)
+            small_int(item[2], &nslots)
             flags = (F_AVAIL_USED if wrap else 0) | (F_WRITE if length else 0)
             d = self.ring + RING_DESC_SIZE * pos
-            vpc_put_u16(d + 12, <uint16_t>buf_id)
-            vpc_put_u32(d + 8, <uint32_t>length)
+            put_u16(d + 12, <uint16_t>buf_id)
+            put_u32(d + 8, <uint32_t>length)
             if i:
-                vpc_release_u16(d + 14, flags)
+                release_u16(d + 14, flags)
             else:
                 first_flags = flags
             count += nslots
@@ -373,7 +351,7 @@ def publishing(tracker, used_idx, used_wrap):
     position a u16 and the wrap counter a byte --: True, done; False, nothing done (the Python
     method does it, and raises what it raises)."""
     cdef long long idx = 0, wrap = 0, free = 0, head = 0, last = 0
-    if not _small_int(used_idx, &idx) or not _small_int(used_wrap, &wrap):
+    if not small_int(used_idx, &idx) or not small_int(used_wrap, &wrap):
         return False
     if not 0 <= idx <= 0xFFFF or not 0 <= wrap <= 0xFF:
         return False
@@ -387,34 +365,30 @@ def publishing(tracker, used_idx, used_wrap):
     cdef long long size = tracker.size
     if len(nxt) != size or len(lasts) != size:
         return False
-    if not _small_int(tracker._free_head, &free) or not (0 <= free < size or free == NO_ENTRY):
+    if not small_int(tracker._free_head, &free) or not (0 <= free < size or free == NO_ENTRY):
         return False
     cdef Py_ssize_t i, n = len(batch)
     for i in range(n):  # all plain, or nothing done
-        if not _small_int(batch[i], &head) or not 0 <= head < size:
+        if not small_int(batch[i], &head) or not 0 <= head < size:
             return False
-        if not _small_int(lasts[head], &last) or not 0 <= last < size:
+        if not small_int(lasts[head], &last) or not 0 <= last < size:
             return False
-    try:
-        area_view = view[:]
-    except ValueError:
+    area_view = _writable_area(view, size)
+    if area_view is None:
         return False
-    cdef Py_buffer *ab = PyMemoryView_GET_BUFFER(area_view)
-    if ab.readonly or ab.len < HEADER_SIZE + ENTRY_SIZE * size:
-        return False
-    cdef uint8_t *area = <uint8_t *>ab.buf
+    cdef uint8_t *area = <uint8_t *>PyMemoryView_GET_BUFFER(area_view).buf
     try:
         for i in range(n):
             head_obj = batch[i]
-            _small_int(head_obj, &head)
-            _small_int(lasts[head], &last)
+            small_int(head_obj, &head)
+            small_int(lasts[head], &last)
             nxt[last] = free
-            vpc_put_u16(area + HEADER_SIZE + ENTRY_SIZE * last + E_NEXT, <uint16_t>free)
+            put_u16(area + HEADER_SIZE + ENTRY_SIZE * last + E_NEXT, <uint16_t>free)
             free = head
-            vpc_put_u16(area + FREE_HEAD_OFF, <uint16_t>free)
+            put_u16(area + FREE_HEAD_OFF, <uint16_t>free)
     finally:
         tracker._free_head = free
-    vpc_put_u16(area + USED_IDX_OFF, <uint16_t>idx)
+    put_u16(area + USED_IDX_OFF, <uint16_t>idx)
     area[USED_WRAP_OFF] = <uint8_t>wrap
     return True
 
@@ -428,26 +402,22 @@ def published(tracker):
     cdef list batch = batch_obj
     cdef long long size = tracker.size
     cdef long long free = 0, head = 0
-    if not _small_int(tracker._free_head, &free) or not 0 <= free <= 0xFFFF:
+    if not small_int(tracker._free_head, &free) or not 0 <= free <= 0xFFFF:
         return False
     cdef Py_ssize_t i, n = len(batch)
     for i in range(n):
-        if not _small_int(batch[i], &head) or not 0 <= head < size:
+        if not small_int(batch[i], &head) or not 0 <= head < size:
             return False
-    try:
-        area_view = view[:]
-    except ValueError:
+    area_view = _writable_area(view, size)
+    if area_view is None:
         return False
-    cdef Py_buffer *ab = PyMemoryView_GET_BUFFER(area_view)
-    if ab.readonly or ab.len < HEADER_SIZE + ENTRY_SIZE * size:
-        return False
-    cdef uint8_t *area = <uint8_t *>ab.buf
+    cdef uint8_t *area = <uint8_t *>PyMemoryView_GET_BUFFER(area_view).buf
     for i in range(n):
-        _small_int(batch[i], &head)
+        small_int(batch[i], &head)
         area[HEADER_SIZE + ENTRY_SIZE * head] = 0
     batch.clear()
     # The commit: free list, used position, wrap counter (release: after the bits cleared).
-    vpc_release_u16(area + OLD_FREE_HEAD_OFF, <uint16_t>free)
-    vpc_release_u16(area + OLD_USED_IDX_OFF, vpc_u16(area + USED_IDX_OFF))
-    vpc_release_u8(area + OLD_USED_WRAP_OFF, area[USED_WRAP_OFF])
+    release_u16(area + OLD_FREE_HEAD_OFF, <uint16_t>free)
+    release_u16(area + OLD_USED_IDX_OFF, get_u16(area + USED_IDX_OFF))
+    release_u8(area + OLD_USED_WRAP_OFF, area[USED_WRAP_OFF])
     return True

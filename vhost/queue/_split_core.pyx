@@ -40,59 +40,27 @@ differential test is ``tests/property/test_split_end_pass_differential.py``.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from vhost.queue._le cimport (
+    full_fence,
+    get_u16,
+    load_u16,
+    put_u16,
+    put_u32,
+    put_u64,
+    release_u16,
+    release_u8,
+    small_int,
+    store_u16,
+    Py_buffer,
+    PyMemoryView_GET_BUFFER,
+    PyLong_CheckExact,
+    PyTuple_CheckExact,
+    PyList_CheckExact,
+    PyByteArray_CheckExact,
+    PyByteArray_GET_SIZE,
+)
 
 from vhost.queue.base import PASS_AGAIN, PASS_CALL, PASS_QUIET
-
-cdef extern from "Python.h":
-    ctypedef struct Py_buffer:
-        void *buf
-        Py_ssize_t len
-        int readonly
-    Py_buffer *PyMemoryView_GET_BUFFER(object)
-    bint PyLong_CheckExact(object)
-    bint PyTuple_CheckExact(object)
-    bint PyList_CheckExact(object)
-    bint PyByteArray_CheckExact(object)
-    long long PyLong_AsLongLongAndOverflow(object, int *overflow) except? -1
-    char *PyByteArray_AS_STRING(object)
-    Py_ssize_t PyByteArray_GET_SIZE(object)
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-    #error "vhost/queue/_split_core stores little-endian ring fields with host stores"
-    #endif
-    static inline void vsc_put_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-    static inline void vsc_put_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
-    static inline void vsc_put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-    static inline uint16_t vsc_get_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-    static inline void vsc_release_u16(uint8_t *p, uint16_t v) {
-        __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
-    }
-    static inline void vsc_release_u8(uint8_t *p, uint8_t v) {
-        __atomic_store_n(p, v, __ATOMIC_RELEASE);
-    }
-    /* The ring fields the driver reads or writes concurrently: one 16-bit access each (the
-       compiler may neither tear nor cache it), and the store->load fence between them. */
-    static inline void vsc_store_u16(uint16_t *p, uint16_t v) {
-        __atomic_store_n(p, v, __ATOMIC_RELAXED);
-    }
-    static inline uint16_t vsc_load_u16(const uint16_t *p) {
-        return __atomic_load_n(p, __ATOMIC_RELAXED);
-    }
-    static inline void vsc_full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-    """
-    void vsc_put_u32(uint8_t *p, uint32_t v) nogil
-    void vsc_put_u16(uint8_t *p, uint16_t v) nogil
-    void vsc_put_u64(uint8_t *p, uint64_t v) nogil
-    uint16_t vsc_get_u16(const uint8_t *p) nogil
-    void vsc_release_u16(uint8_t *p, uint16_t v) nogil
-    void vsc_release_u8(uint8_t *p, uint8_t v) nogil
-    void vsc_store_u16(uint16_t *p, uint16_t v) nogil
-    uint16_t vsc_load_u16(const uint16_t *p) nogil
-    void vsc_full_fence() nogil
 
 
 cdef enum:
@@ -112,14 +80,6 @@ cdef enum:
 cdef long long U32_MAX = 0xFFFFFFFF
 cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFF
 
-
-cdef inline bint _small_int(object obj, long long *out):
-    """``obj`` is an exact int that fits a long long (then in ``*out``)."""
-    cdef int overflow = 0
-    if not PyLong_CheckExact(obj):
-        return False
-    out[0] = PyLong_AsLongLongAndOverflow(obj, &overflow)
-    return not overflow
 
 
 cdef inline object _slice(object view):
@@ -234,21 +194,21 @@ cdef class UsedRing:
                     break
                 item = <tuple>obj
                 head_obj = item[0]
-                if (not _small_int(head_obj, &head) or not _small_int(item[1], &length)
+                if (not small_int(head_obj, &head) or not small_int(item[1], &length)
                         or head < 0 or head >= size or not flags[head]
                         or length < 0 or length > U32_MAX):
                     break
                 flags[head] = 0
                 entry = self.ring + USED_RING_OFF + USED_ELEM_SIZE * (next_used & self.mask)
-                vsc_put_u32(entry, <uint32_t>head)
-                vsc_put_u32(entry + 4, <uint32_t>length)
+                put_u32(entry, <uint32_t>head)
+                put_u32(entry + 4, <uint32_t>length)
                 next_used = <uint16_t>(next_used + 1)
                 i += 1
                 if area != NULL:
                     # InflightQueue.used: link the head into the batch, then name it the last
-                    vsc_put_u16(area + HEADER_SIZE + STATE_SIZE * head + NEXT_OFF,
-                                vsc_get_u16(area + LAST_BATCH_OFF))
-                    vsc_release_u16(area + LAST_BATCH_OFF, <uint16_t>head)
+                    put_u16(area + HEADER_SIZE + STATE_SIZE * head + NEXT_OFF,
+                                get_u16(area + LAST_BATCH_OFF))
+                    release_u16(area + LAST_BATCH_OFF, <uint16_t>head)
                     self._batch.append(head_obj)
         except BaseException:
             queue.next_used = next_used
@@ -293,25 +253,25 @@ cdef class UsedRing:
         # driver's avail.idx after the fence (virtio 2.7.10: buffers it made available while
         # notifications were off get no kick).
         if self.event_idx:
-            vsc_store_u16(<uint16_t *>self.ring + 2 + 4 * size, next_avail)
+            store_u16(<uint16_t *>self.ring + 2 + 4 * size, next_avail)
         else:
-            vsc_store_u16(<uint16_t *>self.ring, 0)
-        vsc_full_fence()
-        if vsc_load_u16(self.avail + 1) != next_avail:
+            store_u16(<uint16_t *>self.ring, 0)
+        full_fence()
+        if load_u16(self.avail + 1) != next_avail:
             return PASS_AGAIN
         # publish_used
         cdef uint16_t new = next_used if known else queue.next_used
         cdef uint16_t old = queue._published_used
         if new == old:
             return PASS_QUIET
-        vsc_release_u16(self.ring + 2, new)  # one 16-bit store, after the elements
+        release_u16(self.ring + 2, new)  # one 16-bit store, after the elements
         queue._published_used = new
         if self.area != NULL and not self._published(new):
             queue.inflight_area.published(new)
-        vsc_full_fence()
+        full_fence()
         cdef uint16_t used_event
         if self.event_idx:
-            used_event = vsc_load_u16(self.avail + 2 + size)
+            used_event = load_u16(self.avail + 2 + size)
             prev = queue._signalled_used
             queue._signalled_used = new
             if prev is None:
@@ -319,7 +279,7 @@ cdef class UsedRing:
             if <uint16_t>(new - used_event - 1) < <uint16_t>(new - <uint16_t>prev):
                 return PASS_CALL
             return PASS_QUIET
-        if vsc_load_u16(self.avail) & AVAIL_F_NO_INTERRUPT:
+        if load_u16(self.avail) & AVAIL_F_NO_INTERRUPT:
             return PASS_QUIET
         return PASS_CALL
 
@@ -331,13 +291,13 @@ cdef class UsedRing:
         cdef list batch = self._batch
         cdef long long head = 0
         for obj in batch:
-            if not _small_int(obj, &head) or head < 0 or head >= self.size:
+            if not small_int(obj, &head) or head < 0 or head >= self.size:
                 return False
         for obj in batch:
-            _small_int(obj, &head)
+            small_int(obj, &head)
             self.area[HEADER_SIZE + STATE_SIZE * head] = 0
         del batch[:]
-        vsc_release_u16(self.area + USED_IDX_OFF, used_idx)  # (after the bytes it covers)
+        release_u16(self.area + USED_IDX_OFF, used_idx)  # (after the bytes it covers)
         return True
 
 
@@ -368,11 +328,11 @@ def popped_many(inflight, heads):
     cdef bint exhausted = False  # the last counter was 2**64 - 1: the next does not fit
     try:
         while i < n:
-            if exhausted or not _small_int((<list>heads)[i], &head) or not 0 <= head < limit:
+            if exhausted or not small_int((<list>heads)[i], &head) or not 0 <= head < limit:
                 break
             entry = area + HEADER_SIZE + STATE_SIZE * head
-            vsc_put_u64(entry + COUNTER_OFF, counter)
-            vsc_release_u8(entry, 1)
+            put_u64(entry + COUNTER_OFF, counter)
+            release_u8(entry, 1)
             if counter == U64_MAX:
                 exhausted = True
             counter += 1
