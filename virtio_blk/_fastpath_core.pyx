@@ -91,6 +91,7 @@ from virtio_blk.fastpath import MAX_PIECES as _PY_MAX_PIECES
 from virtio_blk.fastpath import FastPath as PyFastPath
 from virtio_blk.request import HEADER_SIZE as _PY_HEADER_SIZE
 from virtio_blk.request import Status
+from vhost.queue.base import PASS_LIMIT as _PY_PASS_LIMIT
 from vhost.queue.base import QueueError
 from vhost.queue.inflight import InflightError
 
@@ -155,6 +156,7 @@ cdef uint64_t FAST_REJECT_WRITE = _PY_FAST_REJECT_WRITE
 cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
 cdef uint64_t HEADER_SIZE = _PY_HEADER_SIZE
 cdef uint64_t MAX_PIECES = _PY_MAX_PIECES
+cdef int PASS_LIMIT = _PY_PASS_LIMIT
 # (C integers: a list indexed with the IntEnum converts it to an int first, every pass)
 cdef Py_ssize_t KIND_READ = int(OpKind.READ)
 cdef Py_ssize_t KIND_WRITE = int(OpKind.WRITE)
@@ -751,8 +753,9 @@ cdef class FastPath:
 
     # ------------------------------------------------------------------ the pass
     def drain(self):
-        """Start every available request in the shapes this path takes, then hand the rest of
-        the pass to the Python fast path; ``(head, used length)`` of those already finished."""
+        """Start the available requests in the shapes this path takes, at most
+        :data:`~vhost.queue.base.PASS_LIMIT`, then hand the rest of the pass to the Python fast
+        path; ``(head, used length)`` of those already finished."""
         handler = self.handler
         if self._waiting:  # requests wait for bounce pages: the generic path keeps the order
             return []
@@ -774,6 +777,8 @@ cdef class FastPath:
         cdef uint16_t pending = <uint16_t>(self.avail[1] - next_avail)
         if pending > self.size:
             return []  # the generic pop reports it (and stops the queue)
+        if pending > PASS_LIMIT:
+            pending = PASS_LIMIT  # the rest waits for the next pass (PASS_LIMIT)
         cdef char *in_flight = PyByteArray_AS_STRING(self.in_flight)
         cdef uint16_t head
         cdef int n = 0, i
@@ -800,7 +805,7 @@ cdef class FastPath:
             self._claim(n, next_avail)
             self._start(n, done)
         if declined:
-            done += self.python.drain()
+            done += self.python.drain(PASS_LIMIT - n)
         return done
 
     cdef int _map(self, int n) except -1:
@@ -912,7 +917,7 @@ cdef class FastPath:
         cdef uint16_t buf_id
         cdef int n = 0, got = 0
         with nogil:
-            while True:
+            while n < PASS_LIMIT:  # the rest waits for the next pass (PASS_LIMIT)
                 got = self._walk_packed(&pos, &wrap, room, &buf_id)
                 if got <= 0:
                     break
@@ -932,7 +937,7 @@ cdef class FastPath:
             n = self._claim_packed(n, start_pos, start_wrap)
             self._start(n, done)
         if got < 0 and not vq.broken:
-            done += self.python.drain()
+            done += self.python.drain(PASS_LIMIT - n)
         return done
 
     cdef int _claim_packed(self, int n, uint32_t pos, int wrap) except -1:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Protocol
 from blockdev.ops import OpKind
 from guestmem import AccessError
 from scsi_buffers import RequestBuffers
-from vhost.queue.base import simple_chains
+from vhost.queue.base import PASS_LIMIT, simple_chains
 from virtio_blk.blk_request import BlkRequest, FastRequest
 from virtio_blk.layout import DataLayout, plan
 from virtio_blk.request import HEADER, HEADER_SIZE, T_BARRIER, Limits, ReqType, Status, range_fault
@@ -140,8 +140,9 @@ class FastPath:
         #: Requests started here (the rest went the generic way): for tests and benchmarks.
         self.taken = 0
 
-    def drain(self) -> list[tuple[int, int]]:
-        """Start every available request the fast path recognises, up to the first it does not.
+    def drain(self, limit: int = PASS_LIMIT) -> list[tuple[int, int]]:
+        """Start the available requests the fast path recognises, up to the first it does not
+        and at most ``limit`` (a pass's, :data:`~vhost.queue.base.PASS_LIMIT`).
 
         Returns ``(head, used length)`` of those already finished (a batched engine is flushed
         and reaped here, as the handler's ``submit_batch`` does).
@@ -164,6 +165,8 @@ class FastPath:
         # before its chain is in flight.
         reqs: list[BlkRequest] = []
         for chain in simple_chains(vq, MAX_PIECES):
+            if len(reqs) >= limit:
+                break  # the pass is full: asking for this chain kept the one before, not it
             req = build(chain)
             if req is None:
                 break  # left where it is, for the generic path

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from vhost.device import QueueHandler
-from vhost.queue.base import PASS_AGAIN, PASS_CALL, Queue, QueueError, pass_ender
+from vhost.queue.base import PASS_AGAIN, PASS_CALL, PASS_LIMIT, Queue, QueueError, pass_ender
 from vhost.runner.base import Notifier, RemoteLog
 
 __all__ = ["Notifier", "QueueWorker"]
@@ -219,8 +219,14 @@ class QueueWorker:
                 submit = self._submit_from_ring
                 if submit is None:
                     submit = self._submit_from_ring = handler.ring_submitter(vq)
+                # At most PASS_LIMIT chains a pass, whoever takes them (every chain taken is
+                # counted in flight until the end of the pass adds its completion); chains to
+                # resubmit after a reconnect all go at once (no kick would come for the rest).
+                before = vq.in_flight_count
                 finished = submit()
-                chains = vq.pop_batch()
+                room = PASS_LIMIT - (vq.in_flight_count - before)
+                chains = (vq.pop_batch(None if vq.replay_pending else room) if room > 0
+                          else [])
                 if chains:
                     self.batches += 1
                     finished += handler.submit_batch(chains)
@@ -237,6 +243,10 @@ class QueueWorker:
                     if ended == PASS_CALL:
                         self.call.signal()
                     return
+                # More chains wait (the pass's limit, or the driver added some): what this pass
+                # finished is the driver's now, before the next pass starts (PASS_LIMIT).
+                if vq.publish_used():
+                    self.call.signal()
         if vq.publish_used():
             self.call.signal()
 
