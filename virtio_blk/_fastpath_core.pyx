@@ -285,6 +285,7 @@ cdef class FastPath:
     cdef readonly object python
     #: Requests this compiled path started (the Python fast path counts its own).
     cdef public long taken
+    cdef bint capping            # the last pass finished requests in it: PASS_LIMIT applies
     #: Tests: called with each request the compiled path finishes (built by the Python fast
     #: path, its result set), before completion -- the Python tests' fault injection seam.
     cdef public object result_hook
@@ -378,6 +379,7 @@ cdef class FastPath:
         self.engine = handler.engine
         self.python = PyFastPath(handler, vq)
         self.taken = 0
+        self.capping = False
         self.result_hook = None
         self.record = None
         self.memory = handler.memory
@@ -753,9 +755,10 @@ cdef class FastPath:
 
     # ------------------------------------------------------------------ the pass
     def drain(self):
-        """Start the available requests in the shapes this path takes, at most
-        :data:`~vhost.queue.base.PASS_LIMIT`, then hand the rest of the pass to the Python fast
-        path; ``(head, used length)`` of those already finished."""
+        """Start the available requests in the shapes this path takes (at most
+        :data:`~vhost.queue.base.PASS_LIMIT` after a pass that finished requests in it), then
+        hand the rest of the pass to the Python fast path; ``(head, used length)`` of those
+        already finished."""
         handler = self.handler
         if self._waiting:  # requests wait for bounce pages: the generic path keeps the order
             return []
@@ -777,8 +780,9 @@ cdef class FastPath:
         cdef uint16_t pending = <uint16_t>(self.avail[1] - next_avail)
         if pending > self.size:
             return []  # the generic pop reports it (and stops the queue)
-        if pending > PASS_LIMIT:
-            pending = PASS_LIMIT  # the rest waits for the next pass (PASS_LIMIT)
+        cdef int limit = PASS_LIMIT if self.capping else 0xFFFF
+        if pending > limit:
+            pending = limit  # the rest waits for the next pass (PASS_LIMIT)
         cdef char *in_flight = PyByteArray_AS_STRING(self.in_flight)
         cdef uint16_t head
         cdef int n = 0, i
@@ -804,8 +808,9 @@ cdef class FastPath:
         if n:
             self._claim(n, next_avail)
             self._start(n, done)
+            self.capping = len(done) != 0
         if declined:
-            done += self.python.drain(PASS_LIMIT - n)
+            done += self.python.drain(limit - n)
         return done
 
     cdef int _map(self, int n) except -1:
@@ -916,8 +921,9 @@ cdef class FastPath:
         cdef uint32_t room = self.size - held
         cdef uint16_t buf_id
         cdef int n = 0, got = 0
+        cdef int limit = PASS_LIMIT if self.capping else 0xFFFF
         with nogil:
-            while n < PASS_LIMIT:  # the rest waits for the next pass (PASS_LIMIT)
+            while n < limit:  # the rest waits for the next pass (PASS_LIMIT)
                 got = self._walk_packed(&pos, &wrap, room, &buf_id)
                 if got <= 0:
                     break
@@ -936,8 +942,9 @@ cdef class FastPath:
         if n:
             n = self._claim_packed(n, start_pos, start_wrap)
             self._start(n, done)
+            self.capping = len(done) != 0
         if got < 0 and not vq.broken:
-            done += self.python.drain(PASS_LIMIT - n)
+            done += self.python.drain(limit - n)
         return done
 
     cdef int _claim_packed(self, int n, uint32_t pos, int wrap) except -1:

@@ -138,11 +138,14 @@ class FastPath:
         self._region: GuestRegion | None = None
         self._lo = self._hi = 0
         #: Requests started here (the rest went the generic way): for tests and benchmarks.
+        self._capping = False  # the last pass finished requests in it: PASS_LIMIT applies
         self.taken = 0
 
-    def drain(self, limit: int = PASS_LIMIT) -> list[tuple[int, int]]:
+    def drain(self, limit: int | None = None) -> list[tuple[int, int]]:
         """Start the available requests the fast path recognises, up to the first it does not
-        and at most ``limit`` (a pass's, :data:`~vhost.queue.base.PASS_LIMIT`).
+        and at most ``limit`` -- by default :data:`~vhost.queue.base.PASS_LIMIT` after a pass
+        that finished requests in it, else all of them (the compiled path passes the rest of
+        its own pass's limit).
 
         Returns ``(head, used length)`` of those already finished (a batched engine is flushed
         and reaped here, as the handler's ``submit_batch`` does).
@@ -159,6 +162,8 @@ class FastPath:
         complete = self.complete
         build = self._build
         timing = handler.timing
+        if limit is None:
+            limit = PASS_LIMIT if self._capping else 1 << 16
         # Every chain recognised first, then every request started: asking simple_chains for
         # the next chain claims the one before, so only once the pass has stopped (at a chain
         # declined, or at the last) are all of them claimed -- and a request is never started
@@ -188,6 +193,7 @@ class FastPath:
         if engine.batched:
             engine.submit_batch()
             done += handler.complete_reaped()
+        self._capping = bool(done)
         return done
 
     def settings_changed(self) -> None:

@@ -219,13 +219,16 @@ class Queue(Protocol):
 
 
 #: The most chains one worker pass takes from the ring before it ends -- its completions
-#: published, the driver called if it asks to be -- and drains again.  Why: a pass that takes a
-#: whole batch (32 at a driver's QD32) publishes nothing until all are done, so the driver
-#: sleeps through the pass and the device through the driver's next one; ending a pass every
-#: few chains lets the driver reap and refill while the device works on the rest.
-#: (``python -m benchmarks.inprocess --workloads randread --queues 1``: 0.44x qemu-storage-
-#: daemon's IOPS taking the whole batch, 1.16-1.29x ending a pass every 8, at 0.8x its CPU per
-#: request; 4 and 16 did worse.)  Both fast paths and the worker's generic pop honour it.
+#: published, the driver called if it asks to be -- and drains again, when requests finish in
+#: the pass (reads and writes of cached pages).  Why: a pass that takes a whole batch (32 at a
+#: driver's QD32) publishes nothing until all are done, so the driver sleeps through the pass
+#: and the device through the driver's next one; ending a pass every few chains lets the driver
+#: reap and refill while the device works on the rest.  (``python -m benchmarks.inprocess
+#: --workloads randread --queues 1``: 0.44x qemu-storage-daemon io_uring's IOPS taking whole
+#: batches, 1.16-1.38x ending a pass every 8, at 0.7-0.8x its CPU per request; 4 and 16 did
+#: worse.)  The fast paths take whole batches after a pass that finished nothing in it
+#: (O_DIRECT: completions come later, so nothing could be published early, and each extra
+#: pass cost ~1 us CPU per request).  The worker's generic pop takes what is left of the limit.
 PASS_LIMIT: Final = 8
 
 #: What the end of a worker pass found (:func:`pass_ender`): buffers arrived while kicks were

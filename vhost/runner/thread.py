@@ -51,6 +51,8 @@ class QueueWorker:
         name: str | None = None,
     ) -> None:
         self._submit_from_ring: Callable[[], list[tuple[int, int]]] | None = None
+        #: The last pass finished requests in it: the next takes at most PASS_LIMIT chains.
+        self._capping = False
         self.vq = vq
         self.handler = handler
         self.kick_fd = kick_fd
@@ -219,14 +221,17 @@ class QueueWorker:
                 submit = self._submit_from_ring
                 if submit is None:
                     submit = self._submit_from_ring = handler.ring_submitter(vq)
-                # At most PASS_LIMIT chains a pass, whoever takes them (every chain taken is
-                # counted in flight until the end of the pass adds its completion); chains to
-                # resubmit after a reconnect all go at once (no kick would come for the rest).
+                # At most PASS_LIMIT chains a pass that follows one that finished requests,
+                # whoever takes them (every chain taken is counted in flight until the end of
+                # the pass adds its completion); chains to resubmit after a reconnect all go at
+                # once (no kick would come for the rest).
                 before = vq.in_flight_count
                 finished = submit()
-                room = PASS_LIMIT - (vq.in_flight_count - before)
-                chains = (vq.pop_batch(None if vq.replay_pending else room) if room > 0
-                          else [])
+                if self._capping and not vq.replay_pending:
+                    room = PASS_LIMIT - (vq.in_flight_count - before)
+                    chains = vq.pop_batch(room) if room > 0 else []
+                else:
+                    chains = vq.pop_batch()
                 if chains:
                     self.batches += 1
                     finished += handler.submit_batch(chains)
@@ -237,6 +242,7 @@ class QueueWorker:
                     self._report_broken()
                     break
                 # add the completions, enable notifications, re-check, publish: one call
+                self._capping = bool(finished)
                 ended = self._end_pass(finished)
                 self.completed += len(finished)
                 if ended != PASS_AGAIN:
