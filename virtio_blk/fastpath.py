@@ -137,8 +137,8 @@ class FastPath:
         # hint for the lookup: every piece is still checked against the current table.
         self._region: GuestRegion | None = None
         self._lo = self._hi = 0
-        #: Requests started here (the rest went the generic way): for tests and benchmarks.
         self._capping = False  # the last pass finished requests in it: PASS_LIMIT applies
+        #: Requests started here (the rest went the generic way): for tests and benchmarks.
         self.taken = 0
 
     def drain(self, limit: int | None = None) -> list[tuple[int, int]]:
