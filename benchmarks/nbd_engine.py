@@ -34,17 +34,13 @@ import time
 import urllib.parse
 
 from benchmarks.common import round_order
+from blockdev.nbd import wire
 
 BS = 4096
 NBD_MAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
 NBD_OPT_EXPORT_NAME = 1
 NBD_FLAG_C_FIXED_NEWSTYLE = 1
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
-_REQUEST = struct.Struct(">IHHQQI")
-_REPLY = struct.Struct(">IIQ")
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -76,11 +72,11 @@ def direct(path: str, export: str, write: bool, seconds: float,
         rng = random.Random(1)
         blocks = size // BS
         payload = random.Random(2).randbytes(BS)
-        per_reply = _REPLY.size + (0 if write else BS)
+        per_reply = wire.REPLY.size + (0 if write else BS)
 
         def command(cookie: int) -> list[bytes]:
-            head = _REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE if write else CMD_READ, cookie,
-                                 rng.randrange(blocks) * BS, BS)
+            head = wire.request(wire.CMD_WRITE if write else wire.CMD_READ, 0, cookie,
+                                rng.randrange(blocks) * BS, BS)
             return [head, payload] if write else [head]
 
         buf = bytearray(per_reply * depth)
@@ -109,8 +105,8 @@ def direct(path: str, export: str, write: bool, seconds: float,
             whole = have // per_reply
             out: list[bytes] = []
             for i in range(whole):
-                magic, error, cookie = _REPLY.unpack_from(buf, i * per_reply)
-                if magic != SIMPLE_REPLY_MAGIC or error:
+                magic, error, cookie = wire.REPLY.unpack_from(buf, i * per_reply)
+                if magic != wire.SIMPLE_REPLY_MAGIC or error:
                     raise RuntimeError(f"reply magic {magic:#x}, error {error}")
                 if t:
                     outstanding -= 1
@@ -124,7 +120,7 @@ def direct(path: str, export: str, write: bool, seconds: float,
             if out:
                 sock.sendmsg(out)  # (a short send would stop the run: a ~256 KiB batch fits)
         sock.setblocking(True)
-        sock.sendall(_REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+        sock.sendall(wire.request(wire.CMD_DISC, 0, 0, 0, 0))
         poller.close()
         return done / t, cpu / max(done, 1) * 1e6
     finally:
