@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from guestmem import GuestMemory
 from guestmem.dirty_log import DirtyMarker
 from vhost.messages import ProtocolFeature, VirtioFeature
-from vhost.queue.base import DescriptorChain, Queue
+from vhost.queue.base import NO_LIMIT, DescriptorChain, Queue
 
 #: Most virtqueues a device may have: QEMU's VIRTIO_QUEUE_MAX, so a frontend can use them all.
 MAX_QUEUES = 1024
@@ -67,17 +67,17 @@ class QueueHandler(abc.ABC):
                 done.append((chain.head, used))
         return done
 
-    def submit_from_ring(self, vq: Queue) -> list[tuple[int, int]]:
-        """Pop and start requests straight from ``vq`` (a device's fast path); ``(head,
-        used_len)`` of those finished at once.
+    def submit_from_ring(self, vq: Queue, limit: int = NO_LIMIT) -> list[tuple[int, int]]:
+        """Pop and start at most ``limit`` requests straight from ``vq`` (a device's fast path);
+        ``(head, used_len)`` of those finished at once.
 
         Called before every :meth:`Queue.pop_batch`; it takes heads in ring order and stops
         at the first it does not handle, which the generic pop then gets.  Default: none.
         """
         return []
 
-    def ring_submitter(self, vq: Queue) -> Callable[[], list[tuple[int, int]]]:
-        """:meth:`submit_from_ring` of ``vq`` as a callable without arguments, which the worker
+    def ring_submitter(self, vq: Queue) -> Callable[[int], list[tuple[int, int]]]:
+        """:meth:`submit_from_ring` of ``vq`` as a callable of the pass's limit, which the worker
         gets once when it starts and calls in every pass.  A device may return its fast path's
         own method (one call less per pass: at one request per kick the calls around a request
         cost as much as the request); the default binds :meth:`submit_from_ring`."""

@@ -91,7 +91,7 @@ from virtio_blk.fastpath import MAX_PIECES as _PY_MAX_PIECES
 from virtio_blk.fastpath import FastPath as PyFastPath
 from virtio_blk.request import HEADER_SIZE as _PY_HEADER_SIZE
 from virtio_blk.request import Status
-from vhost.queue.base import PASS_LIMIT as _PY_PASS_LIMIT
+from vhost.queue.base import NO_LIMIT as _PY_NO_LIMIT
 from vhost.queue.base import QueueError
 from vhost.queue.inflight import InflightError
 
@@ -156,7 +156,6 @@ cdef uint64_t FAST_REJECT_WRITE = _PY_FAST_REJECT_WRITE
 cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
 cdef uint64_t HEADER_SIZE = _PY_HEADER_SIZE
 cdef uint64_t MAX_PIECES = _PY_MAX_PIECES
-cdef int PASS_LIMIT = _PY_PASS_LIMIT
 # (C integers: a list indexed with the IntEnum converts it to an int first, every pass)
 cdef Py_ssize_t KIND_READ = int(OpKind.READ)
 cdef Py_ssize_t KIND_WRITE = int(OpKind.WRITE)
@@ -285,7 +284,6 @@ cdef class FastPath:
     cdef readonly object python
     #: Requests this compiled path started (the Python fast path counts its own).
     cdef public long taken
-    cdef bint capping            # the last pass finished requests in it: PASS_LIMIT applies
     #: Tests: called with each request the compiled path finishes (built by the Python fast
     #: path, its result set), before completion -- the Python tests' fault injection seam.
     cdef public object result_hook
@@ -379,7 +377,6 @@ cdef class FastPath:
         self.engine = handler.engine
         self.python = PyFastPath(handler, vq)
         self.taken = 0
-        self.capping = False
         self.result_hook = None
         self.record = None
         self.memory = handler.memory
@@ -754,11 +751,11 @@ cdef class FastPath:
         return 0
 
     # ------------------------------------------------------------------ the pass
-    def drain(self):
-        """Start the available requests in the shapes this path takes (at most
-        :data:`~vhost.queue.base.PASS_LIMIT` after a pass that finished requests in it), then
-        hand the rest of the pass to the Python fast path; ``(head, used length)`` of those
-        already finished."""
+    def drain(self, int limit=_PY_NO_LIMIT):
+        """Start the available requests in the shapes this path takes, at most ``limit`` (the
+        pass's, which the worker decides: :data:`~vhost.queue.base.PASS_LIMIT`), then hand the
+        rest of the pass to the Python fast path; ``(head, used length)`` of those already
+        finished."""
         handler = self.handler
         if self._waiting:  # requests wait for bounce pages: the generic path keeps the order
             return []
@@ -766,23 +763,22 @@ cdef class FastPath:
         if vq.broken or vq.replay_pending:
             return []
         if handler.dirty is not None or self.ring.fd != self.ring_fd:
-            return self.python.drain()
+            return self.python.drain(limit)
         if self.memory.regions is not self._regions:
             try:
                 self._snapshot()
             except ValueError:  # a region went away meanwhile: the Python paths report it
                 self._regions = None
-                return self.python.drain()
+                return self.python.drain(limit)
         self._pass_settings()
         if self.packed:
-            return self._drain_packed()
+            return self._drain_packed(limit)
         cdef uint16_t next_avail = vq.next_avail
         cdef uint16_t pending = <uint16_t>(self.avail[1] - next_avail)
         if pending > self.size:
             return []  # the generic pop reports it (and stops the queue)
-        cdef int limit = PASS_LIMIT if self.capping else 0xFFFF
         if pending > limit:
-            pending = limit  # the rest waits for the next pass (PASS_LIMIT)
+            pending = limit  # the rest waits for the next pass
         cdef char *in_flight = PyByteArray_AS_STRING(self.in_flight)
         cdef uint16_t head
         cdef int n = 0, i
@@ -808,7 +804,6 @@ cdef class FastPath:
         if n:
             self._claim(n, next_avail)
             self._start(n, done)
-            self.capping = len(done) != 0
         if declined:
             done += self.python.drain(limit - n)
         return done
@@ -906,7 +901,7 @@ cdef class FastPath:
             self.record.extend(heads)
         return 0
 
-    cdef list _drain_packed(self):
+    cdef list _drain_packed(self, int limit):
         """:meth:`drain`'s pass over a packed ring: the chains from the avail position on that
         :meth:`_walk_packed` takes, claimed, started; the rest of the pass the Python fast
         path's."""
@@ -915,15 +910,14 @@ cdef class FastPath:
         cdef int start_wrap = vq.avail_wrap
         cdef uint32_t held = vq.held_slots
         if start_pos >= self.size or held > self.size:
-            return self.python.drain()  # (never: the queue keeps them in range)
+            return self.python.drain(limit)  # (never: the queue keeps them in range)
         cdef uint32_t pos = start_pos
         cdef int wrap = start_wrap
         cdef uint32_t room = self.size - held
         cdef uint16_t buf_id
         cdef int n = 0, got = 0
-        cdef int limit = PASS_LIMIT if self.capping else 0xFFFF
         with nogil:
-            while n < limit:  # the rest waits for the next pass (PASS_LIMIT)
+            while n < limit:  # the rest waits for the next pass
                 got = self._walk_packed(&pos, &wrap, room, &buf_id)
                 if got <= 0:
                     break
@@ -942,7 +936,6 @@ cdef class FastPath:
         if n:
             n = self._claim_packed(n, start_pos, start_wrap)
             self._start(n, done)
-            self.capping = len(done) != 0
         if got < 0 and not vq.broken:
             done += self.python.drain(limit - n)
         return done

@@ -37,7 +37,7 @@ from blockdev.throttle_filter import ThrottleStorage
 from guestmem import AccessError, GuestMemory
 from scsi_buffers import BounceBufferTracker
 from vhost.device import Device, QueueHandler
-from vhost.queue.base import DescriptorChain, Queue
+from vhost.queue.base import NO_LIMIT, DescriptorChain, Queue
 from virtio_blk.blk_request import BlkRequest
 from virtio_blk.core import FastPathLike, make_fast_path
 from virtio_blk.layout import DataLayout, plan, skip_start, trim_end
@@ -474,12 +474,12 @@ class BlkQueueHandler(QueueHandler):
         if fast is not None:
             fast.settings_changed()
 
-    def submit_from_ring(self, vq: Queue) -> list[tuple[int, int]]:
+    def submit_from_ring(self, vq: Queue, limit: int = NO_LIMIT) -> list[tuple[int, int]]:
         """The fast path (:mod:`.fastpath`) when the device has it on."""
         fast = self._fast_path_of(vq)
-        return [] if fast is None else fast.drain()
+        return [] if fast is None else fast.drain(limit)
 
-    def ring_submitter(self, vq: Queue) -> Callable[[], list[tuple[int, int]]]:
+    def ring_submitter(self, vq: Queue) -> Callable[[int], list[tuple[int, int]]]:
         """:meth:`submit_from_ring` of ``vq`` for the worker: the fast path's own ``drain`` (the
         compiled one's is a C method: no Python frame in between), or, with the fast path off,
         :meth:`submit_from_ring` bound (it finds nothing)."""

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Protocol
 from blockdev.ops import OpKind
 from guestmem import AccessError
 from scsi_buffers import RequestBuffers
-from vhost.queue.base import PASS_LIMIT, simple_chains
+from vhost.queue.base import NO_LIMIT, simple_chains
 from virtio_blk.blk_request import BlkRequest, FastRequest
 from virtio_blk.layout import DataLayout, plan
 from virtio_blk.request import HEADER, HEADER_SIZE, T_BARRIER, Limits, ReqType, Status, range_fault
@@ -137,15 +137,13 @@ class FastPath:
         # hint for the lookup: every piece is still checked against the current table.
         self._region: GuestRegion | None = None
         self._lo = self._hi = 0
-        self._capping = False  # the last pass finished requests in it: PASS_LIMIT applies
         #: Requests started here (the rest went the generic way): for tests and benchmarks.
         self.taken = 0
 
-    def drain(self, limit: int | None = None) -> list[tuple[int, int]]:
+    def drain(self, limit: int = NO_LIMIT) -> list[tuple[int, int]]:
         """Start the available requests the fast path recognises, up to the first it does not
-        and at most ``limit`` -- by default :data:`~vhost.queue.base.PASS_LIMIT` after a pass
-        that finished requests in it, else all of them (the compiled path passes the rest of
-        its own pass's limit).
+        and at most ``limit`` (the pass's, which the worker decides:
+        :data:`~vhost.queue.base.PASS_LIMIT`).
 
         Returns ``(head, used length)`` of those already finished (a batched engine is flushed
         and reaped here, as the handler's ``submit_batch`` does).
@@ -162,8 +160,6 @@ class FastPath:
         complete = self.complete
         build = self._build
         timing = handler.timing
-        if limit is None:
-            limit = PASS_LIMIT if self._capping else 1 << 16
         # Every chain recognised first, then every request started: asking simple_chains for
         # the next chain claims the one before, so only once the pass has stopped (at a chain
         # declined, or at the last) are all of them claimed -- and a request is never started
@@ -193,7 +189,6 @@ class FastPath:
         if engine.batched:
             engine.submit_batch()
             done += handler.complete_reaped()
-        self._capping = bool(done)
         return done
 
     def settings_changed(self) -> None:

@@ -226,10 +226,13 @@ class Queue(Protocol):
 #: reap and refill while the device works on the rest.  (``python -m benchmarks.inprocess
 #: --workloads randread --queues 1``: 0.44x qemu-storage-daemon io_uring's IOPS taking whole
 #: batches, 1.16-1.38x ending a pass every 8, at 0.7-0.8x its CPU per request; 4 and 16 did
-#: worse.)  The fast paths take whole batches after a pass that finished nothing in it
-#: (O_DIRECT: completions come later, so nothing could be published early, and each extra
-#: pass cost ~1 us CPU per request).  The worker's generic pop takes what is left of the limit.
+#: worse.)  After a pass that finished nothing in it a pass takes whole batches (NO_LIMIT):
+#: with O_DIRECT completions come later, so nothing could be published early, and each extra
+#: pass cost ~1 us CPU per request.  The worker decides (:class:`vhost.runner.thread.QueueWorker`)
+#: and hands the limit to the device's fast path; its generic pop takes what is left of it.
 PASS_LIMIT: Final = 8
+#: A pass's limit when there is none: more than any ring holds.
+NO_LIMIT: Final = 1 << 16
 
 #: What the end of a worker pass found (:func:`pass_ender`): buffers arrived while kicks were
 #: off (nothing published: drain again); published, no call wanted; published, call wanted.

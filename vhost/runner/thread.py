@@ -22,7 +22,15 @@ import time
 from collections.abc import Callable
 
 from vhost.device import QueueHandler
-from vhost.queue.base import PASS_AGAIN, PASS_CALL, PASS_LIMIT, Queue, QueueError, pass_ender
+from vhost.queue.base import (
+    NO_LIMIT,
+    PASS_AGAIN,
+    PASS_CALL,
+    PASS_LIMIT,
+    Queue,
+    QueueError,
+    pass_ender,
+)
 from vhost.runner.base import Notifier, RemoteLog
 
 __all__ = ["Notifier", "QueueWorker"]
@@ -50,7 +58,7 @@ class QueueWorker:
         err: Notifier | None = None,
         name: str | None = None,
     ) -> None:
-        self._submit_from_ring: Callable[[], list[tuple[int, int]]] | None = None
+        self._submit_from_ring: Callable[[int], list[tuple[int, int]]] | None = None
         #: The last pass finished requests in it: the next takes at most PASS_LIMIT chains.
         self._capping = False
         self.vq = vq
@@ -225,12 +233,13 @@ class QueueWorker:
                 # whoever takes them (every chain taken is counted in flight until the end of
                 # the pass adds its completion); chains to resubmit after a reconnect all go at
                 # once (no kick would come for the rest).
-                before = vq.in_flight_count
-                finished = submit()
                 if self._capping and not vq.replay_pending:
+                    before = vq.in_flight_count
+                    finished = submit(PASS_LIMIT)
                     room = PASS_LIMIT - (vq.in_flight_count - before)
                     chains = vq.pop_batch(room) if room > 0 else []
                 else:
+                    finished = submit(NO_LIMIT)
                     chains = vq.pop_batch()
                 if chains:
                     self.batches += 1

@@ -52,10 +52,10 @@ def record_passes(rig: Rig) -> list[tuple[int, int]]:
     pop_batch = vq.pop_batch
     passes: list[tuple[int, int]] = []
 
-    def observed_drain() -> list[tuple[int, int]]:
+    def observed_drain(limit: int) -> list[tuple[int, int]]:
         used_idx = struct.unpack("<H", rig.mem.read(USED_GPA + 2, 2))[0]
         before = vq.in_flight_count
-        done = drain()
+        done = drain(limit)
         passes.append((vq.in_flight_count - before, used_idx))
         return done
 
