@@ -462,7 +462,7 @@ class NbdEngine(Engine):
                 self._lost(f"connection lost ({exc.strerror or exc})")
                 return
             if not n:
-                self._lost("connection closed by the server")
+                self._lost("connection lost (closed by the server)")
                 return
             if done:
                 self._completed(w, done)
