@@ -5,7 +5,7 @@ For each count in ``--exports``, ONE server process is started the way a user st
 driver=file,...`` and one ``--export type=vhost-user-blk,...,num-queues=2`` per export, all in
 an ``@FILE`` argument file -- or, with ``--daemon qsd``, ``qemu-storage-daemon`` with the same
 image layout and ``aio=io_uring``.  ``--mode pool`` (default) leaves the server its default
-placement (the shared worker pool, ``--workers`` default one per core); ``--mode processes``
+placement (the shared worker pool, ``--workers`` default one per two cores); ``--mode processes``
 passes ``--queue-processes on`` (a process per queue, the layout issue 22 measured at 1.17 GiB).
 
 One vhost-user frontend per export (this project's ``vhost_frontend``, not a guest; all in this
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="this server's queue placement: its default (the pool) or "
                    "--queue-processes on (a process per queue)")
     p.add_argument("--workers", type=int, default=None,
-                   help="pool size (default: the server's, one per core)")
+                   help="pool size (default: the server's, one per two cores)")
     p.add_argument("--seconds", type=float, default=6.0, help="IO phase")
     p.add_argument("--idle", type=float, default=10.0, help="idle phase")
     p.add_argument("--rebalance-interval", type=float, default=2.0,

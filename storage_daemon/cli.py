@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(of a raw image file), threads otherwise")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="with --queue-processes pool: how many worker processes serve the "
-                        "queues (default: one per core this process may use)")
+                        "queues (default: one per two cores this process may use, at least one)")
     p.add_argument("--rebalance-interval", type=float, default=2.0, metavar="SECONDS",
                    help="with --queue-processes pool: how often the load of the workers is "
                         "compared and a busy worker's queue moved to an idle one (default 2; "

@@ -4,7 +4,7 @@ Why: a process per queue (:mod:`vhost.runner.process`) uses every core for one d
 worth of disks -- 64 exports of 2 queues -- would be 128 interpreters, over a gigabyte of memory
 for interpreters that mostly sleep.  A pool worker is one interpreter running the queues of any
 number of devices and connections, the way SPDK's reactors do: the pool keeps a fixed number of
-them (one per core by default) and places each started queue on one.
+them (one per two cores by default) and places each started queue on one.
 
 One thread, one ``epoll`` over everything it serves: the control socket, and for each hosted
 queue its kick eventfd and its IO engine's completion fd.  A wake-up on a queue's fd runs that

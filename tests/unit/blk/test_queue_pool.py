@@ -17,7 +17,7 @@ import pytest
 from tests.unit.blk.conftest import BlkEnv, MakeBlk, MiB
 from vhost.messages import Request
 from vhost.runner.base import QueueKey
-from vhost.runner.workerpool import PooledQueue, PoolRunner
+from vhost.runner.workerpool import PooledQueue, PoolRunner, default_workers
 from vhost_frontend import Frontend, FrontendMemory
 from vhost_frontend.blk import BlkDriver
 from virtio_blk.request import Status
@@ -459,3 +459,12 @@ def test_a_packed_ring_with_an_inflight_area_on_the_pool(make_blk: MakeBlk,
     (_, version, desc_num, _, _, used_idx, _, used_wrap, _, _) = infp.HEADER.unpack_from(
         area, stride)
     assert (version, desc_num, used_idx, used_wrap) == (infp.VERSION, 128, 6, 1)
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (3, 1), (4, 2), (64, 32)])
+def test_the_default_pool_leaves_half_the_cores_to_the_guests(
+        monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
+    """One worker per two cores the daemon may use, never none: on the 2-core hosts one worker
+    serving both queues beat two (``default_workers``' docstring has the figures)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert default_workers() == workers
