@@ -87,11 +87,20 @@ _SCALARS = (
     + tuple(dict.fromkeys(row.bytes_counter for row in OPS if row.bytes_counter is not None))
 )
 _get_scalars = attrgetter(*_SCALARS)
+
+
+def _native_counters(kind: int) -> tuple[str, str]:
+    """The scalar counters a native kind's ``native_counts`` block adds to (successes,
+    bytes)."""
+    row = OPS[kind]
+    if row.bytes_counter is None:
+        raise ValueError(f"the compiled core counts bytes of {row.name}, which has no counter")
+    return row.counter, row.bytes_counter
+
+
 #: Per native kind (:data:`virtio_blk.ops.NATIVE_KINDS`): the scalar counters its
-#: ``native_counts`` block adds to (successes, bytes), and its row in the per-kind lists.
-_NATIVE_COUNTERS = tuple(
-    (OPS[kind].counter, OPS[kind].bytes_counter or "") for kind in NATIVE_KINDS
-)
+#: ``native_counts`` block adds to, and its row in the per-kind lists.
+_NATIVE_COUNTERS = tuple(_native_counters(kind) for kind in NATIVE_KINDS)
 _NATIVE_ROWS = tuple(int(kind) for kind in NATIVE_KINDS)
 _NATIVE_COUNTS_LEN = NATIVE_COUNT_SLOTS * len(NATIVE_KINDS)
 _NATIVE_LATENCY_LEN = NATIVE_LATENCY_SLOTS * len(NATIVE_KINDS)
