@@ -5,8 +5,10 @@ that queue's worker thread only): per kind of operation (a row of the operation 
 :mod:`blockdev.ops`, extended by the device's own in :mod:`virtio_blk.ops`) a failure count, the
 total time in nanoseconds and a histogram of latencies.  Readers -- ``query-blockstats``, the
 Prometheus exporter -- sum the queues here when they ask, so nothing on the request path knows
-they exist.  Sums are read without locks: each integer is read whole, and a request finishing
-during a read shows up in the next one.
+they exist (each queue's counters as its ``BlkStats.snapshot`` reads them: the compiled fast
+path counts in C arrays of that object, which a snapshot adds in).  Sums are read without
+locks: each integer is read whole, and a request finishing during a read shows up in the next
+one.
 """
 
 from __future__ import annotations

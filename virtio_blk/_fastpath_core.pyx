@@ -89,6 +89,9 @@ from blockdev.stats import LATENCY_BOUNDS_NS as _PY_LATENCY_BOUNDS_NS
 from blockdev.uring import EXTERNAL_TAG as _PY_EXTERNAL_TAG
 from virtio_blk.fastpath import MAX_PIECES as _PY_MAX_PIECES
 from virtio_blk.fastpath import FastPath as PyFastPath
+from virtio_blk.ops import NATIVE_COUNT_SLOTS as _PY_NATIVE_COUNT_SLOTS
+from virtio_blk.ops import NATIVE_KINDS as _PY_NATIVE_KINDS
+from virtio_blk.ops import NATIVE_LATENCY_SLOTS as _PY_NATIVE_LATENCY_SLOTS
 from virtio_blk.request import HEADER_SIZE as _PY_HEADER_SIZE
 from virtio_blk.request import Status
 from vhost.queue.base import NO_LIMIT as _PY_NO_LIMIT
@@ -156,9 +159,6 @@ cdef uint64_t FAST_REJECT_WRITE = _PY_FAST_REJECT_WRITE
 cdef uint64_t EXTERNAL_TAG = _PY_EXTERNAL_TAG
 cdef uint64_t HEADER_SIZE = _PY_HEADER_SIZE
 cdef uint64_t MAX_PIECES = _PY_MAX_PIECES
-# (C integers: a list indexed with the IntEnum converts it to an int first, every pass)
-cdef Py_ssize_t KIND_READ = int(OpKind.READ)
-cdef Py_ssize_t KIND_WRITE = int(OpKind.WRITE)
 cdef int STATUS_OK = int(Status.OK)
 cdef int STATUS_IOERR = int(Status.IOERR)
 cdef int NBOUNDS = len(_PY_LATENCY_BOUNDS_NS)
@@ -167,6 +167,16 @@ if NBOUNDS > 31:
 cdef int64_t LATENCY_BOUNDS_NS[31]
 for _i, _bound in enumerate(_PY_LATENCY_BOUNDS_NS):
     LATENCY_BOUNDS_NS[_i] = _bound
+# The stats' native arrays (virtio_blk.ops.NATIVE_KINDS): where a read's and a write's blocks
+# start, and how long each array is.
+if _PY_NATIVE_LATENCY_SLOTS != NBOUNDS + 2 or _PY_NATIVE_COUNT_SLOTS != 2:
+    raise ImportError("the stats' native blocks are not what the compiled core counts")
+cdef Py_ssize_t NATIVE_COUNTS_LEN = _PY_NATIVE_COUNT_SLOTS * len(_PY_NATIVE_KINDS)
+cdef Py_ssize_t NATIVE_LATENCY_LEN = _PY_NATIVE_LATENCY_SLOTS * len(_PY_NATIVE_KINDS)
+cdef Py_ssize_t COUNTS_READ = _PY_NATIVE_COUNT_SLOTS * _PY_NATIVE_KINDS.index(OpKind.READ)
+cdef Py_ssize_t COUNTS_WRITE = _PY_NATIVE_COUNT_SLOTS * _PY_NATIVE_KINDS.index(OpKind.WRITE)
+cdef Py_ssize_t LATENCY_READ = _PY_NATIVE_LATENCY_SLOTS * _PY_NATIVE_KINDS.index(OpKind.READ)
+cdef Py_ssize_t LATENCY_WRITE = _PY_NATIVE_LATENCY_SLOTS * _PY_NATIVE_KINDS.index(OpKind.WRITE)
 
 cdef struct Sqe:  # struct io_uring_sqe (include/uapi/linux/io_uring.h), 64 bytes
     uint8_t opcode
@@ -355,13 +365,11 @@ cdef class FastPath:
     cdef uint64_t cluster_size   # (fixed for an image)
     cdef uint64_t cluster_bits
     cdef uint64_t l2_bits
-    # counters, flushed to the stats once per call (latency: per kind READ, WRITE)
-    cdef long n_reads, n_writes
-    cdef uint64_t n_bytes_read, n_bytes_written
-    cdef int64_t lat_total[2]
-    cdef long lat_count[2]
-    cdef long lat_buckets[2][32]
-    cdef bint lat_any
+    # counters: the stats' native arrays (BlkStats.native_counts, native_latency), added to
+    # here as each request completes and read by whoever reads the stats -- nothing to flush
+    cdef object _native          # views of the two arrays (they cannot be resized meanwhile)
+    cdef int64_t *native_counts
+    cdef int64_t *native_latency
 
     def __cinit__(self):
         self.slots = NULL
@@ -381,6 +389,14 @@ cdef class FastPath:
         self.record = None
         self.memory = handler.memory
         self.stats = handler.stats
+        counts = memoryview(self.stats.native_counts)
+        latency = memoryview(self.stats.native_latency)
+        if (counts.format != "q" or latency.format != "q" or len(counts) != NATIVE_COUNTS_LEN
+                or len(latency) != NATIVE_LATENCY_LEN):
+            raise ValueError("the stats' native arrays are not of the compiled core's layout")
+        self._native = (counts, latency)
+        self.native_counts = <int64_t *>_view_address(self._native[0])
+        self.native_latency = <int64_t *>_view_address(self._native[1])
         self._waiting = handler.pending  # (one deque: only appended to and emptied)
         self.timing = handler.timing
         self.disk = self.engine.disk
@@ -1085,7 +1101,6 @@ cdef class FastPath:
             if self.image is not None:
                 self._leave(left)
         self._reap(done)
-        self._flush_counters()
         return 0
 
     cdef uint32_t _enter(self, uint32_t tail, uint32_t to_submit,
@@ -1167,16 +1182,15 @@ cdef class FastPath:
             return 0
         slot.status[0] = STATUS_OK
         self.pins[head] = None
-        if slot.start_ns:  # timed: BlkStats.add_latency's bucket, counted here (see _flush)
-            self._count_latency(0 if slot.into_guest else 1, _now_ns() - slot.start_ns)
-        if slot.into_guest:
-            self.n_reads += 1
-            self.n_bytes_read += slot.length
-            done.append((head, slot.length + 1))
-        else:
-            self.n_writes += 1
-            self.n_bytes_written += slot.length
-            done.append((head, 1))
+        # (counted with the GIL held, as every reader reads: see BlkStats)
+        cdef int64_t *counts = self.native_counts + (COUNTS_READ if slot.into_guest
+                                                     else COUNTS_WRITE)
+        counts[0] += 1
+        counts[1] += slot.length
+        if slot.start_ns:  # timed: BlkStats.add_latency's total and bucket
+            self._count_latency(LATENCY_READ if slot.into_guest else LATENCY_WRITE,
+                                _now_ns() - slot.start_ns)
+        done.append((head, slot.length + 1 if slot.into_guest else 1))
         return 0
 
     cdef object _finish_in_python(self, uint16_t head, long res):
@@ -1187,7 +1201,6 @@ cdef class FastPath:
         cdef uint64_t *gpas = &self.piece_gpa[<uint64_t>head * MAX_IOV]
         cdef iovec *iov = &self.iov[<uint64_t>head * MAX_IOV]
         data = [(gpas[i], iov[i].iov_len) for i in range(slot.niov)]
-        self._flush_counters()
         # Built from what this path read (the header is not read again: the guest may have
         # changed it), with the Python path's checks against the memory table of now.
         req = self.python.request_for(head, slot.status_gpa, slot.guest_offset >> 9, data,
@@ -1206,9 +1219,9 @@ cdef class FastPath:
             self.result_hook(req)
         return self.python.complete(req)
 
-    cdef inline void _count_latency(self, int kind, int64_t ns) noexcept:
-        """What :meth:`BlkStats.add_latency` adds (its total and its bisect_left bucket), kept
-        here until :meth:`_flush_counters`."""
+    cdef inline void _count_latency(self, Py_ssize_t block, int64_t ns) noexcept:
+        """What :meth:`BlkStats.add_latency` adds (its total and its bisect_left bucket), into
+        the native latency block starting at ``block``."""
         cdef int lo = 0, hi = NBOUNDS, mid
         while lo < hi:
             mid = (lo + hi) >> 1
@@ -1216,42 +1229,9 @@ cdef class FastPath:
                 lo = mid + 1
             else:
                 hi = mid
-        self.lat_total[kind] += ns
-        self.lat_count[kind] += 1
-        self.lat_buckets[kind][lo] += 1
-        self.lat_any = True
-
-    cdef int _flush_counters(self) except -1:
-        stats = self.stats
-        cdef int kind, b
-        cdef Py_ssize_t index
-        cdef list total_ns, histogram
-        if self.lat_any:
-            self.lat_any = False
-            total_ns = stats.total_ns
-            for kind in range(2):
-                if not self.lat_count[kind]:
-                    continue
-                self.lat_count[kind] = 0
-                index = KIND_READ if kind == 0 else KIND_WRITE
-                total_ns[index] += self.lat_total[kind]
-                self.lat_total[kind] = 0
-                histogram = stats.latency[index]
-                for b in range(NBOUNDS + 1):
-                    if self.lat_buckets[kind][b]:
-                        histogram[b] += self.lat_buckets[kind][b]
-                        self.lat_buckets[kind][b] = 0
-        if self.n_reads:
-            stats.reads += self.n_reads
-            stats.bytes_read += self.n_bytes_read
-            self.n_reads = 0
-            self.n_bytes_read = 0
-        if self.n_writes:
-            stats.writes += self.n_writes
-            stats.bytes_written += self.n_bytes_written
-            self.n_writes = 0
-            self.n_bytes_written = 0
-        return 0
+        cdef int64_t *lat = self.native_latency + block
+        lat[0] += ns
+        lat[1 + lo] += 1
 
     def complete(self, req):
         """A request the Python fast path started (see :meth:`virtio_blk.fastpath.FastPath
@@ -1264,9 +1244,7 @@ cdef class FastPath:
         done = []
         if self.ring.fd == self.ring_fd:
             self._reap(done)
-            self._flush_counters()
         done += self.python.complete_reaped()
         # This path's entries the engine's reap met meanwhile (it stashes them for us).
         self._take_external_stash(done)
-        self._flush_counters()
         return done

@@ -19,11 +19,12 @@ from __future__ import annotations
 import collections
 import logging
 import os
+from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from time import monotonic_ns
 from typing import TYPE_CHECKING, Any, cast
 
@@ -41,7 +42,15 @@ from vhost.queue.base import NO_LIMIT, DescriptorChain, Queue
 from virtio_blk.blk_request import BlkRequest
 from virtio_blk.core import FastPathLike, make_fast_path
 from virtio_blk.layout import DataLayout, plan, skip_start, trim_end
-from virtio_blk.ops import DEVICE_OPS, GET_ID, OPS, DeviceOp
+from virtio_blk.ops import (
+    DEVICE_OPS,
+    GET_ID,
+    NATIVE_COUNT_SLOTS,
+    NATIVE_KINDS,
+    NATIVE_LATENCY_SLOTS,
+    OPS,
+    DeviceOp,
+)
 from virtio_blk.request import (
     HEADER,
     HEADER_SIZE,
@@ -80,20 +89,61 @@ _SCALARS = (
 _get_scalars = attrgetter(*_SCALARS)
 
 
+def _native_counters(kind: int) -> tuple[str, str]:
+    """The scalar counters a native kind's ``native_counts`` block adds to (successes,
+    bytes)."""
+    row = OPS[kind]
+    if row.bytes_counter is None:
+        raise ValueError(f"the compiled core counts bytes of {row.name}, which has no counter")
+    return row.counter, row.bytes_counter
+
+
+#: Per native kind (:data:`virtio_blk.ops.NATIVE_KINDS`): the scalar counters its
+#: ``native_counts`` block adds to, and its row in the per-kind lists.
+_NATIVE_COUNTERS = tuple(_native_counters(kind) for kind in NATIVE_KINDS)
+_NATIVE_ROWS = tuple(int(kind) for kind in NATIVE_KINDS)
+_NATIVE_COUNTS_LEN = NATIVE_COUNT_SLOTS * len(NATIVE_KINDS)
+_NATIVE_LATENCY_LEN = NATIVE_LATENCY_SLOTS * len(NATIVE_KINDS)
+#: The native latency blocks' total-ns slots (all zero: no latency ever counted in C); slot 0
+#: named twice so that one kind still gets a tuple.
+_get_native_totals = itemgetter(0, *range(0, _NATIVE_LATENCY_LEN, NATIVE_LATENCY_SLOTS))
+
+
+def _zeroed(n: int) -> array[int]:
+    return array("q", bytes(8 * n))
+
+
 class BlkStats:
-    """Counters a user (and the tests) can read.
+    """Counters a user (and the tests) can read -- through :meth:`snapshot` or :meth:`values`
+    (or the device's readers built on them: ``BlkDevice.stats``, ``totals()``,
+    ``fresh_queue_stats()``, ``queue_counter_values()``), not the attributes alone.
 
     The integer counters (:data:`_SCALARS`) are generated from the operation table, so a kind
     added there is counted, published by queue processes and summed without an edit here.  Per
     operation kind (:data:`virtio_blk.ops.OPS` order): IO errors, and -- with latency accounting
     on -- total nanoseconds and a latency histogram.
+
+    Two parts, each written only by the queue's worker thread, each only growing:
+
+    * the attributes, counted by Python code (the generic path, the Python fast path, the
+      compiled one's ``requests``);
+    * ``native_counts`` and ``native_latency``: C arrays the compiled fast path adds to in C as
+      each request completes (:data:`virtio_blk.ops.NATIVE_KINDS` says the layout).  Adding its
+      counts into the attributes after every pass cost a tenth of a pass at one request per
+      wake-up; leaving them in C and having a reader pull them through a flush would have a
+      reader thread write the attributes while the worker's Python code updates them (a lost
+      update: ``finish`` reads a counter, calls, writes it back).  So nothing is ever moved
+      between the parts: a reader adds them.  A request completed before a reader starts is in
+      one part or the other, both read after that start; none is in both.
     """
 
-    __slots__ = (*_SCALARS, "failed", "latency", "total_ns")
+    __slots__ = (*_SCALARS, "failed", "latency", "total_ns", "native_counts", "native_latency")
 
     failed: list[int]
     total_ns: list[int]
     latency: list[list[int]]
+    native_counts: array[int]
+    native_latency: array[int]
 
     if TYPE_CHECKING:  # the generated counters, each an int
         def __getattr__(self, name: str) -> int: ...
@@ -105,38 +155,77 @@ class BlkStats:
         self.failed = [0] * len(OPS)
         self.total_ns = [0] * len(OPS)
         self.latency = new_histograms(len(OPS))
+        # (never resized: the compiled core holds a view of each, and writes through it)
+        self.native_counts = _zeroed(_NATIVE_COUNTS_LEN)
+        self.native_latency = _zeroed(_NATIVE_LATENCY_LEN)
 
     def __repr__(self) -> str:
-        counters = ", ".join(f"{name}={getattr(self, name)}" for name in _SCALARS)
-        return f"BlkStats({counters}, failed={self.failed})"
+        snap = self.snapshot()
+        counters = ", ".join(f"{name}={getattr(snap, name)}" for name in _SCALARS)
+        return f"BlkStats({counters}, failed={snap.failed})"
 
     def values(self, full: bool = True) -> list[int]:
-        """Every counter, flat, in a fixed order.  ``full=False`` (what a queue process
-        publishes once per batch, where every microsecond counts): without the latency
-        part while no latency was ever recorded (latency accounting off) -- a prefix that
-        leaves the published zeros as they are."""
+        """Every counter, flat, in a fixed order: the attributes, then the native arrays as
+        they are (the reader -- :meth:`set_values` -- adds them up).  ``full=False`` (what a
+        queue process publishes once per batch, where every microsecond counts): without the
+        latency part while no latency was ever recorded (latency accounting off) -- a prefix
+        that leaves the published zeros as they are."""
         out = list(_get_scalars(self))
         out += self.failed
-        if full or any(self.total_ns):
+        out += self.native_counts
+        if full or any(self.total_ns) or any(_get_native_totals(self.native_latency)):
             out += self.total_ns
             for histogram in self.latency:
                 out += histogram
+            out += self.native_latency
         return out
 
     def set_values(self, values: Sequence[int]) -> None:
-        """The inverse of :meth:`values` (a list of the wrong length is refused)."""
+        """The inverse of :meth:`values`, native parts added into the attributes and the
+        native arrays zeroed (a list of the wrong length is refused).  For the counters of a
+        queue no compiled fast path of this process serves now (a queue process's, as
+        published), and for :meth:`snapshot`."""
         kinds = len(self.failed)
         buckets = len(self.latency[0])
         n = len(_SCALARS)
-        if len(values) != n + kinds * (2 + buckets):
+        if len(values) != n + kinds * (2 + buckets) + _NATIVE_COUNTS_LEN + _NATIVE_LATENCY_LEN:
             raise ValueError(f"{len(values)} counter values for a {type(self).__name__}")
-        for name, value in zip(_SCALARS, values[:n], strict=True):
+        scalars = dict(zip(_SCALARS, values[:n], strict=True))
+        at = n
+        failed = list(values[at : at + kinds])
+        at += kinds
+        native = values[at : at + _NATIVE_COUNTS_LEN]
+        at += _NATIVE_COUNTS_LEN
+        for k, (count, nbytes) in enumerate(_NATIVE_COUNTERS):
+            scalars[count] += native[NATIVE_COUNT_SLOTS * k]
+            scalars[nbytes] += native[NATIVE_COUNT_SLOTS * k + 1]
+        total_ns = list(values[at : at + kinds])
+        at += kinds
+        latency = [list(values[at + k * buckets : at + (k + 1) * buckets])
+                   for k in range(kinds)]
+        at += kinds * buckets
+        native = values[at:]
+        for k, row in enumerate(_NATIVE_ROWS):
+            block = native[NATIVE_LATENCY_SLOTS * k : NATIVE_LATENCY_SLOTS * (k + 1)]
+            total_ns[row] += block[0]
+            histogram = latency[row]
+            for b, requests in enumerate(block[1:]):
+                histogram[b] += requests
+        for name, value in scalars.items():
             setattr(self, name, value)
-        self.failed = list(values[n : n + kinds])
-        self.total_ns = list(values[n + kinds : n + 2 * kinds])
-        base = n + 2 * kinds
-        self.latency = [list(values[base + k * buckets : base + (k + 1) * buckets])
-                        for k in range(kinds)]
+        self.failed = failed
+        self.total_ns = total_ns
+        self.latency = latency
+        for part in (self.native_counts, self.native_latency):
+            for i in range(len(part)):
+                part[i] = 0
+
+    def snapshot(self) -> BlkStats:
+        """A copy of every counter, the native parts added in (read here, in any thread: see
+        the class docstring for why that sees every request completed before the call)."""
+        out = BlkStats()
+        out.set_values(self.values())
+        return out
 
     def add_latency(self, kind: int, start_ns: int) -> None:
         """Count a disk operation of ``kind`` started at ``start_ns`` (monotonic) and done now."""
@@ -152,20 +241,21 @@ class StatsTotals:
         self._parts = parts
         self._device = device
 
-    def _refresh(self) -> None:
-        """Queues served in processes report their counters first (vhost.runner.pool)."""
+    def _snapshots(self) -> list[BlkStats]:
+        """Each queue's counters whole; queues served in processes report theirs first
+        (vhost.runner.pool)."""
         if self._device is not None:
             self._device.refresh_counters()
+        return [part.snapshot() for part in self._parts]
 
     def __getattr__(self, name: str) -> int:
         if name.startswith("_") or name not in _STAT_NAMES:
             raise AttributeError(name)
-        self._refresh()
-        return sum(getattr(p, name) for p in self._parts)
+        return sum(getattr(p, name) for p in self._snapshots())
 
     def as_dict(self) -> dict[str, int]:
-        self._refresh()
-        return {name: sum(getattr(p, name) for p in self._parts) for name in _STAT_NAMES}
+        parts = self._snapshots()
+        return {name: sum(getattr(p, name) for p in parts) for name in _STAT_NAMES}
 
     def __repr__(self) -> str:
         return f"StatsTotals({self.as_dict()})"
@@ -289,14 +379,14 @@ class BlkDevice(Device):
         self.process_state_changed()  # queue processes check against it too
 
     def fresh_queue_stats(self) -> list[BlkStats]:
-        """Each queue's counters, brought up to date first where queues run in processes."""
+        """Each queue's counters (a :meth:`BlkStats.snapshot`, the compiled fast path's counts
+        in), brought up to date first where queues run in processes."""
         self.refresh_counters()
-        return self.queue_stats
+        return [stats.snapshot() for stats in self.queue_stats]
 
     def totals(self) -> Totals:
         """All queues' counters summed, with failures, times and latency histograms."""
-        self.refresh_counters()
-        return totals(self.queue_stats, sorted(_STAT_NAMES), len(OPS))
+        return totals(self.fresh_queue_stats(), sorted(_STAT_NAMES), len(OPS))
 
     # ------------------------------------------------------------------ Device interface
     def features(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blockdev.ops import DISK_OPS, OpKind, OpRow, check_table
+from blockdev.stats import LATENCY_BOUNDS_NS
 from virtio_blk.request import BlkFeature, ReqType
 
 #: Index of GET_ID in :data:`OPS` (after the disk operations).
@@ -26,6 +27,16 @@ GET_ID = len(DISK_OPS)
 
 #: Every operation the device counts, indexed by ``OpRow.index``.
 OPS: tuple[OpRow, ...] = check_table((*DISK_OPS, OpRow(GET_ID, "get_id", "get_ids")))
+
+
+#: The kinds the compiled fast path (``virtio_blk/_fastpath_core.pyx``) counts in C, straight
+#: into each queue's ``BlkStats.native_counts`` / ``native_latency`` arrays, one block per kind
+#: in this order: in ``native_counts`` :data:`NATIVE_COUNT_SLOTS` (successes, bytes), in
+#: ``native_latency`` :data:`NATIVE_LATENCY_SLOTS` (total ns, then the histogram's buckets).
+#: Stated once here: the device reads the arrays by it, the compiled core writes them by it.
+NATIVE_KINDS: tuple[OpKind, ...] = (OpKind.READ, OpKind.WRITE)
+NATIVE_COUNT_SLOTS = 2
+NATIVE_LATENCY_SLOTS = 1 + len(LATENCY_BOUNDS_NS) + 1
 
 
 @dataclass(frozen=True)

@@ -620,8 +620,9 @@ def observable(rig: Rig, ordered: bool) -> dict[str, object]:
         "inflight_heads": rig.in_flight(),
         "stats": rig.device.stats.as_dict(),
         # Failures per kind, and how many requests were timed (not the times themselves).
-        "failed": [q.failed for q in rig.device.queue_stats],
-        "timed": [[sum(h) for h in q.latency] for q in rig.device.queue_stats],
+        # (read as a reader reads them: the compiled core's counts are in its native arrays)
+        "failed": [q.failed for q in rig.device.fresh_queue_stats()],
+        "timed": [[sum(h) for h in q.latency] for q in rig.device.fresh_queue_stats()],
         "dirty_pages": bytes(rig.log._words) if rig.log is not None else None,
     }
 
@@ -955,8 +956,9 @@ def device_visible(rig: Rig, ordered: bool) -> dict[str, object]:
         "broken": rig.vq.broken,
         "in_flight_count": rig.vq.in_flight_count,
         "stats": rig.device.stats.as_dict(),
-        "failed": [q.failed for q in rig.device.queue_stats],
-        "timed": [[sum(h) for h in q.latency] for q in rig.device.queue_stats],
+        # (read as a reader reads them: the compiled core's counts are in its native arrays)
+        "failed": [q.failed for q in rig.device.fresh_queue_stats()],
+        "timed": [[sum(h) for h in q.latency] for q in rig.device.fresh_queue_stats()],
         "dirty_pages": dirty,
     }
 
