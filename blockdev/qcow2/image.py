@@ -59,7 +59,7 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, MutableSequence, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 import numpy as np
 
@@ -128,8 +128,55 @@ class _OneIo:
         self.length = length
 
 
+_T = TypeVar("_T")
+
+
+class _MapStateField(Generic[_T]):
+    """A field of :class:`Qcow2Image` that :meth:`Qcow2Image.map_state` returns: assigning it
+    drops the state cached there.
+
+    The compiled fast path asks for the map state once per pass; building the 13 fields again
+    each time was a third of what a qcow2 pass costs over a raw one.  So the state is built once
+    and kept until one of its scalar fields is assigned -- here, for every assignment, so no
+    code that replaces the L1 table or moves the end of the file can forget to (the sets and
+    the L2 cache it holds are the image's own objects, changed in place).
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._key = f"_field_{name}"
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _MapStateField[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self._key]
+        except KeyError:
+            raise AttributeError(self._key.removeprefix("_field_")) from None
+
+    def __set__(self, obj: object, value: _T) -> None:
+        fields = obj.__dict__
+        fields[self._key] = value
+        fields["_map_cache"] = None
+
+
 class Qcow2Image:
     """An open qcow2 image (and, recursively, its backing chain)."""
+
+    # What map_state returns besides the image's own sets and caches (see _MapStateField).
+    l1 = _MapStateField[array]()
+    file_end = _MapStateField[int]()
+    size = _MapStateField[int]()
+    _l1_clusters = _MapStateField[range]()
+    _autoclear_pending = _MapStateField[bool]()
+    #: map_state's tuple while none of its fields changed (None: build it again).
+    _map_cache: tuple[array, OrderedDict[int, array], set[int], bool, int, int,
+                      Callable[[int], array], int, int, set[int], set[int], int, int] | None = None
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
                  l2_cache_bytes: int = 32 << 20, backing_dirs: Sequence[str] = (),
@@ -202,6 +249,7 @@ class Qcow2Image:
         self.ref: Refcounts | None = None
         if not self.read_only:
             self.ref = Refcounts(self.fd, h, st.st_size, self.path)
+            self.ref.table_moved = self._drop_map_state  # its byte range is in the map state
             shared = self.ref.block_offsets & (self._l2_offsets | {c << cb for c in
                                                                    self._l1_clusters})
             if shared:
@@ -358,10 +406,16 @@ class Qcow2Image:
 
     def leave(self, count: int = 1) -> None:
         """``count`` data IOs are no longer in flight."""
-        with self._lock:
+        # (the lock taken by hand: a with block's __enter__/__exit__ were a third of this
+        # call, which the compiled fast path makes once per pass)
+        lock = self._lock
+        lock.acquire()
+        try:
             self._inflight -= count
             if self._inflight == 0 and self._draining:  # only a discard waits for zero
                 self._cond.notify_all()
+        finally:
+            lock.release()
 
     def _apply_pending_frees(self, count: int | None = None) -> None:
         """Drop the refcounts queued by :meth:`_release` (the first ``count`` of them), once
@@ -410,13 +464,21 @@ class Qcow2Image:
         """
         if self._draining:
             return None
-        ref = self.ref
-        blocks: set[int] = set() if ref is None else ref.block_offsets
-        table = (0, 0) if ref is None else ref.table_range
-        cb = self.cluster_bits
-        return (self.l1, self._l2_cache, self._busy, self._autoclear_pending, self.file_end,
+        state = self._map_cache
+        if state is None:  # (dropped by every assignment of a field in it: _MapStateField)
+            ref = self.ref
+            blocks: set[int] = set() if ref is None else ref.block_offsets
+            start, end = (0, 0) if ref is None else ref.table_range
+            cb = self.cluster_bits
+            state = self._map_cache = (
+                self.l1, self._l2_cache, self._busy, self._autoclear_pending, self.file_end,
                 self.size, self._l2_table, self._l1_clusters.start << cb,
-                self._l1_clusters.stop << cb, self._l2_offsets, blocks, *table)
+                self._l1_clusters.stop << cb, self._l2_offsets, blocks, start, end)
+        return state
+
+    def _drop_map_state(self) -> None:
+        """The refcount table moved: :meth:`map_state` builds its state again."""
+        self._map_cache = None
 
     @property
     def lock(self) -> threading.Lock:

@@ -22,6 +22,7 @@ import os
 import struct
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -74,6 +75,9 @@ class CorruptImage(OSError):
 
 class Refcounts:
     """Counts references to host clusters; allocates free ones."""
+
+    #: Called after the refcount table moved (grew): the image's map state holds its range.
+    table_moved: Callable[[], None] | None = None
 
     def __init__(self, fd: int, header: Header, file_size: int, path: str,
                  cache_blocks: int = 64) -> None:
@@ -251,6 +255,8 @@ class Refcounts:
         os.fdatasync(self.fd)  # the header durable before the old table's refcount drops
         old_off, old_clusters = self.table_offset, self.table_clusters
         self.table, self.table_offset, self.table_clusters = table, table_off, k
+        if self.table_moved is not None:
+            self.table_moved()
         self._full = np.concatenate([self._full, np.zeros(entries - len(self._full), bool)])
         self.block_offsets.add(block_off)
         self._cache[block_off] = blk
