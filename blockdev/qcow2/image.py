@@ -139,7 +139,9 @@ class _MapStateField(Generic[_T]):
     each time was a third of what a qcow2 pass costs over a raw one.  So the state is built once
     and kept until one of its scalar fields is assigned -- here, for every assignment, so no
     code that replaces the L1 table or moves the end of the file can forget to (the sets and
-    the L2 cache it holds are the image's own objects, changed in place).
+    the L2 cache it holds are the image's own objects, changed in place).  Like every change of
+    the image's metadata, an assignment is made with the image's lock held -- the lock
+    map_state is read under -- so a state being built never outlives the drop that follows.
     """
 
     def __set_name__(self, owner: type, name: str) -> None:
