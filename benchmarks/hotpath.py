@@ -34,6 +34,14 @@ callgrind counts only inside the ``any()`` that runs the ``--requests`` measured
         python -m benchmarks.hotpath --instructions --fast-path on --shape direct \
         --batches 32 --requests 1024        # "Collected" / 1024
 
+That count includes the rig's driver: posting each round's requests and taking the used ring
+back, Python code that costs little on a split ring and most of the count on a packed one (a
+descriptor written per request, each through a struct).  The server's part alone -- the
+worker's passes of each measured round, nothing of the driver nor of the warm-up -- runs
+inside ``operator.call`` (called nowhere else in the process: a toggle function called again
+inside the counted code would switch the count off there), so
+``--toggle-collect=_operator_call`` instead of ``builtin_any`` counts only it.
+
 What a wake-up adds (epoll, the kick, the call eventfd, notification bookkeeping) is not here:
 :mod:`benchmarks.wakeup` runs the real queue thread against a driver process.  (Nor is the call:
 the rig never moves used_event, so after the first round the worker is not asked for one.)
@@ -54,6 +62,8 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
+from operator import call
 from pathlib import Path
 
 from benchmarks.common import (
@@ -153,6 +163,8 @@ class Rig:
             self.data.append(data)
         self.slots = slots
         self.next_slot = 0
+        #: The server's part of a round (count_instructions wraps it).
+        self.serve: Callable[[], None] = self._serve
 
     def round(self, batch: int) -> None:
         """Make ``batch`` requests available and service them to completion."""
@@ -165,14 +177,18 @@ class Rig:
         else:
             driver.publish(*(self.per_slot * ((first + i) % self.slots) for i in range(batch)))
         self.next_slot = (first + batch) % self.slots
-        self.worker._service(kick=True)
-        while self.vq.in_flight_count:
-            self.worker._service(kick=False)
+        self.serve()  # (inside operator.call while counted: see count_instructions)
         if isinstance(driver, PackedDriverRing):
             driver.take_used(free_ids=False)  # (the slots' ids are fixed)
         # The call eventfd is not read back: a driver's cost, not the server's (reading an
         # eventfd with nothing in it raises, some 4k instructions a round); its counter cannot
         # overflow in a run.
+
+    def _serve(self) -> None:
+        """The worker's passes of one round: a kick, then until nothing is in flight."""
+        self.worker._service(kick=True)
+        while self.vq.in_flight_count:
+            self.worker._service(kick=False)
 
     def poison_statuses(self) -> None:
         """Set every status byte to a value no device writes, for :meth:`check_statuses`."""
@@ -241,6 +257,10 @@ def count_instructions(rig: Rig, batch: int, requests: int) -> None:
         rig.round(batch)
     rig.poison_statuses()
     rounds = max(1, requests // batch)
+    # The server's part of each counted round inside operator.call, which nothing else calls:
+    # --toggle-collect=_operator_call counts those parts alone (the warm-up rounds above are
+    # not wrapped, so not counted).
+    rig.serve = partial(call, rig._serve)
     # (A generator expression of rig.round(batch) -- None, so every round runs; mypy will
     # not take the value of a function that returns None.)
     any(_none(rig.round, batch) for _ in range(rounds))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -338,3 +338,50 @@ def test_nbd_engine_smoke(make_nbd: MakeNbd, capsys: pytest.CaptureFixture[str])
     assert [row[:2] for row in table] == [["write", "NbdEngine"], ["write", "direct"],
                                           ["read", "NbdEngine"], ["read", "direct"]]
     assert all(float(row[2]) > 0 for row in table)
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_hotpath_counts_the_server_alone_inside_operator_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """``--toggle-collect=_operator_call`` counts what runs inside ``operator.call``: every
+    worker pass of the counted rounds, and nothing of the driver or of the warm-up rounds."""
+    image = tmp_path / "img"
+    make_image(image, 32 << 20, fill=True)
+    rig = hotpath.Rig("inline", str(image), slots=8, layout=layout)
+    inside = [False]
+    seen = {"passes in": 0, "passes out": 0, "driver in": 0, "calls": 0}
+    real_call, real_service = hotpath.call, rig.worker._service
+
+    def counted_call(fn: Callable[[], None]) -> None:
+        seen["calls"] += 1
+        inside[0] = True
+        try:
+            real_call(fn)
+        finally:
+            inside[0] = False
+
+    def service(kick: bool) -> None:
+        seen["passes in" if inside[0] else "passes out"] += 1
+        real_service(kick=kick)
+
+    driver = rig.driver
+    post = "add_raw" if layout == "packed" else "publish"
+    real_post, real_take = getattr(driver, post), driver.take_used
+
+    def spy(real: Callable[..., object]) -> Callable[..., object]:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            seen["driver in"] += inside[0]
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(hotpath, "call", counted_call)
+    monkeypatch.setattr(rig.worker, "_service", service)
+    monkeypatch.setattr(driver, post, spy(real_post))
+    monkeypatch.setattr(driver, "take_used", spy(real_take))
+    try:
+        hotpath.count_instructions(rig, 8, 64)
+    finally:
+        rig.close()
+    assert seen["calls"] == 64 // 8  # the counted rounds, not the warm-up ones
+    assert seen["passes in"] >= seen["calls"] and seen["passes out"] > 0  # warm-up: outside
+    assert seen["driver in"] == 0
