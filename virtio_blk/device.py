@@ -24,7 +24,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from time import monotonic_ns
 from typing import TYPE_CHECKING, Any, cast
 
@@ -104,9 +104,6 @@ _NATIVE_COUNTERS = tuple(_native_counters(kind) for kind in NATIVE_KINDS)
 _NATIVE_ROWS = tuple(int(kind) for kind in NATIVE_KINDS)
 _NATIVE_COUNTS_LEN = NATIVE_COUNT_SLOTS * len(NATIVE_KINDS)
 _NATIVE_LATENCY_LEN = NATIVE_LATENCY_SLOTS * len(NATIVE_KINDS)
-#: The native latency blocks' total-ns slots (all zero: no latency ever counted in C); slot 0
-#: named twice so that one kind still gets a tuple.
-_get_native_totals = itemgetter(0, *range(0, _NATIVE_LATENCY_LEN, NATIVE_LATENCY_SLOTS))
 
 
 def _zeroed(n: int) -> array[int]:
@@ -173,7 +170,10 @@ class BlkStats:
         out = list(_get_scalars(self))
         out += self.failed
         out += self.native_counts
-        if full or any(self.total_ns) or any(_get_native_totals(self.native_latency)):
+        # (each native latency block starts with its total ns: all zero while no latency
+        # was counted in C)
+        if (full or any(self.total_ns)
+                or any(self.native_latency[::NATIVE_LATENCY_SLOTS])):
             out += self.total_ns
             for histogram in self.latency:
                 out += histogram
